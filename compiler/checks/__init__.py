@@ -1,0 +1,22 @@
+"""Validation passes over a lowered model, run in this order.
+
+Each pass is a module with one job and a `run(graph, diags)` function; the
+graph carries the bound model as `graph.graph["model"]`. Passes only report:
+they never change the graph, except `causality`, which records its finding
+(`supports_kv_cache`) as a graph attribute for `info` and codegen.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..diagnostics import Diagnostics
+from . import causality, dangling, heads, positive_sizes, rotary, shapes, tied
+
+PASSES = (positive_sizes, heads, rotary, shapes, dangling, tied, causality)
+
+
+def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
+    for check in PASSES:
+        check.run(graph, diags)
+

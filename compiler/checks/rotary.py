@@ -1,0 +1,37 @@
+"""E072/E075/E076: RoPE tables fit the attention that uses them.
+
+The rotary dimension must be even (channels rotate in pairs), no wider than
+the head, and a rope component's head_dim must equal the head_dim of every
+attention that names it.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..diagnostics import Diagnostics
+
+
+def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
+    for comp in graph.graph["model"].all_components():
+        a, spans = comp.args, comp.arg_spans
+        if comp.op.name == "rope":
+            hd, rd = a["head_dim"], a["rotary_dim"]
+            if hd <= 0 or rd <= 0:
+                continue
+            if rd % 2:
+                where = "rotary_dim" if "rotary_dim" in spans else "head_dim"
+                diags.error("E072", f"rotary dimension {rd} is odd; RoPE rotates channel pairs",
+                            spans.get(where, comp.span))
+            if rd > hd:
+                diags.error("E076", f"rotary_dim {rd} exceeds head_dim {hd}",
+                            spans.get("rotary_dim", comp.span))
+        elif comp.op.name == "attention" and a.get("rope") is not None:
+            rope = a["rope"].component
+            if not rope.ok or a["head_dim"] is None:
+                continue
+            if rope.args["head_dim"] != a["head_dim"]:
+                diags.error("E075", f"rope '{rope.name}' is built for head_dim "
+                            f"{rope.args['head_dim']} but this attention has head_dim "
+                            f"{a['head_dim']}", spans.get("rope", comp.span),
+                            notes=[("rope declared here", rope.span)])

@@ -1,0 +1,223 @@
+"""`forgec`: the command line.
+
+Exit status: 0 success (warnings allowed), 1 a spec has errors, 2 usage
+errors (bad flags, a path that is not a file). A Python traceback is never
+shown for bad input; an internal error prints one line and exits 70
+(set FORGEC_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .diagnostics import CompileFailed, Diagnostics, SourceCache, render
+
+EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forgec", description="Compile .forge model specs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check", help="validate specs and report every error")
+    c.add_argument("specs", nargs="+", metavar="SPEC")
+    c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+
+    i = sub.add_parser("info", help="parameters, FLOPs, KV-cache and memory of a model")
+    i.add_argument("spec", metavar="SPEC")
+    i.add_argument("--model", help="which model of the spec (default: the one named like the "
+                   "file, else the last)")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--seq-len", type=int, help="sequence length for attention FLOPs "
+                   "(default: max_seq_len)")
+    i.add_argument("--kv-dtype", choices=("fp32", "bf16", "fp16", "fp8"), default="bf16")
+
+    g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
+    g.add_argument("spec", metavar="SPEC")
+    g.add_argument("--model")
+    g.add_argument("--format", choices=("dot", "json", "svg"), default="dot")
+    g.add_argument("--view", default="model",
+                   help="model (one node per layer), full (every op), or block:NAME")
+    g.add_argument("-o", "--output", help="write to a file instead of standard output")
+    return p
+
+
+def _print_diagnostics(diags: Diagnostics, sources: SourceCache, quiet: bool = False) -> None:
+    for d in diags.sorted():
+        if quiet and d.severity != "error":
+            continue
+        print(render(d, sources), file=sys.stderr)
+    if diags.error_count:
+        n = diags.error_count
+        print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
+
+
+def _sources_of(diags: Diagnostics) -> SourceCache:
+    """Re-read the files diagnostics point into, for the source line display."""
+    cache = SourceCache()
+    from .source import read_source
+
+    for f in {d.span.file for d in diags.items if d.span is not None}:
+        try:
+            cache.add(f, read_source(f).text)
+        except Exception:  # noqa: BLE001 — a file we cannot show is shown without its line
+            pass
+    return cache
+
+
+def _compile(path: str, quiet: bool = False):
+    from .driver import compile_spec
+
+    if not os.path.exists(path):
+        raise UsageError(f"no such file: '{path}'")
+    if os.path.isdir(path):
+        raise UsageError(f"'{path}' is a directory, not a spec file")
+    diags = Diagnostics()
+    try:
+        result = compile_spec(path, diags)
+    except CompileFailed:
+        _print_diagnostics(diags, _sources_of(diags), quiet)
+        return None
+    _print_diagnostics(diags, _sources_of(diags), quiet)
+    return result
+
+
+def _select(result, name: str | None) -> str:
+    if name is None:
+        return result.main_model()
+    if name not in result.models:
+        raise UsageError(f"no model '{name}' in the spec (models: {', '.join(result.models)})")
+    return name
+
+
+def cmd_check(args) -> int:
+    status = EXIT_OK
+    for spec in args.specs:
+        result = _compile(spec, args.quiet)
+        if result is None:
+            status = EXIT_SPEC
+            continue
+        if not args.quiet:
+            from .cost import cost
+
+            for name, graph in result.graphs.items():
+                c = cost(graph)
+                print(f"{spec}: ok: model {name}: {c.n_layers} layers, "
+                      f"{c.params_total:,} parameters")
+    return status
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def cmd_info(args) -> int:
+    from .cost import cost
+
+    result = _compile(args.spec, quiet=args.json)
+    if result is None:
+        return EXIT_SPEC
+    name = _select(result, args.model)
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise UsageError("--seq-len must be positive")
+    c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
+    if args.json:
+        print(json.dumps(c.to_json(), indent=2))
+        return EXIT_OK
+    print(f"model {c.model}  ({args.spec})")
+    print(f"  layers               {c.n_layers}")
+    print(f"  parameters           {c.params_total:,}")
+    print(f"  active parameters    {c.params_active:,}")
+    print(f"  forward FLOPs/token  {c.flops_per_token:,}  (seq_len {c.seq_len})")
+    if c.supports_kv_cache:
+        print(f"  KV cache / token     {_fmt_bytes(c.kv_bytes_per_token)}  ({c.kv_dtype})")
+        print("  supports_kv_cache    yes")
+    else:
+        print(f"  supports_kv_cache    no — training-only ({', '.join(c.non_causal)} not causal)")
+    print("  training memory (weights + grads + AdamW, activations excluded)")
+    for dtype, m in c.training_memory.items():
+        print(f"    {dtype} params  {_fmt_bytes(m['total'])}  (weights {_fmt_bytes(m['weights'])},"
+              f" grads {_fmt_bytes(m['grads'])}, optimizer {_fmt_bytes(m['optimizer'])})")
+    print("  parameters by component")
+    width = max(len(k) for k in c.breakdown) if c.breakdown else 0
+    for key, n in c.breakdown.items():
+        share = 100 * n / c.params_total if c.params_total else 0
+        print(f"    {key:<{width}}  {n:>16,}  {share:5.1f}%")
+    return EXIT_OK
+
+
+def cmd_graph(args) -> int:
+    from . import graphio
+    from .lower import block_view, model_view
+
+    result = _compile(args.spec, quiet=True)
+    if result is None:
+        return EXIT_SPEC
+    name = _select(result, args.model)
+    graph = result.graphs[name]
+    if args.view == "model":
+        view = model_view(graph)
+    elif args.view == "full":
+        view = graph
+    elif args.view.startswith("block:"):
+        block = args.view.split(":", 1)[1]
+        model = result.models[name]
+        if block not in model.blocks:
+            raise UsageError(f"no block '{block}' in model '{name}' "
+                             f"(blocks: {', '.join(model.blocks)})")
+        view = block_view(model, block)
+        view.graph["name"] = f"{name}.{block}"
+    else:
+        raise UsageError(f"unknown view '{args.view}' (model, full, block:NAME)")
+    if args.format == "json":
+        text = graphio.to_json(view, args.view)
+    else:
+        text = graphio.to_dot(view, args.view)
+        if args.format == "svg":
+            if not graphio.graphviz_available():
+                raise UsageError("--format svg needs Graphviz ('dot') on PATH")
+            text = graphio.to_svg(text)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"forgec: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # noqa: BLE001 — a compiler bug must not look like a spec error
+        if os.environ.get("FORGEC_DEBUG"):
+            traceback.print_exc()
+        print(f"forgec: internal error: {type(e).__name__}: {e} (please report; "
+              "FORGEC_DEBUG=1 shows details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The front-end pipeline: source → AST → sections → bound models → graphs → checks.
+
+Each stage reports into one `Diagnostics`; the pipeline stops between stages
+once errors exist, so later passes only ever see well-formed input, while every
+independent error within a stage is still reported in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .bind import Model, bind_program
+from .checks import run_checks
+from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
+from .lower import lower
+from .resolve import Program, load_program
+
+
+@dataclass
+class Compilation:
+    program: Program
+    models: dict[str, Model]
+    graphs: dict[str, nx.MultiDiGraph]
+    diagnostics: Diagnostics
+
+    def main_model(self) -> str:
+        """The model a spec is about: the one named like the file, else the last one."""
+        stem = os.path.splitext(os.path.basename(self.program.root))[0]
+        names = [n for n in self.program.root_sections if n in self.models]
+        if stem in names:
+            return stem
+        if not names:
+            raise ForgeError("E006", "the spec defines no model", None)
+        return names[-1]
+
+
+def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
+    """Run the front end on one spec file. Raises CompileFailed with all errors."""
+    diags = diags if diags is not None else Diagnostics()
+    try:
+        program = load_program(path, diags)
+    except ForgeError as e:
+        diags.add(e.diagnostic)
+        raise CompileFailed(diags) from None
+    if diags.error_count:
+        raise CompileFailed(diags)
+    names = list(program.root_sections)
+    if not names:
+        diags.error("E006", "the spec defines nothing", Span.point(program.root),
+                    hint="start with `model NAME { ... }`")
+        raise CompileFailed(diags)
+    models = bind_program(program, diags, names)
+    if diags.error_count:
+        raise CompileFailed(diags)
+    graphs = {name: lower(model) for name, model in models.items()}
+    for graph in graphs.values():
+        run_checks(graph, diags)
+    if diags.error_count:
+        raise CompileFailed(diags)
+    return Compilation(program, models, graphs, diags)
+

@@ -1,0 +1,312 @@
+"""The operator registry: the one place that says what each op is.
+
+Each `OpDef` declares
+  * its arguments (name, type, default, range) — checked by compiler/bind.py;
+  * `derive`: defaults that depend on other arguments (e.g. kv_heads = heads);
+  * its shape rule: the tensor shapes it expects and the shape it produces —
+    used by compiler/lower.py and checked by compiler/checks/shapes.py;
+  * its parameter layout: FQN suffix → shape, relative to the component
+    (`q_proj.weight` under `layers.3.attention`) — used for FQNs, parameter
+    counts and later for code generation;
+  * its cost: forward FLOPs per token and KV-cache elements per token;
+  * `causal`: whether a token's output depends only on earlier tokens.
+Adding an op means adding one `OpDef` here (and its template, for codegen).
+
+Shapes are tuples whose entries are ints or the symbols "B" (batch) and
+"S" (sequence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Shape = tuple[int | str, ...]
+Args = Mapping[str, Any]
+
+REQUIRED = object()  # sentinel: an argument without a default
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    name: str
+    type: str  # "size" (positive int), "int", "float", "bool", "choice", "ref:<op>"
+    default: Any = REQUIRED
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+    # The default depends on other arguments; `OpDef.derive` fills it in.
+    derived: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED and not self.derived
+
+
+def _no_weights(args: Args) -> dict[str, Shape]:
+    return {}
+
+
+def _zero(args: Args, seq_len: int) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    args: tuple[ArgSpec, ...]
+    # "module": applied to tensors in a block's dataflow or the model's fixed
+    # spine; "config": a shared setting other ops refer to (e.g. rope).
+    role: str = "module"
+    inputs: Callable[[Args], tuple[Shape, ...]] = lambda a: ()
+    output: Callable[[Args], Shape | None] = lambda a: None
+    weights: Callable[[Args], dict[str, Shape]] = _no_weights
+    flops: Callable[[Args, int], int] = _zero  # forward FLOPs per token at a sequence length
+    kv_elems: Callable[[Args], int] = lambda a: 0  # cached elements per token
+    causal: Callable[[Args], bool] = lambda a: True
+    derive: Callable[[dict[str, Any]], None] = lambda a: None
+    # argument names that are sizes (checked positive by checks/positive_sizes.py)
+    sizes: tuple[str, ...] = field(default=())
+
+    def arg(self, name: str) -> ArgSpec | None:
+        for a in self.args:
+            if a.name == name:
+                return a
+        return None
+
+
+def _hidden(dim: Any) -> Shape:
+    return ("B", "S", dim)
+
+
+# ---- the ops -------------------------------------------------------------------
+
+def _attention_derive(a: dict[str, Any]) -> None:
+    if a.get("kv_heads") is None:
+        a["kv_heads"] = a["heads"]
+    if a.get("head_dim") is None:
+        dim, heads = a["dim"], a["heads"]
+        # Not divisible: left unset, reported by checks/heads.py with the location.
+        a["head_dim"] = dim // heads if heads and heads > 0 and dim % heads == 0 else None
+        a["_head_dim_derived"] = True
+    else:
+        a["_head_dim_derived"] = False
+
+
+def _attention_weights(a: Args) -> dict[str, Shape]:
+    dim, hd, h, kv = a["dim"], a["head_dim"], a["heads"], a["kv_heads"]
+    if hd is None:
+        return {}
+    w: dict[str, Shape] = {
+        "q_proj.weight": (h * hd, dim),
+        "k_proj.weight": (kv * hd, dim),
+        "v_proj.weight": (kv * hd, dim),
+        "o_proj.weight": (dim, h * hd),
+    }
+    if a["qkv_bias"]:
+        w["q_proj.bias"] = (h * hd,)
+        w["k_proj.bias"] = (kv * hd,)
+        w["v_proj.bias"] = (kv * hd,)
+    if a["out_bias"]:
+        w["o_proj.bias"] = (dim,)
+    if a["qk_norm"]:
+        w["q_norm.weight"] = (hd,)
+        w["k_norm.weight"] = (hd,)
+    return w
+
+
+def attended_keys(seq_len: int, causal: bool, window: int) -> float:
+    """Average number of keys a query attends to over a sequence of `seq_len`."""
+    if not causal:
+        return float(min(seq_len, window) if window else seq_len)
+    if not window or window >= seq_len:
+        return (seq_len + 1) / 2
+    # the first `window` queries see 1..window keys, the rest see `window`
+    full = seq_len - window
+    return (window * (window + 1) / 2 + full * window) / seq_len
+
+
+def _attention_flops(a: Args, seq_len: int) -> int:
+    hd = a["head_dim"]
+    if hd is None:
+        return 0
+    proj = 2 * sum(_numel(s) for k, s in _attention_weights(a).items() if k.endswith("proj.weight"))
+    keys = attended_keys(seq_len, a["causal"], a["window"])
+    # QK^T and attention·V: 2 FLOPs per multiply-add, each heads·head_dim per key
+    return int(proj + 2 * 2 * a["heads"] * hd * keys)
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        assert isinstance(d, int)
+        n *= d
+    return n
+
+
+def _mlp_weights(names: tuple[str, ...], a: Args) -> dict[str, Shape]:
+    dim, hidden = a["dim"], a["hidden"]
+    w: dict[str, Shape] = {}
+    for n in names:
+        w[f"{n}.weight"] = (dim, hidden) if n == "down_proj" else (hidden, dim)
+        if a.get("bias"):
+            w[f"{n}.bias"] = (dim,) if n == "down_proj" else (hidden,)
+    return w
+
+
+def _mlp(name: str, doc: str, projections: tuple[str, ...], bias: bool) -> OpDef:
+    args = [
+        ArgSpec("dim", "size", doc="model width"),
+        ArgSpec("hidden", "size", doc="hidden width (see ffn_hidden())"),
+    ]
+    if bias:
+        args.append(ArgSpec("bias", "bool", False, doc="biases on the projections"))
+    return OpDef(
+        name=name, doc=doc, args=tuple(args), sizes=("dim", "hidden"),
+        inputs=lambda a: (_hidden(a["dim"]),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=lambda a: _mlp_weights(projections, a),
+        flops=lambda a, s: 2 * sum(_numel(v) for k, v in _mlp_weights(projections, a).items()
+                                   if k.endswith("weight")),
+    )
+
+
+def _rope_derive(a: dict[str, Any]) -> None:
+    if a.get("rotary_dim") is None:
+        a["rotary_dim"] = a["head_dim"]
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _register(*ops: OpDef) -> None:
+    for op in ops:
+        assert op.name not in OPS, op.name
+        OPS[op.name] = op
+
+
+_register(
+    OpDef(
+        name="embedding",
+        doc="Token embedding table: ids (B, S) → (B, S, dim).",
+        args=(
+            ArgSpec("vocab", "size", doc="vocabulary size"),
+            ArgSpec("dim", "size", doc="embedding width"),
+        ),
+        sizes=("vocab", "dim"),
+        inputs=lambda a: (("B", "S"),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=lambda a: {"embedding.weight": (a["vocab"], a["dim"])},
+    ),
+    OpDef(
+        name="lm_head",
+        doc="Output projection to vocabulary logits; `tie` shares the embedding's weight.",
+        args=(
+            ArgSpec("dim", "size"),
+            ArgSpec("vocab", "size"),
+            ArgSpec("bias", "bool", False),
+            ArgSpec("tie", "ref:embedding", None, doc="an embedding component to share weights with"),
+        ),
+        sizes=("dim", "vocab"),
+        inputs=lambda a: (_hidden(a["dim"]),),
+        output=lambda a: _hidden(a["vocab"]),
+        weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
+                           **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
+        flops=lambda a, s: 2 * a["vocab"] * a["dim"],
+    ),
+    OpDef(
+        name="linear",
+        doc="A plain linear map (B, S, in_dim) → (B, S, out_dim).",
+        args=(
+            ArgSpec("in_dim", "size"),
+            ArgSpec("out_dim", "size"),
+            ArgSpec("bias", "bool", False),
+        ),
+        sizes=("in_dim", "out_dim"),
+        inputs=lambda a: (_hidden(a["in_dim"]),),
+        output=lambda a: _hidden(a["out_dim"]),
+        weights=lambda a: {"weight": (a["out_dim"], a["in_dim"]),
+                           **({"bias": (a["out_dim"],)} if a["bias"] else {})},
+        flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
+    ),
+    OpDef(
+        name="rmsnorm",
+        doc="RMSNorm over the last dimension, computed in fp32, with a weight.",
+        args=(ArgSpec("dim", "size"), ArgSpec("eps", "float", 1e-5, min=0.0, max=1.0)),
+        sizes=("dim",),
+        inputs=lambda a: (_hidden(a["dim"]),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=lambda a: {"weight": (a["dim"],)},
+    ),
+    OpDef(
+        name="layernorm",
+        doc="LayerNorm over the last dimension, with weight and (optionally) bias.",
+        args=(
+            ArgSpec("dim", "size"),
+            ArgSpec("eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("bias", "bool", True),
+        ),
+        sizes=("dim",),
+        inputs=lambda a: (_hidden(a["dim"]),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=lambda a: {"weight": (a["dim"],), **({"bias": (a["dim"],)} if a["bias"] else {})},
+    ),
+    OpDef(
+        name="rope",
+        role="config",
+        doc="Rotary position embedding settings, shared by the attention ops that name it.",
+        args=(
+            ArgSpec("head_dim", "size", doc="per-head width the tables are built for"),
+            ArgSpec("max_seq_len", "size"),
+            ArgSpec("theta", "float", 10000.0, min=1.0),
+            ArgSpec("rotary_dim", "size", derived=True,
+                    doc="rotate only the first rotary_dim channels (partial rotary)"),
+            ArgSpec("scaling", "choice", "none", choices=("none", "llama3")),
+            ArgSpec("scale_factor", "float", 8.0, min=1.0),
+            ArgSpec("low_freq_factor", "float", 1.0, min=0.0),
+            ArgSpec("high_freq_factor", "float", 4.0, min=0.0),
+            ArgSpec("original_max_seq_len", "size", 8192),
+            ArgSpec("doc_restart", "bool", False,
+                    doc="restart positions at every document of a packed sequence"),
+        ),
+        sizes=("head_dim", "max_seq_len", "rotary_dim", "original_max_seq_len"),
+        derive=_rope_derive,
+    ),
+    OpDef(
+        name="attention",
+        doc="Multi-head / grouped-query attention with optional RoPE, qk-norm and window.",
+        args=(
+            ArgSpec("dim", "size", doc="model width"),
+            ArgSpec("heads", "size", doc="query heads"),
+            ArgSpec("kv_heads", "size", derived=True, doc="key/value heads (default: heads)"),
+            ArgSpec("head_dim", "size", derived=True, doc="per-head width (default: dim / heads)"),
+            ArgSpec("rope", "ref:rope", None, doc="a rope component; none for no positions"),
+            ArgSpec("causal", "bool", True),
+            ArgSpec("window", "int", 0, min=0, doc="sliding-window size; 0 for full attention"),
+            ArgSpec("qkv_bias", "bool", False),
+            ArgSpec("out_bias", "bool", False),
+            ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
+            ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
+        ),
+        sizes=("dim", "heads", "kv_heads", "head_dim"),
+        derive=_attention_derive,
+        inputs=lambda a: (_hidden(a["dim"]),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=_attention_weights,
+        flops=_attention_flops,
+        kv_elems=lambda a: 2 * a["kv_heads"] * (a["head_dim"] or 0) if a["causal"] else 0,
+        causal=lambda a: bool(a["causal"]),
+    ),
+    _mlp("swiglu", "SwiGLU MLP: down(silu(gate(x)) * up(x)).", ("gate_proj", "up_proj", "down_proj"),
+         bias=False),
+    _mlp("gelu_mlp", "Two-layer MLP with GELU (tanh approximation off).", ("up_proj", "down_proj"),
+         bias=True),
+    _mlp("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True),
+)
+
+
+def numel(shape: Shape) -> int:
+    return _numel(shape)

@@ -1,0 +1,261 @@
+"""Text → typed AST (compiler/ast.py) with the LALR grammar in grammar.lark.
+
+Only syntax is decided here. Errors are `ForgeError`s with a location; the
+conversion is depth-bounded so that no input can exhaust Python's stack.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from . import ast
+from .diagnostics import ForgeError, Span
+
+GRAMMAR_PATH = os.path.join(os.path.dirname(__file__), "grammar.lark")
+
+# Deeper expressions than this are not written by people; refusing them keeps
+# every later (recursive) pass far from Python's recursion limit.
+MAX_EXPR_DEPTH = 64
+# Integers beyond 64 bits have no meaning in a model spec.
+MAX_INT_DIGITS = 19
+MAX_INT = (1 << 63) - 1
+
+_TERMINAL_NAMES = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+    "LPAR": "'('", "RPAR": "')'", "LBRACE": "'{'", "RBRACE": "'}'", "LSQB": "'['",
+    "RSQB": "']'", "COMMA": "','", "COLON": "':'", "SEMICOLON": "';'", "EQUAL": "'='",
+    "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'", "SLASH": "'/'", "PERCENT": "'%'",
+    "DOT": "'.'", "$END": "end of file", "__ANON_0": "'//'",
+}
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    # cache=True stores the built LALR tables in the temp folder (keyed by the
+    # grammar's hash), which keeps `forgec check` well under half a second.
+    with open(GRAMMAR_PATH, encoding="utf-8") as f:
+        grammar = f.read()
+    return Lark(grammar, parser="lalr", strict=True, propagate_positions=True,
+                maybe_placeholders=False, cache=True)
+
+
+def parse(text: str, file: str) -> ast.Module:
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as e:
+        raise _syntax_error(e, text, file) from None
+    return _Converter(file).module(tree)
+
+
+# ---- syntax errors ------------------------------------------------------------
+
+
+def _describe_expected(expected) -> str:
+    names = sorted({_TERMINAL_NAMES.get(t, f"'{t.lower()}'" if t.isalpha() else t) for t in expected})
+    if len(names) > 8:
+        return ""
+    return "; expected " + (names[0] if len(names) == 1 else "one of " + ", ".join(names))
+
+
+def _syntax_error(e: UnexpectedInput, text: str, file: str) -> ForgeError:
+    if isinstance(e, UnexpectedCharacters):
+        ch = text[e.pos_in_stream] if 0 <= e.pos_in_stream < len(text) else ""
+        span = Span(file, e.line, e.column, e.line, e.column + 1)
+        if ch == '"':
+            return ForgeError("E003", "unterminated string", span,
+                              hint="strings end with '\"' on the same line")
+        if ch == "/" and text.startswith("/*", e.pos_in_stream):
+            return ForgeError("E003", "unterminated block comment", span,
+                              hint="block comments end with '*/'")
+        shown = repr(ch) if ch.isprintable() else f"U+{ord(ch):04X}" if ch else "end of file"
+        return ForgeError("E002", f"unexpected character {shown}", span)
+    if isinstance(e, UnexpectedEOF):
+        lines = text.split("\n")
+        line = len(lines)
+        col = len(lines[-1]) + 1
+        return ForgeError("E002", "unexpected end of file" + _describe_expected(e.expected),
+                          Span(file, line, col, line, col + 1), hint="is a '}' or ')' missing?")
+    assert isinstance(e, UnexpectedToken)
+    tok = e.token
+    if tok.type == "$END":
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+        return ForgeError("E002", "unexpected end of file" + _describe_expected(e.expected),
+                          Span(file, line, col, line, col + 1), hint="is a '}' or ')' missing?")
+    shown = str(tok)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    span = Span(file, tok.line, tok.column, tok.end_line or tok.line,
+                tok.end_column or tok.column + 1)
+    hint = None
+    if tok.type == "EQUAL":
+        hint = "only a name can be assigned to"
+    return ForgeError("E002", f"unexpected {shown!r}" + _describe_expected(e.expected), span, hint)
+
+
+# ---- tree → AST -----------------------------------------------------------------
+
+_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t"}
+_ESCAPE_RE = re.compile(r"\\(.)")
+
+
+class _Converter:
+    def __init__(self, file: str):
+        self.file = file
+
+    def span(self, node) -> Span:
+        if isinstance(node, Token):
+            return Span(self.file, node.line, node.column, node.end_line, node.end_column)
+        m = node.meta
+        return Span(self.file, m.line, m.column, m.end_line, m.end_column)
+
+    def module(self, tree: Tree) -> ast.Module:
+        imports, sections = [], []
+        for item in tree.children:
+            if item.data == "import_decl":
+                tok = item.children[0]
+                imports.append(ast.Import(self.string(tok), self.span(item)))
+            else:
+                sections.append(self.section(item))
+        return ast.Module(self.file, tuple(imports), tuple(sections))
+
+    def section(self, tree: Tree) -> ast.Section:
+        kind, name, *rest = tree.children
+        base = target = None
+        body = []
+        for child in rest:
+            if isinstance(child, Tree) and child.data == "extends_clause":
+                base = (str(child.children[0]), self.span(child.children[0]))
+            elif isinstance(child, Tree) and child.data == "for_clause":
+                target = (str(child.children[0]), self.span(child.children[0]))
+            else:
+                stmt = self.stmt(child)
+                if stmt is not None:
+                    body.append(stmt)
+        return ast.Section(str(kind), self.span(kind), str(name), self.span(name), base, target,
+                           tuple(body), self.span(tree))
+
+    def stmt(self, tree: Tree):
+        kind = tree.data
+        if kind == "empty_stmt":
+            return None
+        if kind == "assign":
+            name, value = tree.children
+            return ast.Assign(str(name), self.span(name), self.expr(value, 0), self.span(tree))
+        if kind == "rule_assign":
+            name, call, *rules = tree.children
+            return ast.RuleAssign(str(name), self.span(name), self.call(call, 0),
+                                  tuple(self.rule(r) for r in rules), self.span(tree))
+        if kind == "return_stmt":
+            return ast.Return(self.expr(tree.children[0], 0), self.span(tree))
+        if kind == "call_stmt":
+            return ast.CallStmt(self.call(tree.children[0], 0), self.span(tree))
+        if kind == "block_decl":
+            name, *rest = tree.children
+            inputs: list[tuple[str, Span]] = []
+            base = None
+            body = []
+            for child in rest:
+                if isinstance(child, Tree) and child.data == "names":
+                    inputs = [(str(t), self.span(t)) for t in child.children]
+                elif isinstance(child, Tree) and child.data == "extends_clause":
+                    base = (str(child.children[0]), self.span(child.children[0]))
+                else:
+                    stmt = self.stmt(child)
+                    if stmt is not None:
+                        body.append(stmt)
+            return ast.BlockDecl(str(name), self.span(name), tuple(inputs), base, tuple(body),
+                                 self.span(tree))
+        raise AssertionError(f"unhandled statement {kind}")
+
+    def rule(self, tree: Tree) -> ast.Rule:
+        *words, target = tree.children
+        out = []
+        for w in words:
+            tok = w.children[0]
+            value = self.integer(tok) if w.data == "word_int" else str(tok)
+            out.append(ast.RuleWord(value, self.span(tok)))
+        return ast.Rule(tuple(out), str(target), self.span(target), self.span(tree))
+
+    # -- expressions
+
+    def expr(self, node, depth: int):
+        if depth > MAX_EXPR_DEPTH:
+            raise ForgeError("E005", f"expression nested deeper than {MAX_EXPR_DEPTH} levels",
+                             self.span(node), hint="split it into named parameters")
+        if isinstance(node, Token):  # only reached through inlined rules
+            raise AssertionError(f"bare token {node.type}")
+        kind = node.data
+        d = depth + 1
+        if kind == "int_lit":
+            return ast.Int(self.integer(node.children[0]), self.span(node))
+        if kind == "float_lit":
+            tok = node.children[0]
+            try:
+                value = float(str(tok).replace("_", ""))
+            except ValueError:
+                raise ForgeError("E032", f"malformed number {str(tok)[:40]!r}",
+                                 self.span(tok)) from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ForgeError("E032", "number out of range", self.span(tok))
+            return ast.Float(value, self.span(node))
+        if kind == "string_lit":
+            return ast.Str(self.string(node.children[0]), self.span(node))
+        if kind == "true_lit":
+            return ast.Bool(True, self.span(node))
+        if kind == "false_lit":
+            return ast.Bool(False, self.span(node))
+        if kind == "ref":
+            return ast.Ref(tuple(str(t) for t in node.children), self.span(node))
+        if kind == "call":
+            return self.call(node, d)
+        if kind == "list_lit":
+            items = node.children[0].children if node.children else []
+            return ast.ListExpr(tuple(self.expr(i, d) for i in items), self.span(node))
+        if kind == "neg":
+            return ast.Neg(self.expr(node.children[0], d), self.span(node))
+        ops = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%"}
+        if kind in ops:
+            left, right = node.children
+            lspan, rspan = self.span(left), self.span(right)
+            op_span = Span(self.file, lspan.end_line, lspan.end_col, rspan.line, rspan.col)
+            return ast.BinOp(ops[kind], self.expr(left, d), self.expr(right, d), self.span(node),
+                             op_span)
+        raise AssertionError(f"unhandled expression {kind}")
+
+    def call(self, tree: Tree, depth: int) -> ast.Call:
+        ref, *rest = tree.children
+        func = ast.Ref(tuple(str(t) for t in ref.children), self.span(ref))
+        args = []
+        for a in (rest[0].children if rest else []):
+            if isinstance(a, Tree) and a.data == "kwarg":
+                name, value = a.children
+                args.append(ast.Arg(str(name), self.expr(value, depth + 1), self.span(a),
+                                    self.span(name)))
+            else:
+                args.append(ast.Arg(None, self.expr(a, depth + 1), self.span(a)))
+        return ast.Call(func, tuple(args), self.span(tree))
+
+    def integer(self, tok: Token) -> int:
+        digits = str(tok).replace("_", "")
+        if len(digits.lstrip("0")) > MAX_INT_DIGITS or int(digits) > MAX_INT:
+            raise ForgeError("E032", f"integer literal too large ({len(digits)} digits)",
+                             self.span(tok), hint=f"integers are limited to {MAX_INT:,}")
+        return int(digits)
+
+    def string(self, tok: Token) -> str:
+        body = str(tok)[1:-1]
+
+        def unescape(m: re.Match) -> str:
+            ch = m.group(1)
+            if ch not in _ESCAPES:
+                raise ForgeError("E003", f"invalid escape '\\{ch}' in string", self.span(tok),
+                                 hint='valid escapes: \\" \\\\ \\n \\t')
+            return _ESCAPES[ch]
+
+        return _ESCAPE_RE.sub(unescape, body)
