@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import ast
-from .diagnostics import Diagnostics, Span, did_you_mean
-from .functions import FUNCTIONS, FunctionDef
+from .diagnostics import Diagnostics, Span, did_you_mean, suggest
+from .functions import FUNCTIONS
 from .ops import OPS, ArgSpec, OpDef
 from .parse import MAX_INT
-from .resolve import BlockDef, Program, SectionDef, section_references
+from .resolve import BlockDef, Program, SectionDef, _referenced_names, section_references
 
 MAX_LAYERS = 4096
+# Evaluation recurses through expressions and through the parameters they
+# name (`a = b + 1`, `b = c * 2`, ...); past this depth it is an error (E005),
+# so that no spec can exhaust Python's stack (~6 frames per level).
+MAX_EVAL_DEPTH = 100
 STACK_OP = "stack"
 # The model's fixed spine (Llama-style pre-norm): name → accepted ops.
 SPINE = {
@@ -211,6 +215,8 @@ class _Binder:
         self.program = program
         self.diags = diags
         self.section_scopes: dict[str, _Scope] = {}
+        self.depth = 0  # nesting of evaluate(), across declarations (see MAX_EVAL_DEPTH)
+        self.depth_reported = False
 
     # -- values
 
@@ -227,6 +233,20 @@ class _Binder:
         return self.evaluate(value, scope)
 
     def evaluate(self, e: ast.Expr, scope: _Scope) -> Any:
+        if self.depth >= MAX_EVAL_DEPTH:
+            if not self.depth_reported:  # one chain, one error
+                self.depth_reported = True
+                self.diags.error("E005", f"definitions nested deeper than {MAX_EVAL_DEPTH} "
+                                 "levels", e.span, hint="parameters defined through long chains "
+                                 "of other parameters; shorten the chain")
+            raise _Invalid
+        self.depth += 1
+        try:
+            return self._evaluate(e, scope)
+        finally:
+            self.depth -= 1
+
+    def _evaluate(self, e: ast.Expr, scope: _Scope) -> Any:
         d = self.diags
         if isinstance(e, ast.Int | ast.Float | ast.Str | ast.Bool):
             return e.value
@@ -288,7 +308,8 @@ class _Binder:
             if both_int:
                 if left % right:
                     d.error("E030", f"{left} / {right} does not divide exactly", e.span,
-                            hint=f"use '//' to round down ({left // right}), or change the sizes")
+                            hint=f"to round down write (a - a % b) / b (= {left // right}), "
+                            "or change the sizes; note that '//' starts a comment")
                     raise _Invalid
                 result = left // right
             else:
@@ -338,11 +359,13 @@ class _Binder:
         spans: dict[str, Span] = {}
         ok = True
         positional = [s for s in specs if not s.derived] + [s for s in specs if s.derived]
-        seen_keyword = False
+        seen_keyword = misplaced = False
+        misspelt: set[str] = set()  # required names a misspelt keyword probably meant
         for i, arg in enumerate(call.args):
             if arg.name is None:
                 if seen_keyword:
                     d.error("E027", "positional argument after a named one", arg.span)
+                    misplaced = True  # it was meant for some parameter: none is "missing"
                     ok = False
                     continue
                 if i >= len(positional):
@@ -355,10 +378,13 @@ class _Binder:
                 seen_keyword = True
                 spec = next((s for s in specs if s.name == arg.name), None)
                 if spec is None:
+                    best = suggest(arg.name, [s.name for s in specs])
                     d.error("E023", f"{what}() has no argument '{arg.name}'",
                             arg.name_span or arg.span,
-                            hint=did_you_mean(arg.name, [s.name for s in specs])
-                            or "arguments: " + ", ".join(s.name for s in specs))
+                            hint=f"did you mean '{best}'?" if best
+                            else "arguments: " + ", ".join(s.name for s in specs))
+                    if best:
+                        misspelt.add(best)
                     ok = False
                     continue
             if spec.name in spans:
@@ -374,10 +400,12 @@ class _Binder:
         for spec in specs:
             if spec.name in args or spec.name in spans:
                 continue
-            if spec.required:
+            if spec.required and spec.name not in misspelt and not misplaced:
                 d.error("E024", f"{what}() is missing the argument '{spec.name}'", call.span,
                         hint=f"{spec.name}: {spec.doc}" if spec.doc else None)
                 ok = False
+            elif spec.required:
+                ok = False  # reported as the misspelt keyword (E023) or misplaced one (E027)
             else:
                 args[spec.name] = None if spec.derived else spec.default
         return args, spans, ok
@@ -397,8 +425,13 @@ class _Binder:
                 raise _Invalid
             return value
         if (spec.type == "choice" and isinstance(expr, ast.Ref) and len(expr.parts) == 1
-                and expr.parts[0] in spec.choices and expr.parts[0] not in scope.known_names()):
-            return expr.parts[0]  # `scaling = llama3` reads as the symbol
+                and expr.parts[0] not in scope.known_names()):
+            if expr.parts[0] in spec.choices:
+                return expr.parts[0]  # `scaling = llama3` reads as the symbol
+            d.error("E026", f"argument '{spec.name}' of {what}() must be one of "
+                    f"{', '.join(repr(c) for c in spec.choices)}, got '{expr.parts[0]}'",
+                    expr.span, hint=did_you_mean(expr.parts[0], spec.choices))
+            raise _Invalid
         value = self.evaluate(expr, scope)
         if spec.type in ("size", "int"):
             if not (isinstance(value, int) and not isinstance(value, bool)):
@@ -462,6 +495,9 @@ class _Binder:
         for name, bdef in sec.blocks.items():
             model.blocks[name] = self.block(bdef, scope)
         self.spine(sec, model)
+        for stmt in sec.calls:  # would otherwise be ignored without a word
+            self.diags.error("E053", "a call in a model must be assigned to a name", stmt.span,
+                             hint="write `name = ...`")
         stack = sec.decls.get("layers")
         if isinstance(stack, ast.RuleAssign):
             self.stack(stack, model, scope)
@@ -505,6 +541,7 @@ class _Binder:
                 expr = self.flow(stmt.value, scope, defined, components, model_scope)
             except _Invalid:
                 defined.add(stmt.name)
+                scope.failed.add(stmt.name)  # reported; applying it later is no new error
                 continue
             flow.append((stmt.name, expr, stmt.span))
             defined.add(stmt.name)
@@ -541,12 +578,19 @@ class _Binder:
                         raise _Invalid
                     args.append(self.flow(a.value, scope, defined, components, model_scope))
                 return FApply(name, tuple(args), e.span)
+            if name in scope.failed:
+                raise _Invalid  # its definition failed and was reported
             if name in scope.decls:
                 d.error("E053", f"'{name}' is a parameter, not a component", e.func.span)
             elif name in model_scope.decls:
                 d.error("E049", f"model-level '{name}' cannot be applied inside a block",
                         e.func.span, hint="declare the component inside the block")
             elif name in OPS:
+                # `mlp = swiglu(dim, hidden = x)`: a tensor passed as an op argument
+                # (reported by lookup as E053) made this declaration look like dataflow.
+                for a in e.args:
+                    if a.name is not None:
+                        self.evaluate(a.value, scope)
                 d.error("E047", f"op '{name}' must be declared as a component before it is applied",
                         e.func.span, hint=f"declare `n = {name}(...)` in the block, then use `n(...)`")
             else:
@@ -559,6 +603,11 @@ class _Binder:
                             self.flow(e.right, scope, defined, components, model_scope), e.span)
             if e.op == "*":
                 left_t = _reads_tensor(e.left, defined | scope.tensors)
+                if left_t and _reads_tensor(e.right, defined | scope.tensors):
+                    d.error("E053", "'*' of two tensors is not defined; a tensor can only be "
+                            "scaled by a number", e.op_span,
+                            hint="dataflow supports '+' (residuals) and scaling by a number")
+                    raise _Invalid
                 scalar, tensor = (e.right, e.left) if left_t else (e.left, e.right)
                 factor = self.evaluate(scalar, scope)
                 if not _is_number(factor):
@@ -593,18 +642,22 @@ class _Binder:
             return
         chosen: list[tuple[str, Span] | None] = [None] * count
         inserted: list[Insertion] = []
+        rule_failed = False  # then unfilled layers are a consequence, not a new error
         for rule in decl.rules:
             if rule.target not in model.blocks:
                 d.error("E060", f"unknown block '{rule.target}'", rule.target_span,
                         hint=did_you_mean(rule.target, model.blocks))
+                rule_failed = True
                 continue
             block = model.blocks[rule.target]
             if len(block.inputs) != 1:
                 d.error("E062", f"block '{rule.target}' takes {len(block.inputs)} inputs; a "
                         "stack feeds one", rule.target_span)
+                rule_failed = True
                 continue
             selection = self.selector(rule, count, scope)
             if selection is None:
+                rule_failed = True
                 continue
             indices, insert = selection
             for i in indices:
@@ -615,8 +668,10 @@ class _Binder:
         missing = [i for i, c in enumerate(chosen) if c is None]
         if missing:
             shown = ", ".join(map(str, missing[:6])) + (", ..." if len(missing) > 6 else "")
-            d.error("E061", f"layer{'s' if len(missing) > 1 else ''} {shown} of {count} "
-                    "have no block", decl.name_span, hint="add `default: BLOCK` to the stack")
+            if not rule_failed:
+                d.error("E061", f"layer{'s' if len(missing) > 1 else ''} {shown} of {count} "
+                        f"{'have' if len(missing) > 1 else 'has'} no block", decl.name_span,
+                        hint="add `default: BLOCK` to the stack")
             return
         model.layers = [LayerSlot(i, c[0], c[1]) for i, c in enumerate(chosen) if c]
         inserted.sort(key=lambda ins: ins.after)
@@ -704,34 +759,27 @@ class _Binder:
             if name not in stacked and model.layers:
                 self.diags.warning("W003", f"block '{name}' is not used by the stack",
                                    block.name_span)
-            applied = set()
-            for _, f, _ in block.flow:
-                _applied(f, applied)
-            if block.ret is not None:
-                _applied(block.ret, applied)
+            # read off the source, so that a dataflow statement that failed to bind
+            # (already an error) does not make its components look unused
+            bdef = sec.blocks[name]
+            applied: set[str] = set()
+            for stmt in bdef.flow:
+                _referenced_names(stmt.value, applied)
+            if bdef.ret is not None:
+                _referenced_names(bdef.ret.value, applied)
             for cname, comp in block.components.items():
                 if cname not in applied and comp.op.role == "module":
                     self.diags.warning("W002", f"component '{cname}' of block '{name}' is never "
                                        "applied", comp.name_span)
 
 
-def _applied(f: Flow, out: set[str]) -> None:
-    if isinstance(f, FApply):
-        out.add(f.component)
-        for a in f.args:
-            _applied(a, out)
-    elif isinstance(f, FAdd):
-        _applied(f.left, out)
-        _applied(f.right, out)
-    elif isinstance(f, FScale):
-        _applied(f.operand, out)
-
-
 def _reads_tensor(e: ast.Expr, tensors: set[str] | frozenset[str]) -> bool:
     if isinstance(e, ast.Ref):
         return len(e.parts) == 1 and e.parts[0] in tensors
     if isinstance(e, ast.Call):
-        return True  # only components are called in dataflow
+        # components are applied to tensors; `min(...)`/`max(...)` compute numbers
+        return e.func.dotted not in FUNCTIONS or any(_reads_tensor(a.value, tensors)
+                                                     for a in e.args)
     if isinstance(e, ast.BinOp):
         return _reads_tensor(e.left, tensors) or _reads_tensor(e.right, tensors)
     if isinstance(e, ast.Neg):

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from .diagnostics import CompileFailed, Diagnostics, SourceCache, render
+from .diagnostics import CompileFailed, Diagnostics, ForgeError, SourceCache, render
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seq-len", type=int, help="sequence length for attention FLOPs "
                    "(default: max_seq_len)")
     i.add_argument("--kv-dtype", choices=("fp32", "bf16", "fp16", "fp8"), default="bf16")
+
+    b = sub.add_parser("build", help="generate the PyTorch package of each spec")
+    b.add_argument("specs", nargs="+", metavar="SPEC")
+    b.add_argument("-o", "--out", default="generated", help="output folder (default: generated/)")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 with a diff if a package is stale")
+    mode.add_argument("--update", action="store_true",
+                      help="replace existing packages whose content changes (golden files)")
 
     g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
     g.add_argument("spec", metavar="SPEC")
@@ -197,7 +206,39 @@ def cmd_graph(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph}
+def cmd_build(args) -> int:
+    from .build import build
+    from .diagnostics import ForgeError
+
+    status = EXIT_OK
+    for spec in args.specs:
+        result = _compile(spec, quiet=True)
+        if result is None:
+            status = EXIT_SPEC
+            continue
+        try:
+            out = build(result, args.out, check=args.check, update=args.update)
+        except ForgeError as e:
+            diags = Diagnostics()
+            diags.add(e.diagnostic)
+            _print_diagnostics(diags, _sources_of(diags))
+            status = EXIT_SPEC
+            continue
+        if out.status == "stale":
+            status = EXIT_SPEC
+            sys.stdout.write(out.diff)
+            if args.check:
+                print(f"{out.package}: stale (regenerate with `forgec build --update {spec}` "
+                      "and review the diff)", file=sys.stderr)
+            else:
+                print(f"{out.package}: would change; rerun with --update to replace it "
+                      "(the diff is above)", file=sys.stderr)
+        else:
+            print(f"{out.package}: {out.status}", file=sys.stderr)
+    return status
+
+
+COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph, "build": cmd_build}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"forgec: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ForgeError as e:  # a spec-level error found after compiling (E006: no model)
+        diags = Diagnostics()
+        diags.add(e.diagnostic)
+        _print_diagnostics(diags, _sources_of(diags))
+        return EXIT_SPEC
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -33,7 +33,8 @@ class Compilation:
         if stem in names:
             return stem
         if not names:
-            raise ForgeError("E006", "the spec defines no model", None)
+            raise ForgeError("E006", "the spec defines no model", Span.point(self.program.root),
+                             hint="`info` and `graph` need a `model NAME { ... }` section")
         return names[-1]
 
 
@@ -53,11 +54,10 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
                     hint="start with `model NAME { ... }`")
         raise CompileFailed(diags)
     models = bind_program(program, diags, names)
-    if diags.error_count:
-        raise CompileFailed(diags)
+    bound_cleanly = diags.error_count == 0
     graphs = {name: lower(model) for name, model in models.items()}
     for graph in graphs.values():
-        run_checks(graph, diags)
+        run_checks(graph, diags, bound_cleanly=bound_cleanly)
     if diags.error_count:
         raise CompileFailed(diags)
     return Compilation(program, models, graphs, diags)

@@ -9,8 +9,13 @@ Each `OpDef` declares
     (`q_proj.weight` under `layers.3.attention`) — used for FQNs, parameter
     counts and later for code generation;
   * its cost: forward FLOPs per token and KV-cache elements per token;
-  * `causal`: whether a token's output depends only on earlier tokens.
-Adding an op means adding one `OpDef` here (and its template, for codegen).
+  * `causal`: whether a token's output depends only on earlier tokens;
+  * its code: the PyTorch class it becomes (`class_name`, defined by the
+    template `templates/ops/<template>.py.j2`), the constructor arguments
+    (`ctor`), how its forward is called (`call`) and which optional code paths
+    a component needs (`features`; a class only contains the union of the
+    features its components use, so no dead branches are generated).
+Adding an op means adding one `OpDef` here and its template.
 
 Shapes are tuples whose entries are ints or the symbols "B" (batch) and
 "S" (sequence).
@@ -70,6 +75,17 @@ class OpDef:
     derive: Callable[[dict[str, Any]], None] = lambda a: None
     # argument names that are sizes (checked positive by checks/positive_sizes.py)
     sizes: tuple[str, ...] = field(default=())
+    # -- code generation (compiler/emit.py)
+    template: str | None = None  # templates/ops/<template>.py.j2; None: nothing to emit
+    class_name: str = ""
+    # constructor keyword arguments, given the union of features of the op's class
+    ctor: Callable[[Args, frozenset[str]], dict[str, Any]] = lambda a, u: {}
+    # forward call; {m} is the module expression, {x} the input(s)
+    call: str = "{m}({x})"
+    call_fields: Callable[[Args], dict[str, Any]] = lambda a: {}
+    # arguments of the class's init_weights: "", "std" or "std, out_std"
+    init_args: str = "std, out_std"
+    features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
 
     def arg(self, name: str) -> ArgSpec | None:
         for a in self.args:
@@ -129,6 +145,12 @@ def attended_keys(seq_len: int, causal: bool, window: int) -> float:
     return (window * (window + 1) / 2 + full * window) / seq_len
 
 
+def mask_key(a: Args) -> str:
+    """Which attention mask an attention op reads: one per (causality, window)."""
+    base = "causal" if a["causal"] else "full"
+    return f"{base}_w{a['window']}" if a["window"] else base
+
+
 def _attention_flops(a: Args, seq_len: int) -> int:
     hd = a["head_dim"]
     if hd is None:
@@ -157,14 +179,19 @@ def _mlp_weights(names: tuple[str, ...], a: Args) -> dict[str, Shape]:
     return w
 
 
-def _mlp(name: str, doc: str, projections: tuple[str, ...], bias: bool) -> OpDef:
+def _mlp(name: str, doc: str, projections: tuple[str, ...], bias: bool,
+         class_name: str) -> OpDef:
     args = [
         ArgSpec("dim", "size", doc="model width"),
         ArgSpec("hidden", "size", doc="hidden width (see ffn_hidden())"),
     ]
     if bias:
         args.append(ArgSpec("bias", "bool", False, doc="biases on the projections"))
+    args.append(ArgSpec("zero_init", "bool", False, doc="zero-initialise down_proj"))
     return OpDef(
+        template=name, class_name=class_name,
+        ctor=lambda a, u: {"dim": a["dim"], "hidden": a["hidden"],
+                        **({"bias": a["bias"]} if bias else {}), "zero_init": a["zero_init"]},
         name=name, doc=doc, args=tuple(args), sizes=("dim", "hidden"),
         inputs=lambda a: (_hidden(a["dim"]),),
         output=lambda a: _hidden(a["dim"]),
@@ -200,6 +227,8 @@ _register(
         inputs=lambda a: (("B", "S"),),
         output=lambda a: _hidden(a["dim"]),
         weights=lambda a: {"embedding.weight": (a["vocab"], a["dim"])},
+        template="embedding", class_name="TokenEmbedding", init_args="std",
+        ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
     ),
     OpDef(
         name="lm_head",
@@ -216,6 +245,8 @@ _register(
         weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
                            **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["vocab"] * a["dim"],
+        template="lm_head", class_name="OutputHead", init_args="std",
+        ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
     ),
     OpDef(
         name="linear",
@@ -224,6 +255,7 @@ _register(
             ArgSpec("in_dim", "size"),
             ArgSpec("out_dim", "size"),
             ArgSpec("bias", "bool", False),
+            ArgSpec("zero_init", "bool", False, doc="initialise the weight to zero"),
         ),
         sizes=("in_dim", "out_dim"),
         inputs=lambda a: (_hidden(a["in_dim"]),),
@@ -231,6 +263,9 @@ _register(
         weights=lambda a: {"weight": (a["out_dim"], a["in_dim"]),
                            **({"bias": (a["out_dim"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
+        template="linear", class_name="Linear",
+        ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "bias": a["bias"],
+                        "zero_init": a["zero_init"]},
     ),
     OpDef(
         name="rmsnorm",
@@ -240,6 +275,8 @@ _register(
         inputs=lambda a: (_hidden(a["dim"]),),
         output=lambda a: _hidden(a["dim"]),
         weights=lambda a: {"weight": (a["dim"],)},
+        template="rmsnorm", class_name="RMSNorm", init_args="",
+        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"]},
     ),
     OpDef(
         name="layernorm",
@@ -253,6 +290,8 @@ _register(
         inputs=lambda a: (_hidden(a["dim"]),),
         output=lambda a: _hidden(a["dim"]),
         weights=lambda a: {"weight": (a["dim"],), **({"bias": (a["dim"],)} if a["bias"] else {})},
+        template="layernorm", class_name="LayerNorm", init_args="",
+        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"]},
     ),
     OpDef(
         name="rope",
@@ -290,6 +329,7 @@ _register(
             ArgSpec("out_bias", "bool", False),
             ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
             ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
@@ -299,12 +339,29 @@ _register(
         flops=_attention_flops,
         kv_elems=lambda a: 2 * a["kv_heads"] * (a["head_dim"] or 0) if a["causal"] else 0,
         causal=lambda a: bool(a["causal"]),
+        template="attention", class_name="Attention",
+        ctor=lambda a, u: {"dim": a["dim"], "heads": a["heads"], "kv_heads": a["kv_heads"],
+                        "head_dim": a["head_dim"], "causal": a["causal"],
+                        "qkv_bias": a["qkv_bias"], "out_bias": a["out_bias"],
+                        **({"qk_norm_eps": a["qk_norm_eps"]} if a["qk_norm"] else {}),
+                        **({"use_rope": a["rope"] is not None}
+                           if {"rope", "no_rope"} <= u else {}),
+                        "zero_init": a["zero_init"]},
+        call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
+        call_fields=lambda a: {"mask_key": mask_key(a)},
+        features=lambda a: frozenset(
+            f for f, on in (("qk_norm", a["qk_norm"]), ("rope", a["rope"] is not None),
+                            ("no_rope", a["rope"] is None),
+                            ("partial_rotary", a["rope"] is not None
+                             and a["rope"].component.args["rotary_dim"] != a["head_dim"]))
+            if on),
     ),
     _mlp("swiglu", "SwiGLU MLP: down(silu(gate(x)) * up(x)).", ("gate_proj", "up_proj", "down_proj"),
-         bias=False),
-    _mlp("gelu_mlp", "Two-layer MLP with GELU (tanh approximation off).", ("up_proj", "down_proj"),
-         bias=True),
-    _mlp("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True),
+         bias=False, class_name="SwiGLU"),
+    _mlp("gelu_mlp", "Two-layer MLP with exact (erf) GELU.", ("up_proj", "down_proj"),
+         bias=True, class_name="GeluMLP"),
+    _mlp("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True,
+         class_name="ReluMLP"),
 )
 
 

@@ -87,6 +87,14 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> ForgeError:
         line, col = len(lines), len(lines[-1]) + 1
         return ForgeError("E002", "unexpected end of file" + _describe_expected(e.expected),
                           Span(file, line, col, line, col + 1), hint="is a '}' or ')' missing?")
+    # A closed `/* ... */` is skipped by the lexer, so `/*` reaching the parser
+    # (as '/' then '*') is a block comment that never ends.
+    start = tok.start_pos if tok.type == "SLASH" else (tok.start_pos or 0) - 1
+    if tok.type in ("SLASH", "STAR") and start >= 0 and text.startswith("/*", start):
+        col = tok.column - (start != tok.start_pos)
+        return ForgeError("E003", "unterminated block comment",
+                          Span(file, tok.line, col, tok.line, col + 1),
+                          hint="block comments end with '*/'")
     shown = str(tok)
     if len(shown) > 40:
         shown = shown[:37] + "..."

@@ -24,6 +24,9 @@ from .parse import parse
 from .source import Source, read_source
 
 SECTION_KINDS = ("model", "vision", "vlm", "plan")
+# Imports and `extends` chains deeper than this are refused (E005) rather than
+# recursed into, so that no input can exhaust Python's stack.
+MAX_NESTING = 64
 
 
 @dataclass
@@ -115,6 +118,10 @@ class _Loader:
                 self.diags.error("E012", f"import '{imp.path}' leaves the root spec's folder",
                                  imp.span, hint="imports are relative paths inside the spec's folder")
                 continue
+            if len(stack) >= MAX_NESTING:  # loading recurses once per level
+                self.diags.error("E005", f"imports nested deeper than {MAX_NESTING} levels",
+                                 imp.span)
+                continue
             if target in stack or target == source.abspath:
                 self.diags.error("E011", f"import cycle: '{imp.path}' imports this file again",
                                  imp.span)
@@ -192,6 +199,8 @@ def _merge_section(name: str, raw: dict, merged: dict[str, SectionDef], diags: D
         base_name, base_span = sec.base
         if base_name in stack or base_name == name:
             diags.error("E042", f"'{name}' extends itself through '{base_name}'", base_span)
+        elif len(stack) >= MAX_NESTING:  # merging recurses once per level
+            diags.error("E005", f"inheritance chain deeper than {MAX_NESTING} levels", base_span)
         elif base_name not in raw:
             diags.error("E040", f"unknown base '{base_name}'", base_span,
                         hint=did_you_mean(base_name, raw) or "import the file that defines it")
@@ -284,10 +293,24 @@ def _merge_block(decl: ast.BlockDecl, sec: SectionDef, owner: str, diags: Diagno
     flow: list[ast.Assign] = []
     ret: ast.Return | None = None
     tensors = set(seen_inputs)
+    # A statement is dataflow if it reads a tensor, even one computed further
+    # down (binding reports that as E048, not as a parameter error).
+    flowing = set(seen_inputs)
+    readers: dict[str, list[str]] = {}  # name → the statements that read it (linear, not n²)
+    for s in decl.body:
+        if isinstance(s, ast.Assign):
+            for n in _referenced_names(s.value, set()):
+                readers.setdefault(n, []).append(s.name)
+    todo = list(flowing)
+    while todo:
+        for reader in readers.get(todo.pop(), ()):
+            if reader not in flowing:
+                flowing.add(reader)
+                todo.append(reader)
     for stmt in decl.body:
         if isinstance(stmt, ast.Assign):
             reads = _referenced_names(stmt.value, set())
-            if reads & tensors:
+            if reads & flowing:
                 if stmt.name in tensors:
                     diags.error("E020", f"'{stmt.name}' is assigned twice; dataflow values are "
                                 "single-assignment", stmt.name_span)

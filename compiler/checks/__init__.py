@@ -1,7 +1,11 @@
 """Validation passes over a lowered model, run in this order.
 
 Each pass is a module with one job and a `run(graph, diags)` function; the
-graph carries the bound model as `graph.graph["model"]`. Passes only report:
+graph carries the bound model as `graph.graph["model"]`. A pass that reads
+the dataflow structure sets `STRUCTURAL = True` and is skipped when binding
+already failed (a missing value would make it report consequences, not
+causes); argument-level passes always run, so independent errors of a file
+are reported together. Passes only report:
 they never change the graph, except `causality`, which records its finding
 (`supports_kv_cache`) as a graph attribute for `info` and codegen.
 """
@@ -16,7 +20,8 @@ from . import causality, dangling, heads, positive_sizes, rotary, shapes, tied
 PASSES = (positive_sizes, heads, rotary, shapes, dangling, tied, causality)
 
 
-def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
+def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics, *, bound_cleanly: bool = True) -> None:
     for check in PASSES:
-        check.run(graph, diags)
+        if bound_cleanly or not getattr(check, "STRUCTURAL", False):
+            check.run(graph, diags)
 

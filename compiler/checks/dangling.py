@@ -6,6 +6,8 @@ import networkx as nx
 
 from ..diagnostics import Diagnostics
 
+STRUCTURAL = True
+
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     for node, data in graph.nodes(data=True):

@@ -28,8 +28,8 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
                             spans.get("rotary_dim", comp.span))
         elif comp.op.name == "attention" and a.get("rope") is not None:
             rope = a["rope"].component
-            if not rope.ok or a["head_dim"] is None:
-                continue
+            if not rope.ok or a["head_dim"] is None or rope.args["head_dim"] <= 0:
+                continue  # a non-positive head_dim is reported by positive_sizes
             if rope.args["head_dim"] != a["head_dim"]:
                 diags.error("E075", f"rope '{rope.name}' is built for head_dim "
                             f"{rope.args['head_dim']} but this attention has head_dim "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
+
+STRUCTURAL = True
 from ..ops import OPS
 
 

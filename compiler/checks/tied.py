@@ -15,6 +15,8 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
         emb = tie.component.args
         head = (comp.args["vocab"], comp.args["dim"])
         table = (emb["vocab"], emb["dim"])
+        if min(*head, *table) <= 0:
+            continue  # reported by positive_sizes
         if head != table:
             diags.error("E074", f"'{comp.name}' ({head[0]} × {head[1]}) cannot share the "
                         f"weight of '{tie.component.name}' ({table[0]} × {table[1]})",

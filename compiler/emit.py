@@ -1,0 +1,485 @@
+"""Code generation: a checked model → the files of its Python package.
+
+`model.py` is rendered from templates/model.py.j2 and one template per op
+(templates/ops/), with only the op classes, features and code paths the spec
+uses. Everything is rendered from sorted, resolved data, so the same spec
+gives byte-identical output. Names in the output are validated identifiers
+(the grammar's NAME, minus reserved words: checks/names.py) and every string
+is written as an escaped literal (`pyrepr`), so a spec cannot inject code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import jinja2
+
+from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
+from .cost import cost
+from .driver import Compilation
+from .ops import OPS, mask_key
+
+LINE = 100  # the line length ruff formats the generated code to
+TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
+FORGEC_VERSION = "0.1.0"
+
+
+def pyrepr(value) -> str:
+    """A Python literal for a resolved spec value (double-quoted, escaped strings)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        assert math.isfinite(value)
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=True)
+    if isinstance(value, list | tuple):
+        inner = ", ".join(pyrepr(v) for v in value)
+        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (
+            f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+    raise AssertionError(f"no literal for {value!r}")
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
+    )
+    env.filters["pyrepr"] = pyrepr
+    return env
+
+
+def call_lines(prefix: str, func: str, kwargs: list[str], indent: int) -> list[str]:
+    """`prefix + func(args)` formatted as ruff would: one line, hugged, or one per line."""
+    pad = " " * indent
+    one = f"{pad}{prefix}{func}({', '.join(kwargs)})"
+    if len(one) <= LINE:
+        return [one]
+    hugged = f"{pad}    {', '.join(kwargs)}"
+    if len(hugged) <= LINE:
+        return [f"{pad}{prefix}{func}(", hugged, f"{pad})"]
+    return [f"{pad}{prefix}{func}(", *[f"{pad}    {k}," for k in kwargs], f"{pad})"]
+
+
+def _ctor(comp: Component, union: frozenset[str]) -> tuple[str, list[str]]:
+    kwargs = [f"{k}={pyrepr(v)}" for k, v in comp.op.ctor(comp.args, union).items()]
+    return comp.op.class_name, kwargs
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+
+
+@dataclass
+class _Line:
+    source: str
+    code: str
+
+
+class _BlockWriter:
+    """Straight-line forward code for one block, from its dataflow."""
+
+    def __init__(self, block: Block, hidden, kv_cache: bool):
+        self.block = block
+        self.hidden = hidden
+        self.kv_cache = kv_cache
+        # each attention application owns one KV cache slot, in evaluation order
+        self.cache_slot = {span: i for i, span in enumerate(_attention_applications(block))}
+        self.n_attention = len(self.cache_slot)
+        self.temps: set[str] = set()
+
+    def shape(self, f: Flow, env: dict):
+        if isinstance(f, FRef):
+            return env.get(f.name, self.hidden)
+        if isinstance(f, FApply):
+            comp = self.block.components[f.component]
+            return comp.op.output(comp.args)
+        if isinstance(f, FAdd):
+            return self.shape(f.left, env)
+        return self.shape(f.operand, env)
+
+    def expr(self, f: Flow) -> str:
+        if isinstance(f, FRef):
+            return f.name
+        if isinstance(f, FApply):
+            comp = self.block.components[f.component]
+            args = ", ".join(self.expr(a) for a in f.args)
+            kv = ""
+            if f.span in self.cache_slot and self.kv_cache:
+                kv = ", kv_cache" if self.n_attention == 1 else f", caches[{self.cache_slot[f.span]}]"
+            return comp.op.call.format(m=f"self.{f.component}", x=args, kv=kv,
+                                       **comp.op.call_fields(comp.args))
+        if isinstance(f, FAdd):
+            right = self.expr(f.right)
+            if isinstance(f.right, FAdd):
+                right = f"({right})"  # keep the spec's summation order
+            return f"{self.expr(f.left)} + {right}"
+        inner = self.expr(f.operand)
+        if isinstance(f.operand, FAdd):
+            inner = f"({inner})"
+        return f"{pyrepr(f.factor)} * {inner}"
+
+    def statement(self, target: str | None, f: Flow, env: dict, indent: int) -> list[str]:
+        """Code for `target = f` (or `return f`); nested calls are hoisted into
+        named temporaries while the line is longer than the formatter allows."""
+        pad = " " * indent
+        pre: list[str] = []
+        while True:
+            line = f"{pad}{'return ' if target is None else f'{target} = '}{self.expr(f)}"
+            nested = _first_nested_apply(f) if len(line) > LINE else None
+            if nested is None:
+                comment = f"  # {_shape(self.shape(f, env))}" if target is not None else ""
+                return pre + [line + comment if len(line + comment) <= LINE else line]
+            temp = nested.component
+            while temp in self.temps or temp in env:
+                temp += "_"
+            self.temps.add(temp)
+            pre += self.statement(temp, nested, env, indent)
+            env[temp] = self.shape(nested, env)
+            f = _replace(f, nested, FRef(temp, nested.span))
+
+
+def _component_at(block: Block, span) -> str:
+    """The component applied at `span` in the block's dataflow."""
+    found = []
+
+    def walk(f: Flow) -> None:
+        if isinstance(f, FApply):
+            if f.span == span:
+                found.append(f.component)
+            for a in f.args:
+                walk(a)
+        elif isinstance(f, FAdd):
+            walk(f.left)
+            walk(f.right)
+        elif isinstance(f, FScale):
+            walk(f.operand)
+
+    for _, f, _ in block.flow:
+        walk(f)
+    if block.ret is not None:
+        walk(block.ret)
+    return found[0]
+
+
+def _attention_applications(block: Block) -> list:
+    spans = []
+
+    def walk(f: Flow) -> None:
+        if isinstance(f, FApply):
+            for a in f.args:
+                walk(a)
+            if block.components[f.component].op.name == "attention":
+                spans.append(f.span)
+        elif isinstance(f, FAdd):
+            walk(f.left)
+            walk(f.right)
+        elif isinstance(f, FScale):
+            walk(f.operand)
+
+    for _, f, _ in block.flow:
+        walk(f)
+    if block.ret is not None:
+        walk(block.ret)
+    return spans
+
+
+def _first_nested_apply(f: Flow) -> FApply | None:
+    """The first application used as an argument of another, in evaluation order."""
+    if isinstance(f, FApply):
+        for a in f.args:
+            inner = _first_nested_apply(a)
+            if inner is not None:
+                return inner
+            if isinstance(a, FApply):
+                return a
+        return None
+    if isinstance(f, FAdd):
+        left = _first_nested_apply(f.left)
+        if left is not None:
+            return left
+        if isinstance(f.left, FApply) and isinstance(f.right, FApply | FAdd):
+            return f.left
+        return _first_nested_apply(f.right)
+    if isinstance(f, FScale):
+        return _first_nested_apply(f.operand)
+    return None
+
+
+def _replace(f: Flow, old: Flow, new: Flow) -> Flow:
+    if f is old:
+        return new
+    if isinstance(f, FApply):
+        return FApply(f.component, tuple(_replace(a, old, new) for a in f.args), f.span)
+    if isinstance(f, FAdd):
+        return FAdd(_replace(f.left, old, new), _replace(f.right, old, new), f.span)
+    if isinstance(f, FScale):
+        return FScale(f.factor, _replace(f.operand, old, new), f.span)
+    return f
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] → '0-2, 5'."""
+    out, start, prev = [], None, None
+    for i in indices + [None]:
+        if start is None:
+            start = prev = i
+        elif i is not None and i == prev + 1:
+            prev = i
+        else:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = prev = i
+    return ", ".join(out)
+
+
+def source_hash(comp: Compilation) -> str:
+    """Hash of the spec's sources (root and imports), independent of where they lie."""
+    h = hashlib.sha256()
+    for src in sorted(comp.program.sources, key=lambda s: s.path):
+        h.update(os.path.basename(src.path).encode() + b"\0" + src.text.encode() + b"\0")
+    return h.hexdigest()
+
+
+def emit_package(comp: Compilation, model_name: str) -> dict[str, str]:
+    """File name → content of the package for `model_name`."""
+    model = comp.models[model_name]
+    graph = comp.graphs[model_name]
+    spec = comp.program.root
+    c = cost(graph)
+    kv_cache = bool(graph.graph.get("supports_kv_cache", True))
+    env = _env()
+    header = (f"# Generated by forgec from {spec} — do not edit.\n"
+              f"# Regenerate with: forgec build --update {spec}")
+
+    emb, norm, head = (model.components[n] for n in ("token_embedding", "norm", "output_head"))
+    dim, vocab = emb.args["dim"], emb.args["vocab"]
+    hidden = ("B", "S", dim)
+    rope_comp = next((x for x in model.all_components() if x.op.name == "rope"), None)
+    n_layers = len(model.layers)
+    max_seq_len = _max_seq_len(model, rope_comp)
+
+    # blocks in use, in order of first use
+    layer_kinds = list(dict.fromkeys(s.block for s in model.layers))
+    inserted_kinds = list(dict.fromkeys(i.block for i in model.inserted))
+    single = len(layer_kinds) == 1
+    class_of = {k: "TransformerBlock" if single else f"{_camel(k)}Block" for k in layer_kinds}
+    for k in inserted_kinds:
+        if k not in class_of:
+            class_of[k] = f"{_camel(k)}Block"
+
+    used_blocks = [model.blocks[k] for k in class_of]
+    components = [emb, norm, head] + [x for b in used_blocks for x in b.components.values()]
+    union: dict[str, frozenset[str]] = {}
+    for x in components:
+        if x.op.template:
+            union[x.op.name] = union.get(x.op.name, frozenset()) | x.op.features(x.args)
+    # qk-norm reuses the RMSNorm class
+    if "qk_norm" in union.get("attention", frozenset()):
+        union.setdefault("rmsnorm", frozenset())
+    op_classes = [env.get_template(f"ops/{OPS[name].template}.py.j2")
+                  .render(features=feats, kv_cache=kv_cache).rstrip("\n")
+                  for name, feats in sorted(union.items(), key=lambda kv: _op_order(kv[0]))]
+
+    mask_kinds = sorted({mask_key(x.args) for b in used_blocks for x in b.components.values()
+                         if x.op.name == "attention"}) or ["causal"]
+    kinds = [{"name": k, "causal": k.startswith("causal"),
+              "window": int(k.split("_w")[1]) if "_w" in k else 0} for k in mask_kinds]
+
+    blocks = []
+    for kind, cls in class_of.items():
+        block = model.blocks[kind]
+        writer = _BlockWriter(block, hidden, kv_cache)
+        comps = []
+        for cname, x in block.components.items():
+            if not x.op.template:
+                continue
+            func, kwargs = _ctor(x, union[x.op.name])
+            lines = call_lines(f"self.{cname} = ", func, kwargs, 8)
+            comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
+                          "init_args": x.op.init_args})
+        lines: list[_Line] = []
+        shapes = {block.inputs[0]: hidden}
+        for name, f, span in block.flow:
+            code = writer.statement(name, f, shapes, 8)
+            shapes[name] = writer.shape(f, shapes)
+            lines.append(_Line(f"{span.file}:{span.line}", "\n".join(code).lstrip()))
+        ret_span = block.ret_span
+        code = writer.statement(None, block.ret, shapes, 8)
+        lines.append(_Line(f"{ret_span.file}:{ret_span.line}", "\n".join(code).lstrip()))
+        n_att = writer.n_attention
+        if kv_cache and n_att > 1:
+            lines.insert(0, _Line(f"{block.span.file}:{block.span.line}",
+                                  f"caches = (None,) * {n_att} if kv_cache is None else kv_cache"))
+        in_layers = [s.index for s in model.layers if s.block == kind]
+        blocks.append({
+            "name": kind, "class_name": cls,
+            "base": "TransformerBlock" if not single and kind in layer_kinds else "nn.Module",
+            "source": f"{block.name_span.file}:{block.name_span.line}",
+            "layers": _ranges(in_layers) if not single and in_layers else "",
+            "components": comps, "lines": lines, "input": block.inputs[0],
+            "uses_mask": n_att > 0,
+            "kv_type": ("KVCache | None" if n_att <= 1 else "tuple[KVCache, ...] | None")
+            if kv_cache else "None",
+            "first_cache": "kv_cache" if n_att <= 1 else "kv_cache[0]",
+        })
+    dispatch = None
+    if not single:
+        table = "{" + ", ".join(f"{s.index}: {class_of[s.block]}" for s in model.layers) + "}"
+        dispatch = {"table": table,
+                    "summary": "; ".join(f"{class_of[k]} for layers "
+                                         f"{_ranges([s.index for s in model.layers if s.block == k])}"
+                                         for k in layer_kinds)}
+    inserted_stacks = []
+    inserted_after: dict[int, list] = {}
+    for kind in inserted_kinds:
+        afters = [i.after for i in model.inserted if i.block == kind]
+        attr = f"{kind}_layers"
+        inserted_stacks.append({"attr": attr, "class_name": class_of[kind],
+                                "after": pyrepr(tuple(afters))})
+        for k, after in enumerate(afters):
+            inserted_after.setdefault(after, []).append((attr, k))
+
+    cache_shapes = []
+    if kv_cache:
+        for s in model.layers:
+            block = model.blocks[s.block]
+            caches = [f"KVCache(batch_size, max_seq_len, {a['kv_heads']}, {a['head_dim']}, "
+                      "dtype=dtype, device=device)"
+                      for a in (block.components[_component_at(block, span)].args
+                                for span in _attention_applications(block))]
+            code = caches[0] if len(caches) == 1 else "(" + ", ".join(caches) + ")"
+            cache_shapes.append({"layer": s.index, "code": code})
+    codes = {c["code"] for c in cache_shapes}
+    uniform_cache = None
+    if len(codes) == 1 and len(cache_shapes) == n_layers:
+        one = f"        return [{codes.pop()} for _ in range({n_layers})]"
+        uniform_cache = one if len(one) <= LINE else (
+            "        return [\n            " + one[len("        return ["):-1] + "\n        ]")
+    spine = {}
+    for key, x in (("embedding", emb), ("norm", norm), ("head", head)):
+        func, kwargs = _ctor(x, union[x.op.name])
+        spine[key] = "\n".join(call_lines(f"self.{_spine_attr(key)} = ", func, kwargs, 12)).lstrip()
+    tied = head.args.get("tie") is not None
+    depth_scaled = model.params.get("init_depth_scaled", True)
+
+    rope = None
+    if rope_comp is not None:
+        rope = dict(rope_comp.args)
+        rope.pop("_head_dim_derived", None)
+    context = {
+        "header": header, "name": model.name, "spec": spec, "n_layers": n_layers,
+        "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
+        "config_fields": _config_fields(model, dim, vocab, n_layers, max_seq_len),
+        "kv_cache": kv_cache, "rope": rope,
+        "partial_rotary": bool(rope and rope["rotary_dim"] != rope["head_dim"]),
+        "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3"),
+        "out_std_expr": f"std / math.sqrt(2 * {n_layers})" if depth_scaled else "std",
+        "out_std_config": f"config.init_std / math.sqrt(2 * {n_layers})" if depth_scaled
+        else "config.init_std",
+        "uniform_cache": uniform_cache,
+        "rope_call": "\n".join(call_lines(
+            "rope_cos, rope_sin = ", "self._rope",
+            ["b", "s", "h.device", "padding"]
+            + (["doc_ids"] if rope and rope["doc_restart"] else [])
+            + (["kv_caches"] if kv_cache else []), 8)),
+        "op_classes": op_classes, "blocks": blocks, "dispatch": dispatch,
+        "inserted_stacks": inserted_stacks,
+        "inserted_after": "{" + ", ".join(f"{a}: {pyrepr(tuple(v))}"
+                                          for a, v in sorted(inserted_after.items())) + "}",
+        "mask_kinds": kinds, "no_windows": all(k["window"] == 0 for k in kinds),
+        "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
+        "cache_shapes": cache_shapes, "spine": spine, "tied": tied,
+        "non_causal": ", ".join(fqn for fqn, _ in graph.graph.get("non_causal", [])),
+    }
+    model_py = env.get_template("model.py.j2").render(**context)
+    files = {
+        "__init__.py": env.get_template("init.py.j2").render(header=header, name=model.name,
+                                                             kv_cache=kv_cache),
+        "model.py": model_py,
+        "plan.py": env.get_template("plan.py.j2").render(header=header, name=model.name,
+                                                         layers=[s.index for s in model.layers],
+                                                         inserted=inserted_stacks),
+        "spec.json": json.dumps(_spec_json(comp, model, c, max_seq_len), indent=2,
+                                sort_keys=True) + "\n",
+    }
+    return files
+
+
+def _spine_attr(key: str) -> str:
+    return {"embedding": "token_embedding", "norm": "norm", "head": "output_head"}[key]
+
+
+def _op_order(name: str) -> tuple[int, str]:
+    order = ["rmsnorm", "layernorm", "embedding", "linear", "attention", "swiglu", "gelu_mlp",
+             "relu_mlp", "lm_head"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _max_seq_len(model: Model, rope_comp: Component | None) -> int:
+    value = model.params.get("max_seq_len")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if rope_comp is not None:
+        return rope_comp.args["max_seq_len"]
+    return 2048
+
+
+def _config_fields(model: Model, dim: int, vocab: int, n_layers: int, max_seq_len: int):
+    """ModelConfig: the spec's scalar parameters, plus the fields every runtime reads."""
+    fields: dict[str, object] = {}
+    for name, value in model.params.items():
+        if isinstance(value, bool | int | float | str) and not name.startswith("_"):
+            fields[name] = value
+    # the runtime's fields come from the model's structure, whatever the spec named them
+    fields.update(vocab_size=vocab, dim=dim, n_layers=n_layers, max_seq_len=max_seq_len)
+    fields.setdefault("init_std", 0.02)
+    out = []
+    for name, value in fields.items():
+        typ = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int)
+               else "float" if isinstance(value, float) else "str")
+        out.append({"name": name, "type": typ, "value": pyrepr(value)})
+    return out
+
+
+def _plain_args(args: dict) -> dict:
+    from .bind import ComponentValue
+
+    out = {}
+    for k, v in sorted(args.items()):
+        if k.startswith("_"):
+            continue
+        out[k] = v.component.name if isinstance(v, ComponentValue) else v
+    return out
+
+
+def _spec_json(comp: Compilation, model: Model, c, max_seq_len: int) -> dict:
+    return {
+        "forgec": FORGEC_VERSION,
+        "spec": comp.program.root,
+        "source_sha256": source_hash(comp),
+        "model": model.name,
+        "params": {k: v for k, v in sorted(model.params.items())
+                   if isinstance(v, bool | int | float | str)},
+        "max_seq_len": max_seq_len,
+        "components": {name: {"op": x.op.name, "args": _plain_args(x.args)}
+                       for name, x in sorted(model.components.items())},
+        "blocks": {name: {"inputs": list(b.inputs),
+                          "components": {cn: {"op": x.op.name, "args": _plain_args(x.args)}
+                                         for cn, x in sorted(b.components.items())}}
+                   for name, b in sorted(model.blocks.items())},
+        "layers": [s.block for s in model.layers],
+        "inserted": [{"after": i.after, "block": i.block} for i in model.inserted],
+        "params_total": c.params_total,
+        "params_active": c.params_active,
+        "supports_kv_cache": c.supports_kv_cache,
+    }

@@ -1,0 +1,53 @@
+"""Shared test helpers: write a spec to a temp folder, compile it, run the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from compiler.diagnostics import CompileFailed, Diagnostics
+from compiler.driver import Compilation, compile_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = sorted((ROOT / "specs").glob("*.forge"))
+
+
+def compile_text(tmp_path: Path, text: str, name: str = "spec.forge",
+                 extra: dict[str, str] | None = None) -> tuple[Compilation | None, Diagnostics]:
+    """Compile `text` (dedented) as tmp_path/name; `extra` writes more files beside it."""
+    for rel, body in (extra or {}).items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(body))
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    diags = Diagnostics()
+    try:
+        return compile_spec(str(path), diags), diags
+    except CompileFailed:
+        return None, diags
+
+
+def codes(diags: Diagnostics, severity: str | None = "error") -> list[tuple[str, int, int]]:
+    """(code, line, col) of every diagnostic, sorted."""
+    return [(d.code, d.span.line if d.span else 0, d.span.col if d.span else 0)
+            for d in diags.sorted() if severity is None or d.severity == severity]
+
+
+def run_forgec(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a fresh interpreter (as users do)."""
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture
+def forge(tmp_path):
+    def _compile(text: str, **kw):
+        return compile_text(tmp_path, text, **kw)
+    return _compile

@@ -1,0 +1,28 @@
+"""The committed specs compile and have the published sizes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import SPECS
+
+from compiler.cost import cost
+from compiler.driver import compile_spec
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)
+def test_committed_specs_compile_without_errors(spec):
+    result = compile_spec(str(spec))
+    assert result.diagnostics.error_count == 0
+    assert not [d for d in result.diagnostics.items if d.severity == "warning"]
+
+
+@pytest.mark.parametrize("spec, params", [
+    ("llama3_8b.forge", 8_030_261_248),
+    ("llama3_70b.forge", 70_553_706_496),
+])
+def test_llama3_parameter_counts_match_meta(spec, params):
+    result = compile_spec(f"specs/{spec}")
+    c = cost(result.graphs[result.main_model()])
+    assert c.params_total == params
+    assert c.params_active == params
+    assert c.supports_kv_cache
