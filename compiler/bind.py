@@ -38,6 +38,15 @@ SPINE = {
 }
 
 
+# Model-level parameters with a meaning of their own (read by code generation).
+SETTINGS = {
+    "init_std": ArgSpec("init_std", "float", 0.02, min=0.0, max=1.0,
+                        doc="std of the normal init of every matrix"),
+    "init_depth_scaled": ArgSpec("init_depth_scaled", "bool", True,
+                                 doc="scale output projections' init by 1/sqrt(2·n_layers)"),
+}
+
+
 class _Invalid(Exception):
     """An expression could not be evaluated; the reason is already reported."""
 
@@ -308,8 +317,7 @@ class _Binder:
             if both_int:
                 if left % right:
                     d.error("E030", f"{left} / {right} does not divide exactly", e.span,
-                            hint=f"to round down write (a - a % b) / b (= {left // right}), "
-                            "or change the sizes; note that '//' starts a comment")
+                            hint=f"use '//' to round down ({left // right}), or change the sizes")
                     raise _Invalid
                 result = left // right
             else:
@@ -490,6 +498,13 @@ class _Binder:
             elif not isinstance(decl, ast.RuleAssign):
                 params[name] = value
                 param_spans[name] = decl.name_span
+        for name, spec in SETTINGS.items():
+            decl = sec.decls.get(name)
+            if name in params and isinstance(decl, ast.Assign):
+                try:
+                    params[name] = self.typed("model", spec, decl.value, scope)
+                except _Invalid:
+                    del params[name]
         model = Model(sec.name, sec.file, sec.span, sec.name_span, params, param_spans,
                       components, {})
         for name, bdef in sec.blocks.items():
@@ -602,13 +617,14 @@ class _Binder:
                 return FAdd(self.flow(e.left, scope, defined, components, model_scope),
                             self.flow(e.right, scope, defined, components, model_scope), e.span)
             if e.op == "*":
-                left_t = _reads_tensor(e.left, defined | scope.tensors)
-                if left_t and _reads_tensor(e.right, defined | scope.tensors):
-                    d.error("E053", "'*' of two tensors is not defined; a tensor can only be "
-                            "scaled by a number", e.op_span,
+                values = defined | scope.tensors | set(components)
+                left_t = _reads_tensor(e.left, values)
+                scalar, tensor = (e.right, e.left) if left_t else (e.left, e.right)
+                if isinstance(scalar, ast.Call) and _reads_tensor(scalar, values):
+                    d.error("E053", "a tensor can only be scaled by a number, not multiplied "
+                            "by a tensor", scalar.span,
                             hint="dataflow supports '+' (residuals) and scaling by a number")
                     raise _Invalid
-                scalar, tensor = (e.right, e.left) if left_t else (e.left, e.right)
                 factor = self.evaluate(scalar, scope)
                 if not _is_number(factor):
                     d.error("E053", f"a tensor can only be scaled by a number, got "
@@ -748,7 +764,8 @@ class _Binder:
     def unused(self, sec: SectionDef, model: Model) -> None:
         used = section_references(sec)
         for name, decl in sec.decls.items():
-            if sec.origin.get(name) != sec.name or name in SPINE or name in used:
+            if sec.origin.get(name) != sec.name or name in SPINE or name in SETTINGS \
+                    or name in used:
                 continue
             what = "component" if name in model.components else "parameter"
             self.diags.warning("W001", f"{what} '{name}' is never used", decl.name_span)
@@ -777,9 +794,9 @@ def _reads_tensor(e: ast.Expr, tensors: set[str] | frozenset[str]) -> bool:
     if isinstance(e, ast.Ref):
         return len(e.parts) == 1 and e.parts[0] in tensors
     if isinstance(e, ast.Call):
-        # components are applied to tensors; `min(...)`/`max(...)` compute numbers
-        return e.func.dotted not in FUNCTIONS or any(_reads_tensor(a.value, tensors)
-                                                     for a in e.args)
+        # `tensors` holds the components too: applying one yields a tensor,
+        # while `max(0.5, f)` computes a number
+        return e.func.dotted in tensors or any(_reads_tensor(a.value, tensors) for a in e.args)
     if isinstance(e, ast.BinOp):
         return _reads_tensor(e.left, tensors) or _reads_tensor(e.right, tensors)
     if isinstance(e, ast.Neg):

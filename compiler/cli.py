@@ -20,7 +20,15 @@ EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
 
 
 class UsageError(Exception):
-    pass
+    """Bad command-line use: printed as one line, exit 2."""
+
+
+class RunError(Exception):
+    """Bad input found at run time (corrupt checkpoint, token id out of range):
+    printed as one line, exit 1."""
+
+
+RUNTIME_COMMANDS: dict = {}  # filled by runtime.cli.add_commands
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="write nothing; exit 1 with a diff if a package is stale")
     mode.add_argument("--update", action="store_true",
                       help="replace existing packages whose content changes (golden files)")
+
+    from runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
+
+    RUNTIME_COMMANDS.update(add_commands(sub))
 
     g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
     g.add_argument("spec", metavar="SPEC")
@@ -244,10 +256,13 @@ COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph, "build": c
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return {**COMMANDS, **RUNTIME_COMMANDS}[args.command](args)
     except UsageError as e:
         print(f"forgec: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RunError as e:
+        print(f"forgec: error: {e}", file=sys.stderr)
+        return EXIT_SPEC
     except ForgeError as e:  # a spec-level error found after compiling (E006: no model)
         diags = Diagnostics()
         diags.add(e.diagnostic)

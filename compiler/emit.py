@@ -139,6 +139,8 @@ class _BlockWriter:
             nested = _first_nested_apply(f) if len(line) > LINE else None
             if nested is None:
                 comment = f"  # {_shape(self.shape(f, env))}" if target is not None else ""
+                if len(line) > LINE:
+                    return pre + _right_hand_split(line, indent)
                 return pre + [line + comment if len(line + comment) <= LINE else line]
             temp = nested.component
             while temp in self.temps or temp in env:
@@ -147,6 +149,31 @@ class _BlockWriter:
             pre += self.statement(temp, nested, env, indent)
             env[temp] = self.shape(nested, env)
             f = _replace(f, nested, FRef(temp, nested.span))
+
+
+def _right_hand_split(line: str, indent: int) -> list[str]:
+    """Split a too-long line at its last bracket pair, as ruff (black) formats it."""
+    if not line.endswith(")"):
+        return [line]
+    depth, open_at = 0, None
+    for i in range(len(line) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(line[i], 0)
+        if depth == 0:
+            open_at = i
+            break
+    assert open_at is not None
+    head, body = line[: open_at + 1], line[open_at + 1 : -1]
+    pad = " " * indent
+    if len(pad) + 4 + len(body) <= LINE:
+        return [head, f"{pad}    {body}", f"{pad})"]
+    args, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            args.append(body[start:i].strip())
+            start = i + 1
+    args.append(body[start:].strip())
+    return [head, *[f"{pad}    {a}," for a in args], f"{pad})"]
 
 
 def _component_at(block: Block, span) -> str:

@@ -1,4 +1,4 @@
-"""E072/E075/E076: RoPE tables fit the attention that uses them.
+"""E072/E075/E076/E077: RoPE tables fit the attention that uses them.
 
 The rotary dimension must be even (channels rotate in pairs), no wider than
 the head, and a rope component's head_dim must equal the head_dim of every
@@ -13,6 +13,11 @@ from ..diagnostics import Diagnostics
 
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
+    ropes = [c for c in graph.graph["model"].all_components() if c.op.name == "rope"]
+    for extra in ropes[1:]:
+        # the generated Transformer computes one pair of RoPE tables per forward
+        diags.error("E077", f"a model has one rope; '{extra.name}' is a second",
+                    extra.name_span, notes=[("the first is here", ropes[0].name_span)])
     for comp in graph.graph["model"].all_components():
         a, spans = comp.args, comp.arg_spans
         if comp.op.name == "rope":
