@@ -420,15 +420,29 @@ class _Binder:
 
     def typed(self, what: str, spec: ArgSpec, expr: ast.Expr, scope: _Scope) -> Any:
         d = self.diags
+        if spec.type.startswith("op:"):
+            role = spec.type[3:]
+            name = expr.func.dotted if isinstance(expr, ast.Call) else None
+            if name not in OPS or OPS[name].role != role:
+                choices = sorted(n for n, o in OPS.items() if o.role == role)
+                d.error("E025", f"argument '{spec.name}' of {what}() expects a {role}: "
+                        f"{' or '.join(f'{c}(...)' for c in choices)}", expr.span,
+                        hint=did_you_mean(name, choices) if name else None)
+                raise _Invalid
+            comp = self.component(spec.name, expr.span, expr, scope)
+            if not comp.ok:
+                raise _Invalid
+            return ComponentValue(comp)
         if spec.type.startswith("ref:"):
             want = spec.type[4:]
+            a_want = ("an " if want[0] in "aeiou" else "a ") + want  # "an embedding"
             if not (isinstance(expr, ast.Ref) and len(expr.parts) == 1):
-                d.error("E025", f"argument '{spec.name}' of {what}() expects a {want} component",
+                d.error("E025", f"argument '{spec.name}' of {what}() expects {a_want} component",
                         expr.span)
                 raise _Invalid
             value = scope.lookup(expr.parts[0], expr.span)
             if not (isinstance(value, ComponentValue) and value.component.op.name == want):
-                d.error("E025", f"argument '{spec.name}' of {what}() expects a {want} component, "
+                d.error("E025", f"argument '{spec.name}' of {what}() expects {a_want} component, "
                         f"got {_describe(value)}", expr.span)
                 raise _Invalid
             return value

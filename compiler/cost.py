@@ -77,9 +77,11 @@ def cost(graph: nx.MultiDiGraph, seq_len: int | None = None, kv_dtype: str = "bf
         for name, shape in data["weights"].items():
             n = numel(shape)
             total += n
-            active += n
             key = group_of(name)
             breakdown[key] = breakdown.get(key, 0) + n
+        if data["weights"]:  # counted once per module, like its weights
+            active += (op.active_params(data["args"]) if op.active_params
+                       else sum(numel(s) for s in data["weights"].values()))
         flops += op.flops(data["args"], seq_len)
         kv += op.kv_elems(data["args"])
     supports = graph.graph.get("supports_kv_cache", True)

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import jinja2
 
-from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
+from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
 from .cost import cost
 from .driver import Compilation
-from .ops import OPS, mask_key
+from .ops import OPS, NestedCall, mask_key
 
 LINE = 100  # the line length ruff formats the generated code to
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
@@ -46,30 +46,54 @@ def pyrepr(value) -> str:
     raise AssertionError(f"no literal for {value!r}")
 
 
+def _tuple_literal(items: list) -> str:
+    """A tuple literal as ruff formats it after `NAME = ` at module level."""
+    one = pyrepr(tuple(items))
+    if len(one) + 12 <= LINE:
+        return one
+    return "(\n" + "".join(f"    {pyrepr(i)},\n" for i in items) + ")"
+
+
 def _env() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
         trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False,
     )
     env.filters["pyrepr"] = pyrepr
+    env.filters["pyrepr_tuple"] = _tuple_literal
     return env
 
 
-def call_lines(prefix: str, func: str, kwargs: list[str], indent: int) -> list[str]:
-    """`prefix + func(args)` formatted as ruff would: one line, hugged, or one per line."""
+def _inline(value) -> str:
+    if isinstance(value, NestedCall):
+        return f"{value.class_name}({', '.join(f'{k}={_inline(v)}' for k, v in value.kwargs)})"
+    return pyrepr(value)
+
+
+def call_lines(prefix: str, func: str, kwargs: list[str] | list[tuple[str, object]],
+               indent: int, suffix: str = "") -> list[str]:
+    """`prefix + func(args) + suffix` formatted as ruff would: one line, the
+    arguments hugged on one line, or one argument per line (recursively)."""
     pad = " " * indent
-    one = f"{pad}{prefix}{func}({', '.join(kwargs)})"
+    pairs = [(k, None) if isinstance(k, str) else k for k in kwargs]
+    flat = [k if v is None else f"{k}={_inline(v)}" for k, v in pairs]
+    one = f"{pad}{prefix}{func}({', '.join(flat)}){suffix}"
     if len(one) <= LINE:
         return [one]
-    hugged = f"{pad}    {', '.join(kwargs)}"
+    hugged = f"{pad}    {', '.join(flat)}"
     if len(hugged) <= LINE:
-        return [f"{pad}{prefix}{func}(", hugged, f"{pad})"]
-    return [f"{pad}{prefix}{func}(", *[f"{pad}    {k}," for k in kwargs], f"{pad})"]
+        return [f"{pad}{prefix}{func}(", hugged, f"{pad}){suffix}"]
+    lines = [f"{pad}{prefix}{func}("]
+    for (k, v), text in zip(pairs, flat, strict=True):
+        if len(pad) + 4 + len(text) + 1 <= LINE or not isinstance(v, NestedCall):
+            lines.append(f"{pad}    {text},")
+        else:
+            lines += call_lines(f"{k}=", v.class_name, list(v.kwargs), indent + 4, suffix=",")
+    return lines + [f"{pad}){suffix}"]
 
 
-def _ctor(comp: Component, union: frozenset[str]) -> tuple[str, list[str]]:
-    kwargs = [f"{k}={pyrepr(v)}" for k, v in comp.op.ctor(comp.args, union).items()]
-    return comp.op.class_name, kwargs
+def _ctor(comp: Component, union: frozenset[str]) -> tuple[str, list[tuple[str, object]]]:
+    return comp.op.class_name, list(comp.op.ctor(comp.args, union).items())
 
 
 def _shape(shape) -> str:
@@ -306,13 +330,18 @@ def emit_package(comp: Compilation, model_name: str) -> dict[str, str]:
 
     used_blocks = [model.blocks[k] for k in class_of]
     components = [emb, norm, head] + [x for b in used_blocks for x in b.components.values()]
+    for x in list(components):  # routers are written inline as an argument
+        components += [v.component for v in x.args.values()
+                       if isinstance(v, ComponentValue) and v.component.op.role == "router"]
     union: dict[str, frozenset[str]] = {}
     for x in components:
         if x.op.template:
             union[x.op.name] = union.get(x.op.name, frozenset()) | x.op.features(x.args)
-    # qk-norm reuses the RMSNorm class
+    # qk-norm reuses the RMSNorm class, shared experts the SwiGLU class
     if "qk_norm" in union.get("attention", frozenset()):
         union.setdefault("rmsnorm", frozenset())
+    if "shared" in union.get("moe", frozenset()):
+        union.setdefault("swiglu", frozenset())
     op_classes = [env.get_template(f"ops/{OPS[name].template}.py.j2")
                   .render(features=feats, kv_cache=kv_cache).rstrip("\n")
                   for name, feats in sorted(union.items(), key=lambda kv: _op_order(kv[0]))]
@@ -409,7 +438,10 @@ def emit_package(comp: Compilation, model_name: str) -> dict[str, str]:
         "config_fields": _config_fields(model, dim, vocab, n_layers, max_seq_len),
         "kv_cache": kv_cache, "rope": rope,
         "partial_rotary": bool(rope and rope["rotary_dim"] != rope["head_dim"]),
-        "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3"),
+        "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3")
+        or "sigmoid_topk" in union or "capacity" in union.get("moe", frozenset()),
+        "moe_fqns": list(dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
+                                       if d.get("op") == "moe")),
         "out_std_expr": f"std / math.sqrt(2 * {n_layers})" if depth_scaled else "std",
         "out_std_config": f"config.init_std / math.sqrt(2 * {n_layers})" if depth_scaled
         else "config.init_std",
@@ -448,7 +480,7 @@ def _spine_attr(key: str) -> str:
 
 def _op_order(name: str) -> tuple[int, str]:
     order = ["rmsnorm", "layernorm", "embedding", "linear", "attention", "swiglu", "gelu_mlp",
-             "relu_mlp", "lm_head"]
+             "relu_mlp", "softmax_topk", "sigmoid_topk", "moe", "lm_head"]
     return (order.index(name) if name in order else len(order), name)
 
 

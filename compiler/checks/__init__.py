@@ -15,9 +15,9 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from . import causality, dangling, heads, names, positive_sizes, rotary, shapes, tied
+from . import causality, dangling, heads, moe, names, positive_sizes, rotary, shapes, tied
 
-PASSES = (names, positive_sizes, heads, rotary, shapes, dangling, tied, causality)
+PASSES = (names, positive_sizes, heads, rotary, moe, shapes, dangling, tied, causality)
 
 
 def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics, *, bound_cleanly: bool = True) -> None:

@@ -407,7 +407,15 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama_debug`: always 0."""
         return torch.zeros((), device=next(self.parameters()).device)
 
+    def get_moe_router_z_loss(self) -> torch.Tensor:
+        """No mixture-of-experts layers in `llama_debug`: always 0."""
+        return torch.zeros((), device=next(self.parameters()).device)
+
     def get_expert_counts(self) -> dict[str, torch.Tensor]:
+        """No mixture-of-experts layers in `llama_debug`."""
+        return {}
+
+    def get_dropped_tokens(self) -> dict[str, int]:
         """No mixture-of-experts layers in `llama_debug`."""
         return {}
 
