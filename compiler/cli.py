@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     from runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
 
     RUNTIME_COMMANDS.update(add_commands(sub))
+    from .importers import add_commands as add_importers
+
+    RUNTIME_COMMANDS.update(add_importers(sub))
 
     g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
     g.add_argument("spec", metavar="SPEC")

@@ -232,9 +232,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)  # (B, S, H, hd)
-        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)  # (B, S, KV, hd)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism a rank holds a slice of the heads
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, H, hd)
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, KV, hd)
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if kv_cache is not None:
@@ -245,9 +246,9 @@ class Attention(nn.Module):
             v,
             attn_mask=mask,
             is_causal=self.causal and mask is None,
-            enable_gqa=self.kv_heads != self.heads,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
