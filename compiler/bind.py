@@ -784,6 +784,9 @@ class _Binder:
             what = "component" if name in model.components else "parameter"
             self.diags.warning("W001", f"{what} '{name}' is never used", decl.name_span)
         stacked = {s.block for s in model.layers} | {i.block for i in model.inserted}
+        stack = sec.decls.get("layers")
+        if isinstance(stack, ast.RuleAssign):  # a rule that failed is reported itself
+            stacked |= {r.target for r in stack.rules}
         for name, block in model.blocks.items():
             if sec.blocks[name].owner != sec.name:
                 continue
@@ -836,28 +839,13 @@ def _describe(v: Any) -> str:
     return "nothing" if v is None else type(v).__name__
 
 
+def new_binder(program: Program, diags: Diagnostics) -> _Binder:
+    """A binder for sections bound outside this module (plans: compiler/plans.py)."""
+    return _Binder(program, diags)
+
+
 def bind_program(program: Program, diags: Diagnostics, names: list[str]) -> dict[str, Model]:
     """Bind the named model sections (and what they refer to)."""
     binder = _Binder(program, diags)
-    out: dict[str, Model] = {}
-    for name in names:
-        sec = program.sections[name]
-        if sec.kind == "model":
-            out[name] = binder.model(sec)
-        elif sec.kind == "plan":
-            _check_plan_target(sec, program, diags)
-    return out
-
-
-def _check_plan_target(sec: SectionDef, program: Program, diags: Diagnostics) -> None:
-    if sec.target is None:
-        diags.error("E090", f"plan '{sec.name}' needs a target: `plan {sec.name} for MODEL`",
-                    sec.name_span)
-        return
-    target, span = sec.target
-    other = program.sections.get(target)
-    if other is None or other.kind not in ("model", "vlm"):
-        diags.error("E021", f"unknown model '{target}'", span,
-                    hint=did_you_mean(target, [n for n, s in program.sections.items()
-                                               if s.kind in ("model", "vlm")]))
-
+    return {name: binder.model(program.sections[name]) for name in names
+            if program.sections[name].kind == "model"}

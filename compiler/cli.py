@@ -157,8 +157,12 @@ def cmd_info(args) -> int:
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError("--seq-len must be positive")
     c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
+    from .plans import plan_data
+
+    plans = {p.name: plan_data(p, result.models[name], result.graphs[name])
+             for p in result.plans.values() if p.target == name}
     if args.json:
-        print(json.dumps(c.to_json(), indent=2))
+        print(json.dumps({**c.to_json(), "plans": plans}, indent=2))
         return EXIT_OK
     print(f"model {c.model}  ({args.spec})")
     print(f"  layers               {c.n_layers}")
@@ -174,6 +178,14 @@ def cmd_info(args) -> int:
     for dtype, m in c.training_memory.items():
         print(f"    {dtype} params  {_fmt_bytes(m['total'])}  (weights {_fmt_bytes(m['weights'])},"
               f" grads {_fmt_bytes(m['grads'])}, optimizer {_fmt_bytes(m['optimizer'])})")
+    for pname, p in plans.items():
+        mesh = " × ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 rank"
+        extra = ""
+        if "pipeline" in p:
+            sizes = p["pipeline"]["stage_params"]
+            extra = (f", {len(sizes)} stages ({p['pipeline']['schedule']}), largest/mean "
+                     f"params {max(sizes) / (sum(sizes) / len(sizes)):.2f}")
+        print(f"  plan {pname:<18} {mesh} ({p['world']} ranks){extra}")
     print("  parameters by component")
     width = max(len(k) for k in c.breakdown) if c.breakdown else 0
     for key, n in c.breakdown.items():

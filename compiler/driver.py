@@ -8,14 +8,15 @@ independent error within a stage is still reported in the same run.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 
-from .bind import Model, bind_program
+from .bind import Model, bind_program, new_binder
 from .checks import run_checks
 from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
 from .lower import lower
+from .plans import Plan, bind_plan, validate
 from .resolve import Program, load_program
 
 
@@ -25,6 +26,7 @@ class Compilation:
     models: dict[str, Model]
     graphs: dict[str, nx.MultiDiGraph]
     diagnostics: Diagnostics
+    plans: dict[str, Plan] = field(default_factory=dict)
 
     def main_model(self) -> str:
         """The model a spec is about: the one named like the file, else the last one."""
@@ -53,12 +55,21 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
         diags.error("E006", "the spec defines nothing", Span.point(program.root),
                     hint="start with `model NAME { ... }`")
         raise CompileFailed(diags)
-    models = bind_program(program, diags, names)
+    plan_secs = [program.sections[n] for n in names if program.sections[n].kind == "plan"]
+    # a plan's target is bound too, also when it lives in an imported file
+    targets = [s.target[0] for s in plan_secs if s.target and s.target[0] in program.sections]
+    models = bind_program(program, diags, names + [t for t in targets if t not in names])
+    binder = new_binder(program, diags)
+    plans = {s.name: p for s in plan_secs if (p := bind_plan(s, binder, diags)) is not None}
     bound_cleanly = diags.error_count == 0
     graphs = {name: lower(model) for name, model in models.items()}
     for graph in graphs.values():
         run_checks(graph, diags, bound_cleanly=bound_cleanly)
+    if diags.error_count == 0:
+        for plan in plans.values():
+            if plan.target in graphs:
+                validate(plan, models[plan.target], graphs[plan.target], diags)
     if diags.error_count:
         raise CompileFailed(diags)
-    return Compilation(program, models, graphs, diags)
+    return Compilation(program, models, graphs, diags, plans)
 

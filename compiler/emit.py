@@ -22,6 +22,7 @@ from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FS
 from .cost import cost
 from .driver import Compilation
 from .ops import OPS, NestedCall, mask_key
+from .plans import layer_units, plan_data, tp_plan
 
 LINE = 100  # the line length ruff formats the generated code to
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
@@ -44,6 +45,35 @@ def pyrepr(value) -> str:
         return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (
             f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
     raise AssertionError(f"no literal for {value!r}")
+
+
+def pyformat(value, indent: int = 0, used: int = 0) -> str:
+    """A Python literal for nested data, laid out as ruff formats it: on one line
+    when it fits (`used` columns already taken on that line, plus a trailing
+    comma), else one item per line with trailing commas."""
+    one = _one_line(value)
+    if indent + used + len(one) + 1 <= LINE or not isinstance(value, dict | list | tuple) \
+            or not value:
+        return one
+    pad = " " * (indent + 4)
+    if isinstance(value, dict):
+        items = [f"{pad}{pyrepr(k)}: {pyformat(v, indent + 4, len(pyrepr(k)) + 2)},"
+                 for k, v in value.items()]
+        return "{\n" + "\n".join(items) + "\n" + " " * indent + "}"
+    items = [f"{pad}{pyformat(v, indent + 4)}," for v in value]
+    opening, closing = ("[", "]") if isinstance(value, list) else ("(", ")")
+    return opening + "\n" + "\n".join(items) + "\n" + " " * indent + closing
+
+
+def _one_line(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{pyrepr(k)}: {_one_line(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_one_line(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(_one_line(v) for v in value)
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    return pyrepr(value)
 
 
 def _tuple_literal(items: list) -> str:
@@ -465,13 +495,23 @@ def emit_package(comp: Compilation, model_name: str) -> dict[str, str]:
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=model.name,
                                                              kv_cache=kv_cache),
         "model.py": model_py,
-        "plan.py": env.get_template("plan.py.j2").render(header=header, name=model.name,
-                                                         layers=[s.index for s in model.layers],
-                                                         inserted=inserted_stacks),
+        "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks),
         "spec.json": json.dumps(_spec_json(comp, model, c, max_seq_len), indent=2,
                                 sort_keys=True) + "\n",
     }
     return files
+
+
+def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_stacks) -> str:
+    plans = {name: plan_data(p, model, graph) for name, p in sorted(comp.plans.items())
+             if p.target == model.name}
+    return env.get_template("plan.py.j2").render(
+        header=header, name=model.name, inserted=bool(inserted_stacks),
+        layer_fqns=pyformat(layer_units(model), 0, len("LAYER_FQNS = ")),
+        tp_plan=pyformat(tp_plan(model), 0, len("TP_PLAN = ")),
+        plans=pyformat(plans, 0, len("PLANS = ")),
+        layer_attrs=pyrepr(["layers", *[x["attr"] for x in inserted_stacks]]),
+    )
 
 
 def _spine_attr(key: str) -> str:

@@ -91,6 +91,8 @@ class OpDef:
     init_args: str = "std, out_std"
     # parameters a token uses, if not all of them (mixture of experts)
     active_params: Callable[[Args], int] | None = None
+    # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
+    tp: Mapping[str, str] = field(default_factory=dict)
     features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
 
     def arg(self, name: str) -> ArgSpec | None:
@@ -196,6 +198,7 @@ def _mlp(name: str, doc: str, projections: tuple[str, ...], bias: bool,
     args.append(ArgSpec("zero_init", "bool", False, doc="zero-initialise down_proj"))
     return OpDef(
         template=name, class_name=class_name,
+        tp={**{p: "colwise" for p in projections if p != "down_proj"}, "down_proj": "rowwise"},
         ctor=lambda a, u: {"dim": a["dim"], "hidden": a["hidden"],
                         **({"bias": a["bias"]} if bias else {}), "zero_init": a["zero_init"]},
         name=name, doc=doc, args=tuple(args), sizes=("dim", "hidden"),
@@ -234,6 +237,7 @@ _register(
         output=lambda a: _hidden(a["dim"]),
         weights=lambda a: {"embedding.weight": (a["vocab"], a["dim"])},
         template="embedding", class_name="TokenEmbedding", init_args="std",
+        tp={"embedding": "rowwise"},
         ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
     ),
     OpDef(
@@ -252,6 +256,7 @@ _register(
                            **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["vocab"] * a["dim"],
         template="lm_head", class_name="OutputHead", init_args="std",
+        tp={"proj": "colwise"},
         ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
     ),
     OpDef(
@@ -346,6 +351,7 @@ _register(
         kv_elems=lambda a: 2 * a["kv_heads"] * (a["head_dim"] or 0) if a["causal"] else 0,
         causal=lambda a: bool(a["causal"]),
         template="attention", class_name="Attention",
+        tp={"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
         ctor=lambda a, u: {"dim": a["dim"], "heads": a["heads"], "kv_heads": a["kv_heads"],
                         "head_dim": a["head_dim"], "causal": a["causal"],
                         "qkv_bias": a["qkv_bias"], "out_bias": a["out_bias"],

@@ -1,0 +1,432 @@
+"""Parallel plans: `plan NAME for MODEL { mesh(...) fsdp(...) pipeline(...) }`.
+
+A plan is data beside the model. This module
+  * declares the plan directives and their arguments (the directive registry),
+  * binds a plan section against its target model (arguments may use the
+    model's parameters),
+  * validates it — degrees against the world size, pipeline stages against
+    layers, TP degree against heads, EP degree against experts, tied weights
+    across stages (E120–E129) — and
+  * derives what the runtime applies: FSDP units, pipeline stages (split by a
+    cost model over every op's FLOPs and parameters, or given as FQN lists),
+    activation checkpointing per block kind and the TP colwise/rowwise map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from . import ast
+from .bind import Model
+from .cost import default_seq_len
+from .diagnostics import Diagnostics, Span, did_you_mean
+from .ops import OPS, ArgSpec, numel
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DirectiveDef:
+    name: str
+    doc: str
+    args: tuple[ArgSpec, ...]
+    open_args: bool = False  # keyword arguments named by the model (block kinds)
+
+
+DIRECTIVES: dict[str, DirectiveDef] = {d.name: d for d in (
+    DirectiveDef("mesh", "Device mesh degrees; their product is the world size.", (
+        ArgSpec("dp", "int", 1, min=1, doc="data parallel (FSDP shards over it)"),
+        ArgSpec("pp", "int", 1, min=1, doc="pipeline stages"),
+        ArgSpec("tp", "int", 1, min=1, doc="tensor parallel"),
+        ArgSpec("ep", "int", 1, min=1, doc="expert parallel (within dp)"),
+    )),
+    DirectiveDef("fsdp", "Fully sharded data parallelism (FSDP2) over the dp dimension.", (
+        ArgSpec("units", "choice", "layers", choices=("layers", "blocks"),
+                doc="one unit per layer, or per attention/MLP of each layer"),
+        ArgSpec("reshard", "choice", "after_forward", choices=("after_forward", "never"),
+                doc="free gathered parameters after each unit's forward"),
+        ArgSpec("compute", "choice", "fp32", choices=DTYPES, doc="dtype of the computation"),
+        ArgSpec("reduce", "choice", "fp32", choices=DTYPES, doc="dtype of gradient reduction"),
+        ArgSpec("cpu_offload", "bool", False, doc="keep sharded parameters in host memory"),
+    )),
+    DirectiveDef("pipeline", "Pipeline parallelism over the pp dimension.", (
+        ArgSpec("schedule", "choice", "1f1b", choices=SCHEDULES),
+        ArgSpec("microbatches", "int", 4, min=1),
+        ArgSpec("virtual_stages", "int", 1, min=1, doc="stages per rank (interleaved, zbv)"),
+        ArgSpec("split", "any", "auto",
+                doc='"auto" (cost model) or a list of FQN lists, one per stage'),
+    )),
+    DirectiveDef("activation_checkpoint",
+                 "Recompute activations in backward: none, full or selective per block kind "
+                 "(`default = full, sparse = none`); selective checkpoints every other layer.",
+                 (), open_args=True),
+)}
+AC_MODES = ("none", "full", "selective")
+
+
+@dataclass
+class Plan:
+    name: str
+    target: str
+    span: Span
+    name_span: Span
+    mesh: dict[str, int] = field(default_factory=lambda: {"dp": 1, "pp": 1, "tp": 1, "ep": 1})
+    mesh_span: Span | None = None
+    fsdp: dict[str, Any] | None = None
+    pipeline: dict[str, Any] | None = None
+    activation_checkpoint: dict[str, str] = field(default_factory=dict)
+    spans: dict[str, Span] = field(default_factory=dict)  # "directive.arg" → span
+
+    @property
+    def world(self) -> int:
+        m = self.mesh
+        return m["dp"] * m["pp"] * m["tp"]
+
+
+def bind_plan(sec, binder, diags: Diagnostics) -> Plan | None:
+    """Bind one plan section (its target model's parameters are in scope)."""
+    if sec.target is None:
+        diags.error("E090", f"plan '{sec.name}' needs a target: `plan {sec.name} for MODEL`",
+                    sec.name_span)
+        return None
+    target, tspan = sec.target
+    other = binder.program.sections.get(target)
+    if other is None or other.kind not in ("model", "vlm"):
+        diags.error("E021", f"unknown model '{target}'", tspan,
+                    hint=did_you_mean(target, [n for n, s in binder.program.sections.items()
+                                               if s.kind in ("model", "vlm")]))
+        return None
+    for name, decl in sec.decls.items():
+        diags.error("E091", f"a plan holds directives such as mesh(...), not assignments "
+                    f"('{name} = ...')", decl.name_span)
+    scope = binder.section_scope(target)
+    plan = Plan(sec.name, target, sec.span, sec.name_span)
+    seen: dict[str, Span] = {}
+    for stmt in sec.calls:
+        call: ast.Call = stmt.call
+        name = call.func.dotted
+        d = DIRECTIVES.get(name)
+        if d is None:
+            diags.error("E091", f"unknown plan directive '{name}'", call.func.span,
+                        hint=did_you_mean(name, DIRECTIVES)
+                        or "directives: " + ", ".join(DIRECTIVES))
+            continue
+        if name in seen:
+            diags.error("E091", f"'{name}' is given twice", call.func.span,
+                        notes=[("first given here", seen[name])])
+            continue
+        seen[name] = call.func.span
+        if d.open_args:
+            _bind_checkpointing(call, binder, plan, diags)
+            continue
+        args, spans, ok = binder.bind_args(name, d.args, call, scope)
+        if not ok:
+            continue
+        args = {a.name: args[a.name] for a in d.args}  # declaration order, for plan.py
+        for k, s in spans.items():
+            plan.spans[f"{name}.{k}"] = s
+        plan.spans[name] = call.span
+        if name == "mesh":
+            plan.mesh = args
+            plan.mesh_span = call.span
+        elif name == "fsdp":
+            plan.fsdp = args
+        elif name == "pipeline":
+            plan.pipeline = args
+    return plan
+
+
+def _bind_checkpointing(call: ast.Call, binder, plan: Plan, diags: Diagnostics) -> None:
+    model_sec = binder.program.sections[plan.target]
+    kinds = set(model_sec.blocks) | {"default"}
+    for arg in call.args:
+        if arg.name is None:
+            diags.error("E092", "activation_checkpoint takes `BLOCK = none|full|selective` "
+                        "(or `default = ...`)", arg.span)
+            continue
+        if arg.name not in kinds:
+            diags.error("E092", f"'{plan.target}' has no block '{arg.name}'",
+                        arg.name_span or arg.span, hint=did_you_mean(arg.name, kinds))
+            continue
+        value = arg.value
+        mode = value.parts[0] if isinstance(value, ast.Ref) and len(value.parts) == 1 else (
+            value.value if isinstance(value, ast.Str) else None)
+        if mode not in AC_MODES:
+            diags.error("E092", f"checkpointing mode must be one of {', '.join(AC_MODES)}",
+                        value.span, hint=did_you_mean(str(mode), AC_MODES) if mode else None)
+            continue
+        plan.activation_checkpoint[arg.name] = mode
+        plan.spans[f"activation_checkpoint.{arg.name}"] = arg.span
+
+
+# ---- derived data --------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    fqns: list[str]
+    params: int
+    flops: int
+
+
+def unit_costs(graph: nx.MultiDiGraph) -> dict[str, tuple[int, int]]:
+    """(parameters, forward FLOPs per token) by top-level unit: each layer (and
+    inserted block), and the embedding / final norm / head."""
+    seq = default_seq_len(graph.graph["model"])
+    out: dict[str, list[int]] = {}
+    for _, d in graph.nodes(data=True):
+        if d["kind"] != "op" or not d["ok"]:
+            continue
+        parts = d["fqn"].split(".")
+        unit = ".".join(parts[:2]) if parts[0].endswith("layers") else parts[0]
+        acc = out.setdefault(unit, [0, 0])
+        acc[0] += sum(numel(s) for s in d["weights"].values())
+        acc[1] += OPS[d["op"]].flops(d["args"], seq)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def layer_units(model: Model) -> list[str]:
+    """Decoder layers in execution order, inserted blocks right after their layer."""
+    after: dict[int, list[str]] = {}
+    ordinal: dict[str, int] = {}
+    for ins in model.inserted:
+        k = ordinal.get(ins.block, 0)
+        ordinal[ins.block] = k + 1
+        after.setdefault(ins.after, []).append(f"{ins.block}_layers.{k}")
+    units = []
+    for slot in model.layers:
+        units.append(f"layers.{slot.index}")
+        units.extend(after.get(slot.index, []))
+    return units
+
+
+def auto_split(units: list[str], costs: dict[str, tuple[int, int]], n: int,
+               first: int, last: int) -> list[list[str]]:
+    """Contiguous split of `units` into n stages minimising the largest stage's
+    FLOPs (the embedding's cost `first` counts on stage 0, the head's `last` on
+    the final stage). Binary search on the bound with a greedy fill."""
+    cost = [costs.get(u, (0, 0))[1] for u in units]
+
+    def fill(bound: int) -> list[list[str]] | None:
+        stages: list[list[str]] = [[]]
+        load = first
+        for i, u in enumerate(units):
+            extra = last if i == len(units) - 1 else 0
+            remaining_units = len(units) - i
+            must_open = len(stages) < n and remaining_units == n - len(stages)
+            if stages[-1] and (load + cost[i] + extra > bound or must_open):
+                if len(stages) == n:
+                    return None
+                stages.append([])
+                load = 0
+            stages[-1].append(u)
+            load += cost[i] + extra
+            if load > bound:
+                return None
+        return stages if len(stages) == n else None
+
+    def balanced(bound: int) -> list[list[str]] | None:
+        """Each stage aims at an equal share of what is left, within `bound`."""
+        stages, i = [], 0
+        for j in range(n):
+            left = n - j
+            extra = [last if k == len(units) - 1 else 0 for k in range(len(units))]
+            target = (sum(cost[i:]) + last + (first if j == 0 else 0)) / left
+            load = first if j == 0 else 0
+            group: list[str] = []
+            limit = len(units) - i - (left - 1)  # leave a unit for every later stage
+            while len(group) < limit:
+                c = cost[i] + extra[i]
+                if j < n - 1 and group and (load + c > bound
+                                            or abs(load + c - target) > abs(load - target)):
+                    break
+                group.append(units[i])
+                load += c
+                i += 1
+            if load > bound or not group:
+                return None
+            stages.append(group)
+        return stages if i == len(units) else None
+
+    lo, hi = max(cost, default=0), sum(cost) + first + last
+    while lo < hi:  # the smallest bound the greedy fill meets
+        mid = (lo + hi) // 2
+        if fill(mid) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = balanced(lo) or fill(lo)
+    assert best is not None and len(best) == n
+    return best
+
+
+def stages_of(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> list[Stage]:
+    """The pipeline stages (FQNs), explicit or from the cost model."""
+    units = layer_units(model)
+    costs = unit_costs(graph)
+    n = plan.mesh["pp"] * (plan.pipeline or {}).get("virtual_stages", 1)
+    split = (plan.pipeline or {}).get("split", "auto")
+    if split == "auto":
+        first = costs.get("token_embedding", (0, 0))[1]
+        last = costs.get("norm", (0, 0))[1] + costs.get("output_head", (0, 0))[1]
+        groups = auto_split(units, costs, n, first, last) if n > 1 else [units]
+    else:
+        groups = [list(g) for g in split]
+    groups[0] = ["token_embedding", *groups[0]]
+    groups[-1] = [*groups[-1], "norm", "output_head"]
+    return [Stage(g, sum(costs.get(u, (0, 0))[0] for u in g),
+                  sum(costs.get(u, (0, 0))[1] for u in g)) for g in groups]
+
+
+def fsdp_units(plan: Plan, model: Model) -> list[str]:
+    units = []
+    for unit in layer_units(model):
+        if (plan.fsdp or {}).get("units") == "blocks":
+            block = _block_of(model, unit)
+            units += [f"{unit}.{c}" for c, comp in block.components.items()
+                      if comp.op.role == "module" and comp.op.weights(comp.args)]
+        else:
+            units.append(unit)
+    return units
+
+
+def _block_of(model: Model, unit: str):
+    prefix, index = unit.split(".")
+    if prefix == "layers":
+        return model.blocks[model.layers[int(index)].block]
+    name = prefix[: -len("_layers")]
+    return model.blocks[name]
+
+
+def checkpointed_units(plan: Plan, model: Model) -> list[str]:
+    """Layers whose activations are recomputed, by the per-kind modes."""
+    ac = plan.activation_checkpoint
+    out = []
+    for i, unit in enumerate(layer_units(model)):
+        kind = _block_of(model, unit).name
+        mode = ac.get(kind, ac.get("default", "none"))
+        if mode == "full" or (mode == "selective" and i % 2 == 0):
+            out.append(unit)
+    return out
+
+
+def tp_plan(model: Model) -> dict[str, str]:
+    """FQN pattern → "colwise" | "rowwise", from each op's declared TP layout."""
+    out: dict[str, str] = {}
+    for unit in layer_units(model):
+        block = _block_of(model, unit)
+        pattern = unit.split(".")[0] + ".*"
+        for cname, comp in block.components.items():
+            for sub, style in comp.op.tp.items():
+                out[f"{pattern}.{cname}.{sub}"] = style
+    for name in ("token_embedding", "output_head"):
+        comp = model.components[name]
+        for sub, style in comp.op.tp.items():
+            out[f"{name}.{sub}"] = style
+    return dict(sorted(out.items()))
+
+
+# ---- validation ------------------------------------------------------------------------
+
+
+def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostics,
+             world: int | None = None) -> None:
+    m = plan.mesh
+    where = plan.mesh_span or plan.name_span
+    if world is not None and plan.world != world:
+        diags.error("E120", f"plan '{plan.name}' needs {plan.world} ranks "
+                    f"(dp {m['dp']} × pp {m['pp']} × tp {m['tp']}), not {world}", where)
+    if m["ep"] > 1 and m["dp"] % m["ep"]:
+        diags.error("E123", f"expert-parallel degree {m['ep']} must divide dp {m['dp']}",
+                    plan.spans.get("mesh.ep", where))
+    units = layer_units(model)
+    if m["pp"] > 1 and plan.pipeline is None:
+        diags.error("E121", f"pp = {m['pp']} needs a pipeline(...) directive", where)
+    if plan.pipeline is not None:
+        p = plan.pipeline
+        v = p["virtual_stages"]
+        stages = m["pp"] * v
+        sched_span = plan.spans.get("pipeline.schedule", plan.spans.get("pipeline", where))
+        if p["schedule"] in ("interleaved_1f1b",) and v < 2:
+            diags.error("E125", f"schedule {p['schedule']} needs virtual_stages ≥ 2", sched_span)
+        if p["schedule"] == "zbv" and v != 2:
+            diags.error("E125", "schedule zbv runs exactly 2 virtual stages per rank",
+                        sched_span)
+        if p["schedule"] in ("gpipe", "1f1b") and v != 1:
+            diags.error("E125", f"schedule {p['schedule']} runs one stage per rank; use "
+                        "interleaved_1f1b or zbv for virtual stages",
+                        plan.spans.get("pipeline.virtual_stages", sched_span))
+        if stages > len(units):
+            diags.error("E121", f"{stages} pipeline stages for {len(units)} layers",
+                        plan.spans.get("mesh.pp", where),
+                        hint="every stage needs at least one layer")
+        if p["split"] != "auto":
+            _validate_split(plan, units, stages, diags)
+        if m["pp"] > 1 and p["microbatches"] < m["pp"] and p["schedule"] != "gpipe":
+            diags.error("E127", f"{p['schedule']} with {m['pp']} stages needs at least "
+                        f"{m['pp']} microbatches, got {p['microbatches']}",
+                        plan.spans.get("pipeline.microbatches", sched_span))
+        head = model.components["output_head"]
+        if m["pp"] > 1 and head.args.get("tie") is not None:
+            diags.error("E124", "a head tied to the embedding cannot be split across pipeline "
+                        "stages: the embedding lives on the first stage and the head on the "
+                        "last, so the shared weight would diverge", where,
+                        notes=[("tied here", head.arg_spans.get("tie", head.span))],
+                        hint="untie the head, or use pp = 1")
+    if m["tp"] > 1:
+        for comp in model.all_components():
+            if comp.op.name == "attention":
+                for arg in ("heads", "kv_heads"):
+                    if comp.args[arg] % m["tp"]:
+                        diags.error("E122", f"tensor-parallel degree {m['tp']} does not divide "
+                                    f"{arg} {comp.args[arg]} of '{comp.name}'",
+                                    plan.spans.get("mesh.tp", where),
+                                    notes=[("attention declared here", comp.span)])
+    if m["ep"] > 1:
+        for comp in model.all_components():
+            if comp.op.name == "moe" and comp.args["experts"] % m["ep"]:
+                diags.error("E123", f"expert-parallel degree {m['ep']} does not divide the "
+                            f"{comp.args['experts']} experts of '{comp.name}'",
+                            plan.spans.get("mesh.ep", where),
+                            notes=[("moe declared here", comp.span)])
+
+
+def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostics) -> None:
+    span = plan.spans.get("pipeline.split", plan.name_span)
+    split = plan.pipeline["split"]
+    if not (isinstance(split, list) and all(isinstance(g, list) and g for g in split)
+            and all(isinstance(f, str) for g in split for f in g)):
+        diags.error("E126", 'split is "auto" or a list of non-empty FQN lists, one per stage',
+                    span)
+        return
+    if len(split) != stages:
+        diags.error("E126", f"split lists {len(split)} stages, the plan has {stages}", span)
+        return
+    flat = [f for g in split for f in g]
+    if flat != units:
+        missing = [u for u in units if u not in flat]
+        unknown = [f for f in flat if f not in units]
+        what = (f"unknown {unknown[0]!r}" if unknown else f"missing {missing[0]!r}" if missing
+                else "layers out of order")
+        diags.error("E126", f"split must list every layer once, in order: {what}", span,
+                    hint=did_you_mean(unknown[0], units) if unknown else None)
+
+
+def plan_data(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> dict[str, Any]:
+    """What plan.py records for one plan."""
+    data: dict[str, Any] = {"mesh": dict(plan.mesh), "world": plan.world}
+    if plan.fsdp is not None:
+        data["fsdp"] = {**plan.fsdp, "units": fsdp_units(plan, model)}
+    if plan.pipeline is not None:
+        stages = stages_of(plan, model, graph)
+        data["pipeline"] = {k: v for k, v in plan.pipeline.items() if k != "split"}
+        data["pipeline"]["stages"] = [s.fqns for s in stages]
+        data["pipeline"]["stage_params"] = [s.params for s in stages]
+        data["pipeline"]["stage_flops"] = [s.flops for s in stages]
+    data["activation_checkpoint"] = checkpointed_units(plan, model)
+    return data
+

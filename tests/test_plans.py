@@ -1,0 +1,154 @@
+"""Parallel plans: binding, validation with locations, stage splits, plan.py data."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from conftest import ROOT
+
+from compiler.driver import compile_spec
+from compiler.plans import auto_split, plan_data
+
+LLAMA = (ROOT / "specs" / "llama_debug.forge").read_text()
+BASE = LLAMA[: LLAMA.index("// ---- parallel plans")]
+
+
+def errors(diags):
+    return [(d.code, d.span.line, d.span.col) for d in diags.errors]
+
+
+def with_plan(body: str) -> str:
+    return BASE + "plan p for llama_debug {\n" + body + "\n}\n"
+
+
+def line_of_plan(offset: int) -> int:
+    """Line number of the plan body's line `offset` (1 = first line inside)."""
+    return BASE.count("\n") + 1 + offset
+
+
+def test_committed_plans_bind_and_are_listed():
+    comp = compile_spec("specs/llama_debug.forge")
+    assert set(comp.plans) == {"fsdp2", "pp2", "pp2_gpipe", "pp2_interleaved", "fsdp2_pp2"}
+    assert comp.plans["fsdp2"].mesh == {"dp": 2, "pp": 1, "tp": 1, "ep": 1}
+    assert comp.plans["fsdp2_pp2"].world == 4
+    big = compile_spec("specs/llama3_70b.forge")
+    assert big.plans["dp64_pp8"].world == 512
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("  mesh(dp = 2)\n  fdsp()", [("E091", 2, 3)]),
+    ("  mesh(dp = 2)\n  mesh(dp = 4)", [("E091", 2, 3)]),
+    ("  mesh(dpp = 2)", [("E023", 1, 8)]),
+    ("  mesh(dp = 0)", [("E026", 1, 13)]),
+    ("  mesh(pp = 2)\n  pipeline(schedule = pipedream)", [("E026", 2, 23)]),
+    ("  activation_checkpoint(sparse = full)", [("E092", 1, 25)]),
+    ("  activation_checkpoint(dense = half)", [("E092", 1, 33)]),
+    ("  x = 1", [("E091", 1, 3)]),
+])
+def test_plan_binding_errors_are_located(forge, body, expected):
+    comp, diags = forge(with_plan(body))
+    base = line_of_plan(0)
+    assert errors(diags) == [(c, base + line, col) for c, line, col in expected]
+
+
+def test_plan_without_a_target_and_with_an_unknown_target(forge):
+    comp, diags = forge(BASE + "plan p {\n  mesh(dp = 2)\n}\n")
+    assert errors(diags) == [("E090", line_of_plan(0), 6)]
+    comp, diags = forge(BASE + "plan p for llama_debu {\n  mesh(dp = 2)\n}\n")
+    assert errors(diags) == [("E021", line_of_plan(0), 12)]
+    assert diags.errors[0].hint == "did you mean 'llama_debug'?"
+
+
+@pytest.mark.parametrize("body, code, offset", [
+    ("  mesh(pp = 8)\n  pipeline(microbatches = 8)", "E121", 1),     # 8 stages, 4 layers
+    ("  mesh(pp = 2)", "E121", 1),                                     # pp without pipeline
+    ("  mesh(pp = 2)\n  pipeline(schedule = interleaved_1f1b)", "E125", 2),
+    ("  mesh(pp = 2)\n  pipeline(schedule = zbv, virtual_stages = 1)", "E125", 2),
+    ("  mesh(pp = 2)\n  pipeline(schedule = gpipe, virtual_stages = 2)", "E125", 2),
+    ("  mesh(pp = 2)\n  pipeline(microbatches = 1)", "E127", 2),
+    ("  mesh(tp = 4)", "E122", 1),                                     # 4 ∤ 2 KV heads
+    ("  mesh(dp = 4, ep = 3)", "E123", 1),
+    ('  mesh(pp = 2)\n  pipeline(split = [["layers.0"], ["layers.1", "layers.2", "layers.3"],'
+     ' ["layers.4"]])', "E126", 2),
+    ('  mesh(pp = 2)\n  pipeline(split = [["layers.0", "layers.2"], ["layers.1", "layers.3"]])',
+     "E126", 2),
+    ('  mesh(pp = 2)\n  pipeline(split = [["layers.0", "layers.1"], ["layers.2", "layer.3"]])',
+     "E126", 2),
+])
+def test_plan_validation_errors_are_located(forge, body, code, offset):
+    comp, diags = forge(with_plan(body))
+    found = errors(diags)
+    assert len(found) == 1 and found[0][:2] == (code, line_of_plan(offset)), found
+
+
+def test_tied_head_refuses_pipeline_stages_with_the_reason(forge):
+    text = with_plan("  mesh(pp = 2)\n  pipeline()").replace(
+        "output_head = lm_head(dim, vocab_size)",
+        "output_head = lm_head(dim, vocab_size, tie = token_embedding)")
+    comp, diags = forge(text)
+    [err] = diags.errors
+    assert err.code == "E124" and "diverge" in err.message
+    assert err.notes[0][1].line == 28
+
+
+def test_world_size_must_match_the_mesh():
+    from compiler.diagnostics import Diagnostics
+    from compiler.plans import validate
+
+    comp = compile_spec("specs/llama3_70b.forge")
+    plan = comp.plans["dp64_pp8"]
+    diags = Diagnostics()
+    validate(plan, comp.models["llama3_70b"], comp.graphs["llama3_70b"], diags, world=256)
+    assert [(d.code, d.message) for d in diags.errors] == [
+        ("E120", "plan 'dp64_pp8' needs 512 ranks (dp 64 × pp 8 × tp 1), not 256")]
+
+
+def test_auto_split_balances_flops_and_keeps_order():
+    units = [f"layers.{i}" for i in range(10)]
+    costs = {u: (1, 10) for u in units}
+    stages = auto_split(units, costs, 4, first=0, last=15)
+    assert [u for s in stages for u in s] == units
+    loads = [sum(10 for _ in s) + (15 if i == 3 else 0) for i, s in enumerate(stages)]
+    assert max(loads) == 30  # optimum: the head's stage gets one layer
+    assert [len(s) for s in stages] == [3, 3, 3, 1]
+    assert auto_split(units, costs, 10, 0, 0) == [[u] for u in units]
+
+
+def test_70b_plan_stages_are_balanced():
+    comp = compile_spec("specs/llama3_70b.forge")
+    data = plan_data(comp.plans["dp64_pp8"], comp.models["llama3_70b"],
+                     comp.graphs["llama3_70b"])
+    stages = data["pipeline"]["stages"]
+    assert len(stages) == 16 and stages[0][0] == "token_embedding"
+    assert stages[-1][-2:] == ["norm", "output_head"]
+    flops = data["pipeline"]["stage_flops"]
+    assert max(flops) / (sum(flops) / len(flops)) < 1.2
+    assert sum(len([f for f in s if f.startswith("layers.")]) for s in stages) == 80
+    assert data["activation_checkpoint"] == [f"layers.{i}" for i in range(80)]
+
+
+def test_generated_plan_module_carries_the_plans():
+    plan = importlib.import_module("generated.llama_debug.plan")
+    assert plan.PLANS["fsdp2"]["fsdp"]["units"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert plan.PLANS["pp2_interleaved"]["pipeline"]["stages"] == [
+        ["token_embedding", "layers.0"], ["layers.1"], ["layers.2"],
+        ["layers.3", "norm", "output_head"]]
+    assert plan.stages_of_rank("pp2_interleaved", 1) == [1, 3]
+    assert plan.PLANS["fsdp2_pp2"]["activation_checkpoint"] == ["layers.0", "layers.2"]
+    assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
+
+
+def test_build_stage_keeps_only_the_stage_and_its_fqns():
+    import torch
+
+    from generated.llama_debug import Transformer
+    from generated.llama_debug import plan as plans
+
+    with torch.device("meta"):
+        model = Transformer()
+    first = plans.build_stage(model, 0, "pp2")
+    assert list(first.layers) == ["0", "1"] and first.norm is None and first.output_head is None
+    names = {n for n, _ in first.named_parameters()}
+    assert "layers.1.attention.q_proj.weight" in names and "token_embedding.embedding.weight" in names
+    assert not any(n.startswith(("layers.2", "norm", "output_head")) for n in names)
