@@ -66,6 +66,8 @@ class CompileFailed(Exception):
 @dataclass
 class Diagnostics:
     items: list[Diagnostic] = field(default_factory=list)
+    # what `items` holds, for O(1) de-duplication (a list scan is n² over big files)
+    _seen: set[Diagnostic] = field(default_factory=set, repr=False, compare=False)
 
     def error(self, code: str, message: str, span: Span | None, hint: str | None = None,
               notes: Iterable[tuple[str, Span | None]] = ()) -> None:
@@ -83,7 +85,8 @@ class Diagnostics:
     def _add(self, diagnostic: Diagnostic) -> None:
         # The same fact reached along two paths (e.g. a base model checked
         # through two derived ones) is reported once.
-        if diagnostic not in self.items:
+        if diagnostic not in self._seen:
+            self._seen.add(diagnostic)
             self.items.append(diagnostic)
 
     @property

@@ -189,8 +189,12 @@ def model_view(g: nx.MultiDiGraph) -> nx.DiGraph:
         gu, gv = group[u], group[v]
         if gu != gv:
             view.add_edge(gu, gv)
+    last_output: dict[str, str] = {}  # group → its last block output (one pass, not n²)
+    for n, data in g.nodes(data=True):
+        if data.get("block_output"):
+            last_output[group[n]] = n
     for gid in view.nodes:
         if view.nodes[gid].get("kind") == "block":
-            outs = [n for n in g.nodes if group[n] == gid and g.nodes[n].get("block_output")]
-            view.nodes[gid]["shape"] = g.nodes[outs[-1]]["shape"] if outs else None
+            out = last_output.get(gid)
+            view.nodes[gid]["shape"] = g.nodes[out]["shape"] if out else None
     return view

@@ -70,7 +70,11 @@ def load_program(path: str, diags: Diagnostics) -> Program:
     loader = _Loader(diags)
     root = read_source(path)
     loader.root_dir = os.path.dirname(root.abspath)
+    errors_before = diags.error_count
     modules = loader.load(root, [])
+    # A file that failed to load or parse leaves its sections undefined: merging
+    # now would only report their absence (unknown bases) as new errors.
+    loaded_cleanly = diags.error_count == errors_before
     raw: dict[str, tuple[ast.Section, str]] = {}
     root_sections: list[str] = []
     for module in modules:
@@ -89,7 +93,7 @@ def load_program(path: str, diags: Diagnostics) -> Program:
             if module.file == root.path:
                 root_sections.append(sec.name)
     merged: dict[str, SectionDef] = {}
-    for name in raw:
+    for name in raw if loaded_cleanly else ():
         _merge_section(name, raw, merged, diags, [])
     return Program(root.path, loader.sources, merged, root_sections)
 
@@ -203,7 +207,8 @@ def _merge_section(name: str, raw: dict, merged: dict[str, SectionDef], diags: D
             diags.error("E005", f"inheritance chain deeper than {MAX_NESTING} levels", base_span)
         elif base_name not in raw:
             diags.error("E040", f"unknown base '{base_name}'", base_span,
-                        hint=did_you_mean(base_name, raw) or "import the file that defines it")
+                        hint=did_you_mean(base_name, [n for n in raw if n != name])
+                        or "import the file that defines it")
         elif raw[base_name][0].kind != sec.kind:
             diags.error("E040", f"'{name}' is a {sec.kind} but its base '{base_name}' is a "
                         f"{raw[base_name][0].kind}", base_span)

@@ -15,7 +15,7 @@ from ..ops import OPS
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     offenders = []
-    for node, data in graph.nodes(data=True):
+    for _, data in graph.nodes(data=True):
         if data["kind"] == "op" and data["ok"]:
             op = OPS[data["op"]]
             if not op.causal(data["args"]):

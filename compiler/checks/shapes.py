@@ -10,9 +10,9 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
+from ..ops import OPS
 
 STRUCTURAL = True
-from ..ops import OPS
 
 
 def show(shape) -> str:
