@@ -38,6 +38,15 @@ SPINE = {
 }
 
 
+# A vision encoder's spine (ViT): patches → non-causal blocks → final norm.
+VISION_SPINE = {
+    "patch_embedding": ("patch_embed",),
+    "layers": (STACK_OP,),
+    "norm": ("rmsnorm", "layernorm"),
+}
+SPINES = {"model": SPINE, "vision": VISION_SPINE}
+
+
 # Model-level parameters with a meaning of their own (read by code generation).
 SETTINGS = {
     "init_std": ArgSpec("init_std", "float", 0.02, min=0.0, max=1.0,
@@ -144,6 +153,7 @@ class Model:
     layers: list[LayerSlot] = field(default_factory=list)
     inserted: list[Insertion] = field(default_factory=list)
     stack_span: Span | None = None
+    kind: str = "model"  # or "vision": a ViT encoder (VISION_SPINE)
 
     def all_components(self) -> Iterator[Component]:
         """Every successfully bound component: model-level first, then per block."""
@@ -473,6 +483,11 @@ class _Binder:
                         f"{_describe(value)}", expr.span)
                 raise _Invalid
         elif spec.type == "choice":
+            if (value is None or isinstance(value, ComponentValue)) and \
+                    isinstance(expr, ast.Ref) and expr.parts[0] in spec.choices:
+                # a stack or component named like the word is no parameter: every
+                # model has `layers`, and `fsdp(units = layers)` means the word
+                value = expr.parts[0]
             if not isinstance(value, str) or value not in spec.choices:
                 d.error("E026", f"argument '{spec.name}' of {what}() must be one of "
                         f"{', '.join(repr(c) for c in spec.choices)}, got {_describe(value)}",
@@ -520,7 +535,7 @@ class _Binder:
                 except _Invalid:
                     del params[name]
         model = Model(sec.name, sec.file, sec.span, sec.name_span, params, param_spans,
-                      components, {})
+                      components, {}, kind=sec.kind)
         for name, bdef in sec.blocks.items():
             model.blocks[name] = self.block(bdef, scope)
         self.spine(sec, model)
@@ -534,10 +549,10 @@ class _Binder:
         return model
 
     def spine(self, sec: SectionDef, model: Model) -> None:
-        for name, ops in SPINE.items():
+        for name, ops in SPINES[sec.kind].items():
             decl = sec.decls.get(name)
             if decl is None:
-                self.diags.error("E080", f"model '{sec.name}' has no '{name}'", sec.name_span,
+                self.diags.error("E080", f"{sec.kind} '{sec.name}' has no '{name}'", sec.name_span,
                                  hint=f"declare `{name} = {ops[0]}(...)`"
                                  + (" { default: BLOCK }" if ops[0] == STACK_OP else ""))
                 continue
@@ -778,7 +793,7 @@ class _Binder:
     def unused(self, sec: SectionDef, model: Model) -> None:
         used = section_references(sec)
         for name, decl in sec.decls.items():
-            if sec.origin.get(name) != sec.name or name in SPINE or name in SETTINGS \
+            if sec.origin.get(name) != sec.name or name in SPINES[sec.kind] or name in SETTINGS \
                     or name in used:
                 continue
             what = "component" if name in model.components else "parameter"
@@ -848,4 +863,4 @@ def bind_program(program: Program, diags: Diagnostics, names: list[str]) -> dict
     """Bind the named model sections (and what they refer to)."""
     binder = _Binder(program, diags)
     return {name: binder.model(program.sections[name]) for name in names
-            if program.sections[name].kind == "model"}
+            if program.sections[name].kind in SPINES}

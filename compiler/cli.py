@@ -117,8 +117,9 @@ def _compile(path: str, quiet: bool = False):
 def _select(result, name: str | None) -> str:
     if name is None:
         return result.main_model()
-    if name not in result.models:
-        raise UsageError(f"no model '{name}' in the spec (models: {', '.join(result.models)})")
+    if name not in result.models and name not in result.vlms:
+        known = [*result.models, *result.vlms]
+        raise UsageError(f"no model '{name}' in the spec (models: {', '.join(known)})")
     return name
 
 
@@ -132,10 +133,17 @@ def cmd_check(args) -> int:
         if not args.quiet:
             from .cost import cost
 
+            from .emit import vlm_cost
+
             for name, graph in result.graphs.items():
                 c = cost(graph)
-                print(f"{spec}: ok: model {name}: {c.n_layers} layers, "
+                kind = result.models[name].kind
+                print(f"{spec}: ok: {kind} {name}: {c.n_layers} layers, "
                       f"{c.params_total:,} parameters")
+            for name, vlm in result.vlms.items():
+                c = vlm_cost(result, vlm)
+                print(f"{spec}: ok: vlm {name}: {vlm.architecture}, {vlm.image_tokens} image "
+                      f"tokens per image, {c.params_total:,} parameters")
     return status
 
 
@@ -156,11 +164,18 @@ def cmd_info(args) -> int:
     name = _select(result, args.model)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError("--seq-len must be positive")
-    c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
     from .plans import plan_data
 
+    vlm = result.vlms.get(name)
+    if vlm is not None:
+        from .emit import vlm_cost
+
+        c = vlm_cost(result, vlm)  # the text decoder's FLOPs and cache, all parameters
+        c.model = name
+    else:
+        c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
     plans = {p.name: plan_data(p, result.models[name], result.graphs[name])
-             for p in result.plans.values() if p.target == name}
+             for p in result.plans.values() if p.target == name and name in result.models}
     if args.json:
         print(json.dumps({**c.to_json(), "plans": plans}, indent=2))
         return EXIT_OK
@@ -202,6 +217,8 @@ def cmd_graph(args) -> int:
     if result is None:
         return EXIT_SPEC
     name = _select(result, args.model)
+    if name in result.vlms:  # its decoder; `--model ENCODER` shows the vision side
+        name = result.vlms[name].text
     graph = result.graphs[name]
     if args.view == "model":
         view = model_view(graph)

@@ -17,6 +17,8 @@ from .checks import run_checks
 from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
 from .lower import lower
 from .plans import Plan, bind_plan, validate
+from .vlm import VLM, bind_vlm, section_refs
+from .vlm import validate as validate_vlm
 from .resolve import Program, load_program
 
 
@@ -27,11 +29,13 @@ class Compilation:
     graphs: dict[str, nx.MultiDiGraph]
     diagnostics: Diagnostics
     plans: dict[str, Plan] = field(default_factory=dict)
+    vlms: dict[str, VLM] = field(default_factory=dict)
 
     def main_model(self) -> str:
         """The model a spec is about: the one named like the file, else the last one."""
         stem = os.path.splitext(os.path.basename(self.program.root))[0]
-        names = [n for n in self.program.root_sections if n in self.models]
+        names = [n for n in self.program.root_sections
+                 if n in self.vlms or (n in self.models and self.models[n].kind == "model")]
         if stem in names:
             return stem
         if not names:
@@ -56,20 +60,27 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
                     hint="start with `model NAME { ... }`")
         raise CompileFailed(diags)
     plan_secs = [program.sections[n] for n in names if program.sections[n].kind == "plan"]
-    # a plan's target is bound too, also when it lives in an imported file
+    vlm_secs = [program.sections[n] for n in names if program.sections[n].kind == "vlm"]
+    # what plans and vlms name is bound too, also when it lives in an imported file
     targets = [s.target[0] for s in plan_secs if s.target and s.target[0] in program.sections]
-    models = bind_program(program, diags, names + [t for t in targets if t not in names])
+    targets += [ref for s in vlm_secs for ref, _ in section_refs(s).values()
+                if ref in program.sections]
+    models = bind_program(program, diags, names + [t for t in dict.fromkeys(targets)
+                                                   if t not in names])
     binder = new_binder(program, diags)
     plans = {s.name: p for s in plan_secs if (p := bind_plan(s, binder, diags)) is not None}
+    vlms = {s.name: v for s in vlm_secs if (v := bind_vlm(s, binder, models, diags)) is not None}
     bound_cleanly = diags.error_count == 0
     graphs = {name: lower(model) for name, model in models.items()}
     for graph in graphs.values():
         run_checks(graph, diags, bound_cleanly=bound_cleanly)
     if diags.error_count == 0:
+        for vlm in vlms.values():
+            validate_vlm(vlm, models, diags)
         for plan in plans.values():
             if plan.target in graphs:
                 validate(plan, models[plan.target], graphs[plan.target], diags)
     if diags.error_count:
         raise CompileFailed(diags)
-    return Compilation(program, models, graphs, diags, plans)
+    return Compilation(program, models, graphs, diags, plans, vlms)
 

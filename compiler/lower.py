@@ -31,6 +31,7 @@ import networkx as nx
 from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
 
 TOKENS, LOGITS = "tokens", "logits"
+PIXELS, FEATURES = "pixels", "features"  # a vision encoder's input and output
 
 
 def _shape_ok(shape) -> bool:
@@ -126,9 +127,37 @@ class _Lowerer:
 
     def run(self) -> nx.MultiDiGraph:
         m = self.model
+        if m.kind == "vision":
+            return self.run_vision()
         self.g.add_node(TOKENS, kind="input", fqn="", shape=("B", "S"), span=m.name_span,
                         layer=None, block=None)
         x = self.spine_op("token_embedding", TOKENS)
+        x = self.stack(x)
+        x = self.spine_op("norm", x)
+        x = self.spine_op("output_head", x)
+        return self.output(LOGITS, x)
+
+    def run_vision(self) -> nx.MultiDiGraph:
+        """pixels (B, C, H, W) → patch_embedding → layers → norm → features (B, S, dim)."""
+        m = self.model
+        patch = m.components.get("patch_embedding")
+        shape = patch.op.inputs(patch.args)[0] if patch is not None and patch.ok else None
+        self.g.add_node(PIXELS, kind="input", fqn="", shape=shape, span=m.name_span,
+                        layer=None, block=None)
+        x = self.spine_op("patch_embedding", PIXELS)
+        x = self.stack(x)
+        x = self.spine_op("norm", x)
+        return self.output(FEATURES, x)
+
+    def output(self, name: str, x: str | None) -> nx.MultiDiGraph:
+        self.g.add_node(name, kind="output", fqn="", span=self.model.name_span, layer=None,
+                        block=None, shape=self.g.nodes[x]["shape"] if x else None)
+        if x is not None:
+            self.g.add_edge(x, name, index=0)
+        return self.g
+
+    def stack(self, x: str | None) -> str | None:
+        m = self.model
         after: dict[int, list] = {}
         for ins in m.inserted:
             after.setdefault(ins.after, []).append(ins)
@@ -141,13 +170,7 @@ class _Lowerer:
                 ordinal[ins.block] = k + 1
                 extra = m.blocks[ins.block]
                 x = self.block(extra, f"{ins.block}_layers.{k}", {extra.inputs[0]: x}, slot.index)
-        x = self.spine_op("norm", x)
-        x = self.spine_op("output_head", x)
-        self.g.add_node(LOGITS, kind="output", fqn="", span=m.name_span, layer=None, block=None,
-                        shape=self.g.nodes[x]["shape"] if x else None)
-        if x is not None:
-            self.g.add_edge(x, LOGITS, index=0)
-        return self.g
+        return x
 
 
 def lower(model: Model) -> nx.MultiDiGraph:

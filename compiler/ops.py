@@ -516,5 +516,157 @@ _register(
 )
 
 
+# ---- vision: patch embedding, adapters ---------------------------------------------------
+
+
+def _patch_grid(a: Args) -> int:
+    return a["image_size"] // a["patch"] if a["patch"] > 0 else 0
+
+
+def patch_tokens(a: Args) -> int:
+    """Tokens a patch embedding produces: the patch grid, plus the CLS token."""
+    return _patch_grid(a) ** 2 + (1 if a["cls_token"] else 0)
+
+
+def _patch_weights(a: Args) -> dict[str, Shape]:
+    dim, c, p = a["dim"], a["channels"], a["patch"]
+    w: dict[str, Shape] = {"proj.weight": (dim, c, p, p), "proj.bias": (dim,)}
+    if a["cls_token"]:
+        w["cls_token"] = (1, 1, dim)
+    if a["positions"] == "learned":
+        w["pos_embedding"] = (1, patch_tokens(a), dim)
+    return w
+
+
+def _adapter_derive(a: dict[str, Any]) -> None:
+    if "hidden" in a and a.get("hidden") is None:
+        a["hidden"] = a["out_dim"]
+
+
+_register(
+    OpDef(
+        name="patch_embed",
+        doc="Images (B, channels, image_size, image_size) → patch tokens (B, S, dim): a "
+            "strided convolution, optional CLS token, learned positions.",
+        args=(
+            ArgSpec("channels", "size", 3),
+            ArgSpec("patch", "size", doc="patch side in pixels"),
+            ArgSpec("dim", "size"),
+            ArgSpec("image_size", "size"),
+            ArgSpec("positions", "choice", "learned", choices=("learned", "none")),
+            ArgSpec("cls_token", "bool", False),
+        ),
+        sizes=("channels", "patch", "dim", "image_size"),
+        inputs=lambda a: (("B", a["channels"], a["image_size"], a["image_size"]),),
+        output=lambda a: _hidden(a["dim"]),
+        weights=_patch_weights,
+        flops=lambda a, s: 2 * a["dim"] * a["channels"] * a["patch"] ** 2,
+        template="patch_embed", class_name="PatchEmbedding", init_args="std",
+        ctor=lambda a, u: {k: a[k] for k in ("channels", "patch", "dim", "image_size",
+                                              "positions", "cls_token")},
+    ),
+    OpDef(
+        name="mlp2",
+        role="adapter",
+        doc="Adapter: Linear → GELU → Linear from vision width to text width.",
+        args=(ArgSpec("in_dim", "size"), ArgSpec("out_dim", "size"),
+              ArgSpec("hidden", "size", derived=True, doc="default: out_dim")),
+        sizes=("in_dim", "out_dim", "hidden"),
+        derive=_adapter_derive,
+        inputs=lambda a: (_hidden(a["in_dim"]),),
+        output=lambda a: _hidden(a["out_dim"]),
+        weights=lambda a: {"fc1.weight": (a["hidden"], a["in_dim"]), "fc1.bias": (a["hidden"],),
+                           "fc2.weight": (a["out_dim"], a["hidden"]), "fc2.bias": (a["out_dim"],)},
+        flops=lambda a, s: 2 * a["hidden"] * (a["in_dim"] + a["out_dim"]),
+        template="mlp2", class_name="MLP2Adapter", init_args="std",
+        ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "hidden": a["hidden"]},
+    ),
+    OpDef(
+        name="avgpool",
+        role="adapter",
+        doc="Adapter: average each window × window block of the patch grid, then a linear "
+            "map to text width (fewer image tokens).",
+        args=(ArgSpec("in_dim", "size"), ArgSpec("out_dim", "size"),
+              ArgSpec("window", "size", doc="pooling window side, in patches")),
+        sizes=("in_dim", "out_dim", "window"),
+        inputs=lambda a: (_hidden(a["in_dim"]),),
+        output=lambda a: _hidden(a["out_dim"]),
+        weights=lambda a: {"proj.weight": (a["out_dim"], a["in_dim"]), "proj.bias": (a["out_dim"],)},
+        flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
+        template="avgpool", class_name="AvgPoolAdapter", init_args="std",
+        ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "window": a["window"]},
+    ),
+    OpDef(
+        name="attention_pool",
+        role="adapter",
+        doc="Adapter: a learned query attends over each window × window block of the patch "
+            "grid (multi-head), then a linear map to text width.",
+        args=(ArgSpec("in_dim", "size"), ArgSpec("out_dim", "size"),
+              ArgSpec("window", "size"), ArgSpec("heads", "size", 1)),
+        sizes=("in_dim", "out_dim", "window", "heads"),
+        inputs=lambda a: (_hidden(a["in_dim"]),),
+        output=lambda a: _hidden(a["out_dim"]),
+        weights=lambda a: {"query": (1, 1, a["in_dim"]),
+                           "attention.in_proj_weight": (3 * a["in_dim"], a["in_dim"]),
+                           "attention.in_proj_bias": (3 * a["in_dim"],),
+                           "attention.out_proj.weight": (a["in_dim"], a["in_dim"]),
+                           "attention.out_proj.bias": (a["in_dim"],),
+                           "proj.weight": (a["out_dim"], a["in_dim"]),
+                           "proj.bias": (a["out_dim"],)},
+        flops=lambda a, s: 2 * a["in_dim"] * (4 * a["in_dim"] + a["out_dim"]),
+        template="attention_pool", class_name="AttentionPoolAdapter", init_args="std",
+        ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"],
+                           "window": a["window"], "heads": a["heads"]},
+    ),
+)
+
+# ---- vision-language fusion -----------------------------------------------------------------
+# A fusion op says how image tokens reach the text decoder; the vlm binder adds
+# the text model's `dim` and `n_layers` to its arguments (compiler/vlm.py).
+
+FUSIONS = ("joint_decoder", "cross_attention")
+
+
+def _xattn_weights(a: Args) -> dict[str, Shape]:
+    dim, hidden = a["dim"], a["hidden"]
+    per: dict[str, Shape] = {
+        "attention_norm.weight": (dim,), "attention.q_proj.weight": (dim, dim),
+        "attention.k_proj.weight": (dim, dim), "attention.v_proj.weight": (dim, dim),
+        "attention.o_proj.weight": (dim, dim), "attention_gate": (1,),
+        "mlp_norm.weight": (dim,), "mlp.gate_proj.weight": (hidden, dim),
+        "mlp.up_proj.weight": (hidden, dim), "mlp.down_proj.weight": (dim, hidden),
+        "mlp_gate": (1,),
+    }
+    return {f"cross_attention_layers.{k}.{name}": shape
+            for k in range(a["n_layers"] // a["every"]) for name, shape in per.items()}
+
+
+_register(
+    OpDef(
+        name="joint_decoder",
+        role="fusion",
+        doc="Image tokens are prefixed to the text (prefix_embeds); the logits of the image "
+            "positions are sliced off (output_slice).",
+        args=(ArgSpec("max_text", "size", doc="longest text sequence"),),
+        sizes=("max_text",),
+    ),
+    OpDef(
+        name="cross_attention",
+        role="fusion",
+        doc="A gated cross-attention block after every k-th decoder layer: text queries, "
+            "image keys and values, no positions, no causal mask, tanh gates starting at 0 "
+            "(so it starts as the identity).",
+        args=(
+            ArgSpec("every", "size", 1, doc="a block after layers every-1, 2·every-1, ..."),
+            ArgSpec("heads", "size"),
+            ArgSpec("hidden", "size", derived=True, doc="MLP width (default 4·dim)"),
+        ),
+        sizes=("every", "heads", "hidden"),
+        weights=_xattn_weights,
+        template="cross_attention", class_name="CrossAttentionBlock",
+    ),
+)
+
+
 def numel(shape: Shape) -> int:
     return _numel(shape)

@@ -15,9 +15,20 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from . import causality, dangling, heads, moe, names, positive_sizes, rotary, shapes, tied
+from . import (
+    causality,
+    dangling,
+    heads,
+    moe,
+    names,
+    positive_sizes,
+    rotary,
+    shapes,
+    tied,
+    vision,
+)
 
-PASSES = (names, positive_sizes, heads, rotary, moe, shapes, dangling, tied, causality)
+PASSES = (names, positive_sizes, heads, rotary, moe, vision, shapes, dangling, tied, causality)
 
 
 def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics, *, bound_cleanly: bool = True) -> None:

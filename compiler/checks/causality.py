@@ -14,6 +14,8 @@ from ..ops import OPS
 
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
+    if graph.graph["model"].kind == "vision":
+        return  # an encoder sees the whole image at once; it is never decoded
     offenders = []
     for _, data in graph.nodes(data=True):
         if data["kind"] == "op" and data["ok"]:

@@ -153,7 +153,6 @@ def rope_tables(
     smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     inv_freq = torch.where(wavelen < old_len / high, inv_freq, scaled)
-    inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
