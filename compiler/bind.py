@@ -482,6 +482,11 @@ class _Binder:
                 d.error("E025", f"argument '{spec.name}' of {what}() expects true or false, got "
                         f"{_describe(value)}", expr.span)
                 raise _Invalid
+        elif spec.type == "list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                d.error("E025", f"argument '{spec.name}' of {what}() expects a list of strings, "
+                        f"got {_describe(value)}", expr.span)
+                raise _Invalid
         elif spec.type == "choice":
             if (value is None or isinstance(value, ComponentValue)) and \
                     isinstance(expr, ast.Ref) and expr.parts[0] in spec.choices:

@@ -313,4 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m compiler.cli` runs this file as `__main__`, a second copy of the module:
+    # run `compiler.cli` itself, whose UsageError/RunError the runtime and importers raise
+    from compiler.cli import main as _main
+
+    sys.exit(_main())

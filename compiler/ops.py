@@ -624,7 +624,13 @@ _register(
 # A fusion op says how image tokens reach the text decoder; the vlm binder adds
 # the text model's `dim` and `n_layers` to its arguments (compiler/vlm.py).
 
-FUSIONS = ("joint_decoder", "cross_attention")
+def _moma_weights(a: Args) -> dict[str, Shape]:
+    """Per modality and per layer: a router and packed experts (the MLPs they replace
+    are not counted by the text model's graph either: see compiler/vlm.py)."""
+    dim, hidden, e = a["dim"], a["hidden"], a["experts"]
+    per = {"router.weight": (e, dim), "experts.gate_proj": (e, dim, hidden),
+           "experts.up_proj": (e, dim, hidden), "experts.down_proj": (e, hidden, dim)}
+    return {f"moma.{m}.{k}": v for m in a["modalities"] for k, v in per.items()}
 
 
 def _xattn_weights(a: Args) -> dict[str, Shape]:
@@ -664,6 +670,39 @@ _register(
         sizes=("every", "heads", "hidden"),
         weights=_xattn_weights,
         template="cross_attention", class_name="CrossAttentionBlock",
+    ),
+    OpDef(
+        name="mot",
+        role="fusion",
+        doc="Mixture-of-Transformers: image tokens prefixed to the text as in the joint "
+            "decoder, and every block component (norms, q/k/v/o, MLPs or MoEs) copied per "
+            "modality; tokens use their modality's copy (by modality_ids), attention stays "
+            "global over the whole sequence.",
+        args=(
+            ArgSpec("modalities", "list", doc='names, e.g. ["image", "text"]'),
+            ArgSpec("max_text", "size"),
+        ),
+        sizes=("max_text",),
+        template="mot", class_name="",
+    ),
+    OpDef(
+        name="moma",
+        role="fusion",
+        doc="MoMa: shared attention, and each block's MLP replaced by per-modality groups of "
+            "experts with expert-choice routing (each expert takes the top capacity·N tokens "
+            "of its modality in the batch) — not causal, so the model is training-only.",
+        args=(
+            ArgSpec("modalities", "list", doc='names, e.g. ["image", "text"]'),
+            ArgSpec("experts", "size", doc="experts per modality"),
+            ArgSpec("hidden", "size", doc="hidden width of one expert"),
+            ArgSpec("capacity", "float", 0.25, min=0.0, max=1.0,
+                    doc="share of a modality's tokens each expert takes"),
+            ArgSpec("max_text", "size"),
+        ),
+        sizes=("experts", "hidden", "max_text"),
+        weights=_moma_weights,
+        causal=lambda a: False,
+        template="moma", class_name="MoMaFFN",
     ),
 )
 

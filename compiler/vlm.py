@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import ast
 from .bind import Component, Model
 from .diagnostics import Diagnostics, Span, did_you_mean
-from .ops import OPS, patch_tokens
+from .ops import OPS, numel, patch_tokens
 
 FIELDS = ("text", "vision", "adapter", "fusion")
 ADAPTERS = ("linear", "mlp2", "avgpool", "attention_pool")
@@ -150,6 +150,28 @@ def validate(vlm: VLM, models: dict[str, Model], diags: Diagnostics) -> None:
             diags.error("E132", f"{tokens} image tokens + max_text {f['max_text']} exceed the "
                         f"decoder's max_seq_len {limit}", fspans.get("max_text", fusion.span),
                         hint=f"max_text ≤ {limit - tokens}")
+    if fusion.op.name in ("mot", "moma"):
+        names = f["modalities"]
+        bad = [m for m in names if not m.isidentifier()]
+        span = fspans.get("modalities", fusion.span)
+        if bad:
+            diags.error("E136", f"modality name {bad[0]!r} is not an identifier", span)
+        elif len(set(names)) != len(names) or len(names) < 2:
+            diags.error("E136", "modalities are two or more distinct names", span)
+        elif not {"image", "text"} <= set(names):
+            missing = sorted({"image", "text"} - set(names))
+            diags.error("E136", f"the modalities must name this vlm's inputs: "
+                        f"{', '.join(repr(m) for m in missing)} missing", span,
+                        hint='image tokens come from the vision encoder, text from the tokens: '
+                        '["image", "text"]')
+    if fusion.op.name in ("mot", "moma"):
+        max_seq = text.params.get("max_seq_len")
+        rope = next((c for c in text.all_components() if c.op.name == "rope"), None)
+        limit = rope.args["max_seq_len"] if rope is not None else max_seq
+        if limit is not None and tokens + f["max_text"] > limit:
+            diags.error("E132", f"{tokens} image tokens + max_text {f['max_text']} exceed the "
+                        f"decoder's max_seq_len {limit}", fspans.get("max_text", fusion.span),
+                        hint=f"max_text ≤ {limit - tokens}")
     elif fusion.op.name == "cross_attention":
         if f["dim"] % f["heads"]:
             diags.error("E133", f"cross-attention heads {f['heads']} do not divide the text "
@@ -158,3 +180,33 @@ def validate(vlm: VLM, models: dict[str, Model], diags: Diagnostics) -> None:
             diags.error("E133", f"a block every {f['every']} layers never fires in "
                         f"{f['n_layers']} layers", fspans.get("every", fusion.span))
 
+
+MLP_OPS = ("swiglu", "gelu_mlp", "relu_mlp", "moe")
+
+
+def fusion_params(vlm: VLM, text: Model) -> tuple[int, int]:
+    """Parameters the fusion adds to the text model's own: (total, active per token)."""
+    f = vlm.fusion
+    if f.op.name == "cross_attention":
+        n = sum(numel(s) for s in f.op.weights(f.args).values())
+        return n, n
+    if f.op.name not in ("mot", "moma"):
+        return 0, 0
+    block_total = block_active = mlp_total = mlp_active = 0
+    for slot in text.layers:
+        for comp in text.blocks[slot.block].components.values():
+            weights = sum(numel(s) for s in comp.op.weights(comp.args).values())
+            active = comp.op.active_params(comp.args) if comp.op.active_params else weights
+            block_total, block_active = block_total + weights, block_active + active
+            if comp.op.name in MLP_OPS:
+                mlp_total, mlp_active = mlp_total + weights, mlp_active + active
+    modalities = len(f.args["modalities"])
+    if f.op.name == "mot":  # a copy per modality; a token uses one
+        return (modalities - 1) * block_total, 0
+    per_layer = sum(numel(s) for s in f.op.weights(f.args).values())
+    layers = sum(1 for slot in text.layers
+                 if any(c.op.name in MLP_OPS for c in text.blocks[slot.block].components.values()))
+    expert = 3 * f.args["dim"] * f.args["hidden"]
+    active = layers * (f.args["dim"] * f.args["experts"]
+                       + f.args["capacity"] * f.args["experts"] * expert)
+    return layers * per_layer - mlp_total, int(active) - mlp_active

@@ -1,0 +1,467 @@
+"""What the importers share: located config fields and a .forge spec writer.
+
+A config is read into plain Python values plus the source position of every
+key (`Located`), so that a field forgec cannot express is reported like any
+compiler error — `config.json:12:3: error[E114]: ...` with the line and a
+caret — instead of being ignored. `Fields` hands the values out, type-checks
+them and remembers which keys were read; a key nobody read is an error
+(E115), never silently dropped.
+
+The writer (`Decoder.render`) turns a Llama-style decoder description into a
+readable spec: named parameters with a comment naming the source field, one
+block per kind of layer (the others `extends` it), and a layer stack.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..diagnostics import Diagnostics, Span
+
+# ---- located values ------------------------------------------------------------------
+
+Path = tuple  # keys (str) and list indices (int) from the root
+
+
+@dataclass
+class Located:
+    """A parsed config: its values and where each key (or list item) is written."""
+
+    file: str  # as shown in diagnostics
+    text: str
+    value: Any
+    # path → span of the key (objects) or of the item (lists); () → the root value
+    spans: dict[Path, Span]
+
+    def span(self, path: Path) -> Span:
+        """The span of `path`, else of its nearest written ancestor."""
+        while path not in self.spans and path:
+            path = path[:-1]
+        return self.spans.get(path, Span.point(self.file))
+
+
+class _Lines:
+    def __init__(self, text: str) -> None:
+        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def pos(self, offset: int) -> tuple[int, int]:
+        i = bisect.bisect_right(self.starts, offset) - 1
+        return i + 1, offset - self.starts[i] + 1
+
+    def span(self, file: str, start: int, end: int) -> Span:
+        line, col = self.pos(start)
+        end_line, end_col = self.pos(end)
+        return Span(file, line, col, end_line, end_col)
+
+
+class JSONSyntaxError(Exception):
+    def __init__(self, message: str, span: Span) -> None:
+        super().__init__(message)
+        self.span = span
+
+
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(\.\d+)?([eE][-+]?\d+)?")
+_WS = re.compile(r"[ \t\n\r]*")
+_CONSTANTS = {"true": True, "false": False, "null": None,
+              "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def parse_json(text: str, file: str) -> Located:
+    """Parse JSON, recording the position of every key; duplicate keys are an error."""
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JSONSyntaxError(f"not valid JSON: {e.msg}",
+                              Span.point(file, e.lineno, e.colno)) from None
+    lines = _Lines(text)
+    spans: dict[Path, Span] = {}
+    decode = json.decoder.scanstring
+
+    def ws(i: int) -> int:
+        return _WS.match(text, i).end()
+
+    def value(i: int, path: Path) -> tuple[Any, int]:
+        i = ws(i)
+        c = text[i]
+        if c == "{":
+            obj: dict[str, Any] = {}
+            i = ws(i + 1)
+            if text[i] == "}":
+                return obj, i + 1
+            while True:
+                start = i
+                key, i = decode(text, i + 1)
+                kpath = path + (key,)
+                if key in obj:
+                    raise JSONSyntaxError(f"'{'.'.join(map(str, kpath))}' is given twice",
+                                          lines.span(file, start, i))
+                spans[kpath] = lines.span(file, start, i)
+                i = ws(i) + 1  # ':'
+                obj[key], i = value(i, kpath)
+                i = ws(i)
+                if text[i] == "}":
+                    return obj, i + 1
+                i = ws(i + 1)  # ','
+        if c == "[":
+            items: list[Any] = []
+            i = ws(i + 1)
+            if text[i] == "]":
+                return items, i + 1
+            while True:
+                ipath = path + (len(items),)
+                start = ws(i)
+                item, i = value(i, ipath)
+                spans.setdefault(ipath, lines.span(file, start, i))
+                items.append(item)
+                i = ws(i)
+                if text[i] == "]":
+                    return items, i + 1
+                i += 1  # ','
+        if c == '"':
+            return decode(text, i + 1)
+        for word, v in _CONSTANTS.items():
+            if text.startswith(word, i):
+                return v, i + len(word)
+        m = _NUMBER.match(text, i)
+        assert m, "json.loads accepted it"
+        s = m.group(0)
+        return (float(s) if m.group(1) or m.group(2) else int(s)), m.end()
+
+    start = ws(0)
+    spans[()] = lines.span(file, start, start + 1)
+    root, _ = value(0, ())
+    return Located(file, text, root, spans)
+
+
+_TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
+_TOML_HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\s*(#.*)?$")
+_TOML_KEY = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-]+(?:\s*\.\s*[A-Za-z0-9_\-]+)*)\s*=")
+
+
+def parse_toml(text: str, file: str) -> Located:
+    """Parse TOML (tomllib) and locate the keys of its tables, line by line.
+
+    Only the forms model configs use are located precisely: `[table]` headers
+    and `key = value` lines (dotted keys included); anything else is located
+    at its table's header.
+    """
+    import tomllib
+
+    try:
+        value = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = _TOML_POS.search(str(e))
+        line, col = (int(m.group(1)), int(m.group(2))) if m else (1, 1)
+        message = _TOML_POS.sub("", str(e)).strip()
+        raise JSONSyntaxError(f"not valid TOML: {message}", Span.point(file, line, col)) from None
+    spans: dict[Path, Span] = {(): Span.point(file)}
+    table: Path = ()
+    for n, raw in enumerate(text.split("\n"), 1):
+        if raw.lstrip().startswith("[["):
+            continue  # arrays of tables: not part of model configs
+        m = _TOML_HEADER.match(raw)
+        if m:
+            table = tuple(p.strip().strip('"') for p in m.group(1).split("."))
+            col = raw.index("[") + 1
+            spans.setdefault(table, Span(file, n, col, n, len(raw.rstrip()) + 1))
+            continue
+        m = _TOML_KEY.match(raw)
+        if m:
+            key = tuple(p.strip().strip("\"'") for p in m.group(1).split("."))
+            col = m.start(1) + 1
+            spans.setdefault(table + key, Span(file, n, col, n, m.end(1) + 1))
+    return Located(file, text, value, spans)
+
+
+# ---- reading fields ----------------------------------------------------------------
+
+MISSING = object()
+
+
+class Fields:
+    """The keys of one config object, handed out with type checks and locations."""
+
+    def __init__(self, src: Located, obj: dict, path: Path, diags: Diagnostics,
+                 what: str) -> None:
+        self.src, self.obj, self.path, self.diags, self.what = src, obj, path, diags, what
+        self.used: set[str] = set()
+        self.defaulted: set[str] = set()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.obj
+
+    def span(self, key: str | None = None) -> Span:
+        return self.src.span(self.path if key is None else self.path + (key,))
+
+    def name(self, key: str) -> str:
+        return ".".join([*map(str, self.path), key])
+
+    def error(self, code: str, key: str | None, message: str, hint: str | None = None) -> None:
+        self.diags.error(code, message, self.span(key), hint)
+
+    def raw(self, key: str) -> Any:
+        self.used.add(key)
+        return self.obj.get(key, MISSING)
+
+    def get(self, key: str, kind: str, default: Any = MISSING, *, positive: bool = False,
+            hint: str | None = None) -> Any:
+        """The value of `key` as `kind` (int, float, bool, str, list, dict; `?` allows
+        null). Missing without a default: E112; of the wrong kind: E113 (None returned)."""
+        self.used.add(key)
+        if key not in self.obj:
+            if default is MISSING:
+                self.error("E112", None, f"{self.what} has no '{key}'",
+                           hint or "forgec does not guess sizes: write the field")
+                return None
+            self.defaulted.add(key)
+            return default
+        v = self.obj[key]
+        nullable = kind.endswith("?")
+        base = kind.rstrip("?")
+        if v is None and nullable:
+            return None
+        ok = {
+            "int": isinstance(v, int) and not isinstance(v, bool),
+            "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "bool": isinstance(v, bool),
+            "str": isinstance(v, str),
+            "list": isinstance(v, list),
+            "dict": isinstance(v, dict),
+        }[base]
+        if ok and positive and v <= 0:
+            self.error("E113", key, f"'{self.name(key)}' must be positive, got {v!r}")
+            return None
+        if not ok:
+            words = {"int": "an integer", "float": "a number", "bool": "true or false",
+                     "str": "a string", "list": "a list", "dict": "an object"}
+            self.error("E113", key, f"'{self.name(key)}' must be {words[base]}"
+                       f"{' or null' if nullable else ''}, got {json.dumps(v)}")
+            return None
+        return float(v) if base == "float" else v
+
+    def consume(self, *keys: str) -> None:
+        self.used.update(keys)
+
+    def unknown(self, ignore: set[str], family: str) -> list[str]:
+        """Report every key nobody read (E115); return the keys acknowledged by --ignore."""
+        acknowledged = []
+        for key in self.obj:
+            if key in self.used:
+                continue
+            if self.name(key) in ignore:
+                acknowledged.append(self.name(key))
+                continue
+            self.error("E115", key, f"unknown field '{self.name(key)}' in a {family} config",
+                       "forgec does not know whether it changes the model; if it does not, "
+                       f"rerun with --ignore {self.name(key)}")
+        return acknowledged
+
+
+# ---- writing specs ---------------------------------------------------------------------
+
+
+class Expr(str):
+    """A parameter value written as an expression (e.g. a compile-time function call)."""
+
+
+def fmt(v: Any) -> str:
+    """A value as .forge source."""
+    if isinstance(v, Expr):
+        return str(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v.is_integer() and abs(v) < 1e15:
+            return f"{v:.1f}"
+        s = repr(v)
+        return re.sub(r"e([+-])0*(\d)", lambda m: f"e{'-' if m.group(1) == '-' else ''}"
+                      f"{m.group(2)}", s)
+    return str(v)
+
+
+@dataclass
+class Param:
+    name: str
+    value: Any
+    note: str = ""
+    used: bool = False
+
+
+class Params:
+    """Named model parameters; only those the body uses are written."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, Param] = {}
+
+    def add(self, name: str, value: Any, note: str = "") -> None:
+        self.items[name] = Param(name, value, note)
+
+    def __call__(self, name: str) -> str:
+        """Use parameter `name` in the body; returns the name."""
+        self.items[name].used = True
+        return name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.items
+
+    def value(self, name: str) -> Any:
+        return self.items[name].value
+
+
+def call(op: str, args: list[str], indent: int, width: int = 100) -> str:
+    """`op(a, b, c)`, wrapped after commas and aligned under the first argument."""
+    head = f"{op}("
+    lines, current = [], head
+    for i, a in enumerate(args):
+        piece = a + (", " if i < len(args) - 1 else ")")
+        if len(current) + len(piece.rstrip()) + indent > width and current != head:
+            lines.append(current.rstrip())
+            current = " " * len(head) + piece
+        else:
+            current += piece
+    if not args:
+        current += ")"
+    lines.append(current)
+    pad = " " * indent
+    return ("\n" + pad).join(lines)
+
+
+def selectors(layers: set[int], n: int) -> list[str]:
+    """Stack selectors choosing exactly `layers` of a stack of n (see docs: layer stacks)."""
+    s = sorted(layers)
+    if not s:
+        return []
+    if s == list(range(n)):
+        return ["default"]
+    if s == list(range(len(s))):
+        return [f"first {len(s)}"]
+    if s == list(range(n - len(s), n)):
+        return [f"last {len(s)}"]
+    if len(s) >= 2:
+        k = s[1] - s[0]
+        if k > 1 and s == list(range(s[0], n, k)):
+            return [f"every {k}"] if s[0] == k - 1 else [f"every {k} from {s[0]}"]
+    return [f"at {i}" for i in s]
+
+
+@dataclass
+class LayerKind:
+    window: bool  # sliding-window attention
+    moe: bool  # a mixture of experts instead of the dense MLP
+
+
+@dataclass
+class Decoder:
+    """A pre-norm decoder (embedding → blocks → norm → head), ready to be written."""
+
+    name: str
+    header: list[str]  # comment lines, without the `// `
+    params: Params
+    norm: str  # the norm call, e.g. "rmsnorm(dim, eps = norm_eps)"
+    rope: list[str] | None  # rope arguments
+    attention: list[str]  # attention arguments (without window)
+    window: str | None  # the window expression of sliding layers
+    mlp: tuple[str, list[str]] | None  # dense MLP: op and arguments
+    moe: tuple[str, list[str]] | None  # mixture of experts: op and arguments
+    kinds: list[LayerKind]  # one per layer
+    tie: bool
+    stack_notes: list[str] = field(default_factory=list)
+    block_notes: dict[str, str] = field(default_factory=dict)
+
+    def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
+        base = "sparse" if kind.moe else "dense"
+        return base + ("_local" if kind.window and mixed_window else "")
+
+    def _attention(self, window: bool, indent: int) -> str:
+        args = list(self.attention)
+        if window:
+            args.append(f"window = {self.window}")
+        return call("attention", args, indent)
+
+    def _mlp(self, moe: bool, indent: int) -> str:
+        spec = self.moe if moe else self.mlp
+        assert spec is not None
+        return call(spec[0], spec[1], indent)
+
+    def render(self) -> str:
+        n = len(self.kinds)
+        counts: dict[tuple[bool, bool], list[int]] = {}
+        for i, k in enumerate(self.kinds):
+            counts.setdefault((k.window, k.moe), []).append(i)
+        mixed_window = len({w for w, _ in counts}) > 1
+        # the most common kind is the stack's default and the base of the others
+        order = sorted(counts, key=lambda k: (-len(counts[k]), min(counts[k])))
+        base = order[0]
+        names = {k: self._block_name(LayerKind(*k), mixed_window) for k in order}
+
+        body: list[str] = []
+        body.append("  token_embedding = embedding(vocab_size, dim)")
+        self.params("vocab_size")
+        self.params("dim")
+        if self.rope is not None:
+            body.append("  rope            = " + call("rope", self.rope, 20))
+        body.append("")
+
+        bw, bm = base
+        note = self.block_notes.get(names[base])
+        if note:
+            body.append(f"  // {note}")
+        body.append(f"  block {names[base]}(x) {{")
+        body.append(f"    attention_norm = {self.norm}")
+        body.append(f"    attention      = {self._attention(bw, 21)}")
+        body.append(f"    mlp_norm       = {self.norm}")
+        body.append(f"    mlp            = {self._mlp(bm, 21)}")
+        body.append("")
+        body.append("    h = x + attention(attention_norm(x))")
+        body.append("    return h + mlp(mlp_norm(h))")
+        body.append("  }")
+        for kind in order[1:]:
+            w, m = kind
+            body.append("")
+            note = self.block_notes.get(names[kind])
+            if note:
+                body.append(f"  // {note}")
+            body.append(f"  block {names[kind]}(x) extends {names[base]} {{")
+            if w != bw:
+                body.append(f"    attention = {self._attention(w, 16)}")
+            if m != bm:
+                body.append(f"    mlp = {self._mlp(m, 10)}")
+            body.append("  }")
+        body.append("")
+
+        rules = [("default", names[base])]
+        for kind in order[1:]:
+            rules += [(sel, names[kind]) for sel in selectors(set(counts[kind]), n)]
+        for note in self.stack_notes:
+            body.append(f"  // {note}")
+        self.params("n_layers")
+        if len(rules) == 1:
+            body.append(f"  layers      = stack(n_layers) {{ default: {rules[0][1]} }}")
+        else:
+            width = max(len(s) for s, _ in rules) + 1
+            body.append("  layers = stack(n_layers) {")
+            body += [f"    {s + ':':<{width}} {b}" for s, b in rules]
+            body.append("  }")
+        body.append(f"  norm        = {self.norm}")
+        tie = ", tie = token_embedding" if self.tie else ""
+        body.append(f"  output_head = lm_head(dim, vocab_size{tie})")
+        body.append("}")
+
+        out = [f"// {h}" if h else "//" for h in self.header]
+        out += ["", f"model {self.name} {{"]
+        used = [p for p in self.params.items.values() if p.used]
+        width = max(len(p.name) for p in used)
+        values = [f"  {p.name:<{width}} = {fmt(p.value)}" for p in used]
+        # align the comments, except after the odd long expression
+        vwidth = max((len(v) for v in values if len(v) <= 40), default=0)
+        for p, v in zip(used, values, strict=True):
+            out.append(f"{v:<{vwidth}}  // {p.note}" if p.note else v)
+        out.append("")
+        return "\n".join(out + body) + "\n"

@@ -1,0 +1,441 @@
+"""`forgec import-hf`: a Hugging Face `config.json` → a .forge spec.
+
+Supported families (the `model_type` of the config): llama, mistral, qwen2,
+qwen3, mixtral and qwen3_moe — the pre-norm decoders forgec's ops express
+exactly. The semantics follow `transformers` 5.x (and the 4.x field names
+`rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
+from the file takes the default of transformers' config class, and the spec
+says so.
+
+Every key of the config is accounted for: mapped into the spec, checked to
+have a value the spec can express (else a located error), or known not to
+change the model (token ids, dtype, `use_cache`, ...). A key the importer does
+not know is an error (E115) unless `--ignore KEY` acknowledges it.
+
+Decisions (see docs/errors.md, "Importing configs"):
+* dropout (`attention_dropout`) and Mixtral's `router_jitter_noise` other than
+  0 are errors: they change training, and forgec has neither;
+* HF's MoE balance loss is only added when `output_router_logits` is true; the
+  spec's `aux_loss_weight` is `router_aux_loss_coef` then, and 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..diagnostics import Diagnostics
+from .common import Decoder, Fields, LayerKind, Located, Params, fmt
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
+
+
+@dataclass(frozen=True)
+class Family:
+    title: str
+    architectures: tuple[str, ...]
+    defaults: dict  # transformers 5.x defaults of the fields we read
+
+
+_COMMON = {"hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": False,
+           "attention_dropout": 0.0, "rope_theta": 10000.0}
+
+FAMILIES = {
+    "llama": Family("Llama", ("LlamaForCausalLM",), {
+        **_COMMON, "num_key_value_heads": None, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "attention_bias": False, "mlp_bias": False, "head_dim": None}),
+    "mistral": Family("Mistral", ("MistralForCausalLM",), {
+        **_COMMON, "num_key_value_heads": 8, "head_dim": None, "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6, "sliding_window": 4096}),
+    "qwen2": Family("Qwen2", ("Qwen2ForCausalLM",), {
+        **_COMMON, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": 4096,
+        "max_window_layers": 28, "head_dim": None}),
+    "qwen3": Family("Qwen3", ("Qwen3ForCausalLM",), {
+        **_COMMON, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": 4096, "max_window_layers": 28}),
+    "mixtral": Family("Mixtral", ("MixtralForCausalLM",), {
+        **_COMMON, "rope_theta": 1000000.0, "num_key_value_heads": 8, "head_dim": None,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "sliding_window": None,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001,
+        "router_jitter_noise": 0.0}),
+    "qwen3_moe": Family("Qwen3-MoE", ("Qwen3MoeForCausalLM",), {
+        **_COMMON, "num_key_value_heads": 4, "head_dim": None, "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6, "attention_bias": False, "use_sliding_window": False,
+        "sliding_window": 4096, "max_window_layers": None, "decoder_sparse_step": 1,
+        "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+        "mlp_only_layers": []}),
+}
+
+# Keys that do not change the model's function: bookkeeping, generation and
+# runtime flags. (`torch_dtype`/`dtype` is the checkpoint's storage type: the
+# generated model takes any dtype.)
+NOT_ARCHITECTURE = (
+    "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype",
+    "dtype", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "output_attentions",
+    "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
+    # splits the matmuls of pretraining tensor parallelism into slices: the same function
+    "pretraining_tp",
+)
+
+
+class Importer:
+    def __init__(self, src: Located, diags: Diagnostics, ignore: set[str]) -> None:
+        self.src, self.diags, self.ignore = src, diags, ignore
+        self.p = Params()
+        self.notes: list[str] = []
+        self.layer_rule: str | None = None  # which layers slide, for a comment
+        self.experts_key = "num_local_experts"
+
+    def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
+        name = hf_key or f.name(key)
+        return f"{name} (default)" if key in f.defaulted else name
+
+    def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
+        src, diags = self.src, self.diags
+        if not isinstance(src.value, dict):
+            diags.error("E110", "config.json must be a JSON object", src.span(()))
+            return None
+        f = Fields(src, src.value, (), diags, "config.json")
+        model_type = f.get("model_type", "str", hint="a transformers config names its "
+                           "family, e.g. \"model_type\": \"llama\"")
+        if model_type is None:
+            return None
+        if model_type not in FAMILIES:
+            f.error("E111", "model_type", f"model_type '{model_type}' cannot be imported",
+                    "forgec imports " + ", ".join(FAMILIES))
+            return None
+        fam = FAMILIES[model_type]
+        d = fam.defaults
+        f.consume(*NOT_ARCHITECTURE)
+        archs = f.get("architectures", "list?", None)
+        for i, a in enumerate(archs or []):
+            if a not in fam.architectures:
+                head = "a causal language model" if a.endswith("ForCausalLM") else "another head"
+                self.diags.error("E114", f"architecture '{a}' is not {fam.architectures[0]}: "
+                                 f"it has {head}", src.span(("architectures", i)),
+                                 "forgec imports the causal language models of "
+                                 + ", ".join(x.architectures[0] for x in FAMILIES.values()))
+
+        p = self.p
+        vocab = f.get("vocab_size", "int", positive=True)
+        dim = f.get("hidden_size", "int", positive=True)
+        n_layers = f.get("num_hidden_layers", "int", positive=True)
+        heads = f.get("num_attention_heads", "int", positive=True)
+        ffn = f.get("intermediate_size", "int", positive=True)
+        kv = f.get("num_key_value_heads", "int?", d["num_key_value_heads"], positive=True)
+        kv_note = self.note_default(f, "num_key_value_heads")
+        if kv is None and heads:  # null: as many as query heads
+            kv, kv_note = heads, kv_note + " = num_attention_heads"
+        head_dim = f.get("head_dim", "int?", d["head_dim"], positive=True)
+        hd_note = self.note_default(f, "head_dim")
+        if head_dim is None and dim and heads:
+            head_dim, hd_note = dim // heads, "hidden_size / num_attention_heads"
+        max_pos = f.get("max_position_embeddings", "int", d["max_position_embeddings"],
+                        positive=True)
+        eps = f.get("rms_norm_eps", "float", d["rms_norm_eps"])
+        init = f.get("initializer_range", "float", d["initializer_range"])
+        tie = f.get("tie_word_embeddings", "bool", d["tie_word_embeddings"])
+        act = f.get("hidden_act", "str", d["hidden_act"])
+        if act is not None and act not in ("silu", "swish"):
+            f.error("E114", "hidden_act", f"hidden_act '{act}' cannot be expressed: forgec's "
+                    "SwiGLU MLPs and experts use SiLU", "only silu (= swish) imports")
+        drop = f.get("attention_dropout", "float", d["attention_dropout"])
+        if drop:
+            f.error("E114", "attention_dropout", f"attention_dropout = {fmt(drop)}: forgec has "
+                    "no dropout, and HF applies it in training",
+                    "set it to 0.0 to import the model for training without dropout")
+        qkv_bias = out_bias = False
+        if model_type == "llama":
+            qkv_bias = out_bias = bool(f.get("attention_bias", "bool", d["attention_bias"]))
+            if f.get("mlp_bias", "bool", d["mlp_bias"]):
+                f.error("E114", "mlp_bias", "mlp_bias = true cannot be expressed: forgec's "
+                        "swiglu has no biases")
+        elif model_type in ("qwen3", "qwen3_moe"):
+            qkv_bias = out_bias = bool(f.get("attention_bias", "bool", d["attention_bias"]))
+        elif model_type == "qwen2":
+            qkv_bias = True  # Qwen2 always has q/k/v biases and none on o_proj
+
+        if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
+            self._rest(f, model_type, n_layers or 1)  # report the other fields' errors too
+            return None
+
+        p.add("vocab_size", vocab, "vocab_size")
+        p.add("dim", dim, "hidden_size")
+        p.add("n_layers", n_layers, "num_hidden_layers")
+        p.add("n_heads", heads, "num_attention_heads")
+        p.add("n_kv_heads", kv, kv_note)
+        p.add("head_dim", head_dim, hd_note)
+        p.add("ffn_hidden", ffn, "intermediate_size")
+        if max_seq_len is not None:
+            p.add("max_seq_len", max_seq_len,
+                  f"--max-seq-len (max_position_embeddings = {max_pos})")
+        else:
+            p.add("max_seq_len", max_pos, self.note_default(f, "max_position_embeddings"))
+        p.add("norm_eps", eps, self.note_default(f, "rms_norm_eps"))
+        p.add("init_std", init, self.note_default(f, "initializer_range"))
+        p("init_std")
+
+        rope = self._rope(f, d)
+        window, kinds = self._layers(f, model_type, d, n_layers)
+        moe_args, kinds, stack_notes = self._moe(f, model_type, d, kinds)
+
+        attention = ["dim", f"heads = {p('n_heads')}", f"kv_heads = {p('n_kv_heads')}",
+                     f"head_dim = {p('head_dim')}", "rope = rope"]
+        if qkv_bias:
+            attention.append("qkv_bias = true")
+        if out_bias:
+            attention.append("out_bias = true")
+        if model_type in ("qwen3", "qwen3_moe"):
+            attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
+        acknowledged = f.unknown(self.ignore, fam.title)
+        if diags.error_count or rope is None:
+            return None
+
+        shown = os.path.dirname(source) if source.endswith("config.json") else source
+        archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
+        version = src.value.get("transformers_version")
+        header = [
+            f"{fam.title} model imported by `forgec import-hf` from {source}",
+            f"({archs_text}, model_type \"{model_type}\""
+            + (f", transformers {version})." if version else ")."),
+            "Each parameter's comment names the config.json field it comes from; \"(default)\":",
+            "not in the file, transformers' default.",
+            f"Weights: runtime.hf.load_hf_checkpoint(model, \"{shown}\").",
+        ]
+        header += self.notes
+        if acknowledged:
+            header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
+                          + ".")
+        return Decoder(
+            name=name, header=header, params=p,
+            norm=f"rmsnorm(dim, eps = {p('norm_eps')})",
+            rope=rope, attention=attention, window=window,
+            mlp=("swiglu", ["dim", f"hidden = {p('ffn_hidden')}"])
+            if any(not k.moe for k in kinds) else None,
+            moe=moe_args, kinds=kinds, tie=tie, stack_notes=stack_notes)
+
+    def _rest(self, f: Fields, model_type: str, n_layers: int) -> None:
+        d = FAMILIES[model_type].defaults
+        self._rope(f, d)
+        self._layers(f, model_type, d, n_layers)
+        self._moe(f, model_type, d, [LayerKind(False, False)] * n_layers)
+        f.unknown(self.ignore, FAMILIES[model_type].title)
+
+    # ---- RoPE ------------------------------------------------------------------------
+
+    def _rope(self, f: Fields, d: dict) -> list[str] | None:
+        p = self.p
+        top_theta = f.get("rope_theta", "float", d["rope_theta"])
+        theta_note = self.note_default(f, "rope_theta")
+        params = f.get("rope_parameters", "dict?", None)
+        scaling = f.get("rope_scaling", "dict?", None)
+        if params is not None and scaling is not None:
+            f.error("E116", "rope_scaling", "both rope_parameters and rope_scaling are given",
+                    "transformers 5 writes rope_parameters; remove rope_scaling")
+            return None
+        rp = None
+        if params is not None or scaling is not None:
+            key = "rope_parameters" if params is not None else "rope_scaling"
+            rp = Fields(self.src, params if params is not None else scaling, (key,), self.diags,
+                        key)
+        theta = top_theta
+        rope_type = "default"
+        if rp is not None:
+            if "rope_theta" in rp:
+                theta = rp.get("rope_theta", "float")
+                theta_note = rp.name("rope_theta")
+                if "rope_theta" in f and "rope_theta" not in f.defaulted and theta != top_theta:
+                    rp.error("E116", "rope_theta", f"{rp.name('rope_theta')} = {fmt(theta)} "
+                             f"contradicts rope_theta = {fmt(top_theta)}")
+            key = "rope_type" if "rope_type" in rp or "type" not in rp else "type"
+            rope_type = rp.get(key, "str", "default")
+            if "rope_type" in rp and "type" in rp:
+                rp.consume("type")
+                if rp.obj["type"] != rope_type:
+                    rp.error("E116", "type", f"{rp.name('type')} contradicts "
+                             f"{rp.name('rope_type')}")
+            if rope_type is None:  # reported (E113)
+                rp.consume(*rp.obj)
+                return None
+            partial = rp.get("partial_rotary_factor", "float", 1.0)
+            if partial is not None and partial != 1.0:
+                rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
+                         f"{fmt(partial)} cannot be expressed: this family rotates whole heads")
+            if rope_type not in ("default", "llama3"):
+                rp.error("E114", key, f"rope type '{rope_type}' cannot be expressed: forgec's "
+                         "rope supports no scaling or llama3 scaling",
+                         "forgec's rope op has scaling = none or llama3")
+                rp.consume(*rp.obj)  # that type's own settings are beside the point
+                return None
+        if theta is None:
+            return None
+        p.add("rope_theta", theta, theta_note)
+        args = [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                f"theta = {p('rope_theta')}"]
+        if rp is not None and rope_type == "llama3":
+            factor = rp.get("factor", "float", hint="llama3 scaling needs factor")
+            low = rp.get("low_freq_factor", "float")
+            high = rp.get("high_freq_factor", "float")
+            orig = rp.get("original_max_position_embeddings", "int", positive=True)
+            if None in (factor, low, high, orig):
+                return None
+            args += ["scaling = llama3", f"scale_factor = {fmt(factor)}",
+                     f"low_freq_factor = {fmt(low)}", f"high_freq_factor = {fmt(high)}",
+                     f"original_max_seq_len = {orig}"]
+            self.notes.append(f"RoPE: Llama 3 frequency scaling from {rp.name('rope_type')} "
+                              "(factor, low/high_freq_factor, original_max_position_embeddings).")
+        if rp is not None:
+            rp.unknown(self.ignore, "RoPE")
+        return args
+
+    # ---- attention windows -------------------------------------------------------------
+
+    def _layers(self, f: Fields, model_type: str, d: dict,
+                n: int) -> tuple[str | None, list[LayerKind]]:
+        """The sliding window (a parameter name) and which layers use it."""
+        full = [LayerKind(False, False) for _ in range(n)]
+        p = self.p
+        if model_type == "llama":
+            return None, full
+        if model_type in ("mistral", "mixtral"):
+            w = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+            if w is None:
+                return None, full
+            p.add("window", w, self.note_default(f, "sliding_window"))
+            return p("window"), [LayerKind(True, False) for _ in range(n)]
+        use = f.get("use_sliding_window", "bool", d["use_sliding_window"])
+        w = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        mwl = f.get("max_window_layers", "int?", d["max_window_layers"])
+        effective = w if use else None
+        if model_type == "qwen3_moe":
+            # Qwen3-MoE slides every layer when use_sliding_window (max_window_layers unused)
+            if effective is None:
+                return None, full
+            p.add("window", w, self.note_default(f, "sliding_window")
+                  + " (use_sliding_window: every layer)")
+            return p("window"), [LayerKind(True, False) for _ in range(n)]
+        types = f.get("layer_types", "list?", None)
+        if types is None:
+            flags = [effective is not None and mwl is not None and i >= mwl for i in range(n)]
+            rule = (f"use_sliding_window and layer >= max_window_layers = {mwl}"
+                    if effective is not None else None)
+        else:
+            if len(types) != n:
+                f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
+                        f"{n} layers (num_hidden_layers)")
+                return None, full
+            flags = []
+            for i, t in enumerate(types):
+                if t not in ("full_attention", "sliding_attention"):
+                    self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                     self.src.span(("layer_types", i)),
+                                     "layer types are full_attention or sliding_attention")
+                flags.append(t == "sliding_attention")
+            if any(flags) and effective is None:
+                f.error("E116", "layer_types", "layer_types has sliding_attention layers but "
+                        "there is no window (use_sliding_window is false or sliding_window "
+                        "null)")
+                return None, full
+            rule = "layer_types" if any(flags) else None
+        if not any(flags):
+            return None, full
+        p.add("window", effective, "sliding_window")
+        self.layer_rule = rule
+        return p("window"), [LayerKind(flag, False) for flag in flags]
+
+    # ---- mixture of experts ------------------------------------------------------------
+
+    def _experts(self, f: Fields) -> int | None:
+        """num_local_experts (transformers 5) or num_experts (4.x and the Hub's Qwen3-MoE)."""
+        a = f.get("num_local_experts", "int", None) if "num_local_experts" in f else None
+        b = f.get("num_experts", "int", None) if "num_experts" in f else None
+        if a is not None and b is not None and a != b:
+            f.error("E116", "num_experts", f"num_experts = {b} contradicts "
+                    f"num_local_experts = {a}")
+            return None
+        if a is None and b is None:
+            if "num_local_experts" not in f and "num_experts" not in f:
+                f.error("E112", None, "config.json has no 'num_local_experts' (or "
+                        "'num_experts')", "forgec does not guess sizes: write the field")
+            return None
+        self.experts_key = "num_local_experts" if a is not None else "num_experts"
+        return a if a is not None else b
+
+    def _moe(self, f: Fields, model_type: str, d: dict, kinds: list[LayerKind]):
+        if model_type not in MOE_FAMILIES:
+            return None, kinds, [f"sliding window: {self.layer_rule}"] if self.layer_rule else []
+        p, n = self.p, len(kinds)
+        experts = self._experts(f)
+        top_k = f.get("num_experts_per_tok", "int", positive=True)
+        logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+        coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+        notes = []
+        if model_type == "mixtral":
+            jitter = f.get("router_jitter_noise", "float", d["router_jitter_noise"])
+            if jitter:
+                f.error("E114", "router_jitter_noise", f"router_jitter_noise = {fmt(jitter)}: "
+                        "forgec's router has no input jitter (HF applies it in training)",
+                        "set it to 0.0 to import the model for training without jitter")
+            renormalize, hidden_key = True, "intermediate_size"
+            sparse = [experts is not None and experts > 0] * n
+        else:
+            renorm = f.get("norm_topk_prob", "bool", d["norm_topk_prob"])
+            renormalize, hidden_key = renorm, "moe_intermediate_size"
+            step = f.get("decoder_sparse_step", "int", d["decoder_sparse_step"], positive=True)
+            only = f.get("mlp_only_layers", "list", d["mlp_only_layers"])
+            only_set = set()
+            for i, v in enumerate(only or []):
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+                    self.diags.error("E113", f"mlp_only_layers[{i}] = {v!r} is not a layer "
+                                     f"(0 … {n - 1})", self.src.span(("mlp_only_layers", i)))
+                else:
+                    only_set.add(v)
+            sparse = [bool(experts) and step is not None and i not in only_set
+                      and (i + 1) % step == 0 for i in range(n)]
+            if step is not None and only is not None and not all(sparse):
+                notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
+                             f"{sorted(only_set)}: a mixture of experts on layers "
+                             f"i with (i + 1) % {step} == 0 outside mlp_only_layers")
+        expert_hidden = (f.get(hidden_key, "int", positive=True) if hidden_key != "intermediate_size"
+                         else self.p.value("ffn_hidden") if "ffn_hidden" in p else None)
+        if None in (experts, top_k, logits, coef, renormalize, expert_hidden):
+            return None, kinds, notes
+        if experts and top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more than "
+                    f"the {experts} experts")
+            return None, kinds, notes
+        if not any(sparse):
+            return None, kinds, notes
+        p.add("n_experts", experts, self.experts_key)
+        p.add("top_k", top_k, "num_experts_per_tok")
+        if model_type == "mixtral":
+            hidden = p("ffn_hidden")
+        else:
+            p.add("expert_hidden", expert_hidden, "moe_intermediate_size")
+            hidden = p("expert_hidden")
+        if logits:
+            p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+                  + " (HF: one balance loss over all layers' routing; forgec: per layer)")
+        else:
+            p.add("aux_loss_weight", 0.0, "HF adds no balance loss unless output_router_logits "
+                  f"(router_aux_loss_coef = {fmt(coef)} unused)")
+        router = (f"router = softmax_topk(renormalize = {fmt(bool(renormalize))}, "
+                  f"aux_loss_weight = {p('aux_loss_weight')})")
+        moe = ("moe", ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                       f"hidden = {hidden}", router])
+        kinds = [LayerKind(k.window, s) for k, s in zip(kinds, sparse, strict=True)]
+        if self.layer_rule:
+            notes.append(f"sliding window: {self.layer_rule}")
+        return moe, kinds, notes
+
+
+def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
+              ignore: set[str] = frozenset(), max_seq_len: int | None = None) -> str | None:
+    """The spec text for the config `src`, or None with the errors in `diags`."""
+    decoder = Importer(src, diags, set(ignore)).run(name, source, max_seq_len)
+    if decoder is None or diags.error_count:
+        return None
+    return decoder.render()
