@@ -444,14 +444,15 @@ class _Binder:
                 raise _Invalid
             return ComponentValue(comp)
         if spec.type.startswith("ref:"):
-            want = spec.type[4:]
+            wanted = spec.type[4:].split("|")
+            want = " or ".join(wanted)
             a_want = ("an " if want[0] in "aeiou" else "a ") + want  # "an embedding"
             if not (isinstance(expr, ast.Ref) and len(expr.parts) == 1):
                 d.error("E025", f"argument '{spec.name}' of {what}() expects {a_want} component",
                         expr.span)
                 raise _Invalid
             value = scope.lookup(expr.parts[0], expr.span)
-            if not (isinstance(value, ComponentValue) and value.component.op.name == want):
+            if not (isinstance(value, ComponentValue) and value.component.op.name in wanted):
                 d.error("E025", f"argument '{spec.name}' of {what}() expects {a_want} component, "
                         f"got {_describe(value)}", expr.span)
                 raise _Invalid
@@ -798,8 +799,9 @@ class _Binder:
     def unused(self, sec: SectionDef, model: Model) -> None:
         used = section_references(sec)
         for name, decl in sec.decls.items():
+            # max_seq_len is read by cost, codegen and vlm checks even if no op names it
             if sec.origin.get(name) != sec.name or name in SPINES[sec.kind] or name in SETTINGS \
-                    or name in used:
+                    or name in used or name == "max_seq_len":
                 continue
             what = "component" if name in model.components else "parameter"
             self.diags.warning("W001", f"{what} '{name}' is never used", decl.name_span)

@@ -605,6 +605,7 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
         "patch_tokens": patch_tokens(patch.args), "vision_dim": vnorm.args["dim"],
         "vision_layers": len(kinds), "vision_layers_ctor": layers_ctor,
         "patch_ctor": patch_ctor, "vision_norm_ctor": norm_ctor, "adapter_ctor": adapter_ctor,
+        "adapter_init": vlm.adapter.op.init_args.replace("out_std", "std"),
         "vision_out_std": f"std / math.sqrt(2 * {len(kinds)})" if depth else "std",
         "description": {
             "joint_decoder": f"{vlm.image_tokens} image tokens per image are prefixed to the "
@@ -617,6 +618,8 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
                     "block's MLP is a group of expert-choice experts per modality (MoMa)",
         }[vlm.fusion.op.name],
     }
+    rope2d = next((c for c in vision.all_components() if c.op.name == "rope2d"), None)
+    out["rope2d"] = {**rope2d.args, "cls": patch.args["cls_token"]} if rope2d else None
     f = vlm.fusion.args
     if vlm.fusion.op.name == "cross_attention":
         after = list(range(f["every"] - 1, n_layers, f["every"]))

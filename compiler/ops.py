@@ -326,6 +326,18 @@ _register(
         derive=_rope_derive,
     ),
     OpDef(
+        name="rope2d",
+        role="config",
+        doc="2-D rotary positions for a vision encoder: half of each head's rotary pairs "
+            "turn with the patch row, half with the column (a CLS token stays unrotated).",
+        args=(
+            ArgSpec("head_dim", "size", doc="per-head width; a multiple of 4"),
+            ArgSpec("grid", "size", doc="patches per image side"),
+            ArgSpec("theta", "float", 100.0, min=1.0),
+        ),
+        sizes=("head_dim", "grid"),
+    ),
+    OpDef(
         name="attention",
         doc="Multi-head / grouped-query attention with optional RoPE, qk-norm and window.",
         args=(
@@ -333,7 +345,8 @@ _register(
             ArgSpec("heads", "size", doc="query heads"),
             ArgSpec("kv_heads", "size", derived=True, doc="key/value heads (default: heads)"),
             ArgSpec("head_dim", "size", derived=True, doc="per-head width (default: dim / heads)"),
-            ArgSpec("rope", "ref:rope", None, doc="a rope component; none for no positions"),
+            ArgSpec("rope", "ref:rope|rope2d", None,
+                    doc="a rope (or, in a vision encoder, rope2d) component; none for no positions"),
             ArgSpec("causal", "bool", True),
             ArgSpec("window", "int", 0, min=0, doc="sliding-window size; 0 for full attention"),
             ArgSpec("qkv_bias", "bool", False),
@@ -365,7 +378,8 @@ _register(
             f for f, on in (("qk_norm", a["qk_norm"]), ("rope", a["rope"] is not None),
                             ("no_rope", a["rope"] is None),
                             ("partial_rotary", a["rope"] is not None
-                             and a["rope"].component.args["rotary_dim"] != a["head_dim"]))
+                             and a["rope"].component.args.get("rotary_dim", a["head_dim"])
+                             != a["head_dim"]))
             if on),
     ),
     _mlp("swiglu", "SwiGLU MLP: down(silu(gate(x)) * up(x)).", ("gate_proj", "up_proj", "down_proj"),

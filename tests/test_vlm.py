@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from conftest import ROOT
 from compiler.driver import compile_spec
 from compiler.emit import vlm_cost
 
-ARCHS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma")
+ARCHS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d")
 VLM_SPEC = (ROOT / "specs" / "vlm.forge").read_text()
 
 
@@ -41,12 +42,39 @@ def test_compiler_counts_every_parameter_the_package_has(name):
 
 
 @pytest.mark.parametrize("name, tokens", [("vlm", 64), ("vlm_xattn", 16), ("vlm_mot", 16),
-                                          ("vlm_moma", 64)])
+                                          ("vlm_moma", 64), ("vlm_rope2d", 65)])
 def test_image_tokens_follow_the_adapter(name, tokens):
     mod, model = build(name)
     assert mod.IMAGE_TOKENS == tokens
     image, mask = model.encode_images(inputs()[0])
     assert image.shape == (2, tokens, 128) and mask is None
+
+
+def test_rope2d_turns_half_the_pairs_with_rows_and_half_with_columns():
+    mod, model = build("vlm_rope2d")
+    cos, sin = mod.vision_rope_tables()
+    assert cos.shape == (65, 16)  # 8×8 patches + CLS, head_dim 16
+    assert torch.equal(cos[0], torch.ones(16)) and torch.equal(sin[0], torch.zeros(16))
+    angle = torch.atan2(sin[1:, :8], cos[1:, :8])  # the 8 rotary pairs (half-split layout)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(4).float() / 4))
+    rows, cols = torch.arange(8).repeat_interleave(8), torch.arange(8).repeat(8)
+    expected = torch.cat([torch.outer(rows.float(), inv_freq), torch.outer(cols.float(), inv_freq)], 1)
+    torch.testing.assert_close(torch.remainder(angle - expected + math.pi, 2 * math.pi) - math.pi,
+                               torch.zeros_like(angle), rtol=0, atol=1e-5)
+    assert model.vision_encoder.rope_cos.shape == (65, 16)
+
+
+def test_rope_kinds_are_checked(forge):
+    text = (ROOT / "specs" / "vlm_rope2d.forge").read_text()
+    extra = {"llama_debug.forge": (ROOT / "specs" / "llama_debug.forge").read_text()}
+    comp, diags = forge(text.replace("head_dim = dim / n_heads, grid", "head_dim = 18, grid")
+                        .replace("dim        = 64", "dim        = 72"), extra=extra)
+    assert [d.code for d in diags.errors] == ["E072"]
+    llama = extra["llama_debug.forge"].replace(
+        "rope            = rope(head_dim = dim / n_heads, max_seq_len = max_seq_len, theta = 10000.0)",
+        "rope            = rope2d(head_dim = dim / n_heads, grid = 4)")
+    comp, diags = forge(llama)
+    assert [(d.code, d.span.line) for d in diags.errors] == [("E078", 18)]
 
 
 @pytest.mark.parametrize("name", ARCHS)
