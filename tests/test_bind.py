@@ -360,11 +360,11 @@ def test_ref_argument_of_the_wrong_kind_is_E025(forge):
                       "r = rope(head_dim = 16, max_seq_len = 8)")
     assert codes(diags) == [("E025", 2, 39), ("E025", 3, 39), ("E021", 4, 39), ("E025", 5, 39)]
     b, c, e, f = diags.errors
-    assert b.message == "argument 'rope' of attention() expects a rope component, got the number 64"
-    assert c.message == ("argument 'rope' of attention() expects a rope component, got the "
+    assert b.message == "argument 'rope' of attention() expects a rope or rope2d component, got the number 64"
+    assert c.message == ("argument 'rope' of attention() expects a rope or rope2d component, got the "
                          "embedding component 'token_embedding'")
     assert e.hint == "did you mean 'r'?"
-    assert f.message == "argument 'rope' of attention() expects a rope component"
+    assert f.message == "argument 'rope' of attention() expects a rope or rope2d component"
 
 
 def test_ops_inside_parameter_expressions_are_E047(forge):
