@@ -132,7 +132,6 @@ def cmd_check(args) -> int:
             continue
         if not args.quiet:
             from .cost import cost
-
             from .emit import vlm_cost
 
             for name, graph in result.graphs.items():

@@ -17,9 +17,9 @@ from .checks import run_checks
 from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
 from .lower import lower
 from .plans import Plan, bind_plan, validate
+from .resolve import Program, load_program
 from .vlm import VLM, bind_vlm, section_refs
 from .vlm import validate as validate_vlm
-from .resolve import Program, load_program
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Compilation:
             return stem
         if not names:
             raise ForgeError("E006", "the spec defines no model", Span.point(self.program.root),
-                             hint="`info` and `graph` need a `model NAME { ... }` section")
+                             hint="`info`, `graph` and `build` need a `model` or `vlm` section")
         return names[-1]
 
 

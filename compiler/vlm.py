@@ -97,6 +97,14 @@ def bind_vlm(sec, binder, models: dict[str, Model], diags: Diagnostics) -> VLM |
         if not comp.ok:
             ok = False
             continue
+        # the checks below divide by these (no model's positive_sizes pass sees them)
+        bad = [a for a in comp.op.sizes if isinstance(comp.args.get(a), int) and comp.args[a] <= 0]
+        for a in bad:
+            diags.error("E073", f"'{a}' of {comp.op.name} must be positive, got {comp.args[a]}",
+                        comp.arg_spans.get(a, comp.span))
+        if bad:
+            ok = False
+            continue
         comps[key] = comp
     if not ok or len(comps) < 2:
         return None
