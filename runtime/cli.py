@@ -7,8 +7,82 @@ torch-free and fast. The command functions import the runtime lazily.
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict:
     """Add the runtime's subcommands; return {name: function(args) -> exit code}."""
-    return {}
+    t = sub.add_parser(
+        "train", help="train a spec's model (default data: the Python standard library)",
+        description="Train the model of SPEC into the run folder --out. Settings left out "
+        "take defaults (or, with --resume, the run's own).")
+    t.add_argument("spec", metavar="SPEC")
+    t.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    t.add_argument("--seed", type=int, help="seed of the weights and the data order (default 0)")
+    t.add_argument("--ckpt-every", type=int, metavar="K",
+                   help="checkpoint every K steps (default 0: only at the end)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue DIR from its latest checkpoint")
+    t.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default 8)")
+    t.add_argument("--seq-len", type=int, metavar="L",
+                   help="tokens per sequence (default min(max_seq_len, 256))")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    t.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps/10))")
+    t.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
+    t.add_argument("--grad-accum", type=int, metavar="G",
+                   help="split each batch into G micro-batches (default 1)")
+    t.add_argument("--clip", type=float, help="max gradient norm; 0 disables (default 1.0)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+    t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    t.add_argument("--data", metavar="FILE",
+                   help="flat token file (numpy memmap); token 0 ends a document")
+    t.add_argument("--data-dtype", choices=("uint16", "uint32"),
+                   help="element type of --data (default uint16)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    g = sub.add_parser("generate", help="generate text from a training run's latest checkpoint")
+    g.add_argument("run", metavar="RUN_DIR")
+    g.add_argument("--prompt", required=True, metavar="TEXT")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, metavar="K")
+    g.add_argument("--top-p", type=float, metavar="P")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    return {"train": cmd_train, "generate": cmd_generate}
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    train(args.spec, args.out, resume=args.resume, progress=not args.no_progress,
+          steps=args.steps, seed=args.seed, ckpt_every=args.ckpt_every,
+          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+          min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
+          weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
+          data_dtype=args.data_dtype)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from compiler.cli import UsageError
+
+    if args.max_new_tokens < 0:
+        raise UsageError("--max-new-tokens must not be negative")
+    if args.temperature < 0:
+        raise UsageError("--temperature must not be negative")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+    from .generate import generate_text, load_run_model
+
+    model, info = load_run_model(args.run)
+    text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         note_stream=sys.stderr, token_file=info["settings"].get("data"))
+    sys.stdout.write(text + "\n")
+    return 0
