@@ -18,6 +18,7 @@ import bisect
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,7 +441,7 @@ class Decoder:
         for kind in order[1:]:
             rules += [(sel, names[kind]) for sel in selectors(set(counts[kind]), n)]
         for note in self.stack_notes:
-            body.append(f"  // {note}")
+            body += [f"  // {line}" for line in textwrap.wrap(note, 94)]
         self.params("n_layers")
         if len(rules) == 1:
             body.append(f"  layers      = stack(n_layers) {{ default: {rules[0][1]} }}")
@@ -454,7 +455,7 @@ class Decoder:
         body.append(f"  output_head = lm_head(dim, vocab_size{tie})")
         body.append("}")
 
-        out = [f"// {h}" if h else "//" for h in self.header]
+        out = [f"// {line}" for h in self.header for line in textwrap.wrap(h, 96) or [""]]
         out += ["", f"model {self.name} {{"]
         used = [p for p in self.params.items.values() if p.used]
         width = max(len(p.name) for p in used)

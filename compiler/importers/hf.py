@@ -113,7 +113,8 @@ class Importer:
         archs = f.get("architectures", "list?", None)
         for i, a in enumerate(archs or []):
             if a not in fam.architectures:
-                head = "a causal language model" if a.endswith("ForCausalLM") else "another head"
+                head = ("a causal language model" if str(a).endswith("ForCausalLM")
+                        else "another head")
                 self.diags.error("E114", f"architecture '{a}' is not {fam.architectures[0]}: "
                                  f"it has {head}", src.span(("architectures", i)),
                                  "forgec imports the causal language models of "
@@ -137,6 +138,12 @@ class Importer:
                         positive=True)
         eps = f.get("rms_norm_eps", "float", d["rms_norm_eps"])
         init = f.get("initializer_range", "float", d["initializer_range"])
+        for key, v in (("rms_norm_eps", eps), ("initializer_range", init)):
+            if v is not None and not 0 <= v <= 1:
+                f.error("E113", key, f"'{key}' must be between 0 and 1, got {fmt(v)}")
+        if kv and heads and heads % kv:
+            f.error("E113", "num_key_value_heads", f"num_key_value_heads = {kv} does not divide "
+                    f"num_attention_heads = {heads}")
         tie = f.get("tie_word_embeddings", "bool", d["tie_word_embeddings"])
         act = f.get("hidden_act", "str", d["hidden_act"])
         if act is not None and act not in ("silu", "swish"):
@@ -157,6 +164,9 @@ class Importer:
             qkv_bias = out_bias = bool(f.get("attention_bias", "bool", d["attention_bias"]))
         elif model_type == "qwen2":
             qkv_bias = True  # Qwen2 always has q/k/v biases and none on o_proj
+            if f.get("use_mrope", "bool", False):  # transformers 4.4x: Qwen2-VL's RoPE
+                f.error("E114", "use_mrope", "use_mrope = true (multimodal RoPE) cannot be "
+                        "expressed")
 
         if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
             self._rest(f, model_type, n_layers or 1)  # report the other fields' errors too
@@ -218,7 +228,10 @@ class Importer:
             moe=moe_args, kinds=kinds, tie=tie, stack_notes=stack_notes)
 
     def _rest(self, f: Fields, model_type: str, n_layers: int) -> None:
+        """Check the other fields too, when the core sizes are missing or wrong."""
         d = FAMILIES[model_type].defaults
+        for name in ("head_dim", "max_seq_len", "ffn_hidden"):  # placeholders, never written
+            self.p.add(name, 0)
         self._rope(f, d)
         self._layers(f, model_type, d, n_layers)
         self._moe(f, model_type, d, [LayerKind(False, False)] * n_layers)
@@ -320,8 +333,7 @@ class Importer:
         types = f.get("layer_types", "list?", None)
         if types is None:
             flags = [effective is not None and mwl is not None and i >= mwl for i in range(n)]
-            rule = (f"use_sliding_window and layer >= max_window_layers = {mwl}"
-                    if effective is not None else None)
+            rule = f"use_sliding_window: layers from max_window_layers = {mwl} on slide"
         else:
             if len(types) != n:
                 f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
@@ -339,7 +351,8 @@ class Importer:
                         "there is no window (use_sliding_window is false or sliding_window "
                         "null)")
                 return None, full
-            rule = "layer_types" if any(flags) else None
+            rule = ("layer_types: sliding_attention on layers "
+                    + ", ".join(str(i) for i, flag in enumerate(flags) if flag))
         if not any(flags):
             return None, full
         p.add("window", effective, "sliding_window")
@@ -366,7 +379,7 @@ class Importer:
 
     def _moe(self, f: Fields, model_type: str, d: dict, kinds: list[LayerKind]):
         if model_type not in MOE_FAMILIES:
-            return None, kinds, [f"sliding window: {self.layer_rule}"] if self.layer_rule else []
+            return None, kinds, [self.layer_rule] if self.layer_rule else []
         p, n = self.p, len(kinds)
         experts = self._experts(f)
         top_k = f.get("num_experts_per_tok", "int", positive=True)
@@ -396,9 +409,10 @@ class Importer:
             sparse = [bool(experts) and step is not None and i not in only_set
                       and (i + 1) % step == 0 for i in range(n)]
             if step is not None and only is not None and not all(sparse):
+                rule = (f"(i + 1) % {step} == 0 and i is not in mlp_only_layers" if step > 1
+                        else "i is not in mlp_only_layers")
                 notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
-                             f"{sorted(only_set)}: a mixture of experts on layers "
-                             f"i with (i + 1) % {step} == 0 outside mlp_only_layers")
+                             f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
         expert_hidden = (f.get(hidden_key, "int", positive=True) if hidden_key != "intermediate_size"
                          else self.p.value("ffn_hidden") if "ffn_hidden" in p else None)
         if None in (experts, top_k, logits, coef, renormalize, expert_hidden):
@@ -418,17 +432,17 @@ class Importer:
             hidden = p("expert_hidden")
         if logits:
             p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
-                  + " (HF: one balance loss over all layers' routing; forgec: per layer)")
+                  + " (HF: one loss over all layers)")
         else:
-            p.add("aux_loss_weight", 0.0, "HF adds no balance loss unless output_router_logits "
-                  f"(router_aux_loss_coef = {fmt(coef)} unused)")
+            p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
+                  f"loss (router_aux_loss_coef {fmt(coef)})")
         router = (f"router = softmax_topk(renormalize = {fmt(bool(renormalize))}, "
                   f"aux_loss_weight = {p('aux_loss_weight')})")
         moe = ("moe", ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
                        f"hidden = {hidden}", router])
         kinds = [LayerKind(k.window, s) for k, s in zip(kinds, sparse, strict=True)]
         if self.layer_rule:
-            notes.append(f"sliding window: {self.layer_rule}")
+            notes.append(self.layer_rule)
         return moe, kinds, notes
 
 

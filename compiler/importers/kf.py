@@ -24,6 +24,11 @@ and the spec says so. The mapping:
 * sdpa_backend (a kernel choice) and moe_packed_experts (a storage layout)
   do not change the model.
 
+RoPE: forgec rotates the two halves of each head (HF Llama's layout). The
+KempnerForge `position.py` that could be read for this importer rotates
+interleaved pairs (complex form); where a version does, its checkpoints still
+load key for key, but compute differently — the spec's header says so.
+
 Not expressible, hence errors: a model_type other than "transformer", a
 [model.vlm] table, moe_capacity_factor > 0 (KempnerForge caps each top-k
 slot separately and also in evaluation; forgec caps an expert's slots in
@@ -114,6 +119,11 @@ class Importer:
         if act is not None and act not in MLPS:
             f.error("E114", "activation", f"activation '{act}' cannot be expressed",
                     "KempnerForge's activations are silu (SwiGLU), gelu and relu")
+        if kv and heads and heads % kv:
+            f.error("E113", "n_kv_heads", f"n_kv_heads = {kv} does not divide n_heads = {heads}")
+        for key, v in (("norm_eps", eps), ("init_std", init)):
+            if v is not None and not 0 <= v <= 1:
+                f.error("E113", key, f"'{key}' must be between 0 and 1, got {fmt(v)}")
         if dim and heads and dim % heads:
             f.error("E113", "n_heads", f"dim {dim} is not divisible by n_heads {heads} "
                     "(KempnerForge's head_dim is dim / n_heads)")
@@ -195,7 +205,9 @@ class Importer:
             f"KempnerForge model imported by `forgec import-kf` from {source}.",
             "Each parameter's comment names the [model] field it comes from; \"(default)\": not",
             "in the file, KempnerForge's default. A KempnerForge checkpoint of a dense model",
-            "loads with load_state_dict(strict=True): the parameter names are the same.",
+            "loads with load_state_dict(strict=True): the parameter names are the same. forgec's",
+            "RoPE rotates the two halves of each head (as HF Llama does); a KempnerForge version",
+            "that rotates interleaved pairs computes differently with the same weights.",
         ]
         others = [k for k in src.value if k != "model"]
         if others:

@@ -1,0 +1,522 @@
+"""`forgec import-hf` (config.json → spec, located errors) and runtime.hf (weights).
+
+Numerical parity with transformers is tests/test_parity_hf.py; here: what the
+importer writes and refuses, where it points, the documented examples of
+docs/errors.md, and loading/saving checkpoints (shards, .bin, tied heads, MoE
+packing, an exact round trip).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as hf
+from conftest import ROOT, run_forgec
+
+from compiler.build import build
+from compiler.cli import RunError
+from compiler.cli import main as forgec
+from compiler.cost import cost
+from compiler.diagnostics import Diagnostics
+from compiler.driver import compile_spec
+from compiler.importers.common import JSONSyntaxError, parse_json, parse_toml, selectors
+from compiler.importers.hf import import_hf
+from compiler.importers.kf import import_kf
+from runtime.hf import forge_to_hf, hf_to_forge, load_hf_checkpoint, save_hf_checkpoint
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "float32",
+    "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
+}
+
+
+# The config.json files of published models (as on the Hugging Face Hub), with the
+# parameter counts of their checkpoints.
+HUB = {
+    # Llama-3.1-8B: 8_030_261_248 parameters
+    'llama31_8b': (8_030_261_248, '{"architectures": ["LlamaForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": false, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}, "rope_theta": 500000.0, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": true, "vocab_size": 128256}'),
+    # Mistral-7B-v0.1: 7_241_732_096 parameters
+    'mistral_7b': (7_241_732_096, '{"architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": true, "vocab_size": 32000}'),
+    # Mixtral-8x7B-v0.1: 46_702_792_704 parameters
+    'mixtral_8x7b': (46_702_792_704, '{"architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": false, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.36.0.dev0", "use_cache": true, "vocab_size": 32000}'),
+    # Qwen2.5-7B: 7_615_616_512 parameters
+    'qwen25_7b': (7_615_616_512, '{"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 131072, "max_window_layers": 28, "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.40.1", "use_cache": true, "use_mrope": false, "use_sliding_window": false, "vocab_size": 152064}'),
+    # Qwen3-8B: 8_190_735_360 parameters
+    'qwen3_8b': (8_190_735_360, '{"architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
+    # Qwen3-30B-A3B: 30_532_122_624 parameters
+    'qwen3_30b_a3b': (30_532_122_624, '{"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": true, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": false, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
+}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def write_config(folder: Path, cfg: dict | str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = cfg if isinstance(cfg, str) else json.dumps(cfg, indent=2)
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+def import_text(text: str, name: str = "m", **kw) -> tuple[str | None, Diagnostics]:
+    diags = Diagnostics()
+    try:
+        src = parse_json(text, "config.json")
+    except JSONSyntaxError as e:
+        diags.error("E110", str(e), e.span)
+        return None, diags
+    return import_hf(src, name, "config.json", diags, **kw), diags
+
+
+def errors(diags: Diagnostics) -> list[tuple[str, int, int]]:
+    return [(d.code, d.span.line, d.span.col) for d in diags.sorted() if d.severity == "error"]
+
+
+def position(text: str, needle: str) -> tuple[int, int]:
+    """1-based line and column of the first `needle` in `text`."""
+    i = text.index(needle)
+    return text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+
+
+def generate(tmp: Path, spec: Path):
+    build(compile_spec(str(spec)), str(tmp / "pkg"), update=True)
+    name = spec.stem
+    path = tmp / "pkg" / name / "model.py"
+    module_spec = importlib.util.spec_from_file_location(f"imp_{name}_{id(tmp)}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_spec.name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+# ---- what the importer writes ----------------------------------------------------------
+
+
+def test_llama_spec_is_readable_and_compiles_cleanly(tmp_path):
+    text, diags = import_text(json.dumps(LLAMA, indent=2), name="llama_tiny")
+    assert not diags.items
+    assert "model llama_tiny {" in text
+    assert re.search(r"^  dim\s+= 64\s+// hidden_size$", text, re.M)
+    assert re.search(r"^  n_kv_heads\s+= 2\s+// num_key_value_heads$", text, re.M)
+    assert re.search(r"^  init_std\s+= 0.02\s+// initializer_range \(default\)$", text, re.M)
+    assert "block dense(x) {" in text and "layers      = stack(n_layers) { default: dense }" in text
+    assert "(LlamaForCausalLM, model_type \"llama\")" in text
+    spec = tmp_path / "llama_tiny.forge"
+    spec.write_text(text)
+    result = compile_spec(str(spec))
+    assert not result.diagnostics.items  # no warning either: every parameter is used
+    assert errors(result.diagnostics) == []
+
+
+@pytest.mark.parametrize("name", list(HUB))
+def test_published_configs_import_with_their_parameter_counts(tmp_path, name):
+    params, text = HUB[name]
+    spec, diags = import_text(text, name=name)
+    assert not diags.items, errors(diags)
+    path = tmp_path / f"{name}.forge"
+    path.write_text(spec)
+    result = compile_spec(str(path))
+    assert not result.diagnostics.items
+    assert cost(result.graphs[name]).params_total == params
+
+
+def test_cli_writes_the_spec_and_refuses_to_overwrite(tmp_path):
+    src = write_config(tmp_path / "hf", LLAMA)
+    out = tmp_path / "llama_tiny.forge"
+    proc = run_forgec("import-hf", str(src), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "model llama_tiny, 2 layers" in proc.stderr
+    assert run_forgec("check", "-q", str(out)).returncode == 0
+    again = run_forgec("import-hf", str(src / "config.json"), "-o", str(out))
+    assert again.returncode == 2 and "exists; --force replaces it" in again.stderr
+    assert run_forgec("import-hf", str(src), "-o", str(out), "--force").returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nowhere"], "no such file or folder"),
+    (["{empty}"], "has no config.json"),
+    (["{src}", "-o", "{tmp}/not-a-name.forge"], "cannot name a model"),
+    (["{src}", "-o", "{tmp}/x.txt"], "must be a .forge file"),
+    (["{src}", "-o", "{tmp}/missing/x.forge"], "no folder"),
+    (["{src}", "--max-seq-len", "0"], "--max-seq-len must be positive"),
+])
+def test_usage_errors_exit_2(tmp_path, args, message):
+    src = write_config(tmp_path / "hf", LLAMA)
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(src=src, tmp=tmp_path, empty=tmp_path / "empty") for a in args]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "ok.forge")]
+    proc = run_forgec("import-hf", *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_importing_does_not_import_torch(tmp_path):
+    src = write_config(tmp_path / "hf", LLAMA)
+    code = textwrap.dedent(f"""\
+        import sys
+        from compiler.cli import main
+        assert main(["import-hf", {str(src)!r}, "-o", {str(tmp_path / 'a.forge')!r}]) == 0
+        assert "compiler.importers.hf" in sys.modules
+        assert "torch" not in sys.modules, "torch imported"
+        print("ok")
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout == "ok\n", proc.stderr
+
+
+def test_transformers_4_field_names_give_the_same_spec():
+    v5 = {**LLAMA, "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                                       "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64}}
+    del v5["rope_theta"]
+    v4 = {**LLAMA, "rope_theta": 500000.0,
+          "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+    a, da = import_text(json.dumps(v5))
+    b, db = import_text(json.dumps(v4))
+    assert not da.items and not db.items
+    body = lambda t: t[t.index("model m {"):]  # noqa: E731 — the header names the fields
+    assert re.sub(r"//.*", "", body(a)) == re.sub(r"//.*", "", body(b))
+    assert "scaling = llama3, scale_factor = 8.0" in a and "original_max_seq_len = 64" in a
+
+
+def test_qwen2_sliding_layers_and_biases():
+    cfg = {**LLAMA, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+           "num_hidden_layers": 6, "use_sliding_window": True, "sliding_window": 16,
+           "max_window_layers": 4, "tie_word_embeddings": True}
+    text, diags = import_text(json.dumps(cfg))
+    assert not diags.items
+    assert "qkv_bias = true" in text and "out_bias" not in text
+    assert "block dense_local(x) extends dense {" in text
+    assert "window = window" in text and re.search(r"^\s*last 2:\s+dense_local$", text, re.M)
+    assert "lm_head(dim, vocab_size, tie = token_embedding)" in text
+    # without use_sliding_window HF ignores sliding_window
+    text, diags = import_text(json.dumps({**cfg, "use_sliding_window": False}))
+    assert not diags.items and "window" not in text.split("model m {")[1]
+
+
+def test_qwen3_moe_stack_follows_sparse_step_and_mlp_only_layers():
+    cfg = {**LLAMA, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+           "num_hidden_layers": 8, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [5],
+           "norm_topk_prob": True, "head_dim": 24}
+    text, diags = import_text(json.dumps(cfg))
+    assert not diags.items, errors(diags)
+    rules = re.search(r"layers = stack\(n_layers\) \{\n(.*?)\n  \}", text, re.S).group(1)
+    # sparse where (i + 1) % 2 == 0 except 5: layers 1, 3, 7
+    assert [r.split() for r in rules.splitlines()] == [
+        ["default:", "dense"], ["at", "1:", "sparse"], ["at", "3:", "sparse"],
+        ["at", "7:", "sparse"]]
+    assert "renormalize = true" in text and "qk_norm = true" in text
+    assert re.search(r"^  n_experts\s+= 4\s+// num_experts$", text, re.M)
+
+
+def test_moe_balance_loss_follows_output_router_logits():
+    cfg = {**LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+           "num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02}
+    off, _ = import_text(json.dumps(cfg))
+    on, _ = import_text(json.dumps({**cfg, "output_router_logits": True}))
+    assert re.search(r"^  aux_loss_weight = 0.0 ", off, re.M)
+    assert re.search(r"^  aux_loss_weight = 0.02 ", on, re.M)
+
+
+def test_ignored_fields_are_listed_in_the_spec():
+    cfg = {**LLAMA, "my_field": 3}
+    _, diags = import_text(json.dumps(cfg))
+    assert [d.code for d in diags.errors] == ["E115"]
+    assert "--ignore my_field" in diags.errors[0].hint
+    text, diags = import_text(json.dumps(cfg), ignore={"my_field"})
+    assert not diags.items and "(--ignore): my_field." in text
+
+
+@pytest.mark.parametrize("n, layers, expected", [
+    (8, set(range(8)), ["default"]),
+    (8, {0, 1}, ["first 2"]),
+    (8, {6, 7}, ["last 2"]),
+    (8, {1, 3, 5, 7}, ["every 2"]),
+    (9, {0, 3, 6}, ["every 3 from 0"]),
+    (8, {2, 5}, ["every 3"]),
+    (8, {1, 2, 5}, ["at 1", "at 2", "at 5"]),
+])
+def test_stack_selectors(n, layers, expected):
+    assert selectors(layers, n) == expected
+
+
+# ---- located errors -----------------------------------------------------------------------
+
+
+def test_unsupported_values_are_located_errors_naming_the_field():
+    cfg = {**LLAMA, "hidden_act": "gelu", "mlp_bias": True, "attention_dropout": 0.1,
+           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    text = json.dumps(cfg, indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    found = {(d.code, d.span.line, d.span.col): d.message for d in diags.errors}
+    for key, word in (('"hidden_act"', "hidden_act 'gelu'"), ('"mlp_bias"', "mlp_bias"),
+                      ('"attention_dropout"', "attention_dropout"),
+                      ('"rope_type"', "rope type 'yarn'")):
+        where = ("E114", *position(text, key))
+        assert where in found and word in found[where], (where, found)
+    assert len(found) == 4  # yarn's own settings are not reported as unknown
+
+
+def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
+    cfg = {**LLAMA, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4,
+                                        "factor": 2.0}}
+    del cfg["rope_theta"]
+    src = write_config(tmp_path / "hf", cfg)
+    out = tmp_path / "m.forge"
+    proc = run_forgec("import-hf", str(src), "-o", str(out))
+    assert proc.returncode == 1
+    line, col = position((src / "config.json").read_text(), '"rope_type"')
+    assert f"config.json:{line}:{col}: error[E114]: rope type 'dynamic'" in proc.stderr
+    assert '"rope_type": "dynamic"' in proc.stderr and "^^^^^^^^^^^" in proc.stderr
+    assert "1 error" in proc.stderr and not out.exists()
+
+
+@pytest.mark.parametrize("cfg, code, key", [
+    ({**LLAMA, "model_type": "gpt_neox"}, "E111", '"model_type"'),
+    ({k: v for k, v in LLAMA.items() if k != "num_hidden_layers"}, "E112", "{"),
+    ({**LLAMA, "num_attention_heads": 0}, "E113", '"num_attention_heads"'),
+    ({**LLAMA, "vocab_size": 12.5}, "E113", '"vocab_size"'),
+    ({**LLAMA, "architectures": ["LlamaForSequenceClassification"]}, "E114",
+     '"LlamaForSequenceClassification"'),
+    ({**LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+      "num_local_experts": 4, "num_experts_per_tok": 2, "router_jitter_noise": 0.1},
+     "E114", '"router_jitter_noise"'),
+    ({**LLAMA, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+      "num_hidden_layers": 2, "layer_types": ["full_attention", "chunked_attention"]},
+     "E114", '"chunked_attention"'),
+    ({**LLAMA, "quantization_config": {"bits": 4}}, "E115", '"quantization_config"'),
+    ({**LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+      "num_local_experts": 4, "num_experts": 8, "num_experts_per_tok": 2}, "E116",
+     '"num_experts"'),
+    ({**LLAMA, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+      "layer_types": ["full_attention"]}, "E116", '"layer_types"'),
+    ({**LLAMA, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+      "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+      "mlp_only_layers": [0, 7]}, "E113", "7]"),
+])
+def test_errors_point_at_the_key(cfg, code, key):
+    text = json.dumps(cfg, indent=2).replace('[\n    0,\n    7\n  ]', "[0, 7]")
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+def test_every_error_of_a_config_is_reported_at_once():
+    cfg = {**LLAMA, "hidden_act": "relu", "foo": 1, "attention_dropout": 0.5}
+    del cfg["vocab_size"]
+    _, diags = import_text(json.dumps(cfg, indent=2))
+    assert sorted(d.code for d in diags.errors) == ["E112", "E114", "E114", "E115"]
+
+
+# ---- the documented examples (docs/errors.md, "Importing configs") ------------------------
+
+DOC = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+EXAMPLE = re.compile(r"^```(json|toml) file=(\S+)\n(.*?)^```\n"
+                     r"<!-- import-expect: (E\d{3}) at (\S+):(\d+):(\d+) -->", re.M | re.S)
+IMPORT_CODES = [f"E11{i}" for i in range(7)]
+
+
+def doc_examples():
+    out = []
+    for section in re.split(r"^### ", DOC, flags=re.M)[1:]:
+        code = section.split(" ", 1)[0]
+        for m in EXAMPLE.finditer(section):
+            out.append((code, *m.groups()))
+    return out
+
+
+EXAMPLES = doc_examples()
+
+
+def test_every_import_code_is_documented_with_an_example():
+    assert sorted({e[0] for e in EXAMPLES}) == IMPORT_CODES
+    assert len(re.findall(r"^<!-- import-expect:", DOC, re.M)) == len(EXAMPLES)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: f"{e[4]}@{e[2]}:{e[5]}:{e[6]}")
+def test_documented_example_reports_its_code_there(example):
+    section, kind, file, body, code, where, line, col = example
+    assert section == code and file == where
+    diags = Diagnostics()
+    try:
+        src = (parse_json if kind == "json" else parse_toml)(body, file)
+    except JSONSyntaxError as e:
+        diags.error("E110", str(e), e.span)
+    else:
+        (import_hf if kind == "json" else import_kf)(src, "m", file, diags)
+    assert errors(diags) == [(code, int(line), int(col))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+def test_every_import_code_in_the_source_is_documented():
+    source = "".join(p.read_text() for p in (ROOT / "compiler" / "importers").glob("*.py"))
+    assert sorted(set(re.findall(r'"(E11\d)"', source))) == IMPORT_CODES
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+
+def tiny_hf(model_cls, config_cls, seed=0, **kw):
+    config = config_cls(**{**{k: v for k, v in LLAMA.items()
+                              if k not in ("architectures", "model_type", "torch_dtype")},
+                           "initializer_range": 0.1, **kw})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+def imported(tmp: Path, folder: Path, name: str):
+    spec = tmp / f"{name}.forge"
+    assert forgec(["import-hf", str(folder), "-o", str(spec), "--force"]) == 0
+    return generate(tmp, spec)
+
+
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["safetensors-sharded", "bin", "bin-sharded"])
+def test_sharded_and_bin_checkpoints_load_like_safetensors(tmp_path, fmt):
+    ref = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig)
+    ref.save_pretrained(tmp_path / "single")
+    kwargs = {"max_shard_size": "20KB"} if fmt.endswith("sharded") else {}
+    if fmt.startswith("bin"):  # transformers 5 only writes safetensors: make the .bin files
+        sd = {k: v.clone() for k, v in ref.state_dict().items()}
+        out = tmp_path / fmt
+        out.mkdir()
+        if fmt == "bin":
+            torch.save(sd, out / "pytorch_model.bin")
+        else:
+            keys = sorted(sd)
+            shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": keys[i::2] for i in range(2)}
+            for name, part in shards.items():
+                torch.save({k: sd[k] for k in part}, out / name)
+            index = {"weight_map": {k: n for n, part in shards.items() for k in part}}
+            (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    else:
+        ref.save_pretrained(tmp_path / fmt, **kwargs)
+        assert (tmp_path / fmt / "model.safetensors.index.json").exists()
+    mod = imported(tmp_path, tmp_path / "single", "llama_ck")
+    a, b = mod.Transformer(), mod.Transformer()
+    load_hf_checkpoint(a, tmp_path / "single")
+    load_hf_checkpoint(b, tmp_path / fmt)
+    assert_same_state(a, b)
+
+
+def test_round_trip_load_save_load_is_exact_and_transformers_reads_it(tmp_path):
+    for name, model_cls, config_cls, kw in (
+            ("qwen2_rt", hf.Qwen2ForCausalLM, hf.Qwen2Config, {"tie_word_embeddings": True}),
+            ("qwen3_rt", hf.Qwen3ForCausalLM, hf.Qwen3Config, {"head_dim": 24}),
+            ("mixtral_rt", hf.MixtralForCausalLM, hf.MixtralConfig,
+             {"num_local_experts": 4, "num_experts_per_tok": 2})):
+        ref = tiny_hf(model_cls, config_cls, **kw)
+        ref.save_pretrained(tmp_path / name)
+        mod = imported(tmp_path, tmp_path / name, name)
+        first = load_hf_checkpoint(mod.Transformer(), tmp_path / name)
+        save_hf_checkpoint(first, tmp_path / f"{name}_out", config=tmp_path / name)
+        second = load_hf_checkpoint(mod.Transformer(), tmp_path / f"{name}_out")
+        assert_same_state(first, second)
+        back = model_cls.from_pretrained(tmp_path / f"{name}_out",
+                                         attn_implementation="eager").eval()
+        ids = torch.randint(0, 128, (1, 12))
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, ref(ids).logits), name
+
+
+def test_tied_heads_must_match(tmp_path):
+    ref = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig)
+    ref.save_pretrained(tmp_path / "untied")
+    tied = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig, tie_word_embeddings=True)
+    tied.save_pretrained(tmp_path / "tied")
+    untied_mod = imported(tmp_path, tmp_path / "untied", "untied")
+    tied_mod = imported(tmp_path, tmp_path / "tied", "tied")
+    m = load_hf_checkpoint(tied_mod.Transformer(), tmp_path / "tied")
+    assert m.output_head.proj.weight is m.token_embedding.embedding.weight
+    with pytest.raises(RunError, match="no lm_head.weight.*not tied"):
+        load_hf_checkpoint(untied_mod.Transformer(), tmp_path / "tied")
+    with pytest.raises(RunError, match="ties output_head.*differs"):
+        load_hf_checkpoint(tied_mod.Transformer(), tmp_path / "untied")
+    with pytest.raises(RunError, match="tie_word_embeddings"):
+        save_hf_checkpoint(untied_mod.Transformer(), tmp_path / "bad", config=tmp_path / "tied")
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+    small = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig)
+    small.save_pretrained(tmp_path / "small")
+    wide = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig, intermediate_size=128)
+    wide.save_pretrained(tmp_path / "wide")
+    biased = tiny_hf(hf.LlamaForCausalLM, hf.LlamaConfig, attention_bias=True)
+    biased.save_pretrained(tmp_path / "biased")
+    mod = imported(tmp_path, tmp_path / "small", "small")
+    with pytest.raises(RunError, match=r"layers\.0\.mlp\.gate_proj\.weight \(128, 64\) \(model \(96, 64\)\)"):
+        load_hf_checkpoint(mod.Transformer(), tmp_path / "wide")  # shapes differ
+    with pytest.raises(RunError, match=r"the model has no layers\.0\.attention\.k_proj\.bias"):
+        load_hf_checkpoint(mod.Transformer(), tmp_path / "biased")
+    with pytest.raises(RunError, match="holds no weights"):
+        load_hf_checkpoint(mod.Transformer(), tmp_path)
+
+
+def test_moe_experts_are_transposed_and_packed():
+    hf_sd = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight":
+             torch.randn(3, 2) if w != "w2" else torch.randn(2, 3)
+             for e in range(4) for w in ("w1", "w2", "w3")}
+    hf_sd["model.layers.0.block_sparse_moe.gate.weight"] = torch.randn(4, 2)
+    sd = hf_to_forge(hf_sd)
+    gate = sd["layers.0.mlp.experts.gate_proj"]
+    assert gate.shape == (4, 2, 3) and sd["layers.0.mlp.experts.down_proj"].shape == (4, 3, 2)
+    e, x = 2, torch.randn(5, 2)  # expert e as a Linear: x @ W1ᵀ
+    assert torch.allclose(x @ gate[e], x @ hf_sd[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"].t())
+    assert torch.equal(sd["layers.0.mlp.router.weight"],
+                       hf_sd["model.layers.0.block_sparse_moe.gate.weight"])
+    # transformers 5's in-memory packing reads the same
+    packed = {"model.layers.0.mlp.experts.gate_up_proj": torch.cat(
+                  [torch.stack([hf_sd[f"model.layers.0.block_sparse_moe.experts.{i}.{w}.weight"]
+                                for i in range(4)]) for w in ("w1", "w3")], dim=1),
+              "model.layers.0.mlp.experts.down_proj": torch.stack(
+                  [hf_sd[f"model.layers.0.block_sparse_moe.experts.{i}.w2.weight"]
+                   for i in range(4)])}
+    sd2 = hf_to_forge(packed)
+    for role in ("gate", "up", "down"):
+        assert torch.equal(sd2[f"layers.0.mlp.experts.{role}_proj"],
+                           sd[f"layers.0.mlp.experts.{role}_proj"])
+    del hf_sd["model.layers.0.block_sparse_moe.experts.3.w3.weight"]
+    with pytest.raises(RunError, match="expert 3 of 4 has no up projection"):
+        hf_to_forge(hf_sd)
+
+
+def test_forge_to_hf_names_are_the_inverse(tmp_path):
+    ref = tiny_hf(hf.Qwen3MoeForCausalLM, hf.Qwen3MoeConfig, num_experts=4,
+                  num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0],
+                  head_dim=24)
+    ref.save_pretrained(tmp_path / "q")
+    mod = imported(tmp_path, tmp_path / "q", "qmoe")
+    m = load_hf_checkpoint(mod.Transformer(), tmp_path / "q")
+    names = forge_to_hf(m, "qwen3_moe")
+    from safetensors.torch import load_file
+    original = load_file(tmp_path / "q" / "model.safetensors")
+    assert names.keys() == original.keys()
+    for k in names:
+        assert torch.equal(names[k], original[k]), k
