@@ -10,6 +10,8 @@ A run folder holds
   run.json          the spec, package name and settings of the run
   package/NAME/     the generated model package
   metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, tokens
+                    (and `moe`: per MoE layer, each expert's share of the routed slots
+                    and the slots dropped by capacity; see MoEStats)
   checkpoints/      step_NNNNNN/ (see runtime/checkpoint.py)
   loss.png          the loss curve, written at the end
 
@@ -147,13 +149,42 @@ def make_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, **kw)
 
 
+class MoEStats:
+    """Routing statistics of one optimizer step, summed over its micro-batches:
+    routed slots per expert and slots dropped by capacity, per MoE layer FQN."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.dropped: dict[str, int] = {}
+
+    def add(self, model: torch.nn.Module) -> None:
+        for fqn, counts in model.get_expert_counts().items():
+            counts = counts.detach().float().cpu()
+            self.counts[fqn] = self.counts[fqn] + counts if fqn in self.counts else counts
+        for fqn, n in model.get_dropped_tokens().items():
+            self.dropped[fqn] = self.dropped.get(fqn, 0) + int(n)
+
+    def row(self) -> dict:
+        """{fqn: {"load": each expert's share of the routed slots, "max_load": the
+        busiest expert's share times the number of experts (1.0 = balanced),
+        "dropped": slots dropped}} -- empty for a model without MoE layers."""
+        out = {}
+        for fqn, counts in self.counts.items():
+            share = counts / counts.sum().clamp(min=1)
+            out[fqn] = {"load": [round(float(x), 6) for x in share],
+                        "max_load": round(float(share.max()) * len(share), 6),
+                        "dropped": self.dropped.get(fqn, 0)}
+        return out
+
+
 def accumulate_gradients(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                         doc_ids: torch.Tensor, *, grad_accum: int = 1,
-                         bf16: bool = False) -> torch.Tensor:
+                         doc_ids: torch.Tensor, *, grad_accum: int = 1, bf16: bool = False,
+                         moe_stats: MoEStats | None = None) -> torch.Tensor:
     """Forward and backward of one optimizer step's batch, in `grad_accum`
     micro-batches; gradients add up to those of the whole batch. Returns the
     loss: mean next-token cross-entropy over the batch's trained targets plus
-    the model's MoE auxiliary loss (averaged over micro-batches)."""
+    the model's weighted MoE balance and router z-losses (averaged over
+    micro-batches). `moe_stats`, if given, collects each micro-batch's routing."""
     n_targets = max(1, int((targets != IGNORE_INDEX).sum()))
     total = torch.zeros((), dtype=torch.float32, device=inputs.device)
     device_type = inputs.device.type
@@ -163,9 +194,12 @@ def accumulate_gradients(model: torch.nn.Module, inputs: torch.Tensor, targets: 
             logits = model(inp, doc_ids=doc)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(),
                              ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = ce / n_targets + model.get_moe_aux_loss().float() / grad_accum
+        router_losses = model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
+        loss = ce / n_targets + router_losses / grad_accum
         loss.backward()
         total += loss.detach()
+        if moe_stats is not None:
+            moe_stats.add(model)
     return total
 
 
@@ -338,8 +372,10 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.set_moe_step(step, s.schedule_steps)
+            moe_stats = MoEStats()
             loss = accumulate_gradients(model, batch.inputs, batch.targets, batch.doc_ids,
-                                        grad_accum=s.grad_accum, bf16=s.bf16)
+                                        grad_accum=s.grad_accum, bf16=s.bf16,
+                                        moe_stats=moe_stats)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -347,6 +383,8 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
             tokens_seen += s.batch_size * s.seq_len
             last = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
                     "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen}
+            if moe_stats.counts:
+                last["moe"] = moe_stats.row()
             log.write(json.dumps(last) + "\n")
             log.flush()
             if bar:
