@@ -311,7 +311,7 @@ class _Binder:
             if e.op == "+" and isinstance(left, str) and isinstance(right, str):
                 return left + right
             d.error("E033", f"cannot apply '{e.op}' to {_describe(left)} and {_describe(right)}",
-                    e.op_span if e.op_span.line == e.op_span.end_line else e.span)
+                    e.op_span)
             raise _Invalid
         both_int = isinstance(left, int) and isinstance(right, int)
         if e.op in ("/", "//", "%") and right == 0:

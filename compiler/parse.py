@@ -49,7 +49,7 @@ def parse(text: str, file: str) -> ast.Module:
         tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, text, file) from None
-    return _Converter(file).module(tree)
+    return _Converter(file, text).module(tree)
 
 
 # ---- syntax errors ------------------------------------------------------------
@@ -103,6 +103,8 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> ForgeError:
     hint = None
     if tok.type == "EQUAL":
         hint = "only a name can be assigned to"
+    elif tok.type == "__ANON_0":
+        hint = "comments start with '#'; '//' is integer division rounding down"
     return ForgeError("E002", f"unexpected {shown!r}" + _describe_expected(e.expected), span, hint)
 
 
@@ -113,8 +115,31 @@ _ESCAPE_RE = re.compile(r"\\(.)")
 
 
 class _Converter:
-    def __init__(self, file: str):
+    def __init__(self, file: str, text: str):
         self.file = file
+        self.text = text
+
+    def operator_span(self, left, right, op: str) -> Span:
+        """The operator between two operands: the first `op` outside comments in
+        the gap (which may also hold parentheses and comments)."""
+        start = left.meta.end_pos if isinstance(left, Tree) else left.end_pos
+        end = right.meta.start_pos if isinstance(right, Tree) else right.start_pos
+        i = start
+        while i < end:
+            if self.text.startswith("#", i):
+                newline = self.text.find("\n", i, end)
+                i = end if newline < 0 else newline + 1
+            elif self.text.startswith("/*", i):
+                close = self.text.find("*/", i + 2, end)
+                i = end if close < 0 else close + 2
+            elif self.text.startswith(op, i):
+                break
+            else:
+                i += 1
+        assert i < end, "an operator lies between its operands"
+        line = self.text.count("\n", 0, i) + 1
+        col = i - (self.text.rfind("\n", 0, i) + 1) + 1
+        return Span(self.file, line, col, line, col + len(op))
 
     def span(self, node) -> Span:
         if isinstance(node, Token):
@@ -230,8 +255,7 @@ class _Converter:
         ops = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%"}
         if kind in ops:
             left, right = node.children
-            lspan, rspan = self.span(left), self.span(right)
-            op_span = Span(self.file, lspan.end_line, lspan.end_col, rspan.line, rspan.col)
+            op_span = self.operator_span(left, right, ops[kind])
             return ast.BinOp(ops[kind], self.expr(left, d), self.expr(right, d), self.span(node),
                              op_span)
         raise AssertionError(f"unhandled expression {kind}")

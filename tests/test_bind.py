@@ -54,6 +54,12 @@ def value(forge, expr: str):
     ("min(3, 4.5)", 3),
     ("max(3, 4.5)", 4.5),
     ("9223372036854775806 + 1", (1 << 63) - 1),
+    ("7 // 2", 3),
+    ("-7 // 2", -4),
+    ("8 * 64 // 3", 170),
+    ("7.0 // 2", 3.0),
+    ("7 // 2  # a comment", 3),
+    ("7 /* a comment */ // 2", 3),
 ])
 def test_arithmetic_values(forge, expr, expected):
     v = value(forge, expr)
@@ -93,9 +99,9 @@ def test_overflow_is_E032(forge):
 def test_type_errors_are_E033(forge):
     _, diags = params(forge, 'a = "x" * 2', "b = true + 1", 'c = -"s"', "d = [1] + 1",
                       "e = r + 1", "r = rope(head_dim = 16, max_seq_len = 8)")
-    # binary operators are located at the operator (the gap between the operands)
-    assert codes(diags) == [("E033", 2, 10), ("E033", 3, 11), ("E033", 4, 7), ("E033", 5, 10),
-                            ("E033", 6, 8)]
+    # binary operators are located at the operator itself
+    assert codes(diags) == [("E033", 2, 11), ("E033", 3, 12), ("E033", 4, 7), ("E033", 5, 11),
+                            ("E033", 6, 9)]
     a, b, c, d, e = diags.errors
     assert a.message == "cannot apply '*' to the string 'x' and the number 2"
     assert b.message == "cannot apply '+' to true and the number 1"
@@ -104,9 +110,9 @@ def test_type_errors_are_E033(forge):
     assert e.message == "cannot apply '+' to the rope component 'r' and the number 1"
 
 
-def test_type_error_across_lines_is_located_at_the_expression(forge):
+def test_type_error_across_lines_is_located_at_the_operator(forge):
     _, diags = params(forge, 'a = 1 +\n    "x"')
-    assert codes(diags) == [("E033", 2, 7)]
+    assert codes(diags) == [("E033", 2, 9)]
 
 
 def test_an_error_is_reported_once_however_often_the_name_is_read(forge):
@@ -495,7 +501,7 @@ def test_model_level_component_applied_in_a_block_is_E049(forge):
 
 
 @pytest.mark.parametrize("line, col, message", [
-    ("h = x - mlp(n1(x))", 10, "'-' is not defined on tensors"),
+    ("h = x - mlp(n1(x))", 11, "'-' is not defined on tensors"),
     ("h = mlp(n1(x)) * x", 22, "'x' is a tensor; parameters and op arguments are compile-time values"),
     ('h = mlp(n1(x)) * "s"', 22, "a tensor can only be scaled by a number, got the string 's'"),
     ("h = mlp(n1(x, y = 1))", 19, "components are applied to tensors, not named arguments"),

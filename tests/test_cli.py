@@ -380,7 +380,7 @@ def test_an_empty_file_is_E006(tmp_path):
 
 
 def test_a_file_of_only_comments_is_E006(tmp_path):
-    path = write(tmp_path, "// nothing here\n/* nor\n   here */\n\n")
+    path = write(tmp_path, "# nothing here\n/* nor\n   here */\n\n")
     assert_spec_error(run_forgec("check", str(path)), path, "E006", 1, 1)
 
 
@@ -405,10 +405,10 @@ def test_binary_bytes_are_E004_at_the_nul(tmp_path):
 
 
 def test_invalid_utf8_is_E004_at_the_bad_byte(tmp_path):
-    text = with_line(3, '  dim = 64 // caf\xe9').encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
+    text = with_line(3, '  dim = 64 # caf\xe9').encode("utf-8").replace(b"\xc3\xa9", b"\xe9")
     path = write(tmp_path, text)
     proc = run_forgec("check", str(path))
-    assert_spec_error(proc, path, "E004", 3, 18)
+    assert_spec_error(proc, path, "E004", 3, 17)
     assert "invalid UTF-8 (byte 0xe9)" in proc.stderr
 
 
@@ -416,7 +416,7 @@ def test_a_10_mb_file_is_E005_without_reading_it(tmp_path):
     path = tmp_path / "huge.forge"
     with open(path, "w") as f:
         f.write(VALID)
-        f.write("// padding\n" * 1_000_000)
+        f.write("# padding\n" * 1_000_000)
     assert path.stat().st_size > 10_000_000
     start = time.monotonic()
     proc = run_forgec("check", str(path))

@@ -67,11 +67,11 @@ def _nul_byte(path: Path) -> None:
 
 
 def _latin1(path: Path) -> None:
-    path.write_bytes("model tiny {\n  // café\n}\n".encode("latin-1"))
+    path.write_bytes("model tiny {\n  # café\n}\n".encode("latin-1"))
 
 
 def _too_large(path: Path) -> None:
-    line = b"// padding: a generated spec that grew past the limit\n"
+    line = b"# padding: a generated spec that grew past the limit\n"
     path.write_bytes(line * (MAX_SPEC_BYTES // len(line) + 1))
     assert path.stat().st_size > MAX_SPEC_BYTES
 

@@ -116,7 +116,8 @@ PUNCT = ["(", ")", "{", "}", "[", "]", ",", ":", ";", "=", "+", "-", "*", "/", "
          ".", "@", "#", "'", "\\", "\t", "\n", "\r\n", "\ufeff", "é"]
 STRINGS = ['"a"', '""', '"llama3_8b.forge"', '"x.forge"', '"../x.forge"', '"/etc/passwd"',
            '"\\n"', '"\\q"', '"\\"', '"', '"abc']
-COMMENTS = ["// comment\n", "//", "/* c */", "/* multi\nline */", "/*", "*/", "/**/"]
+COMMENTS = ["# comment\n", "#", "// old-style comment\n", "/* c */", "/* multi\nline */", "/*",
+            "*/", "/**/"]
 TOKENS = KEYWORDS + NAMES + NUMBERS + PUNCT + STRINGS + COMMENTS
 
 token = st.sampled_from(TOKENS)
@@ -166,7 +167,7 @@ expression = st.recursive(leaf, lambda inner: st.one_of(
     st.lists(inner, max_size=3).map(lambda items: f"[{', '.join(items)}]"),
 ), max_leaves=10)
 
-ASSIGNMENT = re.compile(r"^(\s*)(\w+)(\s*=\s*)(.+?)(\s*(?://.*)?)$", re.MULTILINE)
+ASSIGNMENT = re.compile(r"^(\s*)(\w+)(\s*=\s*)(.+?)(\s*(?:#.*)?)$", re.MULTILINE)
 
 
 @FUZZ
@@ -184,7 +185,7 @@ def test_random_values_in_a_spec_never_crash(workdir, data):
 
 # ---- (b) mutations of the committed specs --------------------------------------------
 
-TOKEN_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|//[^\n]*|/\*.*?\*/|[A-Za-z_][A-Za-z0-9_]*'
+TOKEN_RE = re.compile(r'"(?:[^"\\\n]|\\.)*"|#[^\n]*|/\*.*?\*/|[A-Za-z_][A-Za-z0-9_]*'
                       r"|[0-9][0-9_.eE+-]*|//|\S", re.DOTALL)
 NUMBER_RE = re.compile(r"(?<![A-Za-z0-9_.])[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][+-]?[0-9]+)?")
 REPLACEMENTS = ["0", "-1", "1", "3", str(10**18), str(10**30), "1e400", "0.0", "-0",

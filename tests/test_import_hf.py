@@ -109,9 +109,9 @@ def test_llama_spec_is_readable_and_compiles_cleanly(tmp_path):
     text, diags = import_text(json.dumps(LLAMA, indent=2), name="llama_tiny")
     assert not diags.items
     assert "model llama_tiny {" in text
-    assert re.search(r"^  dim\s+= 64\s+// hidden_size$", text, re.M)
-    assert re.search(r"^  n_kv_heads\s+= 2\s+// num_key_value_heads$", text, re.M)
-    assert re.search(r"^  init_std\s+= 0.02\s+// initializer_range \(default\)$", text, re.M)
+    assert re.search(r"^  dim\s+= 64\s+# hidden_size$", text, re.M)
+    assert re.search(r"^  n_kv_heads\s+= 2\s+# num_key_value_heads$", text, re.M)
+    assert re.search(r"^  init_std\s+= 0.02\s+# initializer_range \(default\)$", text, re.M)
     assert "block dense(x) {" in text and "layers      = stack(n_layers) { default: dense }" in text
     assert "(LlamaForCausalLM, model_type \"llama\")" in text
     spec = tmp_path / "llama_tiny.forge"
@@ -192,7 +192,7 @@ def test_transformers_4_field_names_give_the_same_spec():
     b, db = import_text(json.dumps(v4))
     assert not da.items and not db.items
     body = lambda t: t[t.index("model m {"):]  # noqa: E731 — the header names the fields
-    assert re.sub(r"//.*", "", body(a)) == re.sub(r"//.*", "", body(b))
+    assert re.sub(r"#.*", "", body(a)) == re.sub(r"#.*", "", body(b))
     assert "scaling = llama3, scale_factor = 8.0" in a and "original_max_seq_len = 64" in a
 
 
@@ -224,7 +224,7 @@ def test_qwen3_moe_stack_follows_sparse_step_and_mlp_only_layers():
         ["default:", "dense"], ["at", "1:", "sparse"], ["at", "3:", "sparse"],
         ["at", "7:", "sparse"]]
     assert "renormalize = true" in text and "qk_norm = true" in text
-    assert re.search(r"^  n_experts\s+= 4\s+// num_experts$", text, re.M)
+    assert re.search(r"^  n_experts\s+= 4\s+# num_experts$", text, re.M)
 
 
 def test_moe_balance_loss_follows_output_router_logits():

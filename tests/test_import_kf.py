@@ -89,8 +89,8 @@ def test_llama_7b_has_its_published_size(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "model llama_7b, 32 layers, 6,738,415,616 parameters" in proc.stderr
     text = out.read_text()
-    assert re.search(r"^  ffn_hidden\s+= 11008\s+// ffn_hidden_dim$", text, re.M)
-    assert re.search(r"^  norm_eps\s+= 1e-5\s+// norm_eps \(default\)$", text, re.M)
+    assert re.search(r"^  ffn_hidden\s+= 11008\s+# ffn_hidden_dim$", text, re.M)
+    assert re.search(r"^  norm_eps\s+= 1e-5\s+# norm_eps \(default\)$", text, re.M)
     assert run_forgec("check", "-q", str(out)).returncode == 0
 
 
@@ -110,7 +110,7 @@ def test_mlp_width_falls_back_to_the_number_where_the_formulas_differ(monkeypatc
     monkeypatch.setattr(kf, "kf_ffn_hidden", lambda dim, mult: 4352)
     text, diags = convert("[model]\ndim = 1024\nn_heads = 8\nn_layers = 2\n")
     assert not diags.items
-    assert re.search(r"^  ffn_hidden\s+= 4352\s+// 256·ceil", text, re.M)
+    assert re.search(r"^  ffn_hidden\s+= 4352\s+# 256·ceil", text, re.M)
     assert "ffn_hidden(dim" not in text
 
 
@@ -236,10 +236,10 @@ def test_a_kempnerforge_state_dict_loads_strictly(tmp_path, norm_type, activatio
 def test_defaults_are_kempnerforges_and_say_so():
     text, diags = convert("[model]\ndim = 256\nn_heads = 4\n")
     assert not diags.items
-    assert re.search(r"^  n_layers\s+= 32\s+// n_layers \(default\)$", text, re.M)
-    assert re.search(r"^  vocab_size\s+= 32000\s+// vocab_size \(default\)$", text, re.M)
-    assert re.search(r"^  n_kv_heads\s+= 4\s+// n_kv_heads \(default\) = n_heads$", text, re.M)
-    assert re.search(r"^  max_seq_len\s+= 2048\s+// max_seq_len \(default\)$", text, re.M)
+    assert re.search(r"^  n_layers\s+= 32\s+# n_layers \(default\)$", text, re.M)
+    assert re.search(r"^  vocab_size\s+= 32000\s+# vocab_size \(default\)$", text, re.M)
+    assert re.search(r"^  n_kv_heads\s+= 4\s+# n_kv_heads \(default\) = n_heads$", text, re.M)
+    assert re.search(r"^  max_seq_len\s+= 2048\s+# max_seq_len \(default\)$", text, re.M)
 
 
 def test_dense_models_ignore_the_moe_settings_like_kempnerforge():

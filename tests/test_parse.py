@@ -46,7 +46,7 @@ def S(line: int, col: int, end_line: int, end_col: int) -> Span:
 def test_empty_file_is_an_empty_module():
     m = parse("", F)
     assert m == ast.Module(F, (), ())
-    assert parse("// only a comment\n/* and\n a block comment */\n", F) == ast.Module(F, (), ())
+    assert parse("# only a comment\n/* and\n a block comment */\n", F) == ast.Module(F, (), ())
 
 
 def test_imports_and_sections_with_positions():
@@ -275,8 +275,13 @@ def test_precedence_and_associativity():
 def test_binop_spans():
     e = value("dim  *  2")
     assert e.span == S(2, 7, 2, 16)
-    # the operator's span covers the gap between the operands
-    assert e.op_span == S(2, 10, 2, 15)
+    # the operator's span is the operator itself
+    assert e.op_span == S(2, 12, 2, 13)
+    # ... also with parentheses and comments in the gap
+    e = value("(dim) /* times: / * */ //  # not here: * \n (2)")
+    assert e.op == "//" and e.op_span == S(2, 30, 2, 32)
+    e = value("dim # a / b\n  / 2")
+    assert e.op == "/" and e.op_span == S(3, 3, 3, 4)
 
 
 def test_negation():
@@ -289,7 +294,7 @@ def test_negation():
 
 def test_comments_are_ignored_everywhere():
     stmts = body("""\
-        model m { // the model
+        model m { # the model
           a = 1 /* inline */ + 2
           /* multi
              line */

@@ -11,7 +11,7 @@ from compiler.driver import compile_spec
 from compiler.plans import auto_split, plan_data
 
 LLAMA = (ROOT / "specs" / "llama_debug.forge").read_text()
-BASE = LLAMA[: LLAMA.index("// ---- parallel plans")]
+BASE = LLAMA[: LLAMA.index("# ---- parallel plans")]
 
 
 def errors(diags):

@@ -90,7 +90,7 @@ def test_diamond_import_loads_the_shared_file_once(tmp_path):
 
 def test_import_cycle_is_E011_at_the_import_that_closes_it(tmp_path, forge):
     _, diags = forge('import "b.forge"\n' + model("a"), extra={
-        "b.forge": '// b\nimport "c.forge"\n',
+        "b.forge": '# b\nimport "c.forge"\n',
         "c.forge": '\n\nimport "b.forge"\n',
     })
     assert located(diags) == [("E011", "c.forge", 3, 1)]
@@ -128,7 +128,7 @@ def test_escape_is_judged_against_the_root_not_the_importer(tmp_path, forge):
 
 
 def test_missing_import_is_E010_at_the_import(forge):
-    _, diags = forge('// header\n   import "nope.forge"\n' + model("a"))
+    _, diags = forge('# header\n   import "nope.forge"\n' + model("a"))
     assert codes(diags) == [("E010", 2, 4)]
     d = diags.errors[0]
     assert d.message.startswith("cannot import 'nope.forge': no such file: ")

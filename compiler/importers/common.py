@@ -363,7 +363,7 @@ class Decoder:
     """A pre-norm decoder (embedding → blocks → norm → head), ready to be written."""
 
     name: str
-    header: list[str]  # comment lines, without the `// `
+    header: list[str]  # comment lines, without the `# `
     params: Params
     norm: str  # the norm call, e.g. "rmsnorm(dim, eps = norm_eps)"
     rope: list[str] | None  # rope arguments
@@ -413,7 +413,7 @@ class Decoder:
         bw, bm = base
         note = self.block_notes.get(names[base])
         if note:
-            body.append(f"  // {note}")
+            body.append(f"  # {note}")
         body.append(f"  block {names[base]}(x) {{")
         body.append(f"    attention_norm = {self.norm}")
         body.append(f"    attention      = {self._attention(bw, 21)}")
@@ -428,7 +428,7 @@ class Decoder:
             body.append("")
             note = self.block_notes.get(names[kind])
             if note:
-                body.append(f"  // {note}")
+                body.append(f"  # {note}")
             body.append(f"  block {names[kind]}(x) extends {names[base]} {{")
             if w != bw:
                 body.append(f"    attention = {self._attention(w, 16)}")
@@ -441,7 +441,7 @@ class Decoder:
         for kind in order[1:]:
             rules += [(sel, names[kind]) for sel in selectors(set(counts[kind]), n)]
         for note in self.stack_notes:
-            body += [f"  // {line}" for line in textwrap.wrap(note, 94)]
+            body += [f"  # {line}" for line in textwrap.wrap(note, 94)]
         self.params("n_layers")
         if len(rules) == 1:
             body.append(f"  layers      = stack(n_layers) {{ default: {rules[0][1]} }}")
@@ -455,7 +455,7 @@ class Decoder:
         body.append(f"  output_head = lm_head(dim, vocab_size{tie})")
         body.append("}")
 
-        out = [f"// {line}" for h in self.header for line in textwrap.wrap(h, 96) or [""]]
+        out = [f"# {line}".rstrip() for h in self.header for line in textwrap.wrap(h, 96) or [""]]
         out += ["", f"model {self.name} {{"]
         used = [p for p in self.params.items.values() if p.used]
         width = max(len(p.name) for p in used)
@@ -463,6 +463,6 @@ class Decoder:
         # align the comments, except after the odd long expression
         vwidth = max((len(v) for v in values if len(v) <= 40), default=0)
         for p, v in zip(used, values, strict=True):
-            out.append(f"{v:<{vwidth}}  // {p.note}" if p.note else v)
+            out.append(f"{v:<{vwidth}}  # {p.note}" if p.note else v)
         out.append("")
         return "\n".join(out + body) + "\n"
