@@ -131,8 +131,7 @@ def cmd_check(args) -> int:
             status = EXIT_SPEC
             continue
         if not args.quiet:
-            from .cost import cost
-            from .emit import vlm_cost
+            from .cost import cost, vlm_cost
 
             for name, graph in result.graphs.items():
                 c = cost(graph)
@@ -167,7 +166,7 @@ def cmd_info(args) -> int:
 
     vlm = result.vlms.get(name)
     if vlm is not None:
-        from .emit import vlm_cost
+        from .cost import vlm_cost
 
         c = vlm_cost(result, vlm)  # the text decoder's FLOPs and cache, all parameters
         c.model = name

@@ -107,3 +107,26 @@ def default_seq_len(model) -> int:
         if comp.op.name == "rope":
             return comp.args["max_seq_len"]
     return 2048
+
+
+def vlm_cost(comp, vlm) -> Cost:
+    """A VLM's cost: its text model's FLOPs and KV cache, with the encoder's,
+    adapter's and fusion's parameters added (`comp` is a driver.Compilation)."""
+    from .vlm import fusion_params
+
+    c = cost(comp.graphs[vlm.text])
+    vision = cost(comp.graphs[vlm.vision])
+    extra = vision.params_total + sum(numel(s) for s in
+                                      vlm.adapter.op.weights(vlm.adapter.args).values())
+    fusion_total, fusion_active = fusion_params(vlm, comp.models[vlm.text])
+    c.params_total += extra + fusion_total
+    c.params_active += extra + fusion_active
+    if not vlm.fusion.op.causal(vlm.fusion.args):
+        c.supports_kv_cache = False
+        c.kv_bytes_per_token = 0
+        c.non_causal = [*c.non_causal, f"fusion {vlm.fusion.op.name} ({vlm.name})"]
+    c.breakdown = {**{f"vision_encoder.{k}": v for k, v in vision.breakdown.items()},
+                   "adapter": sum(numel(s) for s in vlm.adapter.op.weights(vlm.adapter.args)
+                                  .values()),
+                   **c.breakdown}
+    return c

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import jinja2
 
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
-from .cost import cost
+from .cost import cost, vlm_cost
 from .driver import Compilation
-from .ops import OPS, NestedCall, mask_key, numel, patch_tokens
+from .ops import OPS, NestedCall, mask_key, patch_tokens
 from .plans import layer_units, plan_data, tp_plan
-from .vlm import MLP_OPS, fusion_params
+from .vlm import MLP_OPS
 
 LINE = 100  # the line length ruff formats the generated code to
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
@@ -560,26 +560,6 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                                 sort_keys=True) + "\n",
     }
     return files
-
-
-def vlm_cost(comp: Compilation, vlm):
-    """The text model's cost with the encoder's, adapter's and fusion's parameters added."""
-    c = cost(comp.graphs[vlm.text])
-    vision = cost(comp.graphs[vlm.vision])
-    extra = vision.params_total + sum(numel(s) for s in
-                                      vlm.adapter.op.weights(vlm.adapter.args).values())
-    fusion_total, fusion_active = fusion_params(vlm, comp.models[vlm.text])
-    c.params_total += extra + fusion_total
-    c.params_active += extra + fusion_active
-    if not vlm.fusion.op.causal(vlm.fusion.args):
-        c.supports_kv_cache = False
-        c.kv_bytes_per_token = 0
-        c.non_causal = [*c.non_causal, f"fusion {vlm.fusion.op.name} ({vlm.name})"]
-    c.breakdown = {**{f"vision_encoder.{k}": v for k, v in vision.breakdown.items()},
-                   "adapter": sum(numel(s) for s in vlm.adapter.op.weights(vlm.adapter.args)
-                                  .values()),
-                   **c.breakdown}
-    return c
 
 
 def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
