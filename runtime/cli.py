@@ -50,7 +50,21 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     g.add_argument("--top-k", type=int, metavar="K")
     g.add_argument("--top-p", type=float, metavar="P")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    return {"train": cmd_train, "generate": cmd_generate}
+    p = sub.add_parser(
+        "plan", help="a parallel plan at scale: per-rank parameters and memory",
+        description="Build SPEC's model on the meta device under a fake process group of "
+        "WORLD ranks, apply the plan's pipeline split and FSDP sharding, and report each "
+        "rank's parameters and memory (weights, gradients, AdamW, gathered, activations).")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--plan", required=True, metavar="NAME")
+    p.add_argument("--world", required=True, type=int, metavar="N",
+                   help="ranks; must equal the plan's mesh product")
+    p.add_argument("--micro-batch", type=int, default=1, metavar="B",
+                   help="sequences per microbatch (default 1)")
+    p.add_argument("--seq-len", type=int, metavar="L",
+                   help="tokens per sequence (default: the model's max_seq_len)")
+    p.add_argument("--json", action="store_true", help="JSON with a per_rank list")
+    return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan}
 
 
 def cmd_train(args) -> int:
@@ -86,3 +100,9 @@ def cmd_generate(args) -> int:
                          note_stream=sys.stderr, token_file=info["settings"].get("data"))
     sys.stdout.write(text + "\n")
     return 0
+
+
+def cmd_plan(args) -> int:
+    from .planner import cmd_plan as run
+
+    return run(args)
