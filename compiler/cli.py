@@ -162,7 +162,7 @@ def cmd_info(args) -> int:
     name = _select(result, args.model)
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError("--seq-len must be positive")
-    from .plans import plan_data
+    from .plans import plan_data, vlm_plan_data
 
     vlm = result.vlms.get(name)
     if vlm is not None:
@@ -172,8 +172,12 @@ def cmd_info(args) -> int:
         c.model = name
     else:
         c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
-    plans = {p.name: plan_data(p, result.models[name], result.graphs[name])
-             for p in result.plans.values() if p.target == name and name in result.models}
+    if vlm is not None:
+        plans = {p.name: vlm_plan_data(p, vlm, result.models)
+                 for p in result.plans.values() if p.target == name}
+    else:
+        plans = {p.name: plan_data(p, result.models[name], result.graphs[name])
+                 for p in result.plans.values() if p.target == name}
     if args.json:
         print(json.dumps({**c.to_json(), "plans": plans}, indent=2))
         return EXIT_OK

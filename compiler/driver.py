@@ -16,7 +16,7 @@ from .bind import Model, bind_program, new_binder
 from .checks import run_checks
 from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
 from .lower import lower
-from .plans import Plan, bind_plan, validate
+from .plans import Plan, bind_plan, validate, validate_vlm_plan
 from .resolve import Program, load_program
 from .vlm import VLM, bind_vlm, section_refs
 from .vlm import validate as validate_vlm
@@ -78,7 +78,9 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
         for vlm in vlms.values():
             validate_vlm(vlm, models, diags)
         for plan in plans.values():
-            if plan.target in graphs:
+            if plan.target in vlms:
+                validate_vlm_plan(plan, vlms[plan.target], models, graphs, diags)
+            elif plan.target in graphs:
                 validate(plan, models[plan.target], graphs[plan.target], diags)
     if diags.error_count:
         raise CompileFailed(diags)

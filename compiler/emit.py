@@ -22,7 +22,7 @@ from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FS
 from .cost import cost, vlm_cost
 from .driver import Compilation
 from .ops import OPS, NestedCall, mask_key, patch_tokens
-from .plans import layer_units, plan_data, tp_plan
+from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
 from .vlm import MLP_OPS
 
 LINE = 100  # the line length ruff formats the generated code to
@@ -555,7 +555,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
                                                              kv_cache=kv_cache, vlm=bool(vlm)),
         "model.py": model_py,
-        "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks),
+        "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks, vlm),
         "spec.json": json.dumps(_spec_json(comp, model, c, max_seq_len, vlm), indent=2,
                                 sort_keys=True) + "\n",
     }
@@ -610,11 +610,17 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
     return out
 
 
-def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_stacks) -> str:
-    plans = {name: plan_data(p, model, graph) for name, p in sorted(comp.plans.items())
-             if p.target == model.name}
+def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_stacks,
+             vlm) -> str:
+    if vlm is not None:
+        plans = {name: vlm_plan_data(p, vlm, comp.models)
+                 for name, p in sorted(comp.plans.items()) if p.target == vlm.name}
+    else:
+        plans = {name: plan_data(p, model, graph) for name, p in sorted(comp.plans.items())
+                 if p.target == model.name}
     return env.get_template("plan.py.j2").render(
-        header=header, name=model.name, inserted=bool(inserted_stacks),
+        header=header, name=vlm.name if vlm else model.name, text_model=model.name,
+        vlm=vlm is not None, inserted=bool(inserted_stacks),
         layer_fqns=pyformat(layer_units(model), 0, len("LAYER_FQNS = ")),
         tp_plan=pyformat(tp_plan(model), 0, len("TP_PLAN = ")),
         plans=pyformat(plans, 0, len("PLANS = ")),

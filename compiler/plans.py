@@ -142,6 +142,13 @@ def bind_plan(sec, binder, diags: Diagnostics) -> Plan | None:
 
 def _bind_checkpointing(call: ast.Call, binder, plan: Plan, diags: Diagnostics) -> None:
     model_sec = binder.program.sections[plan.target]
+    if model_sec.kind == "vlm":  # a vlm's layers are its text model's blocks
+        from .vlm import section_refs
+
+        text = section_refs(model_sec).get("text")
+        model_sec = binder.program.sections.get(text[0]) if text else None
+        if model_sec is None:
+            return  # the vlm section reports its missing text model itself
     kinds = set(model_sec.blocks) | {"default"}
     for arg in call.args:
         if arg.name is None:
@@ -414,6 +421,48 @@ def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostic
                 else "layers out of order")
         diags.error("E126", f"split must list every layer once, in order: {what}", span,
                     hint=did_you_mean(unknown[0], units) if unknown else None)
+
+
+def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
+                      graphs: dict[str, nx.MultiDiGraph], diags: Diagnostics,
+                      world: int | None = None) -> None:
+    """A plan for a vision-language model shards it with FSDP (the vision
+    encoder's layers, the decoder's layers and any cross-attention blocks are
+    the units) and checkpoints decoder layers; pipeline, tensor and expert
+    parallelism are not supported for a vlm yet (E128)."""
+    m = plan.mesh
+    refused = [(k, f"{k} {m[k]}") for k in ("pp", "tp", "ep") if m[k] > 1]
+    if plan.pipeline is not None:
+        refused.append(("pipeline", "a pipeline"))
+    for key, what in refused:
+        diags.error("E128", f"plan '{plan.name}' for the vision-language model '{vlm.name}' "
+                    f"has {what}: forgec runs vlm plans with data parallelism only",
+                    plan.spans.get(f"mesh.{key}", plan.spans.get(key, plan.name_span)),
+                    hint="shard with mesh(dp = N) and fsdp(...); pipeline and tensor "
+                    "parallelism are supported for text models")
+    if not refused:
+        validate(plan, models[vlm.text], graphs[vlm.text], diags, world)
+
+
+def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model]) -> dict[str, Any]:
+    """What plan.py records for a vlm's plan; FQNs are relative to the VLM module."""
+    text, vision = models[vlm.text], models[vlm.vision]
+    data: dict[str, Any] = {"mesh": dict(plan.mesh), "world": plan.world}
+    if plan.fsdp is not None:
+        units = [f"vision_encoder.layers.{slot.index}" for slot in vision.layers]
+        xattn_after = {}
+        if vlm.fusion.op.name == "cross_attention":
+            every = vlm.fusion.args["every"]
+            xattn_after = {layer: k for k, layer in
+                           enumerate(range(every - 1, len(text.layers), every))}
+        for unit in fsdp_units(plan, text):
+            units.append(f"transformer.{unit}")
+            layer = unit.split(".")
+            if layer[0] == "layers" and len(layer) == 2 and int(layer[1]) in xattn_after:
+                units.append(f"transformer.cross_attention_layers.{xattn_after[int(layer[1])]}")
+        data["fsdp"] = {**plan.fsdp, "units": units}
+    data["activation_checkpoint"] = [f"transformer.{u}" for u in checkpointed_units(plan, text)]
+    return data
 
 
 def plan_data(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> dict[str, Any]:

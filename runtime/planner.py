@@ -239,8 +239,9 @@ def _compile_plan(spec: str, plan_name: str, world: int):
         known = ", ".join(comp.plans) or "none"
         raise UsageError(f"no plan '{plan_name}' in {spec} (plans: {known})")
     plan = comp.plans[plan_name]
-    if plan.target not in comp.models:
-        raise UsageError(f"plan '{plan_name}' is for '{plan.target}', which is not a model")
+    if plan.target in comp.vlms:
+        raise RunError(f"plan '{plan_name}' is for the vision-language model '{plan.target}': "
+                       "forgec plan reports text models' plans only, so far")
     diags = Diagnostics()
     validate(plan, comp.models[plan.target], comp.graphs[plan.target], diags, world=world)
     if diags.error_count:

@@ -216,6 +216,9 @@ def test_errors(mid):
     assert code == 2 and "no plan 'fsdp9'" in err and "fsdp2" in err
     code, _, err = forgec("plan", DEBUG, "--plan", "fsdp2", "--world", "2", "--seq-len", "999")
     assert code == 2 and "exceeds the model's max_seq_len 256" in err
+    code, _, err = forgec("plan", str(ROOT / "specs" / "vlm.forge"), "--plan", "fsdp2_vlm",
+                          "--world", "2")
+    assert code == 1 and "text models' plans only" in err
     code, _, err = forgec("plan", str(mid / "nope.forge"), "--plan", "x", "--world", "1")
     assert code == 2 and "no such file" in err
     assert "Traceback" not in err

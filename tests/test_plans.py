@@ -152,3 +152,64 @@ def test_build_stage_keeps_only_the_stage_and_its_fqns():
     names = {n for n, _ in first.named_parameters()}
     assert "layers.1.attention.q_proj.weight" in names and "token_embedding.embedding.weight" in names
     assert not any(n.startswith(("layers.2", "norm", "output_head")) for n in names)
+
+
+# ---- plans for vision-language models ------------------------------------------------
+
+XATTN = (ROOT / "specs" / "vlm_xattn.forge").read_text()
+
+
+def test_vlm_plan_shards_vision_decoder_and_cross_attention_layers(tmp_path):
+    from compiler.plans import vlm_plan_data
+
+    for name in ("llama_debug.forge", "vlm.forge", "vlm_xattn.forge"):
+        (tmp_path / name).write_text((ROOT / "specs" / name).read_text())
+    spec = tmp_path / "vlm_xattn.forge"
+    spec.write_text(XATTN + "\nplan dp2 for vlm_xattn {\n  mesh(dp = 2)\n  fsdp()\n"
+                    "  activation_checkpoint(dense = full)\n}\n")
+    comp = compile_spec(str(spec))
+    data = vlm_plan_data(comp.plans["dp2"], comp.vlms["vlm_xattn"], comp.models)
+    # a gated cross-attention block after every 2nd decoder layer, each its own unit
+    assert data["fsdp"]["units"] == [
+        "vision_encoder.layers.0", "vision_encoder.layers.1",
+        "transformer.layers.0", "transformer.layers.1",
+        "transformer.cross_attention_layers.0",
+        "transformer.layers.2", "transformer.layers.3",
+        "transformer.cross_attention_layers.1"]
+    assert data["activation_checkpoint"] == [f"transformer.layers.{i}" for i in range(4)]
+    assert data["world"] == 2
+
+
+def test_vlm_plan_units_exist_in_the_generated_model():
+    import torch
+
+    from generated.vlm import VLM
+    from generated.vlm.plan import PLANS
+
+    with torch.device("meta"):
+        model = VLM()
+    units = PLANS["fsdp2_vlm"]["fsdp"]["units"]
+    assert units[:2] == ["vision_encoder.layers.0", "vision_encoder.layers.1"]
+    for fqn in units:
+        model.get_submodule(fqn)  # raises if the FQN names nothing
+    assert compile_spec("specs/vlm.forge").plans["fsdp2_vlm"].world == 2
+
+
+@pytest.mark.parametrize("directives, where", [
+    ("  mesh(dp = 2, pp = 2)\n  pipeline()", [(2, 16), (3, 3)]),
+    ("  mesh(tp = 2)", [(2, 8)]),
+])
+def test_vlm_plans_refuse_pipeline_and_tensor_parallelism(tmp_path, directives, where):
+    from compiler.diagnostics import CompileFailed
+
+    for name in ("llama_debug.forge", "vlm.forge"):
+        (tmp_path / name).write_text((ROOT / "specs" / name).read_text())
+    spec = tmp_path / "vlm.forge"
+    text = spec.read_text()
+    start = text.count("\n") + 1  # the plan's first line
+    spec.write_text(text + f"plan bad for vlm {{\n{directives}\n}}\n")
+    with pytest.raises(CompileFailed) as e:
+        compile_spec(str(spec))
+    got = [(d.code, d.span.line - start + 1, d.span.col) for d in e.value.diagnostics.errors]
+    assert got == [("E128", line, col) for line, col in where]
+    assert "forgec runs vlm plans with data parallelism only" in e.value.diagnostics.errors[0].message
