@@ -16,6 +16,34 @@ from compiler.driver import Compilation, compile_spec
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.forge"))
 
+# A training-only (bidirectional) model: no KV cache, no generation.
+ENCODER_SPEC = """
+model enc_tiny {
+  vocab_size  = 256
+  dim         = 32
+  n_layers    = 1
+  n_heads     = 2
+  max_seq_len = 64
+
+  token_embedding = embedding(vocab_size, dim)
+  rope            = rope(head_dim = dim / n_heads, max_seq_len = max_seq_len)
+
+  block enc(x) {
+    attention_norm = rmsnorm(dim)
+    attention      = attention(dim, heads = n_heads, rope = rope, causal = false)
+    mlp_norm       = rmsnorm(dim)
+    mlp            = swiglu(dim, hidden = 64)
+
+    h = x + attention(attention_norm(x))
+    return h + mlp(mlp_norm(h))
+  }
+
+  layers      = stack(n_layers) { default: enc }
+  norm        = rmsnorm(dim)
+  output_head = lm_head(dim, vocab_size)
+}
+"""
+
 
 def compile_text(tmp_path: Path, text: str, name: str = "spec.forge",
                  extra: dict[str, str] | None = None) -> tuple[Compilation | None, Diagnostics]:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ENCODER_SPEC, ROOT
 
 from compiler.cli import RunError, main
 from runtime.data import ByteTokenizer
@@ -31,32 +31,6 @@ from runtime.train import train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 
-ENCODER_SPEC = """
-model enc_tiny {
-  vocab_size  = 256
-  dim         = 32
-  n_layers    = 1
-  n_heads     = 2
-  max_seq_len = 64
-
-  token_embedding = embedding(vocab_size, dim)
-  rope            = rope(head_dim = dim / n_heads, max_seq_len = max_seq_len)
-
-  block enc(x) {
-    attention_norm = rmsnorm(dim)
-    attention      = attention(dim, heads = n_heads, rope = rope, causal = false)
-    mlp_norm       = rmsnorm(dim)
-    mlp            = swiglu(dim, hidden = 64)
-
-    h = x + attention(attention_norm(x))
-    return h + mlp(mlp_norm(h))
-  }
-
-  layers      = stack(n_layers) { default: enc }
-  norm        = rmsnorm(dim)
-  output_head = lm_head(dim, vocab_size)
-}
-"""
 
 PROMPTS = ["def ", "import os\n", "class Foo(object):\n    def __init__(self", "x"]
 

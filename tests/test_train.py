@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ENCODER_SPEC, ROOT
 
 from compiler.cli import RunError, UsageError, main
 from runtime.checkpoint import list_checkpoints, load_checkpoint
@@ -27,35 +27,6 @@ from runtime.train import Progress, Settings, accumulate_gradients, lr_at, read_
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TINY = dict(batch_size=4, seq_len=32)  # ~20 ms a step on 2 cores
-
-
-# A training-only (bidirectional) model: no KV cache, no generation.
-ENCODER_SPEC = """
-model enc_tiny {
-  vocab_size  = 256
-  dim         = 32
-  n_layers    = 1
-  n_heads     = 2
-  max_seq_len = 64
-
-  token_embedding = embedding(vocab_size, dim)
-  rope            = rope(head_dim = dim / n_heads, max_seq_len = max_seq_len)
-
-  block enc(x) {
-    attention_norm = rmsnorm(dim)
-    attention      = attention(dim, heads = n_heads, rope = rope, causal = false)
-    mlp_norm       = rmsnorm(dim)
-    mlp            = swiglu(dim, hidden = 64)
-
-    h = x + attention(attention_norm(x))
-    return h + mlp(mlp_norm(h))
-  }
-
-  layers      = stack(n_layers) { default: enc }
-  norm        = rmsnorm(dim)
-  output_head = lm_head(dim, vocab_size)
-}
-"""
 
 
 def run_forgec(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
