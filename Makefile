@@ -22,8 +22,12 @@ test: venv
 lint: venv
 	$(BIN)/ruff check compiler runtime tests generated
 
-# ~2 minutes on 2 CPU cores: check and build every spec, train the debug model on
-# the Python standard library's sources (loss ~5.6 -> ~2.3), then sample from it.
+# ~4 minutes on 2 CPU cores: check and build every spec, train the debug model on
+# the Python standard library's sources (loss ~5.6 -> ~2.3), then sample from it;
+# then train the VLM (specs/vlm.forge) on synthetic captioned images (~2 minutes):
+# its held-out caption-token accuracy with the true images pulls away from that with
+# shuffled images (0.969 vs 0.868 at step 800; on the tokens only the image decides
+# 0.834 vs 0.398), and it captions held-out images.
 DEMO := runs/demo
 demo: venv
 	$(BIN)/forgec check specs/*.forge
@@ -36,6 +40,11 @@ demo: venv
 	$(BIN)/forgec generate $(DEMO) --prompt 'def ' --max-new-tokens 240 --temperature 0.7 \
 		--top-k 40 --seed 0
 	@echo "--- loss curve: $(DEMO)/loss.png, metrics: $(DEMO)/metrics.jsonl ---"
+	$(BIN)/forgec train specs/vlm.forge --out $(DEMO)/vlm --steps 800 --batch-size 16 \
+		--lr 3e-3 --warmup 10 --eval-every 200 --seed 0
+	@echo "--- captions of held-out images by $(DEMO)/vlm (image prefill, cached decode) ---"
+	$(BIN)/forgec generate $(DEMO)/vlm --samples 8
+	@echo "--- VLM loss and eval curves: $(DEMO)/vlm/loss.png ---"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -62,6 +62,11 @@ def _modality_context(model: torch.nn.Module):
 
 
 def check_decodable(model: torch.nn.Module) -> None:
+    if hasattr(model, "encode_images"):  # a vision-language model: captions from images
+        from .vlm_generate import check_caption_decodable
+
+        check_caption_decodable(model)
+        return
     if not hasattr(model, "make_kv_caches"):
         spec = getattr(sys.modules[type(model).__module__], "SPEC", "its spec")
         raise RunError(f"the model of {spec} is training-only (it has a non-causal op), so it "
@@ -152,7 +157,7 @@ def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
     if latest is None:
         raise RunError(f"{run_dir} has no checkpoint yet")
     try:
-        model = pkg.Transformer()
+        model = pkg.VLM() if hasattr(pkg, "VLM") else pkg.Transformer()
     except Exception as e:  # noqa: BLE001 — a broken package in the run folder is bad input
         raise RunError(f"cannot build the model of {run_dir}: {type(e).__name__}: {e}") from None
     check_decodable(model)

@@ -59,11 +59,12 @@ class Settings:
     data: str | None = None  # a token file; None: the standard library's sources
     data_dtype: str = "uint16"
     ckpt_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # VLM runs: caption eval every K steps (0: only at the end)
     schedule_steps: int | None = None  # the LR schedule's length: the first run's steps
 
 
 # May differ between a run and its resumption; everything else must not.
-RESUMABLE = ("steps", "ckpt_every")
+RESUMABLE = ("steps", "ckpt_every", "eval_every")
 
 
 def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
@@ -109,6 +110,7 @@ def validate_settings(s: Settings, max_seq_len: int) -> None:
         (s.clip >= 0, "--clip must not be negative (0 disables clipping)"),
         (s.weight_decay >= 0, "--weight-decay must not be negative"),
         (s.ckpt_every >= 0, "--ckpt-every must not be negative (0: only at the end)"),
+        (s.eval_every >= 0, "--eval-every must not be negative (0: only at the end)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -316,6 +318,14 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     if resume and os.path.basename(pkg_dir) != saved_info["package"]:
         raise RunError(f"{out} trained package {saved_info['package']}, not "
                        f"{os.path.basename(pkg_dir)}")
+    if hasattr(pkg, "VLM"):  # a vision-language model learns image captions
+        from .vlm_task import train_vlm
+
+        return train_vlm(spec, out, pkg, pkg_dir, s, resume=resume, saved_info=saved_info,
+                         progress=progress)
+    if s.eval_every:
+        raise UsageError("--eval-every applies to vision-language models (a caption eval); "
+                         "a text model has no eval")
     config = pkg.ModelConfig()
     validate_settings(s, config.max_seq_len)
     data = load_data(s, config.vocab_size)
