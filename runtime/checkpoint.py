@@ -8,6 +8,13 @@ into place only once complete, so a crash never leaves a half-written
 `step_*` folder and never damages an existing one. Loading verifies the
 checksums first: a corrupt checkpoint is a one-line RunError, never a
 traceback, and loading never modifies the checkpoint.
+
+Under a process group (runtime/distributed.py) every rank writes its own
+shards into the same folder and rank 0 alone writes `trainer.json` and renames
+the folder. Model and optimizer state are keyed by parameter FQN (format 2
+flattens the optimizer state per FQN), so a checkpoint saved at one world size
+and plan loads at any other, single process included. A rank running several
+pipeline stages passes one model (and optimizer) per stage.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 
 from compiler.cli import RunError
 
-FORMAT = 1
+FORMAT = 2  # 1: the optimizer state nested as torch.optim saves it (still read)
 META = "trainer.json"
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
@@ -35,6 +42,35 @@ def _dcp():
 
     no_dist = not (dist.is_available() and dist.is_initialized())
     return dcp, no_dist
+
+
+def _world() -> tuple[bool, int]:
+    """(running under a process group, this rank)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank()
+    return False, 0
+
+
+def _options(flat: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # flattened: one key per parameter FQN, so another stage split or world size
+    # finds exactly the entries of its own parameters
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _state_dicts(models: list, optimizers: list, flat: bool) -> list[tuple[dict, dict]]:
+    """(model, optimizer) state dicts of each model part."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return [get_state_dict(m, o, options=_options(flat)) for m, o in
+            zip(models, optimizers, strict=True)]
 
 
 def _sha256(path: str) -> str:
@@ -67,39 +103,59 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict) -> str:
-    """Write checkpoint `step` atomically; return its folder."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict) -> str:
+    """Write checkpoint `step` atomically; return its folder. `model` and
+    `optimizer` may be lists (one per pipeline stage of this rank)."""
+    import torch.distributed as dist
 
     dcp, no_dist = _dcp()
+    distributed, rank = _world()
     root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=root)
+    tmp = None
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=root)
+    if distributed:  # every rank writes its shards into rank 0's temporary folder
+        box = [tmp]
+        dist.broadcast_object_list(box, src=0)
+        tmp = box[0]
     try:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "rng": {"torch": torch.get_rng_state()}}
+        parts = _state_dicts(_as_list(model), _as_list(optimizer), flat=True)
+        state = {"model": {k: v for m, _ in parts for k, v in m.items()},
+                 "optim": {k: v for _, o in parts for k, v in o.items()},
+                 "rng": {"torch": torch.get_rng_state()}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
-        files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        meta = {"format": FORMAT, "step": step, **trainer_state, "files": files}
-        with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):  # only a rerun of the same step gets here
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".old", dir=root)
-            os.rename(final, os.path.join(old, "ckpt"))
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        if distributed:
+            dist.barrier()  # all shards are on disk before rank 0 seals the folder
+        if rank == 0:
+            _seal(tmp, final, root, step, trainer_state)
+        if distributed:
+            dist.barrier()  # no rank goes on (or exits) before the checkpoint exists
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _seal(tmp: str, final: str, root: str, step: int, trainer_state: dict) -> None:
+    """Checksum the shards, write trainer.json and rename the folder into place."""
+    files = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    meta = {"format": FORMAT, "step": step, **trainer_state, "files": files}
+    with open(os.path.join(tmp, META), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.exists(final):  # only a rerun of the same step gets here
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".old", dir=root)
+        os.rename(final, os.path.join(old, "ckpt"))
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
 
 
 def read_meta(path: str) -> dict:
@@ -112,7 +168,7 @@ def read_meta(path: str) -> dict:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise RunError(f"checkpoint {path} is corrupt: {META}: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT \
+    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT) \
             or not isinstance(meta.get("files"), dict) or not isinstance(meta.get("step"), int):
         raise RunError(f"checkpoint {path} is corrupt: {META} is not a forgec checkpoint "
                        f"of format {FORMAT}")
@@ -130,34 +186,47 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def load_checkpoint(path: str, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(path: str, model, optimizer=None) -> dict:
     """Load model (and optimizer and torch RNG, when `optimizer` is given) state
-    from a checkpoint folder; return its trainer state (trainer.json)."""
+    from a checkpoint folder; return its trainer state (trainer.json). `model`
+    and `optimizer` may be lists (one per pipeline stage of this rank)."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
-        get_state_dict,
         set_model_state_dict,
         set_state_dict,
     )
 
     meta = read_meta(path)
     dcp, no_dist = _dcp()
+    models = _as_list(model)
+    flat = meta["format"] >= 2
     try:
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
+            parts = [(get_model_state_dict(m), {}) for m in models]
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd,
-                     "rng": {"torch": torch.empty_like(torch.get_rng_state())}}
+            parts = _state_dicts(models, _as_list(optimizer), flat)
+        if flat or len(parts) > 1:
+            state = {"model": {k: v for m, _ in parts for k, v in m.items()},
+                     "optim": {k: v for _, o in parts for k, v in o.items()}}
+        else:  # format 1: the optimizer state as one nested dict
+            state = {"model": parts[0][0], "optim": parts[0][1]}
+        if optimizer is None:
+            del state["optim"]
+        else:
+            state["rng"] = {"torch": torch.empty_like(torch.get_rng_state())}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dcp.load(state, checkpoint_id=path, no_dist=no_dist)
-        if optimizer is None:
-            set_model_state_dict(model, state["model"])
-        else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
+        # dcp.load replaces non-tensor entries in `state`: hand each part its own keys
+        for i, (m, (msd, osd)) in enumerate(zip(models, parts, strict=True)):
+            msd = {k: state["model"][k] for k in msd}
+            if optimizer is None:
+                set_model_state_dict(m, msd)
+            else:
+                osd = {k: state["optim"][k] for k in osd} if flat else state["optim"]
+                set_state_dict(m, _as_list(optimizer)[i], model_state_dict=msd,
+                               optim_state_dict=osd, options=_options(flat))
+        if optimizer is not None:
             torch.set_rng_state(state["rng"]["torch"])
     except Exception as e:  # noqa: BLE001 — any failure to read it is bad input
         raise RunError(f"checkpoint {path} cannot be loaded: {_first_line(e)}") from None

@@ -22,6 +22,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--seed", type=int, help="seed of the weights and the data order (default 0)")
     t.add_argument("--ckpt-every", type=int, metavar="K",
                    help="checkpoint every K steps (default 0: only at the end)")
+    t.add_argument("--eval-every", type=int, metavar="K",
+                   help="vision-language models: caption eval every K steps (default 0: at the "
+                   "end only)")
     t.add_argument("--resume", action="store_true",
                    help="continue DIR from its latest checkpoint")
     t.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default 8)")
@@ -40,11 +43,25 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--data-dtype", choices=("uint16", "uint32"),
                    help="element type of --data (default uint16)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--plan", metavar="NAME",
+                   help="train with the spec's parallel plan NAME under torchrun "
+                   "(FSDP2 / pipeline; see README 'Distributed training')")
+    t.add_argument("--nproc", type=int, metavar="K",
+                   help="processes to launch on this machine for --plan (must equal the "
+                   "plan's world size; default: that size)")
 
-    g = sub.add_parser("generate", help="generate text from a training run's latest checkpoint")
+    g = sub.add_parser("generate", help="generate text from a training run's latest checkpoint",
+                       description="Continue --prompt with a text model's run; caption images "
+                       "with a vision-language model's run (--image, or --samples held-out "
+                       "synthetic images beside their true captions).")
     g.add_argument("run", metavar="RUN_DIR")
-    g.add_argument("--prompt", required=True, metavar="TEXT")
-    g.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
+    g.add_argument("--prompt", metavar="TEXT",
+                   help="text to continue (required for a text model; a VLM's caption prefix)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="default 200 (text), 40 (captions)")
+    g.add_argument("--image", metavar="FILE", help="VLM runs: caption this image file")
+    g.add_argument("--samples", type=int, metavar="N",
+                   help="VLM runs: caption N held-out synthetic images (default 4)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0 (default): greedy")
     g.add_argument("--top-k", type=int, metavar="K")
@@ -68,10 +85,15 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 
 def cmd_train(args) -> int:
+    if args.plan is not None or args.nproc is not None:
+        from .distributed import launch
+
+        return launch(args)
     from .train import train
 
     train(args.spec, args.out, resume=args.resume, progress=not args.no_progress,
           steps=args.steps, seed=args.seed, ckpt_every=args.ckpt_every,
+          eval_every=args.eval_every,
           batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
           min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
           weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
@@ -82,7 +104,7 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     from compiler.cli import UsageError
 
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise UsageError("--max-new-tokens must not be negative")
     if args.temperature < 0:
         raise UsageError("--temperature must not be negative")
@@ -90,11 +112,31 @@ def cmd_generate(args) -> int:
         raise UsageError("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    if not args.prompt:
+    if args.prompt is not None and not args.prompt:
         raise UsageError("--prompt must not be empty")
+    if args.samples is not None and args.samples < 1:
+        raise UsageError("--samples must be at least 1")
+    if args.image is not None and args.samples is not None:
+        raise UsageError("give --image or --samples, not both")
     from .generate import generate_text, load_run_model
 
     model, info = load_run_model(args.run)
+    if hasattr(model, "encode_images"):  # a vision-language model: captions
+        from .vlm_generate import caption_lines
+
+        lines = caption_lines(model, image=args.image, samples=args.samples or 4,
+                              prompt=args.prompt or "", max_new_tokens=args.max_new_tokens or 40,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed)
+        sys.stdout.write("\n".join(lines) + "\n")
+        return 0
+    if args.image is not None or args.samples is not None:
+        raise UsageError(f"--image and --samples need a vision-language model; {args.run} "
+                         "trained a text model")
+    if args.prompt is None:
+        raise UsageError("--prompt is required for a text model")
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 200
     text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          note_stream=sys.stderr, token_file=info["settings"].get("data"))

@@ -1,0 +1,757 @@
+"""Distributed training: `forgec train SPEC --plan NAME --nproc K`.
+
+The parallel plan is data in the package's `plan.py` (mesh, FSDP units,
+pipeline stages, checkpointed layers); this module only wires it to PyTorch:
+
+* `launch()` (the `forgec train --plan` command) checks everything a user can
+  get wrong, generates the package once, then starts K workers with
+  `python -m torch.distributed.run --standalone` running `python -m
+  runtime.distributed` — the same entry a multi-node `torchrun` uses.
+* Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
+  DeviceMesh ("pp", "dp") from the plan's `mesh`, builds its model part(s)
+  with `plan.build_stage`, applies `apply_activation_checkpointing` and
+  `apply_fsdp` (FSDP2 over "dp"; fp32 master weights, `compute` only sets the
+  dtype parameters are gathered in), and runs the plan's pipeline schedule
+  (`plan.SCHEDULES`) with `PipelineStage`s over "pp".
+* The global batch is the single-process trainer's: every rank draws the same
+  batch and takes its data-parallel slice. The loss is normalised by the
+  global number of targets, so gradients and the logged loss equal those of
+  one process that runs the same micro-batches as gradient accumulation
+  (single-process `--grad-accum` = dp × `--grad-accum` × pipeline
+  microbatches); for a dense model, those of any `--grad-accum`. MoE balance/z losses are averaged over all micro-batches,
+  the routers' load counts are summed over data-parallel ranks before the
+  bias update, and under a pipeline each stage adds its own MoE losses'
+  gradient in backward. Gradient clipping uses the norm over all shards and
+  stages.
+* Checkpoints are DCP shards keyed by FQN (runtime/checkpoint.py): save at
+  one world size or plan, resume at any other, single process included.
+* Initial weights are the single-process trainer's for the same seed: a fresh
+  run builds the whole model on the host with the seed, then prunes and
+  shards it (each rank holds the full model once, at start). Past
+  HOST_INIT_MAX_PARAMS, and on resume, ranks build on the meta device and
+  initialise only their own shards (same distribution, other values).
+
+Every worker leaves through `teardown()`: destroying the process group and
+collecting garbage before exit avoids a known abort at interpreter exit
+("terminate called without an active exception").
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from compiler.cli import RunError, UsageError
+
+from . import checkpoint as ckpt
+from .data import IGNORE_INDEX
+from .package import build_package, import_package, read_run_info
+
+# the `forgec train` options a worker receives unchanged from the launcher
+FORWARDED = ("steps", "seed", "ckpt_every", "batch_size", "seq_len", "lr", "warmup", "min_lr",
+             "grad_accum", "clip", "weight_decay", "data", "data_dtype")
+SETTINGS = (*FORWARDED, "bf16")
+# A fresh run initialises the whole model on every rank's host, as one process
+# would (identical weights for a seed), up to this size; larger models are
+# initialised on each rank's own shards, from the meta device.
+HOST_INIT_MAX_PARAMS = 2_000_000_000
+STATUS_ENV = "FORGEC_LAUNCH_STATUS"  # where launch() wants a worker's bad-input error
+
+
+# ---- the launcher ---------------------------------------------------------------------
+
+
+def plan_module(pkg):
+    import importlib
+
+    return importlib.import_module(pkg.__name__ + ".plan")
+
+
+def check_plan(planmod, name: str, spec: str, nproc: int | None) -> dict:
+    """The plan `name` of the package; UsageError where it cannot run here."""
+    plans = planmod.PLANS
+    if name not in plans:
+        known = ", ".join(sorted(plans)) or "none"
+        raise UsageError(f"{spec} has no plan '{name}' (plans: {known})")
+    cfg = plans[name]
+    m = cfg["mesh"]
+    if nproc is not None and nproc != cfg["world"]:
+        raise UsageError(f"plan '{name}' runs on {cfg['world']} processes (dp {m['dp']} × pp "
+                         f"{m['pp']} × tp {m['tp']}), not --nproc {nproc}")
+    if m["tp"] > 1 or m["ep"] > 1:
+        raise UsageError(f"plan '{name}': tensor and expert parallelism (tp, ep) are not "
+                         "trained by the runtime yet; use dp and pp")
+    if m["dp"] > 1 and "fsdp" not in cfg:
+        raise UsageError(f"plan '{name}' has dp = {m['dp']} but no fsdp(...) directive: "
+                         "data parallelism runs as FSDP2")
+    return cfg
+
+
+def check_batch(cfg: dict, s) -> None:
+    """The batch must split evenly over dp ranks, micro-batches and pipeline microbatches."""
+    dp = cfg["mesh"]["dp"]
+    if s.batch_size % dp:
+        raise UsageError(f"--batch-size {s.batch_size} does not split over dp = {dp} ranks")
+    local = s.batch_size // dp
+    if local % s.grad_accum:
+        raise UsageError(f"--batch-size {s.batch_size} / dp {dp} = {local} sequences per rank "
+                         f"do not split into --grad-accum {s.grad_accum} micro-batches")
+    pipe = cfg.get("pipeline")
+    if pipe and len(pipe["stages"]) > 1 and (local // s.grad_accum) % pipe["microbatches"]:
+        raise UsageError(f"{local // s.grad_accum} sequences per rank and micro-batch do not "
+                         f"split into the plan's {pipe['microbatches']} pipeline microbatches")
+
+
+def _settings_of(args) -> dict:
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
+def launch(args) -> int:
+    """`forgec train SPEC --plan NAME [--nproc K]`: validate, build, run torchrun."""
+    from .train import resolve_settings, validate_settings
+
+    if args.plan is None:
+        raise UsageError("--nproc needs --plan NAME (the spec's parallel plan to run)")
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError("--nproc must be at least 1")
+    spec, out = args.spec, args.out
+    if not os.path.exists(spec):
+        raise UsageError(f"no such file: '{spec}'")
+    overrides = _settings_of(args)
+    if overrides.get("data") is not None:
+        overrides["data"] = os.path.abspath(overrides["data"])
+    saved = read_run_info(out)["settings"] if args.resume else None
+    _check_run_dir(out, args.resume)
+    s = resolve_settings(overrides, saved)
+    os.makedirs(out, exist_ok=True)
+    pkg = import_package(build_package(spec, out, check_only=args.resume))
+    cfg = check_plan(plan_module(pkg), args.plan, spec, args.nproc)
+    validate_settings(s, pkg.ModelConfig().max_seq_len)
+    check_batch(cfg, s)
+    nproc = cfg["world"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "runtime.distributed", *worker_argv(args)]
+    env = dict(os.environ)
+    # torchrun would otherwise set 1 thread per worker with a warning; share the cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory(prefix="forgec-launch-") as tmp:
+        # workers report a bad-input error here and exit 0, so that torchrun
+        # adds no failure report (and no traceback) to the one-line message
+        status = os.path.join(tmp, "status.json")
+        env[STATUS_ENV] = status
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0:
+            raise RunError(f"distributed training failed (torchrun exit status "
+                           f"{proc.returncode}); see the messages above")
+        if os.path.exists(status):
+            with open(status, encoding="utf-8") as f:
+                error = json.load(f)
+            raise (UsageError if error["usage"] else RunError)(error["message"])
+    return 0
+
+
+def _check_run_dir(out: str, resume: bool) -> None:
+    if not resume and ckpt.list_checkpoints(out):
+        raise RunError(f"{out} already holds checkpoints (latest: step "
+                       f"{ckpt.latest_checkpoint(out)[0]}); pass --resume to continue it, or "
+                       "choose another --out")
+    if resume and ckpt.latest_checkpoint(out) is None:
+        raise RunError(f"{out} has no checkpoint to resume from")
+
+
+def worker_argv(args) -> list[str]:
+    """The worker's command line: the same `forgec train` options."""
+    argv = [args.spec, "--out", args.out, "--plan", args.plan]
+    for key in FORWARDED:
+        value = getattr(args, key)
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"), str(value)]
+    for flag in ("resume", "bf16", "no_progress"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
+    return argv
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ---- one rank -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Layout:
+    """This rank's place: world, data-parallel and pipeline coordinates, device."""
+
+    rank: int
+    world: int
+    dp: int
+    pp: int
+    dp_rank: int
+    pp_rank: int
+    mesh: object
+    device: torch.device
+
+
+def setup(cfg: dict) -> Layout:
+    """Join the process group and build the ("pp", "dp") mesh of the plan."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _init_group()
+    world = dist.get_world_size()
+    m = cfg["mesh"]
+    if world != cfg["world"]:
+        raise UsageError(f"the plan runs on {cfg['world']} processes (dp {m['dp']} × pp "
+                         f"{m['pp']}), this launch has {world}")
+    cuda = torch.cuda.is_available()
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (m["pp"], m["dp"]),
+                            mesh_dim_names=("pp", "dp"))
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda
+              else torch.device("cpu"))
+    return Layout(dist.get_rank(), world, m["dp"], m["pp"], mesh["dp"].get_local_rank(),
+                  mesh["pp"].get_local_rank(), mesh, device)
+
+
+def teardown() -> None:
+    """Leave the process group cleanly (see the module docstring)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
+def router_loss(model: nn.Module) -> torch.Tensor:
+    """The model's weighted MoE balance and router z-losses of its last forward."""
+    return model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
+
+
+class _AddLossGrad(torch.autograd.Function):
+    """Identity on `out` whose backward also back-propagates `loss` (with
+    gradient 1): a pipeline stage's MoE losses join the training objective
+    although the loss function only sees the last stage's logits."""
+
+    @staticmethod
+    def forward(ctx, out, loss):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+
+
+class _RouterLosses:
+    """Forward hook of a pipeline stage: attach its MoE losses (weight
+    `scale`) to its output and record their value for the logged loss."""
+
+    def __init__(self) -> None:
+        self.scale = 1.0  # the stage's objective weight of one micro-batch's router loss
+        self.report = 1.0  # its weight in the logged loss
+        self.values: list[torch.Tensor] = []
+        self.stats = None  # the step's MoEStats
+        self.inferring = False  # PipelineStage's shape inference is not a training forward
+
+    def __call__(self, module, args, output):
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        loss = router_loss(module)
+        if not loss.requires_grad:
+            return None  # no MoE layer on this stage
+        if not self.inferring:
+            self.values.append(loss.detach() * self.report)
+            if self.stats is not None:
+                self.stats.add(module)
+        return _AddLossGrad.apply(output, loss * self.scale)
+
+
+def _stage_class():
+    from torch.distributed.pipelining import PipelineStage
+
+    class Stage(PipelineStage):
+        """PipelineStage whose shape inference leaves no trace: the first step
+        runs the stage once on placeholder inputs to learn tensor shapes, which
+        would count tokens in the MoE routers' load buffers and log router
+        losses. Buffers are restored and the hook told to ignore it."""
+
+        hook: _RouterLosses | None = None
+
+        def _forward_metadata_inference(self, *args, **kwargs):
+            saved = [(b, b.detach().clone()) for b in self.submod.buffers()]
+            if self.hook is not None:
+                self.hook.inferring = True
+            try:
+                return super()._forward_metadata_inference(*args, **kwargs)
+            finally:
+                if self.hook is not None:
+                    self.hook.inferring = False
+                with torch.no_grad():
+                    for buf, value in saved:
+                        buf.copy_(value)
+
+    return Stage
+
+
+class Engine:
+    """This rank's model part(s), optimizer(s) and (pipeline) schedule."""
+
+    def __init__(self, pkg, planmod, plan: str, layout: Layout, s, *, fresh: bool) -> None:
+        self.planmod, self.plan, self.layout, self.s = planmod, plan, layout, s
+        cfg = planmod.PLANS[plan]
+        self.cfg = cfg
+        pipe = cfg.get("pipeline")
+        self.pipe = pipe if pipe and len(pipe["stages"]) > 1 else None
+        self.microbatches = self.pipe["microbatches"] if self.pipe else 1
+        # micro-batches of one optimizer step, over all ranks
+        self.total_micro = layout.dp * s.grad_accum * self.microbatches
+        stage_ids = planmod.stages_of_rank(plan, layout.pp_rank) if self.pipe else [None]
+        self.stage_ids = stage_ids
+        self.parts = self._build(pkg, stage_ids, fresh)
+        from .train import make_optimizer
+
+        self.optimizers = [make_optimizer(p, s) for p in self.parts]
+        self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
+        self.schedule = self._schedule() if self.pipe else None
+        self._n_targets = 1
+        with torch.device("meta"):  # whether any stage has MoE layers (all ranks agree)
+            self._has_moe = bool(pkg.Transformer().get_expert_counts())
+
+    # -- building --
+
+    def _build(self, pkg, stage_ids: list, fresh: bool) -> list[nn.Module]:
+        planmod, plan, layout = self.planmod, self.plan, self.layout
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in pkg.Transformer().parameters())
+        limit = int(os.environ.get("FORGEC_HOST_INIT_MAX_PARAMS", HOST_INIT_MAX_PARAMS))
+        self.host_init = fresh and n_params <= limit
+        if self.host_init:
+            # exactly the single-process trainer's initialisation for the seed
+            torch.manual_seed(self.s.seed)
+            random.seed(self.s.seed)
+            full = pkg.Transformer()
+            parts = [full if sid is None else planmod.build_stage(
+                full if i == len(stage_ids) - 1 else copy.deepcopy(full), sid, plan)
+                for i, sid in enumerate(stage_ids)]
+        else:  # allocate only this rank's shards (a resume overwrites them)
+            parts = []
+            for sid in stage_ids:
+                with torch.device("meta"):
+                    m = pkg.Transformer()
+                parts.append(m if sid is None else planmod.build_stage(m, sid, plan))
+        self.hook = _RouterLosses() if self.pipe else None
+        if self.hook is not None:
+            # the stage's objective is dp × its share (FSDP averages over dp)
+            self.hook.scale = 1.0 / (self.s.grad_accum * self.microbatches)
+            self.hook.report = 1.0 / self.total_micro
+        for sid, part in zip(stage_ids, parts, strict=True):
+            part.train()
+            if self.hook is not None:
+                part.register_forward_hook(self.hook)
+            planmod.apply_activation_checkpointing(part, plan)
+            if self.host_init:
+                part.to(layout.device)
+            if "fsdp" in self.cfg:
+                planmod.apply_fsdp(part, layout.mesh["dp"], plan)
+            if not self.host_init:
+                part.to_empty(device=layout.device)
+                self._seed_shard_init(sid)
+                with warnings.catch_warnings():  # CPU: handled by _seed_shard_init
+                    warnings.filterwarnings("ignore", "DTensor random operators")
+                    part.init_weights_and_freqs()
+        return parts
+
+    def _seed_shard_init(self, sid: int | None) -> None:
+        """Seed the initialisation of this rank's shards: another seed per stage
+        (stages of the same shape must not repeat weights). On CUDA, DTensor's
+        RNG draws each shard's piece of one full tensor from a seed shared by
+        the dp ranks of a stage; on CPU it draws every shard alike, so each dp
+        rank gets its own seed there (independent draws of the same law)."""
+        layout = self.layout
+        seed = self.s.seed * 1_000_003 + (sid or 0)
+        if layout.device.type == "cuda":
+            from torch.distributed.tensor._random import manual_seed
+
+            torch.manual_seed(seed)
+            manual_seed(seed, layout.mesh["dp"])
+        else:
+            torch.manual_seed(seed + 7919 * layout.dp_rank)
+
+    def _schedule(self):
+        from torch.distributed.pipelining import schedules
+
+        layout = self.layout
+        n = self.planmod.num_stages(self.plan)
+        Stage = _stage_class()
+        Stage.hook = self.hook
+        group = layout.mesh.get_group("pp")
+        stages = [Stage(part, sid, n, layout.device, group=group)
+                  for sid, part in zip(self.stage_ids, self.parts, strict=True)]
+        cls = getattr(schedules, self.planmod.SCHEDULES[self.pipe["schedule"]])
+        multi = issubclass(cls, schedules.PipelineScheduleMulti)
+        self.has_first = 0 in self.stage_ids
+        self.has_last = n - 1 in self.stage_ids
+        # the loss is already normalised by the global target count: no 1/microbatches
+        return cls(stages if multi else stages[0], n_microbatches=self.microbatches,
+                   loss_fn=self._pipeline_loss, scale_grads=False)
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+        return ce / self._n_targets * self.layout.dp
+
+    # -- one optimizer step --
+
+    def step(self, batch, step: int) -> tuple[float, float, dict]:
+        """Forward, backward, clip and update on the global batch; (loss, grad
+        norm, MoE routing row of the metrics — on rank 0 only)."""
+        from .train import MoEStats
+
+        s, layout = self.s, self.layout
+        stats = MoEStats()
+        for part in self.parts:
+            self._sync_router_load(part)
+            part.set_moe_step(step, s.schedule_steps)
+        self._n_targets = max(1, int((batch.targets != IGNORE_INDEX).sum()))
+        local = s.batch_size // layout.dp
+        rows = slice(layout.dp_rank * local, (layout.dp_rank + 1) * local)
+        tensors = [t[rows].to(layout.device) for t in (batch.inputs, batch.targets,
+                                                       batch.doc_ids)]
+        chunks = zip(*(t.chunk(s.grad_accum) for t in tensors), strict=True)
+        total = torch.zeros((), dtype=torch.float32, device=layout.device)
+        autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
+        if self.schedule is None:
+            model = self.parts[0]
+            for inp, tgt, doc in chunks:
+                with autocast:
+                    logits = model(inp, doc_ids=doc)
+                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                loss = ce / self._n_targets + router_loss(model) / self.total_micro
+                stats.add(model)
+                # FSDP averages gradients over dp: scale this rank's share up by dp
+                (loss * layout.dp).backward()
+                total += loss.detach()
+        else:
+            self.hook.values.clear()
+            self.hook.stats = stats
+            for inp, tgt, doc in chunks:
+                losses: list[torch.Tensor] = []
+                args = (inp,) if self.has_first else ()
+                with autocast:
+                    self.schedule.step(*args, target=tgt if self.has_last else None,
+                                       losses=losses, return_outputs=False, doc_ids=doc)
+                for mb_loss in losses:
+                    total += mb_loss.detach().float() / layout.dp
+            for value in self.hook.values:
+                total += value
+        dist.all_reduce(total)  # every rank's share of the global loss
+        grad_norm = clip_grad_norm(self.params, s.clip if s.clip > 0 else math.inf,
+                                   layout.device)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return float(total), grad_norm, self._gather_stats(stats)
+
+    def _gather_stats(self, stats) -> dict:
+        """The step's routing row (train.MoEStats) over all ranks, on rank 0:
+        dp ranks saw other rows of the batch (their counts add up), pp ranks
+        hold other layers."""
+        from .train import MoEStats
+
+        if not self._has_moe:
+            return {}
+        mine = ({k: v.tolist() for k, v in stats.counts.items()}, stats.dropped)
+        every = [None] * self.layout.world if self.layout.rank == 0 else None
+        dist.gather_object(mine, every, dst=0)
+        if every is None:
+            return {}
+        total = MoEStats()
+        for counts, dropped in every:
+            for fqn, c in counts.items():
+                c = torch.tensor(c)
+                total.counts[fqn] = total.counts[fqn] + c if fqn in total.counts else c
+            for fqn, n in dropped.items():
+                total.dropped[fqn] = total.dropped.get(fqn, 0) + n
+        return total.row()
+
+    def _sync_router_load(self, part: nn.Module) -> None:
+        """Sum the routers' pending load counts over dp ranks (each saw a slice)."""
+        if self.layout.dp == 1:
+            return
+        group = self.layout.mesh.get_group("dp")
+        for module in part.modules():
+            pending = getattr(module, "pending", None)
+            if isinstance(pending, torch.Tensor) and hasattr(module, "set_step"):
+                dist.all_reduce(pending, group=group)
+
+    def parameters_total(self) -> int:
+        """Parameters of the whole model (over all stages and shards)."""
+        n = torch.tensor(sum(p.numel() for p in self.params), dtype=torch.float64)
+        # DTensor numel is global: count each stage once (dp rank 0 of each stage)
+        if self.layout.dp_rank != 0:
+            n.zero_()
+        dist.all_reduce(n)
+        return int(n)
+
+
+def clip_grad_norm(params: list, max_norm: float, device: torch.device) -> float:
+    """torch.nn.utils.clip_grad_norm_ over every shard and stage; returns the
+    total norm. Each rank holds a disjoint piece of the parameters (FSDP shards
+    along dp, pipeline stages along pp), so the squared norms of the local
+    pieces add up over the world."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        local = g.to_local() if isinstance(g, DTensor) else g
+        sq += torch.linalg.vector_norm(local.float()) ** 2
+    dist.all_reduce(sq)
+    norm = float(sq.sqrt())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+def layer_units(model: nn.Module) -> list[str]:
+    """FQNs of every entry of every `layers` ModuleDict (decoder and vision
+    encoder layers): FSDP units for a package whose plan.py has no plan for
+    its model (a VLM)."""
+    return [f"{name}.{key}" for name, mod in model.named_modules()
+            if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, nn.ModuleDict)
+            for key in mod]
+
+
+def shard(model: nn.Module, mesh, units: list[str], *, compute: torch.dtype = torch.float32,
+          reduce: torch.dtype = torch.float32) -> nn.Module:
+    """FSDP2 on each unit, then the root, as plan.apply_fsdp does: sharded
+    parameters stay fp32 (master weights), `compute` is the gathered dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": True,
+              "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)}
+    for fqn in units:
+        fully_shard(model.get_submodule(fqn), **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
+                      progress: bool = True, **overrides) -> dict:
+    """One rank of `forgec train --plan`: the single-process trainer's loop
+    (runtime/train.py) over this rank's part of the model and batch. Rank 0
+    writes run.json, metrics.jsonl, trainer.json and loss.png."""
+    from .train import (
+        Progress,
+        _python_rng_state,
+        _set_python_rng_state,
+        _write_lines,
+        load_data,
+        lr_at,
+        plot_losses,
+        read_metrics,
+        resolve_settings,
+        validate_settings,
+    )
+
+    if overrides.get("data") is not None:
+        overrides["data"] = os.path.abspath(overrides["data"])
+    rank = int(os.environ.get("RANK", "0"))
+    saved_info = read_run_info(out) if resume else None
+    s = resolve_settings(overrides, saved_info["settings"] if saved_info else None)
+    _init_group()
+    _check_run_dir(out, resume)  # again: torchrun may start workers without launch()
+    pkg_dir = _build_once(spec, out, resume, rank)
+    pkg = import_package(pkg_dir)
+    planmod = plan_module(pkg)
+    cfg = check_plan(planmod, plan, spec, None)
+    validate_settings(s, pkg.ModelConfig().max_seq_len)
+    check_batch(cfg, s)
+    layout = setup(cfg)
+    if "OMP_NUM_THREADS" not in os.environ:  # share this machine's cores among its ranks
+        torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    data = load_data(s, pkg.ModelConfig().vocab_size)
+    engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume)
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    start = 0
+    if resume:
+        latest = ckpt.latest_checkpoint(out)
+        if latest is None:
+            raise RunError(f"{out} has no checkpoint to resume from")
+        meta = ckpt.load_checkpoint(latest[1], engine.parts, engine.optimizers)
+        start = meta["step"]
+        if s.steps < start:
+            raise UsageError(f"--steps {s.steps} is before the latest checkpoint (step {start})")
+        try:
+            data.load_state_dict(meta["data"])
+            _set_python_rng_state(meta["python_rng"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunError(f"checkpoint {latest[1]} is corrupt: bad trainer state ({e})") from None
+    n_params = engine.parameters_total()
+    if rank == 0:
+        info = {**(saved_info or {}), "spec": os.path.abspath(spec),
+                "package": os.path.basename(pkg_dir), "settings": dataclasses.asdict(s),
+                "plan": plan, "world": layout.world}
+        with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
+        _write_lines(metrics_path, kept if resume else [])
+        pipe = engine.pipe
+        how = (f"dp {layout.dp} × pp {layout.pp}"
+               + (f", {pipe['schedule']} over {len(pipe['stages'])} stages in "
+                  f"{pipe['microbatches']} microbatches" if pipe else ""))
+        print(f"training {os.path.basename(pkg_dir)} ({n_params:,} parameters) with plan "
+              f"'{plan}' on {layout.world} processes ({how}, {layout.device.type}): steps "
+              f"{start + 1}..{s.steps}, batch {s.batch_size}x{s.seq_len} tokens, "
+              f"{'bf16 autocast' if s.bf16 else 'fp32'}"
+              + ("" if resume or engine.host_init else
+                 "; weights initialised per shard (not those of a single process)"),
+              file=sys.stderr)
+    bar = Progress(s.steps, start) if progress and rank == 0 else None
+    tokens_seen = start * s.batch_size * s.seq_len
+    last: dict = {}
+    log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
+    try:
+        for step in range(start + 1, s.steps + 1):
+            t0 = time.perf_counter()
+            batch = data.next_batch(s.batch_size)
+            lr = lr_at(step, s)
+            for opt in engine.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            loss, grad_norm, moe = engine.step(batch, step)
+            dt = time.perf_counter() - t0
+            tokens_seen += s.batch_size * s.seq_len
+            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen}
+            if moe:
+                last["moe"] = moe
+            if log is not None:
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+            if bar:
+                bar.update(step, loss, lr, last["tokens_per_s"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise RunError(f"training diverged at step {step} (loss {loss}, grad norm "
+                               f"{grad_norm}); try a lower --lr")
+            if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
+                ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers, {
+                    "data": data.state_dict(),
+                    "python_rng": _python_rng_state(),
+                    "schedule": {"lr": s.lr, "min_lr": s.min_lr, "warmup": s.warmup,
+                                 "schedule_steps": s.schedule_steps},
+                    "settings": dataclasses.asdict(s),
+                    "plan": plan, "world": layout.world,
+                })
+    finally:
+        if log is not None:
+            log.close()
+    summary = {"run": out, "steps": s.steps, "last": last}
+    if rank == 0:
+        plot_losses(metrics_path, os.path.join(out, "loss.png"),
+                    f"{os.path.basename(pkg_dir)} ({plan}): seed {s.seed}, batch "
+                    f"{s.batch_size}x{s.seq_len}")
+        rows = read_metrics(metrics_path)
+        if rows:
+            print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+                  f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); {out}/loss.png, "
+                  f"checkpoint {ckpt.latest_checkpoint(out)[1]}", file=sys.stderr)
+    return summary
+
+
+def _init_group() -> None:
+    """Join the process group (env:// from torchrun): NCCL on GPU, gloo on CPU."""
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=float(os.environ.get("FORGEC_DIST_TIMEOUT", "600")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+
+
+def _build_once(spec: str, out: str, resume: bool, rank: int) -> str:
+    """Rank 0 generates the package (others would race it); every rank gets its
+    folder, or rank 0's error."""
+    result: list = [None, None]
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            result[0] = build_package(spec, out, check_only=resume)
+        except (UsageError, RunError) as e:
+            result[1] = (isinstance(e, UsageError), str(e))
+    dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        usage, message = result[1]
+        raise (UsageError if usage else RunError)(message)
+    return result[0]
+
+
+# ---- the worker entry (torchrun runs this module) --------------------------------------
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """`forgec train`'s own options (runtime/cli.py), with --plan required."""
+    from .cli import add_commands
+
+    parser = argparse.ArgumentParser(prog="python -m runtime.distributed")
+    sub = parser.add_subparsers(dest="command")
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One torchrun worker: train, print errors once (rank 0), always tear down."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = worker_parser().parse_args(["train", *argv])
+    rank = int(os.environ.get("RANK", "0"))
+    code = 0
+    try:
+        if args.plan is None:
+            raise UsageError("the worker needs --plan NAME")
+        if args.nproc is not None and args.nproc != int(os.environ.get("WORLD_SIZE", "1")):
+            raise UsageError(f"--nproc {args.nproc} differs from torchrun's world size "
+                             f"{os.environ.get('WORLD_SIZE', '1')}")
+        train_distributed(args.spec, args.out, plan=args.plan, resume=args.resume,
+                          progress=not args.no_progress, **_settings_of(args))
+    except (UsageError, RunError) as e:
+        # every rank meets these alike (they depend on files, settings and
+        # all-reduced numbers only); rank 0 reports
+        code = 2 if isinstance(e, UsageError) else 1
+        status = os.environ.get(STATUS_ENV)
+        if status:  # started by launch(): it prints the message and exits with `code`
+            code = 0
+            if rank == 0:
+                with open(status, "w", encoding="utf-8") as f:
+                    json.dump({"usage": isinstance(e, UsageError), "message": str(e)}, f)
+        elif rank == 0:
+            print(f"forgec: error: {e}", file=sys.stderr)
+    finally:
+        teardown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
