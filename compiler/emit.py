@@ -545,7 +545,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "mask_kinds": kinds, "no_windows": all(k["window"] == 0 for k in kinds),
         "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
         "cache_shapes": cache_shapes, "spine": spine, "tied": tied,
-        "non_causal": ", ".join(fqn for fqn, _ in graph.graph.get("non_causal", [])),
+        "non_causal": ", ".join([fqn for fqn, _ in graph.graph.get("non_causal", [])]
+                                + ([f"its {vlm.fusion.op.name} fusion"] if vlm and not
+                                   vlm.fusion.op.causal(vlm.fusion.args) else [])),
     }
     context["fusion"] = fusion
     context["modalities"] = modalities

@@ -108,8 +108,12 @@ def test_image_prefill_then_cached_decode_equals_the_full_forward(name):
 def test_moma_is_training_only_and_not_causal():
     mod, model = build("vlm_moma")
     assert not hasattr(model, "make_kv_caches") and not hasattr(model, "prefill")
-    with pytest.raises(ValueError, match="training-only"):
+    with pytest.raises(ValueError, match=r"^llama_debug is training-only \(its moma fusion is "
+                       r"not causal\): it cannot decode with kv_caches$"):
         model.transformer(torch.zeros(1, 4, dtype=torch.long), kv_caches=[])
+    # the collectors of the VLM name its decoder's layers under `transformer.`
+    assert model.get_dropped_tokens() == {
+        f"transformer.{k}": v for k, v in model.transformer.get_dropped_tokens().items()}
     comp = compile_spec("specs/vlm_moma.forge")
     c = vlm_cost(comp, comp.vlms["vlm_moma"])
     assert not c.supports_kv_cache and c.non_causal == ["fusion moma (vlm_moma)"]

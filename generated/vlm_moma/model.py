@@ -633,7 +633,7 @@ class Transformer(nn.Module):
             raise ValueError("pass tokens or modality.inputs_embeds")
         if kv_caches is not None:
             raise ValueError(
-                "llama_debug is training-only ( is not causal): it cannot decode with kv_caches"
+                "llama_debug is training-only (its moma fusion is not causal): it cannot decode with kv_caches"
             )
         if embeds is not None:
             h = embeds
@@ -814,3 +814,6 @@ class VLM(nn.Module):
 
     def get_expert_counts(self) -> dict[str, torch.Tensor]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_expert_counts().items()}
+
+    def get_dropped_tokens(self) -> dict[str, int]:
+        return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}

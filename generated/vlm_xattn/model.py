@@ -872,3 +872,6 @@ class VLM(nn.Module):
 
     def get_expert_counts(self) -> dict[str, torch.Tensor]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_expert_counts().items()}
+
+    def get_dropped_tokens(self) -> dict[str, int]:
+        return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
