@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from compiler.cli import main
 from compiler.diagnostics import CompileFailed, Diagnostics
 from compiler.driver import Compilation, compile_spec
 
@@ -72,6 +75,17 @@ def run_forgec(*args: str, cwd: Path | None = None, timeout: float = 60) -> subp
     return subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def cli(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
+    """The CLI: in a fresh interpreter (`fresh`, as users run it), or in this
+    process (no torch start-up; main() is what the `forgec` script runs)."""
+    if fresh:
+        return run_forgec(*args, timeout=120)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

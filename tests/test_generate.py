@@ -4,18 +4,14 @@ top-k / top-p filtering, training-only models."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import ENCODER_SPEC, ROOT
+from conftest import cli as run_forgec
 
-from compiler.cli import RunError, main
+from compiler.cli import RunError
 from runtime.data import ByteTokenizer
 from runtime.generate import (
     filter_logits,
@@ -225,18 +221,6 @@ def test_generate_text(trained):
     assert greedy == greedy_full_forward(trained, encode("def "), 40, eos_id=0)
     text = generate_text(trained, "def ", 40, temperature=0)
     assert text == ByteTokenizer().decode(encode("def ") + [t for t in greedy if t != 0])
-
-
-def run_forgec(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
-    """The CLI in a fresh interpreter (`fresh`) or in this process."""
-    if fresh:
-        code = "import sys; from compiler.cli import main; sys.exit(main())"
-        return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_cli_generate(run_dir, trained, tmp_path):

@@ -4,8 +4,6 @@ the peak measured on this CPU."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -13,9 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, cli
 
-from compiler.cli import main
 from runtime.planner import (
     _destroy,
     _init_fake,
@@ -64,11 +61,9 @@ plan fsdp3 for mid {          # 3 does not divide 256: uneven shards
 """
 
 
-def forgec(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
+def run(*args: str) -> tuple[int, str, str]:
+    proc = cli(*args)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +74,7 @@ def mid(tmp_path_factory):
 
 
 def test_70b_on_512_ranks(tmp_path):
-    code, out, err = forgec("plan", str(ROOT / "specs" / "llama3_70b.forge"), "--plan",
+    code, out, err = run("plan", str(ROOT / "specs" / "llama3_70b.forge"), "--plan",
                             "dp64_pp8", "--world", "512", "--json")
     assert code == 0, err
     r = json.loads(out)
@@ -192,11 +187,11 @@ def test_saved_activations_match_a_real_forward(mid):
 
 @pytest.mark.parametrize("batch, seq", [(2, 64), (8, 256)])
 def test_memory_estimate_within_15_percent_of_the_measured_peak(mid, batch, seq):
-    code, out, err = forgec("plan", str(mid / "mid.forge"), "--plan", "single", "--world", "1",
+    code, out, err = run("plan", str(mid / "mid.forge"), "--plan", "single", "--world", "1",
                             "--micro-batch", str(batch), "--seq-len", str(seq), "--json")
     assert code == 0, err
     estimate = json.loads(out)["per_rank"][0]["total_bytes"]
-    code, _, err = forgec("build", "-o", str(mid / "built"), str(mid / "mid.forge"))
+    code, _, err = run("build", "-o", str(mid / "built"), str(mid / "mid.forge"))
     assert code == 0, err
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
            "OMP_NUM_THREADS": "1"}
@@ -209,23 +204,23 @@ def test_memory_estimate_within_15_percent_of_the_measured_peak(mid, batch, seq)
 
 
 def test_errors(mid):
-    code, _, err = forgec("plan", DEBUG, "--plan", "fsdp2", "--world", "3")
+    code, _, err = run("plan", DEBUG, "--plan", "fsdp2", "--world", "3")
     assert code == 1
     assert "llama_debug.forge:" in err and "error[E120]: plan 'fsdp2' needs 2 ranks" in err
-    code, _, err = forgec("plan", DEBUG, "--plan", "fsdp9", "--world", "2")
+    code, _, err = run("plan", DEBUG, "--plan", "fsdp9", "--world", "2")
     assert code == 2 and "no plan 'fsdp9'" in err and "fsdp2" in err
-    code, _, err = forgec("plan", DEBUG, "--plan", "fsdp2", "--world", "2", "--seq-len", "999")
+    code, _, err = run("plan", DEBUG, "--plan", "fsdp2", "--world", "2", "--seq-len", "999")
     assert code == 2 and "exceeds the model's max_seq_len 256" in err
-    code, _, err = forgec("plan", str(ROOT / "specs" / "vlm.forge"), "--plan", "fsdp2_vlm",
+    code, _, err = run("plan", str(ROOT / "specs" / "vlm.forge"), "--plan", "fsdp2_vlm",
                           "--world", "2")
     assert code == 1 and "text models' plans only" in err
-    code, _, err = forgec("plan", str(mid / "nope.forge"), "--plan", "x", "--world", "1")
+    code, _, err = run("plan", str(mid / "nope.forge"), "--plan", "x", "--world", "1")
     assert code == 2 and "no such file" in err
     assert "Traceback" not in err
 
 
 def test_text_report():
-    code, out, err = forgec("plan", DEBUG, "--plan", "fsdp2_pp2", "--world", "4")
+    code, out, err = run("plan", DEBUG, "--plan", "fsdp2_pp2", "--world", "4")
     assert code == 0, err
     assert out.startswith("plan fsdp2_pp2 for llama_debug: 4 ranks (dp 2 × pp 2)")
     assert "pipeline 1f1b, 2 microbatches, 2 stages" in out

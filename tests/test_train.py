@@ -3,23 +3,20 @@ accumulation, metrics, the loss plot and bad input (never a traceback)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import ENCODER_SPEC, ROOT
+from conftest import cli as run_forgec
 
-from compiler.cli import RunError, UsageError, main
+from compiler.cli import RunError, UsageError
 from runtime.checkpoint import list_checkpoints, load_checkpoint
 from runtime.data import PackedData, stdlib_corpus
 from runtime.package import build_package, import_package
@@ -27,19 +24,6 @@ from runtime.train import Progress, Settings, accumulate_gradients, lr_at, read_
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TINY = dict(batch_size=4, seq_len=32)  # ~20 ms a step on 2 cores
-
-
-def run_forgec(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
-    """The CLI: in a fresh interpreter, entered as the `forgec` script enters it
-    (`fresh`), or in this process (no torch start-up; main() is the same)."""
-    if fresh:
-        code = "import sys; from compiler.cli import main; sys.exit(main())"
-        return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def losses(run: Path) -> list[float]:

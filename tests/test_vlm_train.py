@@ -4,10 +4,8 @@ captions by image prefill and cached decoding, and the CLI (never a traceback)."
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
-import io
 import json
 import shutil
 import subprocess
@@ -20,9 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
+from conftest import cli as forgec
 
 from compiler.build import build
-from compiler.cli import RunError, main
+from compiler.cli import RunError
 from compiler.driver import compile_spec
 from runtime.data import IGNORE_INDEX
 from runtime.train import MoEStats, read_metrics, train
@@ -47,14 +46,6 @@ CAUSAL = ("vlm", "vlm_xattn", "vlm_mot", "vlm_rope2d")
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
-
-
-def forgec(*args: str) -> subprocess.CompletedProcess:
-    """The CLI in this process (main() is what the `forgec` script runs)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def vlm(name: str, seed: int = 0):
