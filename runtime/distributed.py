@@ -23,6 +23,11 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   bias update, and under a pipeline each stage adds its own MoE losses'
   gradient in backward. Gradient clipping uses the norm over all shards and
   stages.
+* A vision-language model (a package exporting `VLM`; its plans are data
+  parallel) trains runtime/vlm_task.py's caption task the same way
+  (`CaptionTask`): each dp rank takes its rows of the global image-caption
+  batch; every rank runs the whole held-out eval (FSDP gathers each unit) and
+  rank 0 logs it, so losses and eval rows equal the single-process run's.
 * Checkpoints are DCP shards keyed by FQN (runtime/checkpoint.py): save at
   one world size or plan, resume at any other, single process included.
 * Initial weights are the single-process trainer's for the same seed: a fresh
@@ -65,8 +70,8 @@ from .data import IGNORE_INDEX
 from .package import build_package, import_package, read_run_info
 
 # the `forgec train` options a worker receives unchanged from the launcher
-FORWARDED = ("steps", "seed", "ckpt_every", "batch_size", "seq_len", "lr", "warmup", "min_lr",
-             "grad_accum", "clip", "weight_decay", "data", "data_dtype")
+FORWARDED = ("steps", "seed", "ckpt_every", "eval_every", "batch_size", "seq_len", "lr",
+             "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype")
 SETTINGS = (*FORWARDED, "bf16")
 # A fresh run initialises the whole model on every rank's host, as one process
 # would (identical weights for a seed), up to this size; larger models are
@@ -143,6 +148,7 @@ def launch(args) -> int:
     os.makedirs(out, exist_ok=True)
     pkg = import_package(build_package(spec, out, check_only=args.resume))
     cfg = check_plan(plan_module(pkg), args.plan, spec, args.nproc)
+    task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
     check_batch(cfg, s)
     nproc = cfg["world"]
@@ -311,15 +317,90 @@ def _stage_class():
     return Stage
 
 
+class TextTask:
+    """What the engine trains a text model on: runtime/train.py's next-token
+    prediction over packed documents (batches of runtime.data.PackedData)."""
+
+    vlm = False
+
+    def __init__(self, pkg) -> None:
+        self.pkg = pkg
+
+    def new_model(self) -> nn.Module:
+        return self.pkg.Transformer()
+
+    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
+        """The batch's tensors, rows first; the targets are at index `TARGETS`."""
+        return batch.inputs, batch.targets, batch.doc_ids
+
+    def forward(self, model: nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of one micro-batch."""
+        inputs, targets, doc_ids = chunk
+        return model(inputs, doc_ids=doc_ids), targets
+
+    def routing(self, model: nn.Module):
+        """What runtime.train.MoEStats reads."""
+        return model
+
+    def prepare(self, model: nn.Module) -> None:
+        """Adjust the built (and sharded) model for this machine."""
+
+
+class CaptionTask(TextTask):
+    """A vision-language model's image-caption task (runtime/vlm_task.py): the
+    batches of runtime.vision_data.CaptionData, the caption cross-entropy."""
+
+    vlm = True
+
+    def new_model(self) -> nn.Module:
+        return self.pkg.VLM()
+
+    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
+        return batch.pixels, batch.inputs, batch.targets
+
+    def forward(self, model: nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, inputs, targets = chunk
+        return model(pixels, inputs), targets
+
+    def routing(self, model: nn.Module):
+        from .vlm_task import RoutingView
+
+        return RoutingView(model)
+
+    def prepare(self, model: nn.Module) -> None:
+        from .vlm_task import prefer_looped_experts
+
+        prefer_looped_experts(model)
+
+
+def task_of(pkg, s) -> TextTask:
+    """The task of the package's model; checks (and completes) the settings it
+    takes, as the single-process trainer does."""
+    if hasattr(pkg, "VLM"):
+        from .vlm_task import check_settings
+
+        check_settings(s)
+        return CaptionTask(pkg)
+    if s.eval_every:
+        raise UsageError("--eval-every applies to vision-language models (a caption eval); "
+                         "a text model has no eval")
+    return TextTask(pkg)
+
+
 class Engine:
     """This rank's model part(s), optimizer(s) and (pipeline) schedule."""
 
-    def __init__(self, pkg, planmod, plan: str, layout: Layout, s, *, fresh: bool) -> None:
+    def __init__(self, pkg, planmod, plan: str, layout: Layout, s, *, fresh: bool,
+                 task: TextTask | None = None) -> None:
         self.planmod, self.plan, self.layout, self.s = planmod, plan, layout, s
+        self.task = task or TextTask(pkg)
         cfg = planmod.PLANS[plan]
         self.cfg = cfg
         pipe = cfg.get("pipeline")
         self.pipe = pipe if pipe and len(pipe["stages"]) > 1 else None
+        if self.pipe and self.task.vlm:
+            raise UsageError(f"plan '{plan}': a vision-language model trains data parallel "
+                             "only (no pipeline)")
         self.microbatches = self.pipe["microbatches"] if self.pipe else 1
         # micro-batches of one optimizer step, over all ranks
         self.total_micro = layout.dp * s.grad_accum * self.microbatches
@@ -333,21 +414,21 @@ class Engine:
         self.schedule = self._schedule() if self.pipe else None
         self._n_targets = 1
         with torch.device("meta"):  # whether any stage has MoE layers (all ranks agree)
-            self._has_moe = bool(pkg.Transformer().get_expert_counts())
+            self._has_moe = bool(self.task.new_model().get_expert_counts())
 
     # -- building --
 
     def _build(self, pkg, stage_ids: list, fresh: bool) -> list[nn.Module]:
         planmod, plan, layout = self.planmod, self.plan, self.layout
         with torch.device("meta"):
-            n_params = sum(p.numel() for p in pkg.Transformer().parameters())
+            n_params = sum(p.numel() for p in self.task.new_model().parameters())
         limit = int(os.environ.get("FORGEC_HOST_INIT_MAX_PARAMS", HOST_INIT_MAX_PARAMS))
         self.host_init = fresh and n_params <= limit
         if self.host_init:
             # exactly the single-process trainer's initialisation for the seed
             torch.manual_seed(self.s.seed)
             random.seed(self.s.seed)
-            full = pkg.Transformer()
+            full = self.task.new_model()
             parts = [full if sid is None else planmod.build_stage(
                 full if i == len(stage_ids) - 1 else copy.deepcopy(full), sid, plan)
                 for i, sid in enumerate(stage_ids)]
@@ -355,7 +436,7 @@ class Engine:
             parts = []
             for sid in stage_ids:
                 with torch.device("meta"):
-                    m = pkg.Transformer()
+                    m = self.task.new_model()
                 parts.append(m if sid is None else planmod.build_stage(m, sid, plan))
         self.hook = _RouterLosses() if self.pipe else None
         if self.hook is not None:
@@ -377,6 +458,7 @@ class Engine:
                 with warnings.catch_warnings():  # CPU: handled by _seed_shard_init
                     warnings.filterwarnings("ignore", "DTensor random operators")
                     part.init_weights_and_freqs()
+            self.task.prepare(part)
         return parts
 
     def _seed_shard_init(self, sid: int | None) -> None:
@@ -433,20 +515,19 @@ class Engine:
         self._n_targets = max(1, int((batch.targets != IGNORE_INDEX).sum()))
         local = s.batch_size // layout.dp
         rows = slice(layout.dp_rank * local, (layout.dp_rank + 1) * local)
-        tensors = [t[rows].to(layout.device) for t in (batch.inputs, batch.targets,
-                                                       batch.doc_ids)]
+        tensors = [t[rows].to(layout.device) for t in self.task.tensors(batch)]
         chunks = zip(*(t.chunk(s.grad_accum) for t in tensors), strict=True)
         total = torch.zeros((), dtype=torch.float32, device=layout.device)
         autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
         if self.schedule is None:
             model = self.parts[0]
-            for inp, tgt, doc in chunks:
+            for chunk in chunks:
                 with autocast:
-                    logits = model(inp, doc_ids=doc)
+                    logits, tgt = self.task.forward(model, chunk)
                 ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(),
                                      ignore_index=IGNORE_INDEX, reduction="sum")
                 loss = ce / self._n_targets + router_loss(model) / self.total_micro
-                stats.add(model)
+                stats.add(self.task.routing(model))
                 # FSDP averages gradients over dp: scale this rank's share up by dp
                 (loss * layout.dp).backward()
                 total += loss.detach()
@@ -534,29 +615,6 @@ def clip_grad_norm(params: list, max_norm: float, device: torch.device) -> float
     return norm
 
 
-def layer_units(model: nn.Module) -> list[str]:
-    """FQNs of every entry of every `layers` ModuleDict (decoder and vision
-    encoder layers): FSDP units for a package whose plan.py has no plan for
-    its model (a VLM)."""
-    return [f"{name}.{key}" for name, mod in model.named_modules()
-            if name.rsplit(".", 1)[-1] == "layers" and isinstance(mod, nn.ModuleDict)
-            for key in mod]
-
-
-def shard(model: nn.Module, mesh, units: list[str], *, compute: torch.dtype = torch.float32,
-          reduce: torch.dtype = torch.float32) -> nn.Module:
-    """FSDP2 on each unit, then the root, as plan.apply_fsdp does: sharded
-    parameters stay fp32 (master weights), `compute` is the gathered dtype."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    kwargs = {"mesh": mesh, "reshard_after_forward": True,
-              "mp_policy": MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=reduce)}
-    for fqn in units:
-        fully_shard(model.get_submodule(fqn), **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
 def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
                       progress: bool = True, **overrides) -> dict:
     """One rank of `forgec train --plan`: the single-process trainer's loop
@@ -574,6 +632,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         resolve_settings,
         validate_settings,
     )
+    from .vlm_task import eval_line, evaluate, plot_vlm
 
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
@@ -586,13 +645,27 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     pkg = import_package(pkg_dir)
     planmod = plan_module(pkg)
     cfg = check_plan(planmod, plan, spec, None)
+    task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
     check_batch(cfg, s)
+    if task.vlm:
+        # as runtime.vlm_task.train_vlm (see there); a worker process trains one run
+        torch.use_deterministic_algorithms(True, warn_only=True)
     layout = setup(cfg)
     if "OMP_NUM_THREADS" not in os.environ:  # share this machine's cores among its ranks
         torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    data = load_data(s, pkg.ModelConfig().vocab_size)
-    engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume)
+    held_out = None
+    if task.vlm:
+        from .vision_data import CaptionData, eval_set
+        from .vlm_task import EVAL_IMAGES, image_geometry
+
+        with torch.device("meta"):
+            size, channels = image_geometry(task.new_model())
+        data = CaptionData(size, channels, s.seed)
+        held_out = eval_set(size, channels, EVAL_IMAGES)
+    else:
+        data = load_data(s, pkg.ModelConfig().vocab_size)
+    engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume, task=task)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
@@ -614,6 +687,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         info = {**(saved_info or {}), "spec": os.path.abspath(spec),
                 "package": os.path.basename(pkg_dir), "settings": dataclasses.asdict(s),
                 "plan": plan, "world": layout.world}
+        if task.vlm:
+            info["task"] = "captions"
         with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
@@ -622,10 +697,15 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         how = (f"dp {layout.dp} × pp {layout.pp}"
                + (f", {pipe['schedule']} over {len(pipe['stages'])} stages in "
                   f"{pipe['microbatches']} microbatches" if pipe else ""))
+        what = (f"{s.batch_size} images x {s.seq_len} caption tokens" if task.vlm
+                else f"{s.batch_size}x{s.seq_len} tokens")
         print(f"training {os.path.basename(pkg_dir)} ({n_params:,} parameters) with plan "
               f"'{plan}' on {layout.world} processes ({how}, {layout.device.type}): steps "
-              f"{start + 1}..{s.steps}, batch {s.batch_size}x{s.seq_len} tokens, "
+              f"{start + 1}..{s.steps}, batch {what}, "
               f"{'bf16 autocast' if s.bf16 else 'fp32'}"
+              + (f"; eval on {len(held_out.captions)} held-out images "
+                 f"{f'every {s.eval_every} steps and ' if s.eval_every else ''}at the end"
+                 if task.vlm else "")
               + ("" if resume or engine.host_init else
                  "; weights initialised per shard (not those of a single process)"),
               file=sys.stderr)
@@ -646,16 +726,28 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
             tokens_seen += s.batch_size * s.seq_len
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen}
+            if task.vlm:
+                last.update(images=step * s.batch_size, images_per_s=s.batch_size / dt)
             if moe:
                 last["moe"] = moe
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                if log is not None:
+                    log.write(json.dumps(last) + "\n")
+                raise RunError(f"training diverged at step {step} (loss {loss}, grad norm "
+                               f"{grad_norm}); try a lower --lr")
+            if task.vlm and (step == s.steps or (s.eval_every and step % s.eval_every == 0)):
+                # every rank runs the whole eval (FSDP gathers the layers it
+                # runs); rank 0 reports it
+                last["eval"] = evaluate(engine.parts[0], held_out)
             if log is not None:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
             if bar:
                 bar.update(step, loss, lr, last["tokens_per_s"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise RunError(f"training diverged at step {step} (loss {loss}, grad norm "
-                               f"{grad_norm}); try a lower --lr")
+            if "eval" in last and rank == 0:
+                if bar and bar.tty and step != s.steps:
+                    sys.stderr.write("\n")
+                print(eval_line(step, last["eval"]), file=sys.stderr)
             if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
                 ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers, {
                     "data": data.state_dict(),
@@ -670,9 +762,13 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
             log.close()
     summary = {"run": out, "steps": s.steps, "last": last}
     if rank == 0:
-        plot_losses(metrics_path, os.path.join(out, "loss.png"),
-                    f"{os.path.basename(pkg_dir)} ({plan}): seed {s.seed}, batch "
-                    f"{s.batch_size}x{s.seq_len}")
+        title = f"{os.path.basename(pkg_dir)} ({plan}): seed {s.seed}, batch "
+        if task.vlm:
+            plot_vlm(metrics_path, os.path.join(out, "loss.png"),
+                     title + f"{s.batch_size} images")
+        else:
+            plot_losses(metrics_path, os.path.join(out, "loss.png"),
+                        title + f"{s.batch_size}x{s.seq_len}")
         rows = read_metrics(metrics_path)
         if rows:
             print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "

@@ -24,6 +24,7 @@ an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -201,12 +202,20 @@ def train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
     The run uses torch's deterministic algorithms: MoMa's expert choice
     gathers tokens by index, and the CPU backward of such a gather adds up
     duplicate indices in a thread-dependent order unless asked not to."""
+    with deterministic():
+        return _train_vlm(spec, out, pkg, pkg_dir, s, resume=resume, saved_info=saved_info,
+                          progress=progress)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch's deterministic algorithms (warnings only where there are none)
+    for the duration; see train_vlm."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        return _train_vlm(spec, out, pkg, pkg_dir, s, resume=resume, saved_info=saved_info,
-                          progress=progress)
+        yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 

@@ -8,7 +8,6 @@ import them (the parent's sys.path, tests/ included, is passed on).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import socket
 import sys
@@ -68,11 +67,6 @@ def train_worker(argv: list[str]) -> int:
     return main(argv)
 
 
-def write_json(path: str, value) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f)
-
-
 def train_runs(runs: list[tuple[list[str], dict]]) -> int:
     """Several `forgec train --plan` runs (argv, extra environment), one after
     the other in one process group (saves a spawn per run), then the worker's
@@ -107,81 +101,4 @@ def _main_keep_group(argv: list[str]) -> int:
     except (UsageError, RunError) as e:
         print(f"forgec: error: {e}", file=sys.stderr)
         return 1
-    return 0
-
-
-# ---- the VLM: FSDP over its vision and decoder layers ---------------------------------
-
-VLM_BATCH, VLM_TEXT = 4, 16
-
-
-def vlm_batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic random images (B, 3, 32, 32) and token rows (B, text + 1)."""
-    g = torch.Generator().manual_seed(1234)
-    return [(torch.randn(VLM_BATCH, 3, 32, 32, generator=g),
-             torch.randint(0, 256, (VLM_BATCH, VLM_TEXT + 1), generator=g))
-            for _ in range(steps)]
-
-
-def vlm_train(model, steps: int, dp: int = 1, dp_rank: int = 0) -> list[float]:
-    """AdamW steps of next-token cross-entropy on the text, the global batch
-    split over `dp` ranks (dp = 1: one process, torch's own clipping)."""
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from runtime.distributed import clip_grad_norm
-    from runtime.train import Settings, make_optimizer
-
-    opt = make_optimizer(model, Settings(lr=1e-3))
-    params = [p for p in model.parameters() if p.requires_grad]
-    local = VLM_BATCH // dp
-    rows = slice(dp_rank * local, (dp_rank + 1) * local)
-    losses = []
-    for pixels, tokens in vlm_batches(steps):
-        targets = tokens[:, 1:]
-        logits = model(pixels[rows], tokens[rows, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[rows].flatten(),
-                               reduction="sum") / targets.numel()
-        (loss * dp).backward()  # FSDP averages over dp ranks
-        loss = loss.detach()
-        if dp > 1:
-            dist.all_reduce(loss)
-            clip_grad_norm(params, 1.0, torch.device("cpu"))
-        else:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    return losses
-
-
-def vlm_reference(steps: int) -> list[float]:
-    from generated.vlm import VLM
-
-    torch.manual_seed(0)
-    model = VLM()
-    model.train()
-    return vlm_train(model, steps)
-
-
-def vlm_worker(steps: int, out: str) -> int:
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from generated.vlm import VLM
-    from runtime.distributed import _init_group, layer_units, shard, teardown
-
-    try:
-        _init_group()
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("dp",))
-        torch.manual_seed(0)
-        model = VLM()
-        model.train()
-        units = layer_units(model)
-        shard(model, mesh, units)
-        losses = vlm_train(model, steps, dist.get_world_size(), dist.get_rank())
-        if dist.get_rank() == 0:
-            write_json(out, {"losses": losses, "units": units})
-    finally:
-        teardown()
     return 0
