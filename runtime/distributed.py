@@ -623,13 +623,13 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     from .train import (
         Progress,
         _python_rng_state,
-        _set_python_rng_state,
         _write_lines,
         load_data,
         lr_at,
         plot_losses,
         read_metrics,
         resolve_settings,
+        resume_from_latest,
         validate_settings,
     )
     from .vlm_task import eval_line, evaluate, plot_vlm
@@ -670,18 +670,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            raise RunError(f"{out} has no checkpoint to resume from")
-        meta = ckpt.load_checkpoint(latest[1], engine.parts, engine.optimizers)
-        start = meta["step"]
-        if s.steps < start:
-            raise UsageError(f"--steps {s.steps} is before the latest checkpoint (step {start})")
-        try:
-            data.load_state_dict(meta["data"])
-            _set_python_rng_state(meta["python_rng"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {latest[1]} is corrupt: bad trainer state ({e})") from None
+        start = resume_from_latest(out, engine.parts, engine.optimizers, data, s.steps)
     n_params = engine.parameters_total()
     if rank == 0:
         info = {**(saved_info or {}), "spec": os.path.abspath(spec),

@@ -295,6 +295,29 @@ def _set_python_rng_state(value: list) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
+def resume_from_latest(out: str, model, optimizer, data, steps: int) -> int:
+    """Load `out`'s latest checkpoint into the model(s), optimizer(s), data order
+    and Python RNG; return its step. Shared by every trainer."""
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        raise RunError(f"{out} has no checkpoint to resume from")
+    meta = ckpt.load_checkpoint(latest[1], model, optimizer)
+    start = meta["step"]
+    if steps < start:
+        raise UsageError(f"--steps {steps} is before the latest checkpoint (step {start})")
+    try:
+        data.load_state_dict(meta["data"])
+        _set_python_rng_state(meta["python_rng"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"checkpoint {latest[1]} is corrupt: bad trainer state ({e})") from None
+    return start
+
+
+def trim_metrics(metrics_path: str, step: int) -> None:
+    """Drop the logged rows after `step` (a resumed run logs them again)."""
+    _write_lines(metrics_path, [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step])
+
+
 def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
           **overrides) -> dict:
     """Train `spec` into the run folder `out`; return a summary.
@@ -339,20 +362,8 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            raise RunError(f"{out} has no checkpoint to resume from")
-        meta = ckpt.load_checkpoint(latest[1], model, optimizer)
-        start = meta["step"]
-        if s.steps < start:
-            raise UsageError(f"--steps {s.steps} is before the latest checkpoint (step {start})")
-        try:
-            data.load_state_dict(meta["data"])
-            _set_python_rng_state(meta["python_rng"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {latest[1]} is corrupt: bad trainer state ({e})") from None
-        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
-        _write_lines(metrics_path, kept)
+        start = resume_from_latest(out, model, optimizer, data, s.steps)
+        trim_metrics(metrics_path, start)
     else:
         info = {"spec": os.path.abspath(spec), "package": os.path.basename(pkg_dir),
                 "settings": dataclasses.asdict(s)}

@@ -226,12 +226,13 @@ def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
         MoEStats,
         Progress,
         _python_rng_state,
-        _set_python_rng_state,
         _write_lines,
         lr_at,
         make_optimizer,
         read_metrics,
+        resume_from_latest,
         set_threads,
+        trim_metrics,
         validate_settings,
     )
 
@@ -253,20 +254,8 @@ def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        latest = ckpt.latest_checkpoint(out)
-        if latest is None:
-            raise RunError(f"{out} has no checkpoint to resume from")
-        meta = ckpt.load_checkpoint(latest[1], model, optimizer)
-        start = meta["step"]
-        if s.steps < start:
-            raise UsageError(f"--steps {s.steps} is before the latest checkpoint (step {start})")
-        try:
-            data.load_state_dict(meta["data"])
-            _set_python_rng_state(meta["python_rng"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint {latest[1]} is corrupt: bad trainer state ({e})") from None
-        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
-        _write_lines(metrics_path, kept)
+        start = resume_from_latest(out, model, optimizer, data, s.steps)
+        trim_metrics(metrics_path, start)
         info = {**saved_info, "settings": dataclasses.asdict(s)}
     else:
         info = {"spec": os.path.abspath(spec), "package": os.path.basename(pkg_dir),
