@@ -622,14 +622,15 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     writes run.json, metrics.jsonl, trainer.json and loss.png."""
     from .train import (
         Progress,
-        _python_rng_state,
         _write_lines,
         load_data,
         lr_at,
         plot_losses,
+        print_done,
         read_metrics,
         resolve_settings,
         resume_from_latest,
+        trainer_state,
         validate_settings,
     )
     from .vlm_task import eval_line, evaluate, plot_vlm
@@ -739,13 +740,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
                 print(eval_line(step, last["eval"]), file=sys.stderr)
             if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
                 ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers, {
-                    "data": data.state_dict(),
-                    "python_rng": _python_rng_state(),
-                    "schedule": {"lr": s.lr, "min_lr": s.min_lr, "warmup": s.warmup,
-                                 "schedule_steps": s.schedule_steps},
-                    "settings": dataclasses.asdict(s),
-                    "plan": plan, "world": layout.world,
-                })
+                    **trainer_state(s, data), "plan": plan, "world": layout.world})
     finally:
         if log is not None:
             log.close()
@@ -759,10 +754,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
             plot_losses(metrics_path, os.path.join(out, "loss.png"),
                         title + f"{s.batch_size}x{s.seq_len}")
         rows = read_metrics(metrics_path)
-        if rows:
-            print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
-                  f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); {out}/loss.png, "
-                  f"checkpoint {ckpt.latest_checkpoint(out)[1]}", file=sys.stderr)
+        print_done(rows, out)
     return summary
 
 

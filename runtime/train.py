@@ -318,6 +318,26 @@ def trim_metrics(metrics_path: str, step: int) -> None:
     _write_lines(metrics_path, [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step])
 
 
+def trainer_state(s: Settings, data) -> dict:
+    """What a checkpoint keeps beside the weights so that a resumed run repeats
+    the uninterrupted one: data order, Python RNG, schedule and settings."""
+    return {
+        "data": data.state_dict(),
+        "python_rng": _python_rng_state(),
+        "schedule": {"lr": s.lr, "min_lr": s.min_lr, "warmup": s.warmup,
+                     "schedule_steps": s.schedule_steps},
+        "settings": dataclasses.asdict(s),
+    }
+
+
+def print_done(rows: list[dict], out: str) -> None:
+    """The closing line of a run: first and last loss, where the plot and checkpoint are."""
+    if rows:
+        print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
+              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); {out}/loss.png, "
+              f"checkpoint {ckpt.latest_checkpoint(out)[1]}", file=sys.stderr)
+
+
 def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
           **overrides) -> dict:
     """Train `spec` into the run folder `out`; return a summary.
@@ -414,20 +434,11 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
                 raise RunError(f"training diverged at step {step} (loss {last['loss']}, grad "
                                f"norm {last['grad_norm']}); try a lower --lr")
             if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
-                ckpt.save_checkpoint(out, step, model, optimizer, {
-                    "data": data.state_dict(),
-                    "python_rng": _python_rng_state(),
-                    "schedule": {"lr": s.lr, "min_lr": s.min_lr, "warmup": s.warmup,
-                                 "schedule_steps": s.schedule_steps},
-                    "settings": dataclasses.asdict(s),
-                })
+                ckpt.save_checkpoint(out, step, model, optimizer, trainer_state(s, data))
     plot_losses(metrics_path, os.path.join(out, "loss.png"),
                 f"{os.path.basename(pkg_dir)}: seed {s.seed}, batch {s.batch_size}x{s.seq_len}")
     rows = read_metrics(metrics_path)
     summary = {"run": out, "steps": s.steps, "first_loss": rows[0]["loss"] if rows else None,
                "last_loss": rows[-1]["loss"] if rows else None, "last": last}
-    if rows:
-        print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
-              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); {out}/loss.png, "
-              f"checkpoint {ckpt.latest_checkpoint(out)[1]}", file=sys.stderr)
+    print_done(rows, out)
     return summary

@@ -225,13 +225,14 @@ def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
     from .train import (
         MoEStats,
         Progress,
-        _python_rng_state,
         _write_lines,
         lr_at,
         make_optimizer,
+        print_done,
         read_metrics,
         resume_from_latest,
         set_threads,
+        trainer_state,
         trim_metrics,
         validate_settings,
     )
@@ -313,13 +314,7 @@ def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
                     sys.stderr.write("\n")
                 print(eval_line(step, last["eval"]), file=sys.stderr)
             if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
-                ckpt.save_checkpoint(out, step, model, optimizer, {
-                    "data": data.state_dict(),
-                    "python_rng": _python_rng_state(),
-                    "schedule": {"lr": s.lr, "min_lr": s.min_lr, "warmup": s.warmup,
-                                 "schedule_steps": s.schedule_steps},
-                    "settings": dataclasses.asdict(s),
-                })
+                ckpt.save_checkpoint(out, step, model, optimizer, trainer_state(s, data))
     plot_vlm(metrics_path, os.path.join(out, "loss.png"),
              f"{os.path.basename(pkg_dir)}: seed {s.seed}, batch {s.batch_size} images")
     rows = read_metrics(metrics_path)
@@ -327,8 +322,5 @@ def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
     summary = {"run": out, "steps": s.steps, "first_loss": rows[0]["loss"] if rows else None,
                "last_loss": rows[-1]["loss"] if rows else None, "last": last,
                "eval": evals[-1]["eval"] if evals else None}
-    if rows:
-        print(f"done: loss {rows[0]['loss']:.4f} (step {rows[0]['step']}) -> "
-              f"{rows[-1]['loss']:.4f} (step {rows[-1]['step']}); {out}/loss.png, "
-              f"checkpoint {ckpt.latest_checkpoint(out)[1]}", file=sys.stderr)
+    print_done(rows, out)
     return summary
