@@ -363,9 +363,8 @@ class CaptionTask(TextTask):
         return model(pixels, inputs), targets
 
     def routing(self, model: nn.Module):
-        from .vlm_task import RoutingView
-
-        return RoutingView(model)
+        """What runtime.train.MoEStats reads: the VLM names its decoder's MoE layers."""
+        return model
 
     def prepare(self, model: nn.Module) -> None:
         from .vlm_task import prefer_looped_experts

@@ -62,22 +62,6 @@ def prefer_looped_experts(model: torch.nn.Module) -> None:
         module.GROUPED_MM = False
 
 
-class RoutingView:
-    """What runtime.train.MoEStats reads, under the VLM's parameter names."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    def get_expert_counts(self) -> dict[str, torch.Tensor]:
-        return self.model.get_expert_counts()
-
-    def get_dropped_tokens(self) -> dict[str, int]:
-        if hasattr(self.model, "get_dropped_tokens"):
-            return self.model.get_dropped_tokens()
-        dropped = self.model.transformer.get_dropped_tokens()
-        return {f"transformer.{k}": v for k, v in dropped.items()}
-
-
 def accumulate_vlm_gradients(model: torch.nn.Module, batch: CaptionBatch, *, grad_accum: int = 1,
                              bf16: bool = False, moe_stats=None) -> torch.Tensor:
     """Forward and backward of one optimizer step's batch in `grad_accum`
@@ -98,7 +82,7 @@ def accumulate_vlm_gradients(model: torch.nn.Module, batch: CaptionBatch, *, gra
         loss.backward()
         total += loss.detach()
         if moe_stats is not None:
-            moe_stats.add(RoutingView(model))
+            moe_stats.add(model)
     return total
 
 
