@@ -1,43 +1,39 @@
 """The typed syntax tree of a .forge file, as produced by compiler/parse.py.
 
-Nodes are plain frozen dataclasses with a `span`; no semantics live here.
+Nodes are plain named tuples (immutable, cheap to define and build) with a `span`;
+no semantics live here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .diagnostics import Span
 
 # ---- expressions ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Int:
+class Int(NamedTuple):
     value: int
     span: Span
 
 
-@dataclass(frozen=True)
-class Float:
+class Float(NamedTuple):
     value: float
     span: Span
 
 
-@dataclass(frozen=True)
-class Str:
+class Str(NamedTuple):
     value: str
     span: Span
 
 
-@dataclass(frozen=True)
-class Bool:
+class Bool(NamedTuple):
     value: bool
     span: Span
 
 
-@dataclass(frozen=True)
-class Ref:
+class Ref(NamedTuple):
     """`name` or `section.name`."""
 
     parts: tuple[str, ...]
@@ -48,23 +44,20 @@ class Ref:
         return ".".join(self.parts)
 
 
-@dataclass(frozen=True)
-class Arg:
+class Arg(NamedTuple):
     name: str | None  # None for a positional argument
     value: Expr
     span: Span
     name_span: Span | None = None
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     func: Ref
     args: tuple[Arg, ...]
     span: Span
 
 
-@dataclass(frozen=True)
-class BinOp:
+class BinOp(NamedTuple):
     op: str  # + - * / // %
     left: Expr
     right: Expr
@@ -72,14 +65,12 @@ class BinOp:
     op_span: Span
 
 
-@dataclass(frozen=True)
-class Neg:
+class Neg(NamedTuple):
     operand: Expr
     span: Span
 
 
-@dataclass(frozen=True)
-class ListExpr:
+class ListExpr(NamedTuple):
     items: tuple[Expr, ...]
     span: Span
 
@@ -90,32 +81,28 @@ Expr = Int | Float | Str | Bool | Ref | Call | BinOp | Neg | ListExpr
 # ---- statements -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Assign:
+class Assign(NamedTuple):
     name: str
     name_span: Span
     value: Expr
     span: Span
 
 
-@dataclass(frozen=True)
-class RuleWord:
+class RuleWord(NamedTuple):
     """One word of a stack selector: a keyword, a parameter name or an integer."""
 
     value: str | int
     span: Span
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     words: tuple[RuleWord, ...]
     target: str
     target_span: Span
     span: Span
 
 
-@dataclass(frozen=True)
-class RuleAssign:
+class RuleAssign(NamedTuple):
     """`layers = stack(n_layers) { default: dense ... }`."""
 
     name: str
@@ -125,20 +112,17 @@ class RuleAssign:
     span: Span
 
 
-@dataclass(frozen=True)
-class Return:
+class Return(NamedTuple):
     value: Expr
     span: Span
 
 
-@dataclass(frozen=True)
-class CallStmt:
+class CallStmt(NamedTuple):
     call: Call
     span: Span
 
 
-@dataclass(frozen=True)
-class BlockDecl:
+class BlockDecl(NamedTuple):
     name: str
     name_span: Span
     inputs: tuple[tuple[str, Span], ...]
@@ -153,14 +137,12 @@ Stmt = Assign | RuleAssign | Return | CallStmt | BlockDecl
 # ---- top level --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Import:
+class Import(NamedTuple):
     path: str
     span: Span
 
 
-@dataclass(frozen=True)
-class Section:
+class Section(NamedTuple):
     """`model NAME [extends BASE] [for TARGET] { ... }` and its siblings."""
 
     kind: str
@@ -173,8 +155,7 @@ class Section:
     span: Span
 
 
-@dataclass(frozen=True)
-class Module:
+class Module(NamedTuple):
     file: str
     imports: tuple[Import, ...]
     sections: tuple[Section, ...]
