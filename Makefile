@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo lint clean
+.PHONY: venv test demo lint clean parser
 
 venv: $(STAMP)
 
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 test: venv
 	$(BIN)/forgec build --check specs/*.forge
 	$(BIN)/python -m pytest -q tests
+
+# compiler/grammar_lalr.py: the LALR tables (and lark's small parser runtime) for
+# compiler/grammar.lark; regenerate after editing the grammar (a test fails if stale).
+parser: venv
+	$(BIN)/python -m lark.tools.standalone --propagate_positions compiler/grammar.lark \
+		-o compiler/grammar_lalr.py
 
 lint: venv
 	$(BIN)/ruff check compiler runtime tests generated

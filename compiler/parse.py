@@ -8,13 +8,35 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from functools import lru_cache
-
-from lark import Lark, Token, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
 from .diagnostics import ForgeError, Span
+
+
+def _import_tables():
+    """compiler/grammar_lalr.py: grammar.lark compiled by lark's standalone tool
+    (`make parser`; tests/test_parse.py fails when it is stale). Importing it
+    instead of lark keeps grammar analysis and lark's own imports out of every
+    command. The module tries `import regex`, which only Lark(regex=True) uses:
+    with `regex` installed (transformers pulls it in) that import alone is a
+    tenth of `forgec check`, so it is hidden while the tables load."""
+    hidden = "regex" not in sys.modules
+    if hidden:
+        sys.modules["regex"] = None  # `import regex` raises ImportError
+    try:
+        from . import grammar_lalr
+    finally:
+        if hidden:
+            del sys.modules["regex"]
+    return grammar_lalr
+
+
+_lalr = _import_tables()
+Lark, Token, Tree = _lalr.Lark, _lalr.Token, _lalr.Tree
+UnexpectedCharacters, UnexpectedEOF = _lalr.UnexpectedCharacters, _lalr.UnexpectedEOF
+UnexpectedInput, UnexpectedToken = _lalr.UnexpectedInput, _lalr.UnexpectedToken
 
 GRAMMAR_PATH = os.path.join(os.path.dirname(__file__), "grammar.lark")
 
@@ -36,12 +58,7 @@ _TERMINAL_NAMES = {
 
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
-    # cache=True stores the built LALR tables in the temp folder (keyed by the
-    # grammar's hash), which keeps `forgec check` well under half a second.
-    with open(GRAMMAR_PATH, encoding="utf-8") as f:
-        grammar = f.read()
-    return Lark(grammar, parser="lalr", strict=True, propagate_positions=True,
-                maybe_placeholders=False, cache=True)
+    return _lalr.Lark_StandAlone()
 
 
 def parse(text: str, file: str) -> ast.Module:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
 import pytest
+from conftest import ROOT
 
 from compiler import ast
 from compiler.diagnostics import ForgeError, Span
@@ -438,3 +441,57 @@ def test_deep_expressions_are_refused_without_exhausting_the_stack(expr):
 
 def test_parentheses_alone_do_not_nest_the_tree():
     assert value("(" * 500 + "1" + ")" * 500) == ast.Int(1, S(2, 507, 2, 508))
+
+
+# ---- the generated parser module ----------------------------------------------
+
+
+def test_grammar_is_strict_lalr():
+    # grammar_lalr.py is built without lark's strict mode; building the grammar
+    # here with it proves it has no shift/reduce or terminal collisions
+    from lark import Lark
+
+    grammar = (ROOT / "compiler" / "grammar.lark").read_text(encoding="utf-8")
+    Lark(grammar, parser="lalr", strict=True, propagate_positions=True)
+
+
+def _grammar_facts(parser) -> tuple:
+    """What the LALR tables are built from: every rule with its options, every
+    terminal with its pattern, and the parser options the tables depend on."""
+    rules = sorted((r.origin.name, tuple(s.name for s in r.expansion), r.alias, r.order,
+                    repr(r.options)) for r in parser.rules)
+    terminals = sorted((t.name, type(t.pattern).__name__, t.pattern.value,
+                        tuple(sorted(t.pattern.flags)), t.priority) for t in parser.terminals)
+    o = parser.options
+    return rules, terminals, (o.parser, o.lexer, o.propagate_positions, o.maybe_placeholders,
+                              sorted(parser.lexer_conf.ignore))
+
+
+def test_generated_parser_is_current():
+    # lark's standalone output is not byte-stable across runs (set order), so
+    # compare what its tables derive from with the grammar as it is now
+    from lark import Lark
+
+    from compiler.parse import _parser
+
+    grammar = (ROOT / "compiler" / "grammar.lark").read_text(encoding="utf-8")
+    fresh = Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    assert _grammar_facts(_parser()) == _grammar_facts(fresh), \
+        "compiler/grammar_lalr.py is stale: run `make parser` after editing grammar.lark"
+
+
+def test_loading_the_parser_leaves_regex_importable():
+    # compiler.parse hides `regex` while the generated module loads; it must not
+    # stay hidden from the rest of the process
+    code = textwrap.dedent("""\
+        import importlib.util, sys
+        import compiler.parse
+        assert "regex" not in sys.modules
+        if importlib.util.find_spec("regex") is not None:
+            import regex
+            assert regex.match("a", "a")
+        print("ok")
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout == "ok\n", proc.stderr
