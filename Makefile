@@ -22,7 +22,7 @@ test: venv
 # compiler/grammar_lalr.py: the LALR tables (and lark's small parser runtime) for
 # compiler/grammar.lark; regenerate after editing the grammar (a test fails if stale).
 parser: venv
-	$(BIN)/python -m lark.tools.standalone --propagate_positions compiler/grammar.lark \
+	$(BIN)/python -m lark.tools.standalone --propagate_positions --lexer basic compiler/grammar.lark \
 		-o compiler/grammar_lalr.py
 
 lint: venv

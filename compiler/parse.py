@@ -74,7 +74,7 @@ def parse(text: str, file: str) -> ast.Module:
 
 def _describe_expected(expected) -> str:
     names = sorted({_TERMINAL_NAMES.get(t, f"'{t.lower()}'" if t.isalpha() else t) for t in expected})
-    if len(names) > 8:
+    if len(names) > 10:
         return ""
     return "; expected " + (names[0] if len(names) == 1 else "one of " + ", ".join(names))
 

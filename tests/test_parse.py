@@ -319,6 +319,17 @@ def test_non_ascii_name_is_an_unexpected_character():
 # ---- syntax errors -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("word", ["import", "extends", "for", "block", "return", "true",
+                                  "false"])
+def test_keywords_are_reserved_everywhere(word):
+    # the lexer does not depend on the parser state: a keyword is never a name,
+    # also where nothing but a name can follow
+    for text, col in ((f"model {word} {{ }}", 7), (f"model m {{ x = a.{word} }}", 17)):
+        d = err(text)
+        assert (d.code, d.span.line, d.span.col) == ("E002", 1, col), (text, d.message)
+        assert d.message.startswith(f"unexpected '{word}'"), d.message
+
+
 def test_unexpected_token_lists_what_was_expected():
     d = err("""\
         model m {
@@ -327,8 +338,8 @@ def test_unexpected_token_lists_what_was_expected():
     """)
     assert d.code == "E002"
     assert d.span == S(3, 1, 3, 2)
-    assert d.message == ("unexpected '}'; expected one of '(', '-', '[', a name, a number, "
-                         "a string, an integer")
+    assert d.message == ("unexpected '}'; expected one of '(', '-', '[', 'false', 'true', "
+                         "a name, a number, a string, an integer")
 
 
 def test_unexpected_token_with_a_single_expectation():
@@ -452,7 +463,7 @@ def test_grammar_is_strict_lalr():
     from lark import Lark
 
     grammar = (ROOT / "compiler" / "grammar.lark").read_text(encoding="utf-8")
-    Lark(grammar, parser="lalr", strict=True, propagate_positions=True)
+    Lark(grammar, parser="lalr", lexer="basic", strict=True, propagate_positions=True)
 
 
 def _grammar_facts(parser) -> tuple:
@@ -475,7 +486,8 @@ def test_generated_parser_is_current():
     from compiler.parse import _parser
 
     grammar = (ROOT / "compiler" / "grammar.lark").read_text(encoding="utf-8")
-    fresh = Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+    fresh = Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True,
+                 maybe_placeholders=False)
     assert _grammar_facts(_parser()) == _grammar_facts(fresh), \
         "compiler/grammar_lalr.py is stale: run `make parser` after editing grammar.lark"
 
