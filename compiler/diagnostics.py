@@ -17,10 +17,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, order=True)
-class Span:
+class Span(NamedTuple):
     """A source range; lines and columns are 1-based, `end_col` is exclusive."""
 
     file: str
@@ -37,8 +37,7 @@ class Span:
         return Span(file, line, col, line, col + 1)
 
 
-@dataclass(frozen=True)
-class Diagnostic:
+class Diagnostic(NamedTuple):
     severity: str  # "error" | "warning" | "note"
     code: str
     message: str
