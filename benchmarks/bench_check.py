@@ -4,12 +4,15 @@ Run by hand (not a test):  .venv/bin/python benchmarks/bench_check.py [-n 10]
 
 Prints the median of N runs of the check, and of `python -c pass` measured in
 the same run with the same interpreter, so the figure can be read against the
-interpreter's own start-up on whatever machine it runs on.
+interpreter's own start-up on whatever machine it runs on. Child processes run
+without PYTHONDONTWRITEBYTECODE, as an installed forgec does: with it set, every
+run would recompile the modules whose cached bytecode is stale.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = "specs/llama3_70b.forge"
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def forgec() -> list[str]:
@@ -30,7 +34,7 @@ def median_seconds(cmd: list[str], runs: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
 
@@ -42,8 +46,8 @@ def main() -> None:
     check = [*forgec(), "check", SPEC]
     baseline = [sys.executable, "-c", "pass"]
     # warm-up: the parser tables are cached on first use; file-system caches fill
-    subprocess.run(check, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(baseline, check=True)
+    subprocess.run(check, cwd=ROOT, env=ENV, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(baseline, env=ENV, check=True)
     pass_s, pass_all = median_seconds(baseline, args.runs)
     check_s, check_all = median_seconds(check, args.runs)
     print(f"python:              {sys.executable} ({sys.version.split()[0]})")

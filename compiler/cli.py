@@ -32,7 +32,9 @@ class RunError(Exception):
 RUNTIME_COMMANDS: dict = {}  # filled by runtime.cli.add_commands
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(full: bool = True) -> argparse.ArgumentParser:
+    """The command line; `full=False` leaves out the runtime's and the importers'
+    commands (for a compile command, which cannot reach them)."""
     p = argparse.ArgumentParser(prog="forgec", description="Compile .forge model specs.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -58,12 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--update", action="store_true",
                       help="replace existing packages whose content changes (golden files)")
 
-    from runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
+    if full:
+        from runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
 
-    RUNTIME_COMMANDS.update(add_commands(sub))
-    from .importers import add_commands as add_importers
+        RUNTIME_COMMANDS.update(add_commands(sub))
+        from .importers import add_commands as add_importers
 
-    RUNTIME_COMMANDS.update(add_importers(sub))
+        RUNTIME_COMMANDS.update(add_importers(sub))
 
     g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
     g.add_argument("spec", metavar="SPEC")
@@ -289,7 +292,10 @@ COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph, "build": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # `forgec check` runs in editors and hooks: registering the other commands'
+    # options would be a few per cent of it
+    args = _parser(full=not argv or argv[0] not in COMMANDS).parse_args(argv)
     collecting = gc.isenabled()
     if args.command in COMMANDS:
         # A compile is short and allocates many small objects: the cyclic collector
