@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import ast
 from .diagnostics import Diagnostics, Span, did_you_mean, suggest
@@ -82,30 +82,27 @@ class ComponentValue:
 
 
 # ---- dataflow --------------------------------------------------------------------
+# Immutable nodes, as in compiler/ast.py.
 
 
-@dataclass(frozen=True)
-class FRef:
+class FRef(NamedTuple):
     name: str  # a block input or an earlier dataflow value
     span: Span
 
 
-@dataclass(frozen=True)
-class FApply:
+class FApply(NamedTuple):
     component: str
     args: tuple[Flow, ...]
     span: Span
 
 
-@dataclass(frozen=True)
-class FAdd:
+class FAdd(NamedTuple):
     left: Flow
     right: Flow
     span: Span
 
 
-@dataclass(frozen=True)
-class FScale:
+class FScale(NamedTuple):
     factor: float
     operand: Flow
     span: Span
