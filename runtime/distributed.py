@@ -8,13 +8,17 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   `python -m torch.distributed.run --standalone` running `python -m
   runtime.distributed` — the same entry a multi-node `torchrun` uses.
 * Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
-  DeviceMesh ("pp", "dp") from the plan's `mesh`, builds its model part(s)
-  with `plan.build_stage`, applies `apply_activation_checkpointing` and
-  `apply_fsdp` (FSDP2 over "dp"; fp32 master weights, `compute` only sets the
-  dtype parameters are gathered in), and runs the plan's pipeline schedule
+  DeviceMesh ("pp", "dp", "tp") from the plan's `mesh`, builds its model
+  part(s) with `plan.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
+  (experts over groups of ep consecutive "dp" ranks), then
+  `apply_activation_checkpointing` and `apply_fsdp` (FSDP2 over "dp", 2-D
+  over TP shards; fp32 master weights, `compute` only sets the dtype
+  parameters are gathered in), and runs the plan's pipeline schedule
   (`plan.SCHEDULES`) with `PipelineStage`s over "pp".
 * The global batch is the single-process trainer's: every rank draws the same
-  batch and takes its data-parallel slice. The loss is normalised by the
+  batch and takes its data-parallel slice (the ranks of a TP group take the
+  same one). Expert gradients, which FSDP leaves alone, are averaged over dp
+  after backward (`plan.reduce_expert_grads`). The loss is normalised by the
   global number of targets, so gradients and the logged loss equal those of
   one process that runs the same micro-batches as gradient accumulation
   (single-process `--grad-accum` = dp × `--grad-accum` × pipeline
@@ -22,7 +26,8 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   the routers' load counts are summed over data-parallel ranks before the
   bias update, and under a pipeline each stage adds its own MoE losses'
   gradient in backward. Gradient clipping uses the norm over all shards and
-  stages.
+  stages, counting a piece held by several ranks (TP replicas, expert
+  copies) once.
 * A vision-language model (a package exporting `VLM`; its plans are data
   parallel) trains runtime/vlm_task.py's caption task the same way
   (`CaptionTask`): each dp rank takes its rows of the global image-caption
