@@ -148,9 +148,11 @@ def make_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer
         if p.requires_grad:
             by_mesh.setdefault(getattr(p, "device_mesh", None), []).append(p)
     groups = []
-    for params in by_mesh.values() or [[]]:
+    for params in by_mesh.values():
         groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # no empty group: DCP cannot load a flattened optimizer state into one
+    groups = [g for g in groups if g["params"]]
     kw = {"lr": s.lr, "betas": (0.9, 0.95), "eps": 1e-8}
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)

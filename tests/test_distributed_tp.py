@@ -1,8 +1,9 @@
 """Tensor and expert parallelism trained on CPU (gloo, 127.0.0.1): the plans
 tp2, dp2_tp2 (FSDP × TP) and ep2 of the shipped specs, and experts shared out
 over 2 of 4 data-parallel ranks, each checked against the single-process
-trainer's per-step losses (fp32, ≤ 1e-5) and MoE routing statistics; a TP
-checkpoint resumed by one process; TP shards initialised per rank.
+trainer's per-step losses (fp32, ≤ 1e-5) and MoE routing statistics; TP
+checkpoints resumed by one process and one process's resumed under TP; TP
+shards initialised per rank.
 
 Ranks run under torch.multiprocessing (tests/dist_helpers.py); one spawn per
 world size runs its trainings in a row.
@@ -11,6 +12,7 @@ world size runs its trainings in a row.
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -66,7 +68,7 @@ def work(tmp_path_factory) -> Path:
 def reference(work) -> dict[str, list[float]]:
     """Single-process losses; the MoE models with their distributed runs'
     micro-batches (one per dp rank) as gradient accumulation."""
-    quiet_train(DEBUG, str(work / "ref"), steps=STEPS, **SETTINGS)
+    quiet_train(DEBUG, str(work / "ref"), steps=STEPS, ckpt_every=3, **SETTINGS)
     quiet_train(MOE, str(work / "ref_moe"), steps=STEPS, grad_accum=2, **SETTINGS)
     quiet_train(str(work / "specs" / "moe_aux.forge"), str(work / "ref_aux"), steps=STEPS,
                 grad_accum=4, **SETTINGS)
@@ -74,12 +76,22 @@ def reference(work) -> dict[str, list[float]]:
             "aux": losses(work / "ref_aux")}
 
 
+def before_last_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of run `src` as if it had stopped right after its step-3 checkpoint."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / f"step_{STEPS:06d}")
+    return dst
+
+
 @pytest.fixture(scope="module")
 def two_ranks(work, reference) -> Path:
-    """tp2 (checkpoints at 3 and 5), moe_debug's ep2, and tp2 initialised on
-    each rank's own shards (a model "too large" for host initialisation)."""
+    """tp2 (checkpoints at 3 and 5), moe_debug's ep2, the single-process run
+    resumed at step 3 under tp2, and tp2 initialised on each rank's own shards
+    (a model "too large" for host initialisation)."""
+    resumed = before_last_checkpoint(work / "ref", work / "resume_tp2_from_1")
     runs = [(argv(DEBUG, work / "tp2", "tp2", steps=STEPS, ckpt_every=3), {}),
             (argv(MOE, work / "ep2", "ep2", steps=STEPS), {}),
+            (argv(DEBUG, resumed, "tp2", steps=STEPS, resume=True), {}),
             (argv(DEBUG, work / "meta_init_tp2", "tp2", steps=2),
              {"FORGEC_HOST_INIT_MAX_PARAMS": "0"})]
     spawn(train_runs, (runs,), 2, work, timeout=240)
@@ -126,13 +138,14 @@ def test_fsdp_x_tp_on_4_ranks(four_ranks, reference):
 
 
 def test_resume_tp2_checkpoint_at_1_rank(work, two_ranks, reference):
-    import shutil
-
-    resumed = work / "resume1_from_tp2"
-    shutil.copytree(two_ranks / "tp2", resumed)
-    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS:06d}")
+    resumed = before_last_checkpoint(two_ranks / "tp2", work / "resume1_from_tp2")
     quiet_train(DEBUG, str(resumed), resume=True, steps=STEPS)
     assert_same(losses(resumed), reference["dense"], "tp2 → resume at 1 rank")
+
+
+def test_resume_1_rank_checkpoint_under_tp2(two_ranks, reference):
+    # DCP loads whole tensors into TP shards, optimizer state included
+    assert_same(losses(two_ranks / "resume_tp2_from_1"), reference["dense"], "1 rank → tp2")
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
