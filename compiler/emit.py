@@ -557,7 +557,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
                                                              kv_cache=kv_cache, vlm=bool(vlm)),
         "model.py": model_py,
-        "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks, vlm),
+        "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks, vlm,
+                            [f"{fqn}.experts" for fqn in context["moe_fqns"]]),
         "spec.json": json.dumps(_spec_json(comp, model, c, max_seq_len, vlm), indent=2,
                                 sort_keys=True) + "\n",
     }
@@ -613,7 +614,7 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
 
 
 def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_stacks,
-             vlm) -> str:
+             vlm, expert_fqns: list[str]) -> str:
     if vlm is not None:
         plans = {name: vlm_plan_data(p, vlm, comp.models)
                  for name, p in sorted(comp.plans.items()) if p.target == vlm.name}
@@ -627,6 +628,7 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
         tp_plan=pyformat(tp_plan(model), 0, len("TP_PLAN = ")),
         plans=pyformat(plans, 0, len("PLANS = ")),
         layer_attrs=pyrepr(["layers", *[x["attr"] for x in inserted_stacks]]),
+        expert_fqns=pyformat(expert_fqns, 0, len("EXPERT_FQNS = ")) if expert_fqns else None,
     )
 
 

@@ -350,6 +350,9 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
     if m["ep"] > 1 and m["dp"] % m["ep"]:
         diags.error("E123", f"expert-parallel degree {m['ep']} must divide dp {m['dp']}",
                     plan.spans.get("mesh.ep", where))
+    elif m["ep"] > 1 and not any(c.op.name == "moe" for c in model.all_components()):
+        diags.error("E123", f"expert-parallel degree {m['ep']} needs mixture-of-experts "
+                    f"layers; '{model.name}' has no moe", plan.spans.get("mesh.ep", where))
     units = layer_units(model)
     if m["pp"] > 1 and plan.pipeline is None:
         diags.error("E121", f"pp = {m['pp']} needs a pipeline(...) directive", where)

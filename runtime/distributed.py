@@ -8,13 +8,17 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   `python -m torch.distributed.run --standalone` running `python -m
   runtime.distributed` — the same entry a multi-node `torchrun` uses.
 * Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
-  DeviceMesh ("pp", "dp") from the plan's `mesh`, builds its model part(s)
-  with `plan.build_stage`, applies `apply_activation_checkpointing` and
-  `apply_fsdp` (FSDP2 over "dp"; fp32 master weights, `compute` only sets the
-  dtype parameters are gathered in), and runs the plan's pipeline schedule
+  DeviceMesh ("pp", "dp", "tp") from the plan's `mesh`, builds its model
+  part(s) with `plan.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
+  (experts over groups of ep consecutive "dp" ranks), then
+  `apply_activation_checkpointing` and `apply_fsdp` (FSDP2 over "dp", 2-D
+  over TP shards; fp32 master weights, `compute` only sets the dtype
+  parameters are gathered in), and runs the plan's pipeline schedule
   (`plan.SCHEDULES`) with `PipelineStage`s over "pp".
 * The global batch is the single-process trainer's: every rank draws the same
-  batch and takes its data-parallel slice. The loss is normalised by the
+  batch and takes its data-parallel slice (the ranks of a TP group take the
+  same one). Expert gradients, which FSDP leaves alone, are averaged over dp
+  after backward (`plan.reduce_expert_grads`). The loss is normalised by the
   global number of targets, so gradients and the logged loss equal those of
   one process that runs the same micro-batches as gradient accumulation
   (single-process `--grad-accum` = dp × `--grad-accum` × pipeline
@@ -22,7 +26,8 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   the routers' load counts are summed over data-parallel ranks before the
   bias update, and under a pipeline each stage adds its own MoE losses'
   gradient in backward. Gradient clipping uses the norm over all shards and
-  stages.
+  stages, counting a piece held by several ranks (TP replicas, expert
+  copies) once.
 * A vision-language model (a package exporting `VLM`; its plans are data
   parallel) trains runtime/vlm_task.py's caption task the same way
   (`CaptionTask`): each dp rank takes its rows of the global image-caption
@@ -100,9 +105,6 @@ def check_plan(planmod, name: str, spec: str, nproc: int | None) -> dict:
     if nproc is not None and nproc != cfg["world"]:
         raise UsageError(f"plan '{name}' runs on {cfg['world']} processes (dp {m['dp']} × pp "
                          f"{m['pp']} × tp {m['tp']}), not --nproc {nproc}")
-    if m["tp"] > 1 or m["ep"] > 1:
-        raise UsageError(f"plan '{name}': tensor and expert parallelism (tp, ep) are not "
-                         "trained by the runtime yet; use dp and pp")
     if m["dp"] > 1 and "fsdp" not in cfg:
         raise UsageError(f"plan '{name}' has dp = {m['dp']} but no fsdp(...) directive: "
                          "data parallelism runs as FSDP2")
@@ -209,7 +211,10 @@ def _cores() -> int:
 
 @dataclasses.dataclass
 class Layout:
-    """This rank's place: world, data-parallel and pipeline coordinates, device."""
+    """This rank's place: world, data-parallel, pipeline and tensor-parallel
+    coordinates, device. `ep_mesh` ("ep_replica", "ep") splits the dp ranks
+    into groups of ep ranks that share out the experts; ranks at the same
+    place in each group hold the same experts."""
 
     rank: int
     world: int
@@ -219,10 +224,15 @@ class Layout:
     pp_rank: int
     mesh: object
     device: torch.device
+    tp: int = 1
+    tp_rank: int = 0
+    ep: int = 1
+    ep_mesh: object = None
 
 
 def setup(cfg: dict) -> Layout:
-    """Join the process group and build the ("pp", "dp") mesh of the plan."""
+    """Join the process group and build the ("pp", "dp", "tp") mesh of the plan:
+    tp innermost, so that a tensor-parallel group is adjacent ranks (one node)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     _init_group()
@@ -230,14 +240,18 @@ def setup(cfg: dict) -> Layout:
     m = cfg["mesh"]
     if world != cfg["world"]:
         raise UsageError(f"the plan runs on {cfg['world']} processes (dp {m['dp']} × pp "
-                         f"{m['pp']}), this launch has {world}")
+                         f"{m['pp']} × tp {m['tp']}), this launch has {world}")
     cuda = torch.cuda.is_available()
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (m["pp"], m["dp"]),
-                            mesh_dim_names=("pp", "dp"))
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (m["pp"], m["dp"], m["tp"]),
+                            mesh_dim_names=("pp", "dp", "tp"))
+    ep_mesh = None
+    if m["ep"] > 1:  # torchtitan's layout: ep consecutive dp ranks share out the experts
+        ep_mesh = mesh._unflatten("dp", (m["dp"] // m["ep"], m["ep"]), ("ep_replica", "ep"))
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda
               else torch.device("cpu"))
     return Layout(dist.get_rank(), world, m["dp"], m["pp"], mesh["dp"].get_local_rank(),
-                  mesh["pp"].get_local_rank(), mesh, device)
+                  mesh["pp"].get_local_rank(), mesh, device, tp=m["tp"],
+                  tp_rank=mesh["tp"].get_local_rank(), ep=m["ep"], ep_mesh=ep_mesh)
 
 
 def teardown() -> None:
@@ -446,9 +460,14 @@ class Engine:
             part.train()
             if self.hook is not None:
                 part.register_forward_hook(self.hook)
-            planmod.apply_activation_checkpointing(part, plan)
             if self.host_init:
                 part.to(layout.device)
+            # torchtitan's order: TP, EP, activation checkpointing, then FSDP
+            if layout.tp > 1:
+                planmod.apply_tp(part, layout.mesh["tp"], plan)
+            if layout.ep > 1:
+                planmod.apply_ep(part, layout.ep_mesh["ep"], plan)
+            planmod.apply_activation_checkpointing(part, plan)
             if "fsdp" in self.cfg:
                 planmod.apply_fsdp(part, layout.mesh["dp"], plan)
             if not self.host_init:
@@ -457,6 +476,7 @@ class Engine:
                 with warnings.catch_warnings():  # CPU: handled by _seed_shard_init
                     warnings.filterwarnings("ignore", "DTensor random operators")
                     part.init_weights_and_freqs()
+                self._share_replicated_init(part)
             self.task.prepare(part)
         return parts
 
@@ -473,8 +493,30 @@ class Engine:
 
             torch.manual_seed(seed)
             manual_seed(seed, layout.mesh["dp"])
-        else:
-            torch.manual_seed(seed + 7919 * layout.dp_rank)
+        else:  # tp ranks too: their TP shards differ (_share_replicated_init)
+            torch.manual_seed(seed + 7919 * layout.dp_rank + 104729 * layout.tp_rank)
+
+    def _share_replicated_init(self, part: nn.Module) -> None:
+        """CPU, after _seed_shard_init: ranks holding the same piece of a weight
+        must hold the same values. The ranks of a tp group share every weight
+        (or FSDP shard) that TP does not split, and the dp / ep ranks holding
+        the same experts share them: each copies its first holder's draw."""
+        from torch.distributed.tensor import DTensor
+
+        layout = self.layout
+        if layout.device.type == "cuda":
+            return  # DTensor's RNG already draws replicas alike
+        replicas = layout.ep_mesh["ep_replica"] if layout.ep > 1 else None
+        with torch.no_grad():
+            for param in part.parameters():
+                names = param.device_mesh.mesh_dim_names if isinstance(param, DTensor) else ()
+                split = {n for n, p in zip(names, getattr(param, "placements", ()),
+                                           strict=True) if not p.is_replicate()}
+                local = param.to_local() if isinstance(param, DTensor) else param
+                if layout.tp > 1 and "tp" not in split:
+                    dist.broadcast(local, group=layout.mesh.get_group("tp"), group_src=0)
+                if replicas is not None and replicas.size() > 1 and "ep" in split:
+                    dist.broadcast(local, group=replicas.get_group(), group_src=0)
 
     def _schedule(self):
         from torch.distributed.pipelining import schedules
@@ -543,9 +585,13 @@ class Engine:
                     total += mb_loss.detach().float() / layout.dp
             for value in self.hook.values:
                 total += value
+        if layout.ep > 1:  # FSDP reduced the other gradients in backward
+            for part in self.parts:
+                self.planmod.reduce_expert_grads(part, layout.ep_mesh["ep_replica"], self.plan)
+        total /= layout.tp  # the ranks of a tp group computed the same loss
         dist.all_reduce(total)  # every rank's share of the global loss
         grad_norm = clip_grad_norm(self.params, s.clip if s.clip > 0 else math.inf,
-                                   layout.device)
+                                   layout.device, layout.dp * layout.tp)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -560,6 +606,8 @@ class Engine:
         if not self._has_moe:
             return {}
         mine = ({k: v.tolist() for k, v in stats.counts.items()}, stats.dropped)
+        if self.layout.tp_rank != 0:
+            mine = ({}, {})  # the same tokens as tp rank 0's
         every = [None] * self.layout.world if self.layout.rank == 0 else None
         dist.gather_object(mine, every, dst=0)
         if every is None:
@@ -586,25 +634,34 @@ class Engine:
     def parameters_total(self) -> int:
         """Parameters of the whole model (over all stages and shards)."""
         n = torch.tensor(sum(p.numel() for p in self.params), dtype=torch.float64)
-        # DTensor numel is global: count each stage once (dp rank 0 of each stage)
-        if self.layout.dp_rank != 0:
+        # DTensor numel is global: count each stage once (dp and tp rank 0 of each stage)
+        if self.layout.dp_rank != 0 or self.layout.tp_rank != 0:
             n.zero_()
         dist.all_reduce(n)
         return int(n)
 
 
-def clip_grad_norm(params: list, max_norm: float, device: torch.device) -> float:
+def clip_grad_norm(params: list, max_norm: float, device: torch.device,
+                   stage_ranks: int = 1) -> float:
     """torch.nn.utils.clip_grad_norm_ over every shard and stage; returns the
-    total norm. Each rank holds a disjoint piece of the parameters (FSDP shards
-    along dp, pipeline stages along pp), so the squared norms of the local
-    pieces add up over the world."""
+    total norm. Pipeline stages (along pp) hold disjoint parameters; within a
+    stage's `stage_ranks` (dp × tp) ranks, FSDP shards along dp, TP along tp
+    and expert parallelism along ep, and what a placement does not split is
+    replicated. The squared norms of the local pieces add up over the world,
+    each weighted by 1 / its number of copies."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=device)
     for g in grads:
-        local = g.to_local() if isinstance(g, DTensor) else g
-        sq += torch.linalg.vector_norm(local.float()) ** 2
+        if isinstance(g, DTensor):
+            local = g.to_local()
+            # Shard, or FSDP's _StridedShard over a TP shard (not a Shard subclass)
+            pieces = math.prod(g.device_mesh.size(i) for i, p in enumerate(g.placements)
+                               if not p.is_replicate())
+        else:
+            local, pieces = g, 1
+        sq += torch.linalg.vector_norm(local.float()) ** 2 * (pieces / stage_ranks)
     dist.all_reduce(sq)
     norm = float(sq.sqrt())
     coef = min(1.0, max_norm / (norm + 1e-6))
@@ -683,7 +740,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
         _write_lines(metrics_path, kept if resume else [])
         pipe = engine.pipe
-        how = (f"dp {layout.dp} × pp {layout.pp}"
+        how = (f"dp {layout.dp} × pp {layout.pp} × tp {layout.tp}"
+               + (f", experts over ep {layout.ep}" if layout.ep > 1 else "")
                + (f", {pipe['schedule']} over {len(pipe['stages'])} stages in "
                   f"{pipe['microbatches']} microbatches" if pipe else ""))
         what = (f"{s.batch_size} images x {s.seq_len} caption tokens" if task.vlm

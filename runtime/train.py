@@ -139,11 +139,20 @@ def set_threads() -> int:
 
 
 def make_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
-    """AdamW on the fp32 parameters; no weight decay on vectors (norms, biases)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW on the fp32 parameters; no weight decay on vectors (norms, biases).
+    Under parallelism (runtime/distributed.py) each device mesh's DTensors have
+    groups of their own, apart from plain tensors: AdamW's fused and foreach
+    kernels take one kind of tensor at a time."""
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            by_mesh.setdefault(getattr(p, "device_mesh", None), []).append(p)
+    groups = []
+    for params in by_mesh.values():
+        groups += [{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
+                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # no empty group: DCP cannot load a flattened optimizer state into one
+    groups = [g for g in groups if g["params"]]
     kw = {"lr": s.lr, "betas": (0.9, 0.95), "eps": 1e-8}
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)

@@ -307,8 +307,8 @@ def test_resume_1_rank_checkpoint_at_2_ranks(two_ranks, reference):
 @pytest.mark.parametrize("extra, message", [
     (["--plan", "fsdp2", "--nproc", "3"],
      "plan 'fsdp2' runs on 2 processes (dp 2 × pp 1 × tp 1), not --nproc 3"),
-    (["--plan", "fsdp8"], "has no plan 'fsdp8' (plans: fsdp2, fsdp2_pp2, pp2, pp2_gpipe, "
-                          "pp2_interleaved)"),
+    (["--plan", "fsdp8"], "has no plan 'fsdp8' (plans: dp2_tp2, fsdp2, fsdp2_pp2, pp2, "
+                          "pp2_gpipe, pp2_interleaved, tp2)"),
     (["--nproc", "2"], "--nproc needs --plan NAME"),
     (["--plan", "pp2", "--batch-size", "6"],
      "6 sequences per rank and micro-batch do not split into the plan's 4 pipeline "

@@ -29,7 +29,9 @@ def line_of_plan(offset: int) -> int:
 
 def test_committed_plans_bind_and_are_listed():
     comp = compile_spec("specs/llama_debug.forge")
-    assert set(comp.plans) == {"fsdp2", "pp2", "pp2_gpipe", "pp2_interleaved", "fsdp2_pp2"}
+    assert set(comp.plans) == {"fsdp2", "pp2", "pp2_gpipe", "pp2_interleaved", "fsdp2_pp2",
+                               "tp2", "dp2_tp2"}
+    assert comp.plans["dp2_tp2"].mesh == {"dp": 2, "pp": 1, "tp": 2, "ep": 1}
     assert comp.plans["fsdp2"].mesh == {"dp": 2, "pp": 1, "tp": 1, "ep": 1}
     assert comp.plans["fsdp2_pp2"].world == 4
     big = compile_spec("specs/llama3_70b.forge")
@@ -80,6 +82,14 @@ def test_plan_validation_errors_are_located(forge, body, code, offset):
     comp, diags = forge(with_plan(body))
     found = errors(diags)
     assert len(found) == 1 and found[0][:2] == (code, line_of_plan(offset)), found
+
+
+def test_expert_parallelism_needs_experts(forge):
+    comp, diags = forge(with_plan("  mesh(dp = 2, ep = 2)\n  fsdp()"))
+    [err] = diags.errors
+    assert (err.code, err.span.line, err.span.col) == ("E123", line_of_plan(1), 16)
+    assert err.message == ("expert-parallel degree 2 needs mixture-of-experts layers; "
+                           "'llama_debug' has no moe")
 
 
 def test_tied_head_refuses_pipeline_stages_with_the_reason(forge):

@@ -31,6 +31,18 @@ TP_PLAN = {
 }
 
 PLANS = {
+    "dp2_tp2": {
+        "mesh": {"dp": 2, "pp": 1, "tp": 2, "ep": 1},
+        "world": 4,
+        "fsdp": {
+            "units": ["layers.0", "layers.1", "layers.2", "layers.3"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "activation_checkpoint": [],
+    },
     "fsdp2": {
         "mesh": {"dp": 2, "pp": 1, "tp": 1, "ep": 1},
         "world": 2,
@@ -116,6 +128,7 @@ PLANS = {
         },
         "activation_checkpoint": [],
     },
+    "tp2": {"mesh": {"dp": 1, "pp": 1, "tp": 2, "ep": 1}, "world": 2, "activation_checkpoint": []},
 }
 
 SCHEDULES = {
@@ -173,8 +186,11 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
 
 
 def apply_tp(model: nn.Module, mesh, plan: str | None = None) -> nn.Module:
-    """Tensor parallelism over `mesh` (1-D) by TP_PLAN: q/k/v and gate/up split by
-    output features, o/down by input features."""
+    """Tensor parallelism over `mesh` (1-D: the plan's tp ranks) by TP_PLAN: q/k/v
+    and gate/up split by output features, o/down by input features, so that each
+    rank runs its own heads and hidden features and one all-reduce per attention
+    and MLP sums their outputs. Apply it before FSDP: FSDP then shards the TP
+    shards over dp (2-D)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,

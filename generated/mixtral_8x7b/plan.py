@@ -2,7 +2,7 @@
 # Regenerate with: forgec build --update specs/mixtral_8x7b.forge
 """Parallelism plans for `mixtral_8x7b`: data beside the model, and the small
 functions that apply it with PyTorch's own engines (FSDP2, pipelining,
-tensor parallelism, activation checkpointing).
+tensor and expert parallelism, activation checkpointing).
 
 model.py stays free of distributed logic: everything here works on module
 FQNs, which are also the DCP checkpoint keys.
@@ -60,6 +60,42 @@ TP_PLAN = {
     "token_embedding.embedding": "rowwise",
 }
 
+# The grouped experts of each mixture-of-experts layer (expert parallelism).
+EXPERT_FQNS = [
+    "layers.0.mlp.experts",
+    "layers.1.mlp.experts",
+    "layers.2.mlp.experts",
+    "layers.3.mlp.experts",
+    "layers.4.mlp.experts",
+    "layers.5.mlp.experts",
+    "layers.6.mlp.experts",
+    "layers.7.mlp.experts",
+    "layers.8.mlp.experts",
+    "layers.9.mlp.experts",
+    "layers.10.mlp.experts",
+    "layers.11.mlp.experts",
+    "layers.12.mlp.experts",
+    "layers.13.mlp.experts",
+    "layers.14.mlp.experts",
+    "layers.15.mlp.experts",
+    "layers.16.mlp.experts",
+    "layers.17.mlp.experts",
+    "layers.18.mlp.experts",
+    "layers.19.mlp.experts",
+    "layers.20.mlp.experts",
+    "layers.21.mlp.experts",
+    "layers.22.mlp.experts",
+    "layers.23.mlp.experts",
+    "layers.24.mlp.experts",
+    "layers.25.mlp.experts",
+    "layers.26.mlp.experts",
+    "layers.27.mlp.experts",
+    "layers.28.mlp.experts",
+    "layers.29.mlp.experts",
+    "layers.30.mlp.experts",
+    "layers.31.mlp.experts",
+]
+
 PLANS = {}
 
 SCHEDULES = {
@@ -108,6 +144,10 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
     }
     if cfg["cpu_offload"]:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    # expert weights sharded by apply_ep stay out of FSDP (see reduce_expert_grads)
+    kwargs["ignored_params"] = {
+        p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()
+    }
     for fqn in cfg["units"]:
         module = _find(model, fqn)
         if module is not None:
@@ -117,8 +157,11 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
 
 
 def apply_tp(model: nn.Module, mesh, plan: str | None = None) -> nn.Module:
-    """Tensor parallelism over `mesh` (1-D) by TP_PLAN: q/k/v and gate/up split by
-    output features, o/down by input features."""
+    """Tensor parallelism over `mesh` (1-D: the plan's tp ranks) by TP_PLAN: q/k/v
+    and gate/up split by output features, o/down by input features, so that each
+    rank runs its own heads and hidden features and one all-reduce per attention
+    and MLP sums their outputs. Apply it before FSDP: FSDP then shards the TP
+    shards over dp (2-D)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -137,6 +180,82 @@ def apply_tp(model: nn.Module, mesh, plan: str | None = None) -> nn.Module:
             if _find(model, fqn) is not None and fqn.split(".")[0] not in ROOT_FQNS:
                 layout[fqn] = styles[style]()
     return parallelize_module(model, mesh, layout)
+
+
+class ExpertParallel:
+    """The forward of a GroupedExperts module whose weights apply_ep sharded by
+    expert over the ep ranks (mixed into its class, as fully_shard does).
+
+    x arrives sorted by expert, so the rows for each rank's experts are
+    contiguous: one all-to-all sends them to the rank holding their expert, that
+    rank runs its own experts (GroupedExperts.compute on its weight shards) and
+    a second all-to-all brings the results back in x's order.
+    """
+
+    ep_group = None  # the ep ranks' process group, set by apply_ep
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        group = self.ep_group
+        ep = dist.get_world_size(group)
+        send = counts.view(ep, -1)  # rows for (rank, its expert)
+        recv = torch.empty_like(send)  # rows from (rank, my expert)
+        dist.all_to_all_single(recv, send, group=group)
+        sent, received = send.sum(1).tolist(), recv.sum(1).tolist()
+        x = all_to_all_single_autograd(x, received, sent, group)
+        # x holds the rows of rank 0 for each of my experts, then rank 1's, ...:
+        # the grouped matmul wants them by expert
+        per_rank = recv.shape[1]  # experts per rank
+        segment = torch.repeat_interleave(
+            torch.arange(recv.numel(), device=x.device), recv.flatten()
+        )
+        source, expert = segment // per_rank, segment % per_rank
+        order = torch.argsort(expert * ep + source, stable=True)
+        mine = {name: p.to_local() for name, p in self.named_parameters(recurse=False)}
+        y = self.compute(x[order], recv.sum(0), **mine)[order.argsort()]
+        return all_to_all_single_autograd(y, sent, received, group)
+
+
+def apply_ep(model: nn.Module, mesh, plan: str | None = None) -> nn.Module:
+    """Expert parallelism over `mesh` (1-D: ep consecutive ranks of the dp
+    dimension): each rank keeps 1/ep of the experts of every MoE layer (weights
+    sharded by expert, DTensor Shard(0)) and exchanges tokens with the others
+    (ExpertParallel). The router, shared experts and the rest of the model stay
+    data parallel; apply_fsdp leaves expert weights alone and
+    reduce_expert_grads averages their gradients over dp."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for fqn in EXPERT_FQNS:
+        experts = _find(model, fqn)
+        if experts is None:  # not on this pipeline stage
+            continue
+        for name, param in list(experts.named_parameters(recurse=False)):
+            shard = distribute_tensor(param.detach(), mesh, [Shard(0)])
+            experts.register_parameter(name, nn.Parameter(shard, param.requires_grad))
+        cls = type(experts)
+        experts.__class__ = type(f"ExpertParallel{cls.__name__}", (ExpertParallel, cls), {})
+        experts.ep_group = mesh.get_group()
+    return model
+
+
+def reduce_expert_grads(model: nn.Module, mesh, plan: str) -> None:
+    """After backward: average the expert gradients over the dp ranks, as FSDP
+    does for the other parameters. A rank's expert gradient already sums the
+    tokens of its ep group; the ranks holding the same experts (`mesh`, 1-D:
+    one per ep group, dp / ep of them) add theirs."""
+    import torch.distributed as dist
+
+    dp = PLANS[plan]["mesh"]["dp"]
+    for module in model.modules():
+        if isinstance(module, ExpertParallel):
+            for param in module.parameters(recurse=False):
+                if param.grad is not None:
+                    grad = param.grad.to_local()
+                    if mesh.size() > 1:
+                        dist.all_reduce(grad, group=mesh.get_group())
+                    grad.div_(dp)
 
 
 def num_stages(plan: str) -> int:

@@ -112,8 +112,11 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
 
 
 def apply_tp(model: nn.Module, mesh, plan: str | None = None) -> nn.Module:
-    """Tensor parallelism over `mesh` (1-D) by TP_PLAN: q/k/v and gate/up split by
-    output features, o/down by input features."""
+    """Tensor parallelism over `mesh` (1-D: the plan's tp ranks) by TP_PLAN: q/k/v
+    and gate/up split by output features, o/down by input features, so that each
+    rank runs its own heads and hidden features and one all-reduce per attention
+    and MLP sums their outputs. Apply it before FSDP: FSDP then shards the TP
+    shards over dp (2-D)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,

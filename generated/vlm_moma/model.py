@@ -295,9 +295,21 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, dim) sorted by expert → (N, dim)."""
-        gate = grouped_mm(x, self.gate_proj, counts)
-        up = grouped_mm(x, self.up_proj, counts)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+    @staticmethod
+    def compute(
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
+        """The experts of the given weights (E', in, out) on x sorted by expert
+        (counts: E'); expert parallelism runs it on a rank's own E' experts."""
+        gate = grouped_mm(x, gate_proj, counts)
+        up = grouped_mm(x, up_proj, counts)
+        return grouped_mm(F.silu(gate) * up, down_proj, counts)
 
 
 class ExpertChoiceGroup(nn.Module):
