@@ -177,7 +177,7 @@ def cmd_info(args) -> int:
     else:
         c = cost(result.graphs[name], args.seq_len, args.kv_dtype)
     if vlm is not None:
-        plans = {p.name: vlm_plan_data(p, vlm, result.models)
+        plans = {p.name: vlm_plan_data(p, vlm, result.models, result.graphs)
                  for p in result.plans.values() if p.target == name}
     else:
         plans = {p.name: plan_data(p, result.models[name], result.graphs[name])

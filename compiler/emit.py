@@ -616,18 +616,29 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
 def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_stacks,
              vlm, expert_fqns: list[str]) -> str:
     if vlm is not None:
-        plans = {name: vlm_plan_data(p, vlm, comp.models)
+        plans = {name: vlm_plan_data(p, vlm, comp.models, comp.graphs)
                  for name, p in sorted(comp.plans.items()) if p.target == vlm.name}
     else:
         plans = {name: plan_data(p, model, graph) for name, p in sorted(comp.plans.items())
                  if p.target == model.name}
+    layer_attrs = ["layers", *[x["attr"] for x in inserted_stacks]]
+    stage = None
+    if vlm is not None:  # what a VLM pipeline stage may lack (plan.build_stage)
+        stacks = ["vision_encoder.layers", *[f"transformer.{a}" for a in layer_attrs]]
+        if vlm.fusion.op.name == "cross_attention":
+            stacks.append("transformer.cross_attention_layers")
+        modules = ["vision_encoder.patch_embedding", "vision_encoder.norm", "adapter",
+                   "transformer.token_embedding", "transformer.norm", "transformer.output_head"]
+        stage = {"fusion": vlm.fusion.op.name,
+                 "modules": pyformat(modules, 0, len("STAGE_MODULES = ")),
+                 "stacks": pyformat(stacks, 0, len("STAGE_STACKS = "))}
     return env.get_template("plan.py.j2").render(
         header=header, name=vlm.name if vlm else model.name, text_model=model.name,
         vlm=vlm is not None, inserted=bool(inserted_stacks),
         layer_fqns=pyformat(layer_units(model), 0, len("LAYER_FQNS = ")),
         tp_plan=pyformat(tp_plan(model), 0, len("TP_PLAN = ")),
         plans=pyformat(plans, 0, len("PLANS = ")),
-        layer_attrs=pyrepr(["layers", *[x["attr"] for x in inserted_stacks]]),
+        layer_attrs=pyrepr(layer_attrs), stage=stage,
         expert_fqns=pyformat(expert_fqns, 0, len("EXPERT_FQNS = ")) if expert_fqns else None,
     )
 

@@ -14,6 +14,7 @@ A plan is data beside the model. This module
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ from . import ast
 from .bind import Model
 from .cost import default_seq_len
 from .diagnostics import Diagnostics, Span, did_you_mean
-from .ops import OPS, ArgSpec, numel
+from .ops import OPS, ArgSpec, numel, patch_tokens
+from .vlm import MLP_OPS
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 DTYPES = ("fp32", "bf16")
@@ -180,10 +182,11 @@ class Stage:
     flops: int
 
 
-def unit_costs(graph: nx.MultiDiGraph) -> dict[str, tuple[int, int]]:
-    """(parameters, forward FLOPs per token) by top-level unit: each layer (and
-    inserted block), and the embedding / final norm / head."""
-    seq = default_seq_len(graph.graph["model"])
+def unit_costs(graph: nx.MultiDiGraph, seq: int | None = None) -> dict[str, tuple[int, int]]:
+    """(parameters, forward FLOPs per token at sequence length `seq`, the model's
+    own by default) by top-level unit: each layer (and inserted block), and the
+    embedding / final norm / head."""
+    seq = seq or default_seq_len(graph.graph["model"])
     out: dict[str, list[int]] = {}
     for _, d in graph.nodes(data=True):
         if d["kind"] != "op" or not d["ok"]:
@@ -341,7 +344,11 @@ def tp_plan(model: Model) -> dict[str, str]:
 
 
 def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostics,
-             world: int | None = None) -> None:
+             world: int | None = None, units: list[str] | None = None,
+             split_hint: Callable[[str], str | None] | None = None) -> None:
+    """Check `plan` against its model; `units` are the pipeline's units (the
+    model's layers by default; a vlm's are vlm_units), `split_hint` may explain
+    an unknown FQN in an explicit split."""
     m = plan.mesh
     where = plan.mesh_span or plan.name_span
     if world is not None and plan.world != world:
@@ -353,7 +360,7 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
     elif m["ep"] > 1 and not any(c.op.name == "moe" for c in model.all_components()):
         diags.error("E123", f"expert-parallel degree {m['ep']} needs mixture-of-experts "
                     f"layers; '{model.name}' has no moe", plan.spans.get("mesh.ep", where))
-    units = layer_units(model)
+    units = layer_units(model) if units is None else units
     if m["pp"] > 1 and plan.pipeline is None:
         diags.error("E121", f"pp = {m['pp']} needs a pipeline(...) directive", where)
     if plan.pipeline is not None:
@@ -375,7 +382,7 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
                         plan.spans.get("mesh.pp", where),
                         hint="every stage needs at least one layer")
         if p["split"] != "auto":
-            _validate_split(plan, units, stages, diags)
+            _validate_split(plan, units, stages, diags, split_hint)
         if m["pp"] > 1 and p["microbatches"] < m["pp"] and p["schedule"] != "gpipe":
             diags.error("E127", f"{p['schedule']} with {m['pp']} stages needs at least "
                         f"{m['pp']} microbatches, got {p['microbatches']}",
@@ -405,7 +412,8 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
                             notes=[("moe declared here", comp.span)])
 
 
-def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostics) -> None:
+def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostics,
+                    hint: Callable[[str], str | None] | None = None) -> None:
     span = plan.spans.get("pipeline.split", plan.name_span)
     split = plan.pipeline["split"]
     if not (isinstance(split, list) and all(isinstance(g, list) and g for g in split)
@@ -423,7 +431,8 @@ def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostic
         what = (f"unknown {unknown[0]!r}" if unknown else f"missing {missing[0]!r}" if missing
                 else "layers out of order")
         diags.error("E126", f"split must list every layer once, in order: {what}", span,
-                    hint=did_you_mean(unknown[0], units) if unknown else None)
+                    hint=((hint and hint(unknown[0])) or did_you_mean(unknown[0], units))
+                    if unknown else None)
 
 
 def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
@@ -431,39 +440,191 @@ def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
                       world: int | None = None) -> None:
     """A plan for a vision-language model shards it with FSDP (the vision
     encoder's layers, the decoder's layers and any cross-attention blocks are
-    the units) and checkpoints decoder layers; pipeline, tensor and expert
-    parallelism are not supported for a vlm yet (E128)."""
+    the units), pipelines it (its units are the vision encoder's layers, then
+    the decoder's: vlm_units) and checkpoints decoder layers; tensor and expert
+    parallelism are not supported for a vlm yet (E128). Pipelines are checked
+    as a text model's are (E121, E124–E127)."""
     m = plan.mesh
-    refused = [(k, f"{k} {m[k]}") for k in ("pp", "tp", "ep") if m[k] > 1]
-    if plan.pipeline is not None:
-        refused.append(("pipeline", "a pipeline"))
+    refused = [(k, f"{k} {m[k]}") for k in ("tp", "ep") if m[k] > 1]
     for key, what in refused:
         diags.error("E128", f"plan '{plan.name}' for the vision-language model '{vlm.name}' "
-                    f"has {what}: forgec runs vlm plans with data parallelism only",
-                    plan.spans.get(f"mesh.{key}", plan.spans.get(key, plan.name_span)),
-                    hint="shard with mesh(dp = N) and fsdp(...); pipeline and tensor "
-                    "parallelism are supported for text models")
+                    f"has {what}: forgec runs vlm plans with data and pipeline parallelism "
+                    "only", plan.spans.get(f"mesh.{key}", plan.name_span),
+                    hint="shard with mesh(dp = N) and fsdp(...), pipeline with mesh(pp = N) "
+                    "and pipeline(...); tensor and expert parallelism are supported for text "
+                    "models")
     if not refused:
-        validate(plan, models[vlm.text], graphs[vlm.text], diags, world)
+        def hint(fqn: str) -> str | None:
+            if fqn.startswith("transformer.cross_attention_layers."):
+                return ("a cross-attention block travels with the decoder layer it follows; "
+                        "list the layers only")
+            return None
+
+        validate(plan, models[vlm.text], graphs[vlm.text], diags, world,
+                 units=vlm_units(vlm, models), split_hint=hint)
 
 
-def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model]) -> dict[str, Any]:
-    """What plan.py records for a vlm's plan; FQNs are relative to the VLM module."""
+# ---- pipelines of vision-language models ------------------------------------------------
+
+
+def vlm_units(vlm, models: dict[str, Model]) -> list[str]:
+    """The units of a vlm's pipeline in execution order, as FQNs in the VLM module:
+    the vision encoder's layers, then the decoder's (its inserted blocks after their
+    layer). A cross-attention block is no unit: it travels with the layer it follows."""
+    vision, text = models[vlm.vision], models[vlm.text]
+    return ([f"vision_encoder.layers.{slot.index}" for slot in vision.layers]
+            + [f"transformer.{unit}" for unit in layer_units(text)])
+
+
+def _xattn_after(vlm, text: Model) -> dict[int, int]:
+    """Decoder layer → index of the cross-attention block that runs after it."""
+    if vlm.fusion.op.name != "cross_attention":
+        return {}
+    every = vlm.fusion.args["every"]
+    return {layer: k for k, layer in enumerate(range(every - 1, len(text.layers), every))}
+
+
+def _companions(vlm, models: dict[str, Model]) -> tuple[dict[str, list[str]],
+                                                        dict[str, list[str]]]:
+    """Modules that travel with a unit of a vlm pipeline: (before it, after it). The
+    vision encoder's final norm follows its last layer; the adapter and the token
+    embedding come before the first decoder layer; each cross-attention block
+    follows its decoder layer. (The patch embedding opens the first stage, the
+    decoder's norm and head close the last.)"""
+    vision, text = models[vlm.vision], models[vlm.text]
+    first = f"transformer.{layer_units(text)[0]}"
+    before = {first: ["adapter", "transformer.token_embedding"]}
+    after: dict[str, list[str]] = {}
+    if vision.layers:
+        after[f"vision_encoder.layers.{vision.layers[-1].index}"] = ["vision_encoder.norm"]
+    else:
+        before[first].insert(0, "vision_encoder.norm")
+    for layer, k in _xattn_after(vlm, text).items():
+        after.setdefault(f"transformer.layers.{layer}", []).append(
+            f"transformer.cross_attention_layers.{k}")
+    return before, after
+
+
+def _sample_tokens(vlm, text: Model) -> tuple[int, int]:
+    """(decoder positions, text positions) of one training sample: image tokens and
+    max_text where the image is prefixed, the text model's length otherwise."""
+    if "max_text" in vlm.fusion.args:
+        return vlm.image_tokens + vlm.fusion.args["max_text"], vlm.fusion.args["max_text"]
+    seq = default_seq_len(text)
+    return seq, seq
+
+
+def vlm_unit_costs(vlm, models: dict[str, Model],
+                   graphs: dict[str, nx.MultiDiGraph]) -> dict[str, tuple[int, int]]:
+    """(parameters, forward FLOPs per sample — one image and its text) of each
+    module a vlm pipeline places, by FQN in the VLM module, from every op of the
+    vision encoder, adapter, decoder and fusion. The encoder's ops run on its
+    patch tokens, the adapter per image token, the decoder's ops on the image
+    and text tokens (_sample_tokens; the head on the text only); a MoT layer
+    holds a copy of each component per modality (a token runs one), a MoMa
+    layer's MLP is its modalities' expert groups (each expert takes `capacity`
+    of the tokens), and a cross-attention block's text queries attend to the
+    image tokens."""
+    vision, text = models[vlm.vision], models[vlm.text]
+    patches = patch_tokens(vision.components["patch_embedding"].args)
+    out = {f"vision_encoder.{unit}": (params, flops * patches)
+           for unit, (params, flops) in unit_costs(graphs[vlm.vision], patches).items()}
+    a = vlm.adapter
+    out["adapter"] = (sum(numel(s) for s in a.op.weights(a.args).values()),
+                      a.op.flops(a.args, patches) * vlm.image_tokens)
+    seq, text_tokens = _sample_tokens(vlm, text)
+    f = vlm.fusion
+    acc: dict[str, list[int]] = {}
+    for _, d in graphs[vlm.text].nodes(data=True):
+        if d["kind"] != "op" or not d["ok"]:
+            continue
+        parts = d["fqn"].split(".")
+        in_layer = parts[0].endswith("layers")
+        unit = ".".join(parts[:2]) if in_layer else parts[0]
+        params = sum(numel(s) for s in d["weights"].values())
+        flops = OPS[d["op"]].flops(d["args"], seq)
+        if in_layer and f.op.name == "mot":
+            params *= len(f.args["modalities"])
+        elif in_layer and f.op.name == "moma" and d["op"] in MLP_OPS:
+            experts, dim = f.args["experts"], f.args["dim"]
+            params = sum(numel(s) for s in f.op.weights(f.args).values())
+            flops = 2 * dim * experts + int(f.args["capacity"] * experts
+                                            * 2 * 3 * dim * f.args["hidden"])
+        tokens = text_tokens if unit == "output_head" else seq
+        total = acc.setdefault(f"transformer.{unit}", [0, 0])
+        total[0] += params
+        total[1] += flops * tokens
+    out.update({k: (v[0], v[1]) for k, v in acc.items()})
+    blocks = _xattn_after(vlm, text)
+    if blocks:
+        dim, hidden, n = f.args["dim"], f.args["hidden"], vlm.image_tokens
+        params = sum(numel(s) for k, s in f.op.weights(f.args).items()
+                     if k.startswith("cross_attention_layers.0."))
+        # per text position: q and o projections, the gated MLP, scores and values
+        # over the n image tokens; per image token: its k and v projections
+        flops = seq * (2 * (2 * dim * dim + 3 * dim * hidden) + 2 * 2 * dim * n) \
+            + n * 2 * 2 * dim * dim
+        for k in range(len(blocks)):
+            out[f"transformer.cross_attention_layers.{k}"] = (params, flops)
+    return out
+
+
+def vlm_stages_of(plan: Plan, vlm, models: dict[str, Model],
+                  graphs: dict[str, nx.MultiDiGraph]) -> list[Stage]:
+    """The pipeline stages of a vlm (FQNs in the VLM module): its units split by
+    the cost model (vlm_unit_costs, FLOPs per sample) or as given, each with the
+    modules that travel with it (_companions); params and FLOPs per stage."""
+    units = vlm_units(vlm, models)
+    costs = vlm_unit_costs(vlm, models, graphs)
+    before, after = _companions(vlm, models)
+
+    def cost(fqn: str) -> tuple[int, int]:
+        return costs.get(fqn, (0, 0))
+
+    n = plan.mesh["pp"] * (plan.pipeline or {}).get("virtual_stages", 1)
+    split = (plan.pipeline or {}).get("split", "auto")
+    if split == "auto":
+        # a unit weighs what travels with it
+        loads = {u: (0, sum(cost(f)[1] for f in (*before.get(u, ()), u, *after.get(u, ()))))
+                 for u in units}
+        first = cost("vision_encoder.patch_embedding")[1]
+        last = cost("transformer.norm")[1] + cost("transformer.output_head")[1]
+        groups = auto_split(units, loads, n, first, last) if n > 1 else [units]
+    else:
+        groups = [list(g) for g in split]
+    groups = [[f for u in g for f in (*before.get(u, ()), u, *after.get(u, ()))]
+              for g in groups]
+    groups[0] = ["vision_encoder.patch_embedding", *groups[0]]
+    groups[-1] = [*groups[-1], "transformer.norm", "transformer.output_head"]
+    return [Stage(g, sum(cost(f)[0] for f in g), sum(cost(f)[1] for f in g)) for g in groups]
+
+
+def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model],
+                  graphs: dict[str, nx.MultiDiGraph] | None = None) -> dict[str, Any]:
+    """What plan.py records for a vlm's plan, in plan_data's schema; FQNs are
+    relative to the VLM module, and stage FLOPs are per sample (vlm_unit_costs).
+    `graphs` are lowered here when not given."""
     text, vision = models[vlm.text], models[vlm.vision]
     data: dict[str, Any] = {"mesh": dict(plan.mesh), "world": plan.world}
     if plan.fsdp is not None:
         units = [f"vision_encoder.layers.{slot.index}" for slot in vision.layers]
-        xattn_after = {}
-        if vlm.fusion.op.name == "cross_attention":
-            every = vlm.fusion.args["every"]
-            xattn_after = {layer: k for k, layer in
-                           enumerate(range(every - 1, len(text.layers), every))}
+        xattn_after = _xattn_after(vlm, text)
         for unit in fsdp_units(plan, text):
             units.append(f"transformer.{unit}")
             layer = unit.split(".")
             if layer[0] == "layers" and len(layer) == 2 and int(layer[1]) in xattn_after:
                 units.append(f"transformer.cross_attention_layers.{xattn_after[int(layer[1])]}")
         data["fsdp"] = {**plan.fsdp, "units": units}
+    if plan.pipeline is not None:
+        if graphs is None:
+            from .lower import lower
+
+            graphs = {name: lower(models[name]) for name in (vlm.text, vlm.vision)}
+        stages = vlm_stages_of(plan, vlm, models, graphs)
+        data["pipeline"] = {k: v for k, v in plan.pipeline.items() if k != "split"}
+        data["pipeline"]["stages"] = [s.fqns for s in stages]
+        data["pipeline"]["stage_params"] = [s.params for s in stages]
+        data["pipeline"]["stage_flops"] = [s.flops for s in stages]
     data["activation_checkpoint"] = [f"transformer.{u}" for u in checkpointed_units(plan, text)]
     return data
 

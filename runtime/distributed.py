@@ -28,11 +28,14 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   gradient in backward. Gradient clipping uses the norm over all shards and
   stages, counting a piece held by several ranks (TP replicas, expert
   copies) once.
-* A vision-language model (a package exporting `VLM`; its plans are data
-  parallel) trains runtime/vlm_task.py's caption task the same way
-  (`CaptionTask`): each dp rank takes its rows of the global image-caption
-  batch; every rank runs the whole held-out eval (FSDP gathers each unit) and
-  rank 0 logs it, so losses and eval rows equal the single-process run's.
+* A vision-language model (a package exporting `VLM`) trains
+  runtime/vlm_task.py's caption task the same way (`CaptionTask`): each dp
+  rank takes its rows of the global image-caption batch. Its pipeline stages
+  are plan.VLMStage modules: the first takes the images, every stage the
+  text tokens (a keyword argument each schedule passes to all stages). Every
+  rank runs the whole held-out eval (FSDP gathers each unit; under a pipeline
+  each eval batch goes through the stages in order) and rank 0 logs it, so
+  losses and eval rows equal the single-process run's.
 * Checkpoints are DCP shards keyed by FQN (runtime/checkpoint.py): save at
   one world size or plan, resume at any other, single process included.
 * Initial weights are the single-process trainer's for the same seed: a fresh
@@ -301,6 +304,8 @@ class _RouterLosses:
             self.values.append(loss.detach() * self.report)
             if self.stats is not None:
                 self.stats.add(module)
+        if isinstance(output, tuple):  # several tensors to the next stage: attach to the first
+            return (_AddLossGrad.apply(output[0], loss * self.scale), *output[1:])
         return _AddLossGrad.apply(output, loss * self.scale)
 
 
@@ -352,6 +357,12 @@ class TextTask:
         inputs, targets, doc_ids = chunk
         return model(inputs, doc_ids=doc_ids), targets
 
+    def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
+        """(the first stage's inputs, every stage's keyword inputs, targets) of a
+        micro-batch under a pipeline schedule."""
+        inputs, targets, doc_ids = chunk
+        return (inputs,), {"doc_ids": doc_ids}, targets
+
     def routing(self, model: nn.Module):
         """What runtime.train.MoEStats reads."""
         return model
@@ -375,6 +386,11 @@ class CaptionTask(TextTask):
     def forward(self, model: nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, inputs, targets = chunk
         return model(pixels, inputs), targets
+
+    def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
+        """The images go to the first stage (plan.VLMStage), the text to every stage."""
+        pixels, inputs, targets = chunk
+        return (pixels,), {"tokens": inputs}, targets
 
     def routing(self, model: nn.Module):
         """What runtime.train.MoEStats reads: the VLM names its decoder's MoE layers."""
@@ -411,9 +427,6 @@ class Engine:
         self.cfg = cfg
         pipe = cfg.get("pipeline")
         self.pipe = pipe if pipe and len(pipe["stages"]) > 1 else None
-        if self.pipe and self.task.vlm:
-            raise UsageError(f"plan '{plan}': a vision-language model trains data parallel "
-                             "only (no pipeline)")
         self.microbatches = self.pipe["microbatches"] if self.pipe else 1
         # micro-batches of one optimizer step, over all ranks
         self.total_micro = layout.dp * s.grad_accum * self.microbatches
@@ -541,6 +554,72 @@ class Engine:
                              ignore_index=IGNORE_INDEX, reduction="sum")
         return ce / self._n_targets * self.layout.dp
 
+    # -- the held-out eval of a vision-language model --
+
+    def evaluate(self, held_out) -> dict:
+        """runtime.vlm_task.evaluate of the whole model: unpipelined, every rank
+        runs it (FSDP gathers each unit); pipelined, each eval batch goes through
+        the stages in order and the last stage's ranks count the hits. Every rank
+        returns the same row."""
+        from .vlm_task import evaluate
+
+        if self.schedule is None:
+            return evaluate(self.parts[0], held_out)
+        for part in self.parts[1:]:
+            part.eval()
+        try:
+            row = evaluate(self.parts[0], held_out, forward=self._pipeline_logits)
+        finally:
+            for part in self.parts[1:]:
+                part.train()
+        last = self.planmod.num_stages(self.plan) - 1
+        pp_rank = next(r for r in range(self.layout.pp)
+                       if last in self.planmod.stages_of_rank(self.plan, r))
+        shared = [row]
+        dist.broadcast_object_list(shared, src=int(self.layout.mesh.mesh[pp_rank, 0, 0]))
+        return shared[0]
+
+    @torch.no_grad()
+    def _pipeline_logits(self, pixels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The logits of one whole eval batch through the pipeline stages in
+        order (forward only, no microbatches, so each stage computes what the
+        unpipelined model does): every stage's output goes to the next stage's
+        rank. The logits on the last stage's ranks, None elsewhere."""
+        group = self.layout.mesh.get_group("pp")
+        owner = {sid: r for r in range(self.layout.pp)
+                 for sid in self.planmod.stages_of_rank(self.plan, r)}
+        mine = dict(zip(self.stage_ids, self.parts, strict=True))
+        n = len(owner)
+        x: tuple = (pixels,)
+        for sid in range(n):
+            if sid not in mine:
+                continue
+            if sid > 0 and owner[sid - 1] != self.layout.pp_rank:
+                x = self._recv(owner[sid - 1], group)
+            out = mine[sid](*x, tokens=tokens)
+            x = out if isinstance(out, tuple) else (out,)
+            if sid < n - 1 and owner[sid + 1] != self.layout.pp_rank:
+                self._send(x, owner[sid + 1], group)
+        return x[0] if n - 1 in mine else None
+
+    def _send(self, tensors: tuple, peer: int, group) -> None:
+        """Tensors to pipeline rank `peer`, their shapes first."""
+        dst = dist.get_global_rank(group, peer)
+        dist.send_object_list([[(t.shape, t.dtype) for t in tensors]], dst=dst, group=group)
+        for t in tensors:
+            dist.send(t.contiguous(), dst=dst, group=group)
+
+    def _recv(self, peer: int, group) -> tuple:
+        src = dist.get_global_rank(group, peer)
+        meta = [None]
+        dist.recv_object_list(meta, src=src, group=group)
+        out = []
+        for shape, dtype in meta[0]:
+            t = torch.empty(shape, dtype=dtype, device=self.layout.device)
+            dist.recv(t, src=src, group=group)
+            out.append(t)
+        return tuple(out)
+
     # -- one optimizer step --
 
     def step(self, batch, step: int) -> tuple[float, float, dict]:
@@ -575,12 +654,13 @@ class Engine:
         else:
             self.hook.values.clear()
             self.hook.stats = stats
-            for inp, tgt, doc in chunks:
+            for chunk in chunks:
                 losses: list[torch.Tensor] = []
-                args = (inp,) if self.has_first else ()
+                args, kwargs, tgt = self.task.pipeline_inputs(chunk)
                 with autocast:
-                    self.schedule.step(*args, target=tgt if self.has_last else None,
-                                       losses=losses, return_outputs=False, doc_ids=doc)
+                    self.schedule.step(*(args if self.has_first else ()),
+                                       target=tgt if self.has_last else None,
+                                       losses=losses, return_outputs=False, **kwargs)
                 for mb_loss in losses:
                     total += mb_loss.detach().float() / layout.dp
             for value in self.hook.values:
@@ -689,7 +769,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         trainer_state,
         validate_settings,
     )
-    from .vlm_task import eval_line, evaluate, plot_vlm
+    from .vlm_task import eval_line, plot_vlm
 
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
@@ -783,9 +863,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
                 raise RunError(f"training diverged at step {step} (loss {loss}, grad norm "
                                f"{grad_norm}); try a lower --lr")
             if task.vlm and (step == s.steps or (s.eval_every and step % s.eval_every == 0)):
-                # every rank runs the whole eval (FSDP gathers the layers it
-                # runs); rank 0 reports it
-                last["eval"] = evaluate(engine.parts[0], held_out)
+                # every rank takes part (Engine.evaluate); rank 0 reports it
+                last["eval"] = engine.evaluate(held_out)
             if log is not None:
                 log.write(json.dumps(last) + "\n")
                 log.flush()

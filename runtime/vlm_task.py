@@ -87,9 +87,13 @@ def accumulate_vlm_gradients(model: torch.nn.Module, batch: CaptionBatch, *, gra
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: CaptionBatch, batch_size: int = EVAL_BATCH) -> dict:
+def evaluate(model: torch.nn.Module, data: CaptionBatch, batch_size: int = EVAL_BATCH, *,
+             forward=None) -> dict:
     """Teacher-forced accuracy on `data` with the true images and with each
-    batch's images rolled by one; see the module docstring."""
+    batch's images rolled by one; see the module docstring. `forward(images,
+    inputs)` computes the logits (the model's own forward by default); a
+    pipeline stage before the last returns None and counts no hits."""
+    forward = forward or model
     was_training = model.training
     model.eval()
     hits = {"true": [0, 0, 0], "shuffled": [0, 0, 0]}  # caption, image-token, whole-caption hits
@@ -101,7 +105,10 @@ def evaluate(model: torch.nn.Module, data: CaptionBatch, batch_size: int = EVAL_
                 for t in (data.pixels, data.inputs, data.targets, data.decisions))
             trained = targets != IGNORE_INDEX
             for name, images in (("true", pixels), ("shuffled", pixels.roll(1, dims=0))):
-                right = model(images, inputs).argmax(dim=-1) == targets
+                logits = forward(images, inputs)
+                if logits is None:
+                    continue
+                right = logits.argmax(dim=-1) == targets
                 hits[name][0] += int(right[trained].sum())
                 hits[name][1] += int(right[decisions].sum())
                 hits[name][2] += int((right | ~trained).all(dim=1).sum())

@@ -205,21 +205,154 @@ def test_vlm_plan_units_exist_in_the_generated_model():
     assert compile_spec("specs/vlm.forge").plans["fsdp2_vlm"].world == 2
 
 
-@pytest.mark.parametrize("directives, where", [
-    ("  mesh(dp = 2, pp = 2)\n  pipeline()", [(2, 16), (3, 3)]),
-    ("  mesh(tp = 2)", [(2, 8)]),
-])
-def test_vlm_plans_refuse_pipeline_and_tensor_parallelism(tmp_path, directives, where):
+def vlm_plan_errors(tmp_path, directives: str, target: str = "vlm") -> list:
+    """The errors of a plan for the shipped `target` vlm, (code, line in the plan
+    section, col), and the diagnostics."""
     from compiler.diagnostics import CompileFailed
 
-    for name in ("llama_debug.forge", "vlm.forge"):
+    for name in ("llama_debug.forge", "vlm.forge", "vlm_xattn.forge"):
         (tmp_path / name).write_text((ROOT / "specs" / name).read_text())
-    spec = tmp_path / "vlm.forge"
+    spec = tmp_path / f"{target}.forge"
     text = spec.read_text()
     start = text.count("\n") + 1  # the plan's first line
-    spec.write_text(text + f"plan bad for vlm {{\n{directives}\n}}\n")
+    spec.write_text(text + f"plan bad for {target} {{\n{directives}\n}}\n")
     with pytest.raises(CompileFailed) as e:
         compile_spec(str(spec))
-    got = [(d.code, d.span.line - start + 1, d.span.col) for d in e.value.diagnostics.errors]
+    errs = e.value.diagnostics.errors
+    return [(d.code, d.span.line - start + 1, d.span.col) for d in errs], errs
+
+
+@pytest.mark.parametrize("directives, where", [
+    ("  mesh(dp = 2, ep = 2)\n  fsdp()", [(2, 16)]),
+    ("  mesh(tp = 2, pp = 2)\n  pipeline()", [(2, 8)]),
+])
+def test_vlm_plans_refuse_tensor_and_expert_parallelism(tmp_path, directives, where):
+    got, errs = vlm_plan_errors(tmp_path, directives)
     assert got == [("E128", line, col) for line, col in where]
-    assert "forgec runs vlm plans with data parallelism only" in e.value.diagnostics.errors[0].message
+    assert "forgec runs vlm plans with data and pipeline parallelism only" in errs[0].message
+
+
+V0, V1 = '"vision_encoder.layers.0"', '"vision_encoder.layers.1"'
+D = [f'"transformer.layers.{i}"' for i in range(4)]
+
+
+@pytest.mark.parametrize("target, directives, code, where, words", [
+    # the units are the vision encoder's layers, then the decoder's: 6, not 4
+    ("vlm", "  mesh(pp = 8)\n  pipeline(microbatches = 8)", "E121", (2, 8),
+     "8 pipeline stages for 6 layers"),
+    ("vlm", f"  mesh(pp = 2)\n  pipeline(split = [[{V0}, {D[0]}], [{V1}, {', '.join(D[1:])}]])",
+     "E126", (3, 12), "in order: layers out of order"),
+    ("vlm", f"  mesh(pp = 2)\n  pipeline(split = [[{V0}, {V1}], [{', '.join(D[:3])}]])",
+     "E126", (3, 12), "missing 'transformer.layers.3'"),
+    ("vlm", f"  mesh(pp = 2)\n  pipeline(split = [[{V0}, {V1}, \"layers.0\"], [{', '.join(D[1:])}]])",
+     "E126", (3, 12), "unknown 'layers.0'"),
+    ("vlm_xattn", f"  mesh(pp = 2)\n  pipeline(split = [[{V0}, {V1}, {D[0]}, {D[1]}, "
+     f"\"transformer.cross_attention_layers.0\"], [{D[2]}, {D[3]}]])",
+     "E126", (3, 12), "unknown 'transformer.cross_attention_layers.0'"),
+    ("vlm", "  mesh(pp = 2)\n  pipeline(microbatches = 1)", "E127", (3, 12),
+     "1f1b with 2 stages needs at least 2 microbatches"),
+])
+def test_vlm_pipeline_errors_are_located(tmp_path, target, directives, code, where, words):
+    got, errs = vlm_plan_errors(tmp_path, directives, target)
+    assert got == [(code, *where)], got
+    assert words in errs[0].message, errs[0].message
+    if "cross_attention_layers" in words:
+        assert errs[0].hint == ("a cross-attention block travels with the decoder layer it "
+                                "follows; list the layers only")
+
+
+def test_vlm_auto_split_counts_the_vision_encoder(tmp_path):
+    """The cost model weighs the vision encoder's ops at its patch tokens against
+    the decoder's: a wide encoder (256 patches, 4 layers) fills stage 0 alone, the
+    shipped small one (64 patches, 2 layers) shares it with 2 decoder layers."""
+    from compiler.cost import cost
+    from compiler.plans import vlm_plan_data
+
+    (tmp_path / "llama_debug.forge").write_text(LLAMA)
+    vlm = (ROOT / "specs" / "vlm.forge").read_text()
+    wide = vlm[vlm.index("vision vit_tiny"):vlm.index("vlm vlm {")].replace(
+        "vit_tiny", "vit_wide").replace("image_size = 32", "image_size = 64").replace(
+        "n_layers   = 2", "n_layers   = 4")
+    (tmp_path / "wide.forge").write_text(
+        'import "llama_debug.forge"\n' + wide + """
+vlm wide {
+  text    = llama_debug
+  vision  = vit_wide
+  adapter = avgpool(vit_wide.dim, llama_debug.dim, window = 2)
+  fusion  = joint_decoder(max_text = 128)
+}
+
+plan wide_pp2 for wide {
+  mesh(pp = 2)
+  pipeline(schedule = gpipe, microbatches = 2)
+}
+""")
+    comp = compile_spec(str(tmp_path / "wide.forge"))
+    pipe = vlm_plan_data(comp.plans["wide_pp2"], comp.vlms["wide"], comp.models,
+                         comp.graphs)["pipeline"]
+    assert pipe["stages"] == [
+        ["vision_encoder.patch_embedding", *[f"vision_encoder.layers.{i}" for i in range(4)],
+         "vision_encoder.norm"],
+        ["adapter", "transformer.token_embedding", *[f"transformer.layers.{i}" for i in range(4)],
+         "transformer.norm", "transformer.output_head"]]
+    # stage 0 is the encoder: its FLOPs per image are the encoder's own cost at 256 patches
+    assert pipe["stage_flops"][0] == cost(comp.graphs["vit_wide"], seq_len=256).flops_per_token * 256
+    # each of the 6 other cuts leaves a costlier stage
+    costs = pipe["stage_flops"]
+    assert max(costs) / min(costs) < 1.1
+    layers = {int(f.rsplit(".", 1)[1]) for f in pipe["stages"][0] if "layers" in f}
+    assert layers == {0, 1, 2, 3}
+    small = importlib.import_module("generated.vlm.plan").PLANS["pp2_vlm"]["pipeline"]
+    assert small["stages"][0][-3:] == ["transformer.token_embedding", "transformer.layers.0",
+                                       "transformer.layers.1"]
+    assert sum(small["stage_params"]) == 1_116_000  # every parameter on one stage
+
+
+@pytest.mark.parametrize("name", ["vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d"])
+def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
+    """build_stage cuts the generated VLM into stages (the plan's stage_params,
+    the VLM's own parameter names) whose VLMStage forwards, chained, compute the
+    whole model's logits: 4 stages cut inside the vision encoder and between the
+    decoder layers (a cross-attention block on each decoder stage), and 2 whose
+    first holds the encoder's end, the adapter and a decoder layer."""
+    import copy
+
+    import torch
+
+    from compiler.plans import vlm_plan_data
+
+    for f in ("llama_debug", "vlm", name):
+        (tmp_path / f"{f}.forge").write_text((ROOT / "specs" / f"{f}.forge").read_text())
+    splits = {"four": [[V0], [V1], D[:2], D[2:]], "two": [[V0, V1, D[0]], D[1:]]}
+    spec = tmp_path / f"{name}.forge"
+    spec.write_text(spec.read_text() + "".join(
+        f"\nplan {name}_{k} for {name} {{\n  mesh(pp = {len(g)})\n  pipeline(schedule = gpipe, "
+        f"split = [{', '.join('[' + ', '.join(s) + ']' for s in g)}])\n}}\n"
+        for k, g in splits.items()))
+    comp = compile_spec(str(spec))
+    pkg = importlib.import_module(f"generated.{name}")
+    planmod = importlib.import_module(f"generated.{name}.plan")
+    torch.manual_seed(0)
+    full = pkg.VLM().eval()
+    with torch.no_grad():  # away from the initialisation (zero gates, identical copies)
+        for p in full.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    patch = full.vision_encoder.patch_embedding
+    pixels = torch.randn(3, patch.proj.in_channels, patch.image_size, patch.image_size)
+    tokens = torch.randint(0, 256, (3, 26))
+    with torch.no_grad():
+        want = full(pixels, tokens)
+    for k in splits:
+        plan = f"{name}_{k}"
+        data = vlm_plan_data(comp.plans[plan], comp.vlms[name], comp.models, comp.graphs)
+        monkeypatch.setitem(planmod.PLANS, plan, data)
+        x, names = (pixels,), []
+        for sid, params in enumerate(data["pipeline"]["stage_params"]):
+            stage = planmod.build_stage(copy.deepcopy(full), sid, plan)
+            assert sum(p.numel() for p in stage.parameters()) == params, (plan, sid)
+            names += [n for n, _ in stage.named_parameters()]
+            with torch.no_grad():
+                out = stage(*x, tokens=tokens)
+            x = out if isinstance(out, tuple) else (out,)
+        assert sorted(names) == sorted(n for n, _ in full.named_parameters())
+        assert len(x) == 1 and torch.equal(x[0], want), plan

@@ -9,14 +9,17 @@ FQNs, which are also the DCP checkpoint keys.
 
 PLANS name FQNs in the `VLM` module (apply_fsdp(vlm, ...)); LAYER_FQNS,
 ROOT_FQNS and TP_PLAN those of its decoder `llama_debug` (`vlm.transformer`).
-Plans for a vision-language model are data parallel: FSDP units are the
-vision encoder's layers, the decoder's layers and its cross-attention blocks.
+FSDP units are the vision encoder's layers, the decoder's layers and its
+cross-attention blocks; pipeline stages split the vision encoder's layers,
+then the decoder's, and build_stage returns a stage as a VLMStage.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .model import VLM, ModalityContext
 
 # Decoder layers in execution order.
 LAYER_FQNS = ["layers.0", "layers.1", "layers.2", "layers.3"]
@@ -130,16 +133,95 @@ def stages_of_rank(plan: str, pp_rank: int) -> list[int]:
     return list(range(pp_rank, stages, pp))
 
 
-def build_stage(model: nn.Module, stage_index: int, plan: str) -> nn.Module:
-    """Keep only the modules of one pipeline stage (FQNs unchanged). Build the
-    model on the meta device first: pruning it is free."""
+# What a pipeline stage of the VLM may lack: single modules, and the stacks whose
+# layers it keeps some of (FQNs in the VLM module).
+STAGE_MODULES = [
+    "vision_encoder.patch_embedding",
+    "vision_encoder.norm",
+    "adapter",
+    "transformer.token_embedding",
+    "transformer.norm",
+    "transformer.output_head",
+]
+STAGE_STACKS = ["vision_encoder.layers", "transformer.layers"]
+
+
+def build_stage(model: nn.Module, stage_index: int, plan: str) -> VLMStage:
+    """Prune the VLM `model` to one pipeline stage (FQNs unchanged) and return that
+    as a VLMStage. Build the model on the meta device first: pruning it is free."""
     keep = set(PLANS[plan]["pipeline"]["stages"][stage_index])
-    for name in ROOT_FQNS:
-        if name not in keep:
-            setattr(model, name, None)
-    for attr in ["layers"]:
-        container = getattr(model, attr)
+    for fqn in STAGE_MODULES:
+        if fqn not in keep:
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), name, None)
+    for fqn in STAGE_STACKS:
+        container = model.get_submodule(fqn)
         for key in list(container.keys()):
-            if f"{attr}.{key}" not in keep:
+            if f"{fqn}.{key}" not in keep:
                 del container[key]
-    return model
+    for name in ("vision_encoder", "transformer"):  # none of it on this stage
+        if next(getattr(model, name).parameters(), None) is None:
+            setattr(model, name, None)
+    return VLMStage(model)
+
+
+class VLMStage(nn.Module):
+    """One pipeline stage of `VLM`: the modules build_stage kept, under the VLM's own
+    FQNs (DCP checkpoint keys are unchanged), and what flows between stages.
+
+    Every stage takes the text `tokens` (B, S) as a keyword argument, the first one
+    the images (B, C, H, W) as well. Until the vision encoder ends, a stage passes
+    on its hidden states (B, P, D_vision); the stage holding the adapter starts the
+    decoder over the image tokens and the text, and decoder stages pass on its
+    hidden states (B, n + S, D). The last stage returns the logits of the text
+    (B, S, V). Single images only: no video frames or padding masks.
+    """
+
+    def __init__(self, vlm: nn.Module) -> None:
+        super().__init__()
+        self.vision_encoder = vlm.vision_encoder  # each None where the stage has none of it
+        self.adapter = vlm.adapter
+        self.transformer = vlm.transformer
+
+    # the VLM's own initialisation: it skips the modules a stage lacks
+    init_weights_and_freqs = VLM.init_weights_and_freqs
+
+    def forward(self, x: torch.Tensor, *, tokens: torch.Tensor) -> torch.Tensor:
+        if self.vision_encoder is not None:
+            x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
+        if self.transformer is None:  # the vision encoder goes on on the next stage
+            return x.contiguous()  # the patch embedding's output is a transposed view
+        b, s = tokens.shape
+        text = slice(-s, None) if self.transformer.output_head is not None else None
+        if self.adapter is not None:  # the decoder starts here: image tokens, then the text
+            image = self.adapter(x)
+            ids = VLM.modality_ids(b, image.shape[1], s, x.device)
+            modality = ModalityContext(prefix_embeds=image, output_slice=text, modality_ids=ids)
+            return self.transformer(tokens, modality=modality)
+        ids = VLM.modality_ids(b, x.shape[1] - s, s, x.device)
+        modality = ModalityContext(inputs_embeds=x, output_slice=text, modality_ids=ids)
+        return self.transformer(modality=modality)
+
+    def set_moe_step(self, step: int, max_steps: int) -> None:
+        if self.transformer is not None:
+            self.transformer.set_moe_step(step, max_steps)
+
+    def get_moe_aux_loss(self) -> torch.Tensor:
+        if self.transformer is None:
+            return torch.zeros(())
+        return self.transformer.get_moe_aux_loss()
+
+    def get_moe_router_z_loss(self) -> torch.Tensor:
+        if self.transformer is None:
+            return torch.zeros(())
+        return self.transformer.get_moe_router_z_loss()
+
+    def get_expert_counts(self) -> dict[str, torch.Tensor]:
+        if self.transformer is None:
+            return {}
+        return {f"transformer.{k}": v for k, v in self.transformer.get_expert_counts().items()}
+
+    def get_dropped_tokens(self) -> dict[str, int]:
+        if self.transformer is None:
+            return {}
+        return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}

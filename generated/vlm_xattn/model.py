@@ -773,16 +773,23 @@ class VisionEncoder(nn.Module):
         self.norm = LayerNorm(dim=96, eps=1e-05, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        self.patch_embedding.init_weights(std)
+        if self.patch_embedding is not None:  # a pipeline stage may lack it, and the norm
+            self.patch_embedding.init_weights(std)
         for layer in self.layers.values():
             layer.init_weights(std, out_std)
-        self.norm.init_weights()
+        if self.norm is not None:
+            self.norm.init_weights()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        h = self.patch_embedding(pixel_values)  # (B, 64, 96)
+        """A pipeline stage without the patch embedding takes hidden states instead of
+        images; one without the norm returns them before it."""
+        if self.patch_embedding is not None:
+            h = self.patch_embedding(pixel_values)  # (B, 64, 96)
+        else:
+            h = pixel_values
         for layer in self.layers.values():
             h = layer(h, None, None)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
 
 
 class VLM(nn.Module):
@@ -805,12 +812,16 @@ class VLM(nn.Module):
             self.init_weights_and_freqs()
 
     def init_weights_and_freqs(self) -> None:
-        """Initialise every parameter (after `to_empty()` of a meta build)."""
-        self.transformer.init_weights_and_freqs()
-        std = self.transformer.config.init_std
+        """Initialise every parameter (after `to_empty()` of a meta build); a
+        pipeline stage (plan.build_stage) skips the modules it lacks."""
+        std = ModelConfig().init_std
+        if self.transformer is not None:
+            self.transformer.init_weights_and_freqs()
         with torch.no_grad():
-            self.vision_encoder.init_weights(std, std / math.sqrt(2 * 2))
-            self.adapter.init_weights(std)
+            if self.vision_encoder is not None:
+                self.vision_encoder.init_weights(std, std / math.sqrt(2 * 2))
+            if self.adapter is not None:
+                self.adapter.init_weights(std)
 
     def encode_images(
         self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None
