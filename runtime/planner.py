@@ -1,15 +1,24 @@
 """`forgec plan SPEC --plan NAME --world N`: a parallel plan at scale, on paper.
 
-The spec's package is generated into a temporary folder and its model built on
-the meta device (no memory). Then, for every pipeline rank, a fake process
-group of N ranks stands in for the cluster: the rank's pipeline stages are cut
-from the model with the package's own `plan.build_stage` and sharded with its
-own `plan.apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the
+The spec's package is generated into a temporary folder and its model (the
+decoder, or for a vision-language spec the whole VLM: vision encoder,
+adapter, decoder and any cross-attention blocks) built on the meta device
+(no memory). Then, for every pipeline rank, a fake process group of N ranks
+stands in for the cluster: the rank's pipeline stages are cut from the model
+with the package's own `plan.build_stage` and sharded with its own
+`plan.apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the
 DeviceMesh) -- the code a real run executes -- and the local shards are read
-off the resulting DTensors.
+off the resulting DTensors. Nothing here knows a model's layout: units,
+stages, FSDP units and checkpointed regions are FQNs relative to the root
+module, read off the model and the plan data.
 
 Rank layout: the mesh is (pp, dp), pipeline outermost, so rank = pp_rank * dp
 + dp_rank (torch's `init_device_mesh` order, as `forgec train --plan` uses).
+
+A microbatch is `--micro-batch` sequences of `--seq-len` text tokens, fed as
+the trainers feed them: packed with document ids for a text model (so every
+attention call has the packed-document mask), one image per sequence for a
+VLM (whose joint decoder holds the image tokens in its sequence too).
 
 Per rank, in bytes (`per_rank` in the JSON):
   params          parameter elements stored on the rank (FSDP padding excluded)
@@ -21,21 +30,32 @@ Per rank, in bytes (`per_rank` in the JSON):
                   the compute dtype, and one unit's unsharded gradient in the
                   reduce dtype; all units when `reshard = never`; 0 without FSDP
   activation_bytes tensors autograd saves for backward, measured by running the
-                  stage's forward (and, on the last stage, the loss) on the meta
-                  device under `saved_tensors_hooks`, times the microbatches a
-                  schedule keeps in flight on that stage; a checkpointed unit
-                  keeps only its input, plus one unit's activations recomputed
-                  in backward. Attention is counted as fused kernels save it
-                  (q, k, v, output, log-sum-exp), as torch's CPU and CUDA kernels do.
-  logits_bytes    last stage: the fp32 logits' gradient (microbatch, seq, vocab),
+                  model's forward and the loss on the meta device under
+                  `saved_tensors_hooks` and attributed to the unit running, summed
+                  over the rank's stages, times the microbatches a schedule keeps
+                  in flight; a checkpointed region keeps only its input, plus one
+                  region's activations recomputed in backward. Attention is counted
+                  as fused kernels save it (q, k, v, output, log-sum-exp, and a
+                  boolean mask converted to q's dtype, per call), as torch's CPU and
+                  CUDA kernels do. A pipeline stage also holds each in-flight
+                  microbatch's output until its backward
+  logits_bytes    last stage: the fp32 logits' gradient (microbatch, text, vocab),
                   alive with the saved activations at the start of backward
+  pipeline_buffer_bytes  what torch's PipelineStage allocates once and keeps: a
+                  receive buffer per microbatch for the stage's input (all but
+                  the first stage) and one for its output's gradient (all but the
+                  last)
   total_bytes     the estimated peak of a training step (from the second on, when
-                  AdamW's moments exist): weights + optimizer + gathered + the
-                  larger of (activations + logits) and gradients -- backward frees
-                  activations as it produces gradients, so the peak is at its
-                  start or at its end
+                  AdamW's moments exist): weights + optimizer + gathered + pipeline
+                  buffers + the transient part. Backward frees activations as it
+                  produces gradients, so where every forward runs before the first
+                  backward (one microbatch, GPipe) the peak is at its start or when
+                  the gradients exist; where forwards follow backwards (1F1B's
+                  steady state) the gradients sit beside the activations in flight.
 
-Checked against measured peaks on CPU (tests/test_planner.py: within 15 %).
+Checked against measured peaks on CPU: one process (tests/test_planner.py) and
+every rank of real 2-rank FSDP, pipeline and VLM training
+(tests/test_planner_ranks.py), within 15 %.
 """
 
 from __future__ import annotations
