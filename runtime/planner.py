@@ -254,9 +254,18 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
         return t
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
-    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(*args, **kwargs)
-        F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    try:
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(*args, **kwargs)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e).lower():
+            raise
+        # token routing sizes tensors by their values, which the meta device has not
+        raise RunError(f"forgec plan cannot measure this model's activations on the meta "
+                       f"device: its forward depends on tensor values ({str(e)[:60]}...); "
+                       "mixture-of-experts and modality-routed (MoT, MoMa) models are not "
+                       "modelled yet") from None
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
                        logits.numel() * 4)

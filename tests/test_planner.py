@@ -408,3 +408,21 @@ def test_vlm_pipeline_plans_follow_the_text_schema(monkeypatch):
     assert rank0["pipeline_buffer_bytes"] == rank1["pipeline_buffer_bytes"] == 4 * hidden
     assert (rank0["logits_bytes"], rank1["logits_bytes"]) == (0, 2 * 26 * 256 * 4)
     assert r["vlm"]["decoder_seq_len"] == 64 + 26
+
+
+def test_models_routed_by_value_are_refused_in_one_line(tmp_path):
+    """A mixture-of-experts forward sizes tensors by routing decisions, which the
+    meta device cannot make: a one-line error, not an internal error."""
+    import shutil
+
+    for name in ("llama_debug", "moe_debug"):  # moe_debug imports llama_debug
+        shutil.copy(ROOT / "specs" / f"{name}.forge", tmp_path)
+    with open(tmp_path / "moe_debug.forge", "a", encoding="utf-8") as f:
+        f.write("\nplan fsdp2_moe for moe_debug {\n  mesh(dp = 2)\n  fsdp()\n}\n")
+    code, out, err = run("plan", str(tmp_path / "moe_debug.forge"), "--plan", "fsdp2_moe",
+                         "--world", "2")
+    assert code == 1 and out == ""
+    assert err.startswith("forgec: error: forgec plan cannot measure this model's activations "
+                          "on the meta device: its forward depends on tensor values (aten::"
+                          "bincount") and err.count("\n") == 1, err
+    assert "mixture-of-experts and modality-routed (MoT, MoMa) models are not modelled" in err
