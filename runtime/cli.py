@@ -77,9 +77,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--world", required=True, type=int, metavar="N",
                    help="ranks; must equal the plan's mesh product")
     p.add_argument("--micro-batch", type=int, default=1, metavar="B",
-                   help="sequences per microbatch (default 1)")
+                   help="sequences per microbatch and rank (a vlm: each with one image; "
+                   "default 1)")
     p.add_argument("--seq-len", type=int, metavar="L",
-                   help="tokens per sequence (default: the model's max_seq_len)")
+                   help="text tokens per sequence (default: the model's max_seq_len, a "
+                   "vlm's max_text)")
     p.add_argument("--json", action="store_true", help="JSON with a per_rank list")
     return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan}
 

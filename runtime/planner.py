@@ -1,15 +1,24 @@
 """`forgec plan SPEC --plan NAME --world N`: a parallel plan at scale, on paper.
 
-The spec's package is generated into a temporary folder and its model built on
-the meta device (no memory). Then, for every pipeline rank, a fake process
-group of N ranks stands in for the cluster: the rank's pipeline stages are cut
-from the model with the package's own `plan.build_stage` and sharded with its
-own `plan.apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the
+The spec's package is generated into a temporary folder and its model (the
+decoder, or for a vision-language spec the whole VLM: vision encoder,
+adapter, decoder and any cross-attention blocks) built on the meta device
+(no memory). Then, for every pipeline rank, a fake process group of N ranks
+stands in for the cluster: the rank's pipeline stages are cut from the model
+with the package's own `plan.build_stage` and sharded with its own
+`plan.apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the
 DeviceMesh) -- the code a real run executes -- and the local shards are read
-off the resulting DTensors.
+off the resulting DTensors. Nothing here knows a model's layout: units,
+stages, FSDP units and checkpointed regions are FQNs relative to the root
+module, read off the model and the plan data.
 
 Rank layout: the mesh is (pp, dp), pipeline outermost, so rank = pp_rank * dp
 + dp_rank (torch's `init_device_mesh` order, as `forgec train --plan` uses).
+
+A microbatch is `--micro-batch` sequences of `--seq-len` text tokens, fed as
+the trainers feed them: packed with document ids for a text model (so every
+attention call has the packed-document mask), one image per sequence for a
+VLM (whose joint decoder holds the image tokens in its sequence too).
 
 Per rank, in bytes (`per_rank` in the JSON):
   params          parameter elements stored on the rank (FSDP padding excluded)
@@ -21,27 +30,39 @@ Per rank, in bytes (`per_rank` in the JSON):
                   the compute dtype, and one unit's unsharded gradient in the
                   reduce dtype; all units when `reshard = never`; 0 without FSDP
   activation_bytes tensors autograd saves for backward, measured by running the
-                  stage's forward (and, on the last stage, the loss) on the meta
-                  device under `saved_tensors_hooks`, times the microbatches a
-                  schedule keeps in flight on that stage; a checkpointed unit
-                  keeps only its input, plus one unit's activations recomputed
-                  in backward. Attention is counted as fused kernels save it
-                  (q, k, v, output, log-sum-exp), as torch's CPU and CUDA kernels do.
-  logits_bytes    last stage: the fp32 logits' gradient (microbatch, seq, vocab),
+                  model's forward and the loss on the meta device under
+                  `saved_tensors_hooks` and attributed to the unit running, summed
+                  over the rank's stages, times the microbatches a schedule keeps
+                  in flight; a checkpointed region keeps only its input, plus one
+                  region's activations recomputed in backward. Attention is counted
+                  as fused kernels save it (q, k, v, output, log-sum-exp, and a
+                  boolean mask converted to q's dtype, per call), as torch's CPU and
+                  CUDA kernels do. A pipeline stage also holds each in-flight
+                  microbatch's output until its backward
+  logits_bytes    last stage: the fp32 logits' gradient (microbatch, text, vocab),
                   alive with the saved activations at the start of backward
+  pipeline_buffer_bytes  what torch's PipelineStage allocates once and keeps: a
+                  receive buffer per microbatch for the stage's input (all but
+                  the first stage) and one for its output's gradient (all but the
+                  last)
   total_bytes     the estimated peak of a training step (from the second on, when
-                  AdamW's moments exist): weights + optimizer + gathered + the
-                  larger of (activations + logits) and gradients -- backward frees
-                  activations as it produces gradients, so the peak is at its
-                  start or at its end
+                  AdamW's moments exist): weights + optimizer + gathered + pipeline
+                  buffers + the transient part. Backward frees activations as it
+                  produces gradients, so where every forward runs before the first
+                  backward (one microbatch, GPipe) the peak is at its start or when
+                  the gradients exist; where forwards follow backwards (1F1B's
+                  steady state) the gradients sit beside the activations in flight.
 
-Checked against measured peaks on CPU (tests/test_planner.py: within 15 %).
+Checked against measured peaks on CPU: one process (tests/test_planner.py) and
+every rank of real 2-rank FSDP, pipeline and VLM training
+(tests/test_planner_ranks.py), within 15 %.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -63,7 +84,9 @@ MESH_ORDER = ("pp", "dp")  # pipeline outermost
 class _FusedAttention(torch.autograd.Function):
     """Stands in for `F.scaled_dot_product_attention` while measuring: saves what
     the fused (flash) kernels save, not the math fallback's S×S probabilities
-    (which is what the meta device would dispatch to)."""
+    (which is what the meta device would dispatch to). A boolean mask is
+    saved as SDPA passes it to the kernels: converted, per call, to an
+    additive mask of q's dtype."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask):
@@ -72,6 +95,8 @@ class _FusedAttention(torch.autograd.Function):
         b, h, s, _ = q.shape
         out = q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = q.new_empty(mask.shape)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
         return out
 
@@ -95,48 +120,161 @@ def _fused_attention():
         F.scaled_dot_product_attention = original
 
 
-def unit_fqns(model: nn.Module) -> list[str]:
-    """The model's top-level units in execution order: root modules and layers."""
+def unit_fqns(model: nn.Module, prefix: str = "") -> list[str]:
+    """The model's units in execution order: each layer of a ModuleDict and each
+    other child of the root. A child that holds layers of its own (a VLM's
+    vision encoder and decoder) is a container: its own children are the
+    units. FQNs are relative to `model`, as the plan's FQN lists are."""
     out = []
     for name, child in model.named_children():
+        fqn = prefix + name
         if isinstance(child, nn.ModuleDict):
-            out += [f"{name}.{key}" for key in child]
-        elif child is not None:
-            out.append(name)
+            out += [f"{fqn}.{key}" for key, layer in child.items() if layer is not None]
+        elif child is None:
+            continue
+        elif _is_container(child):
+            out += unit_fqns(child, fqn + ".")
+        else:
+            out.append(fqn)
     return out
 
 
-def saved_bytes_per_unit(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
-    """{unit FQN: bytes autograd saves in one microbatch's forward}, measured on
-    the meta device; the loss (cross-entropy over fp32 logits) counts for the
-    output head. Parameters are not counted (they are memory of their own)."""
+def _is_container(module: nn.Module) -> bool:
+    return any(isinstance(c, nn.ModuleDict) for c in module.children())
+
+
+def covers(fqns, unit: str) -> bool:
+    """Whether `unit` is one of `fqns` or inside one of them."""
+    return any(unit == f or unit.startswith(f + ".") for f in fqns)
+
+
+def new_model(pkg) -> nn.Module:
+    """The package's trainable model: the VLM of a vision-language package, else
+    the decoder."""
+    return pkg.VLM() if hasattr(pkg, "VLM") else pkg.Transformer()
+
+
+def _meta_tables(model: nn.Module, module) -> None:
+    """The RoPE tables init_weights_and_freqs() would make (plain attributes,
+    not parameters), on the meta device: the decoder's, and a vision encoder's
+    2-D ones."""
+    for mod in model.modules():
+        if getattr(mod, "rope_cos", False) is None:
+            if hasattr(mod, "config"):
+                tables = module.rope_tables(mod.config.max_seq_len, device="meta")
+            else:
+                tables = module.vision_rope_tables(device="meta")
+            mod.rope_cos, mod.rope_sin = tables
+
+
+def example_batch(model: nn.Module, micro_batch: int, seq_len: int, dtype: torch.dtype,
+                  device="meta") -> tuple[tuple, dict, torch.Tensor]:
+    """(forward arguments, keyword arguments, next-token targets) of one
+    microbatch as the trainers feed it: `seq_len` text tokens, packed with
+    their document ids for a text model (which build the attention mask of
+    packed documents); for a VLM one image per sequence (in the compute dtype,
+    as FSDP's mixed precision casts the inputs)."""
+    tokens = torch.zeros(micro_batch, seq_len + 1, dtype=torch.long, device=device)
+    if not hasattr(model, "vision_encoder"):
+        doc_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
+        return (tokens[:, :-1],), {"doc_ids": doc_ids}, tokens[:, 1:]
+    patch = model.vision_encoder.patch_embedding
+    size, channels = int(patch.image_size), int(patch.proj.in_channels)
+    pixels = torch.zeros(micro_batch, channels, size, size, dtype=dtype, device=device)
+    return (pixels, tokens[:, :-1]), {}, tokens[:, 1:]
+
+
+@dataclasses.dataclass
+class Activations:
+    """What one microbatch's forward (and loss) keeps for backward, per unit."""
+
+    saved: dict[str, int]  # unit → bytes autograd saves (the loss counts for the last unit)
+    order: list[str]  # units in the order the forward runs them
+    inputs: dict[str, int]  # unit or checkpointed region → bytes of its (first) input
+    keeps_input: set[str]  # units among whose saved tensors is their own input
+    shapes: dict[str, tuple]  # unit → shape of its (first) input
+    logits_bytes: int  # the fp32 logits (and so their gradient)
+
+    def first_unit(self, fqns) -> str | None:
+        """The first unit, in execution order, of a stage (its FQN list)."""
+        return next((u for u in self.order if covers(fqns, u)), None)
+
+
+def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
+                        regions=()) -> Activations:
+    """Run one microbatch's forward and cross-entropy on the meta device under
+    `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
+    running (parameters are memory of their own). Attention is counted as the
+    fused kernels save it. `regions` (checkpointed FQNs) get their input
+    measured too."""
     with torch.device("meta"):
-        model = pkg.Transformer()
+        model = new_model(pkg)
     model.to(dtype)
-    module = importlib.import_module(f"{pkg.__name__}.model")
-    if hasattr(module, "rope_tables"):  # the tables init_weights_and_freqs() would make
-        model.rope_cos, model.rope_sin = module.rope_tables(model.config.max_seq_len,
-                                                            device="meta")
+    _meta_tables(model, importlib.import_module(f"{pkg.__name__}.model"))
     current = ["?"]
-    for fqn in unit_fqns(model):
-        model.get_submodule(fqn).register_forward_pre_hook(
-            lambda _m, _a, fqn=fqn: current.__setitem__(0, fqn))
+    order: list[str] = []
+    inputs: dict[str, int] = {}
+    shapes: dict[str, tuple] = {}
+    input_of: dict[str, torch.Tensor] = {}
+
+    def first_tensor(args, kwargs) -> torch.Tensor | None:
+        return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+    def enter(fqn: str, unit: bool):
+        def hook(_m, args, kwargs):
+            x = first_tensor(args, kwargs)
+            if x is not None and fqn not in inputs:
+                inputs[fqn] = x.numel() * x.element_size()
+                shapes[fqn] = tuple(x.shape)
+                input_of[fqn] = x if x._base is None else x._base
+            if unit:
+                current[0] = fqn
+                if fqn not in order:
+                    order.append(fqn)
+        return hook
+
+    units = unit_fqns(model)
+    for fqn in units:
+        model.get_submodule(fqn).register_forward_pre_hook(enter(fqn, True), with_kwargs=True)
+    for fqn in regions:
+        if fqn not in units:
+            model.get_submodule(fqn).register_forward_pre_hook(enter(fqn, False),
+                                                               with_kwargs=True)
     params = {id(p) for p in model.parameters()}
     seen: dict[int, torch.Tensor] = {}
+    saved_by: dict[int, str] = {}
     per_unit: dict[str, int] = collections.Counter()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t if t._base is None else t._base
         if id(base) not in params and id(base) not in seen:
             seen[id(base)] = base  # keeps ids unique while measuring
+            saved_by[id(base)] = current[0]
             per_unit[current[0]] += base.numel() * base.element_size()
         return t
 
-    tokens = torch.zeros(micro_batch, seq_len + 1, dtype=torch.long, device="meta")
-    with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    return dict(per_unit)
+    args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
+    try:
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(*args, **kwargs)
+            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    except (RuntimeError, NotImplementedError) as e:
+        if "meta" not in str(e).lower():
+            raise
+        # token routing sizes tensors by their values, which the meta device has not
+        raise RunError(f"forgec plan cannot measure this model's activations on the meta "
+                       f"device: its forward depends on tensor values ({str(e)[:60]}...); "
+                       "mixture-of-experts and modality-routed (MoT, MoMa) models are not "
+                       "modelled yet") from None
+    keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
+    return Activations(dict(per_unit), order, inputs, keeps, shapes,
+                       logits.numel() * 4)
+
+
+def saved_bytes_per_unit(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
+    """{unit FQN: bytes autograd saves in one microbatch's forward} (see
+    measure_activations)."""
+    return measure_activations(pkg, micro_batch, seq_len, dtype).saved
 
 
 # ---- how many microbatches a schedule keeps in flight ---------------------------------
@@ -169,9 +307,12 @@ def chunk_rows(rows: int, parts: int, index: int) -> int:
 
 
 def _stage_view(full: nn.Module) -> nn.Module:
-    """A new root sharing `full`'s modules, with containers of its own, so that
-    `build_stage` can prune it without touching `full` (building the model once
-    serves every stage)."""
+    """A new root sharing `full`'s units, with containers of its own (the root,
+    its ModuleDicts and, in a VLM, the vision encoder and decoder), so that
+    `build_stage` can prune it without touching `full` (building the model
+    once serves every stage)."""
+    if isinstance(full, nn.ModuleDict):  # of layers: units, shared
+        return nn.ModuleDict(dict(full.items()))
     view = object.__new__(type(full))
     nn.Module.__init__(view)
     for key, value in full.__dict__.items():
@@ -181,7 +322,9 @@ def _stage_view(full: nn.Module) -> nn.Module:
     view._buffers.update(full._buffers)
     view._non_persistent_buffers_set = set(full._non_persistent_buffers_set)
     for name, child in full._modules.items():
-        view._modules[name] = nn.ModuleDict(child) if isinstance(child, nn.ModuleDict) else child
+        container = child is not None and (isinstance(child, nn.ModuleDict)
+                                           or _is_container(child))
+        view._modules[name] = _stage_view(child) if container else child
     return view
 
 
@@ -202,14 +345,18 @@ def _destroy() -> None:
 def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, mesh) -> dict:
     """Cut one stage (None: the whole model) with the package's `plan` module,
     apply the plan's FSDP and return {param FQN: (global shape, sharded over
-    dp?)} and {unit FQN: elements}."""
+    dp?)}, the stage's units in order, and {FSDP unit FQN or "" (the root):
+    elements} (which parameters FSDP gathers together)."""
     data = plan.PLANS[plan_name]
     model = _stage_view(full)
     if stage_index is not None:
         plan.build_stage(model, stage_index, plan_name)
-    units = {fqn: sum(p.numel() for p in model.get_submodule(fqn).parameters())
-             for fqn in unit_fqns(model)}
     sharded = "fsdp" in data and data["mesh"]["dp"] > 1
+    groups: dict[str, int] = collections.Counter()
+    fsdp_units = sorted(data["fsdp"]["units"] if "fsdp" in data else [], key=len, reverse=True)
+    for fqn, p in model.named_parameters():
+        # a parameter belongs to the innermost FSDP unit holding it, else the root
+        groups[next((u for u in fsdp_units if covers([u], fqn)), "")] += p.numel()
     if sharded:
         plan.apply_fsdp(model, mesh["dp"], plan_name)
     params = {}
@@ -221,16 +368,38 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
             # what this rank (dp index 0) holds is torch.chunk's first part
             assert local[0] == chunk_rows(p.shape[0], data["mesh"]["dp"], 0), fqn
         params[fqn] = (tuple(p.shape), sharded)
-    return {"params": params, "units": units}
+    return {"params": params, "units": unit_fqns(model), "groups": dict(groups)}
+
+
+def stage_activations(acts: Activations, units: list[str], ckpt: list[str]) -> int:
+    """Bytes one microbatch's forward of `units` keeps for backward: what they
+    save, except that a checkpointed region keeps only its input."""
+    kept, regions = 0, set()
+    for u in units:
+        region = next((c for c in ckpt if covers([c], u)), None)
+        if region is None:
+            kept += acts.saved.get(u, 0)
+        elif region not in regions:
+            regions.add(region)
+            kept += acts.inputs.get(region, 0)
+    return kept
+
+
+def recomputed(acts: Activations, units: list[str], ckpt: list[str]) -> int:
+    """The largest checkpointed region's activations, rebuilt in backward."""
+    return max((sum(acts.saved.get(u, 0) for u in units if covers([c], u)) for c in ckpt),
+               default=0)
 
 
 # ---- the report -----------------------------------------------------------------------
 
 
 def _compile_plan(spec: str, plan_name: str, world: int):
+    """(compilation, plan, the longest text a sequence may have: None for the
+    decoder's max_seq_len)."""
     from compiler.cli import _compile, _print_diagnostics, _sources_of
     from compiler.diagnostics import Diagnostics
-    from compiler.plans import validate
+    from compiler.plans import validate, validate_vlm_plan
 
     comp = _compile(spec, quiet=True)
     if comp is None:
@@ -239,11 +408,12 @@ def _compile_plan(spec: str, plan_name: str, world: int):
         known = ", ".join(comp.plans) or "none"
         raise UsageError(f"no plan '{plan_name}' in {spec} (plans: {known})")
     plan = comp.plans[plan_name]
-    if plan.target in comp.vlms:
-        raise RunError(f"plan '{plan_name}' is for the vision-language model '{plan.target}': "
-                       "forgec plan reports text models' plans only, so far")
     diags = Diagnostics()
-    validate(plan, comp.models[plan.target], comp.graphs[plan.target], diags, world=world)
+    vlm = comp.vlms.get(plan.target)
+    if vlm is not None:
+        validate_vlm_plan(plan, vlm, comp.models, comp.graphs, diags, world=world)
+    else:
+        validate(plan, comp.models[plan.target], comp.graphs[plan.target], diags, world=world)
     if diags.error_count:
         _print_diagnostics(diags, _sources_of(diags), False)
         raise RunError(f"plan '{plan_name}' does not fit {world} ranks (above)")
@@ -254,7 +424,8 @@ def _compile_plan(spec: str, plan_name: str, world: int):
     if mesh["tp"] > 1 or mesh["ep"] > 1:
         raise RunError(f"plan '{plan_name}': forgec plan models dp and pp; tensor- and "
                        "expert-parallel degrees above 1 are not modelled yet")
-    return comp, plan
+    max_text = vlm.fusion.args.get("max_text") if vlm is not None else None
+    return comp, plan, max_text
 
 
 def plan_report(spec: str, plan_name: str, world: int, *, micro_batch: int = 1,
@@ -266,34 +437,54 @@ def plan_report(spec: str, plan_name: str, world: int, *, micro_batch: int = 1,
 
     if world < 1 or micro_batch < 1 or (seq_len is not None and seq_len < 1):
         raise UsageError("--world, --micro-batch and --seq-len must be positive")
-    comp, plan = _compile_plan(spec, plan_name, world)
+    comp, plan, max_text = _compile_plan(spec, plan_name, world)
     with tempfile.TemporaryDirectory(prefix="forgec-plan-") as tmp:
         pkg = import_package(build(comp, tmp, update=True).package)
-        return _report(pkg, plan.target, plan_name, world, micro_batch, seq_len)
+        return _report(pkg, plan.target, plan_name, world, micro_batch, seq_len, max_text)
+
+
+def _text_limit(pkg, max_text: int | None) -> tuple[int, str]:
+    """The longest text sequence of the package's model, and what sets it."""
+    limit = pkg.ModelConfig().max_seq_len
+    if not hasattr(pkg, "VLM"):
+        return limit, f"the model's max_seq_len {limit}"
+    if max_text is not None:  # the image tokens share the decoder's sequence
+        return max_text, f"the vlm's max_text {max_text}"
+    return limit, f"the decoder's max_seq_len {limit}"
 
 
 def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
-            seq_len: int | None) -> dict:
+            seq_len: int | None, max_text: int | None = None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     plan = importlib.import_module(f"{pkg.__name__}.plan")
     data = plan.PLANS[plan_name]
-    config = pkg.ModelConfig()
-    seq = seq_len or config.max_seq_len
-    if seq > config.max_seq_len:
-        raise UsageError(f"--seq-len {seq} exceeds the model's max_seq_len {config.max_seq_len}")
+    vlm = hasattr(pkg, "VLM")
+    limit, what = _text_limit(pkg, max_text)
+    seq = seq_len or limit
+    if seq > limit:
+        raise UsageError(f"--seq-len {seq} exceeds {what}")
     dp, pp = data["mesh"]["dp"], data["mesh"]["pp"]
     fsdp = data.get("fsdp")
     pipe = data.get("pipeline")
+    if pipe and len(pipe["stages"]) < 2:
+        pipe = None  # one stage: the whole model (as the trainer runs it)
+    n_stages = len(pipe["stages"]) if pipe else 1
+    microbatches = pipe["microbatches"] if pipe else 1
     compute = fsdp["compute"] if fsdp else "fp32"
     reduce = fsdp["reduce"] if fsdp else "fp32"
-    ckpt = set(data["activation_checkpoint"])
+    ckpt = list(data["activation_checkpoint"])
 
-    saved = saved_bytes_per_unit(pkg, micro_batch, seq, getattr(torch, {
-        "fp32": "float32", "bf16": "bfloat16"}[compute]))
+    acts = measure_activations(pkg, micro_batch, seq, getattr(torch, {
+        "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt)
     with torch.device("meta"):
-        full = pkg.Transformer()
-    hidden_bytes = micro_batch * seq * config.dim * BYTES[compute]
+        full = new_model(pkg)
+    params_total = sum(p.numel() for p in full.parameters())
+
+    def boundary(stage: int) -> int:
+        """Bytes of the hidden state a microbatch brings into `stage`."""
+        first = acts.first_unit(pipe["stages"][stage])
+        return acts.inputs.get(first, 0) if first else 0
 
     ranks = []
     for pp_rank in range(pp):
@@ -305,26 +496,48 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
             stages = [shard_stage(plan, full, plan_name, s, mesh) for s in stage_ids]
         finally:
             _destroy()
-        units = {u: n for st in stages for u, n in st["units"].items()}
+        units = [u for st in stages for u in st["units"]]
         # activations: one microbatch of each of the rank's stages, checkpointed
-        # units reduced to their input, times the schedule's in-flight forwards
-        per_stage = []
-        for st in stages:
-            kept = sum(hidden_bytes if u in ckpt else saved.get(u, 0) for u in st["units"])
+        # regions reduced to their input, times the schedule's in-flight forwards
+        per_stage, buffers = [], 0
+        for sid, st in zip(stage_ids, stages, strict=True):
+            kept = stage_activations(acts, st["units"], ckpt)
+            if sid is not None:
+                first = acts.first_unit(pipe["stages"][sid])
+                if sid > 0:
+                    # the schedule receives each microbatch's input into a buffer of
+                    # its own, kept across steps; a first unit that saves its input
+                    # saves that buffer (counted here, not again as an activation)
+                    buffers += microbatches * boundary(sid)
+                    if first in acts.keeps_input or covers(ckpt, first):
+                        kept -= boundary(sid)
+                if sid < n_stages - 1:
+                    # the output stays with the schedule until its backward, and each
+                    # microbatch has a buffer for the output's gradient
+                    kept += boundary(sid + 1)
+                    buffers += microbatches * boundary(sid + 1)
             per_stage.append(kept)
-        flight = in_flight(pipe and pipe["schedule"], pipe["microbatches"] if pipe else 1, pp,
-                           pp_rank, len(stage_ids))
+        flight = in_flight(pipe and pipe["schedule"], microbatches, pp, pp_rank,
+                           len(stage_ids))
         # warm-up forwards run in rounds of pp microbatches per local stage
         activations = sum(per_stage[(k // pp) % len(per_stage)] for k in range(flight))
-        activations += max((saved.get(u, 0) for u in units if u in ckpt), default=0)
-        last = "output_head" in units
-        logits = micro_batch * seq * config.vocab_size * 4 if last else 0
+        activations += recomputed(acts, units, ckpt)
+        # a schedule that runs forwards after its first backward holds the
+        # stage's gradients beside the activations in flight (1F1B's steady
+        # state); one that runs every forward first frees a microbatch's
+        # activations before the first gradients appear
+        steady = flight < microbatches * len(stage_ids)
+        last_forward = per_stage[((flight - 1) // pp) % len(per_stage)]
+        last = pipe is None or n_stages - 1 in stage_ids
+        logits = acts.logits_bytes if last else 0
         if fsdp and dp > 1:
-            layer_units = [n for u, n in units.items() if u in fsdp["units"]]
-            root = sum(n for u, n in units.items() if u not in fsdp["units"])
-            biggest = max(layer_units, default=0)
+            groups = collections.Counter()
+            for st in stages:
+                groups.update(st["groups"])
+            root = groups.pop("", 0)
+            biggest = max(groups.values(), default=0)
             if fsdp["reshard"] == "never":
-                gathered = (root + sum(layer_units)) * BYTES[compute]
+                gathered = (root + sum(groups.values())) * BYTES[compute]
             else:
                 gathered = (root + 2 * biggest) * BYTES[compute]
             gathered += max(biggest, root) * BYTES[reduce]
@@ -348,18 +561,25 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
                 "gathered_bytes": gathered,
                 "activation_bytes": activations,
                 "logits_bytes": logits,
+                "pipeline_buffer_bytes": buffers,
             }
             # backward frees activations as it produces gradients: the peak is at its
-            # start (all activations and the logits' gradient) or at its end (all grads)
+            # start (all activations and the logits' gradient) or when the gradients
+            # exist (at the end; with the activations still in flight, in a steady state)
+            grads = row["grad_bytes"]
+            transient = (activations + logits + grads if steady else
+                         max(activations + logits, activations - last_forward + grads))
             row["total_bytes"] = (row["param_bytes"] + row["optimizer_bytes"] + gathered
-                                  + max(activations + logits, row["grad_bytes"]))
+                                  + buffers + transient)
             ranks.append(row)
 
-    params_total = sum(p.numel() for p in full.parameters())
     out = {"plan": plan_name, "model": model_name, "world": world,
            "mesh": data["mesh"], "micro_batch": micro_batch, "seq_len": seq,
            "compute_dtype": compute, "params_total": params_total,
-           "params_stored": sum(r["params"] for r in ranks), "per_rank": ranks}
+           "params_stored": sum(r["params"] for r in ranks),
+           "saved_bytes_per_microbatch": acts.saved, "per_rank": ranks}
+    if vlm:
+        out["vlm"] = _vlm_summary(pkg, acts, seq)
     if pipe:
         sp, sf = pipe["stage_params"], pipe["stage_flops"]
         out["pipeline"] = {
@@ -371,34 +591,60 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     return out
 
 
+def _vlm_summary(pkg, acts: Activations, seq: int) -> dict:
+    """A VLM's sequence (one image per sequence: a joint decoder's sequence
+    holds its tokens before the text; cross-attention keeps them beside it) and
+    its saved activations by part (vision encoder, adapter, decoder)."""
+    module = importlib.import_module(f"{pkg.__name__}.model")
+    parts = collections.Counter()
+    for unit, n in acts.saved.items():
+        parts[unit.split(".")[0]] += n
+    layer = next(u for u in acts.order if u.startswith("transformer.layers."))
+    return {"image_tokens": module.IMAGE_TOKENS, "text_tokens": seq,
+            "decoder_seq_len": acts.shapes[layer][1], "saved_bytes_by_part": dict(parts)}
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def print_report(r: dict) -> None:
     m = r["mesh"]
+    seq = f"{r['seq_len']} tokens"
+    if "vlm" in r:
+        v = r["vlm"]
+        joint = v["decoder_seq_len"] > v["text_tokens"]
+        seq = (f"({v['image_tokens']} image + {v['text_tokens']} text tokens)" if joint else
+               f"{v['text_tokens']} text tokens attending to {v['image_tokens']} image tokens")
     print(f"plan {r['plan']} for {r['model']}: {r['world']} ranks (dp {m['dp']} × pp {m['pp']}), "
-          f"microbatch {r['micro_batch']} × {r['seq_len']} tokens, compute {r['compute_dtype']}")
+          f"microbatch {r['micro_batch']} × {seq}, compute {r['compute_dtype']}")
     print(f"  parameters {r['params_total']:,}; stored over all ranks {r['params_stored']:,}")
-    if "pipeline" in r:
+    if "vlm" in r:
+        parts = ", ".join(f"{name} {_gib(n)}" for name, n in
+                          r["vlm"]["saved_bytes_by_part"].items())
+        print(f"  saved for backward per microbatch: {parts}")
+    pipe = "pipeline" in r
+    if pipe:
         p = r["pipeline"]
         print(f"  pipeline {p['schedule']}, {p['microbatches']} microbatches, {p['stages']} "
               f"stages; FLOPs balance {p['flops_balance']:.3f}, parameter balance "
               f"{p['params_balance']:.3f} (max / mean)")
     # ranks of one pipeline rank differ at most by a padding row: show one per pp rank
-    # and the extremes
     shown = {}
     for row in r["per_rank"]:
         shown.setdefault(row["pp_rank"], row)
     print(f"  {'ranks':<12} {'params':>16} {'weights':>11} {'grads':>11} {'AdamW':>11} "
-          f"{'gathered':>11} {'activations':>12} {'logits':>11} {'total':>11}")
+          f"{'gathered':>11} {'activations':>12} {'logits':>11} "
+          + (f"{'p2p buffers':>11} " if pipe else "") + f"{'total':>11}")
     for pp_rank, row in shown.items():
         first = pp_rank * m["dp"]
         label = f"{first}..{first + m['dp'] - 1}" if m["dp"] > 1 else str(first)
         print(f"  {label:<12} {row['params']:>16,} {_gib(row['param_bytes']):>11} "
               f"{_gib(row['grad_bytes']):>11} {_gib(row['optimizer_bytes']):>11} "
               f"{_gib(row['gathered_bytes']):>11} {_gib(row['activation_bytes']):>12} "
-              f"{_gib(row['logits_bytes']):>11} {_gib(row['total_bytes']):>11}")
+              f"{_gib(row['logits_bytes']):>11} "
+              + (f"{_gib(row['pipeline_buffer_bytes']):>11} " if pipe else "")
+              + f"{_gib(row['total_bytes']):>11}")
     peak = max(r["per_rank"], key=lambda row: row["total_bytes"])
     print(f"  peak: rank {peak['rank']}, {_gib(peak['total_bytes'])}")
 

@@ -1,17 +1,28 @@
-"""Run by tests/test_planner.py in a fresh process: the peak resident memory of
-training steps of a generated package, above the memory before the model existed.
+"""Peak memory of real training steps, for tests/test_planner*.py.
 
-Usage: python memory_probe.py PACKAGE_DIR MICRO_BATCH SEQ_LEN  → JSON on stdout.
-The peak is that of steps 2 and 3 (VmHWM, reset after step 1): the steady state
-that `forgec plan` estimates.
-
-The caller sets MALLOC_MMAP_THRESHOLD_ so that glibc serves every tensor-sized
+Single process (run in a fresh process by tests/test_planner.py):
+    python memory_probe.py PACKAGE_DIR MICRO_BATCH SEQ_LEN  → JSON on stdout
+the peak resident memory of training steps of a generated package, above the
+memory before the model existed. The peak is that of steps 2 and 3 (VmHWM,
+reset after step 1): the steady state that `forgec plan` estimates. The
+caller sets MALLOC_MMAP_THRESHOLD_ so that glibc serves every tensor-sized
 block with mmap and returns it when freed: resident memory then follows the
 live tensors instead of the heap's high-water mark.
+
+Per rank (`rank_peaks`, a worker for tests/dist_helpers.spawn): each rank of a
+gloo process group trains a plan with the distributed trainer's own engine
+(runtime.distributed.Engine: its FSDP2 sharding, pipeline schedule, gradient
+clipping over the world and AdamW) and measures its own process the same way:
+the peak of steps 2 and 3 above the resident size after the plan's process
+groups exist and before its model is built. A rank runs several plans in a
+row, each after a warm-up step at a small batch, so it sets glibc's mmap
+threshold itself (mallopt) and to one page: no tensor then reuses heap
+memory an earlier run freed.
 """
 
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -32,6 +43,99 @@ def status_bytes(field: str) -> int:
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size (Linux)
+
+
+def mmap_tensors(threshold: int = 4096) -> None:
+    """What MALLOC_MMAP_THRESHOLD_ does, from inside the process (glibc): every
+    later block of `threshold` bytes or more is its own mapping, returned when
+    freed. One page (the default here): every tensor of a page or more counts
+    in the resident size exactly while it lives, and none reuses a heap block
+    an earlier run freed (the single-process probe's 64 KiB leaves a model's
+    many small shards to the heap)."""
+    import ctypes
+
+    M_MMAP_THRESHOLD = -3
+    if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold):
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed")
+
+
+def _batch(task, pkg, s):
+    """One global batch of the run's task: random tokens in one packed document
+    (text), or captioned images."""
+    if task.vlm:
+        from runtime.vision_data import CaptionData
+        from runtime.vlm_task import image_geometry
+
+        with torch.device("meta"):
+            size, channels = image_geometry(task.new_model())
+        return CaptionData(size, channels, s.seed).next_batch(s.batch_size)
+    from runtime.data import Batch
+
+    vocab = pkg.ModelConfig().vocab_size
+    tokens = torch.randint(0, vocab, (s.batch_size, s.seq_len + 1))
+    return Batch(tokens[:, :-1], tokens[:, 1:],
+                 torch.zeros(s.batch_size, s.seq_len, dtype=torch.long))
+
+
+def _engine(pkg_dir: str, plan: str, batch_size: int, seq_len: int | None):
+    """A builder of the plan's engine (runtime.distributed.Engine) and its
+    batch, after the process group's mesh for the plan exists (its
+    communicators are the run's, not the model's)."""
+    from runtime import distributed
+    from runtime.package import import_package
+    from runtime.train import resolve_settings
+
+    pkg = import_package(pkg_dir)
+    planmod = distributed.plan_module(pkg)
+    cfg = planmod.PLANS[plan]
+    s = resolve_settings({"batch_size": batch_size, "seq_len": seq_len, "steps": 3}, None)
+    task = distributed.task_of(pkg, s)
+    distributed.check_batch(cfg, s)
+    layout = distributed.setup(cfg)
+    batch = _batch(task, pkg, s)
+
+    def make():
+        return distributed.Engine(pkg, planmod, plan, layout, s, fresh=True, task=task)
+
+    return make, batch
+
+
+def rank_peaks(runs: list[dict], out_dir: str) -> int:
+    """Each run ({"pkg", "plan", "batch_size", "seq_len", "warm_batch", "tag"}):
+    one warm-up step at a small batch (kernels' and the process group's
+    one-time buffers are not the plan's), then, from the resident size before
+    the model is built, the peak of steps 2 and 3 of the run's batch; written
+    to OUT_DIR/TAG.rankR.json."""
+    import torch.distributed as dist
+
+    from runtime.distributed import teardown
+
+    mmap_tensors()
+    rank = int(os.environ["RANK"])
+    try:
+        for run in runs:
+            torch.manual_seed(0)
+            make, batch = _engine(run["pkg"], run["plan"], run["warm_batch"],
+                                  8 if run["seq_len"] else None)
+            make().step(batch, 1)
+            make, batch = _engine(run["pkg"], run["plan"], run["batch_size"], run["seq_len"])
+            gc.collect()
+            dist.barrier()
+            before = status_bytes("VmRSS")
+            engine = make()
+            for step in range(1, 4):
+                if step == 2:  # steady state from the second step on (AdamW's moments exist)
+                    reset_peak()
+                engine.step(batch, step)
+            peak = status_bytes("VmHWM")
+            del engine, make, batch
+            gc.collect()
+            dist.barrier()
+            with open(os.path.join(out_dir, f"{run['tag']}.rank{rank}.json"), "w") as f:
+                json.dump({"before": before, "peak": peak, "delta": peak - before}, f)
+    finally:
+        teardown()
+    return 0
 
 
 def main() -> None:

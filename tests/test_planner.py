@@ -23,6 +23,7 @@ from runtime.planner import (
 )
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
+VLM = str(ROOT / "specs" / "vlm.forge")
 
 MID = """
 model mid {
@@ -177,8 +178,9 @@ def test_saved_activations_match_a_real_forward(mid):
         return t
 
     tokens = torch.randint(0, 256, (2, 65))
+    doc_ids = torch.zeros(2, 64, dtype=torch.long)  # packed documents, as the trainers feed
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens[:, :-1])
+        logits = model(tokens[:, :-1], doc_ids=doc_ids)
         torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
     assert sum(measured.values()) == sum(seen.values())
     assert set(measured) == {"token_embedding", *(f"layers.{i}" for i in range(4)), "norm",
@@ -211,9 +213,10 @@ def test_errors(mid):
     assert code == 2 and "no plan 'fsdp9'" in err and "fsdp2" in err
     code, _, err = run("plan", DEBUG, "--plan", "fsdp2", "--world", "2", "--seq-len", "999")
     assert code == 2 and "exceeds the model's max_seq_len 256" in err
-    code, _, err = run("plan", str(ROOT / "specs" / "vlm.forge"), "--plan", "fsdp2_vlm",
-                          "--world", "2")
-    assert code == 1 and "text models' plans only" in err
+    code, _, err = run("plan", VLM, "--plan", "fsdp2_vlm", "--world", "2", "--seq-len", "129")
+    assert code == 2 and "--seq-len 129 exceeds the vlm's max_text 128" in err
+    code, _, err = run("plan", VLM, "--plan", "fsdp2_vlm", "--world", "4")
+    assert code == 1 and "vlm.forge:38:3: error[E120]: plan 'fsdp2_vlm' needs 2 ranks" in err
     code, _, err = run("plan", str(mid / "nope.forge"), "--plan", "x", "--world", "1")
     assert code == 2 and "no such file" in err
     assert "Traceback" not in err
@@ -225,3 +228,201 @@ def test_text_report():
     assert out.startswith("plan fsdp2_pp2 for llama_debug: 4 ranks (dp 2 × pp 2)")
     assert "pipeline 1f1b, 2 microbatches, 2 stages" in out
     assert "peak: rank " in out
+
+
+# ---- vision-language models -------------------------------------------------------------
+
+XATTN_PLANS = """
+plan fsdp2_x for vlm_xattn {
+  mesh(dp = 2)
+  fsdp()
+}
+
+plan fsdp2_x_ckpt for vlm_xattn {
+  mesh(dp = 2)
+  fsdp()
+  activation_checkpoint(default = full)
+}
+"""
+
+
+def vlm_package(name: str):
+    from runtime.package import import_package
+
+    return import_package(str(ROOT / "generated" / name))
+
+
+@pytest.fixture(scope="module")
+def xattn_spec(tmp_path_factory):
+    """vlm_xattn (and the specs it imports) with two FSDP plans of its own."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("xattn")
+    for name in ("llama_debug", "vlm", "vlm_xattn"):
+        shutil.copy(ROOT / "specs" / f"{name}.forge", folder)
+    with open(folder / "vlm_xattn.forge", "a", encoding="utf-8") as f:
+        f.write(XATTN_PLANS)
+    return str(folder / "vlm_xattn.forge")
+
+
+def test_vlm_shards_follow_fsdp2_at_every_rank():
+    """Per-rank parameters of the VLM plan against the DTensors fully_shard makes
+    of the whole VLM (vision encoder, adapter, decoder) at each rank of a fake
+    2-rank group."""
+    import importlib
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    pkg = vlm_package("vlm")
+    plan = importlib.import_module(f"{pkg.__name__}.plan")
+    r = plan_report(VLM, "fsdp2_vlm", 2)
+    assert r["params_total"] == r["params_stored"] == 1_116_000
+    for rank in range(2):
+        _init_fake(rank, 2)
+        try:
+            with torch.device("meta"):
+                model = pkg.VLM()
+            plan.apply_fsdp(model, init_device_mesh("cpu", (2,)), "fsdp2_vlm")
+            for unit in ("vision_encoder.layers.1", "transformer.layers.3"):
+                assert isinstance(model.get_submodule(unit), FSDPModule)
+            local = sum(p.to_local().numel() for p in model.parameters())
+        finally:
+            _destroy()
+        assert r["per_rank"][rank]["params"] == local
+        assert r["per_rank"][rank]["param_bytes"] == 4 * local
+    assert r["per_rank"][0]["params"] > r["per_rank"][1]["params"]  # odd rows: uneven chunks
+
+
+@pytest.mark.parametrize("name, decoder_seq", [("vlm", 64 + 26), ("vlm_xattn", 26)])
+def test_vlm_saved_activations_match_a_real_forward(name, decoder_seq):
+    """The meta-device measurement of a VLM's forward (vision encoder, adapter,
+    decoder with the image tokens in its sequence or cross-attending to them)
+    against autograd's saved tensors of the same forward on CPU."""
+    from runtime.planner import example_batch, measure_activations
+
+    pkg = vlm_package(name)
+    acts = measure_activations(pkg, 2, 26, torch.float32)
+    torch.manual_seed(0)
+    model = pkg.VLM()
+    params = {id(p) for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params:
+            seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    args, kwargs, targets = example_batch(model, 2, 26, torch.float32, device="cpu")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(torch.randn_like(args[0]), args[1], **kwargs)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    assert sum(acts.saved.values()) == sum(seen.values())
+    assert acts.logits_bytes == logits.numel() * 4 == 2 * 26 * 256 * 4
+    assert acts.order[:5] == ["vision_encoder.patch_embedding", "vision_encoder.layers.0",
+                              "vision_encoder.layers.1", "vision_encoder.norm", "adapter"]
+    assert acts.shapes["transformer.layers.0"] == (2, decoder_seq, 128)
+    assert acts.saved["vision_encoder.layers.0"] > 0 and acts.saved["adapter"] > 0
+    if name == "vlm_xattn":
+        assert acts.saved["transformer.cross_attention_layers.1"] > 0
+
+
+def test_vlm_activation_checkpointing_keeps_the_layer_inputs(xattn_spec):
+    """Checkpointed decoder layers keep their input (B, 26, 128) only, plus one
+    layer's activations rebuilt in backward; the cross-attention blocks are
+    FSDP units of their own."""
+    plain = plan_report(xattn_spec, "fsdp2_x", 2, micro_batch=2, seq_len=26)
+    ckpt = plan_report(xattn_spec, "fsdp2_x_ckpt", 2, micro_batch=2, seq_len=26)
+    saved = plain["saved_bytes_per_microbatch"]
+    layers = [saved[f"transformer.layers.{i}"] for i in range(4)]
+    assert plain["per_rank"][0]["activation_bytes"] == sum(saved.values())
+    assert ckpt["per_rank"][0]["activation_bytes"] == (
+        sum(saved.values()) - sum(layers) + 4 * 2 * 26 * 128 * 4 + max(layers))
+    assert plain["vlm"] == {**plain["vlm"], "image_tokens": 16, "text_tokens": 26,
+                            "decoder_seq_len": 26}
+    # the cross-attention blocks' parameters are sharded like any unit's
+    assert plain["params_stored"] == plain["params_total"]
+    assert [row["params"] for row in plain["per_rank"]] == \
+        [row["params"] for row in ckpt["per_rank"]]
+
+
+def test_vlm_pipeline_plans_follow_the_text_schema(monkeypatch):
+    """A VLM plan with `pipeline` in the text plans' schema (stages as FQN lists
+    relative to the VLM module) and the plan module's build_stage /
+    stages_of_rank: the report needs no VLM-specific code for it. The plan data
+    and build_stage here stand in for what the compiler will emit."""
+    import importlib
+
+    from torch import nn
+
+    from runtime.planner import _report
+
+    pkg = vlm_package("vlm")
+    plan = importlib.import_module(f"{pkg.__name__}.plan")
+    stages = [["vision_encoder", "adapter", "transformer.token_embedding",
+               "transformer.layers.0", "transformer.layers.1"],
+              ["transformer.layers.2", "transformer.layers.3", "transformer.norm",
+               "transformer.output_head"]]
+    plans = {**plan.PLANS, "pp2_vlm": {
+        "mesh": {"dp": 1, "pp": 2, "tp": 1, "ep": 1}, "world": 2,
+        "pipeline": {"schedule": "1f1b", "microbatches": 4, "virtual_stages": 1,
+                     "stages": stages, "stage_params": [1, 1], "stage_flops": [1, 1]},
+        "activation_checkpoint": []}}
+
+    def build_stage(model, stage_index, name):
+        keep = plans[name]["pipeline"]["stages"][stage_index]
+        for fqn, _ in list(model.named_modules()):
+            if fqn and not any(fqn == k or fqn.startswith(k + ".") or k.startswith(fqn + ".")
+                               for k in keep):
+                parent, _, child = fqn.rpartition(".")
+                try:
+                    container = model.get_submodule(parent)
+                except AttributeError:  # inside a module already pruned
+                    continue
+                if isinstance(container, nn.ModuleDict):
+                    del container[child]
+                elif getattr(container, child, None) is not None:
+                    setattr(container, child, None)
+        return model
+
+    monkeypatch.setattr(plan, "PLANS", plans)
+    monkeypatch.setattr(plan, "build_stage", build_stage)
+    r = _report(pkg, "vlm", "pp2_vlm", 2, 2, 26, 128)
+    with torch.device("meta"):
+        model = pkg.VLM()
+    counts = [sum(p.numel() for n, p in model.named_parameters()
+                  if any(n.startswith(k + ".") for k in stage)) for stage in stages]
+    rank0, rank1 = r["per_rank"]
+    assert [rank0["params"], rank1["params"]] == counts and sum(counts) == 1_116_000
+    saved = r["saved_bytes_per_microbatch"]
+    first = sum(n for u, n in saved.items() if any(u == k or u.startswith(k + ".")
+                                                   for k in stages[0]))
+    second = sum(saved.values()) - first
+    hidden = 2 * (64 + 26) * 128 * 4  # a microbatch's decoder hidden state at the cut
+    # 1F1B on 2 stages: rank 0 holds 2 microbatches in flight, each with its output
+    assert rank0["activation_bytes"] == 2 * (first + hidden)
+    # rank 1's first layer saves its input, the received buffer (counted once, below)
+    assert rank1["activation_bytes"] == second - hidden
+    # a receive buffer per microbatch on rank 1, a gradient buffer per microbatch on rank 0
+    assert rank0["pipeline_buffer_bytes"] == rank1["pipeline_buffer_bytes"] == 4 * hidden
+    assert (rank0["logits_bytes"], rank1["logits_bytes"]) == (0, 2 * 26 * 256 * 4)
+    assert r["vlm"]["decoder_seq_len"] == 64 + 26
+
+
+def test_models_routed_by_value_are_refused_in_one_line(tmp_path):
+    """A mixture-of-experts forward sizes tensors by routing decisions, which the
+    meta device cannot make: a one-line error, not an internal error."""
+    import shutil
+
+    for name in ("llama_debug", "moe_debug"):  # moe_debug imports llama_debug
+        shutil.copy(ROOT / "specs" / f"{name}.forge", tmp_path)
+    with open(tmp_path / "moe_debug.forge", "a", encoding="utf-8") as f:
+        f.write("\nplan fsdp2_moe for moe_debug {\n  mesh(dp = 2)\n  fsdp()\n}\n")
+    code, out, err = run("plan", str(tmp_path / "moe_debug.forge"), "--plan", "fsdp2_moe",
+                         "--world", "2")
+    assert code == 1 and out == ""
+    assert err.startswith("forgec: error: forgec plan cannot measure this model's activations "
+                          "on the meta device: its forward depends on tensor values (aten::"
+                          "bincount") and err.count("\n") == 1, err
+    assert "mixture-of-experts and modality-routed (MoT, MoMa) models are not modelled" in err
