@@ -4,7 +4,8 @@ multi-process training run reaches on CPU (gloo, 127.0.0.1).
 One spawn of 2 ranks runs, in turn, the debug model's FSDP plan (`fsdp2`), its
 1F1B pipeline (`pp2`, 4 microbatches: a steady state with gradients beside the
 activations in flight) and GPipe (`pp2_gpipe`: every forward first), and the
-VLM's FSDP plan (`fsdp2_vlm`), each with the distributed trainer's own engine
+VLM's FSDP plan (`fsdp2_vlm`) and 1F1B pipeline (`pp2_vlm`: the vision
+encoder on the first stage), each with the distributed trainer's own engine
 (tests/memory_probe.py, `rank_peaks`). Every rank's steady-state peak above
 its resident size before the model must be within 15 % of the `total_bytes`
 that `forgec plan --world 2 --json` gives that rank. The batch sizes are
@@ -35,6 +36,7 @@ RUNS = [
     ("pp2", "llama_debug", "pp2", TEXT_BATCH, TEXT_SEQ, 4, TEXT_BATCH // 4),
     ("pp2_gpipe", "llama_debug", "pp2_gpipe", TEXT_BATCH, TEXT_SEQ, 2, TEXT_BATCH // 2),
     ("fsdp2_vlm", "vlm", "fsdp2_vlm", VLM_BATCH, None, 2, VLM_BATCH // 2),
+    ("pp2_vlm", "vlm", "pp2_vlm", VLM_BATCH, None, 4, VLM_BATCH // 4),
 ]
 
 
