@@ -6,14 +6,18 @@ adapter, decoder and any cross-attention blocks) built on the meta device
 (no memory). Then, for every pipeline rank, a fake process group of N ranks
 stands in for the cluster: the rank's pipeline stages are cut from the model
 with the package's own `plan.build_stage` and sharded with its own
-`plan.apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the
-DeviceMesh) -- the code a real run executes -- and the local shards are read
-off the resulting DTensors. Nothing here knows a model's layout: units,
+`plan.apply_tp` (tensor parallelism over the tp dimension: q/k/v and gate/up
+split by output features, o/down by input features) and `plan.apply_fsdp`
+(FSDP2 `fully_shard` over the dp dimension of the DeviceMesh) -- the code a
+real run executes -- and the local shards are read off the resulting
+DTensors. Nothing here knows a model's layout: units,
 stages, FSDP units and checkpointed regions are FQNs relative to the root
 module, read off the model and the plan data.
 
-Rank layout: the mesh is (pp, dp), pipeline outermost, so rank = pp_rank * dp
-+ dp_rank (torch's `init_device_mesh` order, as `forgec train --plan` uses).
+Rank layout: the mesh is (pp, dp, tp), pipeline outermost, so rank =
+(pp_rank * dp + dp_rank) * tp + tp_rank (torch's `init_device_mesh` order, as
+`forgec train --plan` uses). Expert parallelism needs MoE layers, whose
+forward the meta device cannot run (see measure_activations): not modelled.
 
 A microbatch is `--micro-batch` sequences of `--seq-len` text tokens, fed as
 the trainers feed them: packed with document ids for a text model (so every
@@ -30,7 +34,8 @@ Per rank, in bytes (`per_rank` in the JSON):
                   the compute dtype, and one unit's unsharded gradient in the
                   reduce dtype; all units when `reshard = never`; 0 without FSDP
   activation_bytes tensors autograd saves for backward, measured by running the
-                  model's forward and the loss on the meta device under
+                  model's forward (under tensor parallelism, that of a tp rank: its
+                  heads and hidden features) and the loss on the meta device under
                   `saved_tensors_hooks` and attributed to the unit running, summed
                   over the rank's stages, times the microbatches a schedule keeps
                   in flight; a checkpointed region keeps only its input, plus one
@@ -54,8 +59,9 @@ Per rank, in bytes (`per_rank` in the JSON):
                   steady state) the gradients sit beside the activations in flight.
 
 Checked against measured peaks on CPU: one process (tests/test_planner.py) and
-every rank of real 2-rank FSDP, pipeline and VLM training
-(tests/test_planner_ranks.py), within 15 %.
+every rank of real 2-rank FSDP, pipeline, VLM and tensor-parallel training
+(tests/test_planner_ranks.py), within 15 %, where each rank's `params` equals
+the shards it holds.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ import collections
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import json
 import math
 import tempfile
@@ -75,7 +82,7 @@ from torch import nn
 from compiler.cli import RunError, UsageError
 
 BYTES = {"fp32": 4, "bf16": 2}
-MESH_ORDER = ("pp", "dp")  # pipeline outermost
+MESH_ORDER = ("pp", "dp", "tp")  # pipeline outermost
 
 
 # ---- what a stage's forward saves for backward ---------------------------------------
@@ -201,14 +208,17 @@ class Activations:
 
 
 def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
-                        regions=()) -> Activations:
+                        regions=(), tp: tuple | None = None) -> Activations:
     """Run one microbatch's forward and cross-entropy on the meta device under
     `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
     running (parameters are memory of their own). Attention is counted as the
     fused kernels save it. `regions` (checkpointed FQNs) get their input
-    measured too."""
+    measured too. `tp` = (plan module, plan name, degree): measure a tensor-
+    parallel rank's forward (tp_slice)."""
     with torch.device("meta"):
         model = new_model(pkg)
+    if tp is not None:
+        tp_slice(model, *tp)
     model.to(dtype)
     _meta_tables(model, importlib.import_module(f"{pkg.__name__}.model"))
     current = ["?"]
@@ -269,6 +279,35 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
                        logits.numel() * 4)
+
+
+def tp_slice(model: nn.Module, plan, plan_name: str, degree: int) -> None:
+    """Turn `model` into what one tensor-parallel rank computes: the package's
+    `plan.apply_tp` shards it under a fake process group of `degree` ranks,
+    then each sharded weight becomes a plain parameter holding rank 0's slice
+    and the input/output hooks TP added are removed. Without sequence
+    parallelism a rank runs exactly this model (its heads and hidden features
+    at full sequence length; the all-reduce after o/down keeps the shape), so
+    its forward saves what the rank's saves."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    hooks = {m: (set(m._forward_pre_hooks), set(m._forward_hooks)) for m in model.modules()}
+    _init_fake(0, degree)
+    try:
+        mesh = init_device_mesh("cpu", (degree,), mesh_dim_names=("tp",))
+        plan.apply_tp(model, mesh["tp"], plan_name)
+    finally:
+        _destroy()
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and hasattr(p, "placements"):
+                module._parameters[name] = nn.Parameter(p.to_local(),
+                                                        requires_grad=p.requires_grad)
+        pre, post = hooks.get(module, (set(), set()))
+        for key in set(module._forward_pre_hooks) - pre:
+            del module._forward_pre_hooks[key]
+        for key in set(module._forward_hooks) - post:
+            del module._forward_hooks[key]
 
 
 def saved_bytes_per_unit(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype) -> dict:
@@ -342,32 +381,54 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
+def local_shape(shape: tuple, tp_dim: int | None, tp: int, tp_rank: int, dp: int | None,
+                dp_rank: int) -> tuple:
+    """The part of a parameter of global `shape` that a rank stores: TP's
+    torch.chunk of `tp_dim` over tp, then FSDP's of dim 0 of that over dp
+    (None: not sharded by FSDP)."""
+    out = list(shape)
+    if tp_dim is not None:
+        out[tp_dim] = chunk_rows(out[tp_dim], tp, tp_rank)
+    if dp is not None:
+        out[0] = chunk_rows(out[0], dp, dp_rank)
+    return tuple(out)
+
+
 def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, mesh) -> dict:
     """Cut one stage (None: the whole model) with the package's `plan` module,
-    apply the plan's FSDP and return {param FQN: (global shape, sharded over
-    dp?)}, the stage's units in order, and {FSDP unit FQN or "" (the root):
-    elements} (which parameters FSDP gathers together)."""
+    apply the plan's tensor parallelism and FSDP and return {param FQN:
+    (global shape, the dim TP splits or None, sharded over dp?)}, the stage's
+    units in order, and {FSDP unit FQN or "" (the root): elements one tp rank
+    holds} (which parameters FSDP gathers together)."""
     data = plan.PLANS[plan_name]
+    dp, tp = data["mesh"]["dp"], data["mesh"]["tp"]
     model = _stage_view(full)
     if stage_index is not None:
         plan.build_stage(model, stage_index, plan_name)
-    sharded = "fsdp" in data and data["mesh"]["dp"] > 1
+    tp_dims = {}
+    if tp > 1:
+        plan.apply_tp(model, mesh["tp"], plan_name)
+        for fqn, p in model.named_parameters():
+            shard = p.placements[0] if hasattr(p, "placements") else None
+            tp_dims[fqn] = shard.dim if shard is not None and shard.is_shard() else None
+    sharded = "fsdp" in data and dp > 1
     groups: dict[str, int] = collections.Counter()
     fsdp_units = sorted(data["fsdp"]["units"] if "fsdp" in data else [], key=len, reverse=True)
     for fqn, p in model.named_parameters():
         # a parameter belongs to the innermost FSDP unit holding it, else the root
-        groups[next((u for u in fsdp_units if covers([u], fqn)), "")] += p.numel()
+        local = p.to_local() if hasattr(p, "placements") else p
+        groups[next((u for u in fsdp_units if covers([u], fqn)), "")] += local.numel()
     if sharded:
         plan.apply_fsdp(model, mesh["dp"], plan_name)
     params = {}
     for fqn, p in model.named_parameters():
-        is_dtensor = hasattr(p, "placements")
-        if sharded:
-            assert is_dtensor, f"{fqn} was not sharded"
-            local = p.to_local().shape
-            # what this rank (dp index 0) holds is torch.chunk's first part
-            assert local[0] == chunk_rows(p.shape[0], data["mesh"]["dp"], 0), fqn
-        params[fqn] = (tuple(p.shape), sharded)
+        shape, tp_dim = tuple(p.shape), tp_dims.get(fqn)
+        if sharded or tp_dim is not None:
+            assert hasattr(p, "placements"), f"{fqn} was not sharded"
+            # what this rank (dp and tp index 0) holds: torch.chunk's first parts
+            assert tuple(p.to_local().shape) == local_shape(
+                shape, tp_dim, tp, 0, dp if sharded else None, 0), fqn
+        params[fqn] = (shape, tp_dim, sharded)
     return {"params": params, "units": unit_fqns(model), "groups": dict(groups)}
 
 
@@ -420,10 +481,9 @@ def _compile_plan(spec: str, plan_name: str, world: int):
     if plan.target != comp.main_model():
         raise UsageError(f"plan '{plan_name}' is for '{plan.target}'; {spec} builds "
                          f"'{comp.main_model()}' (plan it from the spec that builds it)")
-    mesh = plan.mesh
-    if mesh["tp"] > 1 or mesh["ep"] > 1:
-        raise RunError(f"plan '{plan_name}': forgec plan models dp and pp; tensor- and "
-                       "expert-parallel degrees above 1 are not modelled yet")
+    if plan.mesh["ep"] > 1:
+        raise RunError(f"plan '{plan_name}': expert parallelism is not modelled (forgec plan "
+                       "cannot run mixture-of-experts layers on the meta device)")
     max_text = vlm.fusion.args.get("max_text") if vlm is not None else None
     return comp, plan, max_text
 
@@ -464,7 +524,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     seq = seq_len or limit
     if seq > limit:
         raise UsageError(f"--seq-len {seq} exceeds {what}")
-    dp, pp = data["mesh"]["dp"], data["mesh"]["pp"]
+    dp, pp, tp = data["mesh"]["dp"], data["mesh"]["pp"], data["mesh"]["tp"]
     fsdp = data.get("fsdp")
     pipe = data.get("pipeline")
     if pipe and len(pipe["stages"]) < 2:
@@ -476,7 +536,8 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     ckpt = list(data["activation_checkpoint"])
 
     acts = measure_activations(pkg, micro_batch, seq, getattr(torch, {
-        "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt)
+        "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt,
+        tp=(plan, plan_name, tp) if tp > 1 else None)
     with torch.device("meta"):
         full = new_model(pkg)
     params_total = sum(p.numel() for p in full.parameters())
@@ -489,10 +550,9 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     ranks = []
     for pp_rank in range(pp):
         stage_ids = plan.stages_of_rank(plan_name, pp_rank) if pipe else [None]
-        _init_fake(pp_rank * dp, world)
+        _init_fake(pp_rank * dp * tp, world)
         try:
-            dims = (pp, dp)
-            mesh = init_device_mesh("cpu", dims, mesh_dim_names=MESH_ORDER)
+            mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=MESH_ORDER)
             stages = [shard_stage(plan, full, plan_name, s, mesh) for s in stage_ids]
         finally:
             _destroy()
@@ -543,16 +603,15 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
             gathered += max(biggest, root) * BYTES[reduce]
         else:
             gathered = 0
-        for dp_rank in range(dp):
-            local = 0
-            for st in stages:
-                for shape, sharded in st["params"].values():
-                    rows = chunk_rows(shape[0], dp, dp_rank) if sharded else shape[0]
-                    local += rows * math.prod(shape[1:])
+        for dp_rank, tp_rank in itertools.product(range(dp), range(tp)):
+            local = sum(math.prod(local_shape(shape, tp_dim, tp, tp_rank,
+                                              dp if sharded else None, dp_rank))
+                        for st in stages for shape, tp_dim, sharded in st["params"].values())
             row = {
-                "rank": pp_rank * dp + dp_rank,
+                "rank": (pp_rank * dp + dp_rank) * tp + tp_rank,
                 "pp_rank": pp_rank,
                 "dp_rank": dp_rank,
+                "tp_rank": tp_rank,
                 "stages": [s for s in stage_ids if s is not None],
                 "params": local,
                 "param_bytes": 4 * local,
@@ -616,7 +675,8 @@ def print_report(r: dict) -> None:
         joint = v["decoder_seq_len"] > v["text_tokens"]
         seq = (f"({v['image_tokens']} image + {v['text_tokens']} text tokens)" if joint else
                f"{v['text_tokens']} text tokens attending to {v['image_tokens']} image tokens")
-    print(f"plan {r['plan']} for {r['model']}: {r['world']} ranks (dp {m['dp']} × pp {m['pp']}), "
+    degrees = f"dp {m['dp']} × pp {m['pp']}" + (f" × tp {m['tp']}" if m["tp"] > 1 else "")
+    print(f"plan {r['plan']} for {r['model']}: {r['world']} ranks ({degrees}), "
           f"microbatch {r['micro_batch']} × {seq}, compute {r['compute_dtype']}")
     print(f"  parameters {r['params_total']:,}; stored over all ranks {r['params_stored']:,}")
     if "vlm" in r:
@@ -629,7 +689,8 @@ def print_report(r: dict) -> None:
         print(f"  pipeline {p['schedule']}, {p['microbatches']} microbatches, {p['stages']} "
               f"stages; FLOPs balance {p['flops_balance']:.3f}, parameter balance "
               f"{p['params_balance']:.3f} (max / mean)")
-    # ranks of one pipeline rank differ at most by a padding row: show one per pp rank
+    # ranks of one pipeline rank differ at most by a padding row (of an FSDP or a
+    # TP chunk): show one per pp rank
     shown = {}
     for row in r["per_rank"]:
         shown.setdefault(row["pp_rank"], row)
@@ -637,8 +698,9 @@ def print_report(r: dict) -> None:
           f"{'gathered':>11} {'activations':>12} {'logits':>11} "
           + (f"{'p2p buffers':>11} " if pipe else "") + f"{'total':>11}")
     for pp_rank, row in shown.items():
-        first = pp_rank * m["dp"]
-        label = f"{first}..{first + m['dp'] - 1}" if m["dp"] > 1 else str(first)
+        size = m["dp"] * m["tp"]
+        first = pp_rank * size
+        label = f"{first}..{first + size - 1}" if size > 1 else str(first)
         print(f"  {label:<12} {row['params']:>16,} {_gib(row['param_bytes']):>11} "
               f"{_gib(row['grad_bytes']):>11} {_gib(row['optimizer_bytes']):>11} "
               f"{_gib(row['gathered_bytes']):>11} {_gib(row['activation_bytes']):>12} "

@@ -105,7 +105,7 @@ def rank_peaks(runs: list[dict], out_dir: str) -> int:
     one warm-up step at a small batch (kernels' and the process group's
     one-time buffers are not the plan's), then, from the resident size before
     the model is built, the peak of steps 2 and 3 of the run's batch; written
-    to OUT_DIR/TAG.rankR.json."""
+    to OUT_DIR/TAG.rankR.json, with the parameter elements the rank stores."""
     import torch.distributed as dist
 
     from runtime.distributed import teardown
@@ -128,11 +128,16 @@ def rank_peaks(runs: list[dict], out_dir: str) -> int:
                     reset_peak()
                 engine.step(batch, step)
             peak = status_bytes("VmHWM")
+            # parameter elements this rank stores: the local shards of FSDP's and
+            # TP's DTensors (FSDP's padding excluded), whole tensors otherwise
+            stored = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                         for part in engine.parts for p in part.parameters())
             del engine, make, batch
             gc.collect()
             dist.barrier()
             with open(os.path.join(out_dir, f"{run['tag']}.rank{rank}.json"), "w") as f:
-                json.dump({"before": before, "peak": peak, "delta": peak - before}, f)
+                json.dump({"before": before, "peak": peak, "delta": peak - before,
+                           "params": stored}, f)
     finally:
         teardown()
     return 0

@@ -115,6 +115,39 @@ def test_pipeline_ranks_hold_their_stages():
     assert r["per_rank"][0]["params"] + r["per_rank"][1]["params"] == stage_params[0]
 
 
+def test_tensor_parallel_ranks():
+    """tp2 splits q/k/v, o, gate/up and down between the two tp ranks and keeps
+    the embedding, norms and head whole on both; dp2_tp2 then shards each tp
+    rank's part over dp. Ranks are (pp * dp + dp) * tp + tp, as the trainer's
+    mesh orders them. (Each rank's `params` against a real run's shards, and
+    its memory against a measured peak: tests/test_planner_ranks.py.)"""
+    tp2 = plan_report(DEBUG, "tp2", 2)
+    with torch.device("meta"):
+        model = generated_package("llama_debug").Transformer()
+    whole = sum(p.numel() for n, p in model.named_parameters()
+                if not n.startswith("layers.") or "norm" in n)
+    split = sum(p.numel() for p in model.parameters()) - whole
+    assert [row["params"] for row in tp2["per_rank"]] == [split // 2 + whole] * 2
+    assert tp2["params_stored"] == tp2["params_total"] + whole
+    r = plan_report(DEBUG, "dp2_tp2", 4)
+    assert [(row["rank"], row["dp_rank"], row["tp_rank"]) for row in r["per_rank"]] == [
+        (0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    for tp_rank in range(2):  # FSDP shards each tp rank's part over dp
+        assert sum(row["params"] for row in r["per_rank"] if row["tp_rank"] == tp_rank) == \
+            tp2["per_rank"][tp_rank]["params"]
+    # a tp rank runs half the heads and hidden features: less saved for backward
+    assert r["per_rank"][0]["activation_bytes"] < plan_report(DEBUG, "fsdp2", 2)[
+        "per_rank"][0]["activation_bytes"]
+
+
+def test_expert_parallel_plans_are_refused_in_one_line():
+    code, out, err = run("plan", str(ROOT / "specs" / "moe_debug.forge"), "--plan", "ep2",
+                         "--world", "2")
+    assert (code, out) == (1, "")
+    assert err == ("forgec: error: plan 'ep2': expert parallelism is not modelled (forgec "
+                   "plan cannot run mixture-of-experts layers on the meta device)\n")
+
+
 def test_uneven_shards_follow_fsdp2(mid):
     """chunk_rows (used for every dp rank) against the DTensors fully_shard makes
     at each rank of a fake 3-rank group."""
@@ -246,7 +279,7 @@ plan fsdp2_x_ckpt for vlm_xattn {
 """
 
 
-def vlm_package(name: str):
+def generated_package(name: str):
     from runtime.package import import_package
 
     return import_package(str(ROOT / "generated" / name))
@@ -274,7 +307,7 @@ def test_vlm_shards_follow_fsdp2_at_every_rank():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule
 
-    pkg = vlm_package("vlm")
+    pkg = generated_package("vlm")
     plan = importlib.import_module(f"{pkg.__name__}.plan")
     r = plan_report(VLM, "fsdp2_vlm", 2)
     assert r["params_total"] == r["params_stored"] == 1_116_000
@@ -301,7 +334,7 @@ def test_vlm_saved_activations_match_a_real_forward(name, decoder_seq):
     against autograd's saved tensors of the same forward on CPU."""
     from runtime.planner import example_batch, measure_activations
 
-    pkg = vlm_package(name)
+    pkg = generated_package(name)
     acts = measure_activations(pkg, 2, 26, torch.float32)
     torch.manual_seed(0)
     model = pkg.VLM()
@@ -355,7 +388,7 @@ def test_vlm_pipeline_ranks_hold_their_stages():
 
     from runtime.planner import _report
 
-    pkg = vlm_package("vlm")
+    pkg = generated_package("vlm")
     plan = importlib.import_module(f"{pkg.__name__}.plan")
     stages = plan.PLANS["pp2_vlm"]["pipeline"]["stages"]
     counts = []

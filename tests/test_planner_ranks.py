@@ -5,10 +5,13 @@ One spawn of 2 ranks runs, in turn, the debug model's FSDP plan (`fsdp2`), its
 1F1B pipeline (`pp2`, 4 microbatches: a steady state with gradients beside the
 activations in flight) and GPipe (`pp2_gpipe`: every forward first), and the
 VLM's FSDP plan (`fsdp2_vlm`) and 1F1B pipeline (`pp2_vlm`: the vision
-encoder on the first stage), each with the distributed trainer's own engine
+encoder on the first stage), and the debug model's tensor-parallel plan
+(`tp2`: both ranks run the same rows, each with half the heads and hidden
+features), each with the distributed trainer's own engine
 (tests/memory_probe.py, `rank_peaks`). Every rank's steady-state peak above
 its resident size before the model must be within 15 % of the `total_bytes`
-that `forgec plan --world 2 --json` gives that rank. The batch sizes are
+that `forgec plan --world 2 --json` gives that rank, and the parameter
+elements the rank stores must equal its `params`. The batch sizes are
 chosen so that weights, AdamW and activations are all of a size (a term left
 out or counted twice moves a figure by more than the tolerance).
 """
@@ -37,12 +40,14 @@ RUNS = [
     ("pp2_gpipe", "llama_debug", "pp2_gpipe", TEXT_BATCH, TEXT_SEQ, 2, TEXT_BATCH // 2),
     ("fsdp2_vlm", "vlm", "fsdp2_vlm", VLM_BATCH, None, 2, VLM_BATCH // 2),
     ("pp2_vlm", "vlm", "pp2_vlm", VLM_BATCH, None, 4, VLM_BATCH // 4),
+    ("tp2", "llama_debug", "tp2", TEXT_BATCH // 2, TEXT_SEQ, 2, TEXT_BATCH // 2),
 ]
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory) -> dict[tuple[str, int], int]:
-    """{(tag, rank): peak bytes above the rank's resident size before the model}."""
+def measured(tmp_path_factory) -> dict[tuple[str, int], dict]:
+    """{(tag, rank): {"delta": peak bytes above the rank's resident size before
+    the model, "params": parameter elements the rank stores}}."""
     tmp = tmp_path_factory.mktemp("plan_ranks")
     pkgs = {name: build(compile_spec(str(ROOT / "specs" / f"{name}.forge")), str(tmp),
                         update=True).package for name in ("llama_debug", "vlm")}
@@ -55,7 +60,7 @@ def measured(tmp_path_factory) -> dict[tuple[str, int], int]:
         spawn(rank_peaks, (runs, str(tmp)), 2, tmp, timeout=300)
     finally:
         torch.set_num_threads(threads)
-    return {(tag, rank): json.loads(Path(tmp, f"{tag}.rank{rank}.json").read_text())["delta"]
+    return {(tag, rank): json.loads(Path(tmp, f"{tag}.rank{rank}.json").read_text())
             for tag, *_ in RUNS for rank in range(2)}
 
 
@@ -78,14 +83,16 @@ def test_estimate_within_15_percent_of_each_ranks_peak(measured, tag, spec, plan
     assert [row["rank"] for row in rows] == [0, 1]
     report = []
     for row in rows:
-        got = measured[(tag, row["rank"])]
+        got = measured[(tag, row["rank"])]["delta"]
         report.append(f"rank {row['rank']}: estimate {row['total_bytes'] / 2**20:.2f} MiB, "
                       f"measured {got / 2**20:.2f} MiB "
                       f"({100 * (row['total_bytes'] - got) / got:+.1f} %)")
     print(f"{tag}: " + "; ".join(report))
     for row in rows:
-        got = measured[(tag, row["rank"])]
+        got = measured[(tag, row["rank"])]["delta"]
         assert abs(row["total_bytes"] - got) <= TOLERANCE * got, (tag, report, row)
+    assert [row["params"] for row in rows] == [measured[(tag, rank)]["params"]
+                                               for rank in range(2)], tag
     if plan.startswith("pp2"):
         # the two stages differ (embedding vs head, in-flight microbatches): the
         # estimate must tell them apart as the measurement does
