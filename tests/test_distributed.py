@@ -72,6 +72,11 @@ plan fsdp2_bf16 for llama_debug {
   mesh(dp = 2)
   fsdp(compute = bf16)
 }
+
+plan fsdp2_offload for llama_debug {
+  mesh(dp = 2)
+  fsdp(cpu_offload = true, reshard = never)
+}
 """
 
 
@@ -156,7 +161,7 @@ def cli_fsdp(work, reference) -> tuple[Path, subprocess.CompletedProcess]:
 def two_ranks(work, reference) -> Path:
     """One world-2 spawn running, in turn: the MoE model under FSDP and under a
     pipeline, every pipeline schedule of the debug model, FSDP with bf16
-    compute, and a resume at 2 ranks of the single-process run's checkpoint."""
+    compute, FSDP with CPU offload and no resharding, and a resume at 2 ranks of the single-process run's checkpoint."""
     moe = str(work / "specs" / "moe_dist.forge")
     extra = str(work / "specs" / "llama_debug.forge")
     resumed = without_last_checkpoint(work / "ref", work / "resume2_from_1")
@@ -167,6 +172,7 @@ def two_ranks(work, reference) -> Path:
             argv(DEBUG, work / "pp2_interleaved", "pp2_interleaved"),
             argv(extra, work / "pp2_zbv", "pp2_zbv"),
             argv(extra, work / "fsdp2_bf16", "fsdp2_bf16"),
+            argv(extra, work / "fsdp2_offload", "fsdp2_offload"),
             argv(DEBUG, resumed, "fsdp2", resume=True)]
     runs = [(r, {}) for r in runs]
     # a model "too large" for host initialisation: ranks initialise their own shards
@@ -229,6 +235,12 @@ def test_fsdp_bf16_compute_keeps_fp32_master_weights(two_ranks, reference):
         .read_metadata().state_dict_metadata
     weights = {k: v for k, v in meta.items() if k.startswith("model.")}
     assert weights and {v.properties.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_fsdp_cpu_offload_without_resharding_equals_single_process(two_ranks, reference):
+    # CPUOffloadPolicy keeps the shards in (pageable, on a CPU mesh) host memory;
+    # reshard = never keeps each unit gathered from forward to backward
+    assert_same(losses(two_ranks / "fsdp2_offload"), reference["dense"], "fsdp2_offload")
 
 
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -110,7 +110,8 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
         ),
     }
     if cfg["cpu_offload"]:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs an accelerator; on a CPU mesh it stays pageable
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     for fqn in cfg["units"]:
         module = _find(model, fqn)
         if module is not None:

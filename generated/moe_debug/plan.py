@@ -93,7 +93,8 @@ def apply_fsdp(model: nn.Module, mesh, plan: str) -> nn.Module:
         ),
     }
     if cfg["cpu_offload"]:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory needs an accelerator; on a CPU mesh it stays pageable
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     # expert weights sharded by apply_ep stay out of FSDP (see reduce_expert_grads)
     kwargs["ignored_params"] = {
         p for m in model.modules() if isinstance(m, ExpertParallel) for p in m.parameters()
