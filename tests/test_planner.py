@@ -191,6 +191,24 @@ def test_in_flight_microbatches():
     assert in_flight("interleaved_1f1b", 2, 2, 0, 2) == 4  # capped by the work there is
 
 
+def saved_on_cpu(model, targets, *args, **kwargs) -> tuple[int, torch.Tensor]:
+    """(bytes autograd saves in a real forward of `model` and its cross-entropy,
+    parameters left out; the logits)."""
+    params = {id(p) for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        base = t if t._base is None else t._base
+        if id(base) not in params:
+            seen[id(base)] = base.numel() * base.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(*args, **kwargs)
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return sum(seen.values()), logits
+
+
 def test_saved_activations_match_a_real_forward(mid):
     """The meta-device measurement against autograd's saved tensors on CPU."""
     from compiler.build import build
@@ -201,21 +219,10 @@ def test_saved_activations_match_a_real_forward(mid):
                                update=True).package)
     measured = saved_bytes_per_unit(pkg, 2, 64, torch.float32)
     model = pkg.Transformer()
-    params = {id(p) for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        base = t if t._base is None else t._base
-        if id(base) not in params:
-            seen[id(base)] = base.numel() * base.element_size()
-        return t
-
     tokens = torch.randint(0, 256, (2, 65))
     doc_ids = torch.zeros(2, 64, dtype=torch.long)  # packed documents, as the trainers feed
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens[:, :-1], doc_ids=doc_ids)
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-    assert sum(measured.values()) == sum(seen.values())
+    saved, _ = saved_on_cpu(model, tokens[:, 1:], tokens[:, :-1], doc_ids=doc_ids)
+    assert sum(measured.values()) == saved
     assert set(measured) == {"token_embedding", *(f"layers.{i}" for i in range(4)), "norm",
                              "output_head"}
 
@@ -338,20 +345,9 @@ def test_vlm_saved_activations_match_a_real_forward(name, decoder_seq):
     acts = measure_activations(pkg, 2, 26, torch.float32)
     torch.manual_seed(0)
     model = pkg.VLM()
-    params = {id(p) for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        base = t if t._base is None else t._base
-        if id(base) not in params:
-            seen[id(base)] = base.numel() * base.element_size()
-        return t
-
     args, kwargs, targets = example_batch(model, 2, 26, torch.float32, device="cpu")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(torch.randn_like(args[0]), args[1], **kwargs)
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-    assert sum(acts.saved.values()) == sum(seen.values())
+    saved, logits = saved_on_cpu(model, targets, torch.randn_like(args[0]), args[1], **kwargs)
+    assert sum(acts.saved.values()) == saved
     assert acts.logits_bytes == logits.numel() * 4 == 2 * 26 * 256 * 4
     assert acts.order[:5] == ["vision_encoder.patch_embedding", "vision_encoder.layers.0",
                               "vision_encoder.layers.1", "vision_encoder.norm", "adapter"]
