@@ -61,6 +61,26 @@ def test_meta_build_then_init_equals_eager_build(name):
     assert all(torch.equal(a[k], meta.state_dict()[k]) for k in a)
 
 
+@pytest.mark.parametrize("name", ["qwen_debug", "moe_debug"])
+def test_models_of_several_block_kinds_copy_and_pickle(name):
+    """TransformerBlock(config, i) picks layer i's block class; a copy (the
+    distributed trainer copies the model once per local pipeline stage) and a
+    pickle re-create each block as its own class with the same weights."""
+    import copy
+    import pickle
+
+    model = build(name)
+    x = tokens((1, 12))
+    with torch.no_grad():
+        want = model(x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert [type(b) for b in clone.layers.values()] == \
+            [type(b) for b in model.layers.values()]
+        assert len({type(b) for b in clone.layers.values()}) > 1
+        with torch.no_grad():
+            assert torch.equal(clone(x), want)
+
+
 def test_llama_debug_parameter_names_follow_the_reference():
     model = build("llama_debug")
     names = set(dict(model.named_parameters()))

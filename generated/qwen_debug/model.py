@@ -305,7 +305,11 @@ class TransformerBlock(nn.Module):
     `TransformerBlock(config, i)` builds the block class that layer i uses.
     """
 
-    def __new__(cls, config: ModelConfig, layer_idx: int) -> TransformerBlock:
+    # the arguments are optional: copy.deepcopy and pickle re-create a block of its
+    # own class without them
+    def __new__(
+        cls, config: ModelConfig | None = None, layer_idx: int | None = None
+    ) -> TransformerBlock:
         if cls is TransformerBlock:
             cls = BLOCK_OF_LAYER[layer_idx]
         return super().__new__(cls)
