@@ -81,6 +81,22 @@ def test_models_of_several_block_kinds_copy_and_pickle(name):
             assert torch.equal(clone(x), want)
 
 
+def test_packed_sequence_longer_than_the_model_is_refused_by_its_length():
+    """Without a cache the length bounds every position (a shape check, so the
+    forward also runs on the meta device); with one, the cache's contents do."""
+    model = build("qwen_debug")
+    x = tokens((1, 129))
+    doc_ids = torch.zeros(1, 129, dtype=torch.long)
+    with pytest.raises(ValueError, match="^sequence length 129 exceeds max_seq_len 128$"):
+        model(x, doc_ids=doc_ids)
+    with torch.device("meta"):
+        meta = load("qwen_debug").Transformer()
+    meta.rope_cos, meta.rope_sin = load("qwen_debug").rope_tables(128, device="meta")
+    out = meta(torch.zeros(2, 128, dtype=torch.long, device="meta"),
+               doc_ids=torch.zeros(2, 128, dtype=torch.long, device="meta"))
+    assert out.shape == (2, 128, 256)
+
+
 def test_llama_debug_parameter_names_follow_the_reference():
     model = build("llama_debug")
     names = set(dict(model.named_parameters()))

@@ -710,8 +710,8 @@ class Transformer(nn.Module):
             positions = (padding.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             positions = torch.arange(s, device=device).expand(b, s)
-        if int(positions.max()) >= 256:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
+        if s > 256:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 

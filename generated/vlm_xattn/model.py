@@ -752,8 +752,11 @@ class Transformer(nn.Module):
             positions = torch.arange(s, device=device).expand(b, s)
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
-        if int(positions.max()) >= 256:
-            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
+            # what the caches already hold decides the positions: a run-time guard
+            if int(positions.max()) >= 256:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
+        elif s > 256:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 
