@@ -387,13 +387,6 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
             diags.error("E127", f"{p['schedule']} with {m['pp']} stages needs at least "
                         f"{m['pp']} microbatches, got {p['microbatches']}",
                         plan.spans.get("pipeline.microbatches", sched_span))
-        head = model.components["output_head"]
-        if m["pp"] > 1 and head.args.get("tie") is not None:
-            diags.error("E124", "a head tied to the embedding cannot be split across pipeline "
-                        "stages: the embedding lives on the first stage and the head on the "
-                        "last, so the shared weight would diverge", where,
-                        notes=[("tied here", head.arg_spans.get("tie", head.span))],
-                        hint="untie the head, or use pp = 1")
     if m["tp"] > 1:
         for comp in model.all_components():
             if comp.op.name == "attention":
@@ -443,7 +436,8 @@ def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
     the units), pipelines it (its units are the vision encoder's layers, then
     the decoder's: vlm_units) and checkpoints decoder layers; tensor and expert
     parallelism are not supported for a vlm yet (E128). Pipelines are checked
-    as a text model's are (E121, E124–E127)."""
+    as a text model's are (E121, E125–E127); a decoder head tied to the
+    embedding is not pipelined (E124)."""
     m = plan.mesh
     refused = [(k, f"{k} {m[k]}") for k in ("tp", "ep") if m[k] > 1]
     for key, what in refused:
@@ -462,6 +456,16 @@ def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
 
         validate(plan, models[vlm.text], graphs[vlm.text], diags, world,
                  units=vlm_units(vlm, models), split_hint=hint)
+    head = models[vlm.text].components["output_head"]
+    if m["pp"] > 1 and head.args.get("tie") is not None:
+        # a text model's pipeline keeps a copy of the tied weight on the last
+        # stage in step (pipeline["tied"]); a VLM's stages do not do that yet
+        diags.error("E124", f"the pipeline of the vision-language model '{vlm.name}' cannot "
+                    f"split its decoder's head, which is tied to the embedding: forgec "
+                    "pipelines tied heads of text models only",
+                    plan.spans.get("mesh.pp", plan.name_span),
+                    notes=[("tied here", head.arg_spans.get("tie", head.span))],
+                    hint="untie the decoder's head, or use pp = 1")
 
 
 # ---- pipelines of vision-language models ------------------------------------------------
@@ -629,6 +633,24 @@ def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model],
     return data
 
 
+def tied_across_stages(stages: list[Stage], graph: nx.MultiDiGraph) -> list[dict[str, Any]]:
+    """Weights shared by modules of different stages (a head tied to the
+    embedding): the first stage holds the weight, a later one a copy that the
+    runtime keeps equal (the same initial values, the summed gradient).
+    [{"weights": [weight FQN, copy FQN], "stages": [its stage, the copy's]}]."""
+    def stage_of(fqn: str) -> int:
+        return next(i for i, st in enumerate(stages)
+                    if any(fqn.startswith(unit + ".") for unit in st.fqns))
+
+    out = []
+    for _, d in sorted(graph.nodes(data=True), key=lambda n: n[0]):
+        for copy, weight in sorted(d.get("tied", {}).items()):
+            pair = [stage_of(weight), stage_of(copy)]
+            if pair[0] != pair[1]:
+                out.append({"weights": [weight, copy], "stages": pair})
+    return out
+
+
 def plan_data(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> dict[str, Any]:
     """What plan.py records for one plan."""
     data: dict[str, Any] = {"mesh": dict(plan.mesh), "world": plan.world}
@@ -640,6 +662,9 @@ def plan_data(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> dict[str, Any
         data["pipeline"]["stages"] = [s.fqns for s in stages]
         data["pipeline"]["stage_params"] = [s.params for s in stages]
         data["pipeline"]["stage_flops"] = [s.flops for s in stages]
+        tied = tied_across_stages(stages, graph)
+        if tied:
+            data["pipeline"]["tied"] = tied
     data["activation_checkpoint"] = checkpointed_units(plan, model)
     return data
 

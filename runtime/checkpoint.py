@@ -14,7 +14,12 @@ shards into the same folder and rank 0 alone writes `trainer.json` and renames
 the folder. Model and optimizer state are keyed by parameter FQN (format 2
 flattens the optimizer state per FQN), so a checkpoint saved at one world size
 and plan loads at any other, single process included. A rank running several
-pipeline stages passes one model (and optimizer) per stage.
+pipeline stages passes one model (and optimizer) per stage. A weight tied
+across pipeline stages (a head sharing the embedding's table) has a copy on a
+later stage under the copy's own FQN; `aliases` ({copy FQN: weight FQN})
+stores the copy's optimizer state under the weight's FQN, as one process
+stores the one shared parameter's (the copy's values are the weight's, so the
+ranks holding either write the same entries, once).
 """
 
 from __future__ import annotations
@@ -73,6 +78,16 @@ def _state_dicts(models: list, optimizers: list, flat: bool) -> list[tuple[dict,
             zip(models, optimizers, strict=True)]
 
 
+def _stored_key(key: str, aliases: dict[str, str]) -> str:
+    """The checkpoint key of a flattened optimizer-state key ("state.FQN.exp_avg",
+    "param_groups.FQN.lr"): a tied copy's FQN becomes its weight's."""
+    kind, _, rest = key.partition(".")
+    for copy, weight in aliases.items():
+        if rest.startswith(copy + "."):
+            return f"{kind}.{weight}{rest[len(copy):]}"
+    return key
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,9 +118,11 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict) -> str:
+def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict,
+                    aliases: dict[str, str] | None = None) -> str:
     """Write checkpoint `step` atomically; return its folder. `model` and
-    `optimizer` may be lists (one per pipeline stage of this rank)."""
+    `optimizer` may be lists (one per pipeline stage of this rank); `aliases`:
+    see the module doc."""
     import torch.distributed as dist
 
     dcp, no_dist = _dcp()
@@ -123,7 +140,8 @@ def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: di
     try:
         parts = _state_dicts(_as_list(model), _as_list(optimizer), flat=True)
         state = {"model": {k: v for m, _ in parts for k, v in m.items()},
-                 "optim": {k: v for _, o in parts for k, v in o.items()},
+                 "optim": {_stored_key(k, aliases or {}): v
+                           for _, o in parts for k, v in o.items()},
                  "rng": {"torch": torch.get_rng_state()}}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -186,10 +204,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def load_checkpoint(path: str, model, optimizer=None) -> dict:
+def load_checkpoint(path: str, model, optimizer=None,
+                    aliases: dict[str, str] | None = None) -> dict:
     """Load model (and optimizer and torch RNG, when `optimizer` is given) state
     from a checkpoint folder; return its trainer state (trainer.json). `model`
-    and `optimizer` may be lists (one per pipeline stage of this rank)."""
+    and `optimizer` may be lists (one per pipeline stage of this rank);
+    `aliases`: see the module doc."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
@@ -205,9 +225,10 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
             parts = [(get_model_state_dict(m), {}) for m in models]
         else:
             parts = _state_dicts(models, _as_list(optimizer), flat)
+        stored = (lambda k: _stored_key(k, aliases or {})) if flat else (lambda k: k)
         if flat or len(parts) > 1:
             state = {"model": {k: v for m, _ in parts for k, v in m.items()},
-                     "optim": {k: v for _, o in parts for k, v in o.items()}}
+                     "optim": {stored(k): v for _, o in parts for k, v in o.items()}}
         else:  # format 1: the optimizer state as one nested dict
             state = {"model": parts[0][0], "optim": parts[0][1]}
         if optimizer is None:
@@ -223,7 +244,7 @@ def load_checkpoint(path: str, model, optimizer=None) -> dict:
             if optimizer is None:
                 set_model_state_dict(m, msd)
             else:
-                osd = {k: state["optim"][k] for k in osd} if flat else state["optim"]
+                osd = {k: state["optim"][stored(k)] for k in osd} if flat else state["optim"]
                 set_state_dict(m, _as_list(optimizer)[i], model_state_dict=msd,
                                optim_state_dict=osd, options=_options(flat))
         if optimizer is not None:

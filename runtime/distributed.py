@@ -65,6 +65,7 @@ import tempfile
 import time
 import warnings
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -210,6 +211,17 @@ def _cores() -> int:
 
 
 # ---- one rank -------------------------------------------------------------------------
+
+
+class _Tie(NamedTuple):
+    """A weight and its copy on another pipeline stage (Engine._tied_weights):
+    the FQNs, this rank's (parameter, is the copy) of them, and the process
+    group of the pp ranks holding them (None: this rank holds both, or none)."""
+
+    weight: str
+    copy: str
+    local: list
+    group: object
 
 
 @dataclasses.dataclass
@@ -433,10 +445,18 @@ class Engine:
         stage_ids = planmod.stages_of_rank(plan, layout.pp_rank) if self.pipe else [None]
         self.stage_ids = stage_ids
         self.parts = self._build(pkg, stage_ids, fresh)
+        self.ties = self._tied_weights()
+        self._sync_tied(grads=False)  # the copies start equal to their weight
         from .train import make_optimizer
 
         self.optimizers = [make_optimizer(p, s) for p in self.parts]
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
+        copies = {id(p) for tie in self.ties for p, is_copy in tie.local if is_copy}
+        # a tied copy's gradient is its weight's: counted once, in the weight's stage
+        self.counted = [p for p in self.params if id(p) not in copies]
+        self.copies = [p for p in self.params if id(p) in copies]
+        # checkpoints keep a copy's optimizer state under its weight's FQN
+        self.aliases = {tie.copy: tie.weight for tie in self.ties}
         self.schedule = self._schedule() if self.pipe else None
         self._n_targets = 1
         with torch.device("meta"):  # whether any stage has MoE layers (all ranks agree)
@@ -492,6 +512,56 @@ class Engine:
                 self._share_replicated_init(part)
             self.task.prepare(part)
         return parts
+
+    def _tied_weights(self) -> list[_Tie]:
+        """The plan's weights shared across pipeline stages (a head tied to the
+        embedding; plan data `pipeline.tied`): the first stage holds the weight,
+        a later one a copy. A group of the pp ranks holding either joins them
+        (at each dp and tp coordinate: their shards match)."""
+        ties = []
+        layout = self.layout
+        for tie in (self.pipe or {}).get("tied", []):
+            owners = {sid: r for r in range(layout.pp)
+                      for sid in self.planmod.stages_of_rank(self.plan, r)}
+            pp_ranks = sorted({owners[sid] for sid in tie["stages"]})
+            group = None
+            if len(pp_ranks) > 1:  # every rank creates every group, in one order
+                for d in range(layout.dp):
+                    for t in range(layout.tp):
+                        ranks = [int(layout.mesh.mesh[p, d, t]) for p in pp_ranks]
+                        g = dist.new_group(ranks)
+                        if layout.rank in ranks:
+                            group = g
+            local = [(part.get_parameter(fqn), i > 0)
+                     for sid, part in zip(self.stage_ids, self.parts, strict=True)
+                     for i, (fqn, at) in enumerate(zip(tie["weights"], tie["stages"],
+                                                       strict=True)) if sid == at]
+            ties.append(_Tie(tie["weights"][0], tie["weights"][1], local, group))
+        return ties
+
+    @torch.no_grad()
+    def _sync_tied(self, grads: bool) -> None:
+        """Keep each tied copy equal to its weight: at the start, the copy takes
+        the weight's values (`grads` False); after backward, the weight and the
+        copy both take the sum of their gradients (`grads` True), the gradient
+        of the one shared weight of the unpipelined model."""
+        from torch.distributed.tensor import DTensor
+
+        def local(t):
+            return t.to_local() if isinstance(t, DTensor) else t
+
+        for tie in self.ties:
+            pieces = [(local(p.grad if grads else p), is_copy) for p, is_copy in tie.local]
+            if not pieces:
+                continue
+            total = torch.zeros_like(pieces[0][0])
+            for piece, is_copy in pieces:
+                if grads or not is_copy:
+                    total += piece
+            if tie.group is not None:
+                dist.all_reduce(total, group=tie.group)
+            for piece, _ in pieces:
+                piece.copy_(total)
 
     def _seed_shard_init(self, sid: int | None) -> None:
         """Seed the initialisation of this rank's shards: another seed per stage
@@ -668,10 +738,12 @@ class Engine:
         if layout.ep > 1:  # FSDP reduced the other gradients in backward
             for part in self.parts:
                 self.planmod.reduce_expert_grads(part, layout.ep_mesh["ep_replica"], self.plan)
+        self._sync_tied(grads=True)
         total /= layout.tp  # the ranks of a tp group computed the same loss
         dist.all_reduce(total)  # every rank's share of the global loss
-        grad_norm = clip_grad_norm(self.params, s.clip if s.clip > 0 else math.inf,
-                                   layout.device, layout.dp * layout.tp)
+        grad_norm = clip_grad_norm(self.counted, s.clip if s.clip > 0 else math.inf,
+                                   layout.device, layout.dp * layout.tp,
+                                   copies=self.copies)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -713,7 +785,7 @@ class Engine:
 
     def parameters_total(self) -> int:
         """Parameters of the whole model (over all stages and shards)."""
-        n = torch.tensor(sum(p.numel() for p in self.params), dtype=torch.float64)
+        n = torch.tensor(sum(p.numel() for p in self.counted), dtype=torch.float64)
         # DTensor numel is global: count each stage once (dp and tp rank 0 of each stage)
         if self.layout.dp_rank != 0 or self.layout.tp_rank != 0:
             n.zero_()
@@ -722,9 +794,10 @@ class Engine:
 
 
 def clip_grad_norm(params: list, max_norm: float, device: torch.device,
-                   stage_ranks: int = 1) -> float:
+                   stage_ranks: int = 1, copies: list = ()) -> float:
     """torch.nn.utils.clip_grad_norm_ over every shard and stage; returns the
-    total norm. Pipeline stages (along pp) hold disjoint parameters; within a
+    total norm. Pipeline stages (along pp) hold disjoint parameters, but for
+    tied copies (`copies`: scaled with the rest, not counted); within a
     stage's `stage_ranks` (dp × tp) ranks, FSDP shards along dp, TP along tp
     and expert parallelism along ep, and what a placement does not split is
     replicated. The squared norms of the local pieces add up over the world,
@@ -746,7 +819,7 @@ def clip_grad_norm(params: list, max_norm: float, device: torch.device,
     norm = float(sq.sqrt())
     coef = min(1.0, max_norm / (norm + 1e-6))
     if coef < 1.0:
-        for g in grads:
+        for g in grads + [p.grad for p in copies if p.grad is not None]:
             g.mul_(coef)
     return norm
 
@@ -807,7 +880,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
-        start = resume_from_latest(out, engine.parts, engine.optimizers, data, s.steps)
+        start = resume_from_latest(out, engine.parts, engine.optimizers, data, s.steps,
+                                   engine.aliases)
     n_params = engine.parameters_total()
     if rank == 0:
         info = {**(saved_info or {}), "spec": os.path.abspath(spec),
@@ -876,7 +950,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
                 print(eval_line(step, last["eval"]), file=sys.stderr)
             if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
                 ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers, {
-                    **trainer_state(s, data), "plan": plan, "world": layout.world})
+                    **trainer_state(s, data), "plan": plan, "world": layout.world},
+                    engine.aliases)
     finally:
         if log is not None:
             log.close()

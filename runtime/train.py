@@ -304,13 +304,15 @@ def _set_python_rng_state(value: list) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def resume_from_latest(out: str, model, optimizer, data, steps: int) -> int:
+def resume_from_latest(out: str, model, optimizer, data, steps: int,
+                       aliases: dict[str, str] | None = None) -> int:
     """Load `out`'s latest checkpoint into the model(s), optimizer(s), data order
-    and Python RNG; return its step. Shared by every trainer."""
+    and Python RNG; return its step. Shared by every trainer (`aliases`: tied
+    copies, see runtime/checkpoint.py)."""
     latest = ckpt.latest_checkpoint(out)
     if latest is None:
         raise RunError(f"{out} has no checkpoint to resume from")
-    meta = ckpt.load_checkpoint(latest[1], model, optimizer)
+    meta = ckpt.load_checkpoint(latest[1], model, optimizer, aliases)
     start = meta["step"]
     if steps < start:
         raise UsageError(f"--steps {steps} is before the latest checkpoint (step {start})")

@@ -27,6 +27,7 @@ from compiler.cli import main
 from runtime.train import read_metrics, train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
+TIED = str(ROOT / "specs" / "qwen_debug.forge")  # its head is tied to the embedding
 SETTINGS = {"batch_size": 8, "seq_len": 32, "lr": 3e-3, "seed": 0}
 STEPS = 6  # checkpoints at 3 and 6: resumes start from step 3
 TOL = 1e-5
@@ -76,6 +77,16 @@ plan fsdp2_bf16 for llama_debug {
 plan fsdp2_offload for llama_debug {
   mesh(dp = 2)
   fsdp(cpu_offload = true, reshard = never)
+}
+"""
+
+
+# a V-shaped schedule puts the first and the last stage (the embedding and the
+# tied head's copy) on the same rank
+TIED_PLANS = """
+plan pp2_zbv for qwen_debug {
+  mesh(pp = 2)
+  pipeline(schedule = zbv, virtual_stages = 2, microbatches = 4)
 }
 """
 
@@ -136,6 +147,7 @@ def work(tmp_path_factory) -> Path:
     specs.mkdir()
     (specs / "llama_debug.forge").write_text(Path(DEBUG).read_text() + EXTRA_PLANS)
     (specs / "moe_dist.forge").write_text(MOE_SPEC)
+    (specs / "qwen_debug.forge").write_text(Path(TIED).read_text() + TIED_PLANS)
     return root
 
 
@@ -146,7 +158,9 @@ def reference(work) -> dict[str, list[float]]:
     quiet_train(DEBUG, str(work / "ref"), steps=STEPS, ckpt_every=3, **SETTINGS)
     quiet_train(str(work / "specs" / "moe_dist.forge"), str(work / "ref_moe"), steps=5,
                 grad_accum=2, **SETTINGS)
-    return {"dense": losses(work / "ref"), "moe": losses(work / "ref_moe")}
+    quiet_train(TIED, str(work / "ref_tied"), steps=STEPS, ckpt_every=3, **SETTINGS)
+    return {"dense": losses(work / "ref"), "moe": losses(work / "ref_moe"),
+            "tied": losses(work / "ref_tied")}
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +179,8 @@ def two_ranks(work, reference) -> Path:
     moe = str(work / "specs" / "moe_dist.forge")
     extra = str(work / "specs" / "llama_debug.forge")
     resumed = without_last_checkpoint(work / "ref", work / "resume2_from_1")
+    tied_resumed = without_last_checkpoint(work / "ref_tied", work / "tied_pp2_from_1")
+    tied = str(work / "specs" / "qwen_debug.forge")
     runs = [argv(moe, work / "moe_fsdp2", "moe_fsdp2", steps=5),
             argv(moe, work / "moe_pp2", "moe_pp2", steps=5),
             argv(DEBUG, work / "pp2_gpipe", "pp2_gpipe"),
@@ -173,12 +189,17 @@ def two_ranks(work, reference) -> Path:
             argv(extra, work / "pp2_zbv", "pp2_zbv"),
             argv(extra, work / "fsdp2_bf16", "fsdp2_bf16"),
             argv(extra, work / "fsdp2_offload", "fsdp2_offload"),
-            argv(DEBUG, resumed, "fsdp2", resume=True)]
+            argv(DEBUG, resumed, "fsdp2", resume=True),
+            argv(TIED, work / "tied_pp2", "pp2", ckpt_every=3),
+            argv(tied, work / "tied_pp2_zbv", "pp2_zbv"),
+            argv(TIED, tied_resumed, "pp2", resume=True)]
     runs = [(r, {}) for r in runs]
     # a model "too large" for host initialisation: ranks initialise their own shards
     for plan in ("fsdp2", "pp2_interleaved"):
         runs.append((argv(DEBUG, work / f"meta_init_{plan}", plan, steps=2),
                      {"FORGEC_HOST_INIT_MAX_PARAMS": "0"}))
+    runs.append((argv(TIED, work / "meta_init_tied_pp2", "pp2", steps=2),
+                 {"FORGEC_HOST_INIT_MAX_PARAMS": "0"}))
     spawn(train_runs, (runs,), 2, work, timeout=240)
     return work
 
@@ -186,10 +207,11 @@ def two_ranks(work, reference) -> Path:
 @pytest.fixture(scope="module")
 def four_ranks(work, reference, cli_fsdp) -> Path:
     """One world-4 spawn: FSDP × PP from scratch, then a resume at 4 ranks of
-    the 2-rank FSDP run's step-3 checkpoint."""
+    the 2-rank FSDP run's step-3 checkpoint, then FSDP × PP of the tied model."""
     resumed = without_last_checkpoint(cli_fsdp[0], work / "resume4_from_2")
     runs = [(argv(DEBUG, work / "fsdp2_pp2", "fsdp2_pp2"), {}),
-            (argv(DEBUG, resumed, "fsdp2_pp2", resume=True), {})]
+            (argv(DEBUG, resumed, "fsdp2_pp2", resume=True), {}),
+            (argv(TIED, work / "tied_fsdp2_pp2", "fsdp2_pp2"), {})]
     spawn(train_runs, (runs,), 4, work, timeout=240)
     return work
 
@@ -292,6 +314,46 @@ def test_pipeline_moe_equals_single_process(work, two_ranks, reference):
 
 def test_fsdp_x_pipeline_on_4_ranks(four_ranks, reference):
     assert_same(losses(four_ranks / "fsdp2_pp2"), reference["dense"], "fsdp2_pp2")
+
+
+# ---- a head tied to the embedding, split across pipeline stages ---------------------------
+
+
+def tied_pair(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding table and the head's weight in the run's last checkpoint
+    (a pipeline saves them from different stages)."""
+    from runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from runtime.package import import_package
+
+    pkg = import_package(str(run / "package" / "qwen_debug"))
+    model = pkg.Transformer()
+    model.output_head.proj.weight = torch.nn.Parameter(model.output_head.proj.weight.clone())
+    load_checkpoint(latest_checkpoint(str(run))[1], model)
+    return model.token_embedding.embedding.weight, model.output_head.proj.weight
+
+
+@pytest.mark.parametrize("run", ["tied_pp2", "tied_pp2_zbv", "tied_fsdp2_pp2"])
+def test_tied_head_across_stages_equals_single_process(work, two_ranks, four_ranks,
+                                                      reference, run):
+    """The last stage's copy of the embedding table takes the summed gradient of
+    both uses: the losses are the single process's, and the two saved tensors
+    are equal (the V schedule holds both stages on one rank; FSDP shards both)."""
+    assert_same(losses(work / run), reference["tied"], run)
+    embedding, head = tied_pair(work / run)
+    assert torch.equal(embedding, head)
+
+
+def test_tied_copy_starts_equal_under_meta_initialisation(two_ranks):
+    # each stage initialises its own modules; the copy takes the first stage's table
+    embedding, head = tied_pair(two_ranks / "meta_init_tied_pp2")
+    assert torch.equal(embedding, head) and embedding.std() > 0
+
+
+def test_tied_pipeline_resumes_across_world_sizes(work, two_ranks, reference):
+    assert_same(losses(work / "tied_pp2_from_1"), reference["tied"], "tied: 1 → pp2")
+    resumed = without_last_checkpoint(work / "tied_pp2", work / "tied_1_from_pp2")
+    quiet_train(TIED, str(resumed), resume=True, steps=STEPS)
+    assert_same(losses(resumed), reference["tied"], "tied: pp2 → 1")
 
 
 # ---- DCP resume across world sizes --------------------------------------------------------

@@ -148,6 +148,18 @@ def test_expert_parallel_plans_are_refused_in_one_line():
                    "plan cannot run mixture-of-experts layers on the meta device)\n")
 
 
+def test_tied_head_copy_is_stored_on_the_last_stage():
+    """qwen_debug's head shares the embedding table; under pp2 the last stage
+    holds a copy of it (the runtime keeps it equal), which its rank stores."""
+    r = plan_report(str(ROOT / "specs" / "qwen_debug.forge"), "pp2", 2)
+    stage_params = r["pipeline"]["stage_params"]  # the model's own parameters, once
+    assert sum(stage_params) == r["params_total"] == 481_120
+    table = 256 * 96
+    assert [row["params"] for row in r["per_rank"]] == [stage_params[0],
+                                                        stage_params[1] + table]
+    assert r["params_stored"] == r["params_total"] + table
+
+
 def test_uneven_shards_follow_fsdp2(mid):
     """chunk_rows (used for every dp rank) against the DTensors fully_shard makes
     at each rank of a fake 3-rank group."""

@@ -92,14 +92,26 @@ def test_expert_parallelism_needs_experts(forge):
                            "'llama_debug' has no moe")
 
 
-def test_tied_head_refuses_pipeline_stages_with_the_reason(forge):
+def test_tied_head_across_stages_is_recorded_for_the_runtime(forge):
+    """The embedding goes to the first stage, the head to the last: plan data
+    names the shared weight and its copy, so the runtime keeps them equal."""
+    from compiler.plans import plan_data
+
     text = with_plan("  mesh(pp = 2)\n  pipeline()").replace(
         "output_head = lm_head(dim, vocab_size)",
         "output_head = lm_head(dim, vocab_size, tie = token_embedding)")
     comp, diags = forge(text)
-    [err] = diags.errors
-    assert err.code == "E124" and "diverge" in err.message
-    assert err.notes[0][1].line == 28
+    assert not diags.errors
+    plan = next(iter(comp.plans.values()))
+    data = plan_data(plan, comp.models[plan.target], comp.graphs[plan.target])
+    assert data["pipeline"]["tied"] == [
+        {"weights": ["token_embedding.embedding.weight", "output_head.proj.weight"],
+         "stages": [0, 1]}]
+    # an untied head: nothing to keep in step
+    comp, diags = forge(with_plan("  mesh(pp = 2)\n  pipeline()"))
+    plan = next(iter(comp.plans.values()))
+    data = plan_data(plan, comp.models[plan.target], comp.graphs[plan.target])
+    assert "stages" in data["pipeline"] and "tied" not in data["pipeline"]
 
 
 def test_world_size_must_match_the_mesh():

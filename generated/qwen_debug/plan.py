@@ -30,7 +30,59 @@ TP_PLAN = {
     "token_embedding.embedding": "rowwise",
 }
 
-PLANS = {}
+PLANS = {
+    "fsdp2_pp2": {
+        "mesh": {"dp": 2, "pp": 2, "tp": 1, "ep": 1},
+        "world": 4,
+        "fsdp": {
+            "units": ["layers.0", "layers.1", "layers.2", "layers.3"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "pipeline": {
+            "schedule": "1f1b",
+            "microbatches": 2,
+            "virtual_stages": 1,
+            "stages": [
+                ["token_embedding", "layers.0", "layers.1"],
+                ["layers.2", "layers.3", "norm", "output_head"],
+            ],
+            "stage_params": [252800, 228320],
+            "stage_flops": [495392, 544544],
+            "tied": [
+                {
+                    "weights": ["token_embedding.embedding.weight", "output_head.proj.weight"],
+                    "stages": [0, 1],
+                },
+            ],
+        },
+        "activation_checkpoint": [],
+    },
+    "pp2": {
+        "mesh": {"dp": 1, "pp": 2, "tp": 1, "ep": 1},
+        "world": 2,
+        "pipeline": {
+            "schedule": "1f1b",
+            "microbatches": 2,
+            "virtual_stages": 1,
+            "stages": [
+                ["token_embedding", "layers.0", "layers.1"],
+                ["layers.2", "layers.3", "norm", "output_head"],
+            ],
+            "stage_params": [252800, 228320],
+            "stage_flops": [495392, 544544],
+            "tied": [
+                {
+                    "weights": ["token_embedding.embedding.weight", "output_head.proj.weight"],
+                    "stages": [0, 1],
+                },
+            ],
+        },
+        "activation_checkpoint": [],
+    },
+}
 
 SCHEDULES = {
     "gpipe": "ScheduleGPipe",
