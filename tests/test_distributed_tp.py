@@ -1,6 +1,6 @@
 """Tensor and expert parallelism trained on CPU (gloo, 127.0.0.1): the plans
-tp2, dp2_tp2 (FSDP × TP) and ep2 of the shipped specs, and experts shared out
-over 2 of 4 data-parallel ranks, each checked against the single-process
+tp2, dp2_tp2 (FSDP × TP) and ep2 of the shipped specs, experts shared out
+over 2 of 4 data-parallel ranks, and TP and EP inside 2 pipeline stages, each checked against the single-process
 trainer's per-step losses (fp32, ≤ 1e-5) and MoE routing statistics; TP
 checkpoints resumed by one process and one process's resumed under TP; TP
 shards initialised per rank.
@@ -50,6 +50,20 @@ plan dp4_ep2 for moe_aux {
   mesh(dp = 4, ep = 2)
   fsdp()
 }
+
+plan dp2_ep2_pp2 for moe_aux {     # experts over both dp ranks of each of 2 stages
+  mesh(dp = 2, ep = 2, pp = 2)
+  fsdp()
+  pipeline(schedule = "1f1b", microbatches = 2)
+}
+"""
+
+# TP inside each of 2 pipeline stages
+TP_PP_PLAN = """
+plan pp2_tp2 for llama_debug {
+  mesh(pp = 2, tp = 2)
+  pipeline(schedule = "1f1b", microbatches = 2)
+}
 """
 
 
@@ -59,7 +73,7 @@ def work(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_tp")
     specs = root / "specs"
     specs.mkdir()
-    (specs / "llama_debug.forge").write_text(Path(DEBUG).read_text())
+    (specs / "llama_debug.forge").write_text(Path(DEBUG).read_text() + TP_PP_PLAN)
     (specs / "moe_aux.forge").write_text(MOE_AUX_SPEC)
     return root
 
@@ -100,9 +114,12 @@ def two_ranks(work, reference) -> Path:
 
 @pytest.fixture(scope="module")
 def four_ranks(work, reference) -> Path:
+    aux = str(work / "specs" / "moe_aux.forge")
     runs = [(argv(DEBUG, work / "dp2_tp2", "dp2_tp2", steps=STEPS), {}),
-            (argv(str(work / "specs" / "moe_aux.forge"), work / "dp4_ep2", "dp4_ep2",
-                  steps=STEPS), {})]
+            (argv(aux, work / "dp4_ep2", "dp4_ep2", steps=STEPS), {}),
+            (argv(str(work / "specs" / "llama_debug.forge"), work / "pp2_tp2", "pp2_tp2",
+                  steps=STEPS), {}),
+            (argv(aux, work / "dp2_ep2_pp2", "dp2_ep2_pp2", steps=STEPS), {})]
     spawn(train_runs, (runs,), 4, work, timeout=240)
     return work
 
@@ -190,6 +207,27 @@ def test_experts_over_2_of_4_dp_ranks(four_ranks, reference):
     # experts in 2 pieces (ep), the router FSDP-sharded in 4 (dp)
     assert len(chunks(run, "layers.3.mlp.experts.down_proj")) == 2
     assert len(chunks(run, "layers.3.mlp.router.weight")) == 4
+
+
+# ---- with pipelines ------------------------------------------------------------------------
+
+
+def test_tp_inside_pipeline_stages(four_ranks, reference):
+    run = four_ranks / "pp2_tp2"
+    assert_same(losses(run), reference["dense"], "pp2_tp2")
+    # each stage's layers split over its tp pair: 2 pieces of a layer of each stage
+    assert len(chunks(run, "layers.0.attention.q_proj.weight")) == 2
+    assert len(chunks(run, "layers.3.mlp.down_proj.weight")) == 2
+
+
+def test_ep_inside_pipeline_stages(four_ranks, reference):
+    """dp 2 × ep 2 × pp 2: each stage's MoE layer has its experts over the
+    stage's 2 dp ranks; routing statistics and MoE losses stay global."""
+    run = four_ranks / "dp2_ep2_pp2"
+    assert_same(losses(run), reference["aux"], "dp2_ep2_pp2")
+    assert moe_rows(run) == moe_rows(four_ranks / "ref_aux")
+    assert len(chunks(run, "layers.1.mlp.experts.down_proj")) == 2
+    assert len(chunks(run, "layers.3.mlp.experts.down_proj")) == 2
 
 
 # ---- bad input ---------------------------------------------------------------------------
