@@ -7,7 +7,9 @@ adapter, decoder and any cross-attention blocks) built on the meta device
 stands in for the cluster: the rank's pipeline stages are cut from the model
 with the package's own `plan.build_stage` and sharded with its own
 `plan.apply_tp` (tensor parallelism over the tp dimension: q/k/v and gate/up
-split by output features, o/down by input features) and `plan.apply_fsdp`
+split by output features, o/down by input features), `plan.apply_ep` (each
+MoE layer's experts shared out over ep consecutive dp ranks) and
+`plan.apply_fsdp`
 (FSDP2 `fully_shard` over the dp dimension of the DeviceMesh) -- the code a
 real run executes -- and the local shards are read off the resulting
 DTensors. Nothing here knows a model's layout: units,
@@ -16,8 +18,11 @@ module, read off the model and the plan data.
 
 Rank layout: the mesh is (pp, dp, tp), pipeline outermost, so rank =
 (pp_rank * dp + dp_rank) * tp + tp_rank (torch's `init_device_mesh` order, as
-`forgec train --plan` uses). Expert parallelism needs MoE layers, whose
-forward the meta device cannot run (see measure_activations): not modelled.
+`forgec train --plan` uses). Mixture-of-experts layers run on the meta device
+with placeholders for their per-expert row counts (_meta_routing), as if every
+token reached its top_k experts: no capacity drops, an upper bound; with
+expert parallelism a rank's experts are taken to receive their share of the
+routed rows (balanced routing).
 
 A microbatch is `--micro-batch` sequences of `--seq-len` text tokens, fed as
 the trainers feed them: packed with document ids for a text model (so every
@@ -59,7 +64,7 @@ Per rank, in bytes (`per_rank` in the JSON):
                   steady state) the gradients sit beside the activations in flight.
 
 Checked against measured peaks on CPU: one process (tests/test_planner.py) and
-every rank of real 2-rank FSDP, pipeline, VLM and tensor-parallel training
+every rank of real 2-rank FSDP, pipeline, VLM, tensor- and expert-parallel training
 (tests/test_planner_ranks.py), within 15 %, where each rank's `params` equals
 the shards it holds.
 """
@@ -74,6 +79,7 @@ import itertools
 import json
 import math
 import tempfile
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +131,56 @@ def _fused_attention():
         yield
     finally:
         F.scaled_dot_product_attention = original
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """Stands in for a generated package's `grouped_mm` (rows of x sorted by
+    expert times each expert's weight) while measuring: the same output shape
+    and the same saved tensors as torch._grouped_mm (x and the weights), without
+    the per-expert row counts the meta device cannot know."""
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        offsets = counts.cumsum(0).to(torch.int32)  # as grouped_mm passes them
+        ctx.save_for_backward(x, w, offsets)
+        return x.new_empty(x.shape[0], w.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the measurement does no backward
+        raise AssertionError("measurement only")
+
+
+def _meta_bincount(original):
+    def bincount(input, weights=None, minlength=0):
+        if input.is_meta:  # how many per expert: a value, of a known size
+            return torch.empty(minlength, dtype=torch.long, device="meta")
+        return original(input, weights, minlength)
+    return bincount
+
+
+@contextlib.contextmanager
+def _meta_routing(module, model: nn.Module):
+    """Mixture-of-experts layers on the meta device: their row counts per
+    expert become placeholders of the right size, their grouped matmuls
+    _GroupedMatmul, and no slot is dropped for capacity (every token reaches
+    its top_k experts: an upper bound of what a capacity keeps)."""
+    grouped = getattr(module, "grouped_mm", None)
+    capped = [m for m in model.modules() if getattr(m, "capacity_factor", 0) > 0]
+    original = torch.bincount
+    torch.bincount = _meta_bincount(original)
+    if grouped is not None:
+        module.grouped_mm = _GroupedMatmul.apply
+    saved = [m.capacity_factor for m in capped]
+    for m in capped:
+        m.capacity_factor = 0.0
+    try:
+        yield
+    finally:
+        torch.bincount = original
+        if grouped is not None:
+            module.grouped_mm = grouped
+        for m, factor in zip(capped, saved, strict=True):
+            m.capacity_factor = factor
 
 
 def unit_fqns(model: nn.Module, prefix: str = "") -> list[str]:
@@ -220,7 +276,8 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     if tp is not None:
         tp_slice(model, *tp)
     model.to(dtype)
-    _meta_tables(model, importlib.import_module(f"{pkg.__name__}.model"))
+    module = importlib.import_module(f"{pkg.__name__}.model")
+    _meta_tables(model, module)
     current = ["?"]
     order: list[str] = []
     inputs: dict[str, int] = {}
@@ -265,7 +322,8 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _fused_attention(), _meta_routing(module, model), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(*args, **kwargs)
             F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     except (RuntimeError, NotImplementedError) as e:
@@ -274,7 +332,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
         # token routing sizes tensors by their values, which the meta device has not
         raise RunError(f"forgec plan cannot measure this model's activations on the meta "
                        f"device: its forward depends on tensor values ({str(e)[:60]}...); "
-                       "mixture-of-experts and modality-routed (MoT, MoMa) models are not "
+                       "modality-routed (MoT, MoMa) models are not "
                        "modelled yet") from None
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
@@ -381,54 +439,68 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def local_shape(shape: tuple, tp_dim: int | None, tp: int, tp_rank: int, dp: int | None,
-                dp_rank: int) -> tuple:
-    """The part of a parameter of global `shape` that a rank stores: TP's
-    torch.chunk of `tp_dim` over tp, then FSDP's of dim 0 of that over dp
-    (None: not sharded by FSDP)."""
-    out = list(shape)
-    if tp_dim is not None:
-        out[tp_dim] = chunk_rows(out[tp_dim], tp, tp_rank)
-    if dp is not None:
+class Placement(NamedTuple):
+    """How a parameter is split over the ranks of its stage."""
+
+    shape: tuple  # global
+    tp_dim: int | None  # the dim tensor parallelism splits over tp
+    ep_dim: int | None  # the dim expert parallelism splits over ep (the experts)
+    fsdp: bool  # FSDP shards dim 0 (of what TP left) over dp
+
+
+def local_shape(p: Placement, tp: int, tp_rank: int, dp: int, dp_rank: int, ep: int) -> tuple:
+    """The part of a parameter a rank stores: TP's torch.chunk of `tp_dim` over
+    tp, EP's of the experts over the ep ranks (consecutive dp ranks), then
+    FSDP's of dim 0 over dp."""
+    out = list(p.shape)
+    if p.tp_dim is not None:
+        out[p.tp_dim] = chunk_rows(out[p.tp_dim], tp, tp_rank)
+    if p.ep_dim is not None:
+        out[p.ep_dim] = chunk_rows(out[p.ep_dim], ep, dp_rank % ep)
+    if p.fsdp:
         out[0] = chunk_rows(out[0], dp, dp_rank)
     return tuple(out)
 
 
-def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, mesh) -> dict:
+def _placement(p) -> Placement:
+    names = p.device_mesh.mesh_dim_names if hasattr(p, "placements") else ()
+    dims = {name: pl.dim for name, pl in zip(names, getattr(p, "placements", ()), strict=True)
+            if hasattr(pl, "dim")}  # Shard, or FSDP's _StridedShard over a TP shard
+    return Placement(tuple(p.shape), dims.get("tp"), dims.get("ep"), "dp" in dims)
+
+
+def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, mesh,
+                ep_mesh=None) -> dict:
     """Cut one stage (None: the whole model) with the package's `plan` module,
-    apply the plan's tensor parallelism and FSDP and return {param FQN:
-    (global shape, the dim TP splits or None, sharded over dp?)}, the stage's
-    units in order, and {FSDP unit FQN or "" (the root): elements one tp rank
-    holds} (which parameters FSDP gathers together)."""
+    apply the plan's tensor and expert parallelism and FSDP as the trainer
+    does, and return {param FQN: Placement}, the stage's units in order, and
+    {FSDP unit FQN or "" (the root): elements FSDP gathers there, as one tp
+    rank holds them}."""
     data = plan.PLANS[plan_name]
-    dp, tp = data["mesh"]["dp"], data["mesh"]["tp"]
+    m = data["mesh"]
     model = _stage_view(full)
     if stage_index is not None:
         plan.build_stage(model, stage_index, plan_name)
-    tp_dims = {}
-    if tp > 1:
+    if m["tp"] > 1:
         plan.apply_tp(model, mesh["tp"], plan_name)
-        for fqn, p in model.named_parameters():
-            shard = p.placements[0] if hasattr(p, "placements") else None
-            tp_dims[fqn] = shard.dim if shard is not None and shard.is_shard() else None
-    sharded = "fsdp" in data and dp > 1
+    if m["ep"] > 1:
+        plan.apply_ep(model, ep_mesh["ep"], plan_name)
     groups: dict[str, int] = collections.Counter()
     fsdp_units = sorted(data["fsdp"]["units"] if "fsdp" in data else [], key=len, reverse=True)
     for fqn, p in model.named_parameters():
+        if _placement(p).ep_dim is not None:
+            continue  # expert shards stay out of FSDP
         # a parameter belongs to the innermost FSDP unit holding it, else the root
         local = p.to_local() if hasattr(p, "placements") else p
         groups[next((u for u in fsdp_units if covers([u], fqn)), "")] += local.numel()
-    if sharded:
+    if "fsdp" in data and m["dp"] > 1:
         plan.apply_fsdp(model, mesh["dp"], plan_name)
-    params = {}
+    params = {fqn: _placement(p) for fqn, p in model.named_parameters()}
     for fqn, p in model.named_parameters():
-        shape, tp_dim = tuple(p.shape), tp_dims.get(fqn)
-        if sharded or tp_dim is not None:
-            assert hasattr(p, "placements"), f"{fqn} was not sharded"
-            # what this rank (dp and tp index 0) holds: torch.chunk's first parts
-            assert tuple(p.to_local().shape) == local_shape(
-                shape, tp_dim, tp, 0, dp if sharded else None, 0), fqn
-        params[fqn] = (shape, tp_dim, sharded)
+        # what this rank (index 0 everywhere) holds: torch.chunk's first parts
+        local = p.to_local() if hasattr(p, "placements") else p
+        assert tuple(local.shape) == local_shape(params[fqn], m["tp"], 0, m["dp"], 0,
+                                                 m["ep"]), fqn
     return {"params": params, "units": unit_fqns(model), "groups": dict(groups)}
 
 
@@ -481,9 +553,6 @@ def _compile_plan(spec: str, plan_name: str, world: int):
     if plan.target != comp.main_model():
         raise UsageError(f"plan '{plan_name}' is for '{plan.target}'; {spec} builds "
                          f"'{comp.main_model()}' (plan it from the spec that builds it)")
-    if plan.mesh["ep"] > 1:
-        raise RunError(f"plan '{plan_name}': expert parallelism is not modelled (forgec plan "
-                       "cannot run mixture-of-experts layers on the meta device)")
     max_text = vlm.fusion.args.get("max_text") if vlm is not None else None
     return comp, plan, max_text
 
@@ -524,7 +593,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     seq = seq_len or limit
     if seq > limit:
         raise UsageError(f"--seq-len {seq} exceeds {what}")
-    dp, pp, tp = data["mesh"]["dp"], data["mesh"]["pp"], data["mesh"]["tp"]
+    dp, pp, tp, ep = (data["mesh"][k] for k in ("dp", "pp", "tp", "ep"))
     fsdp = data.get("fsdp")
     pipe = data.get("pipeline")
     if pipe and len(pipe["stages"]) < 2:
@@ -553,7 +622,10 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
         _init_fake(pp_rank * dp * tp, world)
         try:
             mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=MESH_ORDER)
-            stages = [shard_stage(plan, full, plan_name, s, mesh) for s in stage_ids]
+            ep_mesh = None
+            if ep > 1:  # as the trainer splits dp: ep consecutive ranks share the experts
+                ep_mesh = mesh._unflatten("dp", (dp // ep, ep), ("ep_replica", "ep"))
+            stages = [shard_stage(plan, full, plan_name, s, mesh, ep_mesh) for s in stage_ids]
         finally:
             _destroy()
         units = [u for st in stages for u in st["units"]]
@@ -604,9 +676,8 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
         else:
             gathered = 0
         for dp_rank, tp_rank in itertools.product(range(dp), range(tp)):
-            local = sum(math.prod(local_shape(shape, tp_dim, tp, tp_rank,
-                                              dp if sharded else None, dp_rank))
-                        for st in stages for shape, tp_dim, sharded in st["params"].values())
+            local = sum(math.prod(local_shape(p, tp, tp_rank, dp, dp_rank, ep))
+                        for st in stages for p in st["params"].values())
             row = {
                 "rank": (pp_rank * dp + dp_rank) * tp + tp_rank,
                 "pp_rank": pp_rank,

@@ -41,6 +41,7 @@ RUNS = [
     ("fsdp2_vlm", "vlm", "fsdp2_vlm", VLM_BATCH, None, 2, VLM_BATCH // 2),
     ("pp2_vlm", "vlm", "pp2_vlm", VLM_BATCH, None, 4, VLM_BATCH // 4),
     ("tp2", "llama_debug", "tp2", TEXT_BATCH // 2, TEXT_SEQ, 2, TEXT_BATCH // 2),
+    ("ep2", "moe_debug", "ep2", TEXT_BATCH, TEXT_SEQ, 2, TEXT_BATCH // 2),
 ]
 
 
@@ -50,7 +51,7 @@ def measured(tmp_path_factory) -> dict[tuple[str, int], dict]:
     the model, "params": parameter elements the rank stores}}."""
     tmp = tmp_path_factory.mktemp("plan_ranks")
     pkgs = {name: build(compile_spec(str(ROOT / "specs" / f"{name}.forge")), str(tmp),
-                        update=True).package for name in ("llama_debug", "vlm")}
+                        update=True).package for name in ("llama_debug", "moe_debug", "vlm")}
     runs = [{"tag": tag, "pkg": pkgs[spec], "plan": plan, "batch_size": batch,
              "seq_len": seq, "warm_batch": warm}
             for tag, spec, plan, batch, seq, warm, _ in RUNS]
