@@ -1,6 +1,7 @@
 """Tensor and expert parallelism trained on CPU (gloo, 127.0.0.1): the plans
 tp2, dp2_tp2 (FSDP × TP) and ep2 of the shipped specs, experts shared out
-over 2 of 4 data-parallel ranks, and TP and EP inside 2 pipeline stages, each checked against the single-process
+over 2 of 4 data-parallel ranks, TP and EP inside 2 pipeline stages, and TP
+with EP, each checked against the single-process
 trainer's per-step losses (fp32, ≤ 1e-5) and MoE routing statistics; TP
 checkpoints resumed by one process and one process's resumed under TP; TP
 shards initialised per rank.
@@ -48,6 +49,11 @@ model moe_aux extends llama_debug {
 
 plan dp4_ep2 for moe_aux {
   mesh(dp = 4, ep = 2)
+  fsdp()
+}
+
+plan dp2_ep2_tp2 for moe_aux {     # experts over 2 dp ranks, attention and dense MLPs over 2 tp
+  mesh(dp = 2, ep = 2, tp = 2)
   fsdp()
 }
 
@@ -119,7 +125,9 @@ def four_ranks(work, reference) -> Path:
             (argv(aux, work / "dp4_ep2", "dp4_ep2", steps=STEPS), {}),
             (argv(str(work / "specs" / "llama_debug.forge"), work / "pp2_tp2", "pp2_tp2",
                   steps=STEPS), {}),
-            (argv(aux, work / "dp2_ep2_pp2", "dp2_ep2_pp2", steps=STEPS), {})]
+            (argv(aux, work / "dp2_ep2_pp2", "dp2_ep2_pp2", steps=STEPS), {}),
+            # 2 dp ranks × 2 micro-batches: the reference's 4 micro-batches
+            (argv(aux, work / "dp2_ep2_tp2", "dp2_ep2_tp2", steps=STEPS, grad_accum=2), {})]
     spawn(train_runs, (runs,), 4, work, timeout=240)
     return work
 
@@ -228,6 +236,16 @@ def test_ep_inside_pipeline_stages(four_ranks, reference):
     assert moe_rows(run) == moe_rows(four_ranks / "ref_aux")
     assert len(chunks(run, "layers.1.mlp.experts.down_proj")) == 2
     assert len(chunks(run, "layers.3.mlp.experts.down_proj")) == 2
+
+
+def test_tp_and_ep_together(four_ranks, reference):
+    """dp 2 × ep 2 × tp 2: each tp pair splits the attention, each MoE layer's
+    experts are shared out over the 2 dp ranks (whole within a tp pair)."""
+    run = four_ranks / "dp2_ep2_tp2"
+    assert_same(losses(run), reference["aux"], "dp2_ep2_tp2")
+    assert moe_rows(run) == moe_rows(four_ranks / "ref_aux")
+    assert len(chunks(run, "layers.0.attention.q_proj.weight")) == 4  # tp × FSDP
+    assert len(chunks(run, "layers.1.mlp.experts.down_proj")) == 2
 
 
 # ---- bad input ---------------------------------------------------------------------------
