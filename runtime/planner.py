@@ -29,7 +29,8 @@ the trainers feed them: packed with document ids for a text model (so every
 attention call has the packed-document mask), one image per sequence for a
 VLM (whose joint decoder holds the image tokens in its sequence too).
 
-Per rank, in bytes (`per_rank` in the JSON):
+Per rank (`per_rank` in the JSON: `rank` and its `pp_rank`, `dp_rank`,
+`tp_rank` and `stages`), memory in bytes:
   params          parameter elements stored on the rank (FSDP padding excluded)
   param_bytes     fp32 master weights            4 B/element
   grad_bytes      fp32 gradients (sharded)       4 B/element
