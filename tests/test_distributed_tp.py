@@ -20,7 +20,15 @@ import pytest
 import torch
 from conftest import ROOT
 from dist_helpers import spawn, train_runs
-from test_distributed import SETTINGS, argv, assert_same, losses, moe_rows, quiet_train
+from test_distributed import (
+    MOE_SPEC,
+    SETTINGS,
+    argv,
+    assert_same,
+    losses,
+    moe_rows,
+    quiet_train,
+)
 
 from compiler.cli import main
 
@@ -28,36 +36,20 @@ DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 MOE = str(ROOT / "specs" / "moe_debug.forge")
 STEPS = 5
 
-# MoE with balance and z losses that count, its experts over 2 of 4 dp ranks
-MOE_AUX_SPEC = """
-import "llama_debug.forge"
-
-model moe_aux extends llama_debug {
-  block sparse(x) extends dense {
-    mlp = moe(dim, experts = 8, top_k = 2, hidden = 64, shared_experts = 1,
-              router = sigmoid_topk(bias_rate = 1e-2, schedule = constant, n_group = 4,
-                                    topk_group = 2, seq_aux_loss_weight = 0.01,
-                                    z_loss_weight = 0.001),
-              capacity_factor = 1.0)
-  }
-
-  layers = stack(n_layers) {
-    default:        dense
-    every 2 from 1: sparse
-  }
-}
-
-plan dp4_ep2 for moe_aux {
+# test_distributed's MoE (balance and z losses that count) with plans of experts
+# over 2 of 4 dp ranks, with TP and inside pipeline stages
+MOE_AUX_SPEC = MOE_SPEC + """
+plan dp4_ep2 for moe_dist {
   mesh(dp = 4, ep = 2)
   fsdp()
 }
 
-plan dp2_ep2_tp2 for moe_aux {     # experts over 2 dp ranks, attention and dense MLPs over 2 tp
+plan dp2_ep2_tp2 for moe_dist {     # experts over 2 dp ranks, attention and dense MLPs over 2 tp
   mesh(dp = 2, ep = 2, tp = 2)
   fsdp()
 }
 
-plan dp2_ep2_pp2 for moe_aux {     # experts over both dp ranks of each of 2 stages
+plan dp2_ep2_pp2 for moe_dist {     # experts over both dp ranks of each of 2 stages
   mesh(dp = 2, ep = 2, pp = 2)
   fsdp()
   pipeline(schedule = "1f1b", microbatches = 2)
@@ -80,7 +72,7 @@ def work(tmp_path_factory) -> Path:
     specs = root / "specs"
     specs.mkdir()
     (specs / "llama_debug.forge").write_text(Path(DEBUG).read_text() + TP_PP_PLAN)
-    (specs / "moe_aux.forge").write_text(MOE_AUX_SPEC)
+    (specs / "moe_dist.forge").write_text(MOE_AUX_SPEC)
     return root
 
 
@@ -90,7 +82,7 @@ def reference(work) -> dict[str, list[float]]:
     micro-batches (one per dp rank) as gradient accumulation."""
     quiet_train(DEBUG, str(work / "ref"), steps=STEPS, ckpt_every=3, **SETTINGS)
     quiet_train(MOE, str(work / "ref_moe"), steps=STEPS, grad_accum=2, **SETTINGS)
-    quiet_train(str(work / "specs" / "moe_aux.forge"), str(work / "ref_aux"), steps=STEPS,
+    quiet_train(str(work / "specs" / "moe_dist.forge"), str(work / "ref_aux"), steps=STEPS,
                 grad_accum=4, **SETTINGS)
     return {"dense": losses(work / "ref"), "moe": losses(work / "ref_moe"),
             "aux": losses(work / "ref_aux")}
@@ -120,7 +112,7 @@ def two_ranks(work, reference) -> Path:
 
 @pytest.fixture(scope="module")
 def four_ranks(work, reference) -> Path:
-    aux = str(work / "specs" / "moe_aux.forge")
+    aux = str(work / "specs" / "moe_dist.forge")
     runs = [(argv(DEBUG, work / "dp2_tp2", "dp2_tp2", steps=STEPS), {}),
             (argv(aux, work / "dp4_ep2", "dp4_ep2", steps=STEPS), {}),
             (argv(str(work / "specs" / "llama_debug.forge"), work / "pp2_tp2", "pp2_tp2",
