@@ -444,6 +444,9 @@ class Engine:
         self.total_micro = layout.dp * s.grad_accum * self.microbatches
         stage_ids = planmod.stages_of_rank(plan, layout.pp_rank) if self.pipe else [None]
         self.stage_ids = stage_ids
+        # every pipeline stage's pp rank (empty without a pipeline)
+        self.stage_owner = {sid: r for r in range(layout.pp)
+                            for sid in planmod.stages_of_rank(plan, r)} if self.pipe else {}
         self.parts = self._build(pkg, stage_ids, fresh)
         self.ties = self._tied_weights()
         self._sync_tied(grads=False)  # the copies start equal to their weight
@@ -521,9 +524,7 @@ class Engine:
         ties = []
         layout = self.layout
         for tie in (self.pipe or {}).get("tied", []):
-            owners = {sid: r for r in range(layout.pp)
-                      for sid in self.planmod.stages_of_rank(self.plan, r)}
-            pp_ranks = sorted({owners[sid] for sid in tie["stages"]})
+            pp_ranks = sorted({self.stage_owner[sid] for sid in tie["stages"]})
             group = None
             if len(pp_ranks) > 1:  # every rank creates every group, in one order
                 for d in range(layout.dp):
@@ -642,9 +643,7 @@ class Engine:
         finally:
             for part in self.parts[1:]:
                 part.train()
-        last = self.planmod.num_stages(self.plan) - 1
-        pp_rank = next(r for r in range(self.layout.pp)
-                       if last in self.planmod.stages_of_rank(self.plan, r))
+        pp_rank = self.stage_owner[len(self.stage_owner) - 1]  # the last stage's
         shared = [row]
         dist.broadcast_object_list(shared, src=int(self.layout.mesh.mesh[pp_rank, 0, 0]))
         return shared[0]
@@ -656,8 +655,7 @@ class Engine:
         unpipelined model does): every stage's output goes to the next stage's
         rank. The logits on the last stage's ranks, None elsewhere."""
         group = self.layout.mesh.get_group("pp")
-        owner = {sid: r for r in range(self.layout.pp)
-                 for sid in self.planmod.stages_of_rank(self.plan, r)}
+        owner = self.stage_owner
         mine = dict(zip(self.stage_ids, self.parts, strict=True))
         n = len(owner)
         x: tuple = (pixels,)
