@@ -227,5 +227,6 @@ def test_exit_codes_are_documented():
     from compiler import errors
 
     text = section(DOC_TEXT, "The command line")
-    for code in (errors.EXIT_OK, errors.EXIT_SPEC, errors.EXIT_USAGE, errors.EXIT_INTERNAL):
+    for code in (errors.EXIT_OK, errors.EXIT_SPEC, errors.EXIT_USAGE, errors.EXIT_INTERNAL,
+                 errors.EXIT_INTERRUPTED):
         assert f"**{code}**" in text
