@@ -15,19 +15,17 @@ import os
 import sys
 import traceback
 
-from .diagnostics import CompileFailed, Diagnostics, ForgeError, SourceCache, render
-
-EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 70
-
-
-class UsageError(Exception):
-    """Bad command-line use: printed as one line, exit 2."""
-
-
-class RunError(Exception):
-    """Bad input found at run time (corrupt checkpoint, token id out of range):
-    printed as one line, exit 1."""
-
+from .diagnostics import Diagnostics, ForgeError, print_diagnostics
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SPEC,
+    EXIT_USAGE,
+    RunError,
+    UsageError,
+)
+from .source import sources_of
 
 RUNTIME_COMMANDS: dict = {}  # filled by runtime.cli.add_commands
 
@@ -78,44 +76,10 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def _print_diagnostics(diags: Diagnostics, sources: SourceCache, quiet: bool = False) -> None:
-    for d in diags.sorted():
-        if quiet and d.severity != "error":
-            continue
-        print(render(d, sources), file=sys.stderr)
-    if diags.error_count:
-        n = diags.error_count
-        print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
-
-
-def _sources_of(diags: Diagnostics) -> SourceCache:
-    """Re-read the files diagnostics point into, for the source line display."""
-    cache = SourceCache()
-    from .source import read_source
-
-    for f in {d.span.file for d in diags.items if d.span is not None}:
-        try:
-            cache.add(f, read_source(f).text)
-        except Exception:  # noqa: BLE001 — a file we cannot show is shown without its line
-            pass
-    return cache
-
-
 def _compile(path: str, quiet: bool = False):
-    from .driver import compile_spec
+    from .driver import compile_and_report
 
-    if not os.path.exists(path):
-        raise UsageError(f"no such file: '{path}'")
-    if os.path.isdir(path):
-        raise UsageError(f"'{path}' is a directory, not a spec file")
-    diags = Diagnostics()
-    try:
-        result = compile_spec(path, diags)
-    except CompileFailed:
-        _print_diagnostics(diags, _sources_of(diags), quiet)
-        return None
-    _print_diagnostics(diags, _sources_of(diags), quiet)
-    return result
+    return compile_and_report(path, quiet)
 
 
 def _select(result, name: str | None) -> str:
@@ -258,7 +222,6 @@ def cmd_graph(args) -> int:
 
 def cmd_build(args) -> int:
     from .build import build
-    from .diagnostics import ForgeError
 
     status = EXIT_OK
     for spec in args.specs:
@@ -271,7 +234,7 @@ def cmd_build(args) -> int:
         except ForgeError as e:
             diags = Diagnostics()
             diags.add(e.diagnostic)
-            _print_diagnostics(diags, _sources_of(diags))
+            print_diagnostics(diags, sources_of(diags))
             status = EXIT_SPEC
             continue
         if out.status == "stale":
@@ -312,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except ForgeError as e:  # a spec-level error found after compiling (E006: no model)
         diags = Diagnostics()
         diags.add(e.diagnostic)
-        _print_diagnostics(diags, _sources_of(diags))
+        print_diagnostics(diags, sources_of(diags))
         return EXIT_SPEC
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # noqa: BLE001 — a compiler bug must not look like a spec error
@@ -330,8 +293,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m compiler.cli` runs this file as `__main__`, a second copy of the module:
-    # run `compiler.cli` itself, whose UsageError/RunError the runtime and importers raise
-    from compiler.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -15,6 +15,7 @@ passes once errors exist (see compiler/driver.py).
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -159,3 +160,15 @@ def render(d: Diagnostic, sources: SourceCache) -> str:
     for message, span in d.notes:
         out.append(f"  note: {span}: {message}" if span else f"  note: {message}")
     return "\n".join(out)
+
+
+def print_diagnostics(diags: Diagnostics, sources: SourceCache, quiet: bool = False) -> None:
+    """Every diagnostic in source order on standard error, then the error count;
+    `quiet` leaves out warnings and notes. `source.sources_of` gives the lines."""
+    for d in diags.sorted():
+        if quiet and d.severity != "error":
+            continue
+        print(render(d, sources), file=sys.stderr)
+    if diags.error_count:
+        n = diags.error_count
+        print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)

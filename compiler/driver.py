@@ -14,10 +14,12 @@ import networkx as nx
 
 from .bind import Model, bind_program, new_binder
 from .checks import run_checks
-from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span
+from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span, print_diagnostics
+from .errors import UsageError
 from .lower import lower
 from .plans import Plan, bind_plan, validate, validate_vlm_plan
 from .resolve import Program, load_program
+from .source import sources_of
 from .vlm import VLM, bind_vlm, section_refs
 from .vlm import validate as validate_vlm
 
@@ -86,3 +88,20 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
         raise CompileFailed(diags)
     return Compilation(program, models, graphs, diags, plans, vlms)
 
+
+
+def compile_and_report(path: str, quiet: bool = False) -> Compilation | None:
+    """Compile a spec a command was given, printing its diagnostics (errors only
+    with `quiet`); None when it has errors. A path that is no file is a UsageError."""
+    if not os.path.exists(path):
+        raise UsageError(f"no such file: '{path}'")
+    if os.path.isdir(path):
+        raise UsageError(f"'{path}' is a directory, not a spec file")
+    diags = Diagnostics()
+    try:
+        result = compile_spec(path, diags)
+    except CompileFailed:
+        print_diagnostics(diags, sources_of(diags), quiet)
+        return None
+    print_diagnostics(diags, sources_of(diags), quiet)
+    return result

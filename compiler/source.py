@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .diagnostics import ForgeError, Span
+from .diagnostics import Diagnostics, ForgeError, SourceCache, Span
 
 # A hand-written spec is a few KB; anything past this is not a spec, and
 # parsing megabytes of garbage would only delay the error.
@@ -51,6 +51,17 @@ def read_source(path: str, *, at: Span | None = None) -> Source:
     if len(data) > MAX_SPEC_BYTES:  # grew while we looked, or a special file
         raise ForgeError("E005", f"'{shown}' is larger than {MAX_SPEC_BYTES:,} bytes", where)
     return Source(shown, os.path.abspath(path), decode(shown, data))
+
+
+def sources_of(diags: Diagnostics) -> SourceCache:
+    """Re-read the files diagnostics point into, for the source line display."""
+    cache = SourceCache()
+    for f in {d.span.file for d in diags.items if d.span is not None}:
+        try:
+            cache.add(f, read_source(f).text)
+        except Exception:  # noqa: BLE001 — a file we cannot show is shown without its line
+            pass
+    return cache
 
 
 def decode(shown: str, data: bytes) -> str:

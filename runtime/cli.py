@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from compiler.cli import UsageError
+    from compiler.errors import UsageError
 
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise UsageError("--max-new-tokens must not be negative")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 EOS_ID = 0
 VOCAB_SIZE = 256

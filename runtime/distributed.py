@@ -72,7 +72,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from compiler.cli import RunError
+from compiler.errors import RunError
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

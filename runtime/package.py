@@ -15,7 +15,7 @@ import os
 import sys
 from types import ModuleType
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 
 def build_package(spec: str, run_dir: str, *, check_only: bool = False) -> str:
@@ -25,10 +25,10 @@ def build_package(spec: str, run_dir: str, *, check_only: bool = False) -> str:
     change is a RunError (a resumed run must train the model it started with).
     """
     from compiler.build import build
-    from compiler.cli import _compile
     from compiler.diagnostics import ForgeError
+    from compiler.driver import compile_and_report
 
-    comp = _compile(spec, quiet=True)  # prints located diagnostics; None on errors
+    comp = compile_and_report(spec, quiet=True)  # prints located diagnostics; None on errors
     if comp is None:
         raise RunError(f"cannot train {spec}: the spec has errors (above)")
     out = os.path.join(run_dir, "package")

@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 BYTES = {"fp32": 4, "bf16": 2}
 MESH_ORDER = ("pp", "dp", "tp")  # pipeline outermost
@@ -531,11 +531,12 @@ def recomputed(acts: Activations, units: list[str], ckpt: list[str]) -> int:
 def _compile_plan(spec: str, plan_name: str, world: int):
     """(compilation, plan, the longest text a sequence may have: None for the
     decoder's max_seq_len)."""
-    from compiler.cli import _compile, _print_diagnostics, _sources_of
-    from compiler.diagnostics import Diagnostics
+    from compiler.diagnostics import Diagnostics, print_diagnostics
+    from compiler.driver import compile_and_report
     from compiler.plans import validate, validate_vlm_plan
+    from compiler.source import sources_of
 
-    comp = _compile(spec, quiet=True)
+    comp = compile_and_report(spec, quiet=True)
     if comp is None:
         raise RunError(f"cannot plan {spec}: the spec has errors (above)")
     if plan_name not in comp.plans:
@@ -549,7 +550,7 @@ def _compile_plan(spec: str, plan_name: str, world: int):
     else:
         validate(plan, comp.models[plan.target], comp.graphs[plan.target], diags, world=world)
     if diags.error_count:
-        _print_diagnostics(diags, _sources_of(diags), False)
+        print_diagnostics(diags, sources_of(diags))
         raise RunError(f"plan '{plan_name}' does not fit {world} ranks (above)")
     if plan.target != comp.main_model():
         raise UsageError(f"plan '{plan_name}' is for '{plan.target}'; {spec} builds "

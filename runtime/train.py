@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, PackedData, check_vocab, load_token_file, stdlib_corpus

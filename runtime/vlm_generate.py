@@ -21,10 +21,10 @@ import sys
 import numpy as np
 import torch
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 from .data import ByteTokenizer
-from .generate import sample_next
+from .sampling import sample_next
 from .vision_data import BOS_ID, eval_set
 
 

@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX

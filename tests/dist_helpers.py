@@ -91,7 +91,7 @@ def train_runs(runs: list[tuple[list[str], dict]]) -> int:
 
 def _main_keep_group(argv: list[str]) -> int:
     """runtime.distributed.main without the teardown (the next run reuses the group)."""
-    from compiler.cli import RunError, UsageError
+    from compiler.errors import RunError, UsageError
     from runtime import distributed
 
     args = distributed.worker_parser().parse_args(["train", *argv])

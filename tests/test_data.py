@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 from runtime.data import (
     EOS_ID,
     IGNORE_INDEX,

@@ -224,8 +224,9 @@ def test_every_subcommand_is_documented():
 
 
 def test_exit_codes_are_documented():
-    from compiler import cli
+    from compiler import errors
 
     text = section(DOC_TEXT, "The command line")
-    for code in (cli.EXIT_OK, cli.EXIT_SPEC, cli.EXIT_USAGE, cli.EXIT_INTERNAL):
+    for code in (errors.EXIT_OK, errors.EXIT_SPEC, errors.EXIT_USAGE, errors.EXIT_INTERNAL,
+                 errors.EXIT_INTERRUPTED):
         assert f"**{code}**" in text

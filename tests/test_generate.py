@@ -11,18 +11,11 @@ import torch
 from conftest import ENCODER_SPEC, ROOT
 from conftest import cli as run_forgec
 
-from compiler.cli import RunError
+from compiler.errors import RunError
 from runtime.data import ByteTokenizer
-from runtime.generate import (
-    filter_logits,
-    generate,
-    generate_text,
-    load_run_model,
-    sample_next,
-    top_k_mask,
-    top_p_mask,
-)
+from runtime.generate import generate, generate_text, load_run_model
 from runtime.package import build_package, import_package
+from runtime.sampling import filter_logits, sample_next, top_k_mask, top_p_mask
 from runtime.train import train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")

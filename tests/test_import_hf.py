@@ -22,11 +22,11 @@ import transformers as hf
 from conftest import ROOT, run_forgec
 
 from compiler.build import build
-from compiler.cli import RunError
 from compiler.cli import main as forgec
 from compiler.cost import cost
 from compiler.diagnostics import Diagnostics
 from compiler.driver import compile_spec
+from compiler.errors import RunError
 from compiler.importers.common import JSONSyntaxError, parse_json, parse_toml, selectors
 from compiler.importers.hf import import_hf
 from compiler.importers.kf import import_kf

@@ -16,7 +16,7 @@ import torch
 from conftest import ENCODER_SPEC, ROOT
 from conftest import cli as run_forgec
 
-from compiler.cli import RunError, UsageError
+from compiler.errors import RunError, UsageError
 from runtime.checkpoint import list_checkpoints, load_checkpoint
 from runtime.data import PackedData, stdlib_corpus
 from runtime.package import build_package, import_package

@@ -21,8 +21,8 @@ from conftest import ROOT
 from conftest import cli as forgec
 
 from compiler.build import build
-from compiler.cli import RunError
 from compiler.driver import compile_spec
+from compiler.errors import RunError
 from runtime.data import IGNORE_INDEX
 from runtime.train import MoEStats, read_metrics, train
 from runtime.vision_data import (

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from ..errors import EXIT_OK, EXIT_SPEC, UsageError
+
 MAX_CONFIG_BYTES = 16 << 20  # a config is a few KB
 
 
@@ -50,8 +52,6 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 def _output(args) -> tuple[str, str]:
     """The spec path and the model name (its file name); usage errors otherwise."""
-    from ..cli import UsageError
-
     out = args.output
     stem, ext = os.path.splitext(os.path.basename(out))
     if ext != ".forge":
@@ -70,8 +70,6 @@ def _output(args) -> tuple[str, str]:
 
 
 def _read(path: str) -> str:
-    from ..cli import UsageError
-
     try:
         size = os.path.getsize(path)
         if size > MAX_CONFIG_BYTES:
@@ -86,22 +84,12 @@ def _read(path: str) -> str:
         raise UsageError(f"{path} is not UTF-8 text: not a model config") from None
 
 
-def _report(diags, sources) -> None:
-    from ..diagnostics import render
-
-    for d in diags.sorted():
-        print(render(d, sources), file=sys.stderr)
-    n = diags.error_count
-    if n:
-        print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
-
-
 def _finish(text: str, out: str, name: str) -> int:
     """Write the spec, compile it, print one line about it."""
-    from ..cli import EXIT_OK, EXIT_SPEC, _print_diagnostics, _sources_of
     from ..cost import cost
-    from ..diagnostics import CompileFailed, Diagnostics
+    from ..diagnostics import CompileFailed, Diagnostics, print_diagnostics
     from ..driver import compile_spec
+    from ..source import sources_of
 
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
@@ -109,7 +97,7 @@ def _finish(text: str, out: str, name: str) -> int:
     try:
         comp = compile_spec(out, diags)
     except CompileFailed:
-        _print_diagnostics(diags, _sources_of(diags))
+        print_diagnostics(diags, sources_of(diags))
         print(f"forgec: {out} was written but does not compile (above)", file=sys.stderr)
         return EXIT_SPEC
     c = cost(comp.graphs[name])
@@ -119,8 +107,7 @@ def _finish(text: str, out: str, name: str) -> int:
 
 
 def _import(args, parse, convert, path: str) -> int:
-    from ..cli import EXIT_SPEC
-    from ..diagnostics import Diagnostics, SourceCache
+    from ..diagnostics import Diagnostics, SourceCache, print_diagnostics
     from ..source import display_path
     from .common import JSONSyntaxError
 
@@ -139,13 +126,12 @@ def _import(args, parse, convert, path: str) -> int:
         spec = convert(located, name, shown, diags, ignore=set(args.ignore),
                        max_seq_len=args.max_seq_len)
     if spec is None or diags.error_count:
-        _report(diags, sources)
+        print_diagnostics(diags, sources)
         return EXIT_SPEC
     return _finish(spec, out, name)
 
 
 def cmd_import_hf(args) -> int:
-    from ..cli import UsageError
     from .common import parse_json
     from .hf import import_hf
 
@@ -160,7 +146,6 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_import_kf(args) -> int:
-    from ..cli import UsageError
     from .common import parse_toml
     from .kf import import_kf
 
