@@ -249,6 +249,8 @@ def cmd_graph(args) -> int:
         view.graph["name"] = f"{owners[0].name}.{block}"
     else:
         raise UsageError(f"unknown view '{args.view}' (model, full, block:NAME)")
+    if name in result.vlms and not args.view.startswith("block:"):
+        view = graphio.in_dataflow_order(view)
     if args.format == "json":
         text = graphio.to_json(view, args.view)
     else:

@@ -24,6 +24,19 @@ def _plain(value):
     return str(value)
 
 
+def in_dataflow_order(graph: nx.Graph) -> nx.Graph:
+    """The same graph with its nodes (and their out-edges) listed producers first, ties
+    in the order they were made: what lowering spliced into a VLM's graph (the fusion,
+    cross-attention blocks) then reads in its place."""
+    made = {n: i for i, n in enumerate(graph.nodes)}
+    order = list(nx.lexicographical_topological_sort(graph, key=made.__getitem__))
+    out = graph.__class__()
+    out.graph.update(graph.graph)
+    out.add_nodes_from((n, graph.nodes[n]) for n in order)
+    out.add_edges_from((u, v, d) for n in order for u, v, d in graph.out_edges(n, data=True))
+    return out
+
+
 _NODE_KEYS = ("kind", "op", "fqn", "component", "block", "layer", "shape", "args", "weights",
               "tied", "factor", "block_output", "part", "fusion", "after", "drop")
 

@@ -259,24 +259,24 @@ def _copy_into(g: nx.MultiDiGraph, sub: nx.MultiDiGraph, prefix: str, seq, modal
     def named(key: str) -> str:
         return f"{prefix}.{key}"
 
-    for n, data in sub.nodes(data=True):
-        if ids[n] is None:
-            continue
-        node = dict(data)
-        if data["kind"] not in ("input", "output"):
-            node["part"] = prefix
-            node["shape"] = _with_seq(data["shape"], seq)
-            if data.get("fqn"):
-                node["fqn"] = named(data["fqn"])
-            if data.get("group"):
-                node["group"] = named(data["group"])
-            if "weights" in data:
-                node["weights"] = {named(k): v for k, v in data["weights"].items()}
-                node["tied"] = {named(k): named(v) for k, v in data["tied"].items()}
-        g.add_node(ids[n], **node)
-    for u, v, data in sub.edges(data=True):
-        if ids[u] is not None and ids[v] is not None:
-            g.add_edge(ids[u], ids[v], index=data["index"], modality=modality)
+    def node(data: dict) -> dict:
+        if data["kind"] in ("input", "output"):
+            return data
+        node = {**data, "part": prefix, "shape": _with_seq(data["shape"], seq)}
+        if data.get("fqn"):
+            node["fqn"] = named(data["fqn"])
+        if data.get("group"):
+            node["group"] = named(data["group"])
+        if "weights" in data:
+            node["weights"] = {named(k): v for k, v in data["weights"].items()}
+            node["tied"] = {named(k): named(v) for k, v in data["tied"].items()}
+        return node
+
+    g.add_nodes_from((ids[n], node(data)) for n, data in sub.nodes(data=True)
+                     if ids[n] is not None)
+    g.add_edges_from((ids[u], ids[v], {"index": data["index"], "modality": modality})
+                     for u, v, data in sub.edges(data=True)
+                     if ids[u] is not None and ids[v] is not None)
     return ids
 
 
@@ -367,19 +367,7 @@ def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDi
             _reroute(g, ends[layer], fqn, "text")
             g.add_edge(ends[layer], fqn, index=0, modality="text")
             g.add_edge(ADAPTER, fqn, index=1, modality="memory")
-    return _in_dataflow_order(g)
-
-
-def _in_dataflow_order(g: nx.MultiDiGraph) -> nx.MultiDiGraph:
-    """The same graph with its nodes (and their out-edges) listed producers first,
-    so that what lowering spliced in (fusion, cross-attention) reads in its place."""
-    out = nx.MultiDiGraph()
-    out.graph.update(g.graph)
-    made = {n: i for i, n in enumerate(g.nodes)}  # ties: the order lowering made them in
-    order = list(nx.lexicographical_topological_sort(g, key=made.__getitem__))
-    out.add_nodes_from((n, g.nodes[n]) for n in order)
-    out.add_edges_from((u, v, d) for n in order for u, v, d in g.out_edges(n, data=True))
-    return out
+    return g
 
 
 def _into(g: nx.MultiDiGraph, node: str) -> str:
