@@ -346,10 +346,22 @@ def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDi
         g.add_edge(head, OUTPUT_SLICE, index=0, modality="image+text")
         g.add_edge(OUTPUT_SLICE, LOGITS, index=0, modality="text")
         if name in ("mot", "moma"):  # MoT copies each block op per modality, MoMa its MLPs
+            modalities = fusion.args["modalities"]
+            experts = fusion.op.weights(fusion.args)  # "moma.MODALITY.PARAM", one layer's
             for data in g.nodes.values():
-                if data.get("part") == TEXT_PREFIX and data["layer"] is not None and \
-                        data["kind"] == "op" and (name == "mot" or data["op"] in MLP_OPS):
-                    data["fusion"] = name
+                if data.get("part") != TEXT_PREFIX or data["layer"] is None or \
+                        data["kind"] != "op" or (name == "moma" and data["op"] not in MLP_OPS):
+                    continue
+                data["fusion"] = name
+                fqn, own = data["fqn"], data["weights"]
+                if not own:
+                    continue  # a repeated application: its weights sit on the first
+                if name == "mot":
+                    data["weights"] = {f"{fqn}.{m}{w[len(fqn):]}": shape
+                                       for m in modalities for w, shape in own.items()}
+                else:
+                    data["weights"] = {f"{fqn}{w[len('moma'):]}": shape
+                                       for w, shape in experts.items()}
     elif name == "cross_attention":
         ends = {}  # decoder layer → its block's output
         for n, data in g.nodes(data=True):
