@@ -391,7 +391,6 @@ VLM_SPECS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d")
 @pytest.mark.parametrize("name", VLM_SPECS)
 def test_only_a_non_causal_fusion_keeps_a_vlm_from_decoding(name):
     result = compile_spec(str(ROOT / "specs" / f"{name}.forge"))
-    assert codes(result.diagnostics, None) == []
     g = result.vlm_graphs[name]
     # the encoder's bidirectional attention is no obstacle: the image is encoded before decoding
     assert any(not d["args"].get("causal", True) for _, d in g.nodes(data=True)
@@ -399,8 +398,13 @@ def test_only_a_non_causal_fusion_keeps_a_vlm_from_decoding(name):
     if name == "vlm_moma":
         assert g.graph["supports_kv_cache"] is False
         assert g.graph["non_causal"] == [(FUSION, result.vlms[name].fusion.span)]
+        assert codes(result.diagnostics, None) == [("N001", 10, 13)]  # at the fusion
+        assert result.diagnostics.items[0].message == (
+            "vlm 'vlm_moma' is training-only: moma 'fusion' is not causal, so it cannot decode "
+            "with a KV cache")
     else:
         assert g.graph["supports_kv_cache"] is True and g.graph["non_causal"] == []
+        assert codes(result.diagnostics, None) == []
 
 
 def test_a_vlm_over_a_non_causal_decoder_is_noted_once(forge):

@@ -5,9 +5,9 @@ model training-only; the finding is recorded on the graph
 (`supports_kv_cache`, `non_causal`) and stated as a note with the op's place.
 In a VLM's graph only the decoder's side counts: the image is encoded once,
 before decoding, so the vision encoder and adapter may look at all of it; a
-fusion that is not causal (MoMa's expert choice) makes the VLM training-only.
-That graph's text model was checked on its own (its note said so), so here the
-finding is recorded, not restated.
+fusion that is not causal (MoMa's expert choice) makes the VLM training-only,
+noted at the fusion. Its text model was checked on its own (and noted there),
+so its ops are recorded here, not noted again.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
                 offenders.append((data["fqn"] or data["component"], data["decl_span"], op.name))
     graph.graph["supports_kv_cache"] = not offenders
     graph.graph["non_causal"] = [(fqn, span) for fqn, span, _ in offenders]
-    if offenders and vlm is None:
+    if vlm is not None:  # its decoder's own ops were noted with the text model
+        offenders = [o for o in offenders if o[0] == FUSION]
+    if offenders:
         fqn, span, op = offenders[0]
         more = f" (and {len(offenders) - 1} more)" if len(offenders) > 1 else ""
-        diags.note("N001", f"model '{graph.graph['name']}' is training-only: {op} '{fqn}' is "
-                   f"not causal{more}, so it cannot decode with a KV cache", span)
+        diags.note("N001", f"{'model' if vlm is None else 'vlm'} '{graph.graph['name']}' is "
+                   f"training-only: {op} '{fqn}' is not causal{more}, so it cannot decode with "
+                   "a KV cache", span)
