@@ -21,7 +21,9 @@ expects is checked afterwards by compiler/checks/shapes.py, so lowering never
 fails on a shape.
 
 `model_view` contracts each layer to one node; `block_view` lowers one block
-on its own, with symbolic inputs.
+on its own, its inputs of the hidden shape. `lower_vlm` joins a vision
+encoder's graph, an adapter, a fusion and a text model's graph into the one
+graph of a vision-language model, its edges typed by modality.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import networkx as nx
 
 from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
 from .ops import patch_tokens
+from .vlm import MLP_OPS, VLM
 
 TOKENS, LOGITS = "tokens", "logits"
 PIXELS, FEATURES = "pixels", "features"  # a vision encoder's input and output
@@ -241,7 +244,6 @@ IMAGE = "pixel_values"  # a VLM's inputs, named as its generated forward() names
 VISION_PREFIX, TEXT_PREFIX = "vision_encoder", "transformer"  # parameter FQN prefixes
 ADAPTER, FUSION, OUTPUT_SLICE = "adapter", "fusion", "output_slice"
 PREFIXED = ("joint_decoder", "mot", "moma")  # fusions that prefix image tokens to the text
-MLP_OPS = ("swiglu", "gelu_mlp", "relu_mlp", "moe")  # what a MoMa fusion replaces
 
 
 def _with_seq(shape, seq):
@@ -288,7 +290,7 @@ def _reroute(g: nx.MultiDiGraph, src: str, via: str, modality: str) -> None:
             g.add_edge(via, dst, index=data["index"], modality=modality)
 
 
-def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDiGraph:
+def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDiGraph:
     """A vision-language model as one graph, from the lowered graphs of its parts.
 
     pixel_values (B, C, H, W) → vision_encoder.* → adapter → image tokens, and
@@ -309,7 +311,7 @@ def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDi
     patch = vision_model.components["patch_embedding"].args
     vids = _copy_into(g, vision, VISION_PREFIX, patch_tokens(patch), "image",
                       {PIXELS: IMAGE, FEATURES: None})
-    encoded = vids[_into(vision, FEATURES)]
+    encoded = vids[producer(vision, FEATURES)]
 
     adapter, tokens = vlm.adapter, vlm.image_tokens
     g.add_node(ADAPTER, kind="op", op=adapter.op.name, component=ADAPTER, fqn=ADAPTER,
@@ -339,7 +341,7 @@ def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDi
         _reroute(g, embed, FUSION, "image+text")
         g.add_edge(ADAPTER, FUSION, index=0, modality="image")
         g.add_edge(embed, FUSION, index=1, modality="text")
-        head = _into(g, LOGITS)
+        head = producer(g, LOGITS)
         g.remove_edge(head, LOGITS)  # the one edge between them
         g.add_node(OUTPUT_SLICE, kind="slice", fqn="", drop=tokens, span=fusion.span,
                    layer=None, block=None, part=FUSION, shape=g.nodes[LOGITS]["shape"])
@@ -382,6 +384,6 @@ def lower_vlm(vlm, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDi
     return g
 
 
-def _into(g: nx.MultiDiGraph, node: str) -> str:
+def producer(g: nx.MultiDiGraph, node: str) -> str:
     """The node feeding `node`'s first input."""
     return next(src for src, _, d in g.in_edges(node, data=True) if d["index"] == 0)

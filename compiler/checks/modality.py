@@ -14,15 +14,9 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from ..lower import ADAPTER, TEXT_PREFIX, VISION_PREFIX
+from ..lower import ADAPTER, PREFIXED, TEXT_PREFIX, VISION_PREFIX, producer
 
-PREFIXED = ("joint_decoder", "mot", "moma")  # image tokens share the decoder's sequence
 ROUTED = ("mot", "moma")  # components chosen per token by its modality
-
-
-def _into(graph: nx.MultiDiGraph, node: str) -> str:
-    """The node feeding `node`'s first input."""
-    return next(src for src, _, d in graph.in_edges(node, data=True) if d["index"] == 0)
 
 
 def _position_limit(text) -> int | None:
@@ -34,7 +28,7 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     vlm, text, vision = graph.graph["vlm"], graph.graph["text"], graph.graph["vision"]
     adapter = graph.nodes[ADAPTER]
     a, spans, where = adapter["args"], vlm.adapter.arg_spans, vlm.adapter.span
-    vdim = graph.nodes[_into(graph, ADAPTER)]["shape"][-1]
+    vdim = graph.nodes[producer(graph, ADAPTER)]["shape"][-1]
     tdim = graph.nodes[f"{TEXT_PREFIX}.token_embedding"]["shape"][-1]
     if a["in_dim"] != vdim:
         diags.error("E131", f"the adapter takes width {a['in_dim']} but '{vision.name}' "
