@@ -100,7 +100,8 @@ def bind_vlm(sec, binder, models: dict[str, Model], diags: Diagnostics) -> VLM |
         if not comp.ok:
             ok = False
             continue
-        # the checks below divide by these (no model's positive_sizes pass sees them)
+        # image_tokens() and the modality pass divide by these (no model's positive_sizes
+        # pass sees them)
         bad = [a for a in comp.op.sizes if isinstance(comp.args.get(a), int) and comp.args[a] <= 0]
         for a in bad:
             diags.error("E073", f"'{a}' of {comp.op.name} must be positive, got {comp.args[a]}",
