@@ -68,7 +68,8 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
 
     g = sub.add_parser("graph", help="the lowered graph as DOT, JSON or SVG")
     g.add_argument("spec", metavar="SPEC")
-    g.add_argument("--model")
+    g.add_argument("--model", help="a vlm (all of it, the default for a vlm spec), or one "
+                   "model or vision encoder of the spec")
     g.add_argument("--format", choices=("dot", "json", "svg"), default="dot")
     g.add_argument("--view", default="model",
                    help="model (one node per layer), full (every op), or block:NAME")
@@ -187,23 +188,33 @@ def cmd_graph(args) -> int:
     if result is None:
         return EXIT_SPEC
     name = _select(result, args.model)
-    if name in result.vlms:  # its decoder; `--model ENCODER` shows the vision side
-        name = result.vlms[name].text
-    graph = result.graphs[name]
+    if name in result.vlms:  # the whole VLM; `--model TEXT|ENCODER` draws one part
+        vlm = result.vlms[name]
+        graph = result.vlm_graphs[name]
+        parts = [result.models[vlm.vision], result.models[vlm.text]]
+    else:
+        graph = result.graphs[name]
+        parts = [result.models[name]]
     if args.view == "model":
         view = model_view(graph)
     elif args.view == "full":
         view = graph
     elif args.view.startswith("block:"):
         block = args.view.split(":", 1)[1]
-        model = result.models[name]
-        if block not in model.blocks:
+        owners = [m for m in parts if block in m.blocks]
+        if not owners:
+            known = [b for m in parts for b in m.blocks]
             raise UsageError(f"no block '{block}' in model '{name}' "
-                             f"(blocks: {', '.join(model.blocks)})")
-        view = block_view(model, block)
-        view.graph["name"] = f"{name}.{block}"
+                             f"(blocks: {', '.join(known)})")
+        if len(owners) > 1:
+            raise UsageError(f"block '{block}' is in both '{owners[0].name}' and "
+                             f"'{owners[1].name}'; choose one with --model")
+        view = block_view(owners[0], block)
+        view.graph["name"] = f"{owners[0].name}.{block}"
     else:
         raise UsageError(f"unknown view '{args.view}' (model, full, block:NAME)")
+    if name in result.vlms and not args.view.startswith("block:"):
+        view = graphio.in_dataflow_order(view)
     if args.format == "json":
         text = graphio.to_json(view, args.view)
     else:

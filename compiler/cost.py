@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from .lower import FUSION
 from .ops import OPS, numel
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
@@ -121,10 +122,12 @@ def vlm_cost(comp, vlm) -> Cost:
     fusion_total, fusion_active = fusion_params(vlm, comp.models[vlm.text])
     c.params_total += extra + fusion_total
     c.params_active += extra + fusion_active
-    if not vlm.fusion.op.causal(vlm.fusion.args):
+    found = comp.vlm_graphs[vlm.name].graph  # checks/causality.py over the VLM's graph
+    if not found["supports_kv_cache"]:
         c.supports_kv_cache = False
         c.kv_bytes_per_token = 0
-        c.non_causal = [*c.non_causal, f"fusion {vlm.fusion.op.name} ({vlm.name})"]
+        if any(fqn == FUSION for fqn, _ in found["non_causal"]):
+            c.non_causal = [*c.non_causal, f"fusion {vlm.fusion.op.name} ({vlm.name})"]
     c.breakdown = {**{f"vision_encoder.{k}": v for k, v in vision.breakdown.items()},
                    "adapter": sum(numel(s) for s in vlm.adapter.op.weights(vlm.adapter.args)
                                   .values()),

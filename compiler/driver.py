@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .bind import Model, bind_program, new_binder
-from .checks import run_checks
+from .checks import run_checks, run_vlm_checks
 from .diagnostics import CompileFailed, Diagnostics, ForgeError, Span, print_diagnostics
 from .errors import UsageError
-from .lower import lower
+from .lower import lower, lower_vlm
 from .plans import Plan, bind_plan, validate, validate_vlm_plan
 from .resolve import Program, load_program
 from .source import sources_of
 from .vlm import VLM, bind_vlm, section_refs
-from .vlm import validate as validate_vlm
 
 
 @dataclass
@@ -32,6 +31,7 @@ class Compilation:
     diagnostics: Diagnostics
     plans: dict[str, Plan] = field(default_factory=dict)
     vlms: dict[str, VLM] = field(default_factory=dict)
+    vlm_graphs: dict[str, nx.MultiDiGraph] = field(default_factory=dict)  # one per vlm
 
     def main_model(self) -> str:
         """The model a spec is about: the one named like the file, else the last one."""
@@ -76,9 +76,12 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
     graphs = {name: lower(model) for name, model in models.items()}
     for graph in graphs.values():
         run_checks(graph, diags, bound_cleanly=bound_cleanly)
+    vlm_graphs = {}
     if diags.error_count == 0:
-        for vlm in vlms.values():
-            validate_vlm(vlm, models, diags)
+        # a vlm joins graphs that are sound on their own
+        for name, vlm in vlms.items():
+            vlm_graphs[name] = lower_vlm(vlm, graphs[vlm.text], graphs[vlm.vision])
+            run_vlm_checks(vlm_graphs[name], diags)
         for plan in plans.values():
             if plan.target in vlms:
                 validate_vlm_plan(plan, vlms[plan.target], models, graphs, diags)
@@ -86,8 +89,7 @@ def compile_spec(path: str, diags: Diagnostics | None = None) -> Compilation:
                 validate(plan, models[plan.target], graphs[plan.target], diags)
     if diags.error_count:
         raise CompileFailed(diags)
-    return Compilation(program, models, graphs, diags, plans, vlms)
-
+    return Compilation(program, models, graphs, diags, plans, vlms, vlm_graphs)
 
 
 def compile_and_report(path: str, quiet: bool = False) -> Compilation | None:

@@ -24,8 +24,21 @@ def _plain(value):
     return str(value)
 
 
+def in_dataflow_order(graph: nx.Graph) -> nx.Graph:
+    """The same graph with its nodes (and their out-edges) listed producers first, ties
+    in the order they were made: what lowering spliced into a VLM's graph (the fusion,
+    cross-attention blocks) then reads in its place."""
+    made = {n: i for i, n in enumerate(graph.nodes)}
+    order = list(nx.lexicographical_topological_sort(graph, key=made.__getitem__))
+    out = graph.__class__()
+    out.graph.update(graph.graph)
+    out.add_nodes_from((n, graph.nodes[n]) for n in order)
+    out.add_edges_from((u, v, d) for n in order for u, v, d in graph.out_edges(n, data=True))
+    return out
+
+
 _NODE_KEYS = ("kind", "op", "fqn", "component", "block", "layer", "shape", "args", "weights",
-              "tied", "factor", "block_output")
+              "tied", "factor", "block_output", "part", "fusion", "after", "drop")
 
 
 def to_json(graph: nx.Graph, view: str) -> str:
@@ -36,7 +49,7 @@ def to_json(graph: nx.Graph, view: str) -> str:
         if "span" in data and data["span"] is not None:
             node["source"] = str(data["span"])
         nodes.append(node)
-    edges = [{"source": u, "target": v, **({"index": d["index"]} if "index" in d else {})}
+    edges = [{"source": u, "target": v, **{k: d[k] for k in ("index", "modality") if k in d}}
              for u, v, d in graph.edges(data=True)]
     doc = {"model": graph.graph.get("name"), "view": view, "nodes": nodes, "edges": edges}
     return json.dumps(doc, indent=2) + "\n"
@@ -57,6 +70,14 @@ _STYLE = {
     "block": 'shape=box3d, style=filled, fillcolor="#f0f0f0"',
     "add": 'shape=circle, label="+", width=0.3, fixedsize=true',
     "scale": "shape=circle, width=0.3, fixedsize=true",
+    "slice": 'shape=box, style="dashed"',
+}
+
+# a VLM's edges, by what flows along them (compiler/lower.py, `lower_vlm`); text is plain
+_EDGE_STYLE = {
+    "image": 'color="#1a73e8"',
+    "image+text": 'color="#9334e6"',
+    "memory": 'color="#1a73e8", style=dashed, label="memory", fontsize=8',
 }
 
 
@@ -73,15 +94,21 @@ def to_dot(graph: nx.Graph, view: str) -> str:
         elif kind == "scale":
             label = f"×{data.get('factor', 1.0):g}"
         elif kind == "block":
-            label = f"{n}\n{data.get('block')}\n{_shape(data.get('shape'))}"
+            block = data.get("block") + (f" [{data['fusion']}]" if "fusion" in data else "")
+            label = f"{n}\n{block}\n{_shape(data.get('shape'))}"
         elif kind == "op":
-            label = f"{data.get('fqn') or n}\n{data.get('op')}\n{_shape(data.get('shape'))}"
+            op = data.get("op") + (f" [{data['fusion']}]" if "fusion" in data else "")
+            label = f"{data.get('fqn') or n}\n{op}\n{_shape(data.get('shape'))}"
+        elif kind == "slice":
+            label = (f"{n}\ndrop {data.get('drop')} image positions\n"
+                     f"{_shape(data.get('shape'))}")
         else:
             label = f"{n}\n{_shape(data.get('shape'))}"
         attrs = style + (f", label={_quote(label)}" if label is not None else "")
         lines.append(f"  {ids[n]} [{attrs}];")
-    for u, v in graph.edges():
-        lines.append(f"  {ids[u]} -> {ids[v]};")
+    for u, v, data in graph.edges(data=True):
+        style = _EDGE_STYLE.get(data.get("modality"))
+        lines.append(f"  {ids[u]} -> {ids[v]}" + (f" [{style}]" if style else "") + ";")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

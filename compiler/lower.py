@@ -21,7 +21,9 @@ expects is checked afterwards by compiler/checks/shapes.py, so lowering never
 fails on a shape.
 
 `model_view` contracts each layer to one node; `block_view` lowers one block
-on its own, with symbolic inputs.
+on its own, its inputs of the hidden shape. `lower_vlm` joins a vision
+encoder's graph, an adapter, a fusion and a text model's graph into the one
+graph of a vision-language model, its edges typed by modality.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from __future__ import annotations
 import networkx as nx
 
 from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
+from .ops import patch_tokens
+from .vlm import MLP_OPS, VLM
 
 TOKENS, LOGITS = "tokens", "logits"
 PIXELS, FEATURES = "pixels", "features"  # a vision encoder's input and output
@@ -69,6 +73,7 @@ class _Lowerer:
 
     def block(self, block: Block, prefix: str, inputs: dict[str, str], layer: int | None) -> str | None:
         env = dict(inputs)
+        group = prefix or None  # the unit `model_view` contracts to one node
         counter = {"n": 0}
         applied: dict[str, int] = {}
 
@@ -87,13 +92,13 @@ class _Lowerer:
                 applied[f.component] = n + 1
                 node_id = fqn if n == 0 else f"{fqn}#{n}"
                 return self.op_node(node_id, comp, fqn, f.span, [a for a in args if a],
-                                    layer=layer, block=block.name, arity=len(args))
+                                    layer=layer, block=block.name, group=group, arity=len(args))
             if isinstance(f, FAdd):
                 left, right = lower_flow(f.left), lower_flow(f.right)
                 node_id = fresh("add")
                 lshape = self.g.nodes[left]["shape"] if left else None
                 self.g.add_node(node_id, kind="add", fqn="", shape=lshape, span=f.span,
-                                layer=layer, block=block.name)
+                                layer=layer, block=block.name, group=group)
                 for i, src in enumerate((left, right)):
                     if src is not None:
                         self.g.add_edge(src, node_id, index=i)
@@ -103,7 +108,7 @@ class _Lowerer:
                 node_id = fresh("scale")
                 self.g.add_node(node_id, kind="scale", fqn="", factor=f.factor,
                                 shape=self.g.nodes[src]["shape"] if src else None, span=f.span,
-                                layer=layer, block=block.name)
+                                layer=layer, block=block.name, group=group)
                 if src is not None:
                     self.g.add_edge(src, node_id, index=0)
                 return node_id
@@ -178,16 +183,21 @@ def lower(model: Model) -> nx.MultiDiGraph:
 
 
 def block_view(model: Model, block_name: str) -> nx.MultiDiGraph:
-    """One block on its own: its inputs become `input` nodes."""
+    """One block on its own: its inputs become `input` nodes of the hidden shape a
+    stacked block receives (what its model's embedding gives)."""
     low = _Lowerer(model)
     block = model.blocks[block_name]
+    embed = model.components.get("patch_embedding" if model.kind == "vision" else
+                                 "token_embedding")
+    hidden = embed.op.output(embed.args) if embed is not None and embed.ok else None
     inputs = {}
     for name in block.inputs:
-        low.g.add_node(name, kind="input", fqn="", shape=None, span=block.name_span,
-                       layer=None, block=block_name)
+        low.g.add_node(name, kind="input", fqn="", shape=hidden if _shape_ok(hidden) else None,
+                       span=block.name_span, layer=None, block=block_name)
         inputs[name] = name
     out = low.block(block, "", inputs, None)
-    low.g.add_node("return", kind="output", fqn="", shape=None, span=block.ret_span or block.span,
+    low.g.add_node("return", kind="output", fqn="", span=block.ret_span or block.span,
+                   shape=low.g.nodes[out]["shape"] if out is not None else None,
                    layer=None, block=block_name)
     if out is not None:
         low.g.add_edge(out, "return", index=0)
@@ -195,23 +205,25 @@ def block_view(model: Model, block_name: str) -> nx.MultiDiGraph:
 
 
 def model_view(g: nx.MultiDiGraph) -> nx.DiGraph:
-    """Each layer (and inserted block) contracted to one node."""
+    """Each layer (and inserted block) contracted to one node; edges keep their modality."""
     group: dict[str, str] = {}
     view = nx.DiGraph(name=g.graph["name"])
     for n, data in g.nodes(data=True):
         if data.get("layer") is not None:
-            fqn = data["fqn"] or n
-            gid = ".".join(fqn.split("/")[0].split(".")[:2])
+            gid = data["group"]
             group[n] = gid
             if gid not in view:
-                view.add_node(gid, kind="block", block=data["block"], layer=data["layer"])
+                view.add_node(gid, kind="block", block=data["block"], layer=data["layer"],
+                              **({"part": data["part"]} if "part" in data else {}))
+            if "fusion" in data:
+                view.nodes[gid]["fusion"] = data["fusion"]
         else:
             group[n] = n
-            view.add_node(n, **{k: v for k, v in data.items() if k in ("kind", "op", "shape")})
-    for u, v in g.edges():
+            view.add_node(n, **{k: v for k, v in data.items() if k in _VIEW_KEYS})
+    for u, v, data in g.edges(data=True):
         gu, gv = group[u], group[v]
         if gu != gv:
-            view.add_edge(gu, gv)
+            view.add_edge(gu, gv, **({"modality": data["modality"]} if "modality" in data else {}))
     last_output: dict[str, str] = {}  # group → its last block output (one pass, not n²)
     for n, data in g.nodes(data=True):
         if data.get("block_output"):
@@ -221,3 +233,157 @@ def model_view(g: nx.MultiDiGraph) -> nx.DiGraph:
             out = last_output.get(gid)
             view.nodes[gid]["shape"] = g.nodes[out]["shape"] if out else None
     return view
+
+
+_VIEW_KEYS = ("kind", "op", "shape", "part", "fusion", "drop")
+
+
+# ---- a vision-language model as one graph -------------------------------------------------
+
+IMAGE = "pixel_values"  # a VLM's inputs, named as its generated forward() names them
+VISION_PREFIX, TEXT_PREFIX = "vision_encoder", "transformer"  # parameter FQN prefixes
+ADAPTER, FUSION, OUTPUT_SLICE = "adapter", "fusion", "output_slice"
+PREFIXED = ("joint_decoder", "mot", "moma")  # fusions that prefix image tokens to the text
+
+
+def _with_seq(shape, seq):
+    return tuple(seq if d == "S" else d for d in shape) if shape is not None else None
+
+
+def _copy_into(g: nx.MultiDiGraph, sub: nx.MultiDiGraph, prefix: str, seq, modality: str,
+               rename: dict[str, str]) -> dict[str, str]:
+    """Copy a model's graph into `g` under `prefix` (node ids, FQNs, parameter names),
+    its sequence symbol `S` replaced by `seq`; `rename` maps the ends (inputs,
+    outputs) to their names in `g`, or to None to leave them out. Returns the
+    old → new node ids."""
+    ids = {n: rename.get(n, f"{prefix}.{n}") for n in sub.nodes}
+
+    def named(key: str) -> str:
+        return f"{prefix}.{key}"
+
+    def node(data: dict) -> dict:
+        if data["kind"] in ("input", "output"):
+            return data
+        node = {**data, "part": prefix, "shape": _with_seq(data["shape"], seq)}
+        if data.get("fqn"):
+            node["fqn"] = named(data["fqn"])
+        if data.get("group"):
+            node["group"] = named(data["group"])
+        if "weights" in data:
+            node["weights"] = {named(k): v for k, v in data["weights"].items()}
+            node["tied"] = {named(k): named(v) for k, v in data["tied"].items()}
+        return node
+
+    g.add_nodes_from((ids[n], node(data)) for n, data in sub.nodes(data=True)
+                     if ids[n] is not None)
+    g.add_edges_from((ids[u], ids[v], {"index": data["index"], "modality": modality})
+                     for u, v, data in sub.edges(data=True)
+                     if ids[u] is not None and ids[v] is not None)
+    return ids
+
+
+def _reroute(g: nx.MultiDiGraph, src: str, via: str, modality: str) -> None:
+    """What `src` fed now comes from `via` (carrying `modality`)."""
+    for _, dst, key, data in list(g.out_edges(src, keys=True, data=True)):
+        if dst != via:
+            g.remove_edge(src, dst, key)
+            g.add_edge(via, dst, index=data["index"], modality=modality)
+
+
+def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.MultiDiGraph:
+    """A vision-language model as one graph, from the lowered graphs of its parts.
+
+    pixel_values (B, C, H, W) → vision_encoder.* → adapter → image tokens, and
+    tokens (B, S) → transformer.token_embedding → text tokens, meet at the
+    fusion: a joint decoder (and MoT/MoMa) prefixes the image tokens to the text
+    (a `fusion` node; the decoder runs over image + text positions and
+    `output_slice` drops the image positions from the logits); cross-attention
+    feeds the image tokens as memory into a block after every k-th layer.
+    Every edge carries `modality`: "image", "text", "image+text" (one sequence
+    of both) or "memory" (cross-attention keys and values). MoT nodes are
+    marked `fusion="mot"` (a copy per modality), the MLPs a MoMa replaces
+    `fusion="moma"`. Node shapes are concrete where the VLM fixes them (the
+    encoder's patch tokens, the image tokens); `S` is the text length.
+    """
+    text_model, vision_model = text.graph["model"], vision.graph["model"]
+    g = nx.MultiDiGraph()
+    g.graph.update(name=vlm.name, file=vlm.file, vlm=vlm, text=text_model, vision=vision_model)
+    patch = vision_model.components["patch_embedding"].args
+    vids = _copy_into(g, vision, VISION_PREFIX, patch_tokens(patch), "image",
+                      {PIXELS: IMAGE, FEATURES: None})
+    encoded = vids[producer(vision, FEATURES)]
+
+    adapter, tokens = vlm.adapter, vlm.image_tokens
+    g.add_node(ADAPTER, kind="op", op=adapter.op.name, component=ADAPTER, fqn=ADAPTER,
+               ok=adapter.ok, args=adapter.args,
+               weights={f"{ADAPTER}.{k}": v for k, v in adapter.op.weights(adapter.args).items()},
+               tied={}, shape=_with_seq(adapter.op.output(adapter.args), tokens),
+               span=adapter.span, decl_span=adapter.span, layer=None, block=None, arity=1,
+               part=ADAPTER)
+    g.add_edge(encoded, ADAPTER, index=0, modality="image")
+
+    fusion = vlm.fusion
+    name = fusion.op.name
+    prefixed = name in PREFIXED
+    seq = f"{tokens}+S" if prefixed else "S"
+    tids = _copy_into(g, text, TEXT_PREFIX, seq, "image+text" if prefixed else "text",
+                      {TOKENS: TOKENS, LOGITS: LOGITS})
+    embed = tids["token_embedding"]
+    g.nodes[embed]["shape"] = _with_seq(text.nodes["token_embedding"]["shape"], "S")
+    for _, _, data in g.out_edges(TOKENS, data=True):
+        data["modality"] = "text"
+    common = dict(kind="op", component=FUSION, ok=fusion.ok, args=fusion.args, tied={},
+                  span=fusion.span, decl_span=fusion.span, layer=None, block=None, part=FUSION)
+    if prefixed:
+        g.add_node(FUSION, op=name, fqn="", weights={}, arity=2,
+                   shape=g.nodes[embed]["shape"][:1] + (seq,) + g.nodes[embed]["shape"][2:],
+                   **common)
+        _reroute(g, embed, FUSION, "image+text")
+        g.add_edge(ADAPTER, FUSION, index=0, modality="image")
+        g.add_edge(embed, FUSION, index=1, modality="text")
+        head = producer(g, LOGITS)
+        g.remove_edge(head, LOGITS)  # the one edge between them
+        g.add_node(OUTPUT_SLICE, kind="slice", fqn="", drop=tokens, span=fusion.span,
+                   layer=None, block=None, part=FUSION, shape=g.nodes[LOGITS]["shape"])
+        g.add_edge(head, OUTPUT_SLICE, index=0, modality="image+text")
+        g.add_edge(OUTPUT_SLICE, LOGITS, index=0, modality="text")
+        if name in ("mot", "moma"):  # MoT copies each block op per modality, MoMa its MLPs
+            modalities = fusion.args["modalities"]
+            experts = fusion.op.weights(fusion.args)  # "moma.MODALITY.PARAM", one layer's
+            for data in g.nodes.values():
+                if data.get("part") != TEXT_PREFIX or data["layer"] is None or \
+                        data["kind"] != "op" or (name == "moma" and data["op"] not in MLP_OPS):
+                    continue
+                data["fusion"] = name
+                fqn, own = data["fqn"], data["weights"]
+                if not own:
+                    continue  # a repeated application: its weights sit on the first
+                if name == "mot":
+                    data["weights"] = {f"{fqn}.{m}{w[len(fqn):]}": shape
+                                       for m in modalities for w, shape in own.items()}
+                else:
+                    data["weights"] = {f"{fqn}{w[len('moma'):]}": shape
+                                       for w, shape in experts.items()}
+    elif name == "cross_attention":
+        ends = {}  # decoder layer → its block's output
+        for n, data in g.nodes(data=True):
+            if data.get("block_output") and data.get("part") == TEXT_PREFIX and \
+                    data["group"] == f"{TEXT_PREFIX}.layers.{data['layer']}":
+                ends[data["layer"]] = n
+        weights = fusion.op.weights(fusion.args)
+        for k in range(fusion.args["n_layers"] // fusion.args["every"]):
+            layer = (k + 1) * fusion.args["every"] - 1
+            fqn = f"{TEXT_PREFIX}.cross_attention_layers.{k}"
+            own = f"cross_attention_layers.{k}."
+            g.add_node(fqn, op=name, fqn=fqn, arity=2, shape=g.nodes[ends[layer]]["shape"],
+                       weights={f"{TEXT_PREFIX}.{w}": s for w, s in weights.items()
+                                if w.startswith(own)}, after=layer, **common)
+            _reroute(g, ends[layer], fqn, "text")
+            g.add_edge(ends[layer], fqn, index=0, modality="text")
+            g.add_edge(ADAPTER, fqn, index=1, modality="memory")
+    return g
+
+
+def producer(g: nx.MultiDiGraph, node: str) -> str:
+    """The node feeding `node`'s first input."""
+    return next(src for src, _, d in g.in_edges(node, data=True) if d["index"] == 0)

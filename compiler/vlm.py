@@ -1,10 +1,13 @@
 """Vision-language models: `vlm NAME { text = ..., vision = ..., adapter = ..., fusion = ... }`.
 
 Binds a vlm section against its text model and vision encoder (both bound as
-models, see compiler/bind.py), and proves at compile time what the spec
-decides: the adapter maps the encoder's width to the decoder's, a pooling
-window divides the patch grid, image and text tokens fit the decoder's
-sequence, cross-attention heads divide the width (E130–E139).
+models, see compiler/bind.py): its adapter and fusion components, the
+decoder's geometry the fusion needs, and the image tokens per image (E130).
+Lowering (compiler/lower.py, `lower_vlm`) joins the three into one graph; the
+invariants of that graph (the adapter maps the encoder's width to the
+decoder's, a pooling window divides the patch grid, image and text tokens fit
+the decoder's sequence, cross-attention heads divide the width, E131–E136)
+are passes over it (compiler/checks/modality.py).
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def bind_vlm(sec, binder, models: dict[str, Model], diags: Diagnostics) -> VLM |
         if not comp.ok:
             ok = False
             continue
-        # the checks below divide by these (no model's positive_sizes pass sees them)
+        # image_tokens() and the modality pass divide by these (no model's positive_sizes
+        # pass sees them)
         bad = [a for a in comp.op.sizes if isinstance(comp.args.get(a), int) and comp.args[a] <= 0]
         for a in bad:
             diags.error("E073", f"'{a}' of {comp.op.name} must be positive, got {comp.args[a]}",
@@ -112,81 +116,31 @@ def bind_vlm(sec, binder, models: dict[str, Model], diags: Diagnostics) -> VLM |
     if text is None or vision is None:
         return None
     fusion = comps["fusion"]
+    patch = vision.components.get("patch_embedding")
+    tokens = (image_tokens(comps["adapter"], patch.args)
+              if patch is not None and patch.ok and patch.args["patch"] > 0 else 0)
     # the fusion's weights and checks need the decoder's geometry
     fusion.args.setdefault("dim", text.components["token_embedding"].args["dim"])
     fusion.args.setdefault("n_layers", len(text.layers))
     if fusion.op.name == "cross_attention" and fusion.args.get("hidden") is None:
         fusion.args["hidden"] = 4 * fusion.args["dim"]
     return VLM(sec.name, sec.file, sec.span, sec.name_span, refs["text"][0], refs["vision"][0],
-               comps["adapter"], fusion, image_tokens=0)
+               comps["adapter"], fusion, image_tokens=tokens)
 
 
-def validate(vlm: VLM, models: dict[str, Model], diags: Diagnostics) -> None:
-    text, vision = models[vlm.text], models[vlm.vision]
-    adapter, fusion = vlm.adapter, vlm.fusion
-    a, spans = adapter.args, adapter.arg_spans
-    vdim = vision.components["norm"].args["dim"]
-    tdim = text.components["token_embedding"].args["dim"]
-    if a["in_dim"] != vdim:
-        diags.error("E131", f"the adapter takes width {a['in_dim']} but '{vision.name}' "
-                    f"produces {vdim}", spans.get("in_dim", adapter.span),
-                    hint=f"use {vision.name}.dim")
-    if a["out_dim"] != tdim:
-        diags.error("E131", f"the adapter gives width {a['out_dim']} but '{text.name}' "
-                    f"takes {tdim}", spans.get("out_dim", adapter.span),
-                    hint=f"use {text.name}.dim")
-    patch = vision.components["patch_embedding"].args
-    grid = patch["image_size"] // patch["patch"]
+POOLING = ("avgpool", "attention_pool")
+
+
+def image_tokens(adapter: Component, patch: dict) -> int:
+    """Tokens per image after the adapter: the encoder's patch tokens, pooled by the
+    adapter's window where the window tiles the patch grid (where it does not, the
+    modality pass reports E134, and the tokens stay unpooled)."""
     tokens = patch_tokens(patch)
-    if adapter.op.name in ("avgpool", "attention_pool"):
-        window = a["window"]
-        if patch["cls_token"]:
-            diags.error("E134", "pooling adapters need the patch grid alone; the encoder adds "
-                        "a CLS token", spans.get("window", adapter.span))
-        elif grid % window:
-            diags.error("E134", f"pooling window {window} does not divide the {grid}×{grid} "
-                        "patch grid", spans.get("window", adapter.span))
-        else:
+    if adapter.op.name in POOLING and not patch["cls_token"]:
+        grid, window = patch["image_size"] // patch["patch"], adapter.args["window"]
+        if grid % window == 0:
             tokens = (grid // window) ** 2
-    vlm.image_tokens = tokens
-    f, fspans = fusion.args, fusion.arg_spans
-    if fusion.op.name == "joint_decoder":
-        max_seq = text.params.get("max_seq_len")
-        rope = next((c for c in text.all_components() if c.op.name == "rope"), None)
-        limit = rope.args["max_seq_len"] if rope is not None else max_seq
-        if limit is not None and tokens + f["max_text"] > limit:
-            diags.error("E132", f"{tokens} image tokens + max_text {f['max_text']} exceed the "
-                        f"decoder's max_seq_len {limit}", fspans.get("max_text", fusion.span),
-                        hint=f"max_text ≤ {limit - tokens}")
-    if fusion.op.name in ("mot", "moma"):
-        names = f["modalities"]
-        bad = [m for m in names if not m.isidentifier()]
-        span = fspans.get("modalities", fusion.span)
-        if bad:
-            diags.error("E136", f"modality name {bad[0]!r} is not an identifier", span)
-        elif len(set(names)) != len(names) or len(names) < 2:
-            diags.error("E136", "modalities are two or more distinct names", span)
-        elif not {"image", "text"} <= set(names):
-            missing = sorted({"image", "text"} - set(names))
-            diags.error("E136", f"the modalities must name this vlm's inputs: "
-                        f"{', '.join(repr(m) for m in missing)} missing", span,
-                        hint='image tokens come from the vision encoder, text from the tokens: '
-                        '["image", "text"]')
-    if fusion.op.name in ("mot", "moma"):
-        max_seq = text.params.get("max_seq_len")
-        rope = next((c for c in text.all_components() if c.op.name == "rope"), None)
-        limit = rope.args["max_seq_len"] if rope is not None else max_seq
-        if limit is not None and tokens + f["max_text"] > limit:
-            diags.error("E132", f"{tokens} image tokens + max_text {f['max_text']} exceed the "
-                        f"decoder's max_seq_len {limit}", fspans.get("max_text", fusion.span),
-                        hint=f"max_text ≤ {limit - tokens}")
-    elif fusion.op.name == "cross_attention":
-        if f["dim"] % f["heads"]:
-            diags.error("E133", f"cross-attention heads {f['heads']} do not divide the text "
-                        f"width {f['dim']}", fspans.get("heads", fusion.span))
-        if f["every"] > f["n_layers"]:
-            diags.error("E133", f"a block every {f['every']} layers never fires in "
-                        f"{f['n_layers']} layers", fspans.get("every", fusion.span))
+    return tokens
 
 
 MLP_OPS = ("swiglu", "gelu_mlp", "relu_mlp", "moe")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from conftest import codes
+import dataclasses
+
+import pytest
+from conftest import ROOT, codes
+
+from compiler.checks import modality, run_vlm_checks
+from compiler.cost import vlm_cost
+from compiler.diagnostics import Diagnostics
+from compiler.driver import compile_spec
+from compiler.lower import ADAPTER, FUSION, TEXT_PREFIX, VISION_PREFIX, lower_vlm
 
 # A model whose block `dense` is written by the test, from line 6 on.
 CHECK_MODEL = """\
@@ -372,3 +381,67 @@ def test_names_unsafe_in_generated_code_are_E059(forge):
     assert torch.message == "component name 'torch' is used by the generated code"
     assert inp.message == "input name 'self' is used by the generated code"
     assert cls.message == "blocks 'my_block' and 'myBlock' would both become class MyBlockBlock"
+
+
+# ---- a VLM's graph: modality (E131–E136) and its KV cache ----------------------------------
+
+VLM_SPECS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d")
+
+
+@pytest.mark.parametrize("name", VLM_SPECS)
+def test_only_a_non_causal_fusion_keeps_a_vlm_from_decoding(name):
+    result = compile_spec(str(ROOT / "specs" / f"{name}.forge"))
+    g = result.vlm_graphs[name]
+    # the encoder's bidirectional attention is no obstacle: the image is encoded before decoding
+    assert any(not d["args"].get("causal", True) for _, d in g.nodes(data=True)
+               if d.get("part") == VISION_PREFIX and d.get("op") == "attention")
+    if name == "vlm_moma":
+        assert g.graph["supports_kv_cache"] is False
+        assert g.graph["non_causal"] == [(FUSION, result.vlms[name].fusion.span)]
+        assert codes(result.diagnostics, None) == [("N001", 10, 13)]  # at the fusion
+        assert result.diagnostics.items[0].message == (
+            "vlm 'vlm_moma' is training-only: moma 'fusion' is not causal, so it cannot decode "
+            "with a KV cache")
+    else:
+        assert g.graph["supports_kv_cache"] is True and g.graph["non_causal"] == []
+        assert codes(result.diagnostics, None) == []
+
+
+def test_a_vlm_over_a_non_causal_decoder_is_noted_once(forge):
+    llama = (ROOT / "specs" / "llama_debug.forge").read_text().replace(
+        "rope = rope)", "rope = rope, causal = false)")
+    result, diags = forge((ROOT / "specs" / "vlm.forge").read_text(),
+                          extra={"llama_debug.forge": llama})
+    assert [d.code for d in diags.items] == ["N001"]  # the decoder's, not restated for the vlm
+    assert diags.items[0].span.file.endswith("llama_debug.forge")
+    g = result.vlm_graphs["vlm"]
+    assert g.graph["supports_kv_cache"] is False
+    assert [fqn for fqn, _ in g.graph["non_causal"]] == [
+        f"{TEXT_PREFIX}.layers.{i}.attention" for i in range(4)]
+    c = vlm_cost(result, result.vlms["vlm"])
+    assert not c.supports_kv_cache and c.kv_bytes_per_token == 0
+    assert c.non_causal == [f"layers.{i}.attention" for i in range(4)]
+
+
+def _relowered(adapter_args: dict):
+    """specs/vlm.forge's graph, lowered again with its adapter's arguments changed."""
+    result = compile_spec(str(ROOT / "specs" / "vlm.forge"))
+    vlm = result.vlms["vlm"]
+    adapter = dataclasses.replace(vlm.adapter, args={**vlm.adapter.args, **adapter_args})
+    return vlm, lower_vlm(dataclasses.replace(vlm, adapter=adapter),
+                          result.graphs[vlm.text], result.graphs[vlm.vision])
+
+
+def test_the_modality_pass_reads_widths_off_the_graph():
+    vlm, g = _relowered({})
+    diags = Diagnostics()
+    run_vlm_checks(g, diags)
+    assert diags.items == []
+    vlm, g = _relowered({"in_dim": 64, "out_dim": 32})
+    assert g.nodes[ADAPTER]["shape"] == ("B", 64, 32)
+    modality.run(g, diags)
+    assert [(d.code, d.message, d.span) for d in diags.items] == [
+        ("E131", "the adapter takes width 64 but 'vit_tiny' produces 96",
+         vlm.adapter.arg_spans["in_dim"]),
+        ("E131", "the adapter gives width 32 but 'llama_debug' takes 128",
+         vlm.adapter.arg_spans["out_dim"])]

@@ -20,6 +20,7 @@ from conftest import ROOT, SPECS, run_forgec
 LLAMA_8B = "specs/llama3_8b.forge"
 LLAMA_70B = "specs/llama3_70b.forge"
 DEBUG = "specs/llama_debug.forge"
+VLM = "specs/vlm.forge"
 DEBUG_LAYERS = 4
 
 INFO_KEYS = {"params_total", "params_active", "flops_per_token", "kv_bytes_per_token",
@@ -306,6 +307,87 @@ def test_graph_block_view():
     assert {"x", "return"} <= {n["id"] for n in doc["nodes"]}
     dot = run_forgec("graph", "--view", "block:dense", DEBUG)
     assert dot.returncode == 0 and dot.stdout.startswith("digraph ")
+
+
+GOLDEN_GRAPHS = ROOT / "tests" / "golden" / "graph"
+
+
+@pytest.mark.parametrize("argv, golden", [
+    ([VLM], "vlm.dot"), (["--format", "json", VLM], "vlm.json"),
+    (["specs/vlm_xattn.forge"], "vlm_xattn.dot"),
+])
+def test_graph_of_a_vlm_equals_its_golden(argv, golden):
+    """The whole VLM, byte for byte (after a deliberate change: `forgec graph ... -o
+    tests/golden/graph/NAME`, and review the diff)."""
+    proc = run_forgec("graph", *argv)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (GOLDEN_GRAPHS / golden).read_text()
+    assert run_forgec("graph", *argv).stdout == proc.stdout
+
+
+@pytest.mark.parametrize("spec", sorted(p.name for p in SPECS if p.name.startswith("vlm")))
+@pytest.mark.parametrize("view", ["model", "full"])
+def test_graph_of_a_vlm_draws_all_of_it_with_every_shape_known(spec, view):
+    proc = run_forgec("graph", "--format", "json", "--view", view, f"specs/{spec}")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["model"] == spec.removesuffix(".forge")
+    ids = [n["id"] for n in doc["nodes"]]
+    assert {"pixel_values", "vision_encoder.patch_embedding", "vision_encoder.norm", "adapter",
+            "tokens", "transformer.token_embedding", "transformer.output_head", "logits"} <= set(ids)
+    parts = {n.get("part") for n in doc["nodes"]}
+    assert parts == {None, "vision_encoder", "adapter", "fusion", "transformer"}
+    assert [n["id"] for n in doc["nodes"] if n.get("shape") is None] == []
+    # producers come first
+    position = {n: i for i, n in enumerate(ids)}
+    assert all(position[e["source"]] < position[e["target"]] for e in doc["edges"])
+    assert {e["modality"] for e in doc["edges"]} in (
+        {"image", "text", "image+text"}, {"image", "text", "memory"})
+    dot = run_forgec("graph", "--view", view, f"specs/{spec}").stdout
+    labels = _dot_labels(dot)
+    assert len(labels) == len(ids)
+    assert not any(label.endswith("\\n?") for label in labels)
+
+
+def test_graph_model_selects_the_vlm_or_one_of_its_parts():
+    whole = run_forgec("graph", VLM)
+    assert run_forgec("graph", "--model", "vlm", VLM).stdout == whole.stdout
+    decoder = run_forgec("graph", "--format", "json", "--model", "llama_debug", VLM)
+    assert decoder.returncode == 0, decoder.stderr
+    assert decoder.stdout == run_forgec("graph", "--format", "json", DEBUG).stdout
+    encoder = json.loads(run_forgec("graph", "--format", "json", "--model", "vit_tiny",
+                                    VLM).stdout)
+    assert encoder["model"] == "vit_tiny"
+    assert [n["id"] for n in encoder["nodes"]] == ["pixels", "patch_embedding", "layers.0",
+                                                   "layers.1", "norm", "features"]
+
+
+def test_graph_block_view_of_a_vlm_finds_the_block_in_its_parts(tmp_path):
+    doc = json.loads(run_forgec("graph", "--format", "json", "--view", "block:encoder",
+                                VLM).stdout)
+    assert doc["model"] == "vit_tiny.encoder"
+    x = next(n for n in doc["nodes"] if n["id"] == "x")
+    assert x["shape"] == ["B", "S", 96]
+    assert all(n.get("shape") is not None for n in doc["nodes"])
+    doc = json.loads(run_forgec("graph", "--format", "json", "--view", "block:dense",
+                                VLM).stdout)
+    assert doc["model"] == "llama_debug.dense"
+    proc = run_forgec("graph", "--view", "block:nope", VLM)
+    assert proc.returncode == 2
+    assert "no block 'nope' in model 'vlm' (blocks: encoder, dense)" in proc.stderr
+    spec = (ROOT / VLM).read_text().replace("block encoder(x)", "block dense(x)").replace(
+        "default: encoder", "default: dense")
+    (tmp_path / "llama_debug.forge").write_text((ROOT / DEBUG).read_text())
+    path = write(tmp_path, spec, "vlm.forge")
+    proc = run_forgec("graph", "--view", "block:dense", str(path))
+    no_traceback(proc)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert ("block 'dense' is in both 'vit_tiny' and 'llama_debug'; choose one with --model"
+            in proc.stderr)
+    proc = run_forgec("graph", "--view", "block:dense", "--model", "vit_tiny", str(path))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_graph_writes_to_a_file(tmp_path):

@@ -9,7 +9,20 @@ import pytest
 from conftest import codes
 
 from compiler.driver import compile_spec
-from compiler.lower import LOGITS, TOKENS, block_view, lower, model_view
+from compiler.lower import (
+    ADAPTER,
+    FUSION,
+    IMAGE,
+    LOGITS,
+    OUTPUT_SLICE,
+    TEXT_PREFIX,
+    TOKENS,
+    VISION_PREFIX,
+    block_view,
+    lower,
+    lower_vlm,
+    model_view,
+)
 
 DEBUG = Path(__file__).resolve().parent.parent / "specs" / "llama_debug.forge"
 LAYER = ["attention_norm", "attention", "add1", "mlp_norm", "mlp", "add2"]
@@ -290,3 +303,145 @@ def test_tied_head_node(forge):
     head = result.graphs["m"].nodes["output_head"]
     assert head["weights"] == {}
     assert head["tied"] == {"output_head.proj.weight": "token_embedding.embedding.weight"}
+
+
+# ---- a vision-language model is one graph --------------------------------------------------------
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+# spec: (fusion, patch tokens, image tokens after the adapter, encoder width)
+VLMS = {"vlm": ("joint_decoder", 64, 64, 96), "vlm_xattn": ("cross_attention", 64, 16, 96),
+        "vlm_mot": ("mot", 64, 16, 96), "vlm_moma": ("moma", 64, 64, 96),
+        "vlm_rope2d": ("joint_decoder", 65, 65, 64)}
+
+
+@pytest.fixture(scope="module", params=sorted(VLMS))
+def vlm(request):
+    result = compile_spec(str(SPECS / f"{request.param}.forge"))
+    return request.param, result, result.vlm_graphs[request.param]
+
+
+def test_a_vlm_graph_holds_image_encoder_adapter_fusion_and_decoder(vlm):
+    name, result, g = vlm
+    fusion, patches, tokens, vdim = VLMS[name]
+    assert nx.is_directed_acyclic_graph(g) and nx.is_weakly_connected(g)
+    assert [n for n in g if g.in_degree(n) == 0] == [IMAGE, TOKENS]
+    assert [n for n in g if g.out_degree(n) == 0] == [LOGITS]
+    assert g.nodes[IMAGE]["kind"] == "input" and g.nodes[IMAGE]["shape"] == ("B", 3, 32, 32)
+    assert inputs(g, f"{VISION_PREFIX}.patch_embedding") == [IMAGE]
+    encoder = [n for n, d in g.nodes(data=True) if d.get("part") == VISION_PREFIX]
+    assert {g.nodes[n]["shape"] for n in encoder} == {("B", patches, vdim)}
+    assert {g.nodes[n]["group"] for n in encoder if g.nodes[n]["layer"] is not None} == {
+        f"{VISION_PREFIX}.layers.0", f"{VISION_PREFIX}.layers.1"}
+    assert inputs(g, ADAPTER) == [f"{VISION_PREFIX}.norm"]
+    assert g.nodes[ADAPTER]["op"] == result.vlms[name].adapter.op.name
+    assert g.nodes[ADAPTER]["shape"] == ("B", tokens, 128)
+    assert inputs(g, f"{TEXT_PREFIX}.token_embedding") == [TOKENS]
+    assert g.nodes[f"{TEXT_PREFIX}.token_embedding"]["shape"] == ("B", "S", 128)
+    assert g.nodes[LOGITS]["shape"] == ("B", "S", 256)
+    # every node's shape is known
+    assert [n for n, d in g.nodes(data=True) if d["shape"] is None] == []
+    # the parts the graph was made of are left as they were
+    assert "part" not in result.graphs["llama_debug"].nodes["layers.0.attention"]
+    assert result.graphs["llama_debug"].nodes["layers.0.attention"]["shape"] == ("B", "S", 128)
+
+
+def test_a_vlm_graph_types_its_edges_by_modality(vlm):
+    name, _, g = vlm
+    fusion = VLMS[name][0]
+    decoder = "text" if fusion == "cross_attention" else "image+text"
+    expected = {}
+    for u, v, d in g.edges(data=True):
+        ends = {g.nodes[u].get("part"), g.nodes[v].get("part")}
+        if ends & {VISION_PREFIX} or (u == ADAPTER and v == FUSION):
+            expected[u, v] = "image"
+        elif u == ADAPTER:
+            expected[u, v] = "memory"
+        elif u == TOKENS or v == FUSION or u == OUTPUT_SLICE:
+            expected[u, v] = "text"
+        else:
+            expected[u, v] = decoder
+        assert d["modality"] == expected[u, v], (u, v)
+    assert set(expected.values()) == ({"image", "text", "memory"} if fusion == "cross_attention"
+                                      else {"image", "text", "image+text"})
+
+
+@pytest.mark.parametrize("name", ["vlm", "vlm_mot", "vlm_moma", "vlm_rope2d"])
+def test_prefix_fusions_join_image_and_text_tokens_and_slice_the_logits(name):
+    g = compile_spec(str(SPECS / f"{name}.forge")).vlm_graphs[name]
+    fusion, _, tokens, _ = VLMS[name]
+    seq = f"{tokens}+S"
+    assert g.nodes[FUSION]["op"] == fusion
+    assert inputs(g, FUSION) == [ADAPTER, f"{TEXT_PREFIX}.token_embedding"]
+    assert g.nodes[FUSION]["shape"] == ("B", seq, 128)
+    assert inputs(g, f"{TEXT_PREFIX}.layers.0.attention_norm") == [FUSION]
+    assert g.nodes[f"{TEXT_PREFIX}.layers.3.attention"]["shape"] == ("B", seq, 128)
+    assert inputs(g, OUTPUT_SLICE) == [f"{TEXT_PREFIX}.output_head"]
+    assert g.nodes[f"{TEXT_PREFIX}.output_head"]["shape"] == ("B", seq, 256)
+    assert g.nodes[OUTPUT_SLICE]["drop"] == tokens
+    assert inputs(g, LOGITS) == [OUTPUT_SLICE]
+    routed = {n: d["fusion"] for n, d in g.nodes(data=True) if "fusion" in d}
+    if fusion == "mot":  # every op of every decoder block, a copy per modality
+        assert sorted(routed) == sorted(f"{TEXT_PREFIX}.layers.{i}.{c}" for i in range(4)
+                                        for c in ("attention_norm", "attention", "mlp_norm",
+                                                  "mlp"))
+        assert set(g.nodes[f"{TEXT_PREFIX}.layers.0.mlp_norm"]["weights"]) == {
+            f"{TEXT_PREFIX}.layers.0.mlp_norm.{m}.weight" for m in ("image", "text")}
+    elif fusion == "moma":  # the MLPs, replaced by experts per modality
+        assert sorted(routed) == [f"{TEXT_PREFIX}.layers.{i}.mlp" for i in range(4)]
+        assert g.nodes[f"{TEXT_PREFIX}.layers.0.mlp"]["weights"][
+            f"{TEXT_PREFIX}.layers.0.mlp.image.experts.gate_proj"] == (4, 128, 128)
+    else:
+        assert routed == {}
+    assert set(routed.values()) <= {fusion}
+
+
+def test_cross_attention_takes_image_memory_after_every_kth_layer():
+    g = compile_spec(str(SPECS / "vlm_xattn.forge")).vlm_graphs["vlm_xattn"]
+    assert FUSION not in g and OUTPUT_SLICE not in g
+    blocks = [n for n, d in g.nodes(data=True) if d.get("op") == "cross_attention"]
+    assert blocks == [f"{TEXT_PREFIX}.cross_attention_layers.{k}" for k in range(2)]
+    for k, block in enumerate(blocks):
+        after = 2 * k + 1  # every = 2: after layers 1 and 3
+        assert g.nodes[block]["after"] == after
+        assert inputs(g, block) == [f"{TEXT_PREFIX}.layers.{after}/add2", ADAPTER]
+        assert [d["modality"] for _, _, d in g.in_edges(block, data=True)] == ["text", "memory"]
+        assert g.nodes[block]["shape"] == ("B", "S", 128)
+        assert all(w.startswith(f"{block}.") for w in g.nodes[block]["weights"])
+    assert inputs(g, f"{TEXT_PREFIX}.layers.2.attention_norm") == [blocks[0]]
+    assert inputs(g, f"{TEXT_PREFIX}.norm") == [blocks[1]]
+    assert inputs(g, LOGITS) == [f"{TEXT_PREFIX}.output_head"]
+
+
+def test_the_model_view_of_a_vlm_keeps_modalities():
+    g = compile_spec(str(SPECS / "vlm_xattn.forge")).vlm_graphs["vlm_xattn"]
+    view = model_view(g)
+    layers = [n for n, d in view.nodes(data=True) if d["kind"] == "block"]
+    assert layers == [f"{VISION_PREFIX}.layers.0", f"{VISION_PREFIX}.layers.1"] + [
+        f"{TEXT_PREFIX}.layers.{i}" for i in range(4)]
+    assert view.nodes[f"{VISION_PREFIX}.layers.1"]["shape"] == ("B", 64, 96)
+    assert view.edges[f"{TEXT_PREFIX}.layers.1", f"{TEXT_PREFIX}.cross_attention_layers.0"] == {
+        "modality": "text"}
+    assert view.edges[ADAPTER, f"{TEXT_PREFIX}.cross_attention_layers.1"] == {
+        "modality": "memory"}
+    assert view.edges[f"{VISION_PREFIX}.norm", ADAPTER] == {"modality": "image"}
+    assert all(d["shape"] is not None for _, d in view.nodes(data=True))
+
+
+def test_lowering_a_vlm_is_repeatable():
+    result = compile_spec(str(SPECS / "vlm_moma.forge"))
+    vlm = result.vlms["vlm_moma"]
+    again = lower_vlm(vlm, result.graphs[vlm.text], result.graphs[vlm.vision])
+    g = result.vlm_graphs["vlm_moma"]
+    assert list(again.nodes(data=True)) == list(g.nodes(data=True))
+    assert list(again.edges(data=True)) == list(g.edges(data=True))
+
+
+def test_the_block_view_knows_its_input_shape(debug):
+    result, _ = debug
+    view = block_view(result.models["llama_debug"], "dense")
+    assert view.nodes["x"]["shape"] == ("B", "S", 128)
+    assert view.nodes["return"]["shape"] == ("B", "S", 128)
+    vision = compile_spec(str(SPECS / "vlm.forge")).models["vit_tiny"]
+    view = block_view(vision, "encoder")
+    assert view.nodes["x"]["shape"] == ("B", "S", 96)
+    assert all(d["shape"] is not None for _, d in view.nodes(data=True))

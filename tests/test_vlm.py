@@ -41,6 +41,17 @@ def test_compiler_counts_every_parameter_the_package_has(name):
     assert c.params_total == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_the_vlm_graph_names_every_parameter_of_the_package_with_its_shape(name):
+    graph = compile_spec(f"specs/{name}.forge").vlm_graphs[name]
+    weights = {}
+    for _, data in graph.nodes(data=True):
+        assert not set(weights) & set(data.get("weights", {}))  # each parameter on one node
+        weights.update(data.get("weights", {}))
+    _, model = build(name)
+    assert weights == {k: tuple(p.shape) for k, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("name, tokens", [("vlm", 64), ("vlm_xattn", 16), ("vlm_mot", 16),
                                           ("vlm_moma", 64), ("vlm_rope2d", 65)])
 def test_image_tokens_follow_the_adapter(name, tokens):
