@@ -151,12 +151,14 @@ def test_70b_plan_stages_are_balanced():
 
 
 def test_generated_plan_module_carries_the_plans():
+    from runtime.parallel import stages_of_rank
+
     plan = importlib.import_module("generated.llama_debug.plan")
     assert plan.PLANS["fsdp2"]["fsdp"]["units"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
     assert plan.PLANS["pp2_interleaved"]["pipeline"]["stages"] == [
         ["token_embedding", "layers.0"], ["layers.1"], ["layers.2"],
         ["layers.3", "norm", "output_head"]]
-    assert plan.stages_of_rank("pp2_interleaved", 1) == [1, 3]
+    assert stages_of_rank(plan, "pp2_interleaved", 1) == [1, 3]
     assert plan.PLANS["fsdp2_pp2"]["activation_checkpoint"] == ["layers.0", "layers.2"]
     assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
 
@@ -166,10 +168,11 @@ def test_build_stage_keeps_only_the_stage_and_its_fqns():
 
     from generated.llama_debug import Transformer
     from generated.llama_debug import plan as plans
+    from runtime.parallel import build_stage
 
     with torch.device("meta"):
         model = Transformer()
-    first = plans.build_stage(model, 0, "pp2")
+    first = build_stage(model, 0, plans, "pp2")
     assert list(first.layers) == ["0", "1"] and first.norm is None and first.output_head is None
     names = {n for n, _ in first.named_parameters()}
     assert "layers.1.attention.q_proj.weight" in names and "token_embedding.embedding.weight" in names
@@ -332,6 +335,7 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
     import torch
 
     from compiler.plans import vlm_plan_data
+    from runtime.parallel import build_stage
 
     for f in ("llama_debug", "vlm", name):
         (tmp_path / f"{f}.forge").write_text((ROOT / "specs" / f"{f}.forge").read_text())
@@ -360,7 +364,7 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
         monkeypatch.setitem(planmod.PLANS, plan, data)
         x, names = (pixels,), []
         for sid, params in enumerate(data["pipeline"]["stage_params"]):
-            stage = planmod.build_stage(copy.deepcopy(full), sid, plan)
+            stage = build_stage(copy.deepcopy(full), sid, planmod, plan)
             assert sum(p.numel() for p in stage.parameters()) == params, (plan, sid)
             names += [n for n, _ in stage.named_parameters()]
             with torch.no_grad():
