@@ -163,6 +163,59 @@ def test_generated_plan_module_carries_the_plans():
     assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
 
 
+PLAN_DATA = {"LAYER_FQNS", "STAGE_MODULES", "STAGE_STACKS", "TP_PLAN", "EXPERT_FQNS", "PLANS"}
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "generated").glob("*/plan.py")))
+def test_generated_plan_py_is_data_only(name):
+    """plan.py is a docstring and literal assignments, nothing that runs: the code
+    applying plans is runtime/parallel.py's."""
+    import ast
+
+    tree = ast.parse((ROOT / "generated" / name / "plan.py").read_text())
+    doc, *body = tree.body
+    assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    assigned = set()
+    for node in body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.dump(node)[:80]
+        ast.literal_eval(node.value)  # raises on anything but a literal
+        assigned.add(node.targets[0].id)
+    assert assigned == PLAN_DATA
+
+
+def test_tp_plan_splits_the_layers_and_leaves_the_rest_whole():
+    """runtime.parallel.apply_tp shards exactly the modules TP_PLAN names, column-
+    or row-wise as it says; the embedding, norms and head stay plain tensors."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from generated.llama_debug import Transformer
+    from generated.llama_debug import plan as plans
+    from runtime.parallel import apply_tp
+    from runtime.planner import _destroy, _init_fake
+
+    _init_fake(0, 2)
+    try:
+        with torch.device("meta"):
+            model = Transformer()
+        apply_tp(model, init_device_mesh("cpu", (2,)), plans, "dp2_tp2")
+        split = {}
+        for fqn, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                (placement,) = p.placements
+                assert isinstance(placement, Shard)
+                split[fqn] = placement.dim
+    finally:
+        _destroy()
+    dims = {"colwise": 0, "rowwise": 1}  # nn.Linear weights are (out, in)
+    want = {f"layers.{i}.{rest}.weight": dims[style]
+            for pattern, style in plans.TP_PLAN.items()
+            for i in range(4) for rest in [pattern.removeprefix("layers.*.")]}
+    assert split == want
+    assert len(want) == 4 * 7
+
+
 def test_build_stage_keeps_only_the_stage_and_its_fqns():
     import torch
 
