@@ -502,9 +502,9 @@ class Engine:
                 part.to(layout.device)
             # torchtitan's order: TP, EP, activation checkpointing, then FSDP
             if layout.tp > 1:
-                parallel.apply_tp(part, layout.mesh["tp"], planmod, plan)
+                parallel.apply_tp(part, layout.mesh["tp"], planmod)
             if layout.ep > 1:
-                parallel.apply_ep(part, layout.ep_mesh["ep"], planmod, plan)
+                parallel.apply_ep(part, layout.ep_mesh["ep"], planmod)
             parallel.apply_activation_checkpointing(part, planmod, plan)
             if "fsdp" in self.cfg:
                 parallel.apply_fsdp(part, layout.mesh["dp"], planmod, plan)

@@ -6,7 +6,8 @@ stages, TP layout, expert FQNs, checkpointed layers, all module FQNs, which
 are also the DCP checkpoint keys); this module is the one piece of code that
 applies it, for `forgec train --plan` (runtime/distributed.py) and, under a
 fake process group, `forgec plan` (runtime/planner.py). Every function takes
-the package's plan module (`planmod`) and a plan name. It knows no model
+the package's plan module (`planmod`) and, where plans differ, a plan name:
+the TP layout and the experts are the package's, the same in every plan. It knows no model
 internals: it finds modules by the plan's FQNs and uses the generated API
 (a GroupedExperts module's `compute`, a VLM's `pipeline_stage()`).
 
@@ -128,7 +129,7 @@ def apply_fsdp(model: nn.Module, mesh, planmod, plan: str) -> nn.Module:
 # ---- tensor parallelism ----------------------------------------------------------------
 
 
-def apply_tp(model: nn.Module, mesh, planmod, plan: str | None = None) -> nn.Module:
+def apply_tp(model: nn.Module, mesh, planmod) -> nn.Module:
     """Tensor parallelism over `mesh` (1-D: the plan's tp ranks) by TP_PLAN: q/k/v
     and gate/up split by output features, o/down by input features, so that each
     rank runs its own heads and hidden features and one all-reduce per attention
@@ -182,7 +183,7 @@ class ExpertParallel:
         return all_to_all_single_autograd(y, sent, received, group)
 
 
-def apply_ep(model: nn.Module, mesh, planmod, plan: str | None = None) -> nn.Module:
+def apply_ep(model: nn.Module, mesh, planmod) -> nn.Module:
     """Expert parallelism over `mesh` (1-D: ep consecutive ranks of the dp
     dimension): each rank keeps 1/ep of the experts of every MoE layer
     (EXPERT_FQNS; weights sharded by expert, DTensor Shard(0)) and exchanges

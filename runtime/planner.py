@@ -271,8 +271,8 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
     running (parameters are memory of their own). Attention is counted as the
     fused kernels save it. `regions` (checkpointed FQNs) get their input
-    measured too. `tp` = (plan module, plan name, degree): measure a tensor-
-    parallel rank's forward (tp_slice)."""
+    measured too. `tp` = (plan module, degree): measure a tensor-parallel
+    rank's forward (tp_slice)."""
     with torch.device("meta"):
         model = new_model(pkg)
     if tp is not None:
@@ -341,7 +341,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                        logits.numel() * 4)
 
 
-def tp_slice(model: nn.Module, plan, plan_name: str, degree: int) -> None:
+def tp_slice(model: nn.Module, plan, degree: int) -> None:
     """Turn `model` into what one tensor-parallel rank computes: runtime.parallel's
     `apply_tp` shards it by the package's `plan` under a fake process group of
     `degree` ranks, then each sharded weight becomes a plain parameter holding rank 0's slice
@@ -355,7 +355,7 @@ def tp_slice(model: nn.Module, plan, plan_name: str, degree: int) -> None:
     _init_fake(0, degree)
     try:
         mesh = init_device_mesh("cpu", (degree,), mesh_dim_names=("tp",))
-        parallel.apply_tp(model, mesh["tp"], plan, plan_name)
+        parallel.apply_tp(model, mesh["tp"], plan)
     finally:
         _destroy()
     for module in model.modules():
@@ -484,9 +484,9 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
     if stage_index is not None:
         model = parallel.build_stage(model, stage_index, plan, plan_name)
     if m["tp"] > 1:
-        parallel.apply_tp(model, mesh["tp"], plan, plan_name)
+        parallel.apply_tp(model, mesh["tp"], plan)
     if m["ep"] > 1:
-        parallel.apply_ep(model, ep_mesh["ep"], plan, plan_name)
+        parallel.apply_ep(model, ep_mesh["ep"], plan)
     groups: dict[str, int] = collections.Counter()
     fsdp_units = sorted(data["fsdp"]["units"] if "fsdp" in data else [], key=len, reverse=True)
     for fqn, p in model.named_parameters():
@@ -608,7 +608,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
 
     acts = measure_activations(pkg, micro_batch, seq, getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt,
-        tp=(plan, plan_name, tp) if tp > 1 else None)
+        tp=(plan, tp) if tp > 1 else None)
     with torch.device("meta"):
         full = new_model(pkg)
     params_total = sum(p.numel() for p in full.parameters())

@@ -199,7 +199,7 @@ def test_tp_plan_splits_the_layers_and_leaves_the_rest_whole():
     try:
         with torch.device("meta"):
             model = Transformer()
-        apply_tp(model, init_device_mesh("cpu", (2,)), plans, "dp2_tp2")
+        apply_tp(model, init_device_mesh("cpu", (2,)), plans)
         split = {}
         for fqn, p in model.named_parameters():
             if isinstance(p, DTensor):
