@@ -622,24 +622,24 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
         plans = {name: plan_data(p, model, graph) for name, p in sorted(comp.plans.items())
                  if p.target == model.name}
     layer_attrs = ["layers", *[x["attr"] for x in inserted_stacks]]
-    stage = None
-    if vlm is not None:  # what a VLM pipeline stage may lack (plan.build_stage)
-        stacks = ["vision_encoder.layers", *[f"transformer.{a}" for a in layer_attrs]]
+    # what a pipeline stage may lack (runtime.parallel.build_stage)
+    modules = ["token_embedding", "norm", "output_head"]
+    stacks = list(layer_attrs)
+    if vlm is not None:  # FQNs in the VLM module
+        modules = ["vision_encoder.patch_embedding", "vision_encoder.norm", "adapter",
+                   *[f"transformer.{m}" for m in modules]]
+        stacks = ["vision_encoder.layers", *[f"transformer.{a}" for a in stacks]]
         if vlm.fusion.op.name == "cross_attention":
             stacks.append("transformer.cross_attention_layers")
-        modules = ["vision_encoder.patch_embedding", "vision_encoder.norm", "adapter",
-                   "transformer.token_embedding", "transformer.norm", "transformer.output_head"]
-        stage = {"fusion": vlm.fusion.op.name,
-                 "modules": pyformat(modules, 0, len("STAGE_MODULES = ")),
-                 "stacks": pyformat(stacks, 0, len("STAGE_STACKS = "))}
     return env.get_template("plan.py.j2").render(
         header=header, name=vlm.name if vlm else model.name, text_model=model.name,
-        vlm=vlm is not None, inserted=bool(inserted_stacks),
+        vlm=vlm is not None, inserted=bool(inserted_stacks), moe=bool(expert_fqns),
         layer_fqns=pyformat(layer_units(model), 0, len("LAYER_FQNS = ")),
+        stage_modules=pyformat(modules, 0, len("STAGE_MODULES = ")),
+        stage_stacks=pyformat(stacks, 0, len("STAGE_STACKS = ")),
         tp_plan=pyformat(tp_plan(model), 0, len("TP_PLAN = ")),
+        expert_fqns=pyformat(expert_fqns, 0, len("EXPERT_FQNS = ")),
         plans=pyformat(plans, 0, len("PLANS = ")),
-        layer_attrs=pyrepr(layer_attrs), stage=stage,
-        expert_fqns=pyformat(expert_fqns, 0, len("EXPERT_FQNS = ")) if expert_fqns else None,
     )
 
 

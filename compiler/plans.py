@@ -325,7 +325,9 @@ def checkpointed_units(plan: Plan, model: Model) -> list[str]:
 
 
 def tp_plan(model: Model) -> dict[str, str]:
-    """FQN pattern → "colwise" | "rowwise", from each op's declared TP layout."""
+    """FQN pattern → "colwise" | "rowwise" of the layers' modules, from each op's
+    declared TP layout. The embedding, the norms and the head stay whole on
+    every tp rank: a vocabulary-parallel head would need a parallel loss."""
     out: dict[str, str] = {}
     for unit in layer_units(model):
         block = _block_of(model, unit)
@@ -333,10 +335,6 @@ def tp_plan(model: Model) -> dict[str, str]:
         for cname, comp in block.components.items():
             for sub, style in comp.op.tp.items():
                 out[f"{pattern}.{cname}.{sub}"] = style
-    for name in ("token_embedding", "output_head"):
-        comp = model.components[name]
-        for sub, style in comp.op.tp.items():
-            out[f"{name}.{sub}"] = style
     return dict(sorted(out.items()))
 
 

@@ -1,7 +1,8 @@
 """Distributed training: `forgec train SPEC --plan NAME --nproc K`.
 
 The parallel plan is data in the package's `plan.py` (mesh, FSDP units,
-pipeline stages, checkpointed layers); this module only wires it to PyTorch:
+pipeline stages, checkpointed layers), applied by runtime/parallel.py; this
+module runs the workers:
 
 * `launch()` (the `forgec train --plan` command) checks everything a user can
   get wrong, generates the package once, then starts K workers with
@@ -9,16 +10,16 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   runtime.distributed` — the same entry a multi-node `torchrun` uses.
 * Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
   DeviceMesh ("pp", "dp", "tp") from the plan's `mesh`, builds its model
-  part(s) with `plan.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
+  part(s) with `parallel.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
   (experts over groups of ep consecutive "dp" ranks), then
   `apply_activation_checkpointing` and `apply_fsdp` (FSDP2 over "dp", 2-D
   over TP shards; fp32 master weights, `compute` only sets the dtype
   parameters are gathered in), and runs the plan's pipeline schedule
-  (`plan.SCHEDULES`) with `PipelineStage`s over "pp".
+  (`parallel.SCHEDULES`) with `PipelineStage`s over "pp".
 * The global batch is the single-process trainer's: every rank draws the same
   batch and takes its data-parallel slice (the ranks of a TP group take the
   same one). Expert gradients, which FSDP leaves alone, are averaged over dp
-  after backward (`plan.reduce_expert_grads`). The loss is normalised by the
+  after backward (`parallel.reduce_expert_grads`). The loss is normalised by the
   global number of targets, so gradients and the logged loss equal those of
   one process that runs the same micro-batches as gradient accumulation
   (single-process `--grad-accum` = dp × `--grad-accum` × pipeline
@@ -31,7 +32,7 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
 * A vision-language model (a package exporting `VLM`) trains
   runtime/vlm_task.py's caption task the same way (`CaptionTask`): each dp
   rank takes its rows of the global image-caption batch. Its pipeline stages
-  are plan.VLMStage modules: the first takes the images, every stage the
+  are the package's VLMStage modules: the first takes the images, every stage the
   text tokens (a keyword argument each schedule passes to all stages). Every
   rank runs the whole held-out eval (FSDP gathers each unit; under a pipeline
   each eval batch goes through the stages in order) and rank 0 logs it, so
@@ -75,6 +76,7 @@ from torch import nn
 from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
+from . import parallel
 from .data import IGNORE_INDEX
 from .package import build_package, import_package, read_run_info
 
@@ -400,7 +402,7 @@ class CaptionTask(TextTask):
         return model(pixels, inputs), targets
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
-        """The images go to the first stage (plan.VLMStage), the text to every stage."""
+        """The images go to the first stage (the model's VLMStage), the text to every stage."""
         pixels, inputs, targets = chunk
         return (pixels,), {"tokens": inputs}, targets
 
@@ -442,11 +444,11 @@ class Engine:
         self.microbatches = self.pipe["microbatches"] if self.pipe else 1
         # micro-batches of one optimizer step, over all ranks
         self.total_micro = layout.dp * s.grad_accum * self.microbatches
-        stage_ids = planmod.stages_of_rank(plan, layout.pp_rank) if self.pipe else [None]
+        stage_ids = parallel.stages_of_rank(planmod, plan, layout.pp_rank) if self.pipe else [None]
         self.stage_ids = stage_ids
         # every pipeline stage's pp rank (empty without a pipeline)
         self.stage_owner = {sid: r for r in range(layout.pp)
-                            for sid in planmod.stages_of_rank(plan, r)} if self.pipe else {}
+                            for sid in parallel.stages_of_rank(planmod, plan, r)} if self.pipe else {}
         self.parts = self._build(pkg, stage_ids, fresh)
         self.ties = self._tied_weights()
         self._sync_tied(grads=False)  # the copies start equal to their weight
@@ -478,15 +480,15 @@ class Engine:
             torch.manual_seed(self.s.seed)
             random.seed(self.s.seed)
             full = self.task.new_model()
-            parts = [full if sid is None else planmod.build_stage(
-                full if i == len(stage_ids) - 1 else copy.deepcopy(full), sid, plan)
+            parts = [full if sid is None else parallel.build_stage(
+                full if i == len(stage_ids) - 1 else copy.deepcopy(full), sid, planmod, plan)
                 for i, sid in enumerate(stage_ids)]
         else:  # allocate only this rank's shards (a resume overwrites them)
             parts = []
             for sid in stage_ids:
                 with torch.device("meta"):
                     m = self.task.new_model()
-                parts.append(m if sid is None else planmod.build_stage(m, sid, plan))
+                parts.append(m if sid is None else parallel.build_stage(m, sid, planmod, plan))
         self.hook = _RouterLosses() if self.pipe else None
         if self.hook is not None:
             # the stage's objective is dp × its share (FSDP averages over dp)
@@ -500,12 +502,12 @@ class Engine:
                 part.to(layout.device)
             # torchtitan's order: TP, EP, activation checkpointing, then FSDP
             if layout.tp > 1:
-                planmod.apply_tp(part, layout.mesh["tp"], plan)
+                parallel.apply_tp(part, layout.mesh["tp"], planmod)
             if layout.ep > 1:
-                planmod.apply_ep(part, layout.ep_mesh["ep"], plan)
-            planmod.apply_activation_checkpointing(part, plan)
+                parallel.apply_ep(part, layout.ep_mesh["ep"], planmod)
+            parallel.apply_activation_checkpointing(part, planmod, plan)
             if "fsdp" in self.cfg:
-                planmod.apply_fsdp(part, layout.mesh["dp"], plan)
+                parallel.apply_fsdp(part, layout.mesh["dp"], planmod, plan)
             if not self.host_init:
                 part.to_empty(device=layout.device)
                 self._seed_shard_init(sid)
@@ -606,13 +608,13 @@ class Engine:
         from torch.distributed.pipelining import schedules
 
         layout = self.layout
-        n = self.planmod.num_stages(self.plan)
+        n = parallel.num_stages(self.planmod, self.plan)
         Stage = _stage_class()
         Stage.hook = self.hook
         group = layout.mesh.get_group("pp")
         stages = [Stage(part, sid, n, layout.device, group=group)
                   for sid, part in zip(self.stage_ids, self.parts, strict=True)]
-        cls = getattr(schedules, self.planmod.SCHEDULES[self.pipe["schedule"]])
+        cls = getattr(schedules, parallel.SCHEDULES[self.pipe["schedule"]])
         multi = issubclass(cls, schedules.PipelineScheduleMulti)
         self.has_first = 0 in self.stage_ids
         self.has_last = n - 1 in self.stage_ids
@@ -735,7 +737,8 @@ class Engine:
                 total += value
         if layout.ep > 1:  # FSDP reduced the other gradients in backward
             for part in self.parts:
-                self.planmod.reduce_expert_grads(part, layout.ep_mesh["ep_replica"], self.plan)
+                parallel.reduce_expert_grads(part, layout.ep_mesh["ep_replica"], self.planmod,
+                                             self.plan)
         self._sync_tied(grads=True)
         total /= layout.tp  # the ranks of a tp group computed the same loss
         dist.all_reduce(total)  # every rank's share of the global loss

@@ -5,16 +5,15 @@ decoder, or for a vision-language spec the whole VLM: vision encoder,
 adapter, decoder and any cross-attention blocks) built on the meta device
 (no memory). Then, for every pipeline rank, a fake process group of N ranks
 stands in for the cluster: the rank's pipeline stages are cut from the model
-with the package's own `plan.build_stage` and sharded with its own
-`plan.apply_tp` (tensor parallelism over the tp dimension: q/k/v and gate/up
-split by output features, o/down by input features), `plan.apply_ep` (each
-MoE layer's experts shared out over ep consecutive dp ranks) and
-`plan.apply_fsdp`
-(FSDP2 `fully_shard` over the dp dimension of the DeviceMesh) -- the code a
-real run executes -- and the local shards are read off the resulting
-DTensors. Nothing here knows a model's layout: units,
-stages, FSDP units and checkpointed regions are FQNs relative to the root
-module, read off the model and the plan data.
+by the package's plan data with runtime/parallel.py's `build_stage` and
+sharded with its `apply_tp` (tensor parallelism over the tp dimension: q/k/v
+and gate/up split by output features, o/down by input features), `apply_ep`
+(each MoE layer's experts shared out over ep consecutive dp ranks) and
+`apply_fsdp` (FSDP2 `fully_shard` over the dp dimension of the DeviceMesh)
+-- the code a real run executes -- and the local shards are read off the
+resulting DTensors. Nothing here knows a model's layout: units, stages, FSDP
+units and checkpointed regions are FQNs relative to the root module, read off
+the model and the plan data.
 
 Rank layout: the mesh is (pp, dp, tp), pipeline outermost, so rank =
 (pp_rank * dp + dp_rank) * tp + tp_rank (torch's `init_device_mesh` order, as
@@ -87,6 +86,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from compiler.errors import RunError, UsageError
+
+from . import parallel
 
 BYTES = {"fp32": 4, "bf16": 2}
 MESH_ORDER = ("pp", "dp", "tp")  # pipeline outermost
@@ -270,8 +271,8 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
     running (parameters are memory of their own). Attention is counted as the
     fused kernels save it. `regions` (checkpointed FQNs) get their input
-    measured too. `tp` = (plan module, plan name, degree): measure a tensor-
-    parallel rank's forward (tp_slice)."""
+    measured too. `tp` = (plan module, degree): measure a tensor-parallel
+    rank's forward (tp_slice)."""
     with torch.device("meta"):
         model = new_model(pkg)
     if tp is not None:
@@ -340,10 +341,10 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                        logits.numel() * 4)
 
 
-def tp_slice(model: nn.Module, plan, plan_name: str, degree: int) -> None:
-    """Turn `model` into what one tensor-parallel rank computes: the package's
-    `plan.apply_tp` shards it under a fake process group of `degree` ranks,
-    then each sharded weight becomes a plain parameter holding rank 0's slice
+def tp_slice(model: nn.Module, plan, degree: int) -> None:
+    """Turn `model` into what one tensor-parallel rank computes: runtime.parallel's
+    `apply_tp` shards it by the package's `plan` under a fake process group of
+    `degree` ranks, then each sharded weight becomes a plain parameter holding rank 0's slice
     and the input/output hooks TP added are removed. Without sequence
     parallelism a rank runs exactly this model (its heads and hidden features
     at full sequence length; the all-reduce after o/down keeps the shape), so
@@ -354,7 +355,7 @@ def tp_slice(model: nn.Module, plan, plan_name: str, degree: int) -> None:
     _init_fake(0, degree)
     try:
         mesh = init_device_mesh("cpu", (degree,), mesh_dim_names=("tp",))
-        plan.apply_tp(model, mesh["tp"], plan_name)
+        parallel.apply_tp(model, mesh["tp"], plan)
     finally:
         _destroy()
     for module in model.modules():
@@ -472,7 +473,7 @@ def _placement(p) -> Placement:
 
 def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, mesh,
                 ep_mesh=None) -> dict:
-    """Cut one stage (None: the whole model) with the package's `plan` module,
+    """Cut one stage (None: the whole model) by the package's `plan` module,
     apply the plan's tensor and expert parallelism and FSDP as the trainer
     does, and return {param FQN: Placement}, the stage's units in order, and
     {FSDP unit FQN or "" (the root): elements FSDP gathers there, as one tp
@@ -481,11 +482,11 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
     m = data["mesh"]
     model = _stage_view(full)
     if stage_index is not None:
-        plan.build_stage(model, stage_index, plan_name)
+        model = parallel.build_stage(model, stage_index, plan, plan_name)
     if m["tp"] > 1:
-        plan.apply_tp(model, mesh["tp"], plan_name)
+        parallel.apply_tp(model, mesh["tp"], plan)
     if m["ep"] > 1:
-        plan.apply_ep(model, ep_mesh["ep"], plan_name)
+        parallel.apply_ep(model, ep_mesh["ep"], plan)
     groups: dict[str, int] = collections.Counter()
     fsdp_units = sorted(data["fsdp"]["units"] if "fsdp" in data else [], key=len, reverse=True)
     for fqn, p in model.named_parameters():
@@ -495,7 +496,7 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
         local = p.to_local() if hasattr(p, "placements") else p
         groups[next((u for u in fsdp_units if covers([u], fqn)), "")] += local.numel()
     if "fsdp" in data and m["dp"] > 1:
-        plan.apply_fsdp(model, mesh["dp"], plan_name)
+        parallel.apply_fsdp(model, mesh["dp"], plan, plan_name)
     params = {fqn: _placement(p) for fqn, p in model.named_parameters()}
     for fqn, p in model.named_parameters():
         # what this rank (index 0 everywhere) holds: torch.chunk's first parts
@@ -608,7 +609,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
 
     acts = measure_activations(pkg, micro_batch, seq, getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt,
-        tp=(plan, plan_name, tp) if tp > 1 else None)
+        tp=(plan, tp) if tp > 1 else None)
     with torch.device("meta"):
         full = new_model(pkg)
     params_total = sum(p.numel() for p in full.parameters())
@@ -620,7 +621,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
 
     ranks = []
     for pp_rank in range(pp):
-        stage_ids = plan.stages_of_rank(plan_name, pp_rank) if pipe else [None]
+        stage_ids = parallel.stages_of_rank(plan, plan_name, pp_rank) if pipe else [None]
         _init_fake(pp_rank * dp * tp, world)
         try:
             mesh = init_device_mesh("cpu", (pp, dp, tp), mesh_dim_names=MESH_ORDER)

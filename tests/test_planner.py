@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import ROOT, cli
 
+from runtime.parallel import apply_fsdp, build_stage
 from runtime.planner import (
     _destroy,
     _init_fake,
@@ -171,7 +172,7 @@ def test_uneven_shards_follow_fsdp2(mid):
         try:
             with torch.device("meta"):
                 model = pkg.Transformer()
-            plan.apply_fsdp(model, init_device_mesh("cpu", (3,)), "fsdp3")
+            apply_fsdp(model, init_device_mesh("cpu", (3,)), plan, "fsdp3")
             for fqn, p in model.named_parameters():
                 assert p.to_local().shape[0] == chunk_rows(p.shape[0], 3, rank), (fqn, rank)
         finally:
@@ -327,7 +328,7 @@ def test_vlm_shards_follow_fsdp2_at_every_rank():
         try:
             with torch.device("meta"):
                 model = pkg.VLM()
-            plan.apply_fsdp(model, init_device_mesh("cpu", (2,)), "fsdp2_vlm")
+            apply_fsdp(model, init_device_mesh("cpu", (2,)), plan, "fsdp2_vlm")
             for unit in ("vision_encoder.layers.1", "transformer.layers.3"):
                 assert isinstance(model.get_submodule(unit), FSDPModule)
             local = sum(p.to_local().numel() for p in model.parameters())
@@ -394,7 +395,7 @@ def test_vlm_pipeline_ranks_hold_their_stages():
     counts = []
     for index in range(2):
         with torch.device("meta"):
-            stage = plan.build_stage(pkg.VLM(), index, "pp2_vlm")
+            stage = build_stage(pkg.VLM(), index, plan, "pp2_vlm")
         counts.append(sum(p.numel() for p in stage.parameters()))
     r = _report(pkg, "vlm", "pp2_vlm", 2, 2, 26, 128)
     rank0, rank1 = r["per_rank"]

@@ -151,14 +151,69 @@ def test_70b_plan_stages_are_balanced():
 
 
 def test_generated_plan_module_carries_the_plans():
+    from runtime.parallel import stages_of_rank
+
     plan = importlib.import_module("generated.llama_debug.plan")
     assert plan.PLANS["fsdp2"]["fsdp"]["units"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
     assert plan.PLANS["pp2_interleaved"]["pipeline"]["stages"] == [
         ["token_embedding", "layers.0"], ["layers.1"], ["layers.2"],
         ["layers.3", "norm", "output_head"]]
-    assert plan.stages_of_rank("pp2_interleaved", 1) == [1, 3]
+    assert stages_of_rank(plan, "pp2_interleaved", 1) == [1, 3]
     assert plan.PLANS["fsdp2_pp2"]["activation_checkpoint"] == ["layers.0", "layers.2"]
     assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
+
+
+PLAN_DATA = {"LAYER_FQNS", "STAGE_MODULES", "STAGE_STACKS", "TP_PLAN", "EXPERT_FQNS", "PLANS"}
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "generated").glob("*/plan.py")))
+def test_generated_plan_py_is_data_only(name):
+    """plan.py is a docstring and literal assignments, nothing that runs: the code
+    applying plans is runtime/parallel.py's."""
+    import ast
+
+    tree = ast.parse((ROOT / "generated" / name / "plan.py").read_text())
+    doc, *body = tree.body
+    assert isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+    assigned = set()
+    for node in body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.dump(node)[:80]
+        ast.literal_eval(node.value)  # raises on anything but a literal
+        assigned.add(node.targets[0].id)
+    assert assigned == PLAN_DATA
+
+
+def test_tp_plan_splits_the_layers_and_leaves_the_rest_whole():
+    """runtime.parallel.apply_tp shards exactly the modules TP_PLAN names, column-
+    or row-wise as it says; the embedding, norms and head stay plain tensors."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from generated.llama_debug import Transformer
+    from generated.llama_debug import plan as plans
+    from runtime.parallel import apply_tp
+    from runtime.planner import _destroy, _init_fake
+
+    _init_fake(0, 2)
+    try:
+        with torch.device("meta"):
+            model = Transformer()
+        apply_tp(model, init_device_mesh("cpu", (2,)), plans)
+        split = {}
+        for fqn, p in model.named_parameters():
+            if isinstance(p, DTensor):
+                (placement,) = p.placements
+                assert isinstance(placement, Shard)
+                split[fqn] = placement.dim
+    finally:
+        _destroy()
+    dims = {"colwise": 0, "rowwise": 1}  # nn.Linear weights are (out, in)
+    want = {f"layers.{i}.{rest}.weight": dims[style]
+            for pattern, style in plans.TP_PLAN.items()
+            for i in range(4) for rest in [pattern.removeprefix("layers.*.")]}
+    assert split == want
+    assert len(want) == 4 * 7
 
 
 def test_build_stage_keeps_only_the_stage_and_its_fqns():
@@ -166,10 +221,11 @@ def test_build_stage_keeps_only_the_stage_and_its_fqns():
 
     from generated.llama_debug import Transformer
     from generated.llama_debug import plan as plans
+    from runtime.parallel import build_stage
 
     with torch.device("meta"):
         model = Transformer()
-    first = plans.build_stage(model, 0, "pp2")
+    first = build_stage(model, 0, plans, "pp2")
     assert list(first.layers) == ["0", "1"] and first.norm is None and first.output_head is None
     names = {n for n, _ in first.named_parameters()}
     assert "layers.1.attention.q_proj.weight" in names and "token_embedding.embedding.weight" in names
@@ -332,6 +388,7 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
     import torch
 
     from compiler.plans import vlm_plan_data
+    from runtime.parallel import build_stage
 
     for f in ("llama_debug", "vlm", name):
         (tmp_path / f"{f}.forge").write_text((ROOT / "specs" / f"{f}.forge").read_text())
@@ -360,7 +417,7 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
         monkeypatch.setitem(planmod.PLANS, plan, data)
         x, names = (pixels,), []
         for sid, params in enumerate(data["pipeline"]["stage_params"]):
-            stage = planmod.build_stage(copy.deepcopy(full), sid, plan)
+            stage = build_stage(copy.deepcopy(full), sid, planmod, plan)
             assert sum(p.numel() for p in stage.parameters()) == params, (plan, sid)
             names += [n for n, _ in stage.named_parameters()]
             with torch.no_grad():

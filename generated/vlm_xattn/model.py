@@ -816,7 +816,7 @@ class VLM(nn.Module):
 
     def init_weights_and_freqs(self) -> None:
         """Initialise every parameter (after `to_empty()` of a meta build); a
-        pipeline stage (plan.build_stage) skips the modules it lacks."""
+        pipeline stage (runtime.parallel.build_stage) skips the modules it lacks."""
         std = ModelConfig().init_std
         if self.transformer is not None:
             self.transformer.init_weights_and_freqs()
@@ -889,3 +889,79 @@ class VLM(nn.Module):
 
     def get_dropped_tokens(self) -> dict[str, int]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
+
+    # ---- pipeline stages (runtime/parallel.py) ----------------------------------------
+
+    def pipeline_stage(self) -> VLMStage:
+        """This VLM, pruned to one pipeline stage (runtime.parallel.build_stage), as
+        the module that runs the stage."""
+        return VLMStage(self)
+
+
+class VLMStage(nn.Module):
+    """One pipeline stage of `VLM`: the modules the stage kept, under the VLM's own
+    FQNs (DCP checkpoint keys are unchanged), and what flows between stages.
+
+    Every stage takes the text `tokens` (B, S) as a keyword argument, the first one
+    the images (B, C, H, W) as well. Until the vision encoder ends, a stage passes
+    on its hidden states (B, P, D_vision); the stage holding the adapter starts the
+    decoder over the text, and decoder stages pass on its hidden states (B, S, D)
+    with the image tokens (B, n, D), which the cross-attention blocks of later
+    stages attend to. The last stage returns the logits (B, S, V). Single images
+    only: no video frames or padding masks.
+    """
+
+    def __init__(self, vlm: VLM) -> None:
+        super().__init__()
+        # the vision encoder and the decoder are None where the stage holds none of them
+        self.vision_encoder = _held(vlm.vision_encoder)
+        self.adapter = vlm.adapter
+        self.transformer = _held(vlm.transformer)
+
+    # the VLM's own initialisation: it skips the modules a stage lacks
+    init_weights_and_freqs = VLM.init_weights_and_freqs
+
+    def forward(
+        self, x: torch.Tensor, image: torch.Tensor | None = None, *, tokens: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.vision_encoder is not None:
+            x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
+        if self.transformer is None:  # the vision encoder goes on on the next stage
+            return x.contiguous()  # the patch embedding's output is a transposed view
+        if self.adapter is not None:  # the decoder starts here
+            image = self.adapter(x)
+            h = self.transformer(tokens, modality=ModalityContext(image_features=image))
+        else:
+            h = self.transformer(modality=ModalityContext(inputs_embeds=x, image_features=image))
+        if self.transformer.output_head is not None:
+            return h
+        return h, image
+
+    def set_moe_step(self, step: int, max_steps: int) -> None:
+        if self.transformer is not None:
+            self.transformer.set_moe_step(step, max_steps)
+
+    def get_moe_aux_loss(self) -> torch.Tensor:
+        if self.transformer is None:
+            return torch.zeros(())
+        return self.transformer.get_moe_aux_loss()
+
+    def get_moe_router_z_loss(self) -> torch.Tensor:
+        if self.transformer is None:
+            return torch.zeros(())
+        return self.transformer.get_moe_router_z_loss()
+
+    def get_expert_counts(self) -> dict[str, torch.Tensor]:
+        if self.transformer is None:
+            return {}
+        return {f"transformer.{k}": v for k, v in self.transformer.get_expert_counts().items()}
+
+    def get_dropped_tokens(self) -> dict[str, int]:
+        if self.transformer is None:
+            return {}
+        return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
+
+
+def _held(module: nn.Module) -> nn.Module | None:
+    """`module`, or None where a pipeline stage holds no parameter of it."""
+    return module if next(module.parameters(), None) is not None else None
