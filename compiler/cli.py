@@ -242,12 +242,10 @@ def cmd_graph(args) -> int:
         raise UsageError(f"unknown view '{args.view}' (model, full, block:NAME)")
     if args.format == "json":
         text = graphio.to_json(view, args.view)
+    elif args.format == "svg":
+        text = graphio.to_svg(view, args.view)
     else:
         text = graphio.to_dot(view, args.view)
-        if args.format == "svg":
-            if not graphio.graphviz_available():
-                raise UsageError("--format svg needs Graphviz ('dot') on PATH")
-            text = graphio.to_svg(text)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
