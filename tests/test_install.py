@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import tomllib
 import zipfile
 from pathlib import Path
@@ -130,10 +129,11 @@ def test_the_wheel_holds_every_source_and_data_file_and_no_other_top_level_name(
 def test_the_installed_wheel_builds_trains_and_draws_outside_the_checkout(wheel, expected,
                                                                           tmp_path):
     python = _venv(tmp_path / "venv")
-    # third-party packages from this environment; a .pth path line adds the folder only,
-    # without running that folder's own .pth files (the checkout's editable install)
-    main_site = Path(sysconfig.get_paths()["purelib"])
-    (_site_packages(python) / "main_env.pth").write_text(f"{main_site}\n")
+    # third-party packages from this environment: its path less the checkout. A .pth path
+    # line adds the folder only, without running that folder's own .pth files (the
+    # checkout's editable install).
+    paths = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    (_site_packages(python) / "this_env.pth").write_text("".join(f"{p}\n" for p in paths))
     _pip(python, "--no-deps", wheel)
     work = _workdir(tmp_path / "work")
     where = _run([python, "-c", "import compiler, runtime; print(compiler.__file__); "
