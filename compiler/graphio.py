@@ -108,6 +108,10 @@ _TITLE = 0.35                   # height of the title line
 _FILL = {"input": "#e8f0fe", "output": "#e8f0fe", "op": "#fff4e0", "block": "#f0f0f0",
          "add": "#ffffff", "scale": "#ffffff"}
 _SWEEPS = 4                     # barycenter passes (down and up) ordering the rows
+_EDGE = ("#555555", "-")        # colour and line style of an edge; a VLM's, by what flows:
+_EDGE_BY_MODALITY = {"image": ("#1a73e8", "-"), "image+text": ("#9334e6", "-"),
+                     "memory": ("#1a73e8", "--")}
+_DASHED = ("slice",)            # outlined dashed (a VLM's image positions dropped)
 
 
 def _rows(graph: nx.Graph) -> dict:
@@ -270,7 +274,7 @@ def to_svg(graph: nx.Graph, view: str) -> str:
                 rounding = min(w, h) / 2 if kind in ("input", "output") else 0.06
                 outline = FancyBboxPatch(
                     (x[n] - w / 2, y[n] - h / 2), w, h, facecolor=fill, edgecolor="#333333",
-                    linewidth=0.8, clip_on=False,
+                    linewidth=0.8, clip_on=False, linestyle="--" if kind in _DASHED else "-",
                     boxstyle=f"round,pad=0,rounding_size={rounding:.4f}")
                 label, size = labels[n], _FONT_SIZE
             outline.set_gid(f"node-{i}")
@@ -287,7 +291,8 @@ def to_svg(graph: nx.Graph, view: str) -> str:
                 return x[n] + dx, y[n] + side * math.sqrt((w / 2) ** 2 - dx**2)
             return x[n] + dx, y[n] + side * h / 2
 
-        for j, route in enumerate(routes):
+        for j, (route, (_, _, modality)) in enumerate(
+                zip(routes, graph.edges(data="modality"), strict=True)):
             u, v = route[0], route[-1]
             points = [(x[u], y[u])]
             for n in route[1:-1]:
@@ -296,9 +301,10 @@ def to_svg(graph: nx.Graph, view: str) -> str:
             if y[v] > y[u]:  # leave the source's bottom, enter the target's top
                 points[0] = port(u, points[1][0], 1)
                 points[-1] = port(v, points[-2][0], -1)
+            color, style = _EDGE_BY_MODALITY.get(modality, _EDGE)
             ax.add_patch(FancyArrowPatch(path=Path(points), arrowstyle="-|>,head_length=0.4,"
-                                         "head_width=0.2", mutation_scale=12, color="#555555",
-                                         linewidth=0.8, shrinkA=0, shrinkB=0,
+                                         "head_width=0.2", mutation_scale=12, color=color,
+                                         linestyle=style, linewidth=0.8, shrinkA=0, shrinkB=0,
                                          clip_on=False, gid=f"edge-{j}"))
         out = io.StringIO()
         figure.savefig(out, format="svg", metadata={"Date": None})
