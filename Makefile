@@ -1,5 +1,8 @@
 # forgec — everything a fresh machine needs is installed from here.
-PYTHON ?= python3.11
+# Python 3.11 to 3.13; the first found, 3.11 first (torch 2.13.0's CPU-only wheel, which the
+# numerics goldens come from, is the one installed there). `make test PYTHON=python3.12`.
+PYTHON ?= $(or $(shell for p in python3.11 python3.12 python3.13; do \
+	$$p -c '' 2>/dev/null && { echo $$p; break; }; done),python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -12,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
 	touch $(STAMP)
 
 test: venv

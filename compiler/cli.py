@@ -217,12 +217,10 @@ def cmd_graph(args) -> int:
         view = graphio.in_dataflow_order(view)
     if args.format == "json":
         text = graphio.to_json(view, args.view)
+    elif args.format == "svg":
+        text = graphio.to_svg(view, args.view)
     else:
         text = graphio.to_dot(view, args.view)
-        if args.format == "svg":
-            if not graphio.graphviz_available():
-                raise UsageError("--format svg needs Graphviz ('dot') on PATH")
-            text = graphio.to_svg(text)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
@@ -265,6 +263,10 @@ def cmd_build(args) -> int:
 COMMANDS = {"check": cmd_check, "info": cmd_info, "graph": cmd_graph, "build": cmd_build}
 
 
+# What the `train` extra of pyproject.toml installs: only the runtime's commands import it.
+TRAIN_EXTRA = ("torch", "numpy")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `forgec check` runs in editors and hooks: registering the other commands'
@@ -293,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # noqa: BLE001 — a compiler bug must not look like a spec error
+        missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        if missing in TRAIN_EXTRA:
+            print(f"forgec: error: `forgec {args.command}` needs {missing}, which is not "
+                  "installed: pip install 'forgec[train]'", file=sys.stderr)
+            return EXIT_USAGE
         if os.environ.get("FORGEC_DEBUG"):
             traceback.print_exc()
         print(f"forgec: internal error: {type(e).__name__}: {e} (please report; "

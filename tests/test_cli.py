@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -421,17 +422,62 @@ def test_graph_of_a_bad_spec_is_exit_1(tmp_path):
     assert proc.stdout == ""
 
 
-def test_graph_svg():
-    if shutil.which("dot") is None:
-        pytest.fail("Graphviz's `dot` is not on PATH: `forgec graph --format svg` cannot be "
-                    "tested. Install it (apt-get install graphviz; .ci/run does this in CI).")
-    proc = run_forgec("graph", "--format", "svg", DEBUG)
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg_groups(svg: str) -> dict[str, ET.Element]:
+    root = ET.fromstring(svg)
+    assert root.tag == f"{SVG}svg"
+    return {g.get("id"): g for g in root.iter(f"{SVG}g")}
+
+
+def _label_lines(node: dict) -> list[str]:
+    """What `forgec graph --format svg` writes in a node (the DOT labels, line by line)."""
+    shape = "(" + ", ".join(map(str, node["shape"])) + ")" if node.get("shape") else "?"
+    kind = node.get("kind")
+    if kind == "add":
+        return ["+"]
+    if kind == "scale":
+        return [f"×{node['factor']:g}"]
+    if kind == "op":
+        return [node.get("fqn") or node["id"], node["op"], shape]
+    if kind == "block":
+        return [node["id"], node["block"], shape]
+    return [node["id"], shape]
+
+
+@pytest.mark.parametrize("spec, view", [(DEBUG, "model"), (DEBUG, "block:dense"),
+                                        ("specs/gptj_debug.forge", "full")])
+def test_graph_svg_draws_every_node_and_edge(tmp_path, spec, view):
+    """No Graphviz needed: every node is an outline with its label's lines, every edge an arrow."""
+    doc = json.loads(run_forgec("graph", "--format", "json", "--view", view, spec).stdout)
+    proc = run_forgec("graph", "--format", "svg", "--view", view, spec)
     no_traceback(proc)
     assert proc.returncode == 0, proc.stderr
-    svg = proc.stdout
-    assert "<svg" in svg and svg.rstrip().endswith("</svg>")
-    for i in range(DEBUG_LAYERS):
-        assert f"layers.{i}" in svg
+    groups = _svg_groups(proc.stdout)
+    title = [t.text for t in groups["title"].iter(f"{SVG}text")]
+    assert title == [f"{doc['model']} ({view})"]
+    for i, node in enumerate(doc["nodes"]):
+        assert list(groups[f"node-{i}"].iter(f"{SVG}path")), node["id"]
+        lines = [t.text for t in groups[f"label-{i}"].iter(f"{SVG}text")]
+        assert lines == _label_lines(node), node["id"]
+    assert f"node-{len(doc['nodes'])}" not in groups
+    edges = [g for name, g in groups.items() if name.startswith("edge-")]
+    assert len(edges) == len(doc["edges"])
+    assert all(len(list(g.iter(f"{SVG}path"))) == 2 for g in edges)  # a line and its head
+
+
+def test_graph_svg_of_every_layer_and_same_bytes_twice(tmp_path):
+    first, second = tmp_path / "a.svg", tmp_path / "b.svg"
+    for out in (first, second):
+        proc = run_forgec("graph", "--format", "svg", "-o", str(out), DEBUG)
+        no_traceback(proc)
+        assert proc.returncode == 0, proc.stderr
+    assert first.read_bytes() == second.read_bytes()
+    groups = _svg_groups(first.read_text())
+    labels = {t.text for name, g in groups.items() if name.startswith("label-")
+              for t in g.iter(f"{SVG}text")}
+    assert {f"layers.{i}" for i in range(DEBUG_LAYERS)} <= labels
 
 
 # ---- robustness: usage errors ----------------------------------------------------------------
