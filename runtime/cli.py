@@ -83,7 +83,50 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    help="text tokens per sequence (default: the model's max_seq_len, a "
                    "vlm's max_text)")
     p.add_argument("--json", action="store_true", help="JSON with a per_rank list")
-    return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan}
+
+    x = sub.add_parser(
+        "export-hf", help="write a training run as a Hugging Face checkpoint",
+        description="Write the latest checkpoint of RUN_DIR as a transformers checkpoint: "
+        "config.json (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe, derived from the "
+        "run's spec), safetensors weights and the tokenizer files. "
+        "AutoModelForCausalLM.from_pretrained(DIR) then gives the run's logits.")
+    x.add_argument("run", metavar="RUN_DIR")
+    x.add_argument("-o", "--output", required=True, metavar="DIR")
+    x.add_argument("--model-type", choices=("llama", "mistral", "qwen2", "qwen3", "mixtral",
+                                            "qwen3_moe"),
+                   help="the family to write (default: inferred from the spec)")
+    x.add_argument("--max-shard-size", type=int, default=5000, metavar="MB",
+                   help="largest safetensors file in MB (10^6 bytes; default 5000)")
+    x.add_argument("--force", action="store_true", help="replace the contents of DIR")
+
+    e = sub.add_parser(
+        "eval", help="held-out loss and perplexity of a training run",
+        description="Evaluate RUN_DIR's latest checkpoint on held-out --data: the mean "
+        "next-token cross-entropy (nats per token) and its perplexity, over consecutive "
+        "windows of --seq-len tokens in file order (deterministic).")
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--data", metavar="PATH",
+                   help="a token file (see --data-dtype), a `forgec tokenize` folder or its "
+                   "manifest.json, or a .txt/.jsonl/.parquet file (tokenized with the run's "
+                   "tokenizer)")
+    e.add_argument("--data-dtype", choices=("uint16", "uint32"), default="uint16",
+                   help="element type of a flat token file (default uint16)")
+    e.add_argument("--seq-len", type=int, metavar="L",
+                   help="tokens per window (default: the run's --seq-len)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="windows per forward (default 8; does not change the result)")
+    e.add_argument("--max-tokens", type=int, metavar="N",
+                   help="evaluate the first N tokens only")
+    e.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the text column of JSONL/Parquet input (default: text)")
+    e.add_argument("--tasks", metavar="NAMES",
+                   help="lm-eval-harness tasks (comma-separated) instead of --data")
+    e.add_argument("--include-path", metavar="DIR",
+                   help="folder of local lm-eval task YAML files (with --tasks)")
+    e.add_argument("--limit", type=int, metavar="N", help="with --tasks: N examples per task")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
+            "export-hf": cmd_export_hf, "eval": cmd_eval}
 
 
 def cmd_train(args) -> int:
@@ -121,6 +164,7 @@ def cmd_generate(args) -> int:
     if args.image is not None and args.samples is not None:
         raise UsageError("give --image or --samples, not both")
     from .generate import generate_text, load_run_model
+    from .tokenizer import run_tokenizer
 
     model, info = load_run_model(args.run)
     if hasattr(model, "encode_images"):  # a vision-language model: captions
@@ -141,12 +185,33 @@ def cmd_generate(args) -> int:
         args.max_new_tokens = 200
     text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         note_stream=sys.stderr, token_file=info["settings"].get("data"))
+                         note_stream=sys.stderr, token_file=info["settings"].get("data"),
+                         tokenizer=run_tokenizer(args.run))
     sys.stdout.write(text + "\n")
     return 0
 
 
 def cmd_plan(args) -> int:
     from .planner import cmd_plan as run
+
+    return run(args)
+
+
+def cmd_export_hf(args) -> int:
+    from compiler.cli import UsageError
+
+    if args.max_shard_size < 1:
+        raise UsageError("--max-shard-size must be at least 1 (MB)")
+    from .export import export_hf
+
+    config = export_hf(args.run, args.output, model_type=args.model_type,
+                       max_shard_size=args.max_shard_size * 10**6, force=args.force)
+    print(f"wrote {args.output}: {config['model_type']} ({config['num_hidden_layers']} layers, "
+          f"vocabulary {config['vocab_size']}) with its tokenizer", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import cmd_eval as run
 
     return run(args)
