@@ -38,8 +38,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--clip", type=float, help="max gradient norm; 0 disables (default 1.0)")
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
-    t.add_argument("--data", metavar="FILE",
-                   help="flat token file (numpy memmap); token 0 ends a document")
+    t.add_argument("--data", metavar="DATA",
+                   help="a flat token file (numpy memmap; the tokenizer's end-of-text token, "
+                   "0 for bytes, ends a document), a `forgec tokenize` folder, or a weighted "
+                   "mixture of them: A:0.7,B:0.3")
     t.add_argument("--data-dtype", choices=("uint16", "uint32"),
                    help="element type of --data (default uint16)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -125,8 +127,29 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    help="folder of local lm-eval task YAML files (with --tasks)")
     e.add_argument("--limit", type=int, metavar="N", help="with --tasks: N examples per task")
     e.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    k = sub.add_parser(
+        "tokenize", help="tokenize text, JSONL and Parquet into sharded token files",
+        description="Tokenize INPUT files and folders (.txt/.md: one document per file; "
+        ".jsonl: one per line; .parquet: one per row) into OUT/shard_NNNNN.bin token files "
+        "and OUT/manifest.json, for `forgec train --data OUT`. The output does not depend on "
+        "--workers; an interrupted run started again skips its finished shards.")
+    k.add_argument("inputs", nargs="+", metavar="INPUT")
+    k.add_argument("-o", "--output", required=True, metavar="OUT", help="dataset folder")
+    k.add_argument("--tokenizer", default="byte", metavar="TOK",
+                   help="'byte' (default), a folder with tokenizer.json, a spec (its "
+                   "NAME.tokenizer/) or a training run (its tokenizer)")
+    k.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the text of a JSONL object or Parquet row (default: text)")
+    k.add_argument("--docs-per-shard", type=int, default=10_000, metavar="N",
+                   help="documents per shard (default 10000)")
+    k.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="processes tokenizing shards in parallel (default 1)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.add_argument("--force", action="store_true",
+                   help="start afresh in a folder that holds other data")
     return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
-            "export-hf": cmd_export_hf, "eval": cmd_eval}
+            "export-hf": cmd_export_hf, "eval": cmd_eval, "tokenize": cmd_tokenize}
 
 
 def cmd_train(args) -> int:
@@ -213,5 +236,11 @@ def cmd_export_hf(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import cmd_eval as run
+
+    return run(args)
+
+
+def cmd_tokenize(args) -> int:
+    from .tokenize import cmd_tokenize as run
 
     return run(args)

@@ -144,8 +144,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     return out
 
 
-def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
-    """The model of a training run, with the weights of its latest checkpoint."""
+def load_run_model(run_dir: str, *, decodable: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The model of a training run, with the weights of its latest checkpoint
+    (`decodable`: refuse a model that cannot generate)."""
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .package import import_package, read_run_info, run_package_dir
     from .train import set_threads
@@ -160,7 +161,8 @@ def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
         model = pkg.VLM() if hasattr(pkg, "VLM") else pkg.Transformer()
     except Exception as e:  # noqa: BLE001 — a broken package in the run folder is bad input
         raise RunError(f"cannot build the model of {run_dir}: {type(e).__name__}: {e}") from None
-    check_decodable(model)
+    if decodable:
+        check_decodable(model)
     load_checkpoint(latest[1], model)
     model.eval()
     return model, info

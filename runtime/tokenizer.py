@@ -152,6 +152,25 @@ def load_tokenizer(where: str | None) -> Bytes | HFTokenizer:
     return HFTokenizer(where)
 
 
+def resolve_tokenizer_setting(value: str) -> str:
+    """--tokenizer: "byte", a folder with tokenizer.json (or the file), a spec
+    (`specs/NAME.forge`: its NAME.tokenizer/, else bytes) or a training run
+    (its RUN/tokenizer/, else bytes) → "byte" or an absolute tokenizer folder."""
+    if value == BYTE:
+        return BYTE
+    if os.path.isfile(value) and value.endswith(".forge"):
+        return default_tokenizer_setting(value)
+    if os.path.isdir(value) and os.path.isfile(os.path.join(value, "run.json")):
+        folder = os.path.join(value, RUN_TOKENIZER)
+        return os.path.abspath(folder) if os.path.isdir(folder) else BYTE
+    if os.path.isfile(value) and os.path.basename(value) == "tokenizer.json":
+        value = os.path.dirname(value) or "."
+    if os.path.isdir(value) and os.path.isfile(os.path.join(value, "tokenizer.json")):
+        return os.path.abspath(value)
+    raise UsageError(f"--tokenizer {value}: not 'byte', a folder with tokenizer.json, a .forge "
+                     "spec or a training run")
+
+
 def default_tokenizer_setting(spec: str) -> str:
     """The tokenizer a run of `spec` uses unless told: the folder beside the spec, else bytes."""
     folder = spec_tokenizer_dir(spec)
