@@ -107,3 +107,89 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, argv, code, message):
     capsys.readouterr()
     assert forgec(["eval", str(run), *[a.format(tmp=tmp_path) for a in argv]]) == code
     assert capsys.readouterr().err == f"forgec: error: {message.format(tmp=tmp_path)}\n"
+
+
+# ---- lm-eval-harness tasks ---------------------------------------------------------------
+
+MC = [
+    {"question": "def f(x):\n    return", "choices": [" x", " banana", " 42!!"], "answer": 0},
+    {"question": "import", "choices": [" os", " zzz", " ..."], "answer": 0},
+    {"question": "for i in", "choices": [" range(10):", " qqq", " the"], "answer": 0},
+    {"question": "class Foo(", "choices": ["object):", "xyz", "!!!"], "answer": 1},
+    {"question": "The answer is", "choices": [" yes.", " no.", " maybe, who knows"], "answer": 2},
+]
+
+
+def local_task(folder: Path) -> Path:
+    """A multiple-choice lm-eval task: a YAML file naming local JSONL data."""
+    folder.mkdir()
+    data = folder / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in MC) + "\n")
+    (folder / "forge_mc.yaml").write_text(f"""\
+task: forge_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    return folder
+
+
+def test_lm_eval_tasks_score_as_transformers_scores_the_exported_model(run, tmp_path,
+                                                                       monkeypatch, capsys):
+    """The adapter over the generated model gives the loglikelihoods (and accuracy) that
+    lm-eval's own Hugging Face model gives for the same weights through transformers."""
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from runtime.lm_eval_adapter import run_tasks
+    from runtime.tokenizer import run_tokenizer
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = local_task(tmp_path / "tasks")
+    model, _ = load_run_model(str(run))
+    ours = run_tasks(model, run_tokenizer(str(run)), ["forge_mc"], include_path=str(tasks),
+                     log_samples=True)
+    assert forgec(["export-hf", str(run), "-o", str(tmp_path / "hf")]) == 0
+    ref_lm = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", batch_size=1,
+                  dtype="float32")
+    ref = simple_evaluate(model=ref_lm, tasks=["forge_mc"],
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                          log_samples=True,
+                          bootstrap_iters=0)
+
+    def scores(samples):
+        return [[float(r[0][0]) for r in s["resps"]] for s in
+                sorted(samples["forge_mc"], key=lambda s: s["doc_id"])]
+
+    got, expected = scores(ours["samples"]), scores(ref["samples"])
+    assert len(got) == len(MC) and all(len(row) == 3 for row in got)
+    assert np.allclose(got, expected, rtol=0, atol=1e-4)
+    assert ours["forge_mc"]["acc,none"] == ref["results"]["forge_mc"]["acc,none"]
+    # the CLI prints the same accuracy
+    capsys.readouterr()
+    assert forgec(["eval", str(run), "--tasks", "forge_mc", "--include-path", str(tasks),
+                   "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["forge_mc"]["acc,none"] == ours["forge_mc"]["acc,none"]
+
+
+def test_an_unknown_task_is_a_usage_error(run, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    tasks = local_task(tmp_path / "tasks")
+    assert forgec(["eval", str(run), "--tasks", "no_such_task", "--include-path",
+                   str(tasks)]) == 2
+    assert "unknown lm-eval task(s): no_such_task" in capsys.readouterr().err
