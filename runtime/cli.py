@@ -44,6 +44,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    "mixture of them: A:0.7,B:0.3")
     t.add_argument("--data-dtype", choices=("uint16", "uint32"),
                    help="element type of --data (default uint16)")
+    t.add_argument("--tokenizer", metavar="TOK",
+                   help="'byte', a folder with tokenizer.json, a spec or a run (default: "
+                   "the spec's NAME.tokenizer/ beside it, else byte)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--plan", metavar="NAME",
                    help="train with the spec's parallel plan NAME under torchrun "
@@ -99,7 +102,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    help="the family to write (default: inferred from the spec)")
     x.add_argument("--max-shard-size", type=int, default=5000, metavar="MB",
                    help="largest safetensors file in MB (10^6 bytes; default 5000)")
-    x.add_argument("--force", action="store_true", help="replace the contents of DIR")
+    x.add_argument("--force", action="store_true",
+                   help="replace the checkpoint files (config, weights, tokenizer) in DIR")
 
     e = sub.add_parser(
         "eval", help="held-out loss and perplexity of a training run",
@@ -165,7 +169,7 @@ def cmd_train(args) -> int:
           batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
           min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
           weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
-          data_dtype=args.data_dtype)
+          data_dtype=args.data_dtype, tokenizer=args.tokenizer)
     return 0
 
 

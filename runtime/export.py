@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -423,7 +422,7 @@ def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"-o {out_dir} is a file")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
-        raise UsageError(f"{out_dir} is not empty; --force replaces its contents")
+        raise UsageError(f"{out_dir} is not empty; --force replaces the checkpoint files in it")
     if model_type is not None and model_type not in FAMILIES:
         raise UsageError(f"--model-type {model_type}: export-hf writes {', '.join(FAMILIES)}")
     model_ir = run_model_spec(run_dir)
@@ -439,8 +438,13 @@ def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
         config = hf_config(decoder, family, dtype=dtype, token_ids=ids)
     except NotExportable as e:
         raise RunError(f"cannot export {run_dir}: {e}") from None
-    if os.path.isdir(out_dir) and force:
-        shutil.rmtree(out_dir)
+    if os.path.isdir(out_dir) and force:  # only what an export writes: -o may be any folder
+        from compiler.importers.hf import TOKENIZER_FILES
+
+        for name in os.listdir(out_dir):
+            if name in ("config.json", *TOKENIZER_FILES) or (
+                    name.startswith("model") and ".safetensors" in name):
+                os.remove(os.path.join(out_dir, name))
     with torch.no_grad():
         save_hf_checkpoint(model, out_dir, config=config, max_shard_size=max_shard_size)
     if tok.folder is not None:

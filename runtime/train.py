@@ -39,7 +39,12 @@ from compiler.cli import RunError, UsageError
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, data_setting
 from .package import build_package, import_package, read_run_info
-from .tokenizer import BYTE, attach_run_tokenizer, default_tokenizer_setting
+from .tokenizer import (
+    BYTE,
+    attach_run_tokenizer,
+    default_tokenizer_setting,
+    resolve_tokenizer_setting,
+)
 
 
 @dataclass
@@ -361,7 +366,9 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     """
     if overrides.get("data") is not None:
         overrides["data"] = data_setting(overrides["data"])
-    if overrides.get("tokenizer") is None and not resume:
+    if overrides.get("tokenizer") is not None:
+        overrides["tokenizer"] = resolve_tokenizer_setting(overrides["tokenizer"])
+    elif not resume:
         overrides["tokenizer"] = default_tokenizer_setting(spec)
     saved_info = read_run_info(out) if resume else None
     if not resume and ckpt.list_checkpoints(out):

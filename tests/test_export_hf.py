@@ -150,7 +150,12 @@ def test_a_changed_spec_or_a_full_folder_is_refused(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     assert forgec(["export-hf", str(tmp_path / "run"), "-o", str(tmp_path / "full")]) == 2
-    assert "is not empty; --force replaces its contents" in capsys.readouterr().err
+    assert "is not empty; --force replaces the checkpoint files in it" in capsys.readouterr().err
+    for _ in range(2):  # replaces an export; leaves other files alone
+        assert forgec(["export-hf", str(tmp_path / "run"), "-o", str(tmp_path / "full"),
+                       "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "x"]
     spec.write_text(spec.read_text() + "\n# edited\n")
     assert forgec(["export-hf", str(tmp_path / "run"), "-o", str(tmp_path / "y")]) == 1
     assert "changed since" in capsys.readouterr().err

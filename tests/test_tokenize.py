@@ -264,6 +264,13 @@ def test_a_spec_with_a_tokenizer_trains_and_generates_with_it(tmp_path, capsys):
     new = generate(model, [tok.encode("hello world")], 5, eos_id=tok.eos_id)[0]
     new = new[:-1] if new and new[-1] == tok.eos_id else new
     assert out == tok.decode(tok.encode("hello world") + new) + "\n"
+    # --tokenizer overrides the spec's
+    assert forgec(["train", str(spec), "--out", str(tmp_path / "bytes"), "--steps", "1",
+                   "--batch-size", "2", "--seq-len", "32", "--no-progress", "--tokenizer",
+                   "byte"]) == 0
+    assert json.loads((tmp_path / "bytes" / "run.json").read_text())["settings"][
+        "tokenizer"] == "byte"
+    assert not (tmp_path / "bytes" / "tokenizer").exists()
     # resuming with a changed tokenizer is refused
     make_hf_tokenizer(tmp_path / "tiny.tokenizer", vocab_size=290)
     assert forgec(["train", str(spec), "--out", str(run), "--steps", "2", "--resume",
@@ -276,3 +283,21 @@ def test_the_byte_tokenizer_is_the_default(tmp_path):
 
     assert default_tokenizer_setting(str(ROOT / "specs" / "llama_debug.forge")) == "byte"
     assert isinstance(run_tokenizer(str(tmp_path)), Bytes)
+
+
+def test_import_hf_copies_the_tokenizer_and_drops_a_stale_one(tmp_path, capsys):
+    import transformers as hf
+
+    tok_dir = make_hf_tokenizer(tmp_path / "tok")
+    hf.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    spec = tmp_path / "m.forge"
+    assert forgec(["import-hf", str(tmp_path / "hf"), "-o", str(spec)]) == 0
+    assert sorted(p.name for p in (tmp_path / "m.tokenizer").iterdir()) == ["tokenizer.json"]
+    assert f"wrote {tmp_path / 'm.tokenizer'}/: tokenizer.json" in capsys.readouterr().err
+    # imported again from a folder without a tokenizer: the old one is not this model's
+    (tmp_path / "hf" / "tokenizer.json").unlink()
+    assert forgec(["import-hf", str(tmp_path / "hf"), "-o", str(spec), "--force"]) == 0
+    assert not (tmp_path / "m.tokenizer").exists()
+    assert f"runs of {spec} use the byte tokenizer" in capsys.readouterr().err
