@@ -38,10 +38,15 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--clip", type=float, help="max gradient norm; 0 disables (default 1.0)")
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
-    t.add_argument("--data", metavar="FILE",
-                   help="flat token file (numpy memmap); token 0 ends a document")
+    t.add_argument("--data", metavar="DATA",
+                   help="a flat token file (numpy memmap; the tokenizer's end-of-text token, "
+                   "0 for bytes, ends a document), a `forgec tokenize` folder, or a weighted "
+                   "mixture of them: A:0.7,B:0.3")
     t.add_argument("--data-dtype", choices=("uint16", "uint32"),
                    help="element type of --data (default uint16)")
+    t.add_argument("--tokenizer", metavar="TOK",
+                   help="'byte', a folder with tokenizer.json, a spec or a run (default: "
+                   "the spec's NAME.tokenizer/ beside it, else byte)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--plan", metavar="NAME",
                    help="train with the spec's parallel plan NAME under torchrun "
@@ -83,7 +88,72 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    help="text tokens per sequence (default: the model's max_seq_len, a "
                    "vlm's max_text)")
     p.add_argument("--json", action="store_true", help="JSON with a per_rank list")
-    return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan}
+
+    x = sub.add_parser(
+        "export-hf", help="write a training run as a Hugging Face checkpoint",
+        description="Write the latest checkpoint of RUN_DIR as a transformers checkpoint: "
+        "config.json (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe, derived from the "
+        "run's spec), safetensors weights and the tokenizer files. "
+        "AutoModelForCausalLM.from_pretrained(DIR) then gives the run's logits.")
+    x.add_argument("run", metavar="RUN_DIR")
+    x.add_argument("-o", "--output", required=True, metavar="DIR")
+    x.add_argument("--model-type", choices=("llama", "mistral", "qwen2", "qwen3", "mixtral",
+                                            "qwen3_moe"),
+                   help="the family to write (default: inferred from the spec)")
+    x.add_argument("--max-shard-size", type=int, default=5000, metavar="MB",
+                   help="largest safetensors file in MB (10^6 bytes; default 5000)")
+    x.add_argument("--force", action="store_true",
+                   help="replace the checkpoint files (config, weights, tokenizer) in DIR")
+
+    e = sub.add_parser(
+        "eval", help="held-out loss and perplexity of a training run",
+        description="Evaluate RUN_DIR's latest checkpoint on held-out --data: the mean "
+        "next-token cross-entropy (nats per token) and its perplexity, over consecutive "
+        "windows of --seq-len tokens in file order (deterministic).")
+    e.add_argument("run", metavar="RUN_DIR")
+    e.add_argument("--data", metavar="PATH",
+                   help="a token file (see --data-dtype), a `forgec tokenize` folder or its "
+                   "manifest.json, or a .txt/.jsonl/.parquet file (tokenized with the run's "
+                   "tokenizer)")
+    e.add_argument("--data-dtype", choices=("uint16", "uint32"), default="uint16",
+                   help="element type of a flat token file (default uint16)")
+    e.add_argument("--seq-len", type=int, metavar="L",
+                   help="tokens per window (default: the run's --seq-len)")
+    e.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help="windows per forward (default 8; does not change the result)")
+    e.add_argument("--max-tokens", type=int, metavar="N",
+                   help="evaluate the first N tokens only")
+    e.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the text column of JSONL/Parquet input (default: text)")
+    e.add_argument("--tasks", metavar="NAMES",
+                   help="lm-eval-harness tasks (comma-separated) instead of --data")
+    e.add_argument("--include-path", metavar="DIR",
+                   help="folder of local lm-eval task YAML files (with --tasks)")
+    e.add_argument("--limit", type=int, metavar="N", help="with --tasks: N examples per task")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    k = sub.add_parser(
+        "tokenize", help="tokenize text, JSONL and Parquet into sharded token files",
+        description="Tokenize INPUT files and folders (.txt/.md: one document per file; "
+        ".jsonl: one per line; .parquet: one per row) into OUT/shard_NNNNN.bin token files "
+        "and OUT/manifest.json, for `forgec train --data OUT`. The output does not depend on "
+        "--workers; an interrupted run started again skips its finished shards.")
+    k.add_argument("inputs", nargs="+", metavar="INPUT")
+    k.add_argument("-o", "--output", required=True, metavar="OUT", help="dataset folder")
+    k.add_argument("--tokenizer", default="byte", metavar="TOK",
+                   help="'byte' (default), a folder with tokenizer.json, a spec (its "
+                   "NAME.tokenizer/) or a training run (its tokenizer)")
+    k.add_argument("--text-field", default="text", metavar="NAME",
+                   help="the text of a JSONL object or Parquet row (default: text)")
+    k.add_argument("--docs-per-shard", type=int, default=10_000, metavar="N",
+                   help="documents per shard (default 10000)")
+    k.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="processes tokenizing shards in parallel (default 1)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.add_argument("--force", action="store_true",
+                   help="start afresh in a folder that holds other data")
+    return {"train": cmd_train, "generate": cmd_generate, "plan": cmd_plan,
+            "export-hf": cmd_export_hf, "eval": cmd_eval, "tokenize": cmd_tokenize}
 
 
 def cmd_train(args) -> int:
@@ -99,7 +169,7 @@ def cmd_train(args) -> int:
           batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
           min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
           weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
-          data_dtype=args.data_dtype)
+          data_dtype=args.data_dtype, tokenizer=args.tokenizer)
     return 0
 
 
@@ -121,6 +191,7 @@ def cmd_generate(args) -> int:
     if args.image is not None and args.samples is not None:
         raise UsageError("give --image or --samples, not both")
     from .generate import generate_text, load_run_model
+    from .tokenizer import run_tokenizer
 
     model, info = load_run_model(args.run)
     if hasattr(model, "encode_images"):  # a vision-language model: captions
@@ -141,12 +212,39 @@ def cmd_generate(args) -> int:
         args.max_new_tokens = 200
     text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         note_stream=sys.stderr, token_file=info["settings"].get("data"))
+                         note_stream=sys.stderr, token_file=info["settings"].get("data"),
+                         tokenizer=run_tokenizer(args.run))
     sys.stdout.write(text + "\n")
     return 0
 
 
 def cmd_plan(args) -> int:
     from .planner import cmd_plan as run
+
+    return run(args)
+
+
+def cmd_export_hf(args) -> int:
+    from compiler.errors import UsageError
+
+    if args.max_shard_size < 1:
+        raise UsageError("--max-shard-size must be at least 1 (MB)")
+    from .export import export_hf
+
+    config = export_hf(args.run, args.output, model_type=args.model_type,
+                       max_shard_size=args.max_shard_size * 10**6, force=args.force)
+    print(f"wrote {args.output}: {config['model_type']} ({config['num_hidden_layers']} layers, "
+          f"vocabulary {config['vocab_size']}) with its tokenizer", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import cmd_eval as run
+
+    return run(args)
+
+
+def cmd_tokenize(args) -> int:
+    from .tokenize import cmd_tokenize as run
 
     return run(args)

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -217,3 +218,211 @@ class PackedData:
                 and 0 <= index < self.num_windows):
             raise RunError(f"the checkpoint's data position is invalid: {state!r}")
         self.epoch, self.index = epoch, index
+
+
+# ---- tokenized datasets (`forgec tokenize`) and mixtures --------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "forgec-tokens/1"
+MIX_BLOCK = 4096  # mixture choices are drawn this many rows at a time
+
+
+def parse_data_setting(value: str) -> list[tuple[str, float | None]]:
+    """`PATH` or a mixture `PATH:WEIGHT,PATH:WEIGHT,...` → [(path, weight or None)]."""
+    parts = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            raise UsageError(f"--data '{value}': an empty entry")
+        path, weight = item, None
+        head, sep, tail = item.rpartition(":")
+        if sep and head:
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass
+            else:
+                path = head
+                if not (weight > 0 and np.isfinite(weight)):
+                    raise UsageError(f"--data {item}: a weight must be a positive number")
+        parts.append((path, weight))
+    if len(parts) > 1 and any(w is None for _, w in parts):
+        raise UsageError(f"--data '{value}': give each dataset of a mixture a weight, e.g. "
+                         "--data a:0.7,b:0.3")
+    return parts
+
+
+def data_setting(value: str) -> str:
+    """The --data value with absolute paths (what a run records)."""
+    return ",".join(os.path.abspath(p) + (f":{w:g}" if w is not None else "")
+                    for p, w in parse_data_setting(value))
+
+
+class ShardedTokens:
+    """The shards of a tokenized dataset as one read-only token sequence: len(),
+    slices (a slice spanning shards is copied together) and dtype."""
+
+    def __init__(self, paths: list[str], dtype: np.dtype) -> None:
+        self.shards = [np.memmap(p, dtype=dtype, mode="r") if os.path.getsize(p)
+                       else np.zeros(0, dtype=dtype) for p in paths]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("ShardedTokens supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        pieces = []
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        for i in range(max(first, 0), len(self.shards)):
+            lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+            if lo >= stop:
+                break
+            if hi > start:
+                pieces.append(self.shards[i][max(start, lo) - lo : min(stop, hi) - lo])
+        if not pieces:
+            return np.zeros(0, dtype=self.dtype)
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def read_manifest(path: str) -> tuple[dict, str]:
+    """(manifest, its folder) of a `forgec tokenize` output folder or its manifest.json."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(folder, MANIFEST) if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
+        for shard in manifest["shards"]:
+            if not isinstance(shard["file"], str) or not isinstance(shard["tokens"], int):
+                raise ValueError("bad shard entry")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{file} is not a tokenized dataset's manifest: {e}") from None
+    return manifest, folder
+
+
+def is_dataset(path: str) -> bool:
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, MANIFEST))) or (
+        os.path.basename(path) == MANIFEST and os.path.isfile(path))
+
+
+def load_dataset_tokens(path: str, vocab_size: int, tokenizer) -> ShardedTokens:
+    """The tokens of a tokenized dataset, checked against the run's tokenizer and
+    vocabulary (the manifest's per-shard largest id) and the shard sizes."""
+    manifest, folder = read_manifest(path)
+    tok = manifest.get("tokenizer", {})
+    if tok.get("identity") != tokenizer.identity:
+        raise RunError(f"{path} was tokenized with {tok.get('source', 'another tokenizer')} "
+                       f"(identity {tok.get('identity')}); the run uses {tokenizer.describe()} "
+                       f"(identity {tokenizer.identity}): tokenize it again with --tokenizer")
+    dtype = manifest.get("dtype")
+    if dtype not in TOKEN_DTYPES:
+        raise RunError(f"{path}: the manifest's dtype {dtype!r} is not uint16 or uint32")
+    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    paths = []
+    for shard in manifest["shards"]:
+        file = os.path.join(folder, shard["file"])
+        if not os.path.isfile(file) or os.path.getsize(file) != shard["tokens"] * itemsize:
+            raise RunError(f"{file}: missing or not {shard['tokens']} tokens as the manifest "
+                           "says (was the dataset changed?)")
+        if shard.get("max_id", 0) >= vocab_size:
+            raise RunError(f"{file}: token id {shard['max_id']} is out of range for the "
+                           f"model's vocabulary of {vocab_size}")
+        paths.append(file)
+    tokens = ShardedTokens(paths, TOKEN_DTYPES[dtype])
+    if len(tokens) == 0:
+        raise RunError(f"{path}: the dataset holds no tokens")
+    return tokens
+
+
+def load_tokens(path: str, dtype: str, vocab_size: int, tokenizer) -> np.ndarray | ShardedTokens:
+    """A flat token file or a tokenized dataset (folder or manifest.json)."""
+    if is_dataset(path):
+        return load_dataset_tokens(path, vocab_size, tokenizer)
+    if os.path.isdir(path):
+        raise UsageError(f"'{path}' is a folder without {MANIFEST} (make one with "
+                         "`forgec tokenize`)")
+    return load_token_file(path, dtype, vocab_size)
+
+
+def corpus_tokens(tokenizer) -> np.ndarray:
+    """The default corpus, tokenized (each file a document ended by eos)."""
+    if tokenizer.identity == "byte":
+        return stdlib_corpus()
+    docs = [d.decode("utf-8", errors="replace") for _, d in stdlib_documents()]
+    ids = [i for row in tokenizer.encode_batch(docs, eos=True) for i in row]
+    return np.asarray(ids, dtype=np.uint32)
+
+
+class MixedData:
+    """Batches drawn from several PackedData streams: each row's source is a seeded
+    weighted choice (a function of the seed and the row's index), each source
+    keeps its own window order. `state_dict()` holds the row count and every
+    source's position."""
+
+    def __init__(self, parts: list[PackedData], weights: list[float], seed: int) -> None:
+        total = sum(weights)
+        self.parts, self.weights, self.seed = parts, [w / total for w in weights], seed
+        self.rows = 0
+        self._block, self._choices = -1, None
+        self.source = " + ".join(f"{p.source} ({w:.0%})"
+                                 for p, w in zip(parts, self.weights, strict=True))
+
+    def choice(self, row: int) -> int:
+        block = row // MIX_BLOCK
+        if block != self._block:
+            rng = np.random.default_rng([self.seed, 0x6D6978, block])
+            self._choices = rng.choice(len(self.parts), size=MIX_BLOCK, p=self.weights)
+            self._block = block
+        return int(self._choices[row % MIX_BLOCK])
+
+    def next_batch(self, batch_size: int) -> Batch:
+        rows = []
+        for _ in range(batch_size):
+            rows.append(self.parts[self.choice(self.rows)].next_batch(1))
+            self.rows += 1
+        return Batch(*(torch.cat([getattr(b, f) for b in rows])
+                       for f in ("inputs", "targets", "doc_ids")))
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "weights": self.weights,
+                "parts": [p.state_dict() for p in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        parts = state.get("parts")
+        if not isinstance(parts, list) or len(parts) != len(self.parts) \
+                or state.get("weights") != self.weights:
+            raise RunError("the checkpoint's data position is not one of this mixture "
+                           f"({self.source}): the datasets or weights changed?")
+        rows = state.get("rows")
+        if not isinstance(rows, int) or rows < 0:
+            raise RunError(f"the checkpoint's data position is invalid: {state!r}")
+        for part, s in zip(self.parts, parts, strict=True):
+            part.load_state_dict(s)
+        self.rows = rows
+
+
+def load_training_data(data: str | None, dtype: str, vocab_size: int, seq_len: int, seed: int,
+                       *, tokenizer: str | None = None) -> PackedData | MixedData:
+    """The training stream: the default corpus, a token file, a tokenized dataset,
+    or a weighted mixture of token files and datasets (`a:0.7,b:0.3`). Documents
+    end with the tokenizer's end-of-text token."""
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    if data is None:
+        tokens = corpus_tokens(tok)
+        source = "the default corpus (Python standard library sources)"
+        check_vocab(tokens, vocab_size, source)
+        return PackedData(tokens, seq_len, seed, eos_id=tok.eos_id, source=source)
+    parts = parse_data_setting(data)
+    streams = [PackedData(load_tokens(path, dtype, vocab_size, tok), seq_len, seed + i,
+                          eos_id=tok.eos_id, source=path)
+               for i, (path, _) in enumerate(parts)]
+    if len(streams) == 1:
+        return streams[0]
+    return MixedData(streams, [w for _, w in parts], seed)

@@ -105,8 +105,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     return out
 
 
-def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
-    """The model of a training run, with the weights of its latest checkpoint."""
+def load_run_model(run_dir: str, *, decodable: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The model of a training run, with the weights of its latest checkpoint
+    (`decodable`: refuse a model that cannot generate)."""
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .package import import_package, read_run_info, run_package_dir
     from .train import set_threads
@@ -121,7 +122,8 @@ def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
         model = pkg.VLM() if hasattr(pkg, "VLM") else pkg.Transformer()
     except Exception as e:  # noqa: BLE001 — a broken package in the run folder is bad input
         raise RunError(f"cannot build the model of {run_dir}: {type(e).__name__}: {e}") from None
-    check_decodable(model)
+    if decodable:
+        check_decodable(model)
     load_checkpoint(latest[1], model)
     model.eval()
     return model, info
@@ -129,27 +131,32 @@ def load_run_model(run_dir: str) -> tuple[torch.nn.Module, dict]:
 
 def generate_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = 0, note_stream=None, token_file: str | None = None) -> str:
-    """The prompt and its continuation as text (byte tokenizer; stops at end-of-text)."""
-    from .data import ByteTokenizer
+                  seed: int | None = 0, note_stream=None, token_file: str | None = None,
+                  tokenizer=None) -> str:
+    """The prompt and its continuation as text (stops at end-of-text). `tokenizer`:
+    the run's (runtime/tokenizer.py); the byte tokenizer by default."""
+    from .tokenizer import Bytes
 
-    tok = ByteTokenizer()
+    tok = tokenizer if tokenizer is not None else Bytes()
     if model.config.vocab_size < tok.vocab_size:
-        raise RunError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the "
-                       "byte tokenizer's 256: text prompts cannot be encoded")
-    if token_file and note_stream is not None:
+        raise RunError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than "
+                       f"{tok.describe()}: text prompts cannot be encoded")
+    if token_file and note_stream is not None and tok.identity == "byte":
         note_stream.write(f"note: this run trained on {token_file}; prompt and output use the "
                           "byte tokenizer\n")
     ids = tok.encode(prompt)
+    if not ids:
+        raise RunError("the prompt encodes to no tokens")
     room = model.config.max_seq_len - len(ids) + 1
     if room < 1:
-        raise RunError(f"the prompt is {len(ids)} bytes; the model's max_seq_len is "
+        raise RunError(f"the prompt is {len(ids)} tokens; the model's max_seq_len is "
                        f"{model.config.max_seq_len}")
     if max_new_tokens > room and note_stream is not None:
         note_stream.write(f"note: --max-new-tokens {max_new_tokens} cut to {room} "
                           f"(max_seq_len {model.config.max_seq_len})\n")
+    eos_id = tok.stop_id  # None: a tokenizer without end-of-text; generate to the end
     new = generate(model, [ids], min(max_new_tokens, room), temperature=temperature,
-                   top_k=top_k, top_p=top_p, eos_id=tok.eos_id, seed=seed)[0]
-    if new and new[-1] == tok.eos_id:
+                   top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)[0]
+    if new and new[-1] == eos_id:
         new = new[:-1]
     return tok.decode(ids + new)

@@ -306,9 +306,26 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
     return out
 
 
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    """The tensor names in order, cut into groups of at most `max_bytes` (a larger
+    tensor alone in its group)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    return shards
+
+
 def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
-                       config: Any) -> None:
+                       config: Any, max_shard_size: int | None = None) -> None:
     """Write `model` as a HF checkpoint: `out_dir/model.safetensors` and `config.json`.
+    With `max_shard_size` (bytes), tensors past it go to further shards
+    `model-0000i-of-0000n.safetensors` named by `model.safetensors.index.json`.
 
     `config` is the HF config of the model (a dict, a config.json or its folder, or a
     transformers config object); its `model_type` picks the names. The sizes it states
@@ -343,8 +360,22 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
         tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors: no sharing
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    _safetensors().save_file({k: v.contiguous() for k, v in tensors.items()},
-                             os.path.join(out_dir, SAFE), metadata={"format": "pt"})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    shards = _shards(tensors, max_shard_size)
+    if len(shards) == 1:
+        _safetensors().save_file(tensors, os.path.join(out_dir, SAFE), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, keys in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _safetensors().save_file({k: tensors[k] for k in keys},
+                                     os.path.join(out_dir, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in keys})
+            total += sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
+        with open(os.path.join(out_dir, SAFE_INDEX), "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                      indent=2, sort_keys=True)
+            f.write("\n")
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -37,8 +37,14 @@ import torch.nn.functional as F
 from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
-from .data import IGNORE_INDEX, PackedData, check_vocab, load_token_file, stdlib_corpus
+from .data import IGNORE_INDEX, data_setting
 from .package import build_package, import_package, read_run_info
+from .tokenizer import (
+    BYTE,
+    attach_run_tokenizer,
+    default_tokenizer_setting,
+    resolve_tokenizer_setting,
+)
 
 
 @dataclass
@@ -58,6 +64,9 @@ class Settings:
     bf16: bool = False
     data: str | None = None  # a token file; None: the standard library's sources
     data_dtype: str = "uint16"
+    # "byte", or a folder with tokenizer.json (default: the spec's NAME.tokenizer/ if it
+    # exists); copied into RUN/tokenizer/ (runtime/tokenizer.py)
+    tokenizer: str | None = None
     ckpt_every: int = 0  # 0: only at the end
     eval_every: int = 0  # VLM runs: caption eval every K steps (0: only at the end)
     schedule_steps: int | None = None  # the LR schedule's length: the first run's steps
@@ -285,13 +294,12 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
     os.replace(tmp, png_path)
 
 
-def load_data(s: Settings, vocab_size: int) -> PackedData:
-    if s.data is None:
-        tokens, source = stdlib_corpus(), "the default corpus (Python standard library sources)"
-        check_vocab(tokens, vocab_size, source)
-    else:
-        tokens, source = load_token_file(s.data, s.data_dtype, vocab_size), s.data
-    return PackedData(tokens, s.seq_len, s.seed, source=source)
+def load_data(s: Settings, vocab_size: int):
+    """The training stream of the settings: PackedData (or a MixedData of several)."""
+    from .data import load_training_data
+
+    return load_training_data(s.data, s.data_dtype, vocab_size, s.seq_len, s.seed,
+                              tokenizer=s.tokenizer)
 
 
 def _python_rng_state() -> list:
@@ -357,7 +365,11 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     RunError for bad input.
     """
     if overrides.get("data") is not None:
-        overrides["data"] = os.path.abspath(overrides["data"])
+        overrides["data"] = data_setting(overrides["data"])
+    if overrides.get("tokenizer") is not None:
+        overrides["tokenizer"] = resolve_tokenizer_setting(overrides["tokenizer"])
+    elif not resume:
+        overrides["tokenizer"] = default_tokenizer_setting(spec)
     saved_info = read_run_info(out) if resume else None
     if not resume and ckpt.list_checkpoints(out):
         raise RunError(f"{out} already holds checkpoints (latest: step "
@@ -368,6 +380,7 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
         raise UsageError(f"no such file: '{spec}'")
     os.makedirs(out, exist_ok=True)
     pkg_dir = build_package(spec, out, check_only=resume)
+    attach_run_tokenizer(out, s.tokenizer or BYTE, resume=resume)
     pkg = import_package(pkg_dir)
     if resume and os.path.basename(pkg_dir) != saved_info["package"]:
         raise RunError(f"{out} trained package {saved_info['package']}, not "

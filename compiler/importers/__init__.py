@@ -142,7 +142,32 @@ def cmd_import_hf(args) -> int:
             raise UsageError(f"{args.src} has no config.json (a save_pretrained folder has one)")
     elif not os.path.isfile(path):
         raise UsageError(f"no such file or folder: '{args.src}'")
-    return _import(args, parse_json, import_hf, path)
+    status = _import(args, parse_json, import_hf, path)
+    if status == 0:
+        _import_tokenizer(os.path.dirname(path) or ".", args.output)
+    return status
+
+
+def _import_tokenizer(folder: str, spec: str) -> None:
+    """Copy the model's tokenizer files beside the spec (`specs/NAME.tokenizer/`),
+    where runs of the spec find it; without a tokenizer.json, runs use bytes."""
+    import shutil
+
+    from .hf import copy_tokenizer, spec_tokenizer_dir
+
+    dst = spec_tokenizer_dir(spec)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        names = copy_tokenizer(folder, dst)
+        print(f"wrote {dst}/: {', '.join(names)} (runs of the spec use this tokenizer)",
+              file=sys.stderr)
+        return
+    if os.path.isdir(dst):  # an earlier import's tokenizer is not this model's
+        shutil.rmtree(dst)
+    why = ("only a sentencepiece tokenizer.model; save it as tokenizer.json with "
+           "transformers' AutoTokenizer" if os.path.isfile(os.path.join(folder, "tokenizer.model"))
+           else "none")
+    print(f"note: {folder} has no tokenizer.json ({why}): runs of {spec} use the byte tokenizer",
+          file=sys.stderr)
 
 
 def cmd_import_kf(args) -> int:

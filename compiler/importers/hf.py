@@ -446,6 +446,41 @@ class Importer:
         return moe, kinds, notes
 
 
+# ---- the tokenizer ---------------------------------------------------------------------
+# What a save_pretrained folder holds about its tokenizer (tokenizer.json is required).
+# `forgec import-hf` copies them into `specs/NAME.tokenizer/`, where runs of the
+# spec find them (runtime/tokenizer.py).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def spec_tokenizer_dir(spec: str) -> str:
+    """`specs/NAME.tokenizer` for `specs/NAME.forge`."""
+    return os.path.splitext(spec)[0] + ".tokenizer"
+
+
+def tokenizer_files(folder: str) -> list[str]:
+    """The tokenizer files present in `folder`, in TOKENIZER_FILES order."""
+    return [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))]
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer files of folder `src` into `dst`, replacing the tokenizer
+    files it held; return their names. `src` must hold a tokenizer.json."""
+    import shutil
+
+    names = tokenizer_files(src)
+    if "tokenizer.json" not in names:
+        raise FileNotFoundError(os.path.join(src, "tokenizer.json"))
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if name not in names and os.path.isfile(os.path.join(dst, name)):
+            os.remove(os.path.join(dst, name))
+    for name in names:
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
 def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
               ignore: set[str] = frozenset(), max_seq_len: int | None = None) -> str | None:
     """The spec text for the config `src`, or None with the errors in `diags`."""
