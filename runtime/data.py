@@ -407,13 +407,10 @@ class MixedData:
 
 
 def load_training_data(data: str | None, dtype: str, vocab_size: int, seq_len: int, seed: int,
-                       *, tokenizer: str | None = None) -> PackedData | MixedData:
+                       *, tok) -> PackedData | MixedData:
     """The training stream: the default corpus, a token file, a tokenized dataset,
     or a weighted mixture of token files and datasets (`a:0.7,b:0.3`). Documents
-    end with the tokenizer's end-of-text token."""
-    from .tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
+    end with the tokenizer `tok`'s end-of-text token (runtime/tokenizer.py loads it)."""
     if data is None:
         tokens = corpus_tokens(tok)
         source = "the default corpus (Python standard library sources)"

@@ -297,9 +297,10 @@ def plot_losses(metrics_path: str, png_path: str, title: str) -> None:
 def load_data(s: Settings, vocab_size: int):
     """The training stream of the settings: PackedData (or a MixedData of several)."""
     from .data import load_training_data
+    from .tokenizer import load_tokenizer
 
     return load_training_data(s.data, s.data_dtype, vocab_size, s.seq_len, s.seed,
-                              tokenizer=s.tokenizer)
+                              tok=load_tokenizer(s.tokenizer))
 
 
 def _python_rng_state() -> list:

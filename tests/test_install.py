@@ -129,10 +129,12 @@ def test_the_wheel_holds_every_source_and_data_file_and_no_other_top_level_name(
 def test_the_installed_wheel_builds_trains_and_draws_outside_the_checkout(wheel, expected,
                                                                           tmp_path):
     python = _venv(tmp_path / "venv")
-    # third-party packages from this environment: its path less the checkout. A .pth path
-    # line adds the folder only, without running that folder's own .pth files (the
-    # checkout's editable install).
-    paths = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    # third-party packages from this environment: its path less the checkout (its venv, which
+    # may sit inside the checkout, stays). A .pth path line adds the folder only, without
+    # running that folder's own .pth files (the checkout's editable install).
+    prefix = Path(sys.prefix).resolve()
+    paths = [p for p in sys.path if p and (Path(p).resolve().is_relative_to(prefix)
+                                           or not Path(p).resolve().is_relative_to(ROOT))]
     (_site_packages(python) / "this_env.pth").write_text("".join(f"{p}\n" for p in paths))
     _pip(python, "--no-deps", wheel)
     work = _workdir(tmp_path / "work")
