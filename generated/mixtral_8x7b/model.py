@@ -610,6 +610,19 @@ class Transformer(nn.Module):
         """Slots dropped by expert capacity in the last training forward, by FQN."""
         return {fqn: m.dropped_tokens for fqn, m in self.moe_layers()}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        """Slots routed to each expert since the last set_moe_step, by MoE module
+        FQN, for the routers balanced by a bias (set_moe_step moves it by this
+        load); data-parallel training sums these buffers over ranks in place."""
+        return {fqn: m.router.pending for fqn, m in self.moe_layers() if hasattr(m.router, "pending")}
+
+    def use_grouped_mm(self, enabled: bool) -> None:
+        """Whether experts run as one torch._grouped_mm (where the device and dtype
+        allow it) or as a loop of matmuls: the same up to rounding, and the loop's
+        backward is several times faster on CPU. Applies to the whole package."""
+        global GROUPED_MM
+        GROUPED_MM = enabled
+
     def make_kv_caches(
         self,
         batch_size: int,

@@ -619,6 +619,17 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama_debug`."""
         return {}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        """No mixture-of-experts layers in `llama_debug`."""
+        return {}
+
+    def use_grouped_mm(self, enabled: bool) -> None:
+        """Whether experts run as one torch._grouped_mm (where the device and dtype
+        allow it) or as a loop of matmuls: the same up to rounding, and the loop's
+        backward is several times faster on CPU. Applies to the whole package."""
+        global GROUPED_MM
+        GROUPED_MM = enabled
+
     def forward(
         self,
         tokens: torch.Tensor | None = None,
@@ -758,6 +769,9 @@ class VLM(nn.Module):
     video (B, F, 3, H, W) with an optional frame_mask (B, F).
     """
 
+    image_size = 32  # the images the vision encoder takes: (channels, size, size)
+    image_channels = 3
+
     def __init__(self) -> None:
         super().__init__()
         device = torch.get_default_device()
@@ -840,3 +854,9 @@ class VLM(nn.Module):
 
     def get_dropped_tokens(self) -> dict[str, int]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
+
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        return {f"transformer.{k}": v for k, v in self.transformer.get_router_load().items()}
+
+    def use_grouped_mm(self, enabled: bool) -> None:
+        self.transformer.use_grouped_mm(enabled)
