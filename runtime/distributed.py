@@ -7,6 +7,9 @@ pipeline stages, checkpointed layers); this module only wires it to PyTorch:
   get wrong, generates the package once, then starts K workers with
   `python -m torch.distributed.run --standalone` running `python -m
   runtime.distributed` — the same entry a multi-node `torchrun` uses.
+* Each worker runs the single-process trainer's loop (runtime/loop.py's
+  run_steps) with an `Engine` in place of its LocalEngine: the Engine holds
+  this rank's part of the model and takes the optimizer step.
 * Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
   DeviceMesh ("pp", "dp", "tp") from the plan's `mesh`, builds its model
   part(s) with `plan.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
@@ -623,14 +626,14 @@ class Engine:
         rows = slice(layout.dp_rank * local, (layout.dp_rank + 1) * local)
         tensors = [t[rows].to(layout.device) for t in tensors]
         chunks = zip(*(t.chunk(s.grad_accum) for t in tensors), strict=True)
-        total = torch.zeros((), dtype=torch.float32, device=layout.device)
-        autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
         if self.schedule is None:
             # FSDP averages gradients over dp: scale this rank's share up by dp
             total = accumulate(self.parts[0], self.task, chunks, n_targets=self._n_targets,
                                n_micro=self.total_micro, bf16=s.bf16, device=layout.device,
                                moe_stats=stats, grad_scale=layout.dp)
         else:
+            total = torch.zeros((), dtype=torch.float32, device=layout.device)
+            autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
             self.hook.values.clear()
             self.hook.stats = stats
             for chunk in chunks:
