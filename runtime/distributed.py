@@ -439,7 +439,6 @@ class Engine:
                     warnings.filterwarnings("ignore", "DTensor random operators")
                     part.init_weights_and_freqs()
                 self._share_replicated_init(part)
-            self.task.prepare(part)
         return parts
 
     def _tied_weights(self) -> list[_Tie]:

@@ -221,13 +221,6 @@ class TextTask:
         inputs, targets, doc_ids = chunk
         return (inputs,), {"doc_ids": doc_ids}, targets
 
-    def prepare(self, model: torch.nn.Module) -> None:
-        """Adjust the built (and sharded) model for this machine: on CPU, experts
-        run as a loop of matmuls (torch's CPU `_grouped_mm` backward is several
-        times slower; the results are the same up to rounding)."""
-        if next(model.parameters()).device.type == "cpu":
-            model.use_grouped_mm(False)
-
     def describe(self, s) -> str:
         """The batch of a step, in words."""
         return f"{s.batch_size}x{s.seq_len} tokens"
@@ -268,7 +261,6 @@ class LocalEngine:
         random.seed(s.seed)
         model = task.new_model()
         model.train()
-        task.prepare(model)
         self.model = model
         self.parts = [model]
         self.optimizers = [make_optimizer(model, s)]

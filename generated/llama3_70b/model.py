@@ -424,11 +424,6 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama3_70b`."""
         return {}
 
-    def use_grouped_mm(self, enabled: bool) -> None:
-        """Whether experts run as one torch._grouped_mm (where the device and dtype
-        allow it) or as a loop of matmuls: the same up to rounding, and the loop's
-        backward is several times faster on CPU. Applies to the whole package."""
-
     def make_kv_caches(
         self,
         batch_size: int,

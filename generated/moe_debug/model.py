@@ -750,13 +750,6 @@ class Transformer(nn.Module):
         load); data-parallel training sums these buffers over ranks in place."""
         return {fqn: m.router.pending for fqn, m in self.moe_layers() if hasattr(m.router, "pending")}
 
-    def use_grouped_mm(self, enabled: bool) -> None:
-        """Whether experts run as one torch._grouped_mm (where the device and dtype
-        allow it) or as a loop of matmuls: the same up to rounding, and the loop's
-        backward is several times faster on CPU. Applies to the whole package."""
-        global GROUPED_MM
-        GROUPED_MM = enabled
-
     def make_kv_caches(
         self,
         batch_size: int,

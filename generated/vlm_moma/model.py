@@ -623,13 +623,6 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama_debug`."""
         return {}
 
-    def use_grouped_mm(self, enabled: bool) -> None:
-        """Whether experts run as one torch._grouped_mm (where the device and dtype
-        allow it) or as a loop of matmuls: the same up to rounding, and the loop's
-        backward is several times faster on CPU. Applies to the whole package."""
-        global GROUPED_MM
-        GROUPED_MM = enabled
-
     def forward(
         self,
         tokens: torch.Tensor | None = None,
@@ -857,6 +850,3 @@ class VLM(nn.Module):
 
     def get_router_load(self) -> dict[str, torch.Tensor]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_router_load().items()}
-
-    def use_grouped_mm(self, enabled: bool) -> None:
-        self.transformer.use_grouped_mm(enabled)

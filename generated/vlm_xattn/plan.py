@@ -269,7 +269,3 @@ class VLMStage(nn.Module):
         if self.transformer is None:
             return {}
         return {f"transformer.{k}": v for k, v in self.transformer.get_router_load().items()}
-
-    def use_grouped_mm(self, enabled: bool) -> None:
-        if self.transformer is not None:  # a vision-only stage has no experts
-            self.transformer.use_grouped_mm(enabled)
