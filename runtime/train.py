@@ -4,7 +4,9 @@ The spec's package is generated into `RUN/package/` and imported from there.
 AdamW on fp32 master weights (fused where available), optional bf16 autocast,
 linear warmup then cosine decay to `min_lr`, grad-norm clipping, gradient
 accumulation. Sequences are packed from documents; `doc_ids` keeps attention
-inside a document and no target crosses a document boundary.
+inside a document and no target crosses a document boundary. The loop is
+runtime/loop.py's, shared with distributed runs (runtime/distributed.py); a
+package exporting `VLM` trains the caption task of runtime/vlm_task.py.
 
 A run folder holds
   run.json          the spec, package name and settings of the run
