@@ -748,7 +748,9 @@ class Transformer(nn.Module):
         """Slots routed to each expert since the last set_moe_step, by MoE module
         FQN, for the routers balanced by a bias (set_moe_step moves it by this
         load); data-parallel training sums these buffers over ranks in place."""
-        return {fqn: m.router.pending for fqn, m in self.moe_layers() if hasattr(m.router, "pending")}
+        return {
+            fqn: m.router.pending for fqn, m in self.moe_layers() if hasattr(m.router, "pending")
+        }
 
     def make_kv_caches(
         self,
