@@ -8,6 +8,9 @@ module runs the workers:
   get wrong, generates the package once, then starts K workers with
   `python -m torch.distributed.run --standalone` running `python -m
   runtime.distributed` — the same entry a multi-node `torchrun` uses.
+* Each worker runs the single-process trainer's loop (runtime/loop.py's
+  run_steps) with an `Engine` in place of its LocalEngine: the Engine holds
+  this rank's part of the model and takes the optimizer step.
 * Each worker joins the process group (NCCL on GPU, gloo on CPU) and a
   DeviceMesh ("pp", "dp", "tp") from the plan's `mesh`, builds its model
   part(s) with `parallel.build_stage`, applies `apply_tp` (over "tp"), `apply_ep`
@@ -63,22 +66,34 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from datetime import timedelta
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import parallel
-from .data import IGNORE_INDEX
+from .loop import (
+    MoEStats,
+    TextTask,
+    accumulate,
+    count_targets,
+    cross_entropy_sum,
+    make_optimizer,
+    print_done,
+    read_metrics,
+    resume_from_latest,
+    router_loss,
+    run_steps,
+    write_metrics,
+)
 from .package import build_package, import_package, read_run_info
+from .train import resolve_settings, task_of, validate_settings
 
 # the `forgec train` options a worker receives unchanged from the launcher
 FORWARDED = ("steps", "seed", "ckpt_every", "eval_every", "batch_size", "seq_len", "lr",
@@ -138,8 +153,6 @@ def _settings_of(args) -> dict:
 
 def launch(args) -> int:
     """`forgec train SPEC --plan NAME [--nproc K]`: validate, build, run torchrun."""
-    from .train import resolve_settings, validate_settings
-
     if args.plan is None:
         raise UsageError("--nproc needs --plan NAME (the spec's parallel plan to run)")
     if args.nproc is not None and args.nproc < 1:
@@ -278,11 +291,6 @@ def teardown() -> None:
     gc.collect()
 
 
-def router_loss(model: nn.Module) -> torch.Tensor:
-    """The model's weighted MoE balance and router z-losses of its last forward."""
-    return model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
-
-
 class _AddLossGrad(torch.autograd.Function):
     """Identity on `out` whose backward also back-propagates `loss` (with
     gradient 1): a pipeline stage's MoE losses join the training objective
@@ -350,86 +358,6 @@ def _stage_class():
     return Stage
 
 
-class TextTask:
-    """What the engine trains a text model on: runtime/train.py's next-token
-    prediction over packed documents (batches of runtime.data.PackedData)."""
-
-    vlm = False
-
-    def __init__(self, pkg) -> None:
-        self.pkg = pkg
-
-    def new_model(self) -> nn.Module:
-        return self.pkg.Transformer()
-
-    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
-        """The batch's tensors, rows first; the targets are at index `TARGETS`."""
-        return batch.inputs, batch.targets, batch.doc_ids
-
-    def forward(self, model: nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) of one micro-batch."""
-        inputs, targets, doc_ids = chunk
-        return model(inputs, doc_ids=doc_ids), targets
-
-    def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
-        """(the first stage's inputs, every stage's keyword inputs, targets) of a
-        micro-batch under a pipeline schedule."""
-        inputs, targets, doc_ids = chunk
-        return (inputs,), {"doc_ids": doc_ids}, targets
-
-    def routing(self, model: nn.Module):
-        """What runtime.train.MoEStats reads."""
-        return model
-
-    def prepare(self, model: nn.Module) -> None:
-        """Adjust the built (and sharded) model for this machine."""
-
-
-class CaptionTask(TextTask):
-    """A vision-language model's image-caption task (runtime/vlm_task.py): the
-    batches of runtime.vision_data.CaptionData, the caption cross-entropy."""
-
-    vlm = True
-
-    def new_model(self) -> nn.Module:
-        return self.pkg.VLM()
-
-    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
-        return batch.pixels, batch.inputs, batch.targets
-
-    def forward(self, model: nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, inputs, targets = chunk
-        return model(pixels, inputs), targets
-
-    def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
-        """The images go to the first stage (the model's VLMStage), the text to every stage."""
-        pixels, inputs, targets = chunk
-        return (pixels,), {"tokens": inputs}, targets
-
-    def routing(self, model: nn.Module):
-        """What runtime.train.MoEStats reads: the VLM names its decoder's MoE layers."""
-        return model
-
-    def prepare(self, model: nn.Module) -> None:
-        from .vlm_task import prefer_looped_experts
-
-        prefer_looped_experts(model)
-
-
-def task_of(pkg, s) -> TextTask:
-    """The task of the package's model; checks (and completes) the settings it
-    takes, as the single-process trainer does."""
-    if hasattr(pkg, "VLM"):
-        from .vlm_task import check_settings
-
-        check_settings(s)
-        return CaptionTask(pkg)
-    if s.eval_every:
-        raise UsageError("--eval-every applies to vision-language models (a caption eval); "
-                         "a text model has no eval")
-    return TextTask(pkg)
-
-
 class Engine:
     """This rank's model part(s), optimizer(s) and (pipeline) schedule."""
 
@@ -452,8 +380,6 @@ class Engine:
         self.parts = self._build(pkg, stage_ids, fresh)
         self.ties = self._tied_weights()
         self._sync_tied(grads=False)  # the copies start equal to their weight
-        from .train import make_optimizer
-
         self.optimizers = [make_optimizer(p, s) for p in self.parts]
         self.params = [p for part in self.parts for p in part.parameters() if p.requires_grad]
         copies = {id(p) for tie in self.ties for p, is_copy in tie.local if is_copy}
@@ -515,7 +441,6 @@ class Engine:
                     warnings.filterwarnings("ignore", "DTensor random operators")
                     part.init_weights_and_freqs()
                 self._share_replicated_init(part)
-            self.task.prepare(part)
         return parts
 
     def _tied_weights(self) -> list[_Tie]:
@@ -623,9 +548,7 @@ class Engine:
                    loss_fn=self._pipeline_loss, scale_grads=False)
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
-        return ce / self._n_targets * self.layout.dp
+        return cross_entropy_sum(logits, targets) / self._n_targets * self.layout.dp
 
     # -- the held-out eval of a vision-language model --
 
@@ -634,14 +557,12 @@ class Engine:
         runs it (FSDP gathers each unit); pipelined, each eval batch goes through
         the stages in order and the last stage's ranks count the hits. Every rank
         returns the same row."""
-        from .vlm_task import evaluate
-
         if self.schedule is None:
-            return evaluate(self.parts[0], held_out)
+            return self.task.evaluate(self.parts[0], held_out)
         for part in self.parts[1:]:
             part.eval()
         try:
-            row = evaluate(self.parts[0], held_out, forward=self._pipeline_logits)
+            row = self.task.evaluate(self.parts[0], held_out, forward=self._pipeline_logits)
         finally:
             for part in self.parts[1:]:
                 part.train()
@@ -695,33 +616,25 @@ class Engine:
     def step(self, batch, step: int) -> tuple[float, float, dict]:
         """Forward, backward, clip and update on the global batch; (loss, grad
         norm, MoE routing row of the metrics — on rank 0 only)."""
-        from .train import MoEStats
-
         s, layout = self.s, self.layout
         stats = MoEStats()
         for part in self.parts:
             self._sync_router_load(part)
             part.set_moe_step(step, s.schedule_steps)
-        self._n_targets = max(1, int((batch.targets != IGNORE_INDEX).sum()))
+        tensors = self.task.tensors(batch)
+        self._n_targets = count_targets(tensors[self.task.TARGETS])
         local = s.batch_size // layout.dp
         rows = slice(layout.dp_rank * local, (layout.dp_rank + 1) * local)
-        tensors = [t[rows].to(layout.device) for t in self.task.tensors(batch)]
+        tensors = [t[rows].to(layout.device) for t in tensors]
         chunks = zip(*(t.chunk(s.grad_accum) for t in tensors), strict=True)
-        total = torch.zeros((), dtype=torch.float32, device=layout.device)
-        autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
         if self.schedule is None:
-            model = self.parts[0]
-            for chunk in chunks:
-                with autocast:
-                    logits, tgt = self.task.forward(model, chunk)
-                ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
-                loss = ce / self._n_targets + router_loss(model) / self.total_micro
-                stats.add(self.task.routing(model))
-                # FSDP averages gradients over dp: scale this rank's share up by dp
-                (loss * layout.dp).backward()
-                total += loss.detach()
+            # FSDP averages gradients over dp: scale this rank's share up by dp
+            total = accumulate(self.parts[0], self.task, chunks, n_targets=self._n_targets,
+                               n_micro=self.total_micro, bf16=s.bf16, device=layout.device,
+                               moe_stats=stats, grad_scale=layout.dp)
         else:
+            total = torch.zeros((), dtype=torch.float32, device=layout.device)
+            autocast = torch.autocast(layout.device.type, dtype=torch.bfloat16, enabled=s.bf16)
             self.hook.values.clear()
             self.hook.stats = stats
             for chunk in chunks:
@@ -754,8 +667,6 @@ class Engine:
         """The step's routing row (train.MoEStats) over all ranks, on rank 0:
         dp ranks saw other rows of the batch (their counts add up), pp ranks
         hold other layers."""
-        from .train import MoEStats
-
         if not self._has_moe:
             return {}
         mine = ({k: v.tolist() for k, v in stats.counts.items()}, stats.dropped)
@@ -779,10 +690,8 @@ class Engine:
         if self.layout.dp == 1:
             return
         group = self.layout.mesh.get_group("dp")
-        for module in part.modules():
-            pending = getattr(module, "pending", None)
-            if isinstance(pending, torch.Tensor) and hasattr(module, "set_step"):
-                dist.all_reduce(pending, group=group)
+        for load in part.get_router_load().values():
+            dist.all_reduce(load, group=group)
 
     def parameters_total(self) -> int:
         """Parameters of the whole model (over all stages and shards)."""
@@ -827,24 +736,9 @@ def clip_grad_norm(params: list, max_norm: float, device: torch.device,
 
 def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
                       progress: bool = True, **overrides) -> dict:
-    """One rank of `forgec train --plan`: the single-process trainer's loop
-    (runtime/train.py) over this rank's part of the model and batch. Rank 0
-    writes run.json, metrics.jsonl, trainer.json and loss.png."""
-    from .train import (
-        Progress,
-        _write_lines,
-        load_data,
-        lr_at,
-        plot_losses,
-        print_done,
-        read_metrics,
-        resolve_settings,
-        resume_from_latest,
-        trainer_state,
-        validate_settings,
-    )
-    from .vlm_task import eval_line, plot_vlm
-
+    """One rank of `forgec train --plan`: runtime/loop.py's loop over this
+    rank's part of the model and batch (Engine). Rank 0 writes run.json,
+    metrics.jsonl, trainer.json and loss.png."""
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
     rank = int(os.environ.get("RANK", "0"))
@@ -859,23 +753,12 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
     check_batch(cfg, s)
-    if task.vlm:
-        # as runtime.vlm_task.train_vlm (see there); a worker process trains one run
+    if task.deterministic:  # a worker process trains one run: for all of it
         torch.use_deterministic_algorithms(True, warn_only=True)
     layout = setup(cfg)
     if "OMP_NUM_THREADS" not in os.environ:  # share this machine's cores among its ranks
         torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    held_out = None
-    if task.vlm:
-        from .vision_data import CaptionData, eval_set
-        from .vlm_task import EVAL_IMAGES, image_geometry
-
-        with torch.device("meta"):
-            size, channels = image_geometry(task.new_model())
-        data = CaptionData(size, channels, s.seed)
-        held_out = eval_set(size, channels, EVAL_IMAGES)
-    else:
-        data = load_data(s, pkg.ModelConfig().vocab_size)
+    data, held_out = task.data(s)
     engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume, task=task)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
@@ -893,80 +776,28 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)
         kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
-        _write_lines(metrics_path, kept if resume else [])
+        write_metrics(metrics_path, kept if resume else [])
         pipe = engine.pipe
         how = (f"dp {layout.dp} × pp {layout.pp} × tp {layout.tp}"
                + (f", experts over ep {layout.ep}" if layout.ep > 1 else "")
                + (f", {pipe['schedule']} over {len(pipe['stages'])} stages in "
                   f"{pipe['microbatches']} microbatches" if pipe else ""))
-        what = (f"{s.batch_size} images x {s.seq_len} caption tokens" if task.vlm
-                else f"{s.batch_size}x{s.seq_len} tokens")
         print(f"training {os.path.basename(pkg_dir)} ({n_params:,} parameters) with plan "
               f"'{plan}' on {layout.world} processes ({how}, {layout.device.type}): steps "
-              f"{start + 1}..{s.steps}, batch {what}, "
+              f"{start + 1}..{s.steps}, batch {task.describe(s)}, "
               f"{'bf16 autocast' if s.bf16 else 'fp32'}"
-              + (f"; eval on {len(held_out.captions)} held-out images "
-                 f"{f'every {s.eval_every} steps and ' if s.eval_every else ''}at the end"
-                 if task.vlm else "")
+              + task.describe_eval(s, held_out)
               + ("" if resume or engine.host_init else
                  "; weights initialised per shard (not those of a single process)"),
               file=sys.stderr)
-    bar = Progress(s.steps, start) if progress and rank == 0 else None
-    tokens_seen = start * s.batch_size * s.seq_len
-    last: dict = {}
-    log = open(metrics_path, "a", encoding="utf-8") if rank == 0 else None
-    try:
-        for step in range(start + 1, s.steps + 1):
-            t0 = time.perf_counter()
-            batch = data.next_batch(s.batch_size)
-            lr = lr_at(step, s)
-            for opt in engine.optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = lr
-            loss, grad_norm, moe = engine.step(batch, step)
-            dt = time.perf_counter() - t0
-            tokens_seen += s.batch_size * s.seq_len
-            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen}
-            if task.vlm:
-                last.update(images=step * s.batch_size, images_per_s=s.batch_size / dt)
-            if moe:
-                last["moe"] = moe
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                if log is not None:
-                    log.write(json.dumps(last) + "\n")
-                raise RunError(f"training diverged at step {step} (loss {loss}, grad norm "
-                               f"{grad_norm}); try a lower --lr")
-            if task.vlm and (step == s.steps or (s.eval_every and step % s.eval_every == 0)):
-                # every rank takes part (Engine.evaluate); rank 0 reports it
-                last["eval"] = engine.evaluate(held_out)
-            if log is not None:
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-            if bar:
-                bar.update(step, loss, lr, last["tokens_per_s"])
-            if "eval" in last and rank == 0:
-                if bar and bar.tty and step != s.steps:
-                    sys.stderr.write("\n")
-                print(eval_line(step, last["eval"]), file=sys.stderr)
-            if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
-                ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers, {
-                    **trainer_state(s, data), "plan": plan, "world": layout.world},
-                    engine.aliases)
-    finally:
-        if log is not None:
-            log.close()
+    last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,
+                     log=rank == 0, progress=progress,
+                     checkpoint_state={"plan": plan, "world": layout.world})
     summary = {"run": out, "steps": s.steps, "last": last}
     if rank == 0:
-        title = f"{os.path.basename(pkg_dir)} ({plan}): seed {s.seed}, batch "
-        if task.vlm:
-            plot_vlm(metrics_path, os.path.join(out, "loss.png"),
-                     title + f"{s.batch_size} images")
-        else:
-            plot_losses(metrics_path, os.path.join(out, "loss.png"),
-                        title + f"{s.batch_size}x{s.seq_len}")
-        rows = read_metrics(metrics_path)
-        print_done(rows, out)
+        task.plot(metrics_path, os.path.join(out, "loss.png"),
+                  f"{os.path.basename(pkg_dir)} ({plan}): seed {s.seed}, batch ", s)
+        print_done(read_metrics(metrics_path), out)
     return summary
 
 

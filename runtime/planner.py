@@ -243,8 +243,7 @@ def example_batch(model: nn.Module, micro_batch: int, seq_len: int, dtype: torch
     if not hasattr(model, "vision_encoder"):
         doc_ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=device)
         return (tokens[:, :-1],), {"doc_ids": doc_ids}, tokens[:, 1:]
-    patch = model.vision_encoder.patch_embedding
-    size, channels = int(patch.image_size), int(patch.proj.in_channels)
+    size, channels = int(model.image_size), int(model.image_channels)
     pixels = torch.zeros(micro_batch, channels, size, size, dtype=dtype, device=device)
     return (pixels, tokens[:, :-1]), {}, tokens[:, 1:]
 

@@ -1,6 +1,7 @@
-"""Training a vision-language model: the image-caption task, its eval and the loop.
+"""Training a vision-language model: the image-caption task and its eval.
 
-`forgec train` hands a spec whose package exports `VLM` to `train_vlm()`. The
+`forgec train` trains a spec whose package exports `VLM` on `CaptionTask`, in
+the loop of runtime/loop.py (one process or a parallel plan). The
 model reads synthetic images (runtime/vision_data.py, drawn at the size the
 spec's vision encoder takes) and learns their captions: the loss is the mean
 next-token cross-entropy over the caption bytes and the closing end-of-text,
@@ -25,21 +26,14 @@ an uninterrupted one exactly.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import math
 import os
-import random
-import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
-from compiler.errors import RunError, UsageError
+from compiler.errors import UsageError
 
-from . import checkpoint as ckpt
 from .data import IGNORE_INDEX
+from .loop import MoEStats, TextTask, accumulate_batch, read_metrics
 from .vision_data import TEXT_LEN, CaptionBatch, CaptionData, eval_set
 
 EVAL_IMAGES = 128
@@ -48,42 +42,77 @@ EVAL_BATCH = 32
 
 def image_geometry(model: torch.nn.Module) -> tuple[int, int]:
     """(image size, channels) the model's vision encoder takes."""
-    patch = model.vision_encoder.patch_embedding
-    return int(patch.image_size), int(patch.proj.in_channels)
+    return int(model.image_size), int(model.image_channels)
 
 
-def prefer_looped_experts(model: torch.nn.Module) -> None:
-    """On CPU, run grouped experts as a loop of matmuls: torch's CPU
-    `_grouped_mm` backward is several times slower (the results are the same
-    up to rounding). The package is private to the run, so this changes no
-    other model."""
-    module = sys.modules[type(model).__module__]
-    if getattr(module, "GROUPED_MM", False) and next(model.parameters()).device.type == "cpu":
-        module.GROUPED_MM = False
+class CaptionTask(TextTask):
+    """A vision-language model's image-caption task: the batches of
+    runtime.vision_data.CaptionData, the caption cross-entropy, the held-out
+    eval of the module docstring.
+
+    The run uses torch's deterministic algorithms: MoMa's expert choice
+    gathers tokens by index, and the CPU backward of such a gather adds up
+    duplicate indices in a thread-dependent order unless asked not to."""
+
+    vlm = True
+    deterministic = True
+    TARGETS = 2
+
+    def new_model(self) -> torch.nn.Module:
+        return self.pkg.VLM()
+
+    def data(self, s) -> tuple[CaptionData, CaptionBatch]:
+        size, channels = image_geometry(self.pkg.VLM)
+        return CaptionData(size, channels, s.seed), eval_set(size, channels, EVAL_IMAGES)
+
+    def tensors(self, batch) -> tuple[torch.Tensor, ...]:
+        return batch.pixels, batch.inputs, batch.targets
+
+    def forward(self, model: torch.nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, inputs, targets = chunk
+        return model(pixels, inputs), targets
+
+    def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
+        """The images go to the first stage (plan.VLMStage), the text to every stage."""
+        pixels, inputs, targets = chunk
+        return (pixels,), {"tokens": inputs}, targets
+
+    def describe(self, s) -> str:
+        return f"{s.batch_size} images x {s.seq_len} caption tokens"
+
+    def describe_eval(self, s, held_out: CaptionBatch) -> str:
+        return (f"; eval on {len(held_out.captions)} held-out images "
+                f"{f'every {s.eval_every} steps and ' if s.eval_every else ''}at the end")
+
+    def throughput(self, step: int, s, dt: float) -> dict:
+        return {"images": step * s.batch_size, "images_per_s": s.batch_size / dt}
+
+    def eval_due(self, step: int, s) -> bool:
+        return step == s.steps or bool(s.eval_every and step % s.eval_every == 0)
+
+    def evaluate(self, model: torch.nn.Module, held_out: CaptionBatch, **kw) -> dict:
+        return evaluate(model, held_out, **kw)
+
+    def eval_line(self, step: int, row: dict) -> str:
+        return eval_line(step, row)
+
+    def plot(self, metrics_path: str, png_path: str, title: str, s) -> None:
+        plot_vlm(metrics_path, png_path, title + f"{s.batch_size} images")
+
+    def determinism(self):
+        return deterministic()
 
 
 def accumulate_vlm_gradients(model: torch.nn.Module, batch: CaptionBatch, *, grad_accum: int = 1,
-                             bf16: bool = False, moe_stats=None) -> torch.Tensor:
-    """Forward and backward of one optimizer step's batch in `grad_accum`
-    micro-batches (gradients add up to those of the whole batch); returns the
+                             bf16: bool = False, moe_stats: MoEStats | None = None
+                             ) -> torch.Tensor:
+    """Forward and backward of one optimizer step's caption batch in
+    `grad_accum` micro-batches (runtime.loop.accumulate_batch); returns the
     loss: caption cross-entropy per trained target plus the weighted router
     losses averaged over micro-batches."""
-    n_targets = max(1, int((batch.targets != IGNORE_INDEX).sum()))
-    device = next(model.parameters()).device
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    chunks = (t.to(device).chunk(grad_accum) for t in (batch.pixels, batch.inputs, batch.targets))
-    for pixels, inputs, targets in zip(*chunks, strict=True):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(pixels, inputs)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
-        router_losses = model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
-        loss = ce / n_targets + router_losses / grad_accum
-        loss.backward()
-        total += loss.detach()
-        if moe_stats is not None:
-            moe_stats.add(model)
-    return total
+    task = CaptionTask(None)
+    return accumulate_batch(model, task, task.tensors(batch), grad_accum=grad_accum, bf16=bf16,
+                            moe_stats=moe_stats)
 
 
 @torch.no_grad()
@@ -143,8 +172,6 @@ def plot_vlm(metrics_path: str, png_path: str, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .train import read_metrics
-
     rows = read_metrics(metrics_path)
     evals = [r for r in rows if "eval" in r]
     fig = Figure(figsize=(10, 4), dpi=100)
@@ -185,23 +212,10 @@ def check_settings(s) -> None:
     s.seq_len = TEXT_LEN
 
 
-def train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
-              saved_info: dict | None, progress: bool = True) -> dict:
-    """The training loop of runtime.train.train() for a VLM package; same run
-    folder, checkpoints and metrics, plus the caption eval.
-
-    The run uses torch's deterministic algorithms: MoMa's expert choice
-    gathers tokens by index, and the CPU backward of such a gather adds up
-    duplicate indices in a thread-dependent order unless asked not to."""
-    with deterministic():
-        return _train_vlm(spec, out, pkg, pkg_dir, s, resume=resume, saved_info=saved_info,
-                          progress=progress)
-
-
 @contextlib.contextmanager
 def deterministic():
     """torch's deterministic algorithms (warnings only where there are none)
-    for the duration; see train_vlm."""
+    for the duration; see CaptionTask."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -209,109 +223,3 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
-def _train_vlm(spec: str, out: str, pkg, pkg_dir: str, s, *, resume: bool,
-               saved_info: dict | None, progress: bool) -> dict:
-    from .train import (
-        MoEStats,
-        Progress,
-        _write_lines,
-        lr_at,
-        make_optimizer,
-        print_done,
-        read_metrics,
-        resume_from_latest,
-        set_threads,
-        trainer_state,
-        trim_metrics,
-        validate_settings,
-    )
-
-    check_settings(s)
-    config = pkg.ModelConfig()
-    validate_settings(s, config.max_seq_len)
-    eval_every = getattr(s, "eval_every", 0) or 0
-    threads = set_threads()
-
-    torch.manual_seed(s.seed)
-    random.seed(s.seed)
-    model = pkg.VLM()
-    model.train()
-    prefer_looped_experts(model)
-    size, channels = image_geometry(model)
-    data = CaptionData(size, channels, s.seed)
-    held_out = eval_set(size, channels, EVAL_IMAGES)
-    optimizer = make_optimizer(model, s)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    start = 0
-    if resume:
-        start = resume_from_latest(out, model, optimizer, data, s.steps)
-        trim_metrics(metrics_path, start)
-        info = {**saved_info, "settings": dataclasses.asdict(s)}
-    else:
-        info = {"spec": os.path.abspath(spec), "package": os.path.basename(pkg_dir),
-                "settings": dataclasses.asdict(s)}
-        _write_lines(metrics_path, [])
-    info["task"] = "captions"  # a resumed run records a longer run too
-    with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {os.path.basename(pkg_dir)} ({n_params:,} parameters) on {data.source}: "
-          f"steps {start + 1}..{s.steps}, batch {s.batch_size} images x {s.seq_len} caption "
-          f"tokens{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''}, "
-          f"{'bf16 autocast' if s.bf16 else 'fp32'}, {threads} threads; eval on "
-          f"{EVAL_IMAGES} held-out images {f'every {eval_every} steps and ' if eval_every else ''}"
-          "at the end", file=sys.stderr)
-    bar = Progress(s.steps, start) if progress else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = s.clip if s.clip > 0 else float("inf")
-    tokens_seen = start * s.batch_size * s.seq_len
-    last: dict = {}
-    with open(metrics_path, "a", encoding="utf-8") as log:
-        for step in range(start + 1, s.steps + 1):
-            t0 = time.perf_counter()
-            batch = data.next_batch(s.batch_size)
-            lr = lr_at(step, s)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.set_moe_step(step, s.schedule_steps)
-            moe_stats = MoEStats()
-            loss = accumulate_vlm_gradients(model, batch, grad_accum=s.grad_accum, bf16=s.bf16,
-                                            moe_stats=moe_stats)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            tokens_seen += s.batch_size * s.seq_len
-            last = {"step": step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                    "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen,
-                    "images": step * s.batch_size, "images_per_s": s.batch_size / dt}
-            if moe_stats.counts:
-                last["moe"] = moe_stats.row()
-            if not (math.isfinite(last["loss"]) and math.isfinite(last["grad_norm"])):
-                log.write(json.dumps(last) + "\n")
-                raise RunError(f"training diverged at step {step} (loss {last['loss']}, grad "
-                               f"norm {last['grad_norm']}); try a lower --lr")
-            if step == s.steps or (eval_every and step % eval_every == 0):
-                last["eval"] = evaluate(model, held_out)
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            if bar:
-                bar.update(step, last["loss"], lr, last["tokens_per_s"])
-            if "eval" in last:
-                if bar and bar.tty and step != s.steps:
-                    sys.stderr.write("\n")
-                print(eval_line(step, last["eval"]), file=sys.stderr)
-            if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
-                ckpt.save_checkpoint(out, step, model, optimizer, trainer_state(s, data))
-    plot_vlm(metrics_path, os.path.join(out, "loss.png"),
-             f"{os.path.basename(pkg_dir)}: seed {s.seed}, batch {s.batch_size} images")
-    rows = read_metrics(metrics_path)
-    evals = [r for r in rows if "eval" in r]
-    summary = {"run": out, "steps": s.steps, "first_loss": rows[0]["loss"] if rows else None,
-               "last_loss": rows[-1]["loss"] if rows else None, "last": last,
-               "eval": evals[-1]["eval"] if evals else None}
-    print_done(rows, out)
-    return summary

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-from test_moe import generate, moe_spec
+from test_moe import LLAMA, generate, moe_spec
 
 from runtime.data import IGNORE_INDEX
 from runtime.train import MoEStats, accumulate_gradients, read_metrics, train
@@ -111,3 +111,46 @@ def test_the_router_schedule_advances_every_step(tmp_path, monkeypatch):
     train(MOE_DEBUG, str(tmp_path / "run"), progress=False, steps=3, seed=0, batch_size=2,
           seq_len=16)
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+SIGMOID_MOE = ("moe(dim, experts = 4, top_k = 2, hidden = 32, "
+               "router = sigmoid_topk(bias_rate = 0.01, schedule = constant))")
+
+
+def test_router_load_is_what_the_bias_update_reads(tmp_path):
+    """get_router_load() is the routers' pending load, summed over the forwards
+    since the last set_moe_step: distributed training sums it over dp ranks in
+    place before set_moe_step moves the balancing bias by it."""
+    mod = generate(tmp_path, moe_spec(SIGMOID_MOE))
+    torch.manual_seed(0)
+    model = mod.Transformer().train()
+    tokens = torch.randint(0, 256, (2, 16))
+    doc_ids = torch.zeros_like(tokens)
+    expected: dict = {}
+    for half in (slice(0, 1), slice(1, 2)):
+        model(tokens[half], doc_ids=doc_ids[half])
+        for fqn, counts in model.get_expert_counts().items():
+            expected[fqn] = expected.get(fqn, 0) + counts
+    load = model.get_router_load()
+    assert set(load) == set(mod.MOE_FQNS)
+    for fqn, counts in expected.items():
+        assert float(counts.sum()) == 2 * 16 * 2  # every token's top-2 slots
+        torch.testing.assert_close(load[fqn], counts.float(), rtol=0, atol=0)
+
+    def bias():
+        return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("expert_bias")}
+
+    # a load zeroed in place moves no bias: set_moe_step reads these very tensors
+    first = next(iter(load))
+    load[first].zero_()
+    before = bias()
+    model.set_moe_step(1, 10)
+    after = bias()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert len(moved) == len(load) - 1 and not any(k.startswith(first) for k in moved)
+    # the update consumed the load
+    assert all(float(v.abs().sum()) == 0 for v in model.get_router_load().values())
+    # a softmax router has no bias to balance, a dense model no router
+    for name, text in (("softmax", moe_spec(SOFTMAX_MOE)), ("dense", LLAMA)):
+        (tmp_path / name).mkdir()
+        assert generate(tmp_path / name, text).Transformer().get_router_load() == {}

@@ -420,6 +420,10 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama3_70b`."""
         return {}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        """No mixture-of-experts layers in `llama3_70b`."""
+        return {}
+
     def make_kv_caches(
         self,
         batch_size: int,

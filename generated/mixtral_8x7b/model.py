@@ -610,6 +610,14 @@ class Transformer(nn.Module):
         """Slots dropped by expert capacity in the last training forward, by FQN."""
         return {fqn: m.dropped_tokens for fqn, m in self.moe_layers()}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        """Slots routed to each expert since the last set_moe_step, by MoE module
+        FQN, for the routers balanced by a bias (set_moe_step moves it by this
+        load); data-parallel training sums these buffers over ranks in place."""
+        return {
+            fqn: m.router.pending for fqn, m in self.moe_layers() if hasattr(m.router, "pending")
+        }
+
     def make_kv_caches(
         self,
         batch_size: int,

@@ -578,6 +578,10 @@ class Transformer(nn.Module):
         """No mixture-of-experts layers in `llama_debug`."""
         return {}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        """No mixture-of-experts layers in `llama_debug`."""
+        return {}
+
     def make_kv_caches(
         self,
         batch_size: int,
@@ -736,6 +740,9 @@ class VLM(nn.Module):
     video (B, F, 3, H, W) with an optional frame_mask (B, F).
     """
 
+    image_size = 32  # the images the vision encoder takes: (channels, size, size)
+    image_channels = 3
+
     def __init__(self) -> None:
         super().__init__()
         device = torch.get_default_device()
@@ -830,6 +837,9 @@ class VLM(nn.Module):
     def get_dropped_tokens(self) -> dict[str, int]:
         return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
 
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        return {f"transformer.{k}": v for k, v in self.transformer.get_router_load().items()}
+
     # ---- pipeline stages (runtime/parallel.py) ----------------------------------------
 
     def pipeline_stage(self) -> VLMStage:
@@ -897,6 +907,11 @@ class VLMStage(nn.Module):
         if self.transformer is None:
             return {}
         return {f"transformer.{k}": v for k, v in self.transformer.get_dropped_tokens().items()}
+
+    def get_router_load(self) -> dict[str, torch.Tensor]:
+        if self.transformer is None:
+            return {}
+        return {f"transformer.{k}": v for k, v in self.transformer.get_router_load().items()}
 
 
 def _held(module: nn.Module) -> nn.Module | None:
