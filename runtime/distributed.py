@@ -7,7 +7,7 @@ module runs the workers:
 * `launch()` (the `forgec train --plan` command) checks everything a user can
   get wrong, generates the package once, then starts K workers with
   `python -m torch.distributed.run --standalone` running `python -m
-  runtime.distributed` — the same entry a multi-node `torchrun` uses.
+  runtime.worker` — the same entry a multi-node `torchrun` uses.
 * Each worker runs the single-process trainer's loop (runtime/loop.py's
   run_steps) with an `Engine` in place of its LocalEngine: the Engine holds
   this rank's part of the model and takes the optimizer step.
@@ -55,7 +55,6 @@ collecting garbage before exit avoids a known abort at interpreter exit
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import gc
@@ -147,7 +146,7 @@ def check_batch(cfg: dict, s) -> None:
                          f"split into the plan's {pipe['microbatches']} pipeline microbatches")
 
 
-def _settings_of(args) -> dict:
+def settings_of(args) -> dict:
     return {k: getattr(args, k) for k in SETTINGS}
 
 
@@ -160,7 +159,7 @@ def launch(args) -> int:
     spec, out = args.spec, args.out
     if not os.path.exists(spec):
         raise UsageError(f"no such file: '{spec}'")
-    overrides = _settings_of(args)
+    overrides = settings_of(args)
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
     saved = read_run_info(out)["settings"] if args.resume else None
@@ -174,7 +173,7 @@ def launch(args) -> int:
     check_batch(cfg, s)
     nproc = cfg["world"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "runtime.distributed", *worker_argv(args)]
+           f"--nproc-per-node={nproc}", "-m", "runtime.worker", *worker_argv(args)]
     env = dict(os.environ)
     # torchrun would otherwise set 1 thread per worker with a warning; share the cores
     env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
@@ -830,48 +829,3 @@ def _build_once(spec: str, out: str, resume: bool, rank: int) -> str:
 
 
 # ---- the worker entry (torchrun runs this module) --------------------------------------
-
-
-def worker_parser() -> argparse.ArgumentParser:
-    """`forgec train`'s own options (runtime/cli.py), with --plan required."""
-    from .cli import add_commands
-
-    parser = argparse.ArgumentParser(prog="python -m runtime.distributed")
-    sub = parser.add_subparsers(dest="command")
-    add_commands(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """One torchrun worker: train, print errors once (rank 0), always tear down."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = worker_parser().parse_args(["train", *argv])
-    rank = int(os.environ.get("RANK", "0"))
-    code = 0
-    try:
-        if args.plan is None:
-            raise UsageError("the worker needs --plan NAME")
-        if args.nproc is not None and args.nproc != int(os.environ.get("WORLD_SIZE", "1")):
-            raise UsageError(f"--nproc {args.nproc} differs from torchrun's world size "
-                             f"{os.environ.get('WORLD_SIZE', '1')}")
-        train_distributed(args.spec, args.out, plan=args.plan, resume=args.resume,
-                          progress=not args.no_progress, **_settings_of(args))
-    except (UsageError, RunError) as e:
-        # every rank meets these alike (they depend on files, settings and
-        # all-reduced numbers only); rank 0 reports
-        code = 2 if isinstance(e, UsageError) else 1
-        status = os.environ.get(STATUS_ENV)
-        if status:  # started by launch(): it prints the message and exits with `code`
-            code = 0
-            if rank == 0:
-                with open(status, "w", encoding="utf-8") as f:
-                    json.dump({"usage": isinstance(e, UsageError), "message": str(e)}, f)
-        elif rank == 0:
-            print(f"forgec: error: {e}", file=sys.stderr)
-    finally:
-        teardown()
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -62,7 +62,7 @@ def spawn(fn, args: tuple, world: int, tmp_dir: str, timeout: float = 120) -> No
 
 def train_worker(argv: list[str]) -> int:
     """A rank of `forgec train --plan` (the torchrun worker's own entry)."""
-    from runtime.distributed import main
+    from runtime.worker import main
 
     return main(argv)
 
@@ -90,14 +90,14 @@ def train_runs(runs: list[tuple[list[str], dict]]) -> int:
 
 
 def _main_keep_group(argv: list[str]) -> int:
-    """runtime.distributed.main without the teardown (the next run reuses the group)."""
+    """runtime.worker.main without the teardown (the next run reuses the group)."""
     from compiler.errors import RunError, UsageError
-    from runtime import distributed
+    from runtime import distributed, worker
 
-    args = distributed.worker_parser().parse_args(["train", *argv])
+    args = worker.worker_parser().parse_args(["train", *argv])
     try:
         distributed.train_distributed(args.spec, args.out, plan=args.plan, resume=args.resume,
-                                      progress=False, **distributed._settings_of(args))
+                                      progress=False, **distributed.settings_of(args))
     except (UsageError, RunError) as e:
         print(f"forgec: error: {e}", file=sys.stderr)
         return 1
