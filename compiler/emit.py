@@ -1,7 +1,8 @@
 """Code generation: a checked model → the files of its Python package.
 
-`model.py` is rendered from templates/model.py.j2 and one template per op
-(templates/ops/), with only the op classes, features and code paths the spec
+`model.py` is rendered from templates/model.py.j2, which wires config, blocks
+and Transformer, around the op code copied from compiler/ops/*/modules.py by
+compiler/modular.py: only the definitions, features and code paths the spec
 uses. Everything is rendered from sorted, resolved data, so the same spec
 gives byte-identical output. Names in the output are validated identifiers
 (the grammar's NAME, minus reserved words: checks/names.py) and every string
@@ -21,7 +22,8 @@ import jinja2
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
 from .cost import cost, vlm_cost
 from .driver import Compilation
-from .ops import OPS, NestedCall, mask_key, patch_tokens
+from .modular import copy_definitions
+from .ops import NestedCall, mask_key, patch_tokens
 from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
 from .vlm import MLP_OPS
 
@@ -373,42 +375,30 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             class_of[k] = f"{_camel(k)}Block"
 
     used_blocks = [model.blocks[k] for k in class_of]
-    components = [emb, norm, head] + [x for b in used_blocks for x in b.components.values()]
+    # in the order a reader meets them: embedding, blocks, norm, head, then the vision side
+    components = [emb, *[x for b in used_blocks for x in b.components.values()], norm, head]
     vision_kinds: list[str] = []
     if vision is not None:
         vision_kinds = list(dict.fromkeys(s.block for s in vision.layers))
-        components += [vision.components["patch_embedding"], vision.components["norm"],
-                       vlm.adapter]
-        components += [x for k in vision_kinds for x in vision.blocks[k].components.values()]
-        if vlm.fusion.op.template:
+        components += [vision.components["patch_embedding"],
+                       *[x for k in vision_kinds for x in vision.blocks[k].components.values()],
+                       vision.components["norm"], vlm.adapter]
+        if vlm.fusion.op.definitions:
             components.append(vlm.fusion)
     if routed == "moma":  # its experts replace the MLPs
         components = [x for x in components if x.op.name not in MLP_OPS or x in
                       [y for k in vision_kinds for y in vision.blocks[k].components.values()]]
-    for x in list(components):  # routers are written inline as an argument
-        components += [v.component for v in x.args.values()
-                       if isinstance(v, ComponentValue) and v.component.op.role == "router"]
-    union: dict[str, frozenset[str]] = {}
-    for x in components:
-        if x.op.template:
-            union[x.op.name] = union.get(x.op.name, frozenset()) | x.op.features(x.args)
-    # qk-norm reuses the RMSNorm class, shared experts the SwiGLU class
-    if "qk_norm" in union.get("attention", frozenset()):
-        union.setdefault("rmsnorm", frozenset())
-    if "shared" in union.get("moe", frozenset()):
-        union.setdefault("swiglu", frozenset())
-    if "cross_attention" in union:  # its blocks are built from RMSNorm and SwiGLU
-        union.setdefault("rmsnorm", frozenset())
-        union.setdefault("swiglu", frozenset())
-    if "moe" in union or "moma" in union:
-        union["grouped_experts"] = frozenset()
-    if routed == "mot":  # the routing helpers use the attention's features
-        union["mot"] = union.get("attention", frozenset())
+    # routers are written inline as an argument, just before the op that routes
+    components = [y for x in components for y in (
+        *[v.component for v in x.args.values()
+          if isinstance(v, ComponentValue) and v.component.op.role == "router"], x)]
+    # features: which optional code paths of the op modules the model uses
+    features = frozenset({"kv_cache"} if kv_cache else ()).union(
+        *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args["modalities"])) if routed else None
-    op_classes = [env.get_template(f"ops/{_template(name)}.py.j2")
-                  .render(features=feats, kv_cache=kv_cache, modalities=modalities)
-                  .rstrip("\n")
-                  for name, feats in sorted(union.items(), key=lambda kv: _op_order(kv[0]))]
+    roots = [*(["KVCache"] if kv_cache else []),  # make_kv_caches builds them
+             *[name for x in components for name in x.op.definitions]]
+    op_classes = copy_definitions(roots, features)
 
     mask_kinds = sorted({mask_key(x.args) for b in used_blocks for x in b.components.values()
                          if x.op.name == "attention"}) or ["causal"]
@@ -425,7 +415,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         writer = _BlockWriter(block, block_hidden, kv_cache and not in_vision, block_fusion)
         comps = []
         for cname, x in block.components.items():
-            if not x.op.template:
+            if not x.op.definitions:
                 continue
             if block_fusion == "moma" and x.op.name in MLP_OPS:
                 f = vlm.fusion.args
@@ -437,7 +427,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                 comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
                               "init_args": "std, out_std", "copies": False})
                 continue
-            func, kwargs = _ctor(x, union[x.op.name])
+            func, kwargs = _ctor(x, features)
             if block_fusion == "mot":  # one copy per modality
                 lines = _mot_ctor(cname, func, kwargs)
             else:
@@ -508,7 +498,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             "        return [\n            " + one[len("        return ["):-1] + "\n        ]")
     spine = {}
     for key, x in (("embedding", emb), ("norm", norm), ("head", head)):
-        func, kwargs = _ctor(x, union[x.op.name])
+        func, kwargs = _ctor(x, features)
         spine[key] = "\n".join(call_lines(f"self.{_spine_attr(key)} = ", func, kwargs, 12)).lstrip()
     tied = head.args.get("tie") is not None
     depth_scaled = model.params.get("init_depth_scaled", True)
@@ -522,9 +512,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
         "config_fields": _config_fields(model, dim, vocab, n_layers, max_seq_len),
         "kv_cache": kv_cache, "rope": rope,
-        "partial_rotary": bool(rope and rope["rotary_dim"] != rope["head_dim"]),
         "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3")
-        or "sigmoid_topk" in union or "capacity" in union.get("moe", frozenset()),
+        or any("math." in code for code in op_classes),
         "moe_fqns": [f"{fqn}.{m}" if routed == "mot" else fqn
                      for fqn in dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
                                               if d.get("op") == "moe" and routed != "moma")
@@ -551,7 +540,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     }
     context["fusion"] = fusion
     context["modalities"] = modalities
-    context["vlm"] = _vlm_context(vlm, vision, union, norm, n_layers, kv_cache) if vlm else None
+    context["vlm"] = _vlm_context(vlm, vision, features, norm, n_layers, kv_cache) if vlm else None
     model_py = env.get_template("model.py.j2").render(**context)
     files = {
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
@@ -565,7 +554,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     return files
 
 
-def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
+def _vlm_context(vlm, vision: Model, features: frozenset[str], text_norm: Component, n_layers: int,
                  kv_cache: bool) -> dict:
     patch = vision.components["patch_embedding"]
     vnorm = vision.components["norm"]
@@ -575,11 +564,11 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
         layers_ctor = f"{{str(i): {classes[kinds[0]]}(i) for i in range({len(kinds)})}}"
     else:
         layers_ctor = "{" + ", ".join(f'"{i}": {classes[k]}({i})' for i, k in enumerate(kinds)) + "}"
-    func, kwargs = _ctor(patch, union[patch.op.name])
+    func, kwargs = _ctor(patch, features)
     patch_ctor = "\n".join(call_lines("self.patch_embedding = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vnorm, union[vnorm.op.name])
+    func, kwargs = _ctor(vnorm, features)
     norm_ctor = "\n".join(call_lines("self.norm = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vlm.adapter, union[vlm.adapter.op.name])
+    func, kwargs = _ctor(vlm.adapter, features)
     adapter_ctor = "\n".join(call_lines("self.adapter = ", func, kwargs, 12)).lstrip()
     depth = vision.params.get("init_depth_scaled", True)
     out = {
@@ -643,11 +632,6 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
     )
 
 
-def _template(name: str) -> str:
-    """The template of an op, or of a helper section that is not an op."""
-    return OPS[name].template if name in OPS else name
-
-
 def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:
     """`self.c = nn.ModuleDict({m: Op(...) for m in MODALITIES})`, formatted as ruff would."""
     one = call_lines("", func, kwargs, 0)
@@ -665,14 +649,6 @@ def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:
 
 def _spine_attr(key: str) -> str:
     return {"embedding": "token_embedding", "norm": "norm", "head": "output_head"}[key]
-
-
-def _op_order(name: str) -> tuple[int, str]:
-    order = ["rmsnorm", "layernorm", "embedding", "linear", "attention", "swiglu", "gelu_mlp",
-             "relu_mlp", "softmax_topk", "sigmoid_topk", "grouped_experts", "moe", "moma",
-             "mot", "lm_head", "patch_embed", "mlp2", "avgpool", "attention_pool",
-             "cross_attention"]
-    return (order.index(name) if name in order else len(order), name)
 
 
 def _max_seq_len(model: Model, rope_comp: Component | None) -> int:

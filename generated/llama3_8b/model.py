@@ -66,6 +66,48 @@ class ModalityContext:
                 )
 
 
+def attention_masks(
+    batch: int,
+    seq_len: int,
+    *,
+    start: int = 0,
+    key_valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+
+    One mask per kind of attention in the model; None where SDPA's own causal
+    path is exact (no cache offset, no padding, no documents). `doc_ids`
+    confines attention to a token's own document of a packed sequence.
+    """
+    if start == 0 and key_valid is None and doc_ids is None:
+        return {"causal": None}  # SDPA's own causal path is exact here
+    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+    k_pos = torch.arange(start + seq_len, device=device)[None, :]
+    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    masks = {}
+    mask = allowed & (k_pos <= q_pos)
+    # a query that may see no key at all (a padding row) sees every key instead of NaN
+    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    return masks
+
+
+def rope_tables(
+    positions: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables (positions, 128) in fp32, half-split layout."""
+    rotary_dim, theta = 128, 500000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class KVCache:
     """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
 
@@ -109,55 +151,18 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
-def attention_masks(
-    batch: int,
-    seq_len: int,
-    *,
-    start: int = 0,
-    key_valid: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
 
-    One mask per kind of attention in the model; None where SDPA's own causal
-    path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
-    """
-    if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
-    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
-    k_pos = torch.arange(start + seq_len, device=device)[None, :]
-    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    masks = {}
-    mask = allowed & (k_pos <= q_pos)
-    # a query that may see no key at all (a padding row) sees every key instead of NaN
-    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    return masks
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
 
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
-def rope_tables(
-    positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 128) in fp32, half-split layout."""
-    rotary_dim, theta = 128, 500000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -175,22 +180,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
@@ -201,11 +201,10 @@ class Attention(nn.Module):
         causal: bool,
         qkv_bias: bool,
         out_bias: bool,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -214,10 +213,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -246,27 +242,27 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -303,10 +299,9 @@ class TransformerBlock(nn.Module):
             causal=True,
             qkv_bias=False,
             out_bias=False,
-            zero_init=False,
         )
         self.mlp_norm = RMSNorm(dim=4096, eps=1e-05)
-        self.mlp = SwiGLU(dim=4096, hidden=14336, zero_init=False)
+        self.mlp = SwiGLU(dim=4096, hidden=14336)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 32))
 

@@ -67,6 +67,48 @@ class ModalityContext:
                 )
 
 
+def attention_masks(
+    batch: int,
+    seq_len: int,
+    *,
+    start: int = 0,
+    key_valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+
+    One mask per kind of attention in the model; None where SDPA's own causal
+    path is exact (no cache offset, no padding, no documents). `doc_ids`
+    confines attention to a token's own document of a packed sequence.
+    """
+    if start == 0 and key_valid is None and doc_ids is None:
+        return {"causal": None}  # SDPA's own causal path is exact here
+    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+    k_pos = torch.arange(start + seq_len, device=device)[None, :]
+    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    masks = {}
+    mask = allowed & (k_pos <= q_pos)
+    # a query that may see no key at all (a padding row) sees every key instead of NaN
+    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    return masks
+
+
+def rope_tables(
+    positions: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
+    rotary_dim, theta = 32, 10000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class KVCache:
     """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
 
@@ -110,55 +152,18 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
-def attention_masks(
-    batch: int,
-    seq_len: int,
-    *,
-    start: int = 0,
-    key_valid: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
 
-    One mask per kind of attention in the model; None where SDPA's own causal
-    path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
-    """
-    if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
-    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
-    k_pos = torch.arange(start + seq_len, device=device)[None, :]
-    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    masks = {}
-    mask = allowed & (k_pos <= q_pos)
-    # a query that may see no key at all (a padding row) sees every key instead of NaN
-    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    return masks
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
 
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
-def rope_tables(
-    positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -176,22 +181,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
@@ -202,11 +202,10 @@ class Attention(nn.Module):
         causal: bool,
         qkv_bias: bool,
         out_bias: bool,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -215,10 +214,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -247,27 +243,27 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -421,13 +417,10 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of experts: each token goes to its router's top_k experts plus the shared experts.
+    """Mixture of experts: each token goes to its router's top_k experts (and to the
+    shared experts, if any).
 
     Tokens are sorted by expert and each weight runs as one grouped matmul.
-    In training an expert takes at most ceil(T·k/E · capacity_factor) of the
-    T·k routed slots; overflow slots are dropped (the token keeps its residual
-    and its other experts), first choices before second choices, earlier tokens
-    (in flattened batch order) first. Evaluation never drops.
     """
 
     def __init__(
@@ -439,13 +432,12 @@ class MoE(nn.Module):
         router: nn.Module,
         shared_hidden: int = 0,
         capacity_factor: float = 0.0,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
-        self.experts_count, self.top_k, self.zero_init = experts, top_k, zero_init
+        self.experts_count, self.top_k = experts, top_k
         self.router = router
         self.experts = GroupedExperts(dim, hidden, experts)
-        self.shared_experts = SwiGLU(dim, shared_hidden, zero_init) if shared_hidden else None
+        self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
         self.capacity_factor = capacity_factor
         self.dropped_tokens = 0
 
@@ -453,21 +445,22 @@ class MoE(nn.Module):
         self.router.init_weights(std)
         nn.init.normal_(self.experts.gate_proj, mean=0.0, std=std)
         nn.init.normal_(self.experts.up_proj, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.experts.down_proj)
-        else:
-            nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
+        nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, dim = x.shape
-        flat = x.reshape(-1, dim)  # (T, dim)
+        flat = x.reshape(-1, dim)  # (T, dim), T = B·S tokens
         weights, ids = self.router(x)  # (T, k) each
         # slot-major order: every token's first choice, then every second choice
-        expert = ids.t().reshape(-1)
+        expert = ids.t().reshape(-1)  # (T·k,)
         weight = weights.t().reshape(-1)
         token = torch.arange(flat.shape[0], device=x.device).repeat(self.top_k)
+        # In training an expert takes at most ceil(T·k/E · capacity_factor) of the
+        # T·k routed slots; overflow slots are dropped (the token keeps its residual
+        # and its other experts), first choices before second choices, earlier tokens
+        # (in flattened batch order) first. Evaluation never drops.
         self.dropped_tokens = 0
         if self.training and self.capacity_factor > 0:
             capacity = math.ceil(ids.numel() / self.experts_count * self.capacity_factor)
@@ -480,8 +473,8 @@ class MoE(nn.Module):
             expert, weight, token = expert[keep], weight[keep], token[keep]
         order = torch.argsort(expert, stable=True)
         expert, weight, token = expert[order], weight[order], token[order]
-        counts = torch.bincount(expert, minlength=self.experts_count)
-        routed = self.experts(flat[token], counts) * weight[:, None]
+        counts = torch.bincount(expert, minlength=self.experts_count)  # (E,)
+        routed = self.experts(flat[token], counts) * weight[:, None]  # (slots, dim)
         out = torch.zeros_like(flat).index_add_(0, token, routed)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -528,17 +521,10 @@ class DenseBlock(TransformerBlock):
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=128, eps=1e-05)
         self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            zero_init=False,
+            dim=128, heads=4, kv_heads=2, head_dim=32, causal=True, qkv_bias=False, out_bias=False
         )
         self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
-        self.mlp = SwiGLU(dim=128, hidden=384, zero_init=False)
+        self.mlp = SwiGLU(dim=128, hidden=384)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
 
@@ -577,14 +563,7 @@ class SparseBlock(TransformerBlock):
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=128, eps=1e-05)
         self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            zero_init=False,
+            dim=128, heads=4, kv_heads=2, head_dim=32, causal=True, qkv_bias=False, out_bias=False
         )
         self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
         self.mlp = MoE(
@@ -608,7 +587,6 @@ class SparseBlock(TransformerBlock):
             ),
             shared_hidden=64,
             capacity_factor=1.25,
-            zero_init=False,
         )
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))

@@ -67,49 +67,6 @@ class ModalityContext:
                 )
 
 
-class KVCache:
-    """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
-
-    `length` slots are filled, the same for every row; `valid` marks the slots
-    holding real tokens (left padding does not) and `next_pos` is each row's
-    next RoPE position.
-    """
-
-    def __init__(
-        self,
-        batch_size: int,
-        max_seq_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0
-        self.max_seq_len = max_seq_len
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, KV, S, hd) keys and values; return everything cached so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_seq_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_seq_len {self.max_seq_len}")
-        self.k[:, :, self.length : end] = k.to(self.k.dtype)
-        self.v[:, :, self.length : end] = v.to(self.v.dtype)
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def commit(self, valid: torch.Tensor) -> None:
-        """Record which of the positions just appended are real tokens."""
-        start = self.length - valid.shape[1]
-        self.valid[:, start : self.length] = valid
-        self.next_pos += valid.sum(dim=1)
-
-
 def attention_masks(
     batch: int,
     seq_len: int,
@@ -153,13 +110,61 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+class KVCache:
+    """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
+
+    `length` slots are filled, the same for every row; `valid` marks the slots
+    holding real tokens (left padding does not) and `next_pos` is each row's
+    next RoPE position.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.max_seq_len = max_seq_len
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, KV, S, hd) keys and values; return everything cached so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_seq_len {self.max_seq_len}")
+        self.k[:, :, self.length : end] = k.to(self.k.dtype)
+        self.v[:, :, self.length : end] = v.to(self.v.dtype)
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def commit(self, valid: torch.Tensor) -> None:
+        """Record which of the positions just appended are real tokens."""
+        start = self.length - valid.shape[1]
+        self.valid[:, start : self.length] = valid
+        self.next_pos += valid.sum(dim=1)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -177,22 +182,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE, optional per-head qk-norm."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
@@ -204,11 +204,10 @@ class Attention(nn.Module):
         qkv_bias: bool,
         out_bias: bool,
         qk_norm_eps: float | None = None,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -220,10 +219,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -257,27 +253,27 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -331,10 +327,9 @@ class LocalBlock(TransformerBlock):
             qkv_bias=True,
             out_bias=False,
             qk_norm_eps=1e-06,
-            zero_init=False,
         )
         self.mlp_norm = RMSNorm(dim=96, eps=1e-06)
-        self.mlp = SwiGLU(dim=96, hidden=288, zero_init=False)
+        self.mlp = SwiGLU(dim=96, hidden=288)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
 
@@ -383,10 +378,9 @@ class GlobalBlock(TransformerBlock):
             qkv_bias=True,
             out_bias=False,
             qk_norm_eps=1e-06,
-            zero_init=False,
         )
         self.mlp_norm = RMSNorm(dim=96, eps=1e-06)
-        self.mlp = SwiGLU(dim=96, hidden=288, zero_init=False)
+        self.mlp = SwiGLU(dim=96, hidden=288)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
 

@@ -120,13 +120,18 @@ def rope_tables(
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -144,41 +149,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
-
-
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
@@ -190,11 +171,10 @@ class Attention(nn.Module):
         qkv_bias: bool,
         out_bias: bool,
         use_rope: bool = True,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.use_rope = use_rope
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -204,10 +184,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -234,31 +211,124 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class OutputHead(nn.Module):
+    """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
+
+    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab, bias=bias)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class PatchEmbedding(nn.Module):
+    """Images (B, channels, H, W) → patch tokens (B, S, dim): a strided convolution,
+    an optional CLS token and learned positions."""
+
+    def __init__(
+        self,
+        channels: int,
+        patch: int,
+        dim: int,
+        image_size: int,
+        positions: str,
+        cls_token: bool,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        tokens = (image_size // patch) ** 2 + (1 if cls_token else 0)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if cls_token else None
+        learned = positions == "learned"
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim)) if learned else None
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.proj.bias)
+        for p in (self.cls_token, self.pos_embedding):
+            if p is not None:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        if pixels.shape[-2:] != (size, size):
+            raise ValueError(f"images must be {size}×{size}, got {tuple(pixels.shape[-2:])}")
+        x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, patches, dim)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        return x
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
 
 
 class GeluMLP(nn.Module):
     """Two-layer MLP: down(gelu(up(x)))."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool, zero_init: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        bias: bool,
+    ) -> None:
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
         for proj in (self.up_proj, self.down_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class MLP2Adapter(nn.Module):
+    """Adapter: image tokens (B, N, in_dim) → (B, N, out_dim) by Linear → GELU → Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def init_weights(self, std: float) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, mean=0.0, std=std)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
@@ -365,79 +435,6 @@ class MoMaFFN(nn.Module):
         return out
 
 
-class OutputHead(nn.Module):
-    """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
-
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, vocab, bias=bias)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-class PatchEmbedding(nn.Module):
-    """Images (B, channels, H, W) → patch tokens (B, S, dim): a strided convolution,
-    an optional CLS token and learned positions."""
-
-    def __init__(
-        self,
-        channels: int,
-        patch: int,
-        dim: int,
-        image_size: int,
-        positions: str,
-        cls_token: bool,
-    ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
-        tokens = (image_size // patch) ** 2 + (1 if cls_token else 0)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if cls_token else None
-        learned = positions == "learned"
-        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim)) if learned else None
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.proj.bias)
-        for p in (self.cls_token, self.pos_embedding):
-            if p is not None:
-                nn.init.normal_(p, mean=0.0, std=std)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if pixels.shape[-2:] != (size, size):
-            raise ValueError(f"images must be {size}×{size}, got {tuple(pixels.shape[-2:])}")
-        x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, patches, dim)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embedding is not None:
-            x = x + self.pos_embedding
-        return x
-
-
-class MLP2Adapter(nn.Module):
-    """Adapter: image tokens (B, N, in_dim) → (B, N, out_dim) by Linear → GELU → Linear."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def init_weights(self, std: float) -> None:
-        for fc in (self.fc1, self.fc2):
-            nn.init.normal_(fc.weight, mean=0.0, std=std)
-            nn.init.zeros_(fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class TransformerBlock(nn.Module):
     """Block `dense` (specs/llama_debug.forge:16)."""
 
@@ -454,7 +451,6 @@ class TransformerBlock(nn.Module):
             qkv_bias=False,
             out_bias=False,
             use_rope=True,
-            zero_init=False,
         )
         self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
         self.mlp = MoMaFFN(dim=128, hidden=128, experts=4, capacity=0.5, modalities=MODALITIES)
@@ -506,10 +502,9 @@ class VisionEncoderBlock(nn.Module):
             qkv_bias=False,
             out_bias=False,
             use_rope=False,
-            zero_init=False,
         )
         self.mlp_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.mlp = GeluMLP(dim=96, hidden=384, bias=True, zero_init=False)
+        self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()

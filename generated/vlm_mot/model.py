@@ -78,6 +78,48 @@ class ModalityContext:
                 )
 
 
+def attention_masks(
+    batch: int,
+    seq_len: int,
+    *,
+    start: int = 0,
+    key_valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+
+    One mask per kind of attention in the model; None where SDPA's own causal
+    path is exact (no cache offset, no padding, no documents). `doc_ids`
+    confines attention to a token's own document of a packed sequence.
+    """
+    if start == 0 and key_valid is None and doc_ids is None:
+        return {"causal": None}  # SDPA's own causal path is exact here
+    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+    k_pos = torch.arange(start + seq_len, device=device)[None, :]
+    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    masks = {}
+    mask = allowed & (k_pos <= q_pos)
+    # a query that may see no key at all (a padding row) sees every key instead of NaN
+    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    return masks
+
+
+def rope_tables(
+    positions: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
+    rotary_dim, theta = 32, 10000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class KVCache:
     """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
 
@@ -121,55 +163,18 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
-def attention_masks(
-    batch: int,
-    seq_len: int,
-    *,
-    start: int = 0,
-    key_valid: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
 
-    One mask per kind of attention in the model; None where SDPA's own causal
-    path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
-    """
-    if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
-    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
-    k_pos = torch.arange(start + seq_len, device=device)[None, :]
-    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    masks = {}
-    mask = allowed & (k_pos <= q_pos)
-    # a query that may see no key at all (a padding row) sees every key instead of NaN
-    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    return masks
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
 
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
-def rope_tables(
-    positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -187,41 +192,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
-
-
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
@@ -233,11 +214,10 @@ class Attention(nn.Module):
         qkv_bias: bool,
         out_bias: bool,
         use_rope: bool = True,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.use_rope = use_rope
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -247,10 +227,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -280,117 +257,30 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class GeluMLP(nn.Module):
-    """Two-layer MLP: down(gelu(up(x)))."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool, zero_init: bool) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.zero_init = zero_init
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
-        for proj in (self.up_proj, self.down_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
-
-
-def route(
-    parts: nn.ModuleDict,
-    x: torch.Tensor,
-    modality: dict[str, torch.Tensor],
-    attr: str | None = None,
-) -> torch.Tensor:
-    """Each token (B, S, d) through its modality's copy of a component (or of the
-    copy's submodule `attr`)."""
-    out = None
-    for name, selected in modality.items():
-        if not selected.any():
-            continue
-        part = parts[name] if attr is None else getattr(parts[name], attr)
-        y = part(x[selected][None])[0]  # (tokens of this modality, d_out)
-        if out is None:
-            out = x.new_zeros(*x.shape[:-1], y.shape[-1])
-        out[selected] = y.to(out.dtype)
-    return out
-
-
-def mot_attention(
-    parts: nn.ModuleDict,
-    x: torch.Tensor,
-    rope_cos: torch.Tensor | None,
-    rope_sin: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    kv_cache: KVCache | None,
-    modality: dict[str, torch.Tensor],
-) -> torch.Tensor:
-    """Attention with per-modality q/k/v/o projections, and one softmax over the
-    whole sequence (every modality attends to every earlier token)."""
-    b, s, _ = x.shape
-    head_dim = next(iter(parts.values())).head_dim
-    q, k, v = route_qkv(parts, x, modality)
-    q, k, v = (t.view(b, s, -1, head_dim) for t in (q, k, v))
-    q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if kv_cache is not None:
-        k, v = kv_cache.update(k, v)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    out = out.transpose(1, 2).reshape(b, s, -1)
-    return route(parts, out, modality, "o_proj")
-
-
-def route_qkv(
-    parts: nn.ModuleDict, x: torch.Tensor, modality: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v (B, S, ·) with each token projected by its modality's weights."""
-    q = k = v = None
-    for name, selected in modality.items():
-        if not selected.any():
-            continue
-        part, xs = parts[name], x[selected]
-        qs, ks, vs = part.q_proj(xs), part.k_proj(xs), part.v_proj(xs)
-        if q is None:
-            q = x.new_zeros(*x.shape[:-1], qs.shape[-1])
-            k = x.new_zeros(*x.shape[:-1], ks.shape[-1])
-            v = x.new_zeros(*x.shape[:-1], vs.shape[-1])
-        q[selected], k[selected], v[selected] = qs, ks, vs
-    return q, k, v
 
 
 class OutputHead(nn.Module):
@@ -449,6 +339,49 @@ class PatchEmbedding(nn.Module):
         return x
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
+
+
+class GeluMLP(nn.Module):
+    """Two-layer MLP: down(gelu(up(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        bias: bool,
+    ) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        for proj in (self.up_proj, self.down_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
 class AvgPoolAdapter(nn.Module):
     """Adapter: average each window × window block of the square patch grid, then
     map to the text width: (B, grid², in_dim) → (B, (grid / window)², out_dim)."""
@@ -470,6 +403,70 @@ class AvgPoolAdapter(nn.Module):
         return self.proj(x)
 
 
+def route(
+    parts: nn.ModuleDict,
+    x: torch.Tensor,
+    modality: dict[str, torch.Tensor],
+    attr: str | None = None,
+) -> torch.Tensor:
+    """Each token (B, S, d) through its modality's copy of a component (or of the
+    copy's submodule `attr`)."""
+    out = None
+    for name, selected in modality.items():
+        if not selected.any():
+            continue
+        part = parts[name] if attr is None else getattr(parts[name], attr)
+        y = part(x[selected][None])[0]  # (tokens of this modality, d_out)
+        if out is None:
+            out = x.new_zeros(*x.shape[:-1], y.shape[-1])
+        out[selected] = y.to(out.dtype)
+    return out
+
+
+def route_qkv(
+    parts: nn.ModuleDict, x: torch.Tensor, modality: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, S, ·) with each token projected by its modality's weights."""
+    q = k = v = None
+    for name, selected in modality.items():
+        if not selected.any():
+            continue
+        part, xs = parts[name], x[selected]
+        qs, ks, vs = part.q_proj(xs), part.k_proj(xs), part.v_proj(xs)
+        if q is None:
+            q = x.new_zeros(*x.shape[:-1], qs.shape[-1])
+            k = x.new_zeros(*x.shape[:-1], ks.shape[-1])
+            v = x.new_zeros(*x.shape[:-1], vs.shape[-1])
+        q[selected], k[selected], v[selected] = qs, ks, vs
+    return q, k, v
+
+
+def mot_attention(
+    parts: nn.ModuleDict,
+    x: torch.Tensor,
+    rope_cos: torch.Tensor | None,
+    rope_sin: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    kv_cache: KVCache | None,
+    modality: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Attention with per-modality q/k/v/o projections (and qk-norms), and one
+    softmax over the whole sequence (every modality attends to every earlier token)."""
+    b, s, _ = x.shape
+    head_dim = next(iter(parts.values())).head_dim
+    q, k, v = route_qkv(parts, x, modality)
+    q, k, v = (t.view(b, s, -1, head_dim) for t in (q, k, v))  # (B, S, heads, hd)
+    q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
+    if kv_cache is not None:
+        k, v = kv_cache.update(k, v)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+    )
+    out = out.transpose(1, 2).reshape(b, s, -1)
+    return route(parts, out, modality, "o_proj")
+
+
 class TransformerBlock(nn.Module):
     """Block `dense` (specs/llama_debug.forge:16)."""
 
@@ -488,15 +485,12 @@ class TransformerBlock(nn.Module):
                     qkv_bias=False,
                     out_bias=False,
                     use_rope=True,
-                    zero_init=False,
                 )
                 for m in MODALITIES
             }
         )
         self.mlp_norm = nn.ModuleDict({m: RMSNorm(dim=128, eps=1e-05) for m in MODALITIES})
-        self.mlp = nn.ModuleDict(
-            {m: SwiGLU(dim=128, hidden=384, zero_init=False) for m in MODALITIES}
-        )
+        self.mlp = nn.ModuleDict({m: SwiGLU(dim=128, hidden=384) for m in MODALITIES})
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
 
@@ -559,10 +553,9 @@ class VisionEncoderBlock(nn.Module):
             qkv_bias=False,
             out_bias=False,
             use_rope=False,
-            zero_init=False,
         )
         self.mlp_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.mlp = GeluMLP(dim=96, hidden=384, bias=True, zero_init=False)
+        self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()

@@ -1,3 +1,27 @@
+"""RMSNorm and LayerNorm, computed in fp32 whatever the model's dtype."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension, computed in fp32."""
 

@@ -1,0 +1,42 @@
+"""Token embedding and output head: the ends of the spine."""
+
+from __future__ import annotations
+
+from ..core import ArgSpec, OpDef, hidden
+
+OPS = (
+    OpDef(
+        name="embedding",
+        doc="Token embedding table: ids (B, S) → (B, S, dim).",
+        args=(
+            ArgSpec("vocab", "size", doc="vocabulary size"),
+            ArgSpec("dim", "size", doc="embedding width"),
+        ),
+        sizes=("vocab", "dim"),
+        inputs=lambda a: (("B", "S"),),
+        output=lambda a: hidden(a["dim"]),
+        weights=lambda a: {"embedding.weight": (a["vocab"], a["dim"])},
+        class_name="TokenEmbedding", init_args="std",
+        tp={"embedding": "rowwise"},
+        ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
+    ),
+    OpDef(
+        name="lm_head",
+        doc="Output projection to vocabulary logits; `tie` shares the embedding's weight.",
+        args=(
+            ArgSpec("dim", "size"),
+            ArgSpec("vocab", "size"),
+            ArgSpec("bias", "bool", False),
+            ArgSpec("tie", "ref:embedding", None, doc="an embedding component to share weights with"),
+        ),
+        sizes=("dim", "vocab"),
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["vocab"]),
+        weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
+                           **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
+        flops=lambda a, s: 2 * a["vocab"] * a["dim"],
+        class_name="OutputHead", init_args="std",
+        tp={"proj": "colwise"},
+        ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
+    ),
+)
