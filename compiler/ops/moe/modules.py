@@ -167,7 +167,13 @@ GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
-    on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
+    on_cpu = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[-1] % 4 == 0
+        and w.shape[-1] % 4 == 0
+    )
     on_gpu = (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
