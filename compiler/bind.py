@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from . import ast
 from .diagnostics import Diagnostics, Span, did_you_mean, suggest
 from .functions import FUNCTIONS
-from .ops import OPS, ArgSpec, OpDef
+from .ops import OPS, ArgSpec, OpDef, ops_for
 from .parse import MAX_INT
 from .resolve import BlockDef, Program, SectionDef, _referenced_names, section_references
 
@@ -31,18 +31,18 @@ MAX_EVAL_DEPTH = 100
 STACK_OP = "stack"
 # The model's fixed spine (Llama-style pre-norm): name → accepted ops.
 SPINE = {
-    "token_embedding": ("embedding",),
+    "token_embedding": ops_for("token_embedding"),
     "layers": (STACK_OP,),
-    "norm": ("rmsnorm", "layernorm"),
-    "output_head": ("lm_head",),
+    "norm": ops_for("norm"),
+    "output_head": ops_for("output_head"),
 }
 
 
 # A vision encoder's spine (ViT): patches → non-causal blocks → final norm.
 VISION_SPINE = {
-    "patch_embedding": ("patch_embed",),
+    "patch_embedding": ops_for("patch_embedding"),
     "layers": (STACK_OP,),
-    "norm": ("rmsnorm", "layernorm"),
+    "norm": ops_for("norm"),
 }
 SPINES = {"model": SPINE, "vision": VISION_SPINE}
 

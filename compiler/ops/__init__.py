@@ -38,6 +38,11 @@ def _load() -> dict[str, OpDef]:
 OPS: dict[str, OpDef] = _load()
 
 
+def ops_for(slot: str) -> tuple[str, ...]:
+    """The ops that may fill a named place (`OpDef.slots`), in registry order."""
+    return tuple(name for name, op in OPS.items() if slot in op.slots)
+
+
 def modules_path(family: str) -> str:
     """The PyTorch source of a family of ops."""
     return os.path.join(OPS_DIR, family, "modules.py")
@@ -48,4 +53,4 @@ from .attention.spec import attended_keys, mask_key  # noqa: E402
 from .vision.spec import patch_tokens  # noqa: E402
 
 __all__ = ["OPS", "REQUIRED", "ArgSpec", "NestedCall", "OpDef", "Shape", "attended_keys",
-           "mask_key", "modules_path", "numel", "patch_tokens"]
+           "mask_key", "modules_path", "numel", "ops_for", "patch_tokens"]

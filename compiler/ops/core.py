@@ -80,6 +80,10 @@ class OpDef:
     derive: Callable[[dict[str, Any]], None] = lambda a: None
     # argument names that are sizes (checked positive by checks/positive_sizes.py)
     sizes: tuple[str, ...] = field(default=())
+    # the named places the op may fill: spine slots of a model ("token_embedding",
+    # "norm", "output_head") or of a vision encoder ("patch_embedding"), and "mlp",
+    # a block's feed-forward (which a MoMa fusion replaces by its experts)
+    slots: tuple[str, ...] = field(default=())
     # -- code generation (compiler/emit.py, compiler/modular.py)
     class_name: str = ""
     # definitions of the folder's modules.py the op needs; default: (class_name,)

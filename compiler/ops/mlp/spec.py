@@ -34,7 +34,7 @@ def mlp_op(name: str, doc: str, projections: tuple[str, ...], bias: bool,
                 **({"zero_init": a["zero_init"]} if "zero_init" in u else {})}
 
     return OpDef(
-        class_name=class_name,
+        class_name=class_name, slots=("mlp",),
         tp={**{p: "colwise" for p in projections if p != "down_proj"}, "down_proj": "rowwise"},
         ctor=ctor,
         features=lambda a: frozenset({"zero_init"} if a["zero_init"] else ()),

@@ -130,7 +130,7 @@ OPS = (
         weights=_moe_weights,
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
-        class_name="MoE",
+        class_name="MoE", slots=("mlp",),
         ctor=_moe_ctor,
         features=_moe_features,
     ),

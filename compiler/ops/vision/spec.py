@@ -49,6 +49,7 @@ OPS = (
         output=lambda a: hidden(a["dim"]),
         weights=_patch_weights,
         flops=lambda a, s: 2 * a["dim"] * a["channels"] * a["patch"] ** 2,
+        slots=("patch_embedding",),
         class_name="PatchEmbedding", init_args="std",
         ctor=lambda a, u: {k: a[k] for k in ("channels", "patch", "dim", "image_size",
                                               "positions", "cls_token")},
