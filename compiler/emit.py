@@ -497,9 +497,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         uniform_cache = one if len(one) <= LINE else (
             "        return [\n            " + one[len("        return ["):-1] + "\n        ]")
     spine = {}
-    for key, x in (("embedding", emb), ("norm", norm), ("head", head)):
+    for attr, x in (("token_embedding", emb), ("norm", norm), ("output_head", head)):
         func, kwargs = _ctor(x, features)
-        spine[key] = "\n".join(call_lines(f"self.{_spine_attr(key)} = ", func, kwargs, 12)).lstrip()
+        spine[attr] = "\n".join(call_lines(f"self.{attr} = ", func, kwargs, 12)).lstrip()
     tied = head.args.get("tie") is not None
     depth_scaled = model.params.get("init_depth_scaled", True)
 
@@ -645,10 +645,6 @@ def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:
     return [f"        self.{cname} = nn.ModuleDict(", "            {",
             *call_lines("m: ", func, kwargs, 16), "                for m in MODALITIES",
             "            }", "        )"]
-
-
-def _spine_attr(key: str) -> str:
-    return {"embedding": "token_embedding", "norm": "norm", "head": "output_head"}[key]
 
 
 def _max_seq_len(model: Model, rope_comp: Component | None) -> int:
