@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from . import ast
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
 from .cost import cost, vlm_cost
 from .driver import Compilation
@@ -97,7 +98,121 @@ def _env() -> jinja2.Environment:
     return env
 
 
+class Code(str):
+    """Python source that stands for a value: a ModelConfig field or an expression of them."""
+
+
+class ConfigView:
+    """Which ModelConfig fields the generated code reads, and the spec's arguments as
+    Python over them.
+
+    An argument naming a parameter reads its field (`config.dim`); a derived default
+    follows the op's rule (`config.dim // config.n_heads`); any other size the spec
+    writes — a number, `3 * dim`, `ffn_hidden(dim, ...)` — becomes a field of its own
+    (`mlp_hidden`), recorded with the fields it was computed from, so that each size
+    appears once, in ModelConfig, and a ModelConfig that changes `dim` but not
+    `mlp_hidden` is refused as inconsistent."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.params = {k: v for k, v in model.params.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)
+                       and not k.startswith("_")}
+        self.computed: dict[str, tuple[object, tuple[str, ...]]] = {}
+        self.read: set[str] = set()
+
+    def field(self, name: str, prefix: str) -> Code:
+        self.read.add(name)
+        return Code(f"{prefix}.{name}")
+
+    def expr(self, e, value, prefix: str) -> Code | None:
+        """Python for a spec expression over model parameters, or None."""
+        if isinstance(e, ast.Ref) and len(e.parts) == 1 and e.parts[0] in self.params \
+                and self.params[e.parts[0]] == value:
+            return self.field(e.parts[0], prefix)
+        if isinstance(e, ast.Int | ast.Float) and not isinstance(e.value, bool):
+            return Code(pyrepr(e.value))
+        if isinstance(e, ast.BinOp) and e.op in ("+", "-", "*", "/", "//"):
+            parts = []
+            for side in (e.left, e.right):
+                code = self.expr(side, _value_of(side, self.params), prefix)
+                if code is None:
+                    return None
+                parts.append(f"({code})" if isinstance(side, ast.BinOp) else code)
+            op = "//" if e.op == "/" and isinstance(value, int) else e.op
+            return Code(f"{parts[0]} {op} {parts[1]}")
+        return None
+
+    def arg(self, comp: Component, name: str, prefix: str, owner: str) -> Code | None:
+        """Python for an argument of a component: from its expression in the spec, from
+        the op's rule for a derived default, or a computed field of its own."""
+        value = comp.args.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        e = comp.arg_exprs.get(name)
+        if e is None:
+            rule = comp.op.derived_code.get(name)
+            if rule is None:
+                return None
+            refs = {}
+            for other in comp.args:
+                if "{" + other + "}" in rule:
+                    code = self.arg(comp, other, prefix, owner)
+                    if code is None:
+                        return None
+                    bare = rule == "{" + other + "}" or " " not in code
+                    refs[other] = code if bare else Code(f"({code})")
+            return Code(rule.format(**refs))
+        if isinstance(e, ast.Ref):
+            return self.expr(e, value, prefix)
+        spec_arg = comp.op.arg(name)
+        if spec_arg is None or spec_arg.type not in ("size", "int"):
+            return self.expr(e, value, prefix)
+        field_name = f"{comp.name}_{name}"
+        if field_name in self.params or (field_name in self.computed
+                                         and self.computed[field_name][0] != value):
+            field_name = f"{owner}_{field_name}"
+        deps = tuple(sorted({p for p in _refs(e) if p in self.params}))
+        self.computed[field_name] = (value, deps)
+        return self.field(field_name, prefix)
+
+    def computed_from(self) -> dict[str, tuple[str, ...]]:
+        """The fields of computed sizes that depend on other fields."""
+        return {k: deps for k, (_, deps) in self.computed.items() if deps}
+
+
+def _refs(e) -> list[str]:
+    if isinstance(e, ast.Ref):
+        return [e.parts[0]]
+    if isinstance(e, ast.BinOp):
+        return _refs(e.left) + _refs(e.right)
+    if isinstance(e, ast.Neg):
+        return _refs(e.operand)
+    if isinstance(e, ast.Call):
+        return [r for a in e.args for r in _refs(a.value)]
+    return []
+
+
+def _value_of(e, params: dict):
+    if isinstance(e, ast.Ref) and len(e.parts) == 1:
+        return params.get(e.parts[0])
+    if isinstance(e, ast.Int | ast.Float):
+        return e.value
+    if isinstance(e, ast.BinOp):
+        left, right = _value_of(e.left, params), _value_of(e.right, params)
+        if not isinstance(left, int | float) or not isinstance(right, int | float):
+            return None
+        if e.op == "/":
+            return left // right if isinstance(left, int) and isinstance(right, int) \
+                else left / right
+        return {"+": left + right, "-": left - right, "*": left * right,
+                "//": left // right if right else None}.get(e.op)
+    return None
+
+
 def _inline(value) -> str:
+    if isinstance(value, Code):
+        return value
     if isinstance(value, NestedCall):
         return f"{value.class_name}({', '.join(f'{k}={_inline(v)}' for k, v in value.kwargs)})"
     return pyrepr(value)
@@ -125,8 +240,26 @@ def call_lines(prefix: str, func: str, kwargs: list[str] | list[tuple[str, objec
     return lines + [f"{pad}){suffix}"]
 
 
-def _ctor(comp: Component, union: frozenset[str]) -> tuple[str, list[tuple[str, object]]]:
-    return comp.op.class_name, list(comp.op.ctor(comp.args, union).items())
+def _ctor(comp: Component, union: frozenset[str], cfg: ConfigView | None = None,
+          prefix: str = "config", owner: str = "") -> tuple[str, list[tuple[str, object]]]:
+    """Class and constructor arguments of a component; with `cfg`, the arguments the
+    spec derives from the model's parameters read them from ModelConfig."""
+    kwargs = list(comp.op.ctor(comp.args, union).items())
+    if cfg is None:
+        return comp.op.class_name, kwargs
+    out = []
+    for k, v in kwargs:
+        if isinstance(v, NestedCall):  # an inline component (a router) given the op's sizes
+            inner = comp.args[k].component
+            v = NestedCall(v.class_name, tuple(
+                (rk, (cfg.arg(comp, rk, prefix, owner) or rv)
+                 if rk in comp.args and rv is comp.args[rk] else
+                 (cfg.arg(inner, rk, prefix, owner) or rv)
+                 if rk in inner.args and rv is inner.args[rk] else rv) for rk, rv in v.kwargs))
+        elif k in comp.args and v is comp.args[k]:
+            v = cfg.arg(comp, k, prefix, owner) or v
+        out.append((k, v))
+    return comp.op.class_name, out
 
 
 def _shape(shape) -> str:
@@ -364,6 +497,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     rope_comp = next((x for x in model.all_components() if x.op.name == "rope"), None)
     n_layers = len(model.layers)
     max_seq_len = _max_seq_len(model, rope_comp)
+    cfg = ConfigView(model)  # the text model's sizes, read from ModelConfig
 
     # blocks in use, in order of first use
     layer_kinds = list(dict.fromkeys(s.block for s in model.layers))
@@ -427,7 +561,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                 comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
                               "init_args": "std, out_std", "copies": False})
                 continue
-            func, kwargs = _ctor(x, features)
+            func, kwargs = _ctor(x, features, None if in_vision else cfg, "config", kind)
             if block_fusion == "mot":  # one copy per modality
                 lines = _mot_ctor(cname, func, kwargs)
             else:
@@ -484,33 +618,51 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     if kv_cache:
         for s in model.layers:
             block = model.blocks[s.block]
-            caches = [f"KVCache(batch_size, max_seq_len, {a['kv_heads']}, {a['head_dim']}, "
-                      "dtype=dtype, device=device)"
-                      for a in (block.components[_component_at(block, span)].args
-                                for span in _attention_applications(block))]
-            code = caches[0] if len(caches) == 1 else "(" + ", ".join(caches) + ")"
-            cache_shapes.append({"layer": s.index, "code": code})
-    codes = {c["code"] for c in cache_shapes}
-    uniform_cache = None
-    if len(codes) == 1 and len(cache_shapes) == n_layers:
-        one = f"        return [{codes.pop()} for _ in range({n_layers})]"
-        uniform_cache = one if len(one) <= LINE else (
-            "        return [\n            " + one[len("        return ["):-1] + "\n        ]")
+            caches = []
+            for span in _attention_applications(block):
+                att = block.components[_component_at(block, span)]
+                caches.append([Code("batch_size"), Code("max_seq_len"),
+                               *[cfg.arg(att, k, "self.config", block.name) or att.args[k]
+                                 for k in ("kv_heads", "head_dim")],
+                               Code("dtype=dtype"), Code("device=device")])
+            cache_shapes.append({"layer": s.index, "caches": caches})
+    make_caches = _make_caches(cache_shapes, n_layers) if kv_cache else ""
     spine = {}
     for attr, x in (("token_embedding", emb), ("norm", norm), ("output_head", head)):
-        func, kwargs = _ctor(x, features)
+        func, kwargs = _ctor(x, features, cfg, "config", "model")
         spine[attr] = "\n".join(call_lines(f"self.{attr} = ", func, kwargs, 12)).lstrip()
     tied = head.args.get("tie") is not None
     depth_scaled = model.params.get("init_depth_scaled", True)
 
     rope = None
+    rope_tables_call = rope_limit = rope_dims = ""
     if rope_comp is not None:
         rope = dict(rope_comp.args)
         rope.pop("_head_dim_derived", None)
+        rope_limit = cfg.arg(rope_comp, "max_seq_len", "self.config", "model") \
+            or Code(pyrepr(rope["max_seq_len"]))
+        rope_dims = ", ".join(cfg.arg(rope_comp, k, "config", "model") or pyrepr(rope[k])
+                              for k in ("rotary_dim", "theta"))
+        rope_tables_call = "\n".join(call_lines(
+            "self.rope_cos, self.rope_sin = ", "rope_tables",
+            [rope_limit, Code("param.device"), Code("self.config")], 8))
+    cfg.read |= {"init_std", "n_layers"} | ({"max_seq_len"} if kv_cache else set())
+    # the layer count decides the layers' block classes and the inserted blocks' places
+    fixed_layers = not single or bool(inserted_stacks)
+    config_fields = _config_fields(model, dim, vocab, n_layers, max_seq_len)
+    config_fields += [{"name": k, "type": "int", "value": pyrepr(v)}
+                      for k, (v, _) in cfg.computed.items()]
+    fixed = sorted({f["name"] for f in config_fields} - cfg.read
+                   | ({"n_layers"} if fixed_layers else set()))
     context = {
         "header": header, "name": model.name, "spec": spec, "n_layers": n_layers,
         "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
-        "config_fields": _config_fields(model, dim, vocab, n_layers, max_seq_len),
+        "config_fields": config_fields,
+        "computed": pyformat(cfg.computed_from(), 0,
+                             len("COMPUTED: dict[str, tuple[str, ...]] = ")),
+        "fixed": _tuple_literal(fixed) if fixed else "()",
+        "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
+        "make_caches": make_caches,
         "kv_cache": kv_cache, "rope": rope,
         "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3")
         or any("math." in code for code in op_classes),
@@ -518,10 +670,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                      for fqn in dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
                                               if d.get("op") == "moe" and routed != "moma")
                      for m in (vlm.fusion.args["modalities"] if routed == "mot" else [None])],
-        "out_std_expr": f"std / math.sqrt(2 * {n_layers})" if depth_scaled else "std",
-        "out_std_config": f"config.init_std / math.sqrt(2 * {n_layers})" if depth_scaled
+        "out_std_expr": "std / math.sqrt(2 * self.config.n_layers)" if depth_scaled else "std",
+        "out_std_config": "config.init_std / math.sqrt(2 * config.n_layers)" if depth_scaled
         else "config.init_std",
-        "uniform_cache": uniform_cache,
         "rope_call": "\n".join(call_lines(
             "rope_cos, rope_sin = ", "self._rope",
             ["b", "s", "h.device", "padding"]
@@ -533,7 +684,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                                           for a, v in sorted(inserted_after.items())) + "}",
         "mask_kinds": kinds, "no_windows": all(k["window"] == 0 for k in kinds),
         "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
-        "cache_shapes": cache_shapes, "spine": spine, "tied": tied,
+        "spine": spine, "tied": tied,
         "non_causal": ", ".join([fqn for fqn, _ in graph.graph.get("non_causal", [])]
                                 + ([f"its {vlm.fusion.op.name} fusion"] if vlm and not
                                    vlm.fusion.op.causal(vlm.fusion.args) else [])),
@@ -630,6 +781,32 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
         layer_attrs=pyrepr(layer_attrs), stage=stage,
         expert_fqns=pyformat(expert_fqns, 0, len("EXPERT_FQNS = ")) if expert_fqns else None,
     )
+
+
+def _make_caches(cache_shapes: list[dict], n_layers: int) -> str:
+    """The return statement of make_kv_caches, formatted as ruff would."""
+    def one(args: list, indent: int, suffix: str = "") -> list[str]:
+        return call_lines("", "KVCache", [_inline(a) for a in args], indent, suffix)
+
+    per_layer = {tuple(tuple(c) for c in s["caches"]) for s in cache_shapes}
+    if len(per_layer) == 1 and len(cache_shapes) == n_layers and len(cache_shapes[0]["caches"]) == 1:
+        args = cache_shapes[0]["caches"][0]
+        loop = "for _ in range(self.config.n_layers)"
+        flat = f"KVCache({', '.join(_inline(a) for a in args)})"
+        line = f"        return [{flat} {loop}]"
+        if len(line) <= LINE:
+            return line
+        return "\n".join(["        return [", *one(args, 12), f"            {loop}", "        ]"])
+    lines = ["        return ["]
+    for s in cache_shapes:
+        if len(s["caches"]) == 1:
+            entry = one(s["caches"][0], 12, ",")
+        else:
+            entry = ["            ("] + [x for c in s["caches"] for x in one(c, 16, ",")] \
+                + ["            ),"]
+        entry[-1] += f"  # layer {s['layer']}"
+        lines += entry
+    return "\n".join(lines + ["        ]"])
 
 
 def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:

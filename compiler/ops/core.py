@@ -78,6 +78,9 @@ class OpDef:
     kv_elems: Callable[[Args], int] = lambda a: 0  # cached elements per token
     causal: Callable[[Args], bool] = lambda a: True
     derive: Callable[[dict[str, Any]], None] = lambda a: None
+    # the same defaults as Python over the other arguments, e.g. {"kv_heads": "{heads}"}:
+    # generated code computes them from the ModelConfig fields the arguments read
+    derived_code: Mapping[str, str] = field(default_factory=dict)
     # argument names that are sizes (checked positive by checks/positive_sizes.py)
     sizes: tuple[str, ...] = field(default=())
     # the named places the op may fill: spine slots of a model ("token_embedding",

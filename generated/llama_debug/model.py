@@ -10,7 +10,7 @@ only the features the spec uses are present.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,9 @@ SPEC = "specs/llama_debug.forge"
 class ModelConfig:
     """Hyper-parameters of `llama_debug`; the defaults are the spec's values.
 
-    The modules are generated for exactly these values: to change one, change
-    the spec and rebuild.
+    The model is built from these fields. A change must stay consistent with the
+    spec: the fields it computes from others (COMPUTED) change with them, and
+    those the generated code does not read (FIXED) need a change of the spec.
     """
 
     vocab_size: int = 256
@@ -35,6 +36,30 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-05
     init_std: float = 0.02
+    mlp_hidden: int = 384
+    rope_head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
+        stale += sorted(changed & set(FIXED))
+        if stale:
+            diff = ", ".join(
+                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
+            )
+            raise ValueError(
+                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
+                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which), and fields no code reads.
+COMPUTED: dict[str, tuple[str, ...]] = {
+    "mlp_hidden": ("dim",),
+    "rope_head_dim": ("dim", "n_heads"),
+}
+FIXED: tuple[str, ...] = ()
 
 
 @dataclass
@@ -98,10 +123,11 @@ def attention_masks(
 
 
 def rope_tables(
-    positions: int, device: torch.device | None = None
+    positions: int, device: torch.device | None = None, config: ModelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
+    """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
+    config = config or ModelConfig()
+    rotary_dim, theta = config.rope_head_dim, 10000.0
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
@@ -290,14 +316,20 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=128, eps=1e-05)
+        self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.attention = Attention(
-            dim=128, heads=4, kv_heads=2, head_dim=32, causal=True, qkv_bias=False, out_bias=False
+            dim=config.dim,
+            heads=config.n_heads,
+            kv_heads=config.n_kv_heads,
+            head_dim=config.dim // config.n_heads,
+            causal=True,
+            qkv_bias=False,
+            out_bias=False,
         )
-        self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
-        self.mlp = SwiGLU(dim=128, hidden=384)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
-            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
+            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -338,16 +370,6 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if config != ModelConfig():
-            changed = [
-                f"{k}={getattr(config, k)!r} (spec: {v!r})"
-                for k, v in vars(ModelConfig()).items()
-                if getattr(config, k) != v
-            ]
-            raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(changed)}. "
-                "Change the spec and rebuild with forgec."
-            )
         if vlm_config is not None or num_image_tokens:
             raise ValueError(f"{SPEC} describes a text-only model; it takes no vlm_config")
         self.config = config
@@ -356,10 +378,12 @@ class Transformer(nn.Module):
         # to_empty() + init_weights_and_freqs() give the same weights for a seed.
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.token_embedding = TokenEmbedding(vocab=256, dim=128)
-            self.layers = nn.ModuleDict({str(i): TransformerBlock(config, i) for i in range(4)})
-            self.norm = RMSNorm(dim=128, eps=1e-05)
-            self.output_head = OutputHead(dim=128, vocab=256, bias=False)
+            self.token_embedding = TokenEmbedding(vocab=config.vocab_size, dim=config.dim)
+            self.layers = nn.ModuleDict(
+                {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
+            )
+            self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=False)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -376,9 +400,11 @@ class Transformer(nn.Module):
             raise RuntimeError("materialise the model first: model.to_empty(device=...)")
         if self.initialized:
             return  # safe to call again: weights are initialised once
-        self.rope_cos, self.rope_sin = rope_tables(256, device=param.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.config.max_seq_len, param.device, self.config
+        )
         std = self.config.init_std
-        out_std = std / math.sqrt(2 * 4)
+        out_std = std / math.sqrt(2 * self.config.n_layers)
         with torch.no_grad():
             if self.token_embedding is not None:
                 self.token_embedding.init_weights(std)
@@ -417,14 +443,23 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
     ) -> list[KVCache]:
         """One KV cache per layer, for `forward(..., kv_caches=...)`."""
-        max_seq_len = max_seq_len or 256
-        if max_seq_len > 256:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's 256")
+        limit = self.config.max_seq_len
+        max_seq_len = max_seq_len or limit
+        if max_seq_len > limit:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {limit}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
         return [
-            KVCache(batch_size, max_seq_len, 2, 32, dtype=dtype, device=device) for _ in range(4)
+            KVCache(
+                batch_size,
+                max_seq_len,
+                self.config.n_kv_heads,
+                self.config.dim // self.config.n_heads,
+                dtype=dtype,
+                device=device,
+            )
+            for _ in range(self.config.n_layers)
         ]
 
     def forward(
@@ -450,8 +485,8 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             if doc_ids is not None:
                 raise ValueError("kv_caches cannot be combined with doc_ids (packed input)")
-            if len(kv_caches) != 4:
-                raise ValueError(f"expected 4 KV caches, got {len(kv_caches)}")
+            if len(kv_caches) != self.config.n_layers:
+                raise ValueError(f"expected {self.config.n_layers} KV caches, got {len(kv_caches)}")
         if embeds is not None:
             h = embeds
         elif self.token_embedding is not None:
@@ -499,9 +534,10 @@ class Transformer(nn.Module):
             raise RuntimeError("call init_weights_and_freqs() after to_empty()")
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        limit = self.config.max_seq_len
         if kv_caches is None and padding is None:
-            if s > 256:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if s > limit:
+                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
@@ -511,8 +547,8 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
             # what the caches already hold decides the positions: a run-time guard
-            if int(positions.max()) >= 256:
-                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
-        elif s > 256:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if int(positions.max()) >= limit:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
+        elif s > limit:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]

@@ -111,6 +111,7 @@ OPS = (
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
+        derived_code={"kv_heads": "{heads}", "head_dim": "{dim} // {heads}"},
         inputs=lambda a: (hidden(a["dim"]),),
         output=lambda a: hidden(a["dim"]),
         weights=_attention_weights,

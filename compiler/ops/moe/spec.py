@@ -125,6 +125,7 @@ OPS = (
         ),
         sizes=("dim", "experts", "hidden", "shared_hidden"),
         derive=_moe_derive,
+        derived_code={"shared_hidden": "{hidden}"},
         inputs=lambda a: (hidden(a["dim"]),),
         output=lambda a: hidden(a["dim"]),
         weights=_moe_weights,

@@ -33,6 +33,7 @@ OPS = (
         ),
         sizes=("head_dim", "max_seq_len", "rotary_dim", "original_max_seq_len"),
         derive=_rope_derive,
+        derived_code={"rotary_dim": "{head_dim}"},
     ),
     OpDef(
         name="rope2d",
