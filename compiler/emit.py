@@ -23,7 +23,7 @@ from . import ast
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
 from .cost import cost, vlm_cost
 from .driver import Compilation
-from .modular import copy_definitions
+from .modular import copy_definitions, init_defaults
 from .ops import NestedCall, mask_key, patch_tokens
 from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
 from .vlm import MLP_OPS
@@ -244,13 +244,24 @@ def _ctor(comp: Component, union: frozenset[str], cfg: ConfigView | None = None,
           prefix: str = "config", owner: str = "") -> tuple[str, list[tuple[str, object]]]:
     """Class and constructor arguments of a component; with `cfg`, the arguments the
     spec derives from the model's parameters read them from ModelConfig."""
-    kwargs = list(comp.op.ctor(comp.args, union).items())
+    defaults = init_defaults(comp.op.class_name)
+    # left out: values equal to the class's defaults, and defaults the op derives (the
+    # class derives them the same way, from its default None) where the spec gave none
+    kwargs = [(k, v) for k, v in comp.op.ctor(comp.args, union).items()
+              if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])
+              and not (k in defaults and defaults[k] is None and k in comp.op.derived_code
+                       and k not in comp.arg_exprs)]
     if cfg is None:
         return comp.op.class_name, kwargs
     out = []
     for k, v in kwargs:
         if isinstance(v, NestedCall):  # an inline component (a router) given the op's sizes
             inner = comp.args[k].component
+            inner_defaults = init_defaults(v.class_name)
+            v = NestedCall(v.class_name, tuple(
+                (rk, rv) for rk, rv in v.kwargs if not (
+                    rk in inner_defaults and type(rv) is type(inner_defaults[rk])
+                    and rv == inner_defaults[rk])))
             v = NestedCall(v.class_name, tuple(
                 (rk, (cfg.arg(comp, rk, prefix, owner) or rv)
                  if rk in comp.args and rv is comp.args[rk] else
@@ -538,6 +549,17 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                          if x.op.name == "attention"}) or ["causal"]
     kinds = [{"name": k, "causal": k.startswith("causal"),
               "window": int(k.split("_w")[1]) if "_w" in k else 0} for k in mask_kinds]
+    for k in kinds:  # a window the spec names is read from ModelConfig
+        if k["window"]:
+            att = next(x for b in used_blocks for x in b.components.values()
+                       if x.op.name == "attention" and mask_key(x.args) == k["name"])
+            k["window"] = cfg.arg(att, "window", "config", "model") or k["window"]
+    windows = any(k["window"] for k in kinds)
+    masks_args = (["b", "s", "start=start", "key_valid=key_valid"] if kv_cache
+                  else ["b", "s", "key_valid=padding"]) + ["doc_ids=doc_ids", "device=h.device"]
+    masks_call = "\n".join(call_lines(
+        "attn_mask = ", "attention_masks",
+        masks_args + (["config=self.config"] if windows else []), 8))
 
     blocks = []
     vision_class = {k: f"Vision{_camel(k)}Block" for k in vision_kinds}
@@ -553,11 +575,12 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                 continue
             if block_fusion == "moma" and x.op.name in MLP_OPS:
                 f = vlm.fusion.args
-                kwargs = [("dim", f["dim"]), ("hidden", f["hidden"]), ("experts", f["experts"]),
-                          ("capacity", f["capacity"])]
+                kwargs = [("dim", cfg.field("dim", "config"))] + [
+                    (k, cfg.arg(vlm.fusion, k, "config", "fusion") or f[k])
+                    for k in ("hidden", "experts", "capacity")]
                 lines = call_lines(f"self.{cname} = ", "MoMaFFN",
-                                   [*[f"{k}={pyrepr(v)}" for k, v in kwargs], "modalities=MODALITIES"],
-                                   8)
+                                   [*[f"{k}={_inline(v)}" for k, v in kwargs],
+                                    "modalities=MODALITIES"], 8)
                 comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
                               "init_args": "std, out_std", "copies": False})
                 continue
@@ -645,7 +668,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                               for k in ("rotary_dim", "theta"))
         rope_tables_call = "\n".join(call_lines(
             "self.rope_cos, self.rope_sin = ", "rope_tables",
-            [rope_limit, Code("param.device"), Code("self.config")], 8))
+            [rope_limit, "param.device", "self.config"], 8))
+    vlm_context = _vlm_context(vlm, vision, features, norm, n_layers, kv_cache, cfg) \
+        if vlm else None
     cfg.read |= {"init_std", "n_layers"} | ({"max_seq_len"} if kv_cache else set())
     # the layer count decides the layers' block classes and the inserted blocks' places
     fixed_layers = not single or bool(inserted_stacks)
@@ -659,7 +684,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
         "config_fields": config_fields,
         "computed": pyformat(cfg.computed_from(), 0,
-                             len("COMPUTED: dict[str, tuple[str, ...]] = ")),
+                             len("COMPUTED = ")),
         "fixed": _tuple_literal(fixed) if fixed else "()",
         "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
         "make_caches": make_caches,
@@ -682,7 +707,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "inserted_stacks": inserted_stacks,
         "inserted_after": "{" + ", ".join(f"{a}: {pyrepr(tuple(v))}"
                                           for a, v in sorted(inserted_after.items())) + "}",
-        "mask_kinds": kinds, "no_windows": all(k["window"] == 0 for k in kinds),
+        "mask_kinds": kinds, "no_windows": not windows, "masks_call": masks_call,
         "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
         "spine": spine, "tied": tied,
         "non_causal": ", ".join([fqn for fqn, _ in graph.graph.get("non_causal", [])]
@@ -691,7 +716,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     }
     context["fusion"] = fusion
     context["modalities"] = modalities
-    context["vlm"] = _vlm_context(vlm, vision, features, norm, n_layers, kv_cache) if vlm else None
+    context["vlm"] = vlm_context
     model_py = env.get_template("model.py.j2").render(**context)
     files = {
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
@@ -706,7 +731,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
 
 
 def _vlm_context(vlm, vision: Model, features: frozenset[str], text_norm: Component, n_layers: int,
-                 kv_cache: bool) -> dict:
+                 kv_cache: bool, cfg: ConfigView) -> dict:
     patch = vision.components["patch_embedding"]
     vnorm = vision.components["norm"]
     kinds = [s.block for s in vision.layers]
@@ -748,8 +773,18 @@ def _vlm_context(vlm, vision: Model, features: frozenset[str], text_norm: Compon
         after = list(range(f["every"] - 1, n_layers, f["every"]))
         out["xattn_after"] = after
         out["xattn_table"] = "{" + ", ".join(f"{a}: {k}" for k, a in enumerate(after)) + "}"
-        out["xattn_ctor"] = (f"CrossAttentionBlock({f['dim']}, {f['heads']}, {f['hidden']}, "
-                             f"{pyrepr(text_norm.args['eps'])})")
+        sizes = [cfg.arg(vlm.fusion, k, "config", "fusion") or f[k] for k in ("heads", "hidden")]
+        if "hidden" not in vlm.fusion.arg_exprs and f["hidden"] == 4 * f["dim"]:
+            cfg.computed["fusion_hidden"] = (f["hidden"], ("dim",))  # its derived default
+            sizes[1] = cfg.field("fusion_hidden", "config")
+        eps = cfg.arg(text_norm, "eps", "config", "model") or text_norm.args["eps"]
+        args = ["config.dim", _inline(sizes[0]), _inline(sizes[1]), _inline(eps)]
+        loop = f"for k in range({len(after)})"
+        one = f"                {{str(k): CrossAttentionBlock({', '.join(args)}) {loop}}}"
+        out["xattn_ctor"] = one if len(one) <= LINE else "\n".join(
+            ["                {", *call_lines("str(k): ", "CrossAttentionBlock", args, 20),
+             f"                    {loop}", "                }"])
+        cfg.read.add("dim")
     return out
 
 
@@ -791,12 +826,17 @@ def _make_caches(cache_shapes: list[dict], n_layers: int) -> str:
     per_layer = {tuple(tuple(c) for c in s["caches"]) for s in cache_shapes}
     if len(per_layer) == 1 and len(cache_shapes) == n_layers and len(cache_shapes[0]["caches"]) == 1:
         args = cache_shapes[0]["caches"][0]
+        pre = ""
+        if any(isinstance(a, Code) and "." in a for a in args[2:4]):  # name the sizes
+            pre = f"        kv_heads, head_dim = {_inline(args[2])}, {_inline(args[3])}\n"
+            args = [*args[:2], Code("kv_heads"), Code("head_dim"), *args[4:]]
         loop = "for _ in range(self.config.n_layers)"
         flat = f"KVCache({', '.join(_inline(a) for a in args)})"
         line = f"        return [{flat} {loop}]"
         if len(line) <= LINE:
-            return line
-        return "\n".join(["        return [", *one(args, 12), f"            {loop}", "        ]"])
+            return pre + line
+        return pre + "\n".join(["        return [", *one(args, 12), f"            {loop}",
+                                 "        ]"])
     lines = ["        return ["]
     for s in cache_shapes:
         if len(s["caches"]) == 1:

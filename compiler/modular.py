@@ -171,6 +171,7 @@ def specialise(d: Definition, features: frozenset[str]) -> str:
             i = at(node.lineno)
             pad = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
             lines[i] = f"{pad}if {ast.unparse(value)}:"
+    pragma_lines = set()
     out = []
     for i, line in enumerate(lines):
         if not keep[i]:
@@ -179,6 +180,7 @@ def specialise(d: Definition, features: frozenset[str]) -> str:
         if m:
             cond = _peval(ast.parse(m.group(1), mode="eval").body, flags, on)
             assert isinstance(cond, bool), f"{d.name}: `# if` takes flags only: {line}"
+            pragma_lines.add(i + d.first)
             if not cond:
                 continue
             line = line[: m.start()]
@@ -186,7 +188,59 @@ def specialise(d: Definition, features: frozenset[str]) -> str:
             assert line[: dedent[i]].strip() == "", (d.name, line)
             line = line[dedent[i]:]
         out.append(line)
-    return "\n".join(out)
+    text = "\n".join(out)
+    return _rejoin_signatures(text, pragma_lines)
+
+
+def _rejoin_signatures(text: str, pragmas: set[int]) -> str:
+    """In a definition with `# if` lines, signatures laid out as ruff would anew (they
+    may have lost parameters): on one line, or the parameters hugged on one line, if
+    they fit."""
+    if not pragmas:
+        return text
+    lines = text.split("\n")
+    for node in sorted((n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef)),
+                       key=lambda n: -n.lineno):
+        start = node.lineno - 1
+        if not lines[start].rstrip().endswith("("):
+            continue
+        end = next((i for i in range(start, len(lines)) if lines[i].rstrip().endswith(":")
+                    and lines[i].lstrip().startswith(")")), None)
+        if end is None:
+            continue
+        params = [p.strip().rstrip(",") for p in lines[start + 1:end]]
+        if any(not p or p.startswith("#") or "  #" in p for p in params):
+            continue
+        head, tail = lines[start].rstrip(), lines[end].strip()  # "def f(", ") -> T:"
+        pad = head[: len(head) - len(head.lstrip())]
+        one = f"{head}{', '.join(params)}{tail}"
+        hugged = f"{pad}    {', '.join(params)}"
+        if len(one) <= 100:
+            lines[start:end + 1] = [one]
+        elif len(hugged) <= 100:
+            lines[start:end + 1] = [head, hugged, f"{pad}{tail}"]
+    return "\n".join(lines)
+
+
+def init_defaults(name: str) -> dict[str, object]:
+    """The literal defaults of a class's constructor parameters (an op's constructor
+    call leaves out the arguments that equal them)."""
+    node = index()[name].node
+    init = next((n for n in getattr(node, "body", []) if isinstance(n, ast.FunctionDef)
+                 and n.name == "__init__"), None)
+    if init is None:
+        return {}
+    out: dict[str, object] = {}
+    params = [*init.args.args, *init.args.kwonlyargs]
+    defaults = [None] * (len(init.args.args) - len(init.args.defaults)) + \
+        [*init.args.defaults, *init.args.kw_defaults]
+    for param, default in zip(params, defaults, strict=True):
+        if default is not None:
+            try:
+                out[param.arg] = ast.literal_eval(default)
+            except ValueError:
+                continue
+    return out
 
 
 def _references(source: str) -> list[str]:

@@ -21,12 +21,9 @@ SPEC = "specs/gptj_debug.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `gptj_debug`; the defaults are the spec's values.
-
-    The model is built from these fields. A change must stay consistent with the
-    spec: the fields it computes from others (COMPUTED) change with them, and
-    those the generated code does not read (FIXED) need a change of the spec.
-    """
+    """Hyper-parameters of `gptj_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 64
@@ -44,21 +41,17 @@ class ModelConfig:
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
         stale += sorted(changed & set(FIXED))
         if stale:
-            diff = ", ".join(
-                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
-            )
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
-                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
             )
 
 
 # Fields the spec computes from others (and from which), and fields no code reads.
-COMPUTED: dict[str, tuple[str, ...]] = {
-    "f_hidden": ("dim",),
-    "rope_rotary_dim": ("dim", "n_heads"),
-}
-FIXED: tuple[str, ...] = ("init_depth_scaled",)
+COMPUTED = {"f_hidden": ("dim",), "rope_rotary_dim": ("dim", "n_heads")}
+FIXED = ("init_depth_scaled",)
 
 
 @dataclass
@@ -201,7 +194,7 @@ class TokenEmbedding(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension, computed in fp32."""
 
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim))
@@ -236,13 +229,14 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
@@ -289,12 +283,7 @@ class Attention(nn.Module):
 class GeluMLP(nn.Module):
     """Two-layer MLP: down(gelu(up(x)))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        bias: bool,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
@@ -313,7 +302,7 @@ class GeluMLP(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -332,16 +321,8 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.ln = LayerNorm(dim=config.dim, eps=1e-05, bias=True)
-        self.a = Attention(
-            dim=config.dim,
-            heads=config.n_heads,
-            kv_heads=config.n_heads,
-            head_dim=config.dim // config.n_heads,
-            causal=True,
-            qkv_bias=False,
-            out_bias=True,
-        )
+        self.ln = LayerNorm(dim=config.dim, eps=1e-05)
+        self.a = Attention(dim=config.dim, heads=config.n_heads, out_bias=True)
         self.f = GeluMLP(dim=config.dim, hidden=config.f_hidden, bias=True)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std)
@@ -395,7 +376,7 @@ class Transformer(nn.Module):
             self.layers = nn.ModuleDict(
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
-            self.norm = LayerNorm(dim=config.dim, eps=1e-05, bias=True)
+            self.norm = LayerNorm(dim=config.dim, eps=1e-05)
             self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=True)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
@@ -463,15 +444,9 @@ class Transformer(nn.Module):
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(
-                batch_size,
-                max_seq_len,
-                self.config.n_heads,
-                self.config.dim // self.config.n_heads,
-                dtype=dtype,
-                device=device,
-            )
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
             for _ in range(self.config.n_layers)
         ]
 

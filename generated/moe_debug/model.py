@@ -21,12 +21,9 @@ SPEC = "specs/moe_debug.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `moe_debug`; the defaults are the spec's values.
-
-    The model is built from these fields. A change must stay consistent with the
-    spec: the fields it computes from others (COMPUTED) change with them, and
-    those the generated code does not read (FIXED) need a change of the spec.
-    """
+    """Hyper-parameters of `moe_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -50,21 +47,17 @@ class ModelConfig:
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
         stale += sorted(changed & set(FIXED))
         if stale:
-            diff = ", ".join(
-                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
-            )
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
-                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
             )
 
 
 # Fields the spec computes from others (and from which), and fields no code reads.
-COMPUTED: dict[str, tuple[str, ...]] = {
-    "mlp_hidden": ("dim",),
-    "rope_head_dim": ("dim", "n_heads"),
-}
-FIXED: tuple[str, ...] = ("n_layers",)
+COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads")}
+FIXED = ("n_layers",)
 
 
 @dataclass
@@ -227,13 +220,14 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
@@ -280,11 +274,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
@@ -315,15 +305,15 @@ class SigmoidTopK(nn.Module):
         dim: int,
         experts: int,
         top_k: int,
-        bias_rate: float,
-        schedule: str,
-        load_ema: float,
-        normalize: bool,
-        routed_scale: float,
-        n_group: int,
-        topk_group: int,
-        seq_aux_loss_weight: float,
-        z_loss_weight: float,
+        bias_rate: float = 1e-3,
+        schedule: str = "constant",
+        load_ema: float = 0.9,
+        normalize: bool = True,
+        routed_scale: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        seq_aux_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.experts, self.top_k = experts, top_k
@@ -520,7 +510,7 @@ class MoE(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -556,15 +546,7 @@ class DenseBlock(TransformerBlock):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-        self.attention = Attention(
-            dim=config.dim,
-            heads=config.n_heads,
-            kv_heads=config.n_kv_heads,
-            head_dim=config.dim // config.n_heads,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-        )
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
@@ -604,15 +586,7 @@ class SparseBlock(TransformerBlock):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-        self.attention = Attention(
-            dim=config.dim,
-            heads=config.n_heads,
-            kv_heads=config.n_kv_heads,
-            head_dim=config.dim // config.n_heads,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-        )
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = MoE(
             dim=config.dim,
@@ -623,15 +597,9 @@ class SparseBlock(TransformerBlock):
                 dim=config.dim,
                 experts=config.n_experts,
                 top_k=config.mlp_top_k,
-                bias_rate=0.001,
                 schedule="cosine_decay",
                 n_group=config.router_n_group,
                 topk_group=config.router_topk_group,
-                load_ema=0.9,
-                normalize=True,
-                routed_scale=1.0,
-                seq_aux_loss_weight=0.0,
-                z_loss_weight=0.0,
             ),
             shared_hidden=config.sparse_mlp_hidden,
             capacity_factor=1.25,
@@ -698,7 +666,7 @@ class Transformer(nn.Module):
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
             self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=False)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -779,15 +747,9 @@ class Transformer(nn.Module):
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(
-                batch_size,
-                max_seq_len,
-                self.config.n_kv_heads,
-                self.config.dim // self.config.n_heads,
-                dtype=dtype,
-                device=device,
-            )
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
             for _ in range(self.config.n_layers)
         ]
 

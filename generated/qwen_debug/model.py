@@ -21,12 +21,9 @@ SPEC = "specs/qwen_debug.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `qwen_debug`; the defaults are the spec's values.
-
-    The model is built from these fields. A change must stay consistent with the
-    spec: the fields it computes from others (COMPUTED) change with them, and
-    those the generated code does not read (FIXED) need a change of the spec.
-    """
+    """Hyper-parameters of `qwen_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 96
@@ -45,18 +42,17 @@ class ModelConfig:
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
         stale += sorted(changed & set(FIXED))
         if stale:
-            diff = ", ".join(
-                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
-            )
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
-                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
             )
 
 
 # Fields the spec computes from others (and from which), and fields no code reads.
-COMPUTED: dict[str, tuple[str, ...]] = {"mlp_hidden": ("dim",)}
-FIXED: tuple[str, ...] = ("n_layers", "window")
+COMPUTED = {"mlp_hidden": ("dim",)}
+FIXED = ("n_layers",)
 
 
 @dataclass
@@ -96,6 +92,7 @@ def attention_masks(
     key_valid: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     device: torch.device | None = None,
+    config: ModelConfig | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
 
@@ -103,6 +100,7 @@ def attention_masks(
     path is exact (no cache offset, no padding, no documents). `doc_ids`
     confines attention to a token's own document of a packed sequence.
     """
+    config = config or ModelConfig()
     q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
     k_pos = torch.arange(start + seq_len, device=device)[None, :]
     allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
@@ -114,7 +112,7 @@ def attention_masks(
     mask = allowed & (k_pos <= q_pos)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    mask = allowed & (k_pos <= q_pos) & (q_pos - k_pos < 16)
+    mask = allowed & (k_pos <= q_pos) & (q_pos - k_pos < config.window)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal_w16"] = mask | ~mask.any(dim=-1, keepdim=True)
     return masks
@@ -220,14 +218,15 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         qk_norm_eps: float | None = None,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
@@ -282,11 +281,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
@@ -304,7 +299,7 @@ class SwiGLU(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -345,9 +340,7 @@ class LocalBlock(TransformerBlock):
             heads=config.n_heads,
             kv_heads=config.n_kv_heads,
             head_dim=config.head_dim,
-            causal=True,
             qkv_bias=True,
-            out_bias=False,
             qk_norm_eps=1e-06,
         )
         self.mlp_norm = RMSNorm(dim=config.dim, eps=1e-06)
@@ -396,9 +389,7 @@ class GlobalBlock(TransformerBlock):
             heads=config.n_heads,
             kv_heads=config.n_kv_heads,
             head_dim=config.head_dim,
-            causal=True,
             qkv_bias=True,
-            out_bias=False,
             qk_norm_eps=1e-06,
         )
         self.mlp_norm = RMSNorm(dim=config.dim, eps=1e-06)
@@ -461,7 +452,7 @@ class Transformer(nn.Module):
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
             self.norm = RMSNorm(dim=config.dim, eps=1e-06)
-            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=False)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
             # tied: the head reads the embedding table (one parameter, two names)
             self.output_head.proj.weight = self.token_embedding.embedding.weight
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
@@ -531,15 +522,9 @@ class Transformer(nn.Module):
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.head_dim
         return [
-            KVCache(
-                batch_size,
-                max_seq_len,
-                self.config.n_kv_heads,
-                self.config.head_dim,
-                dtype=dtype,
-                device=device,
-            )
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
             for _ in range(self.config.n_layers)
         ]
 
@@ -583,7 +568,13 @@ class Transformer(nn.Module):
             if start > 0:
                 key_valid = torch.cat([kv_caches[0].valid[:, :start], now], dim=1)
         attn_mask = attention_masks(
-            b, s, start=start, key_valid=key_valid, doc_ids=doc_ids, device=h.device
+            b,
+            s,
+            start=start,
+            key_valid=key_valid,
+            doc_ids=doc_ids,
+            device=h.device,
+            config=self.config,
         )
         rope_cos, rope_sin = self._rope(b, s, h.device, padding, doc_ids, kv_caches)
         for key, layer in self.layers.items():

@@ -23,12 +23,9 @@ MODALITIES = ("image", "text")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `llama_debug`; the defaults are the spec's values.
-
-    The model is built from these fields. A change must stay consistent with the
-    spec: the fields it computes from others (COMPUTED) change with them, and
-    those the generated code does not read (FIXED) need a change of the spec.
-    """
+    """Hyper-parameters of `llama_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -45,23 +42,17 @@ class ModelConfig:
         spec = {f.name: f.default for f in fields(self)}
         changed = {k for k, v in spec.items() if getattr(self, k) != v}
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
-        stale += sorted(changed & set(FIXED))
         if stale:
-            diff = ", ".join(
-                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
-            )
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
-                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
             )
 
 
-# Fields the spec computes from others (and from which), and fields no code reads.
-COMPUTED: dict[str, tuple[str, ...]] = {
-    "mlp_hidden": ("dim",),
-    "rope_head_dim": ("dim", "n_heads"),
-}
-FIXED: tuple[str, ...] = ()
+# Fields the spec computes from others (and from which).
+COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads")}
 
 
 @dataclass
@@ -234,14 +225,15 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         use_rope: bool = True,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         self.use_rope = use_rope
@@ -290,11 +282,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
@@ -312,7 +300,7 @@ class SwiGLU(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -368,7 +356,7 @@ class PatchEmbedding(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension, computed in fp32."""
 
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim))
@@ -387,12 +375,7 @@ class LayerNorm(nn.Module):
 class GeluMLP(nn.Module):
     """Two-layer MLP: down(gelu(up(x)))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        bias: bool,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
@@ -504,16 +487,7 @@ class TransformerBlock(nn.Module):
         )
         self.attention = nn.ModuleDict(
             {
-                m: Attention(
-                    dim=config.dim,
-                    heads=config.n_heads,
-                    kv_heads=config.n_kv_heads,
-                    head_dim=config.dim // config.n_heads,
-                    causal=True,
-                    qkv_bias=False,
-                    out_bias=False,
-                    use_rope=True,
-                )
+                m: Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
                 for m in MODALITIES
             }
         )
@@ -575,18 +549,9 @@ class VisionEncoderBlock(nn.Module):
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.attention = Attention(
-            dim=96,
-            heads=4,
-            kv_heads=4,
-            head_dim=24,
-            causal=False,
-            qkv_bias=False,
-            out_bias=False,
-            use_rope=False,
-        )
-        self.mlp_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
+        self.attention_norm = LayerNorm(dim=96, eps=1e-05)
+        self.attention = Attention(dim=96, heads=4, causal=False, use_rope=False)
+        self.mlp_norm = LayerNorm(dim=96, eps=1e-05)
         self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -625,8 +590,10 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if num_image_tokens not in (0, 16):
-            raise ValueError(f"{SPEC} is compiled for 16 image tokens, not {num_image_tokens}")
+        if num_image_tokens not in (0, IMAGE_TOKENS):
+            raise ValueError(
+                f"{SPEC} is compiled for {IMAGE_TOKENS} image tokens, not {num_image_tokens}"
+            )
         self.num_image_tokens = num_image_tokens
         self.config = config
         # Parameters are created on the meta device and initialised once, by
@@ -639,7 +606,7 @@ class Transformer(nn.Module):
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
             self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=False)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -706,15 +673,9 @@ class Transformer(nn.Module):
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(
-                batch_size,
-                max_seq_len,
-                self.config.n_kv_heads,
-                self.config.dim // self.config.n_heads,
-                dtype=dtype,
-                device=device,
-            )
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
             for _ in range(self.config.n_layers)
         ]
 
@@ -856,7 +817,7 @@ class VisionEncoder(nn.Module):
             channels=3, patch=4, dim=96, image_size=32, positions="learned", cls_token=False
         )
         self.layers = nn.ModuleDict({str(i): VisionEncoderBlock(i) for i in range(2)})
-        self.norm = LayerNorm(dim=96, eps=1e-05, bias=True)
+        self.norm = LayerNorm(dim=96, eps=1e-05)
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.patch_embedding is not None:  # a pipeline stage may lack it, and the norm

@@ -21,12 +21,9 @@ SPEC = "specs/vlm_rope2d.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `llama_debug`; the defaults are the spec's values.
-
-    The model is built from these fields. A change must stay consistent with the
-    spec: the fields it computes from others (COMPUTED) change with them, and
-    those the generated code does not read (FIXED) need a change of the spec.
-    """
+    """Hyper-parameters of `llama_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -43,23 +40,17 @@ class ModelConfig:
         spec = {f.name: f.default for f in fields(self)}
         changed = {k for k, v in spec.items() if getattr(self, k) != v}
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
-        stale += sorted(changed & set(FIXED))
         if stale:
-            diff = ", ".join(
-                f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)
-            )
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {diff}, which leaves "
-                f"{', '.join(stale)} inconsistent. Change the spec and rebuild with forgec."
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
             )
 
 
-# Fields the spec computes from others (and from which), and fields no code reads.
-COMPUTED: dict[str, tuple[str, ...]] = {
-    "mlp_hidden": ("dim",),
-    "rope_head_dim": ("dim", "n_heads"),
-}
-FIXED: tuple[str, ...] = ()
+# Fields the spec computes from others (and from which).
+COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads")}
 
 
 @dataclass
@@ -231,13 +222,14 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
@@ -284,11 +276,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
@@ -306,7 +294,7 @@ class SwiGLU(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -362,12 +350,7 @@ class PatchEmbedding(nn.Module):
 class Linear(nn.Linear):
     """A plain linear map with the model's initialisation."""
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        bias: bool,
-    ) -> None:
+    def __init__(self, in_dim: int, out_dim: int, bias: bool = False) -> None:
         super().__init__(in_dim, out_dim, bias=bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -383,15 +366,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-        self.attention = Attention(
-            dim=config.dim,
-            heads=config.n_heads,
-            kv_heads=config.n_kv_heads,
-            head_dim=config.dim // config.n_heads,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-        )
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
@@ -431,9 +406,7 @@ class VisionEncoderBlock(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.attention_norm = RMSNorm(dim=64, eps=1e-05)
-        self.attention = Attention(
-            dim=64, heads=4, kv_heads=4, head_dim=16, causal=False, qkv_bias=False, out_bias=False
-        )
+        self.attention = Attention(dim=64, heads=4, causal=False)
         self.mlp_norm = RMSNorm(dim=64, eps=1e-05)
         self.mlp = SwiGLU(dim=64, hidden=128)
 
@@ -473,8 +446,10 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if num_image_tokens not in (0, 65):
-            raise ValueError(f"{SPEC} is compiled for 65 image tokens, not {num_image_tokens}")
+        if num_image_tokens not in (0, IMAGE_TOKENS):
+            raise ValueError(
+                f"{SPEC} is compiled for {IMAGE_TOKENS} image tokens, not {num_image_tokens}"
+            )
         self.num_image_tokens = num_image_tokens
         self.config = config
         # Parameters are created on the meta device and initialised once, by
@@ -487,7 +462,7 @@ class Transformer(nn.Module):
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
             self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size, bias=False)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -554,15 +529,9 @@ class Transformer(nn.Module):
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(
-                batch_size,
-                max_seq_len,
-                self.config.n_kv_heads,
-                self.config.dim // self.config.n_heads,
-                dtype=dtype,
-                device=device,
-            )
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
             for _ in range(self.config.n_layers)
         ]
 
@@ -733,7 +702,7 @@ class VLM(nn.Module):
         device = torch.get_default_device()
         with torch.device("meta"):
             self.vision_encoder = VisionEncoder()
-            self.adapter = Linear(in_dim=64, out_dim=128, bias=False)
+            self.adapter = Linear(in_dim=64, out_dim=128)
             self.transformer = Transformer(num_image_tokens=IMAGE_TOKENS)
         if device.type != "meta":
             self.to_empty(device=device)

@@ -67,16 +67,17 @@ class Attention(nn.Module):
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         qk_norm_eps: float | None = None,  # if QK_NORM
         use_rope: bool = True,  # if ROPE and NO_ROPE
         zero_init: bool = False,  # if ZERO_INIT
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
         if ROPE and NO_ROPE:

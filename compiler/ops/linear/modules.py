@@ -14,7 +14,7 @@ class Linear(nn.Linear):
         self,
         in_dim: int,
         out_dim: int,
-        bias: bool,
+        bias: bool = False,
         zero_init: bool = False,  # if ZERO_INIT
     ) -> None:
         super().__init__(in_dim, out_dim, bias=bias)

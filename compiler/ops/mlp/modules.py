@@ -44,7 +44,7 @@ class GeluMLP(nn.Module):
         self,
         dim: int,
         hidden: int,
-        bias: bool,
+        bias: bool = False,
         zero_init: bool = False,  # if ZERO_INIT
     ) -> None:
         super().__init__()
@@ -74,7 +74,7 @@ class ReluMLP(nn.Module):
         self,
         dim: int,
         hidden: int,
-        bias: bool,
+        bias: bool = False,
         zero_init: bool = False,  # if ZERO_INIT
     ) -> None:
         super().__init__()

@@ -29,9 +29,9 @@ class SoftmaxTopK(nn.Module):
         dim: int,
         experts: int,
         top_k: int,
-        renormalize: bool,
-        aux_loss_weight: float,
-        z_loss_weight: float,
+        renormalize: bool = True,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.experts, self.top_k, self.renormalize = experts, top_k, renormalize
@@ -82,15 +82,15 @@ class SigmoidTopK(nn.Module):
         dim: int,
         experts: int,
         top_k: int,
-        bias_rate: float,
-        schedule: str,
-        load_ema: float,
-        normalize: bool,
-        routed_scale: float,
-        n_group: int,
-        topk_group: int,
-        seq_aux_loss_weight: float,
-        z_loss_weight: float,
+        bias_rate: float = 1e-3,
+        schedule: str = "constant",
+        load_ema: float = 0.9,
+        normalize: bool = True,
+        routed_scale: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        seq_aux_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.experts, self.top_k = experts, top_k
