@@ -24,7 +24,7 @@ from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FS
 from .cost import cost, vlm_cost
 from .driver import Compilation
 from .modular import copy_definitions, init_defaults
-from .ops import NestedCall, mask_key, patch_tokens
+from .ops import OPS, NestedCall, patch_tokens
 from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
 from .vlm import MLP_OPS
 
@@ -320,9 +320,9 @@ class _BlockWriter:
             if f.span in self.cache_slot and self.kv_cache:
                 kv = ", kv_cache" if self.n_attention == 1 else f", caches[{self.cache_slot[f.span]}]"
             if self.fusion == "mot":
-                if comp.op.name == "attention":
+                if comp.op.mask:  # an attention: one softmax over every modality's tokens
                     return (f"mot_attention(self.{f.component}, {args}, rope_cos, rope_sin, "
-                            f'attn_mask["{mask_key(comp.args)}"]{kv}, modality)')
+                            f'attn_mask["{comp.op.mask(comp.args)}"]{kv}, modality)')
                 return f"route(self.{f.component}, {args}, modality)"
             if self.fusion == "moma" and comp.op.name in MLP_OPS:
                 return f"self.{f.component}({args}, modality)"
@@ -415,7 +415,7 @@ def _attention_applications(block: Block) -> list:
         if isinstance(f, FApply):
             for a in f.args:
                 walk(a)
-            if block.components[f.component].op.name == "attention":
+            if block.components[f.component].op.caches:
                 spans.append(f.span)
         elif isinstance(f, FAdd):
             walk(f.left)
@@ -505,7 +505,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     emb, norm, head = (model.components[n] for n in ("token_embedding", "norm", "output_head"))
     dim, vocab = emb.args["dim"], emb.args["vocab"]
     hidden = ("B", "S", dim)
-    rope_comp = next((x for x in model.all_components() if x.op.name == "rope"), None)
+    rope_comp = next((x for x in model.all_components() if "positions" in x.op.slots), None)
     n_layers = len(model.layers)
     max_seq_len = _max_seq_len(model, rope_comp)
     cfg = ConfigView(model)  # the text model's sizes, read from ModelConfig
@@ -545,14 +545,14 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
              *[name for x in components for name in x.op.definitions]]
     op_classes = copy_definitions(roots, features)
 
-    mask_kinds = sorted({mask_key(x.args) for b in used_blocks for x in b.components.values()
-                         if x.op.name == "attention"}) or ["causal"]
+    mask_kinds = sorted({x.op.mask(x.args) for b in used_blocks for x in b.components.values()
+                         if x.op.mask}) or ["causal"]
     kinds = [{"name": k, "causal": k.startswith("causal"),
               "window": int(k.split("_w")[1]) if "_w" in k else 0} for k in mask_kinds]
     for k in kinds:  # a window the spec names is read from ModelConfig
         if k["window"]:
             att = next(x for b in used_blocks for x in b.components.values()
-                       if x.op.name == "attention" and mask_key(x.args) == k["name"])
+                       if x.op.mask and x.op.mask(x.args) == k["name"])
             k["window"] = cfg.arg(att, "window", "config", "model") or k["window"]
     windows = any(k["window"] for k in kinds)
     masks_args = (["b", "s", "start=start", "key_valid=key_valid"] if kv_cache
@@ -605,8 +605,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             lines.insert(0, _Line(f"{block.span.file}:{block.span.line}",
                                   f"caches = (None,) * {n_att} if kv_cache is None else kv_cache"))
         in_layers = [s.index for s in (vision if in_vision else model).layers if s.block == kind]
-        keys = sorted({mask_key(x.args) for x in block.components.values()
-                       if x.op.name == "attention"})
+        keys = sorted({x.op.mask(x.args) for x in block.components.values() if x.op.mask})
         blocks.append({
             "name": kind, "class_name": cls, "vision": in_vision, "routed": bool(block_fusion),
             "vision_mask": "{" + ", ".join(f"{pyrepr(k)}: None" for k in keys) + "}",
@@ -693,7 +692,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         or any("math." in code for code in op_classes),
         "moe_fqns": [f"{fqn}.{m}" if routed == "mot" else fqn
                      for fqn in dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
-                                              if d.get("op") == "moe" and routed != "moma")
+                                              if d.get("op") in OPS and routed != "moma"
+                                              and "experts" in OPS[d["op"]].slots)
                      for m in (vlm.fusion.args["modalities"] if routed == "mot" else [None])],
         "out_std_expr": "std / math.sqrt(2 * self.config.n_layers)" if depth_scaled else "std",
         "out_std_config": "config.init_std / math.sqrt(2 * config.n_layers)" if depth_scaled
@@ -755,18 +755,9 @@ def _vlm_context(vlm, vision: Model, features: frozenset[str], text_norm: Compon
         "patch_ctor": patch_ctor, "vision_norm_ctor": norm_ctor, "adapter_ctor": adapter_ctor,
         "adapter_init": vlm.adapter.op.init_args.replace("out_std", "std"),
         "vision_out_std": f"std / math.sqrt(2 * {len(kinds)})" if depth else "std",
-        "description": {
-            "joint_decoder": f"{vlm.image_tokens} image tokens per image are prefixed to the "
-                             "text of a causal decoder (joint decoder)",
-            "cross_attention": "the decoder's text attends to the image tokens through gated "
-                               "cross-attention blocks (cross-attention fusion)",
-            "mot": f"{vlm.image_tokens} image tokens per image are prefixed to the text; every "
-                   "block component has a copy per modality (Mixture-of-Transformers)",
-            "moma": f"{vlm.image_tokens} image tokens per image are prefixed to the text; each "
-                    "block's MLP is a group of expert-choice experts per modality (MoMa)",
-        }[vlm.fusion.op.name],
+        "description": vlm.fusion.op.summary.format(image_tokens=vlm.image_tokens),
     }
-    rope2d = next((c for c in vision.all_components() if c.op.name == "rope2d"), None)
+    rope2d = next((c for c in vision.all_components() if "vision_positions" in c.op.slots), None)
     out["rope2d"] = {**rope2d.args, "cls": patch.args["cls_token"]} if rope2d else None
     f = vlm.fusion.args
     if vlm.fusion.op.name == "cross_attention":

@@ -29,9 +29,8 @@ REMAINING = {
     "compiler/checks/rotary.py": {"attention", "rope", "rope2d"},
     "compiler/checks/tied.py": {"lm_head"},
     "compiler/checks/vision.py": {"patch_embed"},
-    "compiler/cost.py": {"rope"},
-    "compiler/emit.py": {"attention", "cross_attention", "joint_decoder", "moe", "moma", "mot",
-                         "rope", "rope2d"},
+    # "rope" and "rope2d" there are the templates' context keys for the rotary settings
+    "compiler/emit.py": {"cross_attention", "moma", "mot", "rope", "rope2d"},
     "compiler/importers/common.py": {"attention", "rope"},
     "compiler/importers/hf.py": {"moe", "swiglu"},
     "compiler/importers/kf.py": {"gelu_mlp", "layernorm", "moe", "relu_mlp", "rmsnorm",

@@ -84,8 +84,10 @@ class OpDef:
     # argument names that are sizes (checked positive by checks/positive_sizes.py)
     sizes: tuple[str, ...] = field(default=())
     # the named places the op may fill: spine slots of a model ("token_embedding",
-    # "norm", "output_head") or of a vision encoder ("patch_embedding"), and "mlp",
-    # a block's feed-forward (which a MoMa fusion replaces by its experts)
+    # "norm", "output_head") or of a vision encoder ("patch_embedding"); "mlp", a
+    # block's feed-forward (which a MoMa fusion replaces by its experts); "experts",
+    # a mixture of experts (the model's MoE hooks collect it); "positions" and
+    # "vision_positions", the rotary tables of a decoder and of a vision encoder
     slots: tuple[str, ...] = field(default=())
     # -- code generation (compiler/emit.py, compiler/modular.py)
     class_name: str = ""
@@ -95,6 +97,13 @@ class OpDef:
     folder: str = ""
     # constructor keyword arguments, given the union of features of the model
     ctor: Callable[[Args, frozenset[str]], dict[str, Any]] = lambda a, u: {}
+    # the attention mask a component reads, one per kind ("causal", "causal_w16", ...);
+    # None: it reads none
+    mask: Callable[[Args], str] | None = None
+    # each application holds a KV-cache slot when the model decodes
+    caches: bool = False
+    # a fusion's sentence in the generated VLM's docstring ({image_tokens} filled in)
+    summary: str = ""
     # forward call; {m} is the module expression, {x} the input(s)
     call: str = "{m}({x})"
     call_fields: Callable[[Args], dict[str, Any]] = lambda a: {}

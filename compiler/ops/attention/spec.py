@@ -123,6 +123,7 @@ OPS = (
         ctor=_ctor,
         call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
         call_fields=lambda a: {"mask_key": mask_key(a)},
+        mask=mask_key, caches=True,
         features=_features,
     ),
 )

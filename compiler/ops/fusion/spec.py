@@ -38,6 +38,8 @@ OPS = (
     OpDef(
         name="joint_decoder",
         role="fusion",
+        summary="{image_tokens} image tokens per image are prefixed to the text of a causal "
+                "decoder (joint decoder)",
         doc="Image tokens are prefixed to the text (prefix_embeds); the logits of the image "
             "positions are sliced off (output_slice).",
         args=(ArgSpec("max_text", "size", doc="longest text sequence"),),
@@ -46,6 +48,8 @@ OPS = (
     OpDef(
         name="cross_attention",
         role="fusion",
+        summary="the decoder's text attends to the image tokens through gated cross-attention "
+                "blocks (cross-attention fusion)",
         doc="A gated cross-attention block after every k-th decoder layer: text queries, "
             "image keys and values, no positions, no causal mask, tanh gates starting at 0 "
             "(so it starts as the identity).",
@@ -61,6 +65,8 @@ OPS = (
     OpDef(
         name="mot",
         role="fusion",
+        summary="{image_tokens} image tokens per image are prefixed to the text; every block "
+                "component has a copy per modality (Mixture-of-Transformers)",
         doc="Mixture-of-Transformers: image tokens prefixed to the text as in the joint "
             "decoder, and every block component (norms, q/k/v/o, MLPs or MoEs) copied per "
             "modality; tokens use their modality's copy (by modality_ids), attention stays "
@@ -75,6 +81,8 @@ OPS = (
     OpDef(
         name="moma",
         role="fusion",
+        summary="{image_tokens} image tokens per image are prefixed to the text; each block's MLP is "
+                "a group of expert-choice experts per modality (MoMa)",
         doc="MoMa: shared attention, and each block's MLP replaced by per-modality groups of "
             "experts with expert-choice routing (each expert takes the top capacity·N tokens "
             "of its modality in the batch) — not causal, so the model is training-only.",

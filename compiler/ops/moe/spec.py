@@ -131,7 +131,7 @@ OPS = (
         weights=_moe_weights,
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
-        class_name="MoE", slots=("mlp",),
+        class_name="MoE", slots=("mlp", "experts"),
         ctor=_moe_ctor,
         features=_moe_features,
     ),

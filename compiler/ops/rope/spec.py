@@ -33,6 +33,7 @@ OPS = (
         ),
         sizes=("head_dim", "max_seq_len", "rotary_dim", "original_max_seq_len"),
         derive=_rope_derive,
+        slots=("positions",),
         derived_code={"rotary_dim": "{head_dim}"},
     ),
     OpDef(
@@ -46,5 +47,6 @@ OPS = (
             ArgSpec("theta", "float", 100.0, min=1.0),
         ),
         sizes=("head_dim", "grid"),
+        slots=("vision_positions",),
     ),
 )
