@@ -24,11 +24,6 @@ QUOTED = re.compile(r"""(?<![\w.])["']([a-z_0-9]+)["']""")
 
 # file → op names it still uses (each an op-specific rule that belongs in the op's folder)
 REMAINING = {
-    "compiler/checks/heads.py": {"attention"},
-    "compiler/checks/moe.py": {"moe", "sigmoid_topk"},
-    "compiler/checks/rotary.py": {"attention", "rope", "rope2d"},
-    "compiler/checks/tied.py": {"lm_head"},
-    "compiler/checks/vision.py": {"patch_embed"},
     # "rope" and "rope2d" there are the templates' context keys for the rotary settings
     "compiler/emit.py": {"cross_attention", "moma", "mot", "rope", "rope2d"},
     "compiler/importers/common.py": {"attention", "rope"},

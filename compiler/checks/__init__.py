@@ -15,20 +15,9 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from . import (
-    causality,
-    dangling,
-    heads,
-    moe,
-    names,
-    positive_sizes,
-    rotary,
-    shapes,
-    tied,
-    vision,
-)
+from . import causality, dangling, names, op_rules, positive_sizes, rotary, shapes
 
-PASSES = (names, positive_sizes, heads, rotary, moe, vision, shapes, dangling, tied, causality)
+PASSES = (names, positive_sizes, op_rules, rotary, shapes, dangling, causality)
 
 
 def run_checks(graph: nx.MultiDiGraph, diags: Diagnostics, *, bound_cleanly: bool = True) -> None:

@@ -102,6 +102,10 @@ class OpDef:
     mask: Callable[[Args], str] | None = None
     # each application holds a KV-cache slot when the model decodes
     caches: bool = False
+    # the op's own validation of a component, run by compiler/checks/op_rules.py:
+    # check(component, context, diags), the context being the model (or vision
+    # encoder) for a component, and the routing component for a router
+    check: Callable[[Any, Any, Any], None] | None = None
     # a fusion's sentence in the generated VLM's docstring ({image_tokens} filled in)
     summary: str = ""
     # forward call; {m} is the module expression, {x} the input(s)

@@ -12,7 +12,7 @@ def _attention_derive(a: dict[str, Any]) -> None:
         a["kv_heads"] = a["heads"]
     if a.get("head_dim") is None:
         dim, heads = a["dim"], a["heads"]
-        # Not divisible: left unset, reported by checks/heads.py with the location.
+        # Not divisible: left unset, reported with its location by this op's check (E070).
         a["head_dim"] = dim // heads if heads and heads > 0 and dim % heads == 0 else None
         a["_head_dim_derived"] = True
     else:
@@ -90,6 +90,45 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
     return out
 
 
+def _check(comp: Any, model: Any, diags: Any) -> None:
+    """E070/E071: the width splits evenly into heads, and heads into KV groups;
+    E078/E075: the rope it names is its section's kind and fits its heads."""
+    a, spans = comp.args, comp.arg_spans
+    dim, heads, kv = a["dim"], a["heads"], a["kv_heads"]
+    if min(dim, heads, kv) > 0:  # else reported by positive_sizes
+        if a["_head_dim_derived"] and dim % heads:
+            near = [h for h in range(max(1, heads - 8), heads + 9) if dim % h == 0]
+            diags.error("E070", f"dim {dim} is not divisible by heads {heads}",
+                        spans.get("heads", comp.span),
+                        hint="set head_dim explicitly" + (
+                            f", or use heads = {min(near, key=lambda h: abs(h - heads))}"
+                            if near else ""))
+        if heads % kv:
+            diags.error("E071", f"heads {heads} is not a multiple of kv_heads {kv}",
+                        spans.get("kv_heads", spans.get("heads", comp.span)),
+                        hint="each KV head serves an equal group of query heads")
+    if a.get("rope") is None:
+        return
+    rope = a["rope"].component
+    kind = model.kind
+    slot = "vision_positions" if kind == "vision" else "positions"
+    if slot not in rope.op.slots:
+        wanted = "rope2d" if kind == "vision" else "rope"
+        diags.error("E078", f"a {kind} section's attention takes a {wanted}, not "
+                    f"{rope.op.name} '{rope.name}'", spans.get("rope", comp.span),
+                    hint="rope2d turns with patch rows and columns: vision encoders "
+                    "only" if kind != "vision" else "an image has rows and columns: "
+                    "use rope2d(head_dim, grid)")
+        return
+    if not rope.ok or a["head_dim"] is None or rope.args["head_dim"] <= 0:
+        return  # a non-positive head_dim is reported by positive_sizes
+    if rope.args["head_dim"] != a["head_dim"]:
+        diags.error("E075", f"rope '{rope.name}' is built for head_dim "
+                    f"{rope.args['head_dim']} but this attention has head_dim "
+                    f"{a['head_dim']}", spans.get("rope", comp.span),
+                    notes=[("rope declared here", rope.span)])
+
+
 OPS = (
     OpDef(
         name="attention",
@@ -123,7 +162,7 @@ OPS = (
         ctor=_ctor,
         call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
         call_fields=lambda a: {"mask_key": mask_key(a)},
-        mask=mask_key, caches=True,
+        mask=mask_key, caches=True, check=_check,
         features=_features,
     ),
 )

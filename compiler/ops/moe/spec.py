@@ -68,6 +68,40 @@ def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
     return out
 
 
+def _check_moe(comp: Any, model: Any, diags: Any) -> None:
+    """E100: 0 < top_k ≤ experts; then the router's own rules."""
+    a, spans = comp.args, comp.arg_spans
+    experts, k = a["experts"], a["top_k"]
+    if experts <= 0:
+        return  # reported by positive_sizes
+    if not 0 < k <= experts:
+        diags.error("E100", f"top_k must be in 1..{experts} (the number of experts), got {k}",
+                    spans.get("top_k", comp.span))
+        return
+    router = a["router"].component
+    if router.op.check is not None:
+        router.op.check(router, comp, diags)
+
+
+def _check_groups(router: Any, moe: Any, diags: Any) -> None:
+    """E101: the groups divide the experts evenly, a token may use at most all groups,
+    and the groups it may use hold at least top_k experts."""
+    experts, k = moe.args["experts"], moe.args["top_k"]
+    r, rspans = router.args, router.arg_spans
+    groups, topk_group = r["n_group"], r["topk_group"]
+    if experts % groups:
+        diags.error("E101", f"{experts} experts do not split into {groups} equal groups",
+                    rspans.get("n_group", router.span))
+    elif topk_group > groups:
+        diags.error("E101", f"topk_group {topk_group} exceeds n_group {groups}",
+                    rspans.get("topk_group", router.span))
+    elif k > topk_group * (experts // groups):
+        diags.error("E101", f"top_k {k} exceeds the {topk_group * (experts // groups)} "
+                    f"experts in {topk_group} of {groups} groups",
+                    moe.arg_spans.get("top_k", moe.span),
+                    hint="raise topk_group or lower top_k")
+
+
 OPS = (
     OpDef(
         name="softmax_topk",
@@ -102,7 +136,7 @@ OPS = (
                     doc="weight of the sequence-wise balance loss"),
             ArgSpec("z_loss_weight", "float", 0.0, min=0.0),
         ),
-        class_name="SigmoidTopK",
+        class_name="SigmoidTopK", check=_check_groups,
         ctor=_router_ctor,
     ),
     OpDef(
@@ -131,7 +165,7 @@ OPS = (
         weights=_moe_weights,
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
-        class_name="MoE", slots=("mlp", "experts"),
+        class_name="MoE", slots=("mlp", "experts"), check=_check_moe,
         ctor=_moe_ctor,
         features=_moe_features,
     ),

@@ -12,6 +12,30 @@ def _rope_derive(a: dict[str, Any]) -> None:
         a["rotary_dim"] = a["head_dim"]
 
 
+def _check_rope(comp: Any, model: Any, diags: Any) -> None:
+    """E072/E076: channels rotate in pairs, no wider than the head."""
+    a, spans = comp.args, comp.arg_spans
+    hd, rd = a["head_dim"], a["rotary_dim"]
+    if hd <= 0 or rd <= 0:
+        return
+    if rd % 2:
+        where = "rotary_dim" if "rotary_dim" in spans else "head_dim"
+        diags.error("E072", f"rotary dimension {rd} is odd; RoPE rotates channel pairs",
+                    spans.get(where, comp.span))
+    if rd > hd:
+        diags.error("E076", f"rotary_dim {rd} exceeds head_dim {hd}",
+                    spans.get("rotary_dim", comp.span))
+
+
+def _check_rope2d(comp: Any, model: Any, diags: Any) -> None:
+    """E072: rows and columns each turn channel pairs: head_dim divisible by 4."""
+    hd = comp.args["head_dim"]
+    if hd > 0 and hd % 4:
+        diags.error("E072", f"2-D rotary positions need head_dim divisible by 4, got "
+                    f"{hd} (rows and columns each turn channel pairs)",
+                    comp.arg_spans.get("head_dim", comp.span))
+
+
 OPS = (
     OpDef(
         name="rope",
@@ -33,7 +57,7 @@ OPS = (
         ),
         sizes=("head_dim", "max_seq_len", "rotary_dim", "original_max_seq_len"),
         derive=_rope_derive,
-        slots=("positions",),
+        slots=("positions",), check=_check_rope,
         derived_code={"rotary_dim": "{head_dim}"},
     ),
     OpDef(
@@ -47,6 +71,6 @@ OPS = (
             ArgSpec("theta", "float", 100.0, min=1.0),
         ),
         sizes=("head_dim", "grid"),
-        slots=("vision_positions",),
+        slots=("vision_positions",), check=_check_rope2d,
     ),
 )

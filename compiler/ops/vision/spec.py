@@ -31,6 +31,15 @@ def _adapter_derive(a: dict[str, Any]) -> None:
         a["hidden"] = a["out_dim"]
 
 
+def _check_patches(comp: Any, model: Any, diags: Any) -> None:
+    """E137: the patches tile the images exactly."""
+    size, patch = comp.args["image_size"], comp.args["patch"]
+    if size > 0 and patch > 0 and size % patch:
+        diags.error("E137", f"patch {patch} does not tile images of {size} pixels",
+                    comp.arg_spans.get("patch", comp.span),
+                    hint="image_size must be a multiple of patch")
+
+
 OPS = (
     OpDef(
         name="patch_embed",
@@ -49,7 +58,7 @@ OPS = (
         output=lambda a: hidden(a["dim"]),
         weights=_patch_weights,
         flops=lambda a, s: 2 * a["dim"] * a["channels"] * a["patch"] ** 2,
-        slots=("patch_embedding",),
+        slots=("patch_embedding",), check=_check_patches,
         class_name="PatchEmbedding", init_args="std",
         ctor=lambda a, u: {k: a[k] for k in ("channels", "patch", "dim", "image_size",
                                               "positions", "cls_token")},
