@@ -30,7 +30,7 @@ REMAINING = {
     "compiler/importers/hf.py": {"moe", "swiglu"},
     "compiler/importers/kf.py": {"gelu_mlp", "layernorm", "moe", "relu_mlp", "rmsnorm",
                                  "sigmoid_topk", "softmax_topk", "swiglu"},
-    "compiler/plans.py": {"attention", "cross_attention", "moe", "moma", "mot"},
+    "compiler/plans.py": {"cross_attention", "moma", "mot"},
     "compiler/templates/model.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
     "compiler/templates/plan.py.j2": {"cross_attention", "moma", "mot"},
     "compiler/templates/vlm.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},

@@ -117,6 +117,8 @@ class OpDef:
     active_params: Callable[[Args], int] | None = None
     # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
     tp: Mapping[str, str] = field(default_factory=dict)
+    # mesh axis → the arguments its degree must divide (heads by "tp", experts by "ep")
+    split_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
 
     def arg(self, name: str) -> ArgSpec | None:

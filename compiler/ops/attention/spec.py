@@ -162,7 +162,7 @@ OPS = (
         ctor=_ctor,
         call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
         call_fields=lambda a: {"mask_key": mask_key(a)},
-        mask=mask_key, caches=True, check=_check,
+        mask=mask_key, caches=True, check=_check, split_by={"tp": ("heads", "kv_heads")},
         features=_features,
     ),
 )

@@ -166,6 +166,7 @@ OPS = (
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
         class_name="MoE", slots=("mlp", "experts"), check=_check_moe,
+        split_by={"ep": ("experts",)},
         ctor=_moe_ctor,
         features=_moe_features,
     ),
