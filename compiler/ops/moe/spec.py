@@ -59,8 +59,9 @@ def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {"dim": a["dim"], "hidden": a["hidden"], "experts": a["experts"],
                            "top_k": a["top_k"],
                            "router": NestedCall(router.op.class_name, tuple(router_args.items()))}
-    if "shared" in u:
-        out["shared_hidden"] = a["shared_experts"] * a["shared_hidden"]
+    if "shared" in u:  # the shared experts run as one SwiGLU of their total width
+        n = a["shared_experts"]
+        out["shared_hidden"] = a["shared_hidden"] if n == 1 else n * a["shared_hidden"]
     if "capacity" in u:
         out["capacity_factor"] = a["capacity_factor"]
     if "zero_init" in u:
