@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from . import ast
 from .diagnostics import Diagnostics, Span, did_you_mean, suggest
 from .functions import FUNCTIONS
-from .ops import OPS, ArgSpec, OpDef
+from .ops import OPS, ArgSpec, OpDef, ops_for
 from .parse import MAX_INT
 from .resolve import BlockDef, Program, SectionDef, _referenced_names, section_references
 
@@ -31,18 +31,18 @@ MAX_EVAL_DEPTH = 100
 STACK_OP = "stack"
 # The model's fixed spine (Llama-style pre-norm): name → accepted ops.
 SPINE = {
-    "token_embedding": ("embedding",),
+    "token_embedding": ops_for("token_embedding"),
     "layers": (STACK_OP,),
-    "norm": ("rmsnorm", "layernorm"),
-    "output_head": ("lm_head",),
+    "norm": ops_for("norm"),
+    "output_head": ops_for("output_head"),
 }
 
 
 # A vision encoder's spine (ViT): patches → non-causal blocks → final norm.
 VISION_SPINE = {
-    "patch_embedding": ("patch_embed",),
+    "patch_embedding": ops_for("patch_embedding"),
     "layers": (STACK_OP,),
-    "norm": ("rmsnorm", "layernorm"),
+    "norm": ops_for("norm"),
 }
 SPINES = {"model": SPINE, "vision": VISION_SPINE}
 
@@ -69,6 +69,9 @@ class Component:
     span: Span  # the op call
     name_span: Span
     ok: bool = True  # False when an argument failed to bind; later passes skip it
+    # the spec's expression of each given argument (code generation reads them as
+    # ModelConfig fields where they name the model's parameters)
+    arg_exprs: dict[str, ast.Expr] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -368,7 +371,8 @@ class _Binder:
     # -- arguments (shared by ops and functions)
 
     def bind_args(self, what: str, specs: tuple[ArgSpec, ...], call: ast.Call,
-                  scope: _Scope) -> tuple[dict[str, Any], dict[str, Span], bool]:
+                  scope: _Scope, exprs: dict[str, ast.Expr] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, Span], bool]:
         d = self.diags
         args: dict[str, Any] = {}
         spans: dict[str, Span] = {}
@@ -408,6 +412,8 @@ class _Binder:
                 ok = False
                 continue
             spans[spec.name] = arg.span
+            if exprs is not None:
+                exprs[spec.name] = arg.value
             try:
                 args[spec.name] = self.typed(what, spec, arg.value, scope)
             except _Invalid:
@@ -508,10 +514,11 @@ class _Binder:
 
     def component(self, name: str, name_span: Span, call: ast.Call, scope: _Scope) -> Component:
         op = OPS[call.func.parts[0]]
-        args, spans, ok = self.bind_args(op.name, op.args, call, scope)
+        exprs: dict[str, ast.Expr] = {}
+        args, spans, ok = self.bind_args(op.name, op.args, call, scope, exprs)
         if ok:
             op.derive(args)
-        return Component(name, op, args, spans, call.span, name_span, ok)
+        return Component(name, op, args, spans, call.span, name_span, ok, exprs)
 
     # -- models
 

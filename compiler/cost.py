@@ -105,7 +105,7 @@ def default_seq_len(model) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     for comp in model.all_components():
-        if comp.op.name == "rope":
+        if "positions" in comp.op.slots:  # the rotary tables' length
             return comp.args["max_seq_len"]
     return 2048
 

@@ -1,7 +1,8 @@
 """Code generation: a checked model → the files of its Python package.
 
-`model.py` is rendered from templates/model.py.j2 and one template per op
-(templates/ops/), with only the op classes, features and code paths the spec
+`model.py` is rendered from templates/model.py.j2, which wires config, blocks
+and Transformer, around the op code copied from compiler/ops/*/modules.py by
+compiler/modular.py: only the definitions, features and code paths the spec
 uses. Everything is rendered from sorted, resolved data, so the same spec
 gives byte-identical output. Names in the output are validated identifiers
 (the grammar's NAME, minus reserved words: checks/names.py) and every string
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 
 import jinja2
 
+from . import ast
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
 from .cost import cost, vlm_cost
 from .driver import Compilation
-from .ops import OPS, NestedCall, mask_key, patch_tokens
+from .modular import copy_definitions, init_defaults
+from .ops import OPS, NestedCall, patch_tokens
 from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
 from .vlm import MLP_OPS
 
@@ -95,7 +98,121 @@ def _env() -> jinja2.Environment:
     return env
 
 
+class Code(str):
+    """Python source that stands for a value: a ModelConfig field or an expression of them."""
+
+
+class ConfigView:
+    """Which ModelConfig fields the generated code reads, and the spec's arguments as
+    Python over them.
+
+    An argument naming a parameter reads its field (`config.dim`); a derived default
+    follows the op's rule (`config.dim // config.n_heads`); any other size the spec
+    writes — a number, `3 * dim`, `ffn_hidden(dim, ...)` — becomes a field of its own
+    (`mlp_hidden`), recorded with the fields it was computed from, so that each size
+    appears once, in ModelConfig, and a ModelConfig that changes `dim` but not
+    `mlp_hidden` is refused as inconsistent."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.params = {k: v for k, v in model.params.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)
+                       and not k.startswith("_")}
+        self.computed: dict[str, tuple[object, tuple[str, ...]]] = {}
+        self.read: set[str] = set()
+
+    def field(self, name: str, prefix: str) -> Code:
+        self.read.add(name)
+        return Code(f"{prefix}.{name}")
+
+    def expr(self, e, value, prefix: str) -> Code | None:
+        """Python for a spec expression over model parameters, or None."""
+        if isinstance(e, ast.Ref) and len(e.parts) == 1 and e.parts[0] in self.params \
+                and self.params[e.parts[0]] == value:
+            return self.field(e.parts[0], prefix)
+        if isinstance(e, ast.Int | ast.Float) and not isinstance(e.value, bool):
+            return Code(pyrepr(e.value))
+        if isinstance(e, ast.BinOp) and e.op in ("+", "-", "*", "/", "//"):
+            parts = []
+            for side in (e.left, e.right):
+                code = self.expr(side, _value_of(side, self.params), prefix)
+                if code is None:
+                    return None
+                parts.append(f"({code})" if isinstance(side, ast.BinOp) else code)
+            op = "//" if e.op == "/" and isinstance(value, int) else e.op
+            return Code(f"{parts[0]} {op} {parts[1]}")
+        return None
+
+    def arg(self, comp: Component, name: str, prefix: str, owner: str) -> Code | None:
+        """Python for an argument of a component: from its expression in the spec, from
+        the op's rule for a derived default, or a computed field of its own."""
+        value = comp.args.get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        e = comp.arg_exprs.get(name)
+        if e is None:
+            rule = comp.op.derived_code.get(name)
+            if rule is None:
+                return None
+            refs = {}
+            for other in comp.args:
+                if "{" + other + "}" in rule:
+                    code = self.arg(comp, other, prefix, owner)
+                    if code is None:
+                        return None
+                    bare = rule == "{" + other + "}" or " " not in code
+                    refs[other] = code if bare else Code(f"({code})")
+            return Code(rule.format(**refs))
+        if isinstance(e, ast.Ref):
+            return self.expr(e, value, prefix)
+        spec_arg = comp.op.arg(name)
+        if spec_arg is None or spec_arg.type not in ("size", "int"):
+            return self.expr(e, value, prefix)
+        field_name = f"{comp.name}_{name}"
+        if field_name in self.params or (field_name in self.computed
+                                         and self.computed[field_name][0] != value):
+            field_name = f"{owner}_{field_name}"
+        deps = tuple(sorted({p for p in _refs(e) if p in self.params}))
+        self.computed[field_name] = (value, deps)
+        return self.field(field_name, prefix)
+
+    def computed_from(self) -> dict[str, tuple[str, ...]]:
+        """The fields of computed sizes that depend on other fields."""
+        return {k: deps for k, (_, deps) in self.computed.items() if deps}
+
+
+def _refs(e) -> list[str]:
+    if isinstance(e, ast.Ref):
+        return [e.parts[0]]
+    if isinstance(e, ast.BinOp):
+        return _refs(e.left) + _refs(e.right)
+    if isinstance(e, ast.Neg):
+        return _refs(e.operand)
+    if isinstance(e, ast.Call):
+        return [r for a in e.args for r in _refs(a.value)]
+    return []
+
+
+def _value_of(e, params: dict):
+    if isinstance(e, ast.Ref) and len(e.parts) == 1:
+        return params.get(e.parts[0])
+    if isinstance(e, ast.Int | ast.Float):
+        return e.value
+    if isinstance(e, ast.BinOp):
+        left, right = _value_of(e.left, params), _value_of(e.right, params)
+        if not isinstance(left, int | float) or not isinstance(right, int | float):
+            return None
+        if e.op == "/":
+            return left // right if isinstance(left, int) and isinstance(right, int) \
+                else left / right
+        return {"+": left + right, "-": left - right, "*": left * right,
+                "//": left // right if right else None}.get(e.op)
+    return None
+
+
 def _inline(value) -> str:
+    if isinstance(value, Code):
+        return value
     if isinstance(value, NestedCall):
         return f"{value.class_name}({', '.join(f'{k}={_inline(v)}' for k, v in value.kwargs)})"
     return pyrepr(value)
@@ -123,8 +240,37 @@ def call_lines(prefix: str, func: str, kwargs: list[str] | list[tuple[str, objec
     return lines + [f"{pad}){suffix}"]
 
 
-def _ctor(comp: Component, union: frozenset[str]) -> tuple[str, list[tuple[str, object]]]:
-    return comp.op.class_name, list(comp.op.ctor(comp.args, union).items())
+def _ctor(comp: Component, union: frozenset[str], cfg: ConfigView | None = None,
+          prefix: str = "config", owner: str = "") -> tuple[str, list[tuple[str, object]]]:
+    """Class and constructor arguments of a component; with `cfg`, the arguments the
+    spec derives from the model's parameters read them from ModelConfig."""
+    defaults = init_defaults(comp.op.class_name)
+    # left out: values equal to the class's defaults, and defaults the op derives (the
+    # class derives them the same way, from its default None) where the spec gave none
+    kwargs = [(k, v) for k, v in comp.op.ctor(comp.args, union).items()
+              if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])
+              and not (k in defaults and defaults[k] is None and k in comp.op.derived_code
+                       and k not in comp.arg_exprs)]
+    if cfg is None:
+        return comp.op.class_name, kwargs
+    out = []
+    for k, v in kwargs:
+        if isinstance(v, NestedCall):  # an inline component (a router) given the op's sizes
+            inner = comp.args[k].component
+            inner_defaults = init_defaults(v.class_name)
+            v = NestedCall(v.class_name, tuple(
+                (rk, rv) for rk, rv in v.kwargs if not (
+                    rk in inner_defaults and type(rv) is type(inner_defaults[rk])
+                    and rv == inner_defaults[rk])))
+            v = NestedCall(v.class_name, tuple(
+                (rk, (cfg.arg(comp, rk, prefix, owner) or rv)
+                 if rk in comp.args and rv is comp.args[rk] else
+                 (cfg.arg(inner, rk, prefix, owner) or rv)
+                 if rk in inner.args and rv is inner.args[rk] else rv) for rk, rv in v.kwargs))
+        elif k in comp.args and v is comp.args[k]:
+            v = cfg.arg(comp, k, prefix, owner) or v
+        out.append((k, v))
+    return comp.op.class_name, out
 
 
 def _shape(shape) -> str:
@@ -174,9 +320,9 @@ class _BlockWriter:
             if f.span in self.cache_slot and self.kv_cache:
                 kv = ", kv_cache" if self.n_attention == 1 else f", caches[{self.cache_slot[f.span]}]"
             if self.fusion == "mot":
-                if comp.op.name == "attention":
+                if comp.op.mask:  # an attention: one softmax over every modality's tokens
                     return (f"mot_attention(self.{f.component}, {args}, rope_cos, rope_sin, "
-                            f'attn_mask["{mask_key(comp.args)}"]{kv}, modality)')
+                            f'attn_mask["{comp.op.mask(comp.args)}"]{kv}, modality)')
                 return f"route(self.{f.component}, {args}, modality)"
             if self.fusion == "moma" and comp.op.name in MLP_OPS:
                 return f"self.{f.component}({args}, modality)"
@@ -269,7 +415,7 @@ def _attention_applications(block: Block) -> list:
         if isinstance(f, FApply):
             for a in f.args:
                 walk(a)
-            if block.components[f.component].op.name == "attention":
+            if block.components[f.component].op.caches:
                 spans.append(f.span)
         elif isinstance(f, FAdd):
             walk(f.left)
@@ -359,9 +505,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     emb, norm, head = (model.components[n] for n in ("token_embedding", "norm", "output_head"))
     dim, vocab = emb.args["dim"], emb.args["vocab"]
     hidden = ("B", "S", dim)
-    rope_comp = next((x for x in model.all_components() if x.op.name == "rope"), None)
+    rope_comp = next((x for x in model.all_components() if "positions" in x.op.slots), None)
     n_layers = len(model.layers)
     max_seq_len = _max_seq_len(model, rope_comp)
+    cfg = ConfigView(model)  # the text model's sizes, read from ModelConfig
 
     # blocks in use, in order of first use
     layer_kinds = list(dict.fromkeys(s.block for s in model.layers))
@@ -373,47 +520,46 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             class_of[k] = f"{_camel(k)}Block"
 
     used_blocks = [model.blocks[k] for k in class_of]
-    components = [emb, norm, head] + [x for b in used_blocks for x in b.components.values()]
+    # in the order a reader meets them: embedding, blocks, norm, head, then the vision side
+    components = [emb, *[x for b in used_blocks for x in b.components.values()], norm, head]
     vision_kinds: list[str] = []
     if vision is not None:
         vision_kinds = list(dict.fromkeys(s.block for s in vision.layers))
-        components += [vision.components["patch_embedding"], vision.components["norm"],
-                       vlm.adapter]
-        components += [x for k in vision_kinds for x in vision.blocks[k].components.values()]
-        if vlm.fusion.op.template:
+        components += [vision.components["patch_embedding"],
+                       *[x for k in vision_kinds for x in vision.blocks[k].components.values()],
+                       vision.components["norm"], vlm.adapter]
+        if vlm.fusion.op.definitions:
             components.append(vlm.fusion)
     if routed == "moma":  # its experts replace the MLPs
         components = [x for x in components if x.op.name not in MLP_OPS or x in
                       [y for k in vision_kinds for y in vision.blocks[k].components.values()]]
-    for x in list(components):  # routers are written inline as an argument
-        components += [v.component for v in x.args.values()
-                       if isinstance(v, ComponentValue) and v.component.op.role == "router"]
-    union: dict[str, frozenset[str]] = {}
-    for x in components:
-        if x.op.template:
-            union[x.op.name] = union.get(x.op.name, frozenset()) | x.op.features(x.args)
-    # qk-norm reuses the RMSNorm class, shared experts the SwiGLU class
-    if "qk_norm" in union.get("attention", frozenset()):
-        union.setdefault("rmsnorm", frozenset())
-    if "shared" in union.get("moe", frozenset()):
-        union.setdefault("swiglu", frozenset())
-    if "cross_attention" in union:  # its blocks are built from RMSNorm and SwiGLU
-        union.setdefault("rmsnorm", frozenset())
-        union.setdefault("swiglu", frozenset())
-    if "moe" in union or "moma" in union:
-        union["grouped_experts"] = frozenset()
-    if routed == "mot":  # the routing helpers use the attention's features
-        union["mot"] = union.get("attention", frozenset())
+    # routers are written inline as an argument, just before the op that routes
+    components = [y for x in components for y in (
+        *[v.component for v in x.args.values()
+          if isinstance(v, ComponentValue) and v.component.op.role == "router"], x)]
+    # features: which optional code paths of the op modules the model uses
+    features = frozenset({"kv_cache"} if kv_cache else ()).union(
+        *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args["modalities"])) if routed else None
-    op_classes = [env.get_template(f"ops/{_template(name)}.py.j2")
-                  .render(features=feats, kv_cache=kv_cache, modalities=modalities)
-                  .rstrip("\n")
-                  for name, feats in sorted(union.items(), key=lambda kv: _op_order(kv[0]))]
+    roots = [*(["KVCache"] if kv_cache else []),  # make_kv_caches builds them
+             *[name for x in components for name in x.op.definitions]]
+    op_classes = copy_definitions(roots, features)
 
-    mask_kinds = sorted({mask_key(x.args) for b in used_blocks for x in b.components.values()
-                         if x.op.name == "attention"}) or ["causal"]
+    mask_kinds = sorted({x.op.mask(x.args) for b in used_blocks for x in b.components.values()
+                         if x.op.mask}) or ["causal"]
     kinds = [{"name": k, "causal": k.startswith("causal"),
               "window": int(k.split("_w")[1]) if "_w" in k else 0} for k in mask_kinds]
+    for k in kinds:  # a window the spec names is read from ModelConfig
+        if k["window"]:
+            att = next(x for b in used_blocks for x in b.components.values()
+                       if x.op.mask and x.op.mask(x.args) == k["name"])
+            k["window"] = cfg.arg(att, "window", "config", "model") or k["window"]
+    windows = any(k["window"] for k in kinds)
+    masks_args = (["b", "s", "start=start", "key_valid=key_valid"] if kv_cache
+                  else ["b", "s", "key_valid=padding"]) + ["doc_ids=doc_ids", "device=h.device"]
+    masks_call = "\n".join(call_lines(
+        "attn_mask = ", "attention_masks",
+        masks_args + (["config=self.config"] if windows else []), 8))
 
     blocks = []
     vision_class = {k: f"Vision{_camel(k)}Block" for k in vision_kinds}
@@ -425,19 +571,20 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         writer = _BlockWriter(block, block_hidden, kv_cache and not in_vision, block_fusion)
         comps = []
         for cname, x in block.components.items():
-            if not x.op.template:
+            if not x.op.definitions:
                 continue
             if block_fusion == "moma" and x.op.name in MLP_OPS:
                 f = vlm.fusion.args
-                kwargs = [("dim", f["dim"]), ("hidden", f["hidden"]), ("experts", f["experts"]),
-                          ("capacity", f["capacity"])]
+                kwargs = [("dim", cfg.field("dim", "config"))] + [
+                    (k, cfg.arg(vlm.fusion, k, "config", "fusion") or f[k])
+                    for k in ("hidden", "experts", "capacity")]
                 lines = call_lines(f"self.{cname} = ", "MoMaFFN",
-                                   [*[f"{k}={pyrepr(v)}" for k, v in kwargs], "modalities=MODALITIES"],
-                                   8)
+                                   [*[f"{k}={_inline(v)}" for k, v in kwargs],
+                                    "modalities=MODALITIES"], 8)
                 comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
                               "init_args": "std, out_std", "copies": False})
                 continue
-            func, kwargs = _ctor(x, union[x.op.name])
+            func, kwargs = _ctor(x, features, None if in_vision else cfg, "config", kind)
             if block_fusion == "mot":  # one copy per modality
                 lines = _mot_ctor(cname, func, kwargs)
             else:
@@ -458,8 +605,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             lines.insert(0, _Line(f"{block.span.file}:{block.span.line}",
                                   f"caches = (None,) * {n_att} if kv_cache is None else kv_cache"))
         in_layers = [s.index for s in (vision if in_vision else model).layers if s.block == kind]
-        keys = sorted({mask_key(x.args) for x in block.components.values()
-                       if x.op.name == "attention"})
+        keys = sorted({x.op.mask(x.args) for x in block.components.values() if x.op.mask})
         blocks.append({
             "name": kind, "class_name": cls, "vision": in_vision, "routed": bool(block_fusion),
             "vision_mask": "{" + ", ".join(f"{pyrepr(k)}: None" for k in keys) + "}",
@@ -494,45 +640,64 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     if kv_cache:
         for s in model.layers:
             block = model.blocks[s.block]
-            caches = [f"KVCache(batch_size, max_seq_len, {a['kv_heads']}, {a['head_dim']}, "
-                      "dtype=dtype, device=device)"
-                      for a in (block.components[_component_at(block, span)].args
-                                for span in _attention_applications(block))]
-            code = caches[0] if len(caches) == 1 else "(" + ", ".join(caches) + ")"
-            cache_shapes.append({"layer": s.index, "code": code})
-    codes = {c["code"] for c in cache_shapes}
-    uniform_cache = None
-    if len(codes) == 1 and len(cache_shapes) == n_layers:
-        one = f"        return [{codes.pop()} for _ in range({n_layers})]"
-        uniform_cache = one if len(one) <= LINE else (
-            "        return [\n            " + one[len("        return ["):-1] + "\n        ]")
+            caches = []
+            for span in _attention_applications(block):
+                att = block.components[_component_at(block, span)]
+                caches.append([Code("batch_size"), Code("max_seq_len"),
+                               *[cfg.arg(att, k, "self.config", block.name) or att.args[k]
+                                 for k in ("kv_heads", "head_dim")],
+                               Code("dtype=dtype"), Code("device=device")])
+            cache_shapes.append({"layer": s.index, "caches": caches})
+    make_caches = _make_caches(cache_shapes, n_layers) if kv_cache else ""
     spine = {}
-    for key, x in (("embedding", emb), ("norm", norm), ("head", head)):
-        func, kwargs = _ctor(x, union[x.op.name])
-        spine[key] = "\n".join(call_lines(f"self.{_spine_attr(key)} = ", func, kwargs, 12)).lstrip()
+    for attr, x in (("token_embedding", emb), ("norm", norm), ("output_head", head)):
+        func, kwargs = _ctor(x, features, cfg, "config", "model")
+        spine[attr] = "\n".join(call_lines(f"self.{attr} = ", func, kwargs, 12)).lstrip()
     tied = head.args.get("tie") is not None
     depth_scaled = model.params.get("init_depth_scaled", True)
 
     rope = None
+    rope_tables_call = rope_limit = rope_dims = ""
     if rope_comp is not None:
         rope = dict(rope_comp.args)
         rope.pop("_head_dim_derived", None)
+        rope_limit = cfg.arg(rope_comp, "max_seq_len", "self.config", "model") \
+            or Code(pyrepr(rope["max_seq_len"]))
+        rope_dims = ", ".join(cfg.arg(rope_comp, k, "config", "model") or pyrepr(rope[k])
+                              for k in ("rotary_dim", "theta"))
+        rope_tables_call = "\n".join(call_lines(
+            "self.rope_cos, self.rope_sin = ", "rope_tables",
+            [rope_limit, "param.device", "self.config"], 8))
+    vlm_context = _vlm_context(vlm, vision, features, norm, n_layers, kv_cache, cfg) \
+        if vlm else None
+    cfg.read |= {"init_std", "n_layers"} | ({"max_seq_len"} if kv_cache else set())
+    # the layer count decides the layers' block classes and the inserted blocks' places
+    fixed_layers = not single or bool(inserted_stacks)
+    config_fields = _config_fields(model, dim, vocab, n_layers, max_seq_len)
+    config_fields += [{"name": k, "type": "int", "value": pyrepr(v)}
+                      for k, (v, _) in cfg.computed.items()]
+    fixed = sorted({f["name"] for f in config_fields} - cfg.read
+                   | ({"n_layers"} if fixed_layers else set()))
     context = {
         "header": header, "name": model.name, "spec": spec, "n_layers": n_layers,
         "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
-        "config_fields": _config_fields(model, dim, vocab, n_layers, max_seq_len),
+        "config_fields": config_fields,
+        "computed": pyformat(cfg.computed_from(), 0,
+                             len("COMPUTED = ")),
+        "fixed": _tuple_literal(fixed) if fixed else "()",
+        "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
+        "make_caches": make_caches,
         "kv_cache": kv_cache, "rope": rope,
-        "partial_rotary": bool(rope and rope["rotary_dim"] != rope["head_dim"]),
         "needs_math": bool(depth_scaled) or bool(rope and rope["scaling"] == "llama3")
-        or "sigmoid_topk" in union or "capacity" in union.get("moe", frozenset()),
+        or any("math." in code for code in op_classes),
         "moe_fqns": [f"{fqn}.{m}" if routed == "mot" else fqn
                      for fqn in dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
-                                              if d.get("op") == "moe" and routed != "moma")
+                                              if d.get("op") in OPS and routed != "moma"
+                                              and "experts" in OPS[d["op"]].slots)
                      for m in (vlm.fusion.args["modalities"] if routed == "mot" else [None])],
-        "out_std_expr": f"std / math.sqrt(2 * {n_layers})" if depth_scaled else "std",
-        "out_std_config": f"config.init_std / math.sqrt(2 * {n_layers})" if depth_scaled
+        "out_std_expr": "std / math.sqrt(2 * self.config.n_layers)" if depth_scaled else "std",
+        "out_std_config": "config.init_std / math.sqrt(2 * config.n_layers)" if depth_scaled
         else "config.init_std",
-        "uniform_cache": uniform_cache,
         "rope_call": "\n".join(call_lines(
             "rope_cos, rope_sin = ", "self._rope",
             ["b", "s", "h.device", "padding"]
@@ -542,16 +707,16 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "inserted_stacks": inserted_stacks,
         "inserted_after": "{" + ", ".join(f"{a}: {pyrepr(tuple(v))}"
                                           for a, v in sorted(inserted_after.items())) + "}",
-        "mask_kinds": kinds, "no_windows": all(k["window"] == 0 for k in kinds),
+        "mask_kinds": kinds, "no_windows": not windows, "masks_call": masks_call,
         "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
-        "cache_shapes": cache_shapes, "spine": spine, "tied": tied,
+        "spine": spine, "tied": tied,
         "non_causal": ", ".join([fqn for fqn, _ in graph.graph.get("non_causal", [])]
                                 + ([f"its {vlm.fusion.op.name} fusion"] if vlm and not
                                    vlm.fusion.op.causal(vlm.fusion.args) else [])),
     }
     context["fusion"] = fusion
     context["modalities"] = modalities
-    context["vlm"] = _vlm_context(vlm, vision, union, norm, n_layers, kv_cache) if vlm else None
+    context["vlm"] = vlm_context
     model_py = env.get_template("model.py.j2").render(**context)
     files = {
         "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
@@ -565,8 +730,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     return files
 
 
-def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
-                 kv_cache: bool) -> dict:
+def _vlm_context(vlm, vision: Model, features: frozenset[str], text_norm: Component, n_layers: int,
+                 kv_cache: bool, cfg: ConfigView) -> dict:
     patch = vision.components["patch_embedding"]
     vnorm = vision.components["norm"]
     kinds = [s.block for s in vision.layers]
@@ -575,11 +740,11 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
         layers_ctor = f"{{str(i): {classes[kinds[0]]}(i) for i in range({len(kinds)})}}"
     else:
         layers_ctor = "{" + ", ".join(f'"{i}": {classes[k]}({i})' for i, k in enumerate(kinds)) + "}"
-    func, kwargs = _ctor(patch, union[patch.op.name])
+    func, kwargs = _ctor(patch, features)
     patch_ctor = "\n".join(call_lines("self.patch_embedding = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vnorm, union[vnorm.op.name])
+    func, kwargs = _ctor(vnorm, features)
     norm_ctor = "\n".join(call_lines("self.norm = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vlm.adapter, union[vlm.adapter.op.name])
+    func, kwargs = _ctor(vlm.adapter, features)
     adapter_ctor = "\n".join(call_lines("self.adapter = ", func, kwargs, 12)).lstrip()
     depth = vision.params.get("init_depth_scaled", True)
     out = {
@@ -590,26 +755,27 @@ def _vlm_context(vlm, vision: Model, union, text_norm: Component, n_layers: int,
         "patch_ctor": patch_ctor, "vision_norm_ctor": norm_ctor, "adapter_ctor": adapter_ctor,
         "adapter_init": vlm.adapter.op.init_args.replace("out_std", "std"),
         "vision_out_std": f"std / math.sqrt(2 * {len(kinds)})" if depth else "std",
-        "description": {
-            "joint_decoder": f"{vlm.image_tokens} image tokens per image are prefixed to the "
-                             "text of a causal decoder (joint decoder)",
-            "cross_attention": "the decoder's text attends to the image tokens through gated "
-                               "cross-attention blocks (cross-attention fusion)",
-            "mot": f"{vlm.image_tokens} image tokens per image are prefixed to the text; every "
-                   "block component has a copy per modality (Mixture-of-Transformers)",
-            "moma": f"{vlm.image_tokens} image tokens per image are prefixed to the text; each "
-                    "block's MLP is a group of expert-choice experts per modality (MoMa)",
-        }[vlm.fusion.op.name],
+        "description": vlm.fusion.op.summary.format(image_tokens=vlm.image_tokens),
     }
-    rope2d = next((c for c in vision.all_components() if c.op.name == "rope2d"), None)
+    rope2d = next((c for c in vision.all_components() if "vision_positions" in c.op.slots), None)
     out["rope2d"] = {**rope2d.args, "cls": patch.args["cls_token"]} if rope2d else None
     f = vlm.fusion.args
     if vlm.fusion.op.name == "cross_attention":
         after = list(range(f["every"] - 1, n_layers, f["every"]))
         out["xattn_after"] = after
         out["xattn_table"] = "{" + ", ".join(f"{a}: {k}" for k, a in enumerate(after)) + "}"
-        out["xattn_ctor"] = (f"CrossAttentionBlock({f['dim']}, {f['heads']}, {f['hidden']}, "
-                             f"{pyrepr(text_norm.args['eps'])})")
+        sizes = [cfg.arg(vlm.fusion, k, "config", "fusion") or f[k] for k in ("heads", "hidden")]
+        if "hidden" not in vlm.fusion.arg_exprs and f["hidden"] == 4 * f["dim"]:
+            cfg.computed["fusion_hidden"] = (f["hidden"], ("dim",))  # its derived default
+            sizes[1] = cfg.field("fusion_hidden", "config")
+        eps = cfg.arg(text_norm, "eps", "config", "model") or text_norm.args["eps"]
+        args = ["config.dim", _inline(sizes[0]), _inline(sizes[1]), _inline(eps)]
+        loop = f"for k in range({len(after)})"
+        one = f"                {{str(k): CrossAttentionBlock({', '.join(args)}) {loop}}}"
+        out["xattn_ctor"] = one if len(one) <= LINE else "\n".join(
+            ["                {", *call_lines("str(k): ", "CrossAttentionBlock", args, 20),
+             f"                    {loop}", "                }"])
+        cfg.read.add("dim")
     return out
 
 
@@ -643,9 +809,35 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
     )
 
 
-def _template(name: str) -> str:
-    """The template of an op, or of a helper section that is not an op."""
-    return OPS[name].template if name in OPS else name
+def _make_caches(cache_shapes: list[dict], n_layers: int) -> str:
+    """The return statement of make_kv_caches, formatted as ruff would."""
+    def one(args: list, indent: int, suffix: str = "") -> list[str]:
+        return call_lines("", "KVCache", [_inline(a) for a in args], indent, suffix)
+
+    per_layer = {tuple(tuple(c) for c in s["caches"]) for s in cache_shapes}
+    if len(per_layer) == 1 and len(cache_shapes) == n_layers and len(cache_shapes[0]["caches"]) == 1:
+        args = cache_shapes[0]["caches"][0]
+        pre = ""
+        if any(isinstance(a, Code) and "." in a for a in args[2:4]):  # name the sizes
+            pre = f"        kv_heads, head_dim = {_inline(args[2])}, {_inline(args[3])}\n"
+            args = [*args[:2], Code("kv_heads"), Code("head_dim"), *args[4:]]
+        loop = "for _ in range(self.config.n_layers)"
+        flat = f"KVCache({', '.join(_inline(a) for a in args)})"
+        line = f"        return [{flat} {loop}]"
+        if len(line) <= LINE:
+            return pre + line
+        return pre + "\n".join(["        return [", *one(args, 12), f"            {loop}",
+                                 "        ]"])
+    lines = ["        return ["]
+    for s in cache_shapes:
+        if len(s["caches"]) == 1:
+            entry = one(s["caches"][0], 12, ",")
+        else:
+            entry = ["            ("] + [x for c in s["caches"] for x in one(c, 16, ",")] \
+                + ["            ),"]
+        entry[-1] += f"  # layer {s['layer']}"
+        lines += entry
+    return "\n".join(lines + ["        ]"])
 
 
 def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:
@@ -661,18 +853,6 @@ def _mot_ctor(cname: str, func: str, kwargs) -> list[str]:
     return [f"        self.{cname} = nn.ModuleDict(", "            {",
             *call_lines("m: ", func, kwargs, 16), "                for m in MODALITIES",
             "            }", "        )"]
-
-
-def _spine_attr(key: str) -> str:
-    return {"embedding": "token_embedding", "norm": "norm", "head": "output_head"}[key]
-
-
-def _op_order(name: str) -> tuple[int, str]:
-    order = ["rmsnorm", "layernorm", "embedding", "linear", "attention", "swiglu", "gelu_mlp",
-             "relu_mlp", "softmax_topk", "sigmoid_topk", "grouped_experts", "moe", "moma",
-             "mot", "lm_head", "patch_embed", "mlp2", "avgpool", "attention_pool",
-             "cross_attention"]
-    return (order.index(name) if name in order else len(order), name)
 
 
 def _max_seq_len(model: Model, rope_comp: Component | None) -> int:

@@ -355,7 +355,7 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
     if m["ep"] > 1 and m["dp"] % m["ep"]:
         diags.error("E123", f"expert-parallel degree {m['ep']} must divide dp {m['dp']}",
                     plan.spans.get("mesh.ep", where))
-    elif m["ep"] > 1 and not any(c.op.name == "moe" for c in model.all_components()):
+    elif m["ep"] > 1 and not any("ep" in c.op.split_by for c in model.all_components()):
         diags.error("E123", f"expert-parallel degree {m['ep']} needs mixture-of-experts "
                     f"layers; '{model.name}' has no moe", plan.spans.get("mesh.ep", where))
     units = layer_units(model) if units is None else units
@@ -385,22 +385,21 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
             diags.error("E127", f"{p['schedule']} with {m['pp']} stages needs at least "
                         f"{m['pp']} microbatches, got {p['microbatches']}",
                         plan.spans.get("pipeline.microbatches", sched_span))
-    if m["tp"] > 1:
-        for comp in model.all_components():
-            if comp.op.name == "attention":
-                for arg in ("heads", "kv_heads"):
-                    if comp.args[arg] % m["tp"]:
-                        diags.error("E122", f"tensor-parallel degree {m['tp']} does not divide "
-                                    f"{arg} {comp.args[arg]} of '{comp.name}'",
-                                    plan.spans.get("mesh.tp", where),
-                                    notes=[("attention declared here", comp.span)])
-    if m["ep"] > 1:
-        for comp in model.all_components():
-            if comp.op.name == "moe" and comp.args["experts"] % m["ep"]:
+    # each op names the arguments a parallel degree splits (OpDef.split_by)
+    for comp in model.all_components():
+        for arg in comp.op.split_by.get("tp", ()) if m["tp"] > 1 else ():
+            if comp.args[arg] % m["tp"]:
+                diags.error("E122", f"tensor-parallel degree {m['tp']} does not divide "
+                            f"{arg} {comp.args[arg]} of '{comp.name}'",
+                            plan.spans.get("mesh.tp", where),
+                            notes=[(f"{comp.op.name} declared here", comp.span)])
+    for comp in model.all_components():
+        for arg in comp.op.split_by.get("ep", ()) if m["ep"] > 1 else ():
+            if comp.args[arg] % m["ep"]:
                 diags.error("E123", f"expert-parallel degree {m['ep']} does not divide the "
-                            f"{comp.args['experts']} experts of '{comp.name}'",
+                            f"{comp.args[arg]} {arg} of '{comp.name}'",
                             plan.spans.get("mesh.ep", where),
-                            notes=[("moe declared here", comp.span)])
+                            notes=[(f"{comp.op.name} declared here", comp.span)])
 
 
 def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostics,

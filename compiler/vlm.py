@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import ast
 from .bind import Component, Model
 from .diagnostics import Diagnostics, Span, did_you_mean
-from .ops import OPS, numel, patch_tokens
+from .ops import OPS, numel, ops_for, patch_tokens
 
 FIELDS = ("text", "vision", "adapter", "fusion")
 ADAPTERS = ("linear", "mlp2", "avgpool", "attention_pool")
@@ -143,7 +143,7 @@ def image_tokens(adapter: Component, patch: dict) -> int:
     return tokens
 
 
-MLP_OPS = ("swiglu", "gelu_mlp", "relu_mlp", "moe")
+MLP_OPS = ops_for("mlp")  # a block's feed-forward, which MoMa replaces
 
 
 def fusion_params(vlm: VLM, text: Model) -> tuple[int, int]:

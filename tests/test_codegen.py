@@ -31,12 +31,13 @@ def test_every_spec_has_a_committed_package_that_is_up_to_date():
 def test_check_reports_drift_as_a_unified_diff(tmp_path):
     shutil.copytree(GENERATED / "llama_debug", tmp_path / "llama_debug")
     model_py = tmp_path / "llama_debug" / "model.py"
-    model_py.write_text(model_py.read_text().replace("eps=1e-05", "eps=1e-06", 1))
+    model_py.write_text(model_py.read_text().replace("norm_eps: float = 1e-05",
+                                                     "norm_eps: float = 1e-06", 1))
     result = run_forgec("build", "--check", "-o", str(tmp_path), "specs/llama_debug.forge")
     assert result.returncode == 1
     assert f"--- a/{tmp_path}/llama_debug/model.py" in result.stdout
-    assert "-        self.attention_norm = RMSNorm(dim=128, eps=1e-06)" in result.stdout
-    assert "+        self.attention_norm = RMSNorm(dim=128, eps=1e-05)" in result.stdout
+    assert "-    norm_eps: float = 1e-06" in result.stdout
+    assert "+    norm_eps: float = 1e-05" in result.stdout
     assert "stale" in result.stderr
 
 

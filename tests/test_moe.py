@@ -76,7 +76,7 @@ def test_one_expert_top1_equals_the_dense_mlp(tmp_path):
     assert not hasattr(mod, "SwiGLU")  # no dense MLP in an all-MoE model: no class for it
     from generated.llama_debug.model import SwiGLU
 
-    dense = SwiGLU(128, 384, False)
+    dense = SwiGLU(128, 384)
     with torch.no_grad():  # the dense MLP with the expert's weights (Linear stores (out, in))
         dense.gate_proj.weight.copy_(moe.experts.gate_proj[0].t())
         dense.up_proj.weight.copy_(moe.experts.up_proj[0].t())

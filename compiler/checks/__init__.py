@@ -16,21 +16,9 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from . import (
-    causality,
-    dangling,
-    heads,
-    modality,
-    moe,
-    names,
-    positive_sizes,
-    rotary,
-    shapes,
-    tied,
-    vision,
-)
+from . import causality, dangling, modality, names, op_rules, positive_sizes, rotary, shapes
 
-PASSES = (names, positive_sizes, heads, rotary, moe, vision, shapes, dangling, tied, causality)
+PASSES = (names, positive_sizes, op_rules, rotary, shapes, dangling, causality)
 # over the one graph of a vision-language model (compiler/lower.py, `lower_vlm`),
 # once its text model and vision encoder passed the checks above
 VLM_PASSES = (modality, causality)

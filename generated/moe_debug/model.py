@@ -10,7 +10,7 @@ only the features the spec uses are present.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,9 @@ SPEC = "specs/moe_debug.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `moe_debug`; the defaults are the spec's values.
-
-    The modules are generated for exactly these values: to change one, change
-    the spec and rebuild.
-    """
+    """Hyper-parameters of `moe_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -36,6 +34,30 @@ class ModelConfig:
     norm_eps: float = 1e-05
     n_experts: int = 8
     init_std: float = 0.02
+    mlp_hidden: int = 384
+    sparse_mlp_hidden: int = 64
+    mlp_top_k: int = 2
+    router_n_group: int = 4
+    router_topk_group: int = 2
+    rope_head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
+        stale += sorted(changed & set(FIXED))
+        if stale:
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
+            raise ValueError(
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which), and fields no code reads.
+COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads")}
+FIXED = ("n_layers",)
 
 
 @dataclass
@@ -65,6 +87,49 @@ class ModalityContext:
                 raise ValueError(
                     f"key_padding_mask has shape {tuple(mask.shape)}, expected {tuple(ref.shape[:2])}"
                 )
+
+
+def attention_masks(
+    batch: int,
+    seq_len: int,
+    *,
+    start: int = 0,
+    key_valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+
+    One mask per kind of attention in the model; None where SDPA's own causal
+    path is exact (no cache offset, no padding, no documents). `doc_ids`
+    confines attention to a token's own document of a packed sequence.
+    """
+    if start == 0 and key_valid is None and doc_ids is None:
+        return {"causal": None}  # SDPA's own causal path is exact here
+    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+    k_pos = torch.arange(start + seq_len, device=device)[None, :]
+    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    masks = {}
+    mask = allowed & (k_pos <= q_pos)
+    # a query that may see no key at all (a padding row) sees every key instead of NaN
+    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    return masks
+
+
+def rope_tables(
+    positions: int, device: torch.device | None = None, config: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
+    config = config or ModelConfig()
+    rotary_dim, theta = config.rope_head_dim, 10000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 class KVCache:
@@ -110,55 +175,18 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
-def attention_masks(
-    batch: int,
-    seq_len: int,
-    *,
-    start: int = 0,
-    key_valid: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
 
-    One mask per kind of attention in the model; None where SDPA's own causal
-    path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
-    """
-    if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
-    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
-    k_pos = torch.arange(start + seq_len, device=device)[None, :]
-    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    masks = {}
-    mask = allowed & (k_pos <= q_pos)
-    # a query that may see no key at all (a padding row) sees every key instead of NaN
-    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    return masks
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
 
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
-def rope_tables(
-    positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -176,37 +204,32 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
-        zero_init: bool = False,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -215,10 +238,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -247,27 +267,23 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -289,15 +305,15 @@ class SigmoidTopK(nn.Module):
         dim: int,
         experts: int,
         top_k: int,
-        bias_rate: float,
-        schedule: str,
-        load_ema: float,
-        normalize: bool,
-        routed_scale: float,
-        n_group: int,
-        topk_group: int,
-        seq_aux_loss_weight: float,
-        z_loss_weight: float,
+        bias_rate: float = 1e-3,
+        schedule: str = "constant",
+        load_ema: float = 0.9,
+        normalize: bool = True,
+        routed_scale: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        seq_aux_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.experts, self.top_k = experts, top_k
@@ -374,7 +390,13 @@ GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
-    on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
+    on_cpu = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[-1] % 4 == 0
+        and w.shape[-1] % 4 == 0
+    )
     on_gpu = (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
@@ -421,13 +443,10 @@ class GroupedExperts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Mixture of experts: each token goes to its router's top_k experts plus the shared experts.
+    """Mixture of experts: each token goes to its router's top_k experts (and to the
+    shared experts, if any).
 
     Tokens are sorted by expert and each weight runs as one grouped matmul.
-    In training an expert takes at most ceil(T·k/E · capacity_factor) of the
-    T·k routed slots; overflow slots are dropped (the token keeps its residual
-    and its other experts), first choices before second choices, earlier tokens
-    (in flattened batch order) first. Evaluation never drops.
     """
 
     def __init__(
@@ -439,13 +458,12 @@ class MoE(nn.Module):
         router: nn.Module,
         shared_hidden: int = 0,
         capacity_factor: float = 0.0,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
-        self.experts_count, self.top_k, self.zero_init = experts, top_k, zero_init
+        self.experts_count, self.top_k = experts, top_k
         self.router = router
         self.experts = GroupedExperts(dim, hidden, experts)
-        self.shared_experts = SwiGLU(dim, shared_hidden, zero_init) if shared_hidden else None
+        self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
         self.capacity_factor = capacity_factor
         self.dropped_tokens = 0
 
@@ -453,21 +471,22 @@ class MoE(nn.Module):
         self.router.init_weights(std)
         nn.init.normal_(self.experts.gate_proj, mean=0.0, std=std)
         nn.init.normal_(self.experts.up_proj, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.experts.down_proj)
-        else:
-            nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
+        nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, dim = x.shape
-        flat = x.reshape(-1, dim)  # (T, dim)
+        flat = x.reshape(-1, dim)  # (T, dim), T = B·S tokens
         weights, ids = self.router(x)  # (T, k) each
         # slot-major order: every token's first choice, then every second choice
-        expert = ids.t().reshape(-1)
+        expert = ids.t().reshape(-1)  # (T·k,)
         weight = weights.t().reshape(-1)
         token = torch.arange(flat.shape[0], device=x.device).repeat(self.top_k)
+        # In training an expert takes at most ceil(T·k/E · capacity_factor) of the
+        # T·k routed slots; overflow slots are dropped (the token keeps its residual
+        # and its other experts), first choices before second choices, earlier tokens
+        # (in flattened batch order) first. Evaluation never drops.
         self.dropped_tokens = 0
         if self.training and self.capacity_factor > 0:
             capacity = math.ceil(ids.numel() / self.experts_count * self.capacity_factor)
@@ -480,8 +499,8 @@ class MoE(nn.Module):
             expert, weight, token = expert[keep], weight[keep], token[keep]
         order = torch.argsort(expert, stable=True)
         expert, weight, token = expert[order], weight[order], token[order]
-        counts = torch.bincount(expert, minlength=self.experts_count)
-        routed = self.experts(flat[token], counts) * weight[:, None]
+        counts = torch.bincount(expert, minlength=self.experts_count)  # (E,)
+        routed = self.experts(flat[token], counts) * weight[:, None]  # (slots, dim)
         out = torch.zeros_like(flat).index_add_(0, token, routed)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -491,7 +510,7 @@ class MoE(nn.Module):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -526,21 +545,12 @@ class DenseBlock(TransformerBlock):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=128, eps=1e-05)
-        self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            zero_init=False,
-        )
-        self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
-        self.mlp = SwiGLU(dim=128, hidden=384, zero_init=False)
+        self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
-            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
+            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -575,43 +585,27 @@ class SparseBlock(TransformerBlock):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=128, eps=1e-05)
-        self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            zero_init=False,
-        )
-        self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
+        self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = MoE(
-            dim=128,
-            hidden=64,
-            experts=8,
-            top_k=2,
+            dim=config.dim,
+            hidden=config.sparse_mlp_hidden,
+            experts=config.n_experts,
+            top_k=config.mlp_top_k,
             router=SigmoidTopK(
-                dim=128,
-                experts=8,
-                top_k=2,
-                bias_rate=0.001,
+                dim=config.dim,
+                experts=config.n_experts,
+                top_k=config.mlp_top_k,
                 schedule="cosine_decay",
-                n_group=4,
-                topk_group=2,
-                load_ema=0.9,
-                normalize=True,
-                routed_scale=1.0,
-                seq_aux_loss_weight=0.0,
-                z_loss_weight=0.0,
+                n_group=config.router_n_group,
+                topk_group=config.router_topk_group,
             ),
-            shared_hidden=64,
+            shared_hidden=config.sparse_mlp_hidden,
             capacity_factor=1.25,
-            zero_init=False,
         )
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
-            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
+            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -659,16 +653,6 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if config != ModelConfig():
-            changed = [
-                f"{k}={getattr(config, k)!r} (spec: {v!r})"
-                for k, v in vars(ModelConfig()).items()
-                if getattr(config, k) != v
-            ]
-            raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(changed)}. "
-                "Change the spec and rebuild with forgec."
-            )
         if vlm_config is not None or num_image_tokens:
             raise ValueError(f"{SPEC} describes a text-only model; it takes no vlm_config")
         self.config = config
@@ -677,10 +661,12 @@ class Transformer(nn.Module):
         # to_empty() + init_weights_and_freqs() give the same weights for a seed.
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.token_embedding = TokenEmbedding(vocab=256, dim=128)
-            self.layers = nn.ModuleDict({str(i): TransformerBlock(config, i) for i in range(4)})
-            self.norm = RMSNorm(dim=128, eps=1e-05)
-            self.output_head = OutputHead(dim=128, vocab=256, bias=False)
+            self.token_embedding = TokenEmbedding(vocab=config.vocab_size, dim=config.dim)
+            self.layers = nn.ModuleDict(
+                {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
+            )
+            self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -697,9 +683,11 @@ class Transformer(nn.Module):
             raise RuntimeError("materialise the model first: model.to_empty(device=...)")
         if self.initialized:
             return  # safe to call again: weights are initialised once
-        self.rope_cos, self.rope_sin = rope_tables(256, device=param.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.config.max_seq_len, param.device, self.config
+        )
         std = self.config.init_std
-        out_std = std / math.sqrt(2 * 4)
+        out_std = std / math.sqrt(2 * self.config.n_layers)
         with torch.no_grad():
             if self.token_embedding is not None:
                 self.token_embedding.init_weights(std)
@@ -760,14 +748,17 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
     ) -> list[KVCache]:
         """One KV cache per layer, for `forward(..., kv_caches=...)`."""
-        max_seq_len = max_seq_len or 256
-        if max_seq_len > 256:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's 256")
+        limit = self.config.max_seq_len
+        max_seq_len = max_seq_len or limit
+        if max_seq_len > limit:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {limit}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(batch_size, max_seq_len, 2, 32, dtype=dtype, device=device) for _ in range(4)
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(self.config.n_layers)
         ]
 
     def forward(
@@ -793,8 +784,8 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             if doc_ids is not None:
                 raise ValueError("kv_caches cannot be combined with doc_ids (packed input)")
-            if len(kv_caches) != 4:
-                raise ValueError(f"expected 4 KV caches, got {len(kv_caches)}")
+            if len(kv_caches) != self.config.n_layers:
+                raise ValueError(f"expected {self.config.n_layers} KV caches, got {len(kv_caches)}")
         if embeds is not None:
             h = embeds
         elif self.token_embedding is not None:
@@ -842,9 +833,10 @@ class Transformer(nn.Module):
             raise RuntimeError("call init_weights_and_freqs() after to_empty()")
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        limit = self.config.max_seq_len
         if kv_caches is None and padding is None:
-            if s > 256:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if s > limit:
+                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
@@ -854,8 +846,8 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
             # what the caches already hold decides the positions: a run-time guard
-            if int(positions.max()) >= 256:
-                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
-        elif s > 256:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if int(positions.max()) >= limit:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
+        elif s > limit:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]

@@ -10,7 +10,7 @@ only the features the spec uses are present.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +23,9 @@ MODALITIES = ("image", "text")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `llama_debug`; the defaults are the spec's values.
-
-    The modules are generated for exactly these values: to change one, change
-    the spec and rebuild.
-    """
+    """Hyper-parameters of `llama_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -37,6 +35,25 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-05
     init_std: float = 0.02
+    fusion_hidden: int = 128
+    fusion_experts: int = 4
+    rope_head_dim: int = 32
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
+        if stale:
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
+            raise ValueError(
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which).
+COMPUTED = {"rope_head_dim": ("dim", "n_heads")}
 
 
 @dataclass
@@ -110,23 +127,29 @@ def attention_masks(
 
 
 def rope_tables(
-    positions: int, device: torch.device | None = None
+    positions: int, device: torch.device | None = None, config: ModelConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
+    """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
+    config = config or ModelConfig()
+    rotary_dim, theta = config.rope_head_dim, 10000.0
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
+
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -144,57 +167,33 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
-
-
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         use_rope: bool = True,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.use_rope = use_rope
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -204,10 +203,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -234,25 +230,96 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class OutputHead(nn.Module):
+    """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
+
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, vocab, bias=bias)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class PatchEmbedding(nn.Module):
+    """Images (B, channels, H, W) → patch tokens (B, S, dim): a strided convolution,
+    an optional CLS token and learned positions."""
+
+    def __init__(
+        self,
+        channels: int,
+        patch: int,
+        dim: int,
+        image_size: int,
+        positions: str,
+        cls_token: bool,
+    ) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        tokens = (image_size // patch) ** 2 + (1 if cls_token else 0)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if cls_token else None
+        learned = positions == "learned"
+        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim)) if learned else None
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
+        nn.init.zeros_(self.proj.bias)
+        for p in (self.cls_token, self.pos_embedding):
+            if p is not None:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        if pixels.shape[-2:] != (size, size):
+            raise ValueError(f"images must be {size}×{size}, got {tuple(pixels.shape[-2:])}")
+        x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, patches, dim)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embedding is not None:
+            x = x + self.pos_embedding
+        return x
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
 
 
 class GeluMLP(nn.Module):
     """Two-layer MLP: down(gelu(up(x)))."""
 
-    def __init__(self, dim: int, hidden: int, bias: bool, zero_init: bool) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
         for proj in (self.up_proj, self.down_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -261,12 +328,35 @@ class GeluMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
+class MLP2Adapter(nn.Module):
+    """Adapter: image tokens (B, N, in_dim) → (B, N, out_dim) by Linear → GELU → Linear."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def init_weights(self, std: float) -> None:
+        for fc in (self.fc1, self.fc2):
+            nn.init.normal_(fc.weight, mean=0.0, std=std)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
 GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
-    on_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
+    on_cpu = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[-1] % 4 == 0
+        and w.shape[-1] % 4 == 0
+    )
     on_gpu = (
         x.device.type == "cuda"
         and x.dtype == torch.bfloat16
@@ -365,101 +455,24 @@ class MoMaFFN(nn.Module):
         return out
 
 
-class OutputHead(nn.Module):
-    """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
-
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, vocab, bias=bias)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
-        if self.proj.bias is not None:
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-class PatchEmbedding(nn.Module):
-    """Images (B, channels, H, W) → patch tokens (B, S, dim): a strided convolution,
-    an optional CLS token and learned positions."""
-
-    def __init__(
-        self,
-        channels: int,
-        patch: int,
-        dim: int,
-        image_size: int,
-        positions: str,
-        cls_token: bool,
-    ) -> None:
-        super().__init__()
-        self.image_size = image_size
-        self.proj = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
-        tokens = (image_size // patch) ** 2 + (1 if cls_token else 0)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if cls_token else None
-        learned = positions == "learned"
-        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, dim)) if learned else None
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.proj.weight, mean=0.0, std=std)
-        nn.init.zeros_(self.proj.bias)
-        for p in (self.cls_token, self.pos_embedding):
-            if p is not None:
-                nn.init.normal_(p, mean=0.0, std=std)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if pixels.shape[-2:] != (size, size):
-            raise ValueError(f"images must be {size}×{size}, got {tuple(pixels.shape[-2:])}")
-        x = self.proj(pixels).flatten(2).transpose(1, 2)  # (B, patches, dim)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embedding is not None:
-            x = x + self.pos_embedding
-        return x
-
-
-class MLP2Adapter(nn.Module):
-    """Adapter: image tokens (B, N, in_dim) → (B, N, out_dim) by Linear → GELU → Linear."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def init_weights(self, std: float) -> None:
-        for fc in (self.fc1, self.fc2):
-            nn.init.normal_(fc.weight, mean=0.0, std=std)
-            nn.init.zeros_(fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class TransformerBlock(nn.Module):
     """Block `dense` (specs/llama_debug.forge:16)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=128, eps=1e-05)
-        self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            use_rope=True,
-            zero_init=False,
+        self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.mlp = MoMaFFN(
+            dim=config.dim,
+            hidden=config.fusion_hidden,
+            experts=config.fusion_experts,
+            capacity=0.5,
+            modalities=MODALITIES,
         )
-        self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
-        self.mlp = MoMaFFN(dim=128, hidden=128, experts=4, capacity=0.5, modalities=MODALITIES)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
-            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
+            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -496,20 +509,10 @@ class VisionEncoderBlock(nn.Module):
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.attention = Attention(
-            dim=96,
-            heads=4,
-            kv_heads=4,
-            head_dim=24,
-            causal=False,
-            qkv_bias=False,
-            out_bias=False,
-            use_rope=False,
-            zero_init=False,
-        )
-        self.mlp_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.mlp = GeluMLP(dim=96, hidden=384, bias=True, zero_init=False)
+        self.attention_norm = LayerNorm(dim=96, eps=1e-05)
+        self.attention = Attention(dim=96, heads=4, causal=False, use_rope=False)
+        self.mlp_norm = LayerNorm(dim=96, eps=1e-05)
+        self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -547,18 +550,10 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if config != ModelConfig():
-            changed = [
-                f"{k}={getattr(config, k)!r} (spec: {v!r})"
-                for k, v in vars(ModelConfig()).items()
-                if getattr(config, k) != v
-            ]
+        if num_image_tokens not in (0, IMAGE_TOKENS):
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(changed)}. "
-                "Change the spec and rebuild with forgec."
+                f"{SPEC} is compiled for {IMAGE_TOKENS} image tokens, not {num_image_tokens}"
             )
-        if num_image_tokens not in (0, 64):
-            raise ValueError(f"{SPEC} is compiled for 64 image tokens, not {num_image_tokens}")
         self.num_image_tokens = num_image_tokens
         self.config = config
         # Parameters are created on the meta device and initialised once, by
@@ -566,10 +561,12 @@ class Transformer(nn.Module):
         # to_empty() + init_weights_and_freqs() give the same weights for a seed.
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.token_embedding = TokenEmbedding(vocab=256, dim=128)
-            self.layers = nn.ModuleDict({str(i): TransformerBlock(config, i) for i in range(4)})
-            self.norm = RMSNorm(dim=128, eps=1e-05)
-            self.output_head = OutputHead(dim=128, vocab=256, bias=False)
+            self.token_embedding = TokenEmbedding(vocab=config.vocab_size, dim=config.dim)
+            self.layers = nn.ModuleDict(
+                {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
+            )
+            self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -586,9 +583,11 @@ class Transformer(nn.Module):
             raise RuntimeError("materialise the model first: model.to_empty(device=...)")
         if self.initialized:
             return  # safe to call again: weights are initialised once
-        self.rope_cos, self.rope_sin = rope_tables(256, device=param.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.config.max_seq_len, param.device, self.config
+        )
         std = self.config.init_std
-        out_std = std / math.sqrt(2 * 4)
+        out_std = std / math.sqrt(2 * self.config.n_layers)
         with torch.no_grad():
             if self.token_embedding is not None:
                 self.token_embedding.init_weights(std)
@@ -705,17 +704,18 @@ class Transformer(nn.Module):
             raise RuntimeError("call init_weights_and_freqs() after to_empty()")
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        limit = self.config.max_seq_len
         if padding is None:
-            if s > 256:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if s > limit:
+                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
             positions = (padding.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             positions = torch.arange(s, device=device).expand(b, s)
-        if s > 256:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+        if s > limit:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 
@@ -732,7 +732,7 @@ class VisionEncoder(nn.Module):
             channels=3, patch=4, dim=96, image_size=32, positions="learned", cls_token=False
         )
         self.layers = nn.ModuleDict({str(i): VisionEncoderBlock(i) for i in range(2)})
-        self.norm = LayerNorm(dim=96, eps=1e-05, bias=True)
+        self.norm = LayerNorm(dim=96, eps=1e-05)
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.patch_embedding is not None:  # a pipeline stage may lack it, and the norm

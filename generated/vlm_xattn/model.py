@@ -10,7 +10,7 @@ only the features the spec uses are present.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,9 @@ SPEC = "specs/vlm_xattn.forge"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of `llama_debug`; the defaults are the spec's values.
-
-    The modules are generated for exactly these values: to change one, change
-    the spec and rebuild.
-    """
+    """Hyper-parameters of `llama_debug`, the spec's values by default. The model is
+    built from them; a change must stay consistent with the spec: the fields it
+    computes from others (COMPUTED) change with them, FIXED ones need a new spec."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -35,6 +33,26 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-05
     init_std: float = 0.02
+    mlp_hidden: int = 384
+    rope_head_dim: int = 32
+    fusion_heads: int = 4
+    fusion_hidden: int = 512
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
+        if stale:
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
+            raise ValueError(
+                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which).
+COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads"), "fusion_hidden": ("dim",)}
 
 
 @dataclass
@@ -68,6 +86,49 @@ class ModalityContext:
                 raise ValueError(
                     f"key_padding_mask has shape {tuple(mask.shape)}, expected {tuple(ref.shape[:2])}"
                 )
+
+
+def attention_masks(
+    batch: int,
+    seq_len: int,
+    *,
+    start: int = 0,
+    key_valid: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+
+    One mask per kind of attention in the model; None where SDPA's own causal
+    path is exact (no cache offset, no padding, no documents). `doc_ids`
+    confines attention to a token's own document of a packed sequence.
+    """
+    if start == 0 and key_valid is None and doc_ids is None:
+        return {"causal": None}  # SDPA's own causal path is exact here
+    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
+    k_pos = torch.arange(start + seq_len, device=device)[None, :]
+    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :]
+    masks = {}
+    mask = allowed & (k_pos <= q_pos)
+    # a query that may see no key at all (a padding row) sees every key instead of NaN
+    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    return masks
+
+
+def rope_tables(
+    positions: int, device: torch.device | None = None, config: ModelConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
+    config = config or ModelConfig()
+    rotary_dim, theta = config.rope_head_dim, 10000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 class KVCache:
@@ -113,55 +174,18 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
-def attention_masks(
-    batch: int,
-    seq_len: int,
-    *,
-    start: int = 0,
-    key_valid: torch.Tensor | None = None,
-    doc_ids: torch.Tensor | None = None,
-    device: torch.device | None = None,
-) -> dict[str, torch.Tensor | None]:
-    """Boolean masks (B, 1, S, start + S), True where a query may attend a key.
+class TokenEmbedding(nn.Module):
+    """Token ids (B, S) → vectors (B, S, dim)."""
 
-    One mask per kind of attention in the model; None where SDPA's own causal
-    path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
-    """
-    if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
-    q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
-    k_pos = torch.arange(start + seq_len, device=device)[None, :]
-    allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
-    if key_valid is not None:
-        allowed = allowed & key_valid[:, None, None, :]
-    masks = {}
-    mask = allowed & (k_pos <= q_pos)
-    # a query that may see no key at all (a padding row) sees every key instead of NaN
-    masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    return masks
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
 
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
-def rope_tables(
-    positions: int, device: torch.device | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE cos/sin tables (positions, 32) in fp32, half-split layout."""
-    rotary_dim, theta = 32, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
-    return out
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
 
 
 class RMSNorm(nn.Module):
@@ -179,57 +203,33 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension, computed in fp32."""
-
-    def __init__(self, dim: int, eps: float, bias: bool) -> None:
-        super().__init__()
-        self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
-
-
-class TokenEmbedding(nn.Module):
-    """Token ids (B, S) → vectors (B, S, dim)."""
-
-    def __init__(self, vocab: int, dim: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab, dim)
-
-    def init_weights(self, std: float) -> None:
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embedding(tokens)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x.float() * cos + rotated * sin).type_as(x)
+    return out
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads and RoPE."""
+    """Multi-head attention with grouped KV heads."""
 
     def __init__(
         self,
         dim: int,
         heads: int,
-        kv_heads: int,
-        head_dim: int,
-        causal: bool,
-        qkv_bias: bool,
-        out_bias: bool,
+        kv_heads: int | None = None,  # default: heads
+        head_dim: int | None = None,  # default: dim // heads
+        causal: bool = True,
+        qkv_bias: bool = False,
+        out_bias: bool = False,
         use_rope: bool = True,
-        zero_init: bool = False,
     ) -> None:
         super().__init__()
+        kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.causal, self.zero_init = causal, zero_init
+        self.causal = causal
         self.use_rope = use_rope
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -239,10 +239,7 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.o_proj.weight)
-        else:
-            nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -272,59 +269,32 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=self.causal and mask is None,
             enable_gqa=q.shape[1] != k.shape[1],
-        )
+        )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class SwiGLU(nn.Module):
     """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, zero_init: bool) -> None:
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
-        self.zero_init = zero_init
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
         nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class GeluMLP(nn.Module):
-    """Two-layer MLP: down(gelu(up(x)))."""
-
-    def __init__(self, dim: int, hidden: int, bias: bool, zero_init: bool) -> None:
-        super().__init__()
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.zero_init = zero_init
-
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
-        if self.zero_init:
-            nn.init.zeros_(self.down_proj.weight)
-        else:
-            nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
-        for proj in (self.up_proj, self.down_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
-
-
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool) -> None:
+    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
@@ -377,6 +347,44 @@ class PatchEmbedding(nn.Module):
         return x
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if bias else None
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
+
+
+class GeluMLP(nn.Module):
+    """Two-layer MLP: down(gelu(up(x)))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.up_proj.weight, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
+        for proj in (self.up_proj, self.down_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
 class AttentionPoolAdapter(nn.Module):
     """Adapter: a learned query attends over each window × window block of the square
     patch grid, then maps to the text width: (B, grid², in_dim) → (B, (grid / window)², out_dim)."""
@@ -421,7 +429,7 @@ class CrossAttentionBlock(nn.Module):
             setattr(self.attention, name, nn.Linear(dim, dim, bias=False))
         self.attention_gate = nn.Parameter(torch.empty(1))
         self.mlp_norm = RMSNorm(dim, eps)
-        self.mlp = SwiGLU(dim, hidden, False)
+        self.mlp = SwiGLU(dim, hidden)
         self.mlp_gate = nn.Parameter(torch.empty(1))
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -461,22 +469,12 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=128, eps=1e-05)
-        self.attention = Attention(
-            dim=128,
-            heads=4,
-            kv_heads=2,
-            head_dim=32,
-            causal=True,
-            qkv_bias=False,
-            out_bias=False,
-            use_rope=True,
-            zero_init=False,
-        )
-        self.mlp_norm = RMSNorm(dim=128, eps=1e-05)
-        self.mlp = SwiGLU(dim=128, hidden=384, zero_init=False)
+        self.attention_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
-            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * 4))
+            self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -511,20 +509,10 @@ class VisionEncoderBlock(nn.Module):
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.attention = Attention(
-            dim=96,
-            heads=4,
-            kv_heads=4,
-            head_dim=24,
-            causal=False,
-            qkv_bias=False,
-            out_bias=False,
-            use_rope=False,
-            zero_init=False,
-        )
-        self.mlp_norm = LayerNorm(dim=96, eps=1e-05, bias=True)
-        self.mlp = GeluMLP(dim=96, hidden=384, bias=True, zero_init=False)
+        self.attention_norm = LayerNorm(dim=96, eps=1e-05)
+        self.attention = Attention(dim=96, heads=4, causal=False, use_rope=False)
+        self.mlp_norm = LayerNorm(dim=96, eps=1e-05)
+        self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -566,18 +554,10 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         config = ModelConfig() if config is None else config
-        if config != ModelConfig():
-            changed = [
-                f"{k}={getattr(config, k)!r} (spec: {v!r})"
-                for k, v in vars(ModelConfig()).items()
-                if getattr(config, k) != v
-            ]
+        if num_image_tokens not in (0, IMAGE_TOKENS):
             raise ValueError(
-                f"{SPEC} was compiled for its own ModelConfig; differs in {', '.join(changed)}. "
-                "Change the spec and rebuild with forgec."
+                f"{SPEC} is compiled for {IMAGE_TOKENS} image tokens, not {num_image_tokens}"
             )
-        if num_image_tokens not in (0, 16):
-            raise ValueError(f"{SPEC} is compiled for 16 image tokens, not {num_image_tokens}")
         self.num_image_tokens = num_image_tokens
         self.config = config
         # Parameters are created on the meta device and initialised once, by
@@ -585,14 +565,21 @@ class Transformer(nn.Module):
         # to_empty() + init_weights_and_freqs() give the same weights for a seed.
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.token_embedding = TokenEmbedding(vocab=256, dim=128)
-            self.layers = nn.ModuleDict({str(i): TransformerBlock(config, i) for i in range(4)})
+            self.token_embedding = TokenEmbedding(vocab=config.vocab_size, dim=config.dim)
+            self.layers = nn.ModuleDict(
+                {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
+            )
             # a gated cross-attention block after layers 1, 3
             self.cross_attention_layers = nn.ModuleDict(
-                {str(k): CrossAttentionBlock(128, 4, 512, 1e-05) for k in range(2)}
+                {
+                    str(k): CrossAttentionBlock(
+                        config.dim, config.fusion_heads, config.fusion_hidden, config.norm_eps
+                    )
+                    for k in range(2)
+                }
             )
-            self.norm = RMSNorm(dim=128, eps=1e-05)
-            self.output_head = OutputHead(dim=128, vocab=256, bias=False)
+            self.norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
+            self.output_head = OutputHead(dim=config.dim, vocab=config.vocab_size)
         # fp32 RoPE tables: plain attributes, so that dtype casts of the model
         # never round them and they stay out of the state dict
         self.rope_cos: torch.Tensor | None = None
@@ -609,9 +596,11 @@ class Transformer(nn.Module):
             raise RuntimeError("materialise the model first: model.to_empty(device=...)")
         if self.initialized:
             return  # safe to call again: weights are initialised once
-        self.rope_cos, self.rope_sin = rope_tables(256, device=param.device)
+        self.rope_cos, self.rope_sin = rope_tables(
+            self.config.max_seq_len, param.device, self.config
+        )
         std = self.config.init_std
-        out_std = std / math.sqrt(2 * 4)
+        out_std = std / math.sqrt(2 * self.config.n_layers)
         with torch.no_grad():
             if self.token_embedding is not None:
                 self.token_embedding.init_weights(std)
@@ -656,14 +645,17 @@ class Transformer(nn.Module):
         device: torch.device | str | None = None,
     ) -> list[KVCache]:
         """One KV cache per layer, for `forward(..., kv_caches=...)`."""
-        max_seq_len = max_seq_len or 256
-        if max_seq_len > 256:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's 256")
+        limit = self.config.max_seq_len
+        max_seq_len = max_seq_len or limit
+        if max_seq_len > limit:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {limit}")
         param = next(self.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
-            KVCache(batch_size, max_seq_len, 2, 32, dtype=dtype, device=device) for _ in range(4)
+            KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
+            for _ in range(self.config.n_layers)
         ]
 
     def forward(
@@ -691,8 +683,8 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             if doc_ids is not None:
                 raise ValueError("kv_caches cannot be combined with doc_ids (packed input)")
-            if len(kv_caches) != 4:
-                raise ValueError(f"expected 4 KV caches, got {len(kv_caches)}")
+            if len(kv_caches) != self.config.n_layers:
+                raise ValueError(f"expected {self.config.n_layers} KV caches, got {len(kv_caches)}")
         if embeds is not None:
             h = embeds
         elif self.token_embedding is not None:
@@ -745,9 +737,10 @@ class Transformer(nn.Module):
             raise RuntimeError("call init_weights_and_freqs() after to_empty()")
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        limit = self.config.max_seq_len
         if kv_caches is None and padding is None:
-            if s > 256:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if s > limit:
+                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
@@ -757,10 +750,10 @@ class Transformer(nn.Module):
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
             # what the caches already hold decides the positions: a run-time guard
-            if int(positions.max()) >= 256:
-                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len 256")
-        elif s > 256:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len 256")
+            if int(positions.max()) >= limit:
+                raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
+        elif s > limit:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 
@@ -777,7 +770,7 @@ class VisionEncoder(nn.Module):
             channels=3, patch=4, dim=96, image_size=32, positions="learned", cls_token=False
         )
         self.layers = nn.ModuleDict({str(i): VisionEncoderBlock(i) for i in range(2)})
-        self.norm = LayerNorm(dim=96, eps=1e-05, bias=True)
+        self.norm = LayerNorm(dim=96, eps=1e-05)
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.patch_embedding is not None:  # a pipeline stage may lack it, and the norm

@@ -1,0 +1,56 @@
+"""The operator registry: one folder per family of ops.
+
+Every folder under compiler/ops/ with a `spec.py` is a family: its `spec.py`
+declares the ops (`OPS`, a tuple of torch-free `OpDef`s: arguments, shapes,
+parameters, cost, code generation), its `modules.py` holds their PyTorch code
+(plain, importable modules; compiler/modular.py copies what a model uses into
+its generated model.py). Adding a folder adds its ops: nothing else names them.
+See docs/adding-an-op.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+
+from .core import REQUIRED, ArgSpec, NestedCall, OpDef, Shape, numel
+
+OPS_DIR = os.path.dirname(__file__)
+
+
+def _families() -> list[str]:
+    """Folders that declare ops, in name order (so the registry is deterministic)."""
+    return sorted(name for name in os.listdir(OPS_DIR)
+                  if os.path.isfile(os.path.join(OPS_DIR, name, "spec.py")))
+
+
+def _load() -> dict[str, OpDef]:
+    ops: dict[str, OpDef] = {}
+    for family in _families():
+        spec = importlib.import_module(f"{__name__}.{family}.spec")
+        for op in spec.OPS:
+            assert op.name not in ops, f"op {op.name} declared twice"
+            ops[op.name] = dataclasses.replace(op, folder=family)
+    return ops
+
+
+OPS: dict[str, OpDef] = _load()
+
+
+def ops_for(slot: str) -> tuple[str, ...]:
+    """The ops that may fill a named place (`OpDef.slots`), in registry order."""
+    return tuple(name for name, op in OPS.items() if slot in op.slots)
+
+
+def modules_path(family: str) -> str:
+    """The PyTorch source of a family of ops."""
+    return os.path.join(OPS_DIR, family, "modules.py")
+
+
+# helpers of single ops that the cost model and the emitter use
+from .attention.spec import attended_keys, mask_key  # noqa: E402
+from .vision.spec import patch_tokens  # noqa: E402
+
+__all__ = ["OPS", "REQUIRED", "ArgSpec", "NestedCall", "OpDef", "Shape", "attended_keys",
+           "mask_key", "modules_path", "numel", "ops_for", "patch_tokens"]

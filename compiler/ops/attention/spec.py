@@ -1,0 +1,168 @@
+"""Multi-head / grouped-query self-attention."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import Args, ArgSpec, OpDef, Shape, hidden, numel
+
+
+def _attention_derive(a: dict[str, Any]) -> None:
+    if a.get("kv_heads") is None:
+        a["kv_heads"] = a["heads"]
+    if a.get("head_dim") is None:
+        dim, heads = a["dim"], a["heads"]
+        # Not divisible: left unset, reported with its location by this op's check (E070).
+        a["head_dim"] = dim // heads if heads and heads > 0 and dim % heads == 0 else None
+        a["_head_dim_derived"] = True
+    else:
+        a["_head_dim_derived"] = False
+
+
+def _attention_weights(a: Args) -> dict[str, Shape]:
+    dim, hd, h, kv = a["dim"], a["head_dim"], a["heads"], a["kv_heads"]
+    if hd is None:
+        return {}
+    w: dict[str, Shape] = {
+        "q_proj.weight": (h * hd, dim),
+        "k_proj.weight": (kv * hd, dim),
+        "v_proj.weight": (kv * hd, dim),
+        "o_proj.weight": (dim, h * hd),
+    }
+    if a["qkv_bias"]:
+        w["q_proj.bias"] = (h * hd,)
+        w["k_proj.bias"] = (kv * hd,)
+        w["v_proj.bias"] = (kv * hd,)
+    if a["out_bias"]:
+        w["o_proj.bias"] = (dim,)
+    if a["qk_norm"]:
+        w["q_norm.weight"] = (hd,)
+        w["k_norm.weight"] = (hd,)
+    return w
+
+
+def attended_keys(seq_len: int, causal: bool, window: int) -> float:
+    """Average number of keys a query attends to over a sequence of `seq_len`."""
+    if not causal:
+        return float(min(seq_len, window) if window else seq_len)
+    if not window or window >= seq_len:
+        return (seq_len + 1) / 2
+    # the first `window` queries see 1..window keys, the rest see `window`
+    full = seq_len - window
+    return (window * (window + 1) / 2 + full * window) / seq_len
+
+
+def mask_key(a: Args) -> str:
+    """Which attention mask an attention op reads: one per (causality, window)."""
+    base = "causal" if a["causal"] else "full"
+    return f"{base}_w{a['window']}" if a["window"] else base
+
+
+def _attention_flops(a: Args, seq_len: int) -> int:
+    hd = a["head_dim"]
+    if hd is None:
+        return 0
+    proj = 2 * sum(numel(s) for k, s in _attention_weights(a).items() if k.endswith("proj.weight"))
+    keys = attended_keys(seq_len, a["causal"], a["window"])
+    # QK^T and attention·V: 2 FLOPs per multiply-add, each heads·head_dim per key
+    return int(proj + 2 * 2 * a["heads"] * hd * keys)
+
+
+def _features(a: Args) -> frozenset[str]:
+    rope = a["rope"]
+    partial = rope is not None and rope.component.args.get("rotary_dim", a["head_dim"]) \
+        != a["head_dim"]
+    return frozenset(f for f, on in (("qk_norm", a["qk_norm"]), ("rope", rope is not None),
+                                     ("no_rope", rope is None), ("partial_rotary", partial),
+                                     ("zero_init", a["zero_init"])) if on)
+
+
+def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
+    out = {"dim": a["dim"], "heads": a["heads"], "kv_heads": a["kv_heads"],
+           "head_dim": a["head_dim"], "causal": a["causal"],
+           "qkv_bias": a["qkv_bias"], "out_bias": a["out_bias"]}
+    if a["qk_norm"]:
+        out["qk_norm_eps"] = a["qk_norm_eps"]
+    if {"rope", "no_rope"} <= u:
+        out["use_rope"] = a["rope"] is not None
+    if "zero_init" in u:
+        out["zero_init"] = a["zero_init"]
+    return out
+
+
+def _check(comp: Any, model: Any, diags: Any) -> None:
+    """E070/E071: the width splits evenly into heads, and heads into KV groups;
+    E078/E075: the rope it names is its section's kind and fits its heads."""
+    a, spans = comp.args, comp.arg_spans
+    dim, heads, kv = a["dim"], a["heads"], a["kv_heads"]
+    if min(dim, heads, kv) > 0:  # else reported by positive_sizes
+        if a["_head_dim_derived"] and dim % heads:
+            near = [h for h in range(max(1, heads - 8), heads + 9) if dim % h == 0]
+            diags.error("E070", f"dim {dim} is not divisible by heads {heads}",
+                        spans.get("heads", comp.span),
+                        hint="set head_dim explicitly" + (
+                            f", or use heads = {min(near, key=lambda h: abs(h - heads))}"
+                            if near else ""))
+        if heads % kv:
+            diags.error("E071", f"heads {heads} is not a multiple of kv_heads {kv}",
+                        spans.get("kv_heads", spans.get("heads", comp.span)),
+                        hint="each KV head serves an equal group of query heads")
+    if a.get("rope") is None:
+        return
+    rope = a["rope"].component
+    kind = model.kind
+    slot = "vision_positions" if kind == "vision" else "positions"
+    if slot not in rope.op.slots:
+        wanted = "rope2d" if kind == "vision" else "rope"
+        diags.error("E078", f"a {kind} section's attention takes a {wanted}, not "
+                    f"{rope.op.name} '{rope.name}'", spans.get("rope", comp.span),
+                    hint="rope2d turns with patch rows and columns: vision encoders "
+                    "only" if kind != "vision" else "an image has rows and columns: "
+                    "use rope2d(head_dim, grid)")
+        return
+    if not rope.ok or a["head_dim"] is None or rope.args["head_dim"] <= 0:
+        return  # a non-positive head_dim is reported by positive_sizes
+    if rope.args["head_dim"] != a["head_dim"]:
+        diags.error("E075", f"rope '{rope.name}' is built for head_dim "
+                    f"{rope.args['head_dim']} but this attention has head_dim "
+                    f"{a['head_dim']}", spans.get("rope", comp.span),
+                    notes=[("rope declared here", rope.span)])
+
+
+OPS = (
+    OpDef(
+        name="attention",
+        doc="Multi-head / grouped-query attention with optional RoPE, qk-norm and window.",
+        args=(
+            ArgSpec("dim", "size", doc="model width"),
+            ArgSpec("heads", "size", doc="query heads"),
+            ArgSpec("kv_heads", "size", derived=True, doc="key/value heads (default: heads)"),
+            ArgSpec("head_dim", "size", derived=True, doc="per-head width (default: dim / heads)"),
+            ArgSpec("rope", "ref:rope|rope2d", None,
+                    doc="a rope (or, in a vision encoder, rope2d) component; none for no positions"),
+            ArgSpec("causal", "bool", True),
+            ArgSpec("window", "int", 0, min=0, doc="sliding-window size; 0 for full attention"),
+            ArgSpec("qkv_bias", "bool", False),
+            ArgSpec("out_bias", "bool", False),
+            ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
+            ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
+        ),
+        sizes=("dim", "heads", "kv_heads", "head_dim"),
+        derive=_attention_derive,
+        derived_code={"kv_heads": "{heads}", "head_dim": "{dim} // {heads}"},
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["dim"]),
+        weights=_attention_weights,
+        flops=_attention_flops,
+        kv_elems=lambda a: 2 * a["kv_heads"] * (a["head_dim"] or 0) if a["causal"] else 0,
+        causal=lambda a: bool(a["causal"]),
+        class_name="Attention",
+        tp={"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
+        ctor=_ctor,
+        call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
+        call_fields=lambda a: {"mask_key": mask_key(a)},
+        mask=mask_key, caches=True, check=_check, split_by={"tp": ("heads", "kv_heads")},
+        features=_features,
+    ),
+)

@@ -1,0 +1,154 @@
+"""What an op is: its declaration (`OpDef`) and its arguments (`ArgSpec`).
+
+Each `OpDef` declares
+  * its arguments (name, type, default, range) — checked by compiler/bind.py;
+  * `derive`: defaults that depend on other arguments (e.g. kv_heads = heads);
+  * its shape rule: the tensor shapes it expects and the shape it produces —
+    used by compiler/lower.py and checked by compiler/checks/shapes.py;
+  * its parameter layout: FQN suffix → shape, relative to the component
+    (`q_proj.weight` under `layers.3.attention`) — used for FQNs, parameter
+    counts and code generation;
+  * its cost: forward FLOPs per token and KV-cache elements per token;
+  * `causal`: whether a token's output depends only on earlier tokens;
+  * its code: the definitions of its folder's `modules.py` it needs (`code`,
+    by default its `class_name`), copied into the generated model.py by
+    compiler/modular.py; the constructor arguments (`ctor`); how its forward
+    is called (`call`); and the optional code paths a component needs
+    (`features`: a feature `qk_norm` keeps the `if QK_NORM:` branches of the
+    module source, so no dead branch is generated).
+
+Shapes are tuples whose entries are ints or the symbols "B" (batch) and
+"S" (sequence).
+
+Roles: "module" ops are applied to tensors; "config" ops (rope) are shared
+settings that other ops name; "router" ops are written inline as an argument
+of the op that routes (`moe(..., router = sigmoid_topk(...))`); "adapter" and
+"fusion" ops connect a vision encoder to a decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Shape = tuple[int | str, ...]
+Args = Mapping[str, Any]
+
+REQUIRED = object()  # sentinel: an argument without a default
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    name: str
+    type: str  # "size" (positive int), "int", "float", "bool", "choice", "ref:<op>"
+    default: Any = REQUIRED
+    min: float | None = None  # inclusive
+    max: float | None = None  # inclusive
+    choices: tuple[str, ...] = ()
+    doc: str = ""
+    # The default depends on other arguments; `OpDef.derive` fills it in.
+    derived: bool = False
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED and not self.derived
+
+
+def _no_weights(args: Args) -> dict[str, Shape]:
+    return {}
+
+
+def _zero(args: Args, seq_len: int) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    doc: str
+    args: tuple[ArgSpec, ...]
+    # "module": applied to tensors in a block's dataflow or the model's fixed
+    # spine; "config": a shared setting other ops refer to (e.g. rope).
+    role: str = "module"
+    inputs: Callable[[Args], tuple[Shape, ...]] = lambda a: ()
+    output: Callable[[Args], Shape | None] = lambda a: None
+    weights: Callable[[Args], dict[str, Shape]] = _no_weights
+    flops: Callable[[Args, int], int] = _zero  # forward FLOPs per token at a sequence length
+    kv_elems: Callable[[Args], int] = lambda a: 0  # cached elements per token
+    causal: Callable[[Args], bool] = lambda a: True
+    derive: Callable[[dict[str, Any]], None] = lambda a: None
+    # the same defaults as Python over the other arguments, e.g. {"kv_heads": "{heads}"}:
+    # generated code computes them from the ModelConfig fields the arguments read
+    derived_code: Mapping[str, str] = field(default_factory=dict)
+    # argument names that are sizes (checked positive by checks/positive_sizes.py)
+    sizes: tuple[str, ...] = field(default=())
+    # the named places the op may fill: spine slots of a model ("token_embedding",
+    # "norm", "output_head") or of a vision encoder ("patch_embedding"); "mlp", a
+    # block's feed-forward (which a MoMa fusion replaces by its experts); "experts",
+    # a mixture of experts (the model's MoE hooks collect it); "positions" and
+    # "vision_positions", the rotary tables of a decoder and of a vision encoder
+    slots: tuple[str, ...] = field(default=())
+    # -- code generation (compiler/emit.py, compiler/modular.py)
+    class_name: str = ""
+    # definitions of the folder's modules.py the op needs; default: (class_name,)
+    code: tuple[str, ...] = ()
+    # the op's folder under compiler/ops/ (filled in by the registry)
+    folder: str = ""
+    # constructor keyword arguments, given the union of features of the model
+    ctor: Callable[[Args, frozenset[str]], dict[str, Any]] = lambda a, u: {}
+    # the attention mask a component reads, one per kind ("causal", "causal_w16", ...);
+    # None: it reads none
+    mask: Callable[[Args], str] | None = None
+    # each application holds a KV-cache slot when the model decodes
+    caches: bool = False
+    # the op's own validation of a component, run by compiler/checks/op_rules.py:
+    # check(component, context, diags), the context being the model (or vision
+    # encoder) for a component, and the routing component for a router
+    check: Callable[[Any, Any, Any], None] | None = None
+    # a fusion's sentence in the generated VLM's docstring ({image_tokens} filled in)
+    summary: str = ""
+    # forward call; {m} is the module expression, {x} the input(s)
+    call: str = "{m}({x})"
+    call_fields: Callable[[Args], dict[str, Any]] = lambda a: {}
+    # arguments of the class's init_weights: "", "std" or "std, out_std"
+    init_args: str = "std, out_std"
+    # parameters a token uses, if not all of them (mixture of experts)
+    active_params: Callable[[Args], int] | None = None
+    # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
+    tp: Mapping[str, str] = field(default_factory=dict)
+    # mesh axis → the arguments its degree must divide (heads by "tp", experts by "ep")
+    split_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
+
+    def arg(self, name: str) -> ArgSpec | None:
+        for a in self.args:
+            if a.name == name:
+                return a
+        return None
+
+    @property
+    def definitions(self) -> tuple[str, ...]:
+        """The names of the folder's modules.py that the generated model copies."""
+        return self.code or ((self.class_name,) if self.class_name else ())
+
+
+@dataclass(frozen=True)
+class NestedCall:
+    """A constructor argument that is itself a constructor call, e.g. a router."""
+
+    class_name: str
+    kwargs: tuple[tuple[str, Any], ...]
+
+
+def hidden(dim: Any) -> Shape:
+    """The shape of hidden states of width `dim`."""
+    return ("B", "S", dim)
+
+
+def numel(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        assert isinstance(d, int)
+        n *= d
+    return n

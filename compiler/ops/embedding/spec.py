@@ -1,0 +1,68 @@
+"""Token embedding and output head: the ends of the spine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import ArgSpec, OpDef, hidden
+
+
+def _check_tie(comp: Any, model: Any, diags: Any) -> None:
+    """E074: a head tied to an embedding has the embedding's shape and no bias."""
+    tie = comp.args.get("tie")
+    if tie is None or not tie.component.ok:
+        return
+    emb = tie.component.args
+    head = (comp.args["vocab"], comp.args["dim"])
+    table = (emb["vocab"], emb["dim"])
+    if min(*head, *table) <= 0:
+        return  # reported by positive_sizes
+    if head != table:
+        diags.error("E074", f"'{comp.name}' ({head[0]} × {head[1]}) cannot share the "
+                    f"weight of '{tie.component.name}' ({table[0]} × {table[1]})",
+                    comp.arg_spans.get("tie", comp.span),
+                    notes=[("embedding declared here", tie.component.span)])
+        return
+    if comp.args["bias"]:
+        diags.error("E074", "a tied head cannot have a bias of its own",
+                    comp.arg_spans.get("bias", comp.span))
+
+
+OPS = (
+    OpDef(
+        name="embedding",
+        doc="Token embedding table: ids (B, S) → (B, S, dim).",
+        args=(
+            ArgSpec("vocab", "size", doc="vocabulary size"),
+            ArgSpec("dim", "size", doc="embedding width"),
+        ),
+        sizes=("vocab", "dim"),
+        inputs=lambda a: (("B", "S"),),
+        output=lambda a: hidden(a["dim"]),
+        weights=lambda a: {"embedding.weight": (a["vocab"], a["dim"])},
+        slots=("token_embedding",),
+        class_name="TokenEmbedding", init_args="std",
+        tp={"embedding": "rowwise"},
+        ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
+    ),
+    OpDef(
+        name="lm_head",
+        doc="Output projection to vocabulary logits; `tie` shares the embedding's weight.",
+        args=(
+            ArgSpec("dim", "size"),
+            ArgSpec("vocab", "size"),
+            ArgSpec("bias", "bool", False),
+            ArgSpec("tie", "ref:embedding", None, doc="an embedding component to share weights with"),
+        ),
+        sizes=("dim", "vocab"),
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["vocab"]),
+        weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
+                           **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
+        flops=lambda a, s: 2 * a["vocab"] * a["dim"],
+        slots=("output_head",), check=_check_tie,
+        class_name="OutputHead", init_args="std",
+        tp={"proj": "colwise"},
+        ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
+    ),
+)

@@ -1,0 +1,295 @@
+"""Mixture of experts: routers, packed experts run by grouped matmuls, the MoE layer."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mlp.modules import SwiGLU
+
+# Features: the generated model keeps a guarded branch only where its spec uses it.
+SHARED = True  # feature: shared experts that every token uses
+CAPACITY = True  # feature: a per-expert capacity in training
+ZERO_INIT = True  # feature: some MoE's down projections start at zero
+
+
+class SoftmaxTopK(nn.Module):
+    """Router: softmax over experts, then the top-k (Switch / Mixtral style).
+
+    In training it records the load-balancing loss E · Σ_i f_i · P_i (f_i: share
+    of routed slots, P_i: mean probability of expert i) and the router z-loss,
+    each times its weight.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        experts: int,
+        top_k: int,
+        renormalize: bool = True,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.experts, self.top_k, self.renormalize = experts, top_k, renormalize
+        self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        self.weight = nn.Parameter(torch.empty(experts, dim))
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.register_buffer("expert_counts", torch.zeros(experts), persistent=False)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        self.expert_counts.zero_()
+
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Nothing is scheduled for this router."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, dim) → weights and expert ids (B·S, top_k)."""
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+        probs = logits.softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        counts = torch.bincount(ids.flatten(), minlength=self.experts).float()
+        self.expert_counts = counts.detach()
+        if not self.training:
+            self.aux_loss = self.z_loss = None
+        else:
+            share = counts / ids.numel()
+            self.aux_loss = self.aux_loss_weight * self.experts * (share * probs.mean(dim=0)).sum()
+            self.z_loss = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
+        return weights.type_as(x), ids
+
+
+class SigmoidTopK(nn.Module):
+    """Router (DeepSeek-V3): experts chosen on sigmoid scores plus a balancing bias.
+
+    The bias is a buffer, never trained by the optimizer: `set_step` moves it by
+    rate · (1/E − load) from a moving average of each expert's share of the
+    routed slots. Gate weights come from the unbiased scores (normalised, then
+    scaled by `routed_scale`). With `n_group` > 1 a token may only use experts of
+    its `topk_group` best groups (a group's score: the sum of its two best
+    experts' scores).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        experts: int,
+        top_k: int,
+        bias_rate: float = 1e-3,
+        schedule: str = "constant",
+        load_ema: float = 0.9,
+        normalize: bool = True,
+        routed_scale: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        seq_aux_loss_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.experts, self.top_k = experts, top_k
+        self.bias_rate, self.schedule, self.load_ema = bias_rate, schedule, load_ema
+        self.normalize, self.routed_scale = normalize, routed_scale
+        self.n_group, self.topk_group = n_group, topk_group
+        self.seq_aux_loss_weight, self.z_loss_weight = seq_aux_loss_weight, z_loss_weight
+        self.weight = nn.Parameter(torch.empty(experts, dim))
+        self.register_buffer("expert_bias", torch.zeros(experts))
+        self.register_buffer("load", torch.full((experts,), 1.0 / experts))
+        self.register_buffer("pending", torch.zeros(experts), persistent=False)
+        self.register_buffer("expert_counts", torch.zeros(experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        self.expert_bias.zero_()
+        self.load.fill_(1.0 / self.experts)
+        self.pending.zero_()
+        self.expert_counts.zero_()
+
+    def rate(self, step: int, max_steps: int) -> float:
+        progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
+        if self.schedule == "cosine_decay":
+            return self.bias_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.schedule == "linear_warmup":
+            return self.bias_rate * min(1.0, progress / 0.1)  # full rate after 10 % of training
+        return self.bias_rate
+
+    @torch.no_grad()
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Move the bias toward balance with the load routed since the last call."""
+        total = self.pending.sum()
+        if total > 0:
+            self.load.mul_(self.load_ema).add_((1 - self.load_ema) * self.pending / total)
+            self.expert_bias.add_(self.rate(step, max_steps) * (1.0 / self.experts - self.load))
+            self.pending.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, dim) → weights and expert ids (B·S, top_k)."""
+        b, s, dim = x.shape
+        logits = F.linear(x.reshape(-1, dim).float(), self.weight.float())  # (T, E)
+        scores = logits.sigmoid()
+        choice = scores + self.expert_bias
+        if self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.experts // self.n_group)
+            group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            best = group_score.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(grouped.shape[-1], dim=1), -1e9)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scale
+        counts = torch.bincount(ids.flatten(), minlength=self.experts).float()
+        self.expert_counts = counts.detach()
+        if not self.training:
+            self.aux_loss = self.z_loss = None
+        else:
+            self.pending += counts.detach()
+            self.z_loss = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
+            # sequence-wise balance loss: f_i (scaled share of slots) · P_i per sequence
+            chosen = torch.zeros_like(scores).scatter_(1, ids, 1.0).view(b, s, -1)
+            share = chosen.sum(dim=1) * self.experts / (self.top_k * s)
+            prob = (scores / scores.sum(dim=-1, keepdim=True)).view(b, s, -1).mean(dim=1)
+            self.aux_loss = self.seq_aux_loss_weight * (share * prob).sum(dim=-1).mean()
+        return weights.type_as(x), ids
+
+
+GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
+    # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
+    on_cpu = (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.shape[-1] % 4 == 0
+        and w.shape[-1] % 4 == 0
+    )
+    on_gpu = (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and x.shape[-1] % 8 == 0
+        and w.shape[-1] % 8 == 0
+    )
+    if GROUPED_MM and hasattr(torch, "_grouped_mm") and (on_cpu or on_gpu):
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        out.append(x[start : start + n] @ w[e].to(x.dtype))
+        start += n
+    return torch.cat(out)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with packed weights (E, in, out)."""
+
+    def __init__(self, dim: int, hidden: int, experts: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.up_proj = nn.Parameter(torch.empty(experts, dim, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, dim) sorted by expert → (N, dim)."""
+        return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
+
+    @staticmethod
+    def compute(
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        gate_proj: torch.Tensor,
+        up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+    ) -> torch.Tensor:
+        """The experts of the given weights (E', in, out) on x sorted by expert
+        (counts: E'); expert parallelism runs it on a rank's own E' experts."""
+        gate = grouped_mm(x, gate_proj, counts)
+        up = grouped_mm(x, up_proj, counts)
+        return grouped_mm(F.silu(gate) * up, down_proj, counts)
+
+
+class MoE(nn.Module):
+    """Mixture of experts: each token goes to its router's top_k experts (and to the
+    shared experts, if any).
+
+    Tokens are sorted by expert and each weight runs as one grouped matmul.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        experts: int,
+        top_k: int,
+        router: nn.Module,
+        shared_hidden: int = 0,  # if SHARED
+        capacity_factor: float = 0.0,  # if CAPACITY
+        zero_init: bool = False,  # if ZERO_INIT
+    ) -> None:
+        super().__init__()
+        self.experts_count, self.top_k = experts, top_k
+        self.router = router
+        self.experts = GroupedExperts(dim, hidden, experts)
+        if SHARED:
+            self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
+            if ZERO_INIT and self.shared_experts is not None:
+                self.shared_experts.zero_init = zero_init
+        if CAPACITY:
+            self.capacity_factor = capacity_factor
+        if ZERO_INIT:
+            self.zero_init = zero_init
+        self.dropped_tokens = 0
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.init_weights(std)
+        nn.init.normal_(self.experts.gate_proj, mean=0.0, std=std)
+        nn.init.normal_(self.experts.up_proj, mean=0.0, std=std)
+        if ZERO_INIT and self.zero_init:
+            nn.init.zeros_(self.experts.down_proj)
+        else:
+            nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
+        if SHARED and self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, dim = x.shape
+        flat = x.reshape(-1, dim)  # (T, dim), T = B·S tokens
+        weights, ids = self.router(x)  # (T, k) each
+        # slot-major order: every token's first choice, then every second choice
+        expert = ids.t().reshape(-1)  # (T·k,)
+        weight = weights.t().reshape(-1)
+        token = torch.arange(flat.shape[0], device=x.device).repeat(self.top_k)
+        if CAPACITY:
+            # In training an expert takes at most ceil(T·k/E · capacity_factor) of the
+            # T·k routed slots; overflow slots are dropped (the token keeps its residual
+            # and its other experts), first choices before second choices, earlier tokens
+            # (in flattened batch order) first. Evaluation never drops.
+            self.dropped_tokens = 0
+            if self.training and self.capacity_factor > 0:
+                capacity = math.ceil(ids.numel() / self.experts_count * self.capacity_factor)
+                order = torch.argsort(expert, stable=True)
+                first = torch.searchsorted(expert[order], expert[order], right=False)
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(order.numel(), device=x.device) - first
+                keep = rank < capacity
+                self.dropped_tokens = int((~keep).sum())
+                expert, weight, token = expert[keep], weight[keep], token[keep]
+        order = torch.argsort(expert, stable=True)
+        expert, weight, token = expert[order], weight[order], token[order]
+        counts = torch.bincount(expert, minlength=self.experts_count)  # (E,)
+        routed = self.experts(flat[token], counts) * weight[:, None]  # (slots, dim)
+        out = torch.zeros_like(flat).index_add_(0, token, routed)
+        if SHARED and self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(b, s, dim)

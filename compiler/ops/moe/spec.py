@@ -1,0 +1,174 @@
+"""Mixture of experts: token-choice routers and the routed, packed experts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import Args, ArgSpec, NestedCall, OpDef, Shape, hidden
+
+SCHEDULES = ("constant", "cosine_decay", "linear_warmup")
+
+
+def _router_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in a.items() if not k.startswith("_")}
+
+
+def _moe_derive(a: dict[str, Any]) -> None:
+    if a.get("shared_hidden") is None:
+        a["shared_hidden"] = a["hidden"]
+
+
+def _moe_weights(a: Args) -> dict[str, Shape]:
+    dim, width, e = a["dim"], a["hidden"], a["experts"]
+    w: dict[str, Shape] = {
+        "router.weight": (e, dim),
+        "experts.gate_proj": (e, dim, width),
+        "experts.up_proj": (e, dim, width),
+        "experts.down_proj": (e, width, dim),
+    }
+    if a["shared_experts"]:
+        sh = a["shared_experts"] * a["shared_hidden"]
+        w.update({"shared_experts.gate_proj.weight": (sh, dim),
+                  "shared_experts.up_proj.weight": (sh, dim),
+                  "shared_experts.down_proj.weight": (dim, sh)})
+    return w
+
+
+def _moe_active(a: Args) -> int:
+    """Router, top_k experts and the shared experts."""
+    dim, width, e, k = a["dim"], a["hidden"], a["experts"], a["top_k"]
+    shared = 3 * dim * a["shared_experts"] * a["shared_hidden"]
+    return e * dim + k * 3 * dim * width + shared
+
+
+def _moe_features(a: Args) -> frozenset[str]:
+    f = set()
+    if a["shared_experts"]:
+        f.add("shared")
+    if a["capacity_factor"]:
+        f.add("capacity")
+    if a["zero_init"]:
+        f.add("zero_init")
+    return frozenset(f)
+
+
+def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
+    router = a["router"].component
+    router_args = {"dim": a["dim"], "experts": a["experts"], "top_k": a["top_k"],
+                   **router.op.ctor(router.args, u)}
+    out: dict[str, Any] = {"dim": a["dim"], "hidden": a["hidden"], "experts": a["experts"],
+                           "top_k": a["top_k"],
+                           "router": NestedCall(router.op.class_name, tuple(router_args.items()))}
+    if "shared" in u:  # the shared experts run as one SwiGLU of their total width
+        n = a["shared_experts"]
+        out["shared_hidden"] = a["shared_hidden"] if n == 1 else n * a["shared_hidden"]
+    if "capacity" in u:
+        out["capacity_factor"] = a["capacity_factor"]
+    if "zero_init" in u:
+        out["zero_init"] = a["zero_init"]
+    return out
+
+
+def _check_moe(comp: Any, model: Any, diags: Any) -> None:
+    """E100: 0 < top_k ≤ experts; then the router's own rules."""
+    a, spans = comp.args, comp.arg_spans
+    experts, k = a["experts"], a["top_k"]
+    if experts <= 0:
+        return  # reported by positive_sizes
+    if not 0 < k <= experts:
+        diags.error("E100", f"top_k must be in 1..{experts} (the number of experts), got {k}",
+                    spans.get("top_k", comp.span))
+        return
+    router = a["router"].component
+    if router.op.check is not None:
+        router.op.check(router, comp, diags)
+
+
+def _check_groups(router: Any, moe: Any, diags: Any) -> None:
+    """E101: the groups divide the experts evenly, a token may use at most all groups,
+    and the groups it may use hold at least top_k experts."""
+    experts, k = moe.args["experts"], moe.args["top_k"]
+    r, rspans = router.args, router.arg_spans
+    groups, topk_group = r["n_group"], r["topk_group"]
+    if experts % groups:
+        diags.error("E101", f"{experts} experts do not split into {groups} equal groups",
+                    rspans.get("n_group", router.span))
+    elif topk_group > groups:
+        diags.error("E101", f"topk_group {topk_group} exceeds n_group {groups}",
+                    rspans.get("topk_group", router.span))
+    elif k > topk_group * (experts // groups):
+        diags.error("E101", f"top_k {k} exceeds the {topk_group * (experts // groups)} "
+                    f"experts in {topk_group} of {groups} groups",
+                    moe.arg_spans.get("top_k", moe.span),
+                    hint="raise topk_group or lower top_k")
+
+
+OPS = (
+    OpDef(
+        name="softmax_topk",
+        role="router",
+        doc="Token-choice router: softmax over experts, top-k, optional renormalisation; "
+            "Switch-style load-balancing loss E·Σ f_i·P_i and router z-loss.",
+        args=(
+            ArgSpec("renormalize", "bool", True, doc="rescale the k weights to sum to 1"),
+            ArgSpec("aux_loss_weight", "float", 0.01, min=0.0),
+            ArgSpec("z_loss_weight", "float", 0.0, min=0.0),
+        ),
+        class_name="SoftmaxTopK",
+        ctor=_router_ctor,
+    ),
+    OpDef(
+        name="sigmoid_topk",
+        role="router",
+        doc="DeepSeek-V3 router: top-k of sigmoid scores plus a load-balancing bias "
+            "(a buffer, no gradient) moved toward balance each step; gate weights from the "
+            "unbiased scores, normalised and scaled; optional group-limited routing.",
+        args=(
+            ArgSpec("bias_rate", "float", 1e-3, min=0.0, doc="bias update speed"),
+            ArgSpec("schedule", "choice", "constant", choices=SCHEDULES,
+                    doc="how the update rate changes over training (set_moe_step)"),
+            ArgSpec("load_ema", "float", 0.9, min=0.0, max=1.0,
+                    doc="decay of the moving average of expert load"),
+            ArgSpec("normalize", "bool", True, doc="rescale the k weights to sum to 1"),
+            ArgSpec("routed_scale", "float", 1.0, min=0.0, doc="factor on the routed output"),
+            ArgSpec("n_group", "int", 1, min=1, doc="expert groups (group-limited routing)"),
+            ArgSpec("topk_group", "int", 1, min=1, doc="groups a token may use"),
+            ArgSpec("seq_aux_loss_weight", "float", 0.0, min=0.0,
+                    doc="weight of the sequence-wise balance loss"),
+            ArgSpec("z_loss_weight", "float", 0.0, min=0.0),
+        ),
+        class_name="SigmoidTopK", check=_check_groups,
+        ctor=_router_ctor,
+    ),
+    OpDef(
+        name="moe",
+        doc="Mixture of SwiGLU experts with token-choice routing, packed expert weights "
+            "(E, in, out) run by grouped matmuls, optional shared experts and a per-expert "
+            "capacity (training only).",
+        args=(
+            ArgSpec("dim", "size", doc="model width"),
+            ArgSpec("experts", "size", doc="routed experts"),
+            ArgSpec("top_k", "int", doc="experts per token"),
+            ArgSpec("hidden", "size", doc="hidden width of one expert"),
+            ArgSpec("router", "op:router", doc="softmax_topk(...) or sigmoid_topk(...)"),
+            ArgSpec("shared_experts", "int", 0, min=0, doc="experts every token uses"),
+            ArgSpec("shared_hidden", "size", derived=True,
+                    doc="hidden width of one shared expert (default: hidden)"),
+            ArgSpec("capacity_factor", "float", 0.0, min=0.0,
+                    doc="per-expert capacity ceil(T·k/E·factor) in training; 0: no limit"),
+            ArgSpec("zero_init", "bool", False, doc="zero-initialise the down projections"),
+        ),
+        sizes=("dim", "experts", "hidden", "shared_hidden"),
+        derive=_moe_derive,
+        derived_code={"shared_hidden": "{hidden}"},
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["dim"]),
+        weights=_moe_weights,
+        active_params=_moe_active,
+        flops=lambda a, s: 2 * _moe_active(a),
+        class_name="MoE", slots=("mlp", "experts"), check=_check_moe,
+        split_by={"ep": ("experts",)},
+        ctor=_moe_ctor,
+        features=_moe_features,
+    ),
+)

@@ -1,0 +1,36 @@
+"""Normalisation over the last dimension."""
+
+from __future__ import annotations
+
+from ..core import ArgSpec, OpDef, hidden
+
+OPS = (
+    OpDef(
+        name="rmsnorm",
+        doc="RMSNorm over the last dimension, computed in fp32, with a weight.",
+        args=(ArgSpec("dim", "size"), ArgSpec("eps", "float", 1e-5, min=0.0, max=1.0)),
+        sizes=("dim",),
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["dim"]),
+        weights=lambda a: {"weight": (a["dim"],)},
+        slots=("norm",),
+        class_name="RMSNorm", init_args="",
+        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"]},
+    ),
+    OpDef(
+        name="layernorm",
+        doc="LayerNorm over the last dimension, with weight and (optionally) bias.",
+        args=(
+            ArgSpec("dim", "size"),
+            ArgSpec("eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("bias", "bool", True),
+        ),
+        sizes=("dim",),
+        inputs=lambda a: (hidden(a["dim"]),),
+        output=lambda a: hidden(a["dim"]),
+        weights=lambda a: {"weight": (a["dim"],), **({"bias": (a["dim"],)} if a["bias"] else {})},
+        slots=("norm",),
+        class_name="LayerNorm", init_args="",
+        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"]},
+    ),
+)
