@@ -637,11 +637,8 @@ class Transformer(nn.Module):
         modality_ids = None
         if modality is not None:
             modality.validate(tokens, kv_caches)
-            embeds, padding, out_slice = (
-                modality.inputs_embeds,
-                modality.key_padding_mask,
-                modality.output_slice,
-            )
+            embeds, padding = modality.inputs_embeds, modality.key_padding_mask
+            out_slice = modality.output_slice
             prefix = modality.prefix_embeds
             modality_ids = modality.modality_ids
         if tokens is None and embeds is None:
@@ -705,17 +702,15 @@ class Transformer(nn.Module):
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         limit = self.config.max_seq_len
+        if s > limit:  # positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         if padding is None:
-            if s > limit:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
             positions = (padding.long().cumsum(dim=1) - 1).clamp(min=0)
         else:
             positions = torch.arange(s, device=device).expand(b, s)
-        if s > limit:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 

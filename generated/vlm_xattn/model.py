@@ -650,8 +650,7 @@ class Transformer(nn.Module):
         if max_seq_len > limit:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {limit}")
         param = next(self.parameters())
-        dtype = dtype or param.dtype
-        device = device or param.device
+        dtype, device = dtype or param.dtype, device or param.device
         kv_heads, head_dim = self.config.n_kv_heads, self.config.dim // self.config.n_heads
         return [
             KVCache(batch_size, max_seq_len, kv_heads, head_dim, dtype=dtype, device=device)
@@ -672,11 +671,8 @@ class Transformer(nn.Module):
         image = image_mask = None
         if modality is not None:
             modality.validate(tokens, kv_caches)
-            embeds, padding, out_slice = (
-                modality.inputs_embeds,
-                modality.key_padding_mask,
-                modality.output_slice,
-            )
+            embeds, padding = modality.inputs_embeds, modality.key_padding_mask
+            out_slice = modality.output_slice
             image, image_mask = modality.image_features, modality.image_mask
         if tokens is None and embeds is None:
             raise ValueError("pass tokens or modality.inputs_embeds")
@@ -738,9 +734,9 @@ class Transformer(nn.Module):
         if self.rope_cos.device != device:
             self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         limit = self.config.max_seq_len
+        if kv_caches is None and s > limit:  # without caches, positions < s
+            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         if kv_caches is None and padding is None:
-            if s > limit:
-                raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
             return self.rope_cos[None, :s], self.rope_sin[None, :s]
         if padding is not None:
             # left padding: a row's first real token is position 0
@@ -752,8 +748,6 @@ class Transformer(nn.Module):
             # what the caches already hold decides the positions: a run-time guard
             if int(positions.max()) >= limit:
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
-        elif s > limit:  # positions < s
-            raise ValueError(f"sequence length {s} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]
 
 
