@@ -91,7 +91,7 @@ from .loop import (
     write_metrics,
 )
 from .package import build_package, import_package, read_run_info
-from .train import resolve_settings, task_of, validate_settings
+from .train import resolve_settings, resumable, task_of, validate_settings
 
 # the `forgec train` options a worker receives unchanged from the launcher
 FORWARDED = ("steps", "seed", "ckpt_every", "eval_every", "batch_size", "seq_len", "lr",
@@ -161,6 +161,7 @@ def launch(args) -> int:
     overrides = _settings_of(args)
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
+    args.resume = args.resume and resumable(out)  # the workers start afresh too
     saved = read_run_info(out)["settings"] if args.resume else None
     _check_run_dir(out, args.resume)
     s = resolve_settings(overrides, saved)
@@ -739,6 +740,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
     rank = int(os.environ.get("RANK", "0"))
+    # before any rank can write a checkpoint: every rank decides alike
+    resume = resume and resumable(out, note=rank == 0)
     saved_info = read_run_info(out) if resume else None
     s = resolve_settings(overrides, saved_info["settings"] if saved_info else None)
     _init_group()

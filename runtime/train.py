@@ -162,6 +162,19 @@ def accumulate_gradients(model: torch.nn.Module, inputs: torch.Tensor, targets: 
                             grad_accum=grad_accum, bf16=bf16, moe_stats=moe_stats)
 
 
+def resumable(out: str, *, note: bool = True) -> bool:
+    """Whether `--resume` continues `out`: it holds a checkpoint. A run stopped
+    before its first checkpoint (or never started) has nothing to continue, and
+    `--resume` starts it afresh with the given settings -- the one command line
+    of every (re)start of a preemptible job."""
+    if ckpt.latest_checkpoint(out) is not None:
+        return True
+    if note:
+            print(f"nothing to resume in {out} (no checkpoint yet): starting a fresh run",
+              file=sys.stderr)
+    return False
+
+
 def _write_run_info(out: str, info: dict) -> None:
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
@@ -176,6 +189,7 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     """
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
+    resume = resume and resumable(out)
     saved_info = read_run_info(out) if resume else None
     if not resume and ckpt.list_checkpoints(out):
         raise RunError(f"{out} already holds checkpoints (latest: step "
