@@ -78,6 +78,7 @@ from compiler.cli import RunError, UsageError
 from . import checkpoint as ckpt
 from .loop import (
     MoEStats,
+    Stopped,
     TextTask,
     accumulate,
     count_targets,
@@ -94,7 +95,7 @@ from .package import build_package, import_package, read_run_info
 from .train import resolve_settings, resumable, task_of, validate_settings
 
 # the `forgec train` options a worker receives unchanged from the launcher
-FORWARDED = ("steps", "seed", "ckpt_every", "eval_every", "batch_size", "seq_len", "lr",
+FORWARDED = ("steps", "seed", "ckpt_every", "keep_last", "eval_every", "batch_size", "seq_len", "lr",
              "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype")
 SETTINGS = (*FORWARDED, "bf16")
 # A fresh run initialises the whole model on every rank's host, as one process
@@ -856,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{os.environ.get('WORLD_SIZE', '1')}")
         train_distributed(args.spec, args.out, plan=args.plan, resume=args.resume,
                           progress=not args.no_progress, **_settings_of(args))
+    except Stopped as e:  # every rank stopped after the same step (StopSignals)
+        if rank == 0:
+            print(f"forgec: {e}", file=sys.stderr)
     except (UsageError, RunError) as e:
         # every rank meets these alike (they depend on files, settings and
         # all-reduced numbers only); rank 0 reports

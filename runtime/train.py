@@ -55,6 +55,7 @@ from .loop import (  # noqa: F401 -- the trainer's API, re-exported
     trim_metrics,
     write_metrics,
 )
+from .memory import check_fits
 from .package import build_package, import_package, read_run_info
 
 
@@ -76,12 +77,13 @@ class Settings:
     data: str | None = None  # a token file; None: the standard library's sources
     data_dtype: str = "uint16"
     ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 0  # keep the newest K checkpoints (0: all)
     eval_every: int = 0  # VLM runs: caption eval every K steps (0: only at the end)
     schedule_steps: int | None = None  # the LR schedule's length: the first run's steps
 
 
 # May differ between a run and its resumption; everything else must not.
-RESUMABLE = ("steps", "ckpt_every", "eval_every")
+RESUMABLE = ("steps", "ckpt_every", "eval_every", "keep_last")
 
 
 def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
@@ -96,7 +98,8 @@ def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
             if key not in RESUMABLE and key in saved and saved[key] != value:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} {value} differs from the run's {saved[key]}; a resumed "
-                                 "run keeps its settings (only --steps and --ckpt-every may change)")
+                                 "run keeps its settings (only --steps, --ckpt-every, --eval-every and "
+                                 "--keep-last may change)")
         s = Settings(**{**{k: v for k, v in saved.items() if k in fields}, **given})
     else:
         s = Settings(**given)
@@ -127,6 +130,7 @@ def validate_settings(s: Settings, max_seq_len: int) -> None:
         (s.clip >= 0, "--clip must not be negative (0 disables clipping)"),
         (s.weight_decay >= 0, "--weight-decay must not be negative"),
         (s.ckpt_every >= 0, "--ckpt-every must not be negative (0: only at the end)"),
+        (s.keep_last >= 0, "--keep-last must not be negative (0: keep every checkpoint)"),
         (s.eval_every >= 0, "--eval-every must not be negative (0: only at the end)"),
     ]
     for ok, message in checks:
@@ -206,6 +210,7 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
                        f"{os.path.basename(pkg_dir)}")
     task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
+    check_fits(spec, torch.get_default_device())  # before the model takes any memory
     with task.determinism():
         return _train(task, spec, out, pkg_dir, s, resume=resume, saved_info=saved_info,
                       progress=progress)
