@@ -45,6 +45,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    help="flat token file (numpy memmap); token 0 ends a document")
     t.add_argument("--data-dtype", choices=("uint16", "uint32"),
                    help="element type of --data (default uint16)")
+    t.add_argument("--wandb", metavar="PROJECT",
+                   help="log the metrics to this Weights & Biases project too (needs the "
+                   "wandb package; single-process runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--plan", metavar="NAME",
                    help="train with the spec's parallel plan NAME under torchrun "
@@ -91,6 +94,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 def cmd_train(args) -> int:
     if args.plan is not None or args.nproc is not None:
+        if args.wandb is not None:
+            from compiler.cli import UsageError
+
+            raise UsageError("--wandb logs single-process runs; with --plan, use the "
+                             "TensorBoard event files in the run folder")
         from .distributed import launch
 
         return launch(args)
@@ -99,6 +107,7 @@ def cmd_train(args) -> int:
 
     try:
         train(args.spec, args.out, resume=args.resume, progress=not args.no_progress,
+              wandb=args.wandb,
               steps=args.steps, seed=args.seed, ckpt_every=args.ckpt_every,
               keep_last=args.keep_last, eval_every=args.eval_every,
               batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,

@@ -42,6 +42,7 @@ from compiler.cli import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX, PackedData, check_vocab, load_token_file, stdlib_corpus
+from .sinks import MetricSinks
 
 # ---- the schedule and the optimizer ----------------------------------------------------
 
@@ -347,17 +348,20 @@ class StopSignals:
 
 
 def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
-              log: bool = True, progress: bool = True, checkpoint_state: dict | None = None
-              ) -> dict:
+              log: bool = True, progress: bool = True, checkpoint_state: dict | None = None,
+              wandb_project: str | None = None) -> dict:
     """Optimizer steps start+1..s.steps of the run in `out`; returns the last
     metrics row. `log`: this process writes metrics.jsonl (appending) and
     reports (rank 0). `checkpoint_state`: what checkpoints keep beside
-    trainer_state()."""
+    trainer_state(). The rows go to TensorBoard and W&B too (runtime/sinks.py;
+    W&B with `wandb_project` only)."""
     metrics_path = os.path.join(out, "metrics.jsonl")
     bar = Progress(s.steps, start) if progress and log else None
     tokens_seen = start * s.batch_size * s.seq_len
     last: dict = {}
     stream = open(metrics_path, "a", encoding="utf-8") if log else None
+    sinks = MetricSinks(out, start, wandb_project=wandb_project,
+                        config=dataclasses.asdict(s)) if log else None
     stop = StopSignals()
     try:
         stop.__enter__()
@@ -386,6 +390,7 @@ def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
             if stream is not None:
                 stream.write(json.dumps(last) + "\n")
                 stream.flush()
+                sinks.write(last)
             if bar:
                 bar.update(step, loss, lr, last["tokens_per_s"])
             if "eval" in last and log:
@@ -409,6 +414,7 @@ def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
         stop.__exit__()
         if stream is not None:
             stream.close()
+            sinks.close()
     return last
 
 

@@ -57,6 +57,7 @@ from .loop import (  # noqa: F401 -- the trainer's API, re-exported
 )
 from .memory import check_fits
 from .package import build_package, import_package, read_run_info
+from .sinks import import_wandb
 
 
 @dataclass
@@ -185,12 +186,15 @@ def _write_run_info(out: str, info: dict) -> None:
 
 
 def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
-          **overrides) -> dict:
+          wandb: str | None = None, **overrides) -> dict:
     """Train `spec` into the run folder `out`; return a summary.
 
-    `overrides` are Settings fields (None: not given). Raises UsageError or
-    RunError for bad input.
+    `overrides` are Settings fields (None: not given); `wandb`: a W&B project
+    to log to as well. Raises UsageError or RunError for bad input, and
+    runtime.loop.Stopped after checkpointing on SIGTERM or SIGUSR1.
     """
+    if wandb is not None:
+        import_wandb()  # a usage error before anything else
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
     resume = resume and resumable(out)
@@ -213,11 +217,11 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     check_fits(spec, torch.get_default_device())  # before the model takes any memory
     with task.determinism():
         return _train(task, spec, out, pkg_dir, s, resume=resume, saved_info=saved_info,
-                      progress=progress)
+                      progress=progress, wandb=wandb)
 
 
 def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, resume: bool,
-           saved_info: dict | None, progress: bool) -> dict:
+           saved_info: dict | None, progress: bool, wandb: str | None = None) -> dict:
     data, held_out = task.data(s)
     threads = set_threads()
     engine = LocalEngine(task, s)
@@ -241,7 +245,7 @@ def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, re
           f"{'bf16 autocast' if s.bf16 else 'fp32'}, {threads} threads"
           + task.describe_eval(s, held_out), file=sys.stderr)
     last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,
-                     progress=progress)
+                     progress=progress, wandb_project=wandb)
     task.plot(metrics_path, os.path.join(out, "loss.png"),
               f"{os.path.basename(pkg_dir)}: seed {s.seed}, batch ", s)
     rows = read_metrics(metrics_path)
