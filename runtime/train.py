@@ -14,12 +14,17 @@ A run folder holds
   metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, tokens
                     (and `moe`: per MoE layer, each expert's share of the routed slots
                     and the slots dropped by capacity; see MoEStats)
-  checkpoints/      step_NNNNNN/ (see runtime/checkpoint.py)
+  checkpoints/      step_NNNNNN/ (see runtime/checkpoint.py; --keep-last K keeps the newest K)
+  events.out.tfevents.*  the metrics for TensorBoard, where it is installed (runtime/sinks.py)
   loss.png          the loss curve, written at the end
 
 Everything about a step is a function of (seed, step): a seeded run repeats
 bit for bit, and `resume=True` continues from the latest checkpoint with
-exactly the losses of an uninterrupted run.
+exactly the losses of an uninterrupted run. SIGTERM or SIGUSR1 checkpoints
+the step in progress and stops (runtime.loop.StopSignals); `resume=True` on a
+folder with no checkpoint yet starts the run afresh. A run whose weights,
+gradients and AdamW state cannot fit on its device is refused before it
+allocates (runtime/memory.py).
 """
 
 from __future__ import annotations
