@@ -80,7 +80,9 @@ def training_bytes(spec: str) -> tuple[str, int, int, list[str]]:
     name = comp.main_model()
     c = vlm_cost(comp, comp.vlms[name]) if name in comp.vlms else cost(comp.graphs[name])
     plans = sorted(p.name for p in comp.plans.values() if p.target == name)
-    return name, c.params_total, c.training_memory["fp32"]["total"], plans
+    # 16 B/parameter: cost()'s "fp32" training memory of a text model; vlm_cost()
+    # adds the encoder's and adapter's parameters to params_total only
+    return name, c.params_total, 16 * c.params_total, plans
 
 
 def check_fits(spec: str, device) -> None:

@@ -167,6 +167,17 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path):
     assert not (out / "run.json").exists() and not (out / "checkpoints").exists()
 
 
+def test_the_figure_counts_every_parameter_of_a_vlm():
+    from compiler.cli import _compile
+    from compiler.cost import cost
+
+    name, params, need, plans = training_bytes(str(ROOT / "specs" / "vlm.forge"))
+    comp = _compile(str(ROOT / "specs" / "vlm.forge"), quiet=True)
+    text = cost(comp.graphs[comp.vlms[name].text])
+    assert params > text.params_total and need == 16 * params
+    assert plans == ["fsdp2_pp2_vlm", "fsdp2_vlm", "pp2_vlm"]
+
+
 def test_the_limit_applies_to_a_small_model_too(tmp_path, monkeypatch):
     _, params, need, _ = training_bytes(DEBUG)
     assert need == 16 * params  # fp32 weights, grads and two AdamW moments
