@@ -118,6 +118,23 @@ def latest_checkpoint(run_dir: str) -> tuple[int, str] | None:
     return found[-1] if found else None
 
 
+def prune_checkpoints(run_dir: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints of a run (those
+    with their trainer.json); return the deleted steps. A folder without one
+    is left alone, and the newest complete checkpoint is always kept. Each goes
+    by a rename out of the `step_*` names first, so a crash mid-delete never
+    leaves a damaged checkpoint where the next --resume would look."""
+    complete = [(step, path) for step, path in list_checkpoints(run_dir)
+                if os.path.isfile(os.path.join(path, META))]
+    doomed = complete[:-max(1, keep)]
+    root = os.path.join(run_dir, "checkpoints")
+    for _, path in doomed:
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=root)
+        os.rename(path, os.path.join(old, "ckpt"))
+        shutil.rmtree(old, ignore_errors=True)
+    return [step for step, _ in doomed]
+
+
 def save_checkpoint(run_dir: str, step: int, model, optimizer, trainer_state: dict,
                     aliases: dict[str, str] | None = None) -> str:
     """Write checkpoint `step` atomically; return its folder. `model` and

@@ -22,11 +22,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--seed", type=int, help="seed of the weights and the data order (default 0)")
     t.add_argument("--ckpt-every", type=int, metavar="K",
                    help="checkpoint every K steps (default 0: only at the end)")
+    t.add_argument("--keep-last", type=int, metavar="K",
+                   help="keep only the newest K checkpoints (default 0: keep all)")
     t.add_argument("--eval-every", type=int, metavar="K",
                    help="vision-language models: caption eval every K steps (default 0: at the "
                    "end only)")
     t.add_argument("--resume", action="store_true",
-                   help="continue DIR from its latest checkpoint")
+                   help="continue DIR from its latest checkpoint; with none yet, start it "
+                   "afresh")
     t.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default 8)")
     t.add_argument("--seq-len", type=int, metavar="L",
                    help="tokens per sequence (default min(max_seq_len, 256))")
@@ -47,6 +50,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--tokenizer", metavar="TOK",
                    help="'byte', a folder with tokenizer.json, a spec or a run (default: "
                    "the spec's NAME.tokenizer/ beside it, else byte)")
+    t.add_argument("--wandb", metavar="PROJECT",
+                   help="log the metrics to this Weights & Biases project too (needs the "
+                   "wandb package; single-process runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--plan", metavar="NAME",
                    help="train with the spec's parallel plan NAME under torchrun "
@@ -158,18 +164,28 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 def cmd_train(args) -> int:
     if args.plan is not None or args.nproc is not None:
+        if args.wandb is not None:
+            from compiler.cli import UsageError
+
+            raise UsageError("--wandb logs single-process runs; with --plan, use the "
+                             "TensorBoard event files in the run folder")
         from .distributed import launch
 
         return launch(args)
+    from .loop import Stopped
     from .train import train
 
-    train(args.spec, args.out, resume=args.resume, progress=not args.no_progress,
-          steps=args.steps, seed=args.seed, ckpt_every=args.ckpt_every,
-          eval_every=args.eval_every,
-          batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
-          min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
-          weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
-          data_dtype=args.data_dtype, tokenizer=args.tokenizer)
+    try:
+        train(args.spec, args.out, resume=args.resume, progress=not args.no_progress,
+              wandb=args.wandb,
+              steps=args.steps, seed=args.seed, ckpt_every=args.ckpt_every,
+              keep_last=args.keep_last, eval_every=args.eval_every,
+              batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+              min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
+              weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
+              data_dtype=args.data_dtype, tokenizer=args.tokenizer)
+    except Stopped as e:  # SIGTERM/SIGUSR1: checkpointed, a clean exit
+        print(f"forgec: {e}", file=sys.stderr)
     return 0
 
 

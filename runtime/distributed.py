@@ -92,10 +92,10 @@ from .loop import (
     write_metrics,
 )
 from .package import build_package, import_package, read_run_info
-from .train import resolve_settings, task_of, validate_settings
+from .train import resolve_settings, resumable, task_of, validate_settings
 
 # the `forgec train` options a worker receives unchanged from the launcher
-FORWARDED = ("steps", "seed", "ckpt_every", "eval_every", "batch_size", "seq_len", "lr",
+FORWARDED = ("steps", "seed", "ckpt_every", "keep_last", "eval_every", "batch_size", "seq_len", "lr",
              "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype")
 SETTINGS = (*FORWARDED, "bf16")
 # A fresh run initialises the whole model on every rank's host, as one process
@@ -162,6 +162,7 @@ def launch(args) -> int:
     overrides = settings_of(args)
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
+    args.resume = args.resume and resumable(out)  # the workers start afresh too
     saved = read_run_info(out)["settings"] if args.resume else None
     _check_run_dir(out, args.resume)
     s = resolve_settings(overrides, saved)
@@ -741,6 +742,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     if overrides.get("data") is not None:
         overrides["data"] = os.path.abspath(overrides["data"])
     rank = int(os.environ.get("RANK", "0"))
+    # before any rank can write a checkpoint: every rank decides alike
+    resume = resume and resumable(out, note=rank == 0)
     saved_info = read_run_info(out) if resume else None
     s = resolve_settings(overrides, saved_info["settings"] if saved_info else None)
     _init_group()
@@ -826,6 +829,3 @@ def _build_once(spec: str, out: str, resume: bool, rank: int) -> str:
         usage, message = result[1]
         raise (UsageError if usage else RunError)(message)
     return result[0]
-
-
-# ---- the worker entry (torchrun runs this module) --------------------------------------

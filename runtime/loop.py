@@ -30,7 +30,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -40,6 +42,7 @@ from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX
+from .sinks import MetricSinks
 
 # ---- the schedule and the optimizer ----------------------------------------------------
 
@@ -289,22 +292,80 @@ class LocalEngine:
         return self.task.evaluate(self.model, held_out)
 
 
+# ---- stopping on a signal ----------------------------------------------------------------
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Stopped(Exception):
+    """The run stopped on SIGTERM or SIGUSR1 after checkpointing its last
+    completed step: `forgec train` prints the message and exits 0, and the
+    same command line with --resume continues it."""
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 ask the loop to stop at the next step
+    boundary instead of killing the process mid-step. Under a process group
+    `requested()` all-reduces the flag, so every rank stops after the same step
+    (each rank must receive the signal, or one of them: any rank's flag stops all).
+    Handlers are set only in the main thread (Python allows no other) and the
+    previous ones come back on exit."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """Whether to stop after this step (the same answer on every rank)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.received is not None
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if self.received else 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.received is None:
+            self.received = "a signal to another rank"
+        return bool(flag.item())
+
+
 # ---- the loop ------------------------------------------------------------------------------
 
 
 def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
-              log: bool = True, progress: bool = True, checkpoint_state: dict | None = None
-              ) -> dict:
+              log: bool = True, progress: bool = True, checkpoint_state: dict | None = None,
+              wandb_project: str | None = None) -> dict:
     """Optimizer steps start+1..s.steps of the run in `out`; returns the last
     metrics row. `log`: this process writes metrics.jsonl (appending) and
     reports (rank 0). `checkpoint_state`: what checkpoints keep beside
-    trainer_state()."""
+    trainer_state(). The rows go to TensorBoard and W&B too (runtime/sinks.py;
+    W&B with `wandb_project` only)."""
     metrics_path = os.path.join(out, "metrics.jsonl")
     bar = Progress(s.steps, start) if progress and log else None
     tokens_seen = start * s.batch_size * s.seq_len
     last: dict = {}
     stream = open(metrics_path, "a", encoding="utf-8") if log else None
+    sinks = MetricSinks(out, start, wandb_project=wandb_project,
+                        config=dataclasses.asdict(s)) if log else None
+    stop = StopSignals()
     try:
+        stop.__enter__()
         for step in range(start + 1, s.steps + 1):
             t0 = time.perf_counter()
             batch = data.next_batch(s.batch_size)
@@ -330,19 +391,31 @@ def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
             if stream is not None:
                 stream.write(json.dumps(last) + "\n")
                 stream.flush()
+                sinks.write(last)
             if bar:
                 bar.update(step, loss, lr, last["tokens_per_s"])
             if "eval" in last and log:
                 if bar and bar.tty and step != s.steps:
                     sys.stderr.write("\n")
                 print(task.eval_line(step, last["eval"]), file=sys.stderr)
-            if step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0):
-                ckpt.save_checkpoint(out, step, engine.parts, engine.optimizers,
-                                     {**trainer_state(s, data), **(checkpoint_state or {})},
-                                     engine.aliases)
+            due = step == s.steps or (s.ckpt_every and step % s.ckpt_every == 0)
+            stopping = step < s.steps and stop.requested()
+            if due or stopping:
+                path = ckpt.save_checkpoint(
+                    out, step, engine.parts, engine.optimizers,
+                    {**trainer_state(s, data), **(checkpoint_state or {})}, engine.aliases)
+                if s.keep_last and log:
+                    ckpt.prune_checkpoints(out, s.keep_last)
+            if stopping:
+                if bar and bar.tty:
+                    sys.stderr.write("\n")
+                raise Stopped(f"stopped by {stop.received} after step {step} of {s.steps}; "
+                              f"checkpoint {path}; the same command with --resume continues")
     finally:
+        stop.__exit__()
         if stream is not None:
             stream.close()
+            sinks.close()
     return last
 
 

@@ -14,12 +14,17 @@ A run folder holds
   metrics.jsonl     one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, tokens
                     (and `moe`: per MoE layer, each expert's share of the routed slots
                     and the slots dropped by capacity; see MoEStats)
-  checkpoints/      step_NNNNNN/ (see runtime/checkpoint.py)
+  checkpoints/      step_NNNNNN/ (see runtime/checkpoint.py; --keep-last K keeps the newest K)
+  events.out.tfevents.*  the metrics for TensorBoard, where it is installed (runtime/sinks.py)
   loss.png          the loss curve, written at the end
 
 Everything about a step is a function of (seed, step): a seeded run repeats
 bit for bit, and `resume=True` continues from the latest checkpoint with
-exactly the losses of an uninterrupted run.
+exactly the losses of an uninterrupted run. SIGTERM or SIGUSR1 checkpoints
+the step in progress and stops (runtime.loop.StopSignals); `resume=True` on a
+folder with no checkpoint yet starts the run afresh. A run whose weights,
+gradients and AdamW state cannot fit on its device is refused before it
+allocates (runtime/memory.py).
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ from .loop import (  # noqa: F401 -- the trainer's API, re-exported
     trim_metrics,
     write_metrics,
 )
+from .memory import check_fits
 from .package import build_package, import_package, read_run_info
+from .sinks import import_wandb
 from .tokenizer import (
     BYTE,
     attach_run_tokenizer,
@@ -86,12 +93,13 @@ class Settings:
     # exists); copied into RUN/tokenizer/ (runtime/tokenizer.py)
     tokenizer: str | None = None
     ckpt_every: int = 0  # 0: only at the end
+    keep_last: int = 0  # keep the newest K checkpoints (0: all)
     eval_every: int = 0  # VLM runs: caption eval every K steps (0: only at the end)
     schedule_steps: int | None = None  # the LR schedule's length: the first run's steps
 
 
 # May differ between a run and its resumption; everything else must not.
-RESUMABLE = ("steps", "ckpt_every", "eval_every")
+RESUMABLE = ("steps", "ckpt_every", "eval_every", "keep_last")
 
 
 def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
@@ -106,7 +114,8 @@ def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
             if key not in RESUMABLE and key in saved and saved[key] != value:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} {value} differs from the run's {saved[key]}; a resumed "
-                                 "run keeps its settings (only --steps and --ckpt-every may change)")
+                                 "run keeps its settings (only --steps, --ckpt-every, --eval-every and "
+                                 "--keep-last may change)")
         s = Settings(**{**{k: v for k, v in saved.items() if k in fields}, **given})
     else:
         s = Settings(**given)
@@ -137,6 +146,7 @@ def validate_settings(s: Settings, max_seq_len: int) -> None:
         (s.clip >= 0, "--clip must not be negative (0 disables clipping)"),
         (s.weight_decay >= 0, "--weight-decay must not be negative"),
         (s.ckpt_every >= 0, "--ckpt-every must not be negative (0: only at the end)"),
+        (s.keep_last >= 0, "--keep-last must not be negative (0: keep every checkpoint)"),
         (s.eval_every >= 0, "--eval-every must not be negative (0: only at the end)"),
     ]
     for ok, message in checks:
@@ -172,20 +182,37 @@ def accumulate_gradients(model: torch.nn.Module, inputs: torch.Tensor, targets: 
                             grad_accum=grad_accum, bf16=bf16, moe_stats=moe_stats)
 
 
+def resumable(out: str, *, note: bool = True) -> bool:
+    """Whether `--resume` continues `out`: it holds a checkpoint. A run stopped
+    before its first checkpoint (or never started) has nothing to continue, and
+    `--resume` starts it afresh with the given settings -- the one command line
+    of every (re)start of a preemptible job."""
+    if ckpt.latest_checkpoint(out) is not None:
+        return True
+    if note:
+            print(f"nothing to resume in {out} (no checkpoint yet): starting a fresh run",
+              file=sys.stderr)
+    return False
+
+
 def _write_run_info(out: str, info: dict) -> None:
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
 
 
 def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
-          **overrides) -> dict:
+          wandb: str | None = None, **overrides) -> dict:
     """Train `spec` into the run folder `out`; return a summary.
 
-    `overrides` are Settings fields (None: not given). Raises UsageError or
-    RunError for bad input.
+    `overrides` are Settings fields (None: not given); `wandb`: a W&B project
+    to log to as well. Raises UsageError or RunError for bad input, and
+    runtime.loop.Stopped after checkpointing on SIGTERM or SIGUSR1.
     """
+    if wandb is not None:
+        import_wandb()  # a usage error before anything else
     if overrides.get("data") is not None:
         overrides["data"] = data_setting(overrides["data"])
+    resume = resume and resumable(out)
     if overrides.get("tokenizer") is not None:
         overrides["tokenizer"] = resolve_tokenizer_setting(overrides["tokenizer"])
     elif not resume:
@@ -207,13 +234,14 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
                        f"{os.path.basename(pkg_dir)}")
     task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
+    check_fits(spec, torch.get_default_device())  # before the model takes any memory
     with task.determinism():
         return _train(task, spec, out, pkg_dir, s, resume=resume, saved_info=saved_info,
-                      progress=progress)
+                      progress=progress, wandb=wandb)
 
 
 def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, resume: bool,
-           saved_info: dict | None, progress: bool) -> dict:
+           saved_info: dict | None, progress: bool, wandb: str | None = None) -> dict:
     data, held_out = task.data(s)
     threads = set_threads()
     engine = LocalEngine(task, s)
@@ -237,7 +265,7 @@ def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, re
           f"{'bf16 autocast' if s.bf16 else 'fp32'}, {threads} threads"
           + task.describe_eval(s, held_out), file=sys.stderr)
     last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,
-                     progress=progress)
+                     progress=progress, wandb_project=wandb)
     task.plot(metrics_path, os.path.join(out, "loss.png"),
               f"{os.path.basename(pkg_dir)}: seed {s.seed}, batch ", s)
     rows = read_metrics(metrics_path)

@@ -19,6 +19,7 @@ from compiler.errors import RunError, UsageError
 
 from .cli import add_commands
 from .distributed import STATUS_ENV, settings_of, teardown, train_distributed
+from .loop import Stopped
 
 
 def worker_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{os.environ.get('WORLD_SIZE', '1')}")
         train_distributed(args.spec, args.out, plan=args.plan, resume=args.resume,
                           progress=not args.no_progress, **settings_of(args))
+    except Stopped as e:  # every rank stopped after the same step (runtime.loop.StopSignals)
+        if rank == 0:
+            print(f"forgec: {e}", file=sys.stderr)
     except (UsageError, RunError) as e:
         # every rank meets these alike (they depend on files, settings and
         # all-reduced numbers only); rank 0 reports

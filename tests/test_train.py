@@ -279,11 +279,13 @@ def test_cli_corrupt_checkpoint_is_left_untouched(tmp_path):
     proc = run_forgec("train", DEBUG, "--out", str(out), "--resume", "--steps", "6")
     assert_one_line_error(proc, 1, "step_000004", "corrupt", "trainer.json")
     assert tree_digest(out) == before
-    # no checkpoint at all
+    # no checkpoint at all: --resume starts the run afresh (tests/test_long_runs.py)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    proc = run_forgec("train", DEBUG, "--out", str(fresh), "--resume")
-    assert_one_line_error(proc, 1, "not a training run")
+    proc = run_forgec("train", DEBUG, "--out", str(fresh), "--resume", "--steps", "1",
+                      "--batch-size", "2", "--seq-len", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert f"nothing to resume in {fresh} (no checkpoint yet)" in proc.stderr
 
 
 def test_cli_token_file_with_bad_id(tmp_path):

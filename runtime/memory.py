@@ -1,0 +1,107 @@
+"""Refuse a training run that cannot fit, before it allocates anything.
+
+A single-process run holds fp32 weights, their gradients and AdamW's two
+fp32 moments: 16 bytes per parameter, whatever --bf16 (an autocast: the
+weights stay fp32), before any activation. That is the compiler's own figure
+(compiler/cost.py, `forgec info`'s "fp32 params" training memory). A run
+whose figure exceeds the memory its device has available stops at once with
+the figure and what to do instead.
+
+Available memory: CUDA, the device's free memory (torch.cuda.mem_get_info);
+CPU, /proc/meminfo's MemAvailable, or less where a cgroup memory limit leaves
+less. FORGEC_MEMORY_LIMIT_BYTES, where set, stands in for the device's
+available bytes (for tests, and for a budget below what the device has).
+"""
+
+from __future__ import annotations
+
+import os
+
+from compiler.cli import RunError, UsageError, _fmt_bytes
+
+MEMORY_ENV = "FORGEC_MEMORY_LIMIT_BYTES"
+
+
+def _meminfo_available(path: str = "/proc/meminfo") -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _cgroup_headroom(root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's cgroup may still allocate (v2, else v1), or None."""
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        cap, used = _read_int(os.path.join(root, limit)), _read_int(os.path.join(root, usage))
+        if cap is not None and cap < 1 << 60 and used is not None:  # v1 "no limit" is huge
+            return max(0, cap - used)
+    return None
+
+
+def available_bytes(device) -> tuple[int | None, str]:
+    """(bytes the run may still allocate on `device`, where they are), None when unknown."""
+    override = os.environ.get(MEMORY_ENV)
+    if override is not None:
+        if not override.strip().isdigit():
+            raise UsageError(f"{MEMORY_ENV} must be a number of bytes, not '{override}'")
+        return int(override), f"the memory limit {MEMORY_ENV}"
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"{device} ({torch.cuda.get_device_name(device)})"
+    known = [n for n in (_meminfo_available(), _cgroup_headroom()) if n is not None]
+    return (min(known) if known else None), "this machine"
+
+
+def training_bytes(spec: str) -> tuple[str, int, int, list[str]]:
+    """(model, parameters, fp32 weights + gradients + AdamW bytes, the spec's
+    plans for it) of the model `spec` trains, from the compiler's cost model."""
+    from compiler.cli import _compile
+    from compiler.cost import cost, vlm_cost
+
+    comp = _compile(spec, quiet=True)
+    if comp is None:  # build_package() has compiled it already: cannot happen
+        raise RunError(f"cannot train {spec}: the spec has errors")
+    name = comp.main_model()
+    c = vlm_cost(comp, comp.vlms[name]) if name in comp.vlms else cost(comp.graphs[name])
+    plans = sorted(p.name for p in comp.plans.values() if p.target == name)
+    # 16 B/parameter: cost()'s "fp32" training memory of a text model; vlm_cost()
+    # adds the encoder's and adapter's parameters to params_total only
+    return name, c.params_total, 16 * c.params_total, plans
+
+
+def check_fits(spec: str, device) -> None:
+    """RunError (exit 1) if the run's weights, gradients and AdamW state alone
+    exceed the memory available on `device`."""
+    available, where = available_bytes(device)
+    if available is None:
+        return
+    name, params, need, plans = training_bytes(spec)
+    if need <= available:
+        return
+    plan = (f"a parallel plan over more devices (--plan {plans[0]}"
+            + (f"; the spec's plans: {', '.join(plans)}" if len(plans) > 1 else "")
+            + f"; `forgec plan {spec} --plan NAME --world N` shows each rank's memory)"
+            if plans else "a parallel plan over more devices (add a `plan` to the spec; "
+            "`forgec plan` shows each rank's memory)")
+    raise RunError(
+        f"{name} cannot train here: it needs {_fmt_bytes(need)} for its {params:,} fp32 "
+        f"weights, gradients and AdamW moments alone (`forgec info`; activations come on "
+        f"top), and {where} has {_fmt_bytes(available)} available. Train it with {plan}, "
+        f"or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only "
+        f"the activations")
