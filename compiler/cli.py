@@ -114,16 +114,8 @@ def cmd_check(args) -> int:
     return status
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def cmd_info(args) -> int:
-    from .cost import cost
+    from .cost import cost, format_bytes
 
     result = _compile(args.spec, quiet=args.json)
     if result is None:
@@ -156,14 +148,14 @@ def cmd_info(args) -> int:
     print(f"  active parameters    {c.params_active:,}")
     print(f"  forward FLOPs/token  {c.flops_per_token:,}  (seq_len {c.seq_len})")
     if c.supports_kv_cache:
-        print(f"  KV cache / token     {_fmt_bytes(c.kv_bytes_per_token)}  ({c.kv_dtype})")
+        print(f"  KV cache / token     {format_bytes(c.kv_bytes_per_token)}  ({c.kv_dtype})")
         print("  supports_kv_cache    yes")
     else:
         print(f"  supports_kv_cache    no — training-only ({', '.join(c.non_causal)} not causal)")
     print("  training memory (weights + grads + AdamW, activations excluded)")
     for dtype, m in c.training_memory.items():
-        print(f"    {dtype} params  {_fmt_bytes(m['total'])}  (weights {_fmt_bytes(m['weights'])},"
-              f" grads {_fmt_bytes(m['grads'])}, optimizer {_fmt_bytes(m['optimizer'])})")
+        print(f"    {dtype} params  {format_bytes(m['total'])}  (weights {format_bytes(m['weights'])},"
+              f" grads {format_bytes(m['grads'])}, optimizer {format_bytes(m['optimizer'])})")
     for pname, p in plans.items():
         mesh = " × ".join(f"{k} {v}" for k, v in p["mesh"].items() if v > 1) or "1 rank"
         extra = ""

@@ -133,3 +133,12 @@ def vlm_cost(comp, vlm) -> Cost:
                                   .values()),
                    **c.breakdown}
     return c
+
+
+def format_bytes(n: float) -> str:
+    """A byte count as people read it: `1,234 B`, `119.66 GiB`."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    raise AssertionError

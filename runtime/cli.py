@@ -165,7 +165,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 def cmd_train(args) -> int:
     if args.plan is not None or args.nproc is not None:
         if args.wandb is not None:
-            from compiler.cli import UsageError
+            from compiler.errors import UsageError
 
             raise UsageError("--wandb logs single-process runs; with --plan, use the "
                              "TensorBoard event files in the run folder")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 
-from compiler.cli import RunError, UsageError, _fmt_bytes
+from compiler.cost import format_bytes
+from compiler.errors import RunError, UsageError
 
 MEMORY_ENV = "FORGEC_MEMORY_LIMIT_BYTES"
 
@@ -71,10 +72,10 @@ def available_bytes(device) -> tuple[int | None, str]:
 def training_bytes(spec: str) -> tuple[str, int, int, list[str]]:
     """(model, parameters, fp32 weights + gradients + AdamW bytes, the spec's
     plans for it) of the model `spec` trains, from the compiler's cost model."""
-    from compiler.cli import _compile
     from compiler.cost import cost, vlm_cost
+    from compiler.driver import compile_and_report
 
-    comp = _compile(spec, quiet=True)
+    comp = compile_and_report(spec, quiet=True)
     if comp is None:  # build_package() has compiled it already: cannot happen
         raise RunError(f"cannot train {spec}: the spec has errors")
     name = comp.main_model()
@@ -100,8 +101,8 @@ def check_fits(spec: str, device) -> None:
             if plans else "a parallel plan over more devices (add a `plan` to the spec; "
             "`forgec plan` shows each rank's memory)")
     raise RunError(
-        f"{name} cannot train here: it needs {_fmt_bytes(need)} for its {params:,} fp32 "
+        f"{name} cannot train here: it needs {format_bytes(need)} for its {params:,} fp32 "
         f"weights, gradients and AdamW moments alone (`forgec info`; activations come on "
-        f"top), and {where} has {_fmt_bytes(available)} available. Train it with {plan}, "
+        f"top), and {where} has {format_bytes(available)} available. Train it with {plan}, "
         f"or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only "
         f"the activations")

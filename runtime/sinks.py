@@ -20,7 +20,7 @@ import hashlib
 import os
 import sys
 
-from compiler.cli import UsageError
+from compiler.errors import UsageError
 
 
 def scalars(row: dict) -> dict[str, float]:
