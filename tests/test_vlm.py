@@ -96,8 +96,9 @@ def test_logits_align_with_the_text_and_every_parameter_learns(name):
     assert logits.shape == (2, 20, 256)
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256),
                                       tokens[:, 1:].reshape(-1)).backward()
-    if name == "vlm_xattn":  # zero gates: the blocks' weights get gradient once a gate opens
-        assert all(b.attention_gate.grad.abs().sum() > 0
+    if name == "vlm_xattn":  # zero output projections: the rest gets gradient once they move
+        assert all(b.attention.o_proj.weight.grad.abs().sum() > 0
+                   and b.mlp.down_proj.weight.grad.abs().sum() > 0
                    for b in model.transformer.cross_attention_layers.values())
     else:
         assert [n for n, p in model.named_parameters() if p.grad is None] == []
@@ -156,7 +157,7 @@ def test_cross_attention_starts_as_the_identity():
         torch.testing.assert_close(model(pixels, tokens), model.transformer(tokens, modality=blank),
                                    rtol=0, atol=0)
         for block in model.transformer.cross_attention_layers.values():
-            block.attention_gate.fill_(1.0)
+            torch.nn.init.normal_(block.attention.o_proj.weight, std=0.02)  # as after training
         assert not torch.allclose(model(pixels, tokens), model.transformer(tokens, modality=blank))
     assert mod.XATTN_AFTER == {1: 0, 3: 1}  # after every second layer
 
@@ -193,8 +194,10 @@ def test_video_frames_and_a_frame_mask():
         video2 = video.clone()
         video2[1, 1:] = torch.randn(2, 3, 32, 32)
         for block in model.transformer.cross_attention_layers.values():
-            block.attention_gate.fill_(1.0)
+            torch.nn.init.normal_(block.attention.o_proj.weight, std=0.02)  # the image counts
         a = model(video, tokens, frame_mask=frames)
+        c = model(video2[:, :1].expand_as(video2), tokens, frame_mask=frames)
+        assert not torch.allclose(a, c)  # an unmasked frame does matter
         b = model(video2, tokens, frame_mask=frames)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 

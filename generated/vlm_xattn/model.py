@@ -417,8 +417,12 @@ class AttentionPoolAdapter(nn.Module):
 
 class CrossAttentionBlock(nn.Module):
     """Gated cross-attention: text queries, image keys and values (no positions, no
-    causal mask), then a gated MLP. Both gates are tanh(0) = 0 at init, so the
-    block starts as the identity and the decoder's text behaviour is untouched."""
+    causal mask), then a gated MLP. The output projections (o_proj, down_proj) start
+    at zero, so the block starts as the identity and the decoder's text behaviour is
+    untouched; the tanh gates start open (tanh(1)), so the projections get gradient
+    from the first step. (Gates at tanh(0) with random projections, as in Flamingo,
+    leave the gates' gradient a coin flip until the block's features are useful:
+    on a small task the text learns the captions first and the image never gets in.)"""
 
     def __init__(self, dim: int, heads: int, hidden: int, eps: float) -> None:
         super().__init__()
@@ -437,10 +441,11 @@ class CrossAttentionBlock(nn.Module):
         self.mlp_norm.init_weights()
         for name in ("q_proj", "k_proj", "v_proj"):
             nn.init.normal_(getattr(self.attention, name).weight, mean=0.0, std=std)
-        nn.init.normal_(self.attention.o_proj.weight, mean=0.0, std=out_std)
+        nn.init.zeros_(self.attention.o_proj.weight)
         self.mlp.init_weights(std, out_std)
-        nn.init.zeros_(self.attention_gate)
-        nn.init.zeros_(self.mlp_gate)
+        nn.init.zeros_(self.mlp.down_proj.weight)
+        nn.init.ones_(self.attention_gate)
+        nn.init.ones_(self.mlp_gate)
 
     def forward(
         self, x: torch.Tensor, image: torch.Tensor, image_mask: torch.Tensor | None

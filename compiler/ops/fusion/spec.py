@@ -51,8 +51,8 @@ OPS = (
         summary="the decoder's text attends to the image tokens through gated cross-attention "
                 "blocks (cross-attention fusion)",
         doc="A gated cross-attention block after every k-th decoder layer: text queries, "
-            "image keys and values, no positions, no causal mask, tanh gates starting at 0 "
-            "(so it starts as the identity).",
+            "image keys and values, no positions, no causal mask, tanh gates; its output "
+            "projections start at zero (so it starts as the identity).",
         args=(
             ArgSpec("every", "size", 1, doc="a block after layers every-1, 2·every-1, ..."),
             ArgSpec("heads", "size"),
