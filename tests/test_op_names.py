@@ -46,6 +46,7 @@ REMAINING = {
                           "softmax_topk", "swiglu"},
     # the key of the MoE statistics in a log row, which happens to be an op's name
     "runtime/loop.py": {"moe"},
+    "runtime/sinks.py": {"moe"},
 }
 
 
