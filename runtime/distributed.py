@@ -77,6 +77,7 @@ from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import parallel
+from .data import data_setting
 from .loop import (
     MoEStats,
     TextTask,
@@ -161,7 +162,7 @@ def launch(args) -> int:
         raise UsageError(f"no such file: '{spec}'")
     overrides = settings_of(args)
     if overrides.get("data") is not None:
-        overrides["data"] = os.path.abspath(overrides["data"])
+        overrides["data"] = data_setting(overrides["data"])
     args.resume = args.resume and resumable(out)  # the workers start afresh too
     saved = read_run_info(out)["settings"] if args.resume else None
     _check_run_dir(out, args.resume)
@@ -740,7 +741,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     rank's part of the model and batch (Engine). Rank 0 writes run.json,
     metrics.jsonl, trainer.json and loss.png."""
     if overrides.get("data") is not None:
-        overrides["data"] = os.path.abspath(overrides["data"])
+        overrides["data"] = data_setting(overrides["data"])
     rank = int(os.environ.get("RANK", "0"))
     # before any rank can write a checkpoint: every rank decides alike
     resume = resume and resumable(out, note=rank == 0)

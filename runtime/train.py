@@ -87,7 +87,7 @@ class Settings:
     clip: float = 1.0  # max grad norm; 0 disables clipping
     weight_decay: float = 0.1
     bf16: bool = False
-    data: str | None = None  # a token file; None: the standard library's sources
+    data: str | None = None  # token file, tokenized dataset or mixture; None: the stdlib's sources
     data_dtype: str = "uint16"
     # "byte", or a folder with tokenizer.json (default: the spec's NAME.tokenizer/ if it
     # exists); copied into RUN/tokenizer/ (runtime/tokenizer.py)
