@@ -151,6 +151,20 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                    "NAME.tokenizer/) or a training run (its tokenizer)")
     k.add_argument("--text-field", default="text", metavar="NAME",
                    help="the text of a JSONL object or Parquet row (default: text)")
+    k.add_argument("--format", choices=("text", "pairs", "chat"), default="text",
+                   help="text (default): documents; pairs: JSONL prompt/response examples; "
+                   "chat: JSONL conversations rendered with the chat template. Examples keep "
+                   "a loss mask: training learns the responses only")
+    k.add_argument("--prompt-field", default="prompt", metavar="NAME",
+                   help="--format pairs: the prompt of a record (default: prompt)")
+    k.add_argument("--response-field", default="response", metavar="NAME",
+                   help="--format pairs: the response of a record (default: response)")
+    k.add_argument("--messages-field", default="messages", metavar="NAME",
+                   help="--format chat: the [{role, content}, ...] of a record "
+                   "(default: messages)")
+    k.add_argument("--chat-template", metavar="FILE",
+                   help="--format chat: a jinja2 chat template (default: the tokenizer's "
+                   "chat_template in tokenizer_config.json)")
     k.add_argument("--docs-per-shard", type=int, default=10_000, metavar="N",
                    help="documents per shard (default 10000)")
     k.add_argument("--workers", type=int, default=1, metavar="K",

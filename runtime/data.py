@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from compiler.errors import RunError, UsageError
+
+from .tokenize import MASK_DOC_START, MASK_TRAIN
 
 EOS_ID = 0
 VOCAB_SIZE = 256
@@ -191,10 +194,14 @@ class PackedData:
         start = i * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
 
+    def row(self, i: int) -> tuple[np.ndarray, ...]:
+        """(inputs, targets, doc_ids) of window i."""
+        return pack_window(self.window(i), self.eos_id)
+
     def next_batch(self, batch_size: int) -> Batch:
         rows = []
         for _ in range(batch_size):
-            rows.append(pack_window(self.window(int(self._order()[self.index])), self.eos_id))
+            rows.append(self.row(int(self._order()[self.index])))
             self.index += 1
             if self.index == self.num_windows:
                 self.epoch, self.index = self.epoch + 1, 0
@@ -288,6 +295,58 @@ class ShardedTokens:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
+class ExampleData(PackedData):
+    """Instruction examples (`forgec tokenize --format pairs|chat`) packed whole
+    into windows of seq_len + 1 tokens, in their order: a window takes the next
+    examples while they fit and is padded after them (the padding is a document
+    of its own, with no targets); an example longer than a window fills one
+    alone, cut to its length. Each example is a document of its own (`doc_ids`),
+    and only targets the mask marks as response tokens are trained: the loss is
+    the mean over the batch's response tokens. The window order and position
+    are those of PackedData."""
+
+    def __init__(self, tokens, mask, seq_len: int, seed: int, *, eos_id: int = EOS_ID,
+                 source: str = "data") -> None:
+        if seq_len < 1:
+            raise UsageError("--seq-len must be positive")
+        self.tokens, self.mask, self.seq_len, self.seed = tokens, mask, seq_len, seed
+        self.eos_id, self.source = eos_id, source
+        starts = np.concatenate([np.flatnonzero(np.asarray(shard) & MASK_DOC_START) + offset
+                                 for shard, offset in zip(mask.shards, mask.offsets, strict=False)])
+        stops = np.append(starts[1:], len(tokens))
+        room = seq_len + 1
+        win_starts, win_stops = [], []
+        for start, stop in zip(starts.tolist(), stops.tolist(), strict=True):
+            if win_starts and stop - win_starts[-1] <= room and win_stops[-1] == start:
+                win_stops[-1] = stop  # the example fits after the window's last one
+            else:
+                win_starts.append(start)
+                win_stops.append(min(stop, start + room))
+        self.win_starts, self.win_stops = np.array(win_starts), np.array(win_stops)
+        self.num_windows = len(win_starts)
+        if self.num_windows < 1:
+            raise RunError(f"{source} holds no examples")
+        h = hashlib.sha256(fingerprint(tokens).encode())
+        h.update(fingerprint(mask).encode())
+        self.fingerprint = h.hexdigest()[:16]
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def row(self, i: int) -> tuple[np.ndarray, ...]:
+        start, stop = int(self.win_starts[i]), int(self.win_stops[i])
+        n, size = stop - start, self.seq_len + 1
+        tokens = np.full(size, self.eos_id, dtype=np.int64)
+        tokens[:n] = self.tokens[start:stop]
+        flags = np.zeros(size, dtype=np.uint8)
+        flags[:n] = self.mask[start:stop]
+        if n < size:
+            flags[n] = MASK_DOC_START  # the padding: one more document
+        doc = np.cumsum((flags & MASK_DOC_START) != 0) - 1
+        trained = ((flags[1:] & MASK_TRAIN) != 0) & (doc[1:] == doc[:-1])
+        targets = np.where(trained, tokens[1:], IGNORE_INDEX)
+        return tokens[:-1], targets, doc[:-1].astype(np.int64)
+
+
 def read_manifest(path: str) -> tuple[dict, str]:
     """(manifest, its folder) of a `forgec tokenize` output folder or its manifest.json."""
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -337,6 +396,22 @@ def load_dataset_tokens(path: str, vocab_size: int, tokenizer) -> ShardedTokens:
     if len(tokens) == 0:
         raise RunError(f"{path}: the dataset holds no tokens")
     return tokens
+
+
+def load_dataset_mask(path: str) -> ShardedTokens | None:
+    """The loss mask of an instruction dataset (one byte per token, see
+    runtime/tokenize.py), None for a dataset of plain documents."""
+    manifest, folder = read_manifest(path)
+    if "examples" not in manifest:
+        return None
+    paths = []
+    for shard in manifest["shards"]:
+        file = os.path.join(folder, str(shard.get("mask")))
+        if not os.path.isfile(file) or os.path.getsize(file) != shard["tokens"]:
+            raise RunError(f"{file}: missing or not the {shard['tokens']} bytes of the loss "
+                           "mask the manifest says (was the dataset changed?)")
+        paths.append(file)
+    return ShardedTokens(paths, np.uint8)
 
 
 def load_tokens(path: str, dtype: str, vocab_size: int, tokenizer) -> np.ndarray | ShardedTokens:
@@ -417,9 +492,13 @@ def load_training_data(data: str | None, dtype: str, vocab_size: int, seq_len: i
         check_vocab(tokens, vocab_size, source)
         return PackedData(tokens, seq_len, seed, eos_id=tok.eos_id, source=source)
     parts = parse_data_setting(data)
-    streams = [PackedData(load_tokens(path, dtype, vocab_size, tok), seq_len, seed + i,
-                          eos_id=tok.eos_id, source=path)
-               for i, (path, _) in enumerate(parts)]
+    streams = []
+    for i, (path, _) in enumerate(parts):
+        tokens = load_tokens(path, dtype, vocab_size, tok)
+        mask = load_dataset_mask(path) if is_dataset(path) else None
+        kind = PackedData if mask is None else functools.partial(ExampleData, mask=mask)
+        streams.append(kind(tokens, seq_len=seq_len, seed=seed + i, eos_id=tok.eos_id,
+                            source=path))
     if len(streams) == 1:
         return streams[0]
     return MixedData(streams, [w for _, w in parts], seed)

@@ -16,6 +16,15 @@ by `OUT/shard_0000k.json` (tokens, documents, largest id, SHA-256); a run that
 is interrupted and started again skips the shards it finished. When all are
 done, `OUT/manifest.json` lists them with the tokenizer's identity (training
 refuses a dataset tokenized differently from its model) and the totals.
+
+Instruction data (`--format pairs` or `--format chat`, JSONL only) is one
+example per line: a prompt/response pair (`--prompt-field`, `--response-field`)
+or a conversation (`--messages-field`: [{role, content}, ...]) rendered with
+the tokenizer's chat template (runtime/chat.py). Beside each shard's tokens,
+`shard_0000k.mask` holds one byte per token: MASK_TRAIN where the token is a
+response (assistant) token, so predicting it is trained, and MASK_DOC_START on
+each example's first token: every example is its own document in training.
+The manifest records the format and the mask files.
 """
 
 from __future__ import annotations
@@ -34,6 +43,19 @@ TEXT_EXT = (".txt", ".md", ".text")
 JSONL_EXT = (".jsonl", ".ndjson")
 PARQUET_EXT = (".parquet",)
 PLAN = "plan.json"
+FORMATS = ("text", "pairs", "chat")
+MASK_TRAIN, MASK_DOC_START = 1, 2  # the bits of a .mask byte
+
+
+@dataclass(frozen=True)
+class Examples:
+    """How instruction records are read (`--format pairs|chat`)."""
+
+    format: str
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    chat_template: str | None = None  # a file; None: the tokenizer's own
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,11 @@ def read_documents(piece: Piece, text_field: str) -> list[str]:
     return texts
 
 
+def _where(path: str, offset: int) -> str:
+    """FILE:LINE of the byte `offset` of a file (for messages)."""
+    return f"{path}:{_line_of(path, offset)}"
+
+
 def _line_of(path: str, offset: int) -> int:
     """The 1-based line number of the byte `offset` of a file (for messages)."""
     with open(path, "rb") as f:
@@ -203,25 +230,96 @@ def documents_of_file(path: str, text_field: str) -> list[str]:
 # ---- workers ------------------------------------------------------------------------------
 
 _TOKENIZER = None
+_TEMPLATE = None
 
 
-def _init_worker(setting: str) -> None:
-    global _TOKENIZER
+def _init_worker(setting: str, examples: Examples | None = None) -> None:
+    global _TOKENIZER, _TEMPLATE
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
     from .tokenizer import load_tokenizer
 
     _TOKENIZER = load_tokenizer(setting)
+    if examples is not None and examples.format == "chat":
+        from .chat import load_chat_template
+
+        _TEMPLATE = load_chat_template(_TOKENIZER, examples.chat_template)
+
+
+def read_examples(piece: Piece, examples: Examples) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) of each record of a JSONL piece; bad records are located errors."""
+    from .chat import TemplateError, check_messages, encode_chat, encode_pair
+
+    with open(piece.path, "rb") as f:
+        f.seek(piece.start)
+        data = f.read(piece.stop - piece.start)
+    out, offset = [], piece.start
+    for raw in data.split(b"\n"):
+        at, offset = offset, offset + len(raw) + 1
+        if not raw.strip():
+            continue
+
+        try:
+            obj = json.loads(raw)
+        except ValueError as e:
+            raise RunError(f"{_where(piece.path, at)}: not JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise RunError(f"{_where(piece.path, at)}: not a JSON object")
+        if examples.format == "pairs":
+            fields = (examples.prompt_field, examples.response_field)
+            for name in fields:
+                if not isinstance(obj.get(name), str):
+                    raise RunError(f"{_where(piece.path, at)}: no text field '{name}' (choose it with "
+                                   f"--{'prompt' if name == fields[0] else 'response'}-field)")
+            ids, mask = encode_pair(_TOKENIZER, obj[fields[0]], obj[fields[1]])
+        else:
+            messages = obj.get(examples.messages_field)
+            if messages is None:
+                raise RunError(f"{_where(piece.path, at)}: no field '{examples.messages_field}' (choose it "
+                               "with --messages-field)")
+            why = check_messages(messages, examples.messages_field)
+            if why:
+                raise RunError(f"{_where(piece.path, at)}: {why}")
+            try:
+                ids, mask = encode_chat(_TOKENIZER, _TEMPLATE, messages)
+            except TemplateError as e:
+                raise RunError(f"{_where(piece.path, at)}: {e} ({_TEMPLATE.origin})") from None
+        if not any(mask):
+            raise RunError(f"{_where(piece.path, at)}: the response renders to no tokens (nothing to train on)")
+        out.append((ids, mask))
+    return out
+
+
+def _write(path: str, data: bytes) -> None:
+    """Write `data` to `path` under a temporary name, then rename it."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def tokenize_shard(out: str, index: int, pieces: list[Piece], text_field: str,
-                   dtype: str) -> dict:
-    """Tokenize one shard into OUT/shard_NNNNN.bin; return (and write) its description."""
-    texts = [t for p in pieces for t in read_documents(p, text_field) if t]
-    ids = _TOKENIZER.encode_batch(texts, eos=True) if texts else []
+                   dtype: str, examples: Examples | None = None) -> dict:
+    """Tokenize one shard into OUT/shard_NNNNN.bin (and .mask for instruction
+    data); return (and write) its description."""
+    mask = None
+    if examples is None:
+        texts = [t for p in pieces for t in read_documents(p, text_field) if t]
+        ids = _TOKENIZER.encode_batch(texts, eos=True) if texts else []
+    else:
+        records = [r for p in pieces for r in read_examples(p, examples)]
+        ids = [r[0] for r in records]
+        texts = records
+        mask = np.fromiter((m for _, row in records for m in row), dtype=np.uint8,
+                           count=sum(len(r) for r in ids))
+        starts = np.cumsum([0] + [len(r) for r in ids[:-1]]).astype(np.int64)
+        mask[starts] |= MASK_DOC_START
     flat = np.fromiter((i for row in ids for i in row), dtype=np.int64,
                        count=sum(len(r) for r in ids))
     tokens = flat.astype(dtype)
     name = f"shard_{index:05d}"
+    if mask is not None:  # before the .bin: a finished .bin says its shard is whole
+        _write(os.path.join(out, name + ".mask"), mask.tobytes())
     tmp = os.path.join(out, f".{name}.bin.tmp")
     with open(tmp, "wb") as f:
         f.write(tokens.tobytes())
@@ -229,6 +327,9 @@ def tokenize_shard(out: str, index: int, pieces: list[Piece], text_field: str,
     info = {"file": name + ".bin", "tokens": int(tokens.size), "documents": len(texts),
             "max_id": int(flat.max()) if flat.size else 0,
             "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+    if mask is not None:
+        info.update(mask=name + ".mask", mask_sha256=hashlib.sha256(mask.tobytes()).hexdigest(),
+                    trained=int((mask & MASK_TRAIN).sum()))
     tmp = os.path.join(out, f".{name}.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(info, f)
@@ -251,6 +352,12 @@ def _finished(out: str, index: int, dtype: str) -> dict | None:
         return None
     if size != info.get("tokens", -1) * np.dtype(dtype).itemsize:
         return None
+    if "mask" in info:
+        try:
+            if os.path.getsize(os.path.join(out, info["mask"])) != info["tokens"]:
+                return None
+        except OSError:
+            return None
     return info
 
 
@@ -259,7 +366,7 @@ def _finished(out: str, index: int, dtype: str) -> dict | None:
 
 def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field: str = "text",
              docs_per_shard: int = 10_000, workers: int = 1, progress: bool = True,
-             force: bool = False) -> dict:
+             force: bool = False, examples: Examples | None = None) -> dict:
     """Tokenize `inputs` into the dataset folder `out`; return its manifest."""
     from .data import MANIFEST, MANIFEST_FORMAT
     from .tokenizer import load_tokenizer, resolve_tokenizer_setting
@@ -268,16 +375,37 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
         raise UsageError("--docs-per-shard must be at least 1")
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    if examples is not None and examples.format == "text":
+        examples = None
     setting = resolve_tokenizer_setting(tokenizer)
     tok = load_tokenizer(setting)
+    described = None
+    if examples is not None:
+        described = {"format": examples.format}
+        if examples.format == "pairs":
+            described.update(prompt_field=examples.prompt_field,
+                             response_field=examples.response_field)
+        else:
+            from .chat import load_chat_template
+
+            template = load_chat_template(tok, examples.chat_template)
+            described.update(messages_field=examples.messages_field,
+                             chat_template_sha256=hashlib.sha256(
+                                 template.source.encode()).hexdigest())
     eos_id = tok.eos_id
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
     files = input_files(inputs)
+    if examples is not None:
+        other = [p for p, kind in files if kind != "jsonl"]
+        if other:
+            raise UsageError(f"{other[0]}: --format {examples.format} reads .jsonl files only")
     plan = {"format": MANIFEST_FORMAT, "tokenizer": {
         "identity": tok.identity, "source": setting, "vocab_size": tok.vocab_size,
         "eos_id": eos_id}, "dtype": dtype, "text_field": text_field,
         "docs_per_shard": docs_per_shard,
         "inputs": [{"path": p, "size": os.path.getsize(p)} for p, _ in files]}
+    if described is not None:
+        plan["examples"] = described
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"-o {out} is a file")
     os.makedirs(out, exist_ok=True)
@@ -300,7 +428,7 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
     os.replace(plan_path + ".tmp", plan_path)
 
     done = {i: info for i in range(len(shards)) if (info := _finished(out, i, dtype))}
-    todo = [(out, i, pieces, text_field, dtype) for i, pieces in enumerate(shards)
+    todo = [(out, i, pieces, text_field, dtype, examples) for i, pieces in enumerate(shards)
             if i not in done]
     bar = None
     if progress:
@@ -310,7 +438,7 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
                    file=sys.stderr)
     try:
         if workers == 1 or len(todo) <= 1:
-            _init_worker(setting)
+            _init_worker(setting, examples)
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
             for job in todo:
                 done[job[1]] = tokenize_shard(*job)
@@ -322,7 +450,7 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
 
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(setting,)) as pool:
+                                     initargs=(setting, examples)) as pool:
                 futures = {pool.submit(_run_shard, job): job[1] for job in todo}
                 for future in as_completed(futures):
                     done[futures[future]] = future.result()
@@ -335,6 +463,8 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
     total_docs = sum(s["documents"] for s in listed)
     manifest = {**plan, "shards": listed, "tokens": sum(s["tokens"] for s in listed),
                 "documents": total_docs}
+    if examples is not None:
+        manifest["trained_tokens"] = sum(s["trained"] for s in listed)
     tmp = os.path.join(out, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
@@ -344,10 +474,14 @@ def tokenize(inputs: list[str], out: str, *, tokenizer: str = "byte", text_field
 
 
 def cmd_tokenize(args) -> int:
+    examples = Examples(args.format, args.prompt_field, args.response_field,
+                        args.messages_field, args.chat_template)
     manifest = tokenize(args.inputs, args.output, tokenizer=args.tokenizer,
                         text_field=args.text_field, docs_per_shard=args.docs_per_shard,
-                        workers=args.workers, progress=not args.no_progress, force=args.force)
+                        workers=args.workers, progress=not args.no_progress, force=args.force,
+                        examples=examples)
     print(f"wrote {args.output}: {manifest['tokens']:,} tokens of {manifest['documents']:,} "
-          f"documents in {len(manifest['shards'])} shard(s) ({manifest['dtype']}), "
+          f"{'examples' if 'examples' in manifest else 'documents'} in "
+          f"{len(manifest['shards'])} shard(s) ({manifest['dtype']}), "
           f"tokenizer {manifest['tokenizer']['source']}", file=sys.stderr)
     return 0
