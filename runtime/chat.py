@@ -177,3 +177,14 @@ def check_messages(messages, field: str) -> str | None:
     if not any(m["role"] == "assistant" for m in messages):
         return "the conversation has no assistant turn (nothing to train on)"
     return None
+
+
+def render_user_message(tok, message: str, template_path: str | None = None) -> str:
+    """`message` as a conversation's user turn followed by the generation prompt
+    (`forgec generate --chat`)."""
+    template = load_chat_template(tok, template_path)
+    try:
+        return template.render([{"role": "user", "content": message}],
+                               add_generation_prompt=True)
+    except TemplateError as e:
+        raise RunError(f"{template.origin}: {e}") from None

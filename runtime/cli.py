@@ -68,6 +68,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     g.add_argument("run", metavar="RUN_DIR")
     g.add_argument("--prompt", metavar="TEXT",
                    help="text to continue (required for a text model; a VLM's caption prefix)")
+    g.add_argument("--chat", action="store_true",
+                   help="text models: --prompt is a user message; render it as a conversation "
+                   "with the chat template and print the assistant's reply")
+    g.add_argument("--chat-template", metavar="FILE",
+                   help="--chat: a jinja2 chat template (default: the run tokenizer's)")
     g.add_argument("--max-new-tokens", type=int, metavar="N",
                    help="default 200 (text), 40 (captions)")
     g.add_argument("--image", metavar="FILE", help="VLM runs: caption this image file")
@@ -240,10 +245,17 @@ def cmd_generate(args) -> int:
         raise UsageError("--prompt is required for a text model")
     if args.max_new_tokens is None:
         args.max_new_tokens = 200
-    text = generate_text(model, args.prompt, args.max_new_tokens, temperature=args.temperature,
+    tok, prompt = run_tokenizer(args.run), args.prompt
+    if args.chat:
+        from .chat import render_user_message
+
+        prompt = render_user_message(tok, prompt, args.chat_template)
+    elif args.chat_template is not None:
+        raise UsageError("--chat-template needs --chat")
+    text = generate_text(model, prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          note_stream=sys.stderr, token_file=info["settings"].get("data"),
-                         tokenizer=run_tokenizer(args.run))
+                         tokenizer=tok, reply_only=args.chat)
     sys.stdout.write(text + "\n")
     return 0
 

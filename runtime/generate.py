@@ -132,9 +132,10 @@ def load_run_model(run_dir: str, *, decodable: bool = True) -> tuple[torch.nn.Mo
 def generate_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = 0, note_stream=None, token_file: str | None = None,
-                  tokenizer=None) -> str:
-    """The prompt and its continuation as text (stops at end-of-text). `tokenizer`:
-    the run's (runtime/tokenizer.py); the byte tokenizer by default."""
+                  tokenizer=None, reply_only: bool = False) -> str:
+    """The prompt and its continuation as text (stops at end-of-text); the
+    continuation alone with `reply_only`. `tokenizer`: the run's
+    (runtime/tokenizer.py); the byte tokenizer by default."""
     from .tokenizer import Bytes
 
     tok = tokenizer if tokenizer is not None else Bytes()
@@ -159,4 +160,4 @@ def generate_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, *,
                    top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)[0]
     if new and new[-1] == eos_id:
         new = new[:-1]
-    return tok.decode(ids + new)
+    return tok.decode(new if reply_only else ids + new)

@@ -342,3 +342,31 @@ def test_instruction_data_under_a_pipeline_plan_equals_single_process(tmp_path):
 
     ref, got = losses(tmp_path / "ref"), losses(tmp_path / "pp2")
     assert len(got) == 3 and max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= 1e-5
+
+
+def test_generate_chat_replies_to_the_rendered_user_message(tmp_path, capsys):
+    from runtime.generate import generate, load_run_model
+
+    ds = pairs_dataset(tmp_path, PAIRS)
+    run = tmp_path / "run"
+    assert forgec(["train", SPEC, "--out", str(run), "--steps", "2", "--batch-size", "2",
+                   "--seq-len", "48", "--data", str(ds), "--no-progress"]) == 0
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    capsys.readouterr()
+    assert forgec(["generate", str(run), "--chat", "--prompt", "hello", "--chat-template",
+                   str(template), "--max-new-tokens", "12"]) == 0
+    reply = capsys.readouterr().out
+    # the reply continues the conversation as the template renders it
+    model, _ = load_run_model(str(run))
+    prompt = list(b"[USER]hello\n[BOT]")
+    new = generate(model, [prompt], 12, eos_id=0)[0]
+    if new and new[-1] == 0:
+        new = new[:-1]
+    assert reply == bytes(new).decode("utf-8", errors="replace") + "\n"
+    assert forgec(["generate", str(run), "--chat", "--prompt", "hello"]) == 1
+    err = capsys.readouterr().err
+    assert "the byte tokenizer has no chat_template" in err and "Traceback" not in err
+    assert forgec(["generate", str(run), "--prompt", "hello", "--chat-template",
+                   str(template)]) == 2
+    assert "--chat-template needs --chat" in capsys.readouterr().err
