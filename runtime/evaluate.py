@@ -8,7 +8,9 @@ as training packs it (runtime/data.pack_window: attention stays inside a
 document, no target crosses a document boundary); the last window may be
 shorter. The loss is the mean next-token cross-entropy over every target of
 the stream, in nats; perplexity is exp(loss). The result does not depend on
-`--batch-size` beyond fp32 rounding of the batched matmuls.
+`--batch-size` beyond fp32 rounding of the batched matmuls. An instruction
+dataset (`forgec tokenize --format pairs|chat`) is scored as it trains: whole
+examples packed in order (runtime/data.ExampleData), over response tokens only.
 
 `--tasks` runs lm-eval-harness tasks on the run's model (runtime/lm_eval_adapter.py).
 """
@@ -26,7 +28,16 @@ import torch.nn.functional as F
 
 from compiler.errors import RunError, UsageError
 
-from .data import IGNORE_INDEX, TOKEN_DTYPES, check_vocab, is_dataset, load_tokens, pack_window
+from .data import (
+    IGNORE_INDEX,
+    TOKEN_DTYPES,
+    ExampleData,
+    check_vocab,
+    is_dataset,
+    load_dataset_mask,
+    load_tokens,
+    pack_window,
+)
 
 
 def eval_tokens(path: str, dtype: str, vocab_size: int, tokenizer, text_field: str):
@@ -75,6 +86,31 @@ def heldout_loss(model: torch.nn.Module, tokens, seq_len: int, *, eos_id: int,
             "windows": len(starts), "seq_len": seq_len}
 
 
+@torch.no_grad()
+def examples_loss(model: torch.nn.Module, data, *, batch_size: int = 8,
+                  max_tokens: int | None = None) -> dict:
+    """heldout_loss() of an instruction dataset (an ExampleData): its windows in
+    order (those within the first `max_tokens` tokens), response tokens only."""
+    windows = [i for i in range(data.num_windows)
+               if max_tokens is None or data.win_stops[i] <= max_tokens] or [0]
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    model.eval()
+    for b in range(0, len(windows), batch_size):
+        rows = [data.row(i) for i in windows[b : b + batch_size]]
+        inputs, targets, doc_ids = (torch.from_numpy(np.stack(c)) for c in zip(*rows,
+                                                                               strict=True))
+        logits = model(inputs, doc_ids=doc_ids)
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum").double()
+        count += int((targets != IGNORE_INDEX).sum())
+    if count == 0:
+        raise RunError("the data has no response token to score")
+    loss = float(total / count)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
+            "windows": len(windows), "seq_len": data.seq_len}
+
+
 def _same_length(rows: list) -> list[list]:
     groups: dict[int, list] = {}
     for row in rows:
@@ -116,8 +152,14 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's max_seq_len {max_len}")
     tokens = eval_tokens(args.data, args.data_dtype, model.config.vocab_size, tok,
                          args.text_field)
-    result = heldout_loss(model, tokens, seq_len, eos_id=tok.eos_id,
-                          batch_size=args.batch_size, max_tokens=args.max_tokens)
+    mask = load_dataset_mask(args.data) if is_dataset(args.data) else None
+    if mask is not None:
+        data = ExampleData(tokens, mask, seq_len, 0, eos_id=tok.eos_id, source=args.data)
+        result = examples_loss(model, data, batch_size=args.batch_size,
+                               max_tokens=args.max_tokens)
+    else:
+        result = heldout_loss(model, tokens, seq_len, eos_id=tok.eos_id,
+                              batch_size=args.batch_size, max_tokens=args.max_tokens)
     result["data"] = args.data
     if args.json:
         print(json.dumps(result, indent=1, sort_keys=True))

@@ -370,3 +370,28 @@ def test_generate_chat_replies_to_the_rendered_user_message(tmp_path, capsys):
     assert forgec(["generate", str(run), "--prompt", "hello", "--chat-template",
                    str(template)]) == 2
     assert "--chat-template needs --chat" in capsys.readouterr().err
+
+
+def test_eval_of_an_instruction_dataset_scores_the_responses(tmp_path, capsys):
+    """`forgec eval --data` of a pairs dataset: the mean cross-entropy of the response
+    tokens, each example run alone."""
+    from runtime.generate import load_run_model
+
+    ds = pairs_dataset(tmp_path, PAIRS)
+    run = tmp_path / "run"
+    assert forgec(["train", SPEC, "--out", str(run), "--steps", "1", "--batch-size", "2",
+                   "--seq-len", "48", "--data", str(ds), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert forgec(["eval", str(run), "--data", str(ds), "--json", "--batch-size", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, _ = load_run_model(str(run))
+    losses = []
+    for p in PAIRS:
+        prompt, response = p["prompt"].encode(), p["response"].encode() + b"\0"
+        ids = torch.tensor([list(prompt + response)])
+        with torch.no_grad():
+            logits = model(ids[:, :-1])[0]
+        losses += F.cross_entropy(logits[len(prompt) - 1 :], ids[0, len(prompt) :],
+                                  reduction="none").tolist()
+    assert result["tokens"] == len(losses)
+    assert abs(result["loss"] - sum(losses) / len(losses)) <= 1e-5
