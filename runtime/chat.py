@@ -13,7 +13,8 @@ are those of `apply_chat_template(messages, tokenize=True)`.
 Which tokens are trained: an assistant turn's text is what the template adds
 between rendering the conversation up to that turn with the generation prompt
 and rendering it including the turn (its content and the template's end of
-turn). A token is trained when its first character lies in such a span. A
+turn). A token is trained when its characters overlap such a span (as
+transformers' `return_assistant_tokens_mask` marks them). A
 pair is the prompt's tokens, then the response's and the end-of-text token,
 which are trained.
 """
@@ -137,24 +138,24 @@ def load_chat_template(tok, path: str | None = None) -> ChatTemplate:
         raise RunError(f"{origin}: {e}") from None
 
 
-def encode_with_starts(tok, text: str) -> tuple[list[int], list[int]]:
-    """The ids of `text` (no special tokens added) and each token's first character."""
+def encode_with_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of `text` (no special tokens added) and each token's characters [start, end)."""
     if getattr(tok, "tok", None) is not None:  # an HFTokenizer
         enc = tok.tok.encode(text, add_special_tokens=False)
-        return enc.ids, [start for start, _ in enc.offsets]
-    ids, starts = [], []
-    for i, ch in enumerate(text):  # the byte tokenizer: a character's bytes start at it
+        return enc.ids, list(enc.offsets)
+    ids, offsets = [], []
+    for i, ch in enumerate(text):  # the byte tokenizer: a character's bytes
         b = ch.encode("utf-8")
         ids += b
-        starts += [i] * len(b)
-    return ids, starts
+        offsets += [(i, i + 1)] * len(b)
+    return ids, offsets
 
 
 def encode_chat(tok, template: ChatTemplate, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversation: mask 1 on the assistant turns' tokens."""
     text, spans = template.assistant_spans(messages)
-    ids, starts = encode_with_starts(tok, text)
-    mask = [int(any(lo <= s < hi for lo, hi in spans)) for s in starts]
+    ids, offsets = encode_with_offsets(tok, text)
+    mask = [int(any(start < hi and end > lo for lo, hi in spans)) for start, end in offsets]
     return ids, mask
 
 

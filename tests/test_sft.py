@@ -38,6 +38,19 @@ TEMPLATE = (
     "{% if add_generation_prompt %}[BOT]{% endif %}"
 )
 
+# a generation prompt ending in a space: a reply starting with "d" starts with the
+# token " d" (a merge of the tokenizer), which begins in the prompt; it is trained, as
+# transformers marks it
+SPACED = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}"
+    "Assistant: {% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% else %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
 CHATS = [
     [{"role": "user", "content": "hello world"},
      {"role": "assistant", "content": "hello, the quick brown fox"}],
@@ -45,7 +58,7 @@ CHATS = [
      {"role": "user", "content": "def f(x): return x * 2"},
      {"role": "assistant", "content": "the lazy dog ✓"},
      {"role": "user", "content": "again"},
-     {"role": "assistant", "content": "café"}],
+     {"role": "assistant", "content": "dog café"}],
 ]
 
 PAIRS = [
@@ -68,11 +81,11 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-def chat_tokenizer(folder: Path) -> Path:
-    """make_hf_tokenizer's tokenizer with TEMPLATE and a bos token in its config."""
+def chat_tokenizer(folder: Path, template: str = TEMPLATE) -> Path:
+    """make_hf_tokenizer's tokenizer with `template` and a bos token in its config."""
     make_hf_tokenizer(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(chat_template=TEMPLATE, bos_token="<|bos|>")
+    config.update(chat_template=template, bos_token="<|bos|>")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -92,16 +105,17 @@ def read_examples(out: Path) -> list[tuple[list[int], list[int]]]:
 # ---- tokenizing -------------------------------------------------------------------------
 
 
-def test_chat_renders_as_transformers_and_masks_the_assistant_turns(tmp_path):
+@pytest.mark.parametrize("template", [TEMPLATE, SPACED], ids=["tags", "spaced"])
+def test_chat_renders_as_transformers_and_masks_the_assistant_turns(tmp_path, template):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    tok_dir = chat_tokenizer(tmp_path / "tok")
+    tok_dir = chat_tokenizer(tmp_path / "tok", template)
     src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in CHATS])
     assert forgec(["tokenize", str(src), "-o", str(tmp_path / "ds"), "--tokenizer",
                    str(tok_dir), "--format", "chat", "--no-progress"]) == 0
     hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_file(str(tok_dir / "tokenizer.json")),
-                                 chat_template=TEMPLATE, bos_token="<|bos|>", eos_token="<|eot|>")
+                                 chat_template=template, bos_token="<|bos|>", eos_token="<|eot|>")
     examples = read_examples(tmp_path / "ds")
     assert len(examples) == len(CHATS)
     for (ids, mask), messages in zip(examples, CHATS, strict=True):
@@ -112,7 +126,10 @@ def test_chat_renders_as_transformers_and_masks_the_assistant_turns(tmp_path):
         # the trained tokens are exactly each assistant turn and its end of turn
         turns = [m["content"] + "<|eot|>" for m in messages if m["role"] == "assistant"]
         trained = [i for i, m in zip(ids, mask, strict=True) if m]
-        assert hf.decode(trained) == "".join(turns)
+        if template == TEMPLATE:
+            assert hf.decode(trained) == "".join(turns)
+        else:
+            assert hf.decode(trained) == "".join(" " * t.startswith("d") + t for t in turns)
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["examples"]["format"] == "chat"
     assert manifest["trained_tokens"] == sum(sum(m) for _, m in examples)
