@@ -43,7 +43,6 @@ TEXT_EXT = (".txt", ".md", ".text")
 JSONL_EXT = (".jsonl", ".ndjson")
 PARQUET_EXT = (".parquet",)
 PLAN = "plan.json"
-FORMATS = ("text", "pairs", "chat")
 MASK_TRAIN, MASK_DOC_START = 1, 2  # the bits of a .mask byte
 
 
@@ -205,11 +204,6 @@ def read_documents(piece: Piece, text_field: str) -> list[str]:
     return texts
 
 
-def _where(path: str, offset: int) -> str:
-    """FILE:LINE of the byte `offset` of a file (for messages)."""
-    return f"{path}:{_line_of(path, offset)}"
-
-
 def _line_of(path: str, offset: int) -> int:
     """The 1-based line number of the byte `offset` of a file (for messages)."""
     with open(path, "rb") as f:
@@ -247,46 +241,52 @@ def _init_worker(setting: str, examples: Examples | None = None) -> None:
 
 def read_examples(piece: Piece, examples: Examples) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) of each record of a JSONL piece; bad records are located errors."""
-    from .chat import TemplateError, check_messages, encode_chat, encode_pair
-
     with open(piece.path, "rb") as f:
         f.seek(piece.start)
         data = f.read(piece.stop - piece.start)
     out, offset = [], piece.start
     for raw in data.split(b"\n"):
         at, offset = offset, offset + len(raw) + 1
-        if not raw.strip():
-            continue
-
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise RunError(f"{_where(piece.path, at)}: not JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise RunError(f"{_where(piece.path, at)}: not a JSON object")
-        if examples.format == "pairs":
-            fields = (examples.prompt_field, examples.response_field)
-            for name in fields:
-                if not isinstance(obj.get(name), str):
-                    raise RunError(f"{_where(piece.path, at)}: no text field '{name}' (choose it with "
-                                   f"--{'prompt' if name == fields[0] else 'response'}-field)")
-            ids, mask = encode_pair(_TOKENIZER, obj[fields[0]], obj[fields[1]])
-        else:
-            messages = obj.get(examples.messages_field)
-            if messages is None:
-                raise RunError(f"{_where(piece.path, at)}: no field '{examples.messages_field}' (choose it "
-                               "with --messages-field)")
-            why = check_messages(messages, examples.messages_field)
-            if why:
-                raise RunError(f"{_where(piece.path, at)}: {why}")
+        if raw.strip():
             try:
-                ids, mask = encode_chat(_TOKENIZER, _TEMPLATE, messages)
-            except TemplateError as e:
-                raise RunError(f"{_where(piece.path, at)}: {e} ({_TEMPLATE.origin})") from None
-        if not any(mask):
-            raise RunError(f"{_where(piece.path, at)}: the response renders to no tokens (nothing to train on)")
-        out.append((ids, mask))
+                out.append(encode_record(raw, examples))
+            except RunError as e:
+                raise RunError(f"{piece.path}:{_line_of(piece.path, at)}: {e}") from None
     return out
+
+
+def encode_record(raw: bytes, examples: Examples) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one JSONL record; RunError says what is wrong with it."""
+    from .chat import TemplateError, check_messages, encode_chat, encode_pair
+
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise RunError(f"not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise RunError("not a JSON object")
+    if examples.format == "pairs":
+        for name, flag in ((examples.prompt_field, "prompt"),
+                           (examples.response_field, "response")):
+            if not isinstance(obj.get(name), str):
+                raise RunError(f"no text field '{name}' (choose it with --{flag}-field)")
+        ids, mask = encode_pair(_TOKENIZER, obj[examples.prompt_field],
+                                obj[examples.response_field])
+    else:
+        messages = obj.get(examples.messages_field)
+        if messages is None:
+            raise RunError(f"no field '{examples.messages_field}' (choose it with "
+                           "--messages-field)")
+        why = check_messages(messages, examples.messages_field)
+        if why:
+            raise RunError(why)
+        try:
+            ids, mask = encode_chat(_TOKENIZER, _TEMPLATE, messages)
+        except TemplateError as e:
+            raise RunError(f"{e} ({_TEMPLATE.origin})") from None
+    if not any(mask):
+        raise RunError("the response renders to no tokens (nothing to train on)")
+    return ids, mask
 
 
 def _write(path: str, data: bytes) -> None:
@@ -309,7 +309,6 @@ def tokenize_shard(out: str, index: int, pieces: list[Piece], text_field: str,
     else:
         records = [r for p in pieces for r in read_examples(p, examples)]
         ids = [r[0] for r in records]
-        texts = records
         mask = np.fromiter((m for _, row in records for m in row), dtype=np.uint8,
                            count=sum(len(r) for r in ids))
         starts = np.cumsum([0] + [len(r) for r in ids[:-1]]).astype(np.int64)
@@ -324,7 +323,7 @@ def tokenize_shard(out: str, index: int, pieces: list[Piece], text_field: str,
     with open(tmp, "wb") as f:
         f.write(tokens.tobytes())
     os.replace(tmp, os.path.join(out, name + ".bin"))
-    info = {"file": name + ".bin", "tokens": int(tokens.size), "documents": len(texts),
+    info = {"file": name + ".bin", "tokens": int(tokens.size), "documents": len(ids),
             "max_id": int(flat.max()) if flat.size else 0,
             "sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
     if mask is not None:
