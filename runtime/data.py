@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -312,7 +311,8 @@ class ExampleData(PackedData):
         self.tokens, self.mask, self.seq_len, self.seed = tokens, mask, seq_len, seed
         self.eos_id, self.source = eos_id, source
         starts = np.concatenate([np.flatnonzero(np.asarray(shard) & MASK_DOC_START) + offset
-                                 for shard, offset in zip(mask.shards, mask.offsets, strict=False)])
+                                 for shard, offset in zip(mask.shards, mask.offsets[:-1],
+                                                          strict=True)])
         stops = np.append(starts[1:], len(tokens))
         room = seq_len + 1
         win_starts, win_stops = [], []
@@ -496,9 +496,11 @@ def load_training_data(data: str | None, dtype: str, vocab_size: int, seq_len: i
     for i, (path, _) in enumerate(parts):
         tokens = load_tokens(path, dtype, vocab_size, tok)
         mask = load_dataset_mask(path) if is_dataset(path) else None
-        kind = PackedData if mask is None else functools.partial(ExampleData, mask=mask)
-        streams.append(kind(tokens, seq_len=seq_len, seed=seed + i, eos_id=tok.eos_id,
-                            source=path))
+        if mask is None:
+            streams.append(PackedData(tokens, seq_len, seed + i, eos_id=tok.eos_id, source=path))
+        else:
+            streams.append(ExampleData(tokens, mask, seq_len, seed + i, eos_id=tok.eos_id,
+                                       source=path))
     if len(streams) == 1:
         return streams[0]
     return MixedData(streams, [w for _, w in parts], seed)
