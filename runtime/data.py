@@ -26,11 +26,10 @@ import torch
 
 from compiler.errors import RunError, UsageError
 
-from .tokenize import MASK_DOC_START, MASK_TRAIN
-
 EOS_ID = 0
 VOCAB_SIZE = 256
 IGNORE_INDEX = -100  # cross-entropy's ignore_index: a target that is not trained on
+MASK_TRAIN, MASK_DOC_START = 1, 2  # the bits of an instruction dataset's .mask byte
 DEFAULT_CORPUS_BYTES = 4_000_000
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 

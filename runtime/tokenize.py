@@ -21,7 +21,7 @@ Instruction data (`--format pairs` or `--format chat`, JSONL only) is one
 example per line: a prompt/response pair (`--prompt-field`, `--response-field`)
 or a conversation (`--messages-field`: [{role, content}, ...]) rendered with
 the tokenizer's chat template (runtime/chat.py). Beside each shard's tokens,
-`shard_0000k.mask` holds one byte per token: MASK_TRAIN where the token is a
+`shard_0000k.mask` holds one byte per token (runtime/data.py): MASK_TRAIN where the token is a
 response (assistant) token, so predicting it is trained, and MASK_DOC_START on
 each example's first token: every example is its own document in training.
 The manifest records the format and the mask files.
@@ -43,7 +43,6 @@ TEXT_EXT = (".txt", ".md", ".text")
 JSONL_EXT = (".jsonl", ".ndjson")
 PARQUET_EXT = (".parquet",)
 PLAN = "plan.json"
-MASK_TRAIN, MASK_DOC_START = 1, 2  # the bits of a .mask byte
 
 
 @dataclass(frozen=True)
@@ -302,6 +301,8 @@ def tokenize_shard(out: str, index: int, pieces: list[Piece], text_field: str,
                    dtype: str, examples: Examples | None = None) -> dict:
     """Tokenize one shard into OUT/shard_NNNNN.bin (and .mask for instruction
     data); return (and write) its description."""
+    from .data import MASK_DOC_START, MASK_TRAIN
+
     mask = None
     if examples is None:
         texts = [t for p in pieces for t in read_documents(p, text_field) if t]

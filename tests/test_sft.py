@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from tokenizer_helpers import make_hf_tokenizer
 
 from compiler.cli import main as forgec
-from runtime.data import IGNORE_INDEX, ExampleData, PackedData, load_training_data
-from runtime.tokenize import MASK_DOC_START, MASK_TRAIN
+from runtime.data import (
+    IGNORE_INDEX,
+    MASK_DOC_START,
+    MASK_TRAIN,
+    ExampleData,
+    PackedData,
+    load_training_data,
+)
 from runtime.tokenizer import Bytes
 
 ROOT = Path(__file__).resolve().parent.parent
