@@ -106,3 +106,33 @@ def check_fits(spec: str, device) -> None:
         f"top), and {where} has {format_bytes(available)} available. Train it with {plan}, "
         f"or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only "
         f"the activations")
+
+
+def check_fits_plan(spec: str, plan: str, world: int, device) -> None:
+    """check_fits() of a run under a parallel plan, before its workers start:
+    each rank's fp32 weights, gradients and AdamW moments are 16 bytes per
+    parameter it stores (`forgec plan`'s per-rank figures). The ranks of a CPU
+    run share this machine's memory (all of them start here); on GPUs each rank
+    has a device of its own, and the largest rank must fit one."""
+    available, where = available_bytes(device)
+    if available is None:
+        return
+    from .planner import plan_report
+
+    report = plan_report(spec, plan, world)
+    per_rank = [16 * r["params"] for r in report["per_rank"]]
+    shared = device.type == "cpu"
+    need = sum(per_rank) if shared else max(per_rank)
+    if need <= available:
+        return
+    figure = (f"its {world} ranks need {format_bytes(need)} together for their fp32 weights, "
+              f"gradients and AdamW moments alone (the largest rank "
+              f"{format_bytes(max(per_rank))}), and they share {where}, which has "
+              f"{format_bytes(available)} available" if shared else
+              f"its largest rank needs {format_bytes(need)} for its fp32 weights, gradients "
+              f"and AdamW moments alone, and {where} has {format_bytes(available)} available")
+    raise RunError(
+        f"{report['model']} cannot train here with plan '{plan}': {figure} (`forgec plan "
+        f"{spec} --plan {plan} --world {world}` shows each rank's memory; activations come on "
+        f"top). Train it with a plan over more devices, or a smaller model; --bf16 and a "
+        f"smaller --batch-size or --seq-len shrink only the activations")
