@@ -131,8 +131,11 @@ def check_fits_plan(spec: str, plan: str, world: int, device) -> None:
               f"{format_bytes(available)} available" if shared else
               f"its largest rank needs {format_bytes(need)} for its fp32 weights, gradients "
               f"and AdamW moments alone, and {where} has {format_bytes(available)} available")
+    todo = ("Run its ranks where each has memory of its own (GPUs, or the nodes of a "
+            "cluster, with torchrun and `python -m runtime.worker`)" if shared else
+            "Train it with a plan over more devices")
     raise RunError(
         f"{report['model']} cannot train here with plan '{plan}': {figure} (`forgec plan "
         f"{spec} --plan {plan} --world {world}` shows each rank's memory; activations come on "
-        f"top). Train it with a plan over more devices, or a smaller model; --bf16 and a "
-        f"smaller --batch-size or --seq-len shrink only the activations")
+        f"top). {todo}, or a smaller model; --bf16 and a smaller --batch-size or --seq-len "
+        f"shrink only the activations")
