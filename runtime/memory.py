@@ -11,6 +11,10 @@ Available memory: CUDA, the device's free memory (torch.cuda.mem_get_info);
 CPU, /proc/meminfo's MemAvailable, or less where a cgroup memory limit leaves
 less. FORGEC_MEMORY_LIMIT_BYTES, where set, stands in for the device's
 available bytes (for tests, and for a budget below what the device has).
+
+Under a parallel plan the launcher (runtime/distributed.py) checks each rank's
+share instead (check_fits_plan: `forgec plan`'s per-rank parameters), before
+any worker starts.
 """
 
 from __future__ import annotations
@@ -116,6 +120,11 @@ def check_fits_plan(spec: str, plan: str, world: int, device) -> None:
     has a device of its own, and the largest rank must fit one."""
     available, where = available_bytes(device)
     if available is None:
+        return
+    _, params, need, _ = training_bytes(spec)
+    # no rank holds more than the whole model and a tied copy of a table: far
+    # below the limit, the planner's per-rank figures are not needed
+    if 2 * need * (world if device.type == "cpu" else 1) <= available:
         return
     from .planner import plan_report
 
