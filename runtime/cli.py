@@ -30,6 +30,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--resume", action="store_true",
                    help="continue DIR from its latest checkpoint; with none yet, start it "
                    "afresh")
+    t.add_argument("--init-from", metavar="SRC",
+                   help="start from these weights (a Hugging Face save_pretrained folder, a "
+                   "run folder or one of its checkpoints/step_N), with a fresh optimizer and "
+                   "schedule; with --resume, a checkpoint of --out wins")
     t.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default 8)")
     t.add_argument("--seq-len", type=int, metavar="L",
                    help="tokens per sequence (default min(max_seq_len, 256))")
@@ -202,7 +206,7 @@ def cmd_train(args) -> int:
               batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
               min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
               weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
-              data_dtype=args.data_dtype, tokenizer=args.tokenizer)
+              data_dtype=args.data_dtype, tokenizer=args.tokenizer, init_from=args.init_from)
     except Stopped as e:  # SIGTERM/SIGUSR1: checkpointed, a clean exit
         print(f"forgec: {e}", file=sys.stderr)
     return 0

@@ -47,6 +47,14 @@ module runs the workers:
   shards it (each rank holds the full model once, at start). Past
   HOST_INIT_MAX_PARAMS, and on resume, ranks build on the meta device and
   initialise only their own shards (same distribution, other values).
+  `--init-from SRC` (runtime/init_from.py) then loads SRC's weights: a DCP
+  checkpoint into the sharded parts (DCP reshards it), a HF checkpoint into
+  the whole model on the host before the plan prunes and shards it.
+* The run's tokenizer (its setting resolved by the launcher, as the single
+  process trainer resolves it) reaches the workers as --tokenizer; rank 0
+  copies it into RUN/tokenizer/.
+* A plan whose ranks cannot hold their weights, gradients and AdamW moments
+  is refused by the launcher before any worker starts (runtime/memory.py).
 
 Every worker leaves through `teardown()`: destroying the process group and
 collecting garbage before exit avoids a known abort at interpreter exit
@@ -55,6 +63,7 @@ collecting garbage before exit avoids a known abort at interpreter exit
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -77,8 +86,8 @@ from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import parallel
-from .data import data_setting
 from .loop import (
+    STOP_SIGNALS,
     MoEStats,
     TextTask,
     accumulate,
@@ -92,18 +101,29 @@ from .loop import (
     run_steps,
     write_metrics,
 )
+from .memory import check_fits_plan
 from .package import build_package, import_package, read_run_info
-from .train import resolve_settings, resumable, task_of, validate_settings
+from .tokenizer import BYTE, attach_run_tokenizer
+from .train import (
+    check_init_source,
+    prepare_overrides,
+    resolve_settings,
+    resumable,
+    task_of,
+    validate_settings,
+)
 
 # the `forgec train` options a worker receives unchanged from the launcher
 FORWARDED = ("steps", "seed", "ckpt_every", "keep_last", "eval_every", "batch_size", "seq_len", "lr",
-             "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype")
+             "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype",
+             "tokenizer", "init_from")
 SETTINGS = (*FORWARDED, "bf16")
 # A fresh run initialises the whole model on every rank's host, as one process
 # would (identical weights for a seed), up to this size; larger models are
 # initialised on each rank's own shards, from the meta device.
 HOST_INIT_MAX_PARAMS = 2_000_000_000
 STATUS_ENV = "FORGEC_LAUNCH_STATUS"  # where launch() wants a worker's bad-input error
+PID_PREFIX = "pid."  # a worker's pid file beside the status file: pid.RANK
 
 
 # ---- the launcher ---------------------------------------------------------------------
@@ -161,19 +181,23 @@ def launch(args) -> int:
     if not os.path.exists(spec):
         raise UsageError(f"no such file: '{spec}'")
     overrides = settings_of(args)
-    if overrides.get("data") is not None:
-        overrides["data"] = data_setting(overrides["data"])
     args.resume = args.resume and resumable(out)  # the workers start afresh too
+    source = prepare_overrides(spec, overrides, args.resume)
+    for key in ("data", "tokenizer", "init_from"):  # the workers get them resolved
+        setattr(args, key, overrides[key])
     saved = read_run_info(out)["settings"] if args.resume else None
     _check_run_dir(out, args.resume)
     s = resolve_settings(overrides, saved)
     os.makedirs(out, exist_ok=True)
     pkg = import_package(build_package(spec, out, check_only=args.resume))
     cfg = check_plan(plan_module(pkg), args.plan, spec, args.nproc)
-    task_of(pkg, s)
+    task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
     check_batch(cfg, s)
+    check_init_source(source, task, spec)
     nproc = cfg["world"]
+    check_fits_plan(spec, args.plan, nproc,
+                    torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "runtime.worker", *worker_argv(args)]
     env = dict(os.environ)
@@ -186,15 +210,76 @@ def launch(args) -> int:
         # adds no failure report (and no traceback) to the one-line message
         status = os.path.join(tmp, "status.json")
         env[STATUS_ENV] = status
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0:
+        with _ForwardSignals(tmp) as forward:
+            proc = subprocess.Popen(cmd, env=env)
+            while True:
+                try:
+                    returncode = proc.wait(timeout=0.2)
+                    break
+                except subprocess.TimeoutExpired:
+                    forward.deliver()
+        if returncode != 0:
             raise RunError(f"distributed training failed (torchrun exit status "
-                           f"{proc.returncode}); see the messages above")
+                           f"{returncode}); see the messages above")
         if os.path.exists(status):
             with open(status, encoding="utf-8") as f:
                 error = json.load(f)
             raise (UsageError if error["usage"] else RunError)(error["message"])
     return 0
+
+
+class _ForwardSignals:
+    """While the launcher waits for torchrun, SIGTERM or SIGUSR1 sent to it go
+    to every worker (each wrote its pid beside the status file, `PID_PREFIX`RANK),
+    not to torchrun's agent, which would end the workers: each worker then
+    checkpoints and stops after the same step (runtime.loop.StopSignals) and
+    exits cleanly, and so does the launcher."""
+
+    def __init__(self, folder: str) -> None:
+        import signal
+
+        self.folder = folder
+        self.received: int | None = None
+        self.sent: set[int] = set()
+        self.signals = [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)]
+        self._previous: dict = {}
+
+    def __enter__(self) -> _ForwardSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        self.deliver()
+
+    def deliver(self) -> None:
+        """Send the received signal to every worker that has not had it yet
+        (a worker that starts later gets it on a later call)."""
+        if self.received is None:
+            return
+        for name in sorted(os.listdir(self.folder)):
+            if not name.startswith(PID_PREFIX):
+                continue
+            try:
+                with open(os.path.join(self.folder, name), encoding="ascii") as f:
+                    pid = int(f.read().strip())
+            except (OSError, ValueError):
+                continue  # being written
+            if pid not in self.sent:
+                self.sent.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, self.received)
 
 
 def _check_run_dir(out: str, resume: bool) -> None:
@@ -363,8 +448,9 @@ class Engine:
     """This rank's model part(s), optimizer(s) and (pipeline) schedule."""
 
     def __init__(self, pkg, planmod, plan: str, layout: Layout, s, *, fresh: bool,
-                 task: TextTask | None = None) -> None:
+                 task: TextTask | None = None, init=None) -> None:
         self.planmod, self.plan, self.layout, self.s = planmod, plan, layout, s
+        self.init = init  # --init-from's source (runtime/init_from.py), or None
         self.task = task or TextTask(pkg)
         cfg = planmod.PLANS[plan]
         self.cfg = cfg
@@ -379,6 +465,8 @@ class Engine:
         self.stage_owner = {sid: r for r in range(layout.pp)
                             for sid in parallel.stages_of_rank(planmod, plan, r)} if self.pipe else {}
         self.parts = self._build(pkg, stage_ids, fresh)
+        if init is not None and init.reshardable:  # DCP: each rank reads its own shards
+            init.load_parts(self.parts)
         self.ties = self._tied_weights()
         self._sync_tied(grads=False)  # the copies start equal to their weight
         self.optimizers = [make_optimizer(p, s) for p in self.parts]
@@ -401,12 +489,16 @@ class Engine:
         with torch.device("meta"):
             n_params = sum(p.numel() for p in self.task.new_model().parameters())
         limit = int(os.environ.get("FORGEC_HOST_INIT_MAX_PARAMS", HOST_INIT_MAX_PARAMS))
-        self.host_init = fresh and n_params <= limit
+        # a HF checkpoint loads into the whole model before the plan shards it
+        whole = self.init is not None and not self.init.reshardable
+        self.host_init = fresh and (n_params <= limit or whole)
         if self.host_init:
             # exactly the single-process trainer's initialisation for the seed
             torch.manual_seed(self.s.seed)
             random.seed(self.s.seed)
             full = self.task.new_model()
+            if whole:
+                self.init.load_full(full)
             parts = [full if sid is None else parallel.build_stage(
                 full if i == len(stage_ids) - 1 else copy.deepcopy(full), sid, planmod, plan)
                 for i, sid in enumerate(stage_ids)]
@@ -740,29 +832,29 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
     """One rank of `forgec train --plan`: runtime/loop.py's loop over this
     rank's part of the model and batch (Engine). Rank 0 writes run.json,
     metrics.jsonl, trainer.json and loss.png."""
-    if overrides.get("data") is not None:
-        overrides["data"] = data_setting(overrides["data"])
     rank = int(os.environ.get("RANK", "0"))
     # before any rank can write a checkpoint: every rank decides alike
     resume = resume and resumable(out, note=rank == 0)
+    source = prepare_overrides(spec, overrides, resume)
     saved_info = read_run_info(out) if resume else None
     s = resolve_settings(overrides, saved_info["settings"] if saved_info else None)
     _init_group()
     _check_run_dir(out, resume)  # again: torchrun may start workers without launch()
-    pkg_dir = _build_once(spec, out, resume, rank)
+    pkg_dir = _build_once(spec, out, resume, rank, s.tokenizer)
     pkg = import_package(pkg_dir)
     planmod = plan_module(pkg)
     cfg = check_plan(planmod, plan, spec, None)
     task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
     check_batch(cfg, s)
+    check_init_source(source, task, spec)
     if task.deterministic:  # a worker process trains one run: for all of it
         torch.use_deterministic_algorithms(True, warn_only=True)
     layout = setup(cfg)
     if "OMP_NUM_THREADS" not in os.environ:  # share this machine's cores among its ranks
         torch.set_num_threads(max(1, _cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     data, held_out = task.data(s)
-    engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume, task=task)
+    engine = Engine(pkg, planmod, plan, layout, s, fresh=not resume, task=task, init=source)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
@@ -790,7 +882,8 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
               f"{start + 1}..{s.steps}, batch {task.describe(s)}, "
               f"{'bf16 autocast' if s.bf16 else 'fp32'}"
               + task.describe_eval(s, held_out)
-              + ("" if resume or engine.host_init else
+              + (f", initialised from {source.describe()}" if source is not None else
+                 "" if resume or engine.host_init else
                  "; weights initialised per shard (not those of a single process)"),
               file=sys.stderr)
     last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,
@@ -815,14 +908,16 @@ def _init_group() -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
 
 
-def _build_once(spec: str, out: str, resume: bool, rank: int) -> str:
-    """Rank 0 generates the package (others would race it); every rank gets its
+def _build_once(spec: str, out: str, resume: bool, rank: int, tokenizer: str | None) -> str:
+    """Rank 0 generates the package and copies the run's tokenizer into
+    RUN/tokenizer/ (others would race it); every rank gets the package's
     folder, or rank 0's error."""
     result: list = [None, None]
     if rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
             result[0] = build_package(spec, out, check_only=resume)
+            attach_run_tokenizer(out, tokenizer or BYTE, resume=resume)
         except (UsageError, RunError) as e:
             result[1] = (isinstance(e, UsageError), str(e))
     dist.broadcast_object_list(result, src=0)

@@ -11,6 +11,10 @@ Available memory: CUDA, the device's free memory (torch.cuda.mem_get_info);
 CPU, /proc/meminfo's MemAvailable, or less where a cgroup memory limit leaves
 less. FORGEC_MEMORY_LIMIT_BYTES, where set, stands in for the device's
 available bytes (for tests, and for a budget below what the device has).
+
+Under a parallel plan the launcher (runtime/distributed.py) checks each rank's
+share instead (check_fits_plan: `forgec plan`'s per-rank parameters), before
+any worker starts.
 """
 
 from __future__ import annotations
@@ -106,3 +110,41 @@ def check_fits(spec: str, device) -> None:
         f"top), and {where} has {format_bytes(available)} available. Train it with {plan}, "
         f"or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only "
         f"the activations")
+
+
+def check_fits_plan(spec: str, plan: str, world: int, device) -> None:
+    """check_fits() of a run under a parallel plan, before its workers start:
+    each rank's fp32 weights, gradients and AdamW moments are 16 bytes per
+    parameter it stores (`forgec plan`'s per-rank figures). The ranks of a CPU
+    run share this machine's memory (all of them start here); on GPUs each rank
+    has a device of its own, and the largest rank must fit one."""
+    available, where = available_bytes(device)
+    if available is None:
+        return
+    _, params, need, _ = training_bytes(spec)
+    # no rank holds more than the whole model and a tied copy of a table: far
+    # below the limit, the planner's per-rank figures are not needed
+    if 2 * need * (world if device.type == "cpu" else 1) <= available:
+        return
+    from .planner import plan_report
+
+    report = plan_report(spec, plan, world)
+    per_rank = [16 * r["params"] for r in report["per_rank"]]
+    shared = device.type == "cpu"
+    need = sum(per_rank) if shared else max(per_rank)
+    if need <= available:
+        return
+    figure = (f"its {world} ranks need {format_bytes(need)} together for their fp32 weights, "
+              f"gradients and AdamW moments alone (the largest rank "
+              f"{format_bytes(max(per_rank))}), and they share {where}, which has "
+              f"{format_bytes(available)} available" if shared else
+              f"its largest rank needs {format_bytes(need)} for its fp32 weights, gradients "
+              f"and AdamW moments alone, and {where} has {format_bytes(available)} available")
+    todo = ("Run its ranks where each has memory of its own (GPUs, or the nodes of a "
+            "cluster, with torchrun and `python -m runtime.worker`)" if shared else
+            "Train it with a plan over more devices")
+    raise RunError(
+        f"{report['model']} cannot train here with plan '{plan}': {figure} (`forgec plan "
+        f"{spec} --plan {plan} --world {world}` shows each rank's memory; activations come on "
+        f"top). {todo}, or a smaller model; --bf16 and a smaller --batch-size or --seq-len "
+        f"shrink only the activations")

@@ -96,6 +96,8 @@ class Settings:
     keep_last: int = 0  # keep the newest K checkpoints (0: all)
     eval_every: int = 0  # VLM runs: caption eval every K steps (0: only at the end)
     schedule_steps: int | None = None  # the LR schedule's length: the first run's steps
+    # initial weights (runtime/init_from.py): a HF folder, a run or a checkpoint (absolute)
+    init_from: str | None = None
 
 
 # May differ between a run and its resumption; everything else must not.
@@ -195,6 +197,45 @@ def resumable(out: str, *, note: bool = True) -> bool:
     return False
 
 
+def prepare_overrides(spec: str, overrides: dict, resume: bool):
+    """Normalise the run's --data, --tokenizer and --init-from settings in
+    `overrides` (shared with distributed runs); return the --init-from source
+    (runtime/init_from.py), None without one or when `resume` continues a
+    checkpoint (it wins over --init-from: a preemptible job's one command line
+    starts from SRC, then resumes its own checkpoints). The tokenizer: --tokenizer,
+    else the spec's own (NAME.tokenizer/), else SRC's, else bytes."""
+    from .init_from import resolve_init_source
+
+    if overrides.get("data") is not None:
+        overrides["data"] = data_setting(overrides["data"])
+    source = None
+    if resume and overrides.get("init_from") is not None:
+        overrides["init_from"] = None  # the run's own checkpoint wins
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("resuming from the run's latest checkpoint: --init-from applies only to a "
+                  "fresh start", file=sys.stderr)
+    if overrides.get("init_from") is not None:
+        source = resolve_init_source(overrides["init_from"])
+        overrides["init_from"] = source.path
+    if overrides.get("tokenizer") is not None:
+        overrides["tokenizer"] = resolve_tokenizer_setting(overrides["tokenizer"])
+    elif not resume:
+        overrides["tokenizer"] = default_tokenizer_setting(spec)
+        if overrides["tokenizer"] == BYTE and source is not None and source.tokenizer:
+            overrides["tokenizer"] = source.tokenizer
+    return None if resume else source
+
+
+def check_init_source(source, task, spec: str) -> None:
+    """The spec's model against --init-from's names and shapes (nothing allocated)."""
+    if source is None:
+        return
+    from .init_from import check_fits_model
+
+    with torch.device("meta"):
+        check_fits_model(source, task.new_model(), spec)
+
+
 def _write_run_info(out: str, info: dict) -> None:
     with open(os.path.join(out, "run.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
@@ -210,13 +251,8 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
     """
     if wandb is not None:
         import_wandb()  # a usage error before anything else
-    if overrides.get("data") is not None:
-        overrides["data"] = data_setting(overrides["data"])
     resume = resume and resumable(out)
-    if overrides.get("tokenizer") is not None:
-        overrides["tokenizer"] = resolve_tokenizer_setting(overrides["tokenizer"])
-    elif not resume:
-        overrides["tokenizer"] = default_tokenizer_setting(spec)
+    source = prepare_overrides(spec, overrides, resume)
     saved_info = read_run_info(out) if resume else None
     if not resume and ckpt.list_checkpoints(out):
         raise RunError(f"{out} already holds checkpoints (latest: step "
@@ -234,17 +270,21 @@ def train(spec: str, out: str, *, resume: bool = False, progress: bool = True,
                        f"{os.path.basename(pkg_dir)}")
     task = task_of(pkg, s)
     validate_settings(s, pkg.ModelConfig().max_seq_len)
+    check_init_source(source, task, spec)
     check_fits(spec, torch.get_default_device())  # before the model takes any memory
     with task.determinism():
         return _train(task, spec, out, pkg_dir, s, resume=resume, saved_info=saved_info,
-                      progress=progress, wandb=wandb)
+                      progress=progress, wandb=wandb, source=source)
 
 
 def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, resume: bool,
-           saved_info: dict | None, progress: bool, wandb: str | None = None) -> dict:
+           saved_info: dict | None, progress: bool, wandb: str | None = None,
+           source=None) -> dict:
     data, held_out = task.data(s)
     threads = set_threads()
     engine = LocalEngine(task, s)
+    if source is not None:  # weights only: the optimizer, step and schedule start afresh
+        source.load_full(engine.model)
     metrics_path = os.path.join(out, "metrics.jsonl")
     start = 0
     if resume:
@@ -263,6 +303,7 @@ def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, re
           f"{data.source}: steps {start + 1}..{s.steps}, batch {task.describe(s)}"
           f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''}, "
           f"{'bf16 autocast' if s.bf16 else 'fp32'}, {threads} threads"
+          + (f", initialised from {source.describe()}" if source is not None else "")
           + task.describe_eval(s, held_out), file=sys.stderr)
     last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,
                      progress=progress, wandb_project=wandb)

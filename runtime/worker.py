@@ -18,7 +18,7 @@ import sys
 from compiler.errors import RunError, UsageError
 
 from .cli import add_commands
-from .distributed import STATUS_ENV, settings_of, teardown, train_distributed
+from .distributed import PID_PREFIX, STATUS_ENV, settings_of, teardown, train_distributed
 from .loop import Stopped
 
 
@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     args = worker_parser().parse_args(["train", *argv])
     rank = int(os.environ.get("RANK", "0"))
     code = 0
+    status = os.environ.get(STATUS_ENV)
+    if status:  # launch() forwards SIGTERM / SIGUSR1 to this pid
+        pid_file = os.path.join(os.path.dirname(status), f"{PID_PREFIX}{rank}")
+        with open(pid_file + ".tmp", "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
+        os.replace(pid_file + ".tmp", pid_file)
     try:
         if args.plan is None:
             raise UsageError("the worker needs --plan NAME")
@@ -51,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         # every rank meets these alike (they depend on files, settings and
         # all-reduced numbers only); rank 0 reports
         code = 2 if isinstance(e, UsageError) else 1
-        status = os.environ.get(STATUS_ENV)
         if status:  # started by launch(): it prints the message and exits with `code`
             code = 0
             if rank == 0:

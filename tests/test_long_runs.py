@@ -258,3 +258,78 @@ def test_wandb_without_the_package_is_a_usage_error(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="--wandb needs the `wandb` package"):
         train(DEBUG, str(tmp_path / "w"), progress=False, wandb="proj", steps=1, **TINY)
     assert not (tmp_path / "w").exists()
+
+
+# ---- the same under a parallel plan (torchrun, gloo on 127.0.0.1) ----------------------------
+
+
+def test_a_plan_whose_ranks_cannot_fit_is_refused_before_its_workers_start(tmp_path,
+                                                                           monkeypatch, capsys):
+    from compiler.cli import main as forgec
+    from runtime.memory import check_fits_plan
+
+    need = 16 * 853_120  # two FSDP ranks of llama_debug hold its 853,120 parameters once
+    monkeypatch.setenv(MEMORY_ENV, str(need - 1))
+    out = tmp_path / "run"
+    assert forgec(["train", DEBUG, "--out", str(out), "--plan", "fsdp2"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "forgec: error: llama_debug cannot train here with plan 'fsdp2': its 2 ranks need "
+        "13.02 MiB together for their fp32 weights, gradients and AdamW moments alone (the "
+        "largest rank 6.51 MiB), and they share the memory limit FORGEC_MEMORY_LIMIT_BYTES, "
+        f"which has 13.02 MiB available (`forgec plan {DEBUG} --plan fsdp2 --world 2` shows "
+        "each rank's memory; activations come on top). Run its ranks where each has memory of "
+        "its own (GPUs, or the nodes of a cluster, with torchrun and `python -m runtime.worker`)"
+        ", or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only the "
+        "activations"]
+    assert not (out / "run.json").exists() and not (out / "metrics.jsonl").exists()
+    monkeypatch.setenv(MEMORY_ENV, str(need))
+    check_fits_plan(DEBUG, "fsdp2", 2, __import__("torch").device("cpu"))  # fits exactly
+
+
+def test_sigterm_under_a_plan_checkpoints_and_resume_gives_the_uninterrupted_curve(tmp_path):
+    """SIGTERM to `forgec train --plan` reaches every worker: they stop after
+    the same step with a checkpoint, the launcher exits 0, and the same command
+    line continues to the uninterrupted single-process curve (FSDP: within
+    1e-5). The spec has a tokenizer of its own: the workers train with it."""
+    from tokenizer_helpers import make_hf_tokenizer
+
+    spec = tmp_path / "llama_debug.forge"
+    text = Path(DEBUG).read_text()
+    spec.write_text(text.replace("vocab_size  = 256", "vocab_size  = 320"))  # the tokenizer's
+    tok = make_hf_tokenizer(tmp_path / "llama_debug.tokenizer", vocab_size=300)
+    steps = 12
+    flags = ["--steps", str(steps), "--seed", "5", "--ckpt-every", "1000", "--batch-size", "4",
+             "--seq-len", "16", "--no-progress"]
+    full = tmp_path / "full"
+    train(str(spec), str(full), progress=False, steps=steps, seed=5, ckpt_every=1000,
+          batch_size=4, seq_len=16)
+    out = tmp_path / "fsdp2"
+    cmd = ("train", str(spec), "--out", str(out), "--plan", "fsdp2", "--resume", *flags)
+    proc = forgec_process(*cmd)
+    wait_for_rows(proc, out / "metrics.jsonl", 3)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("the distributed run did not stop within 120 s of the signal")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "terminate called" not in err, err
+    stopped = [s for s, _ in list_checkpoints(str(out))]
+    assert len(stopped) == 1 and 3 <= stopped[0] < steps, err
+    step = stopped[0]
+    assert f"forgec: stopped by SIGTERM after step {step} of {steps}; checkpoint " \
+        f"{out / 'checkpoints' / f'step_{step:06d}'}; the same command with --resume " \
+        "continues" in err.splitlines()
+    proc = subprocess.run([sys.executable, "-m", "compiler.cli", *cmd], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"steps {step + 1}..{steps}" in proc.stderr
+    got = [r["loss"] for r in read_metrics(str(out / "metrics.jsonl"))]
+    want = [r["loss"] for r in read_metrics(str(full / "metrics.jsonl"))]
+    assert len(got) == steps and max(abs(a - b) for a, b in zip(got, want, strict=True)) <= 1e-5
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tok / "tokenizer.json").read_bytes()
