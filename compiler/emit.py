@@ -485,16 +485,22 @@ def _module_class(env, module: Block, features: frozenset[str], cfg: ConfigView)
     ModelConfig, its dataflow as a straight-line forward with shapes and source lines."""
     shapes = dict(zip(module.inputs, input_shapes(module), strict=True))
     writer = _BlockWriter(module, None, kv_cache=False)
+    # the linear map producing the output starts like the built-in MLPs' down_proj
+    # and attention's o_proj: with the model's output-projection std
+    out_map = module.ret.component if isinstance(module.ret, FApply) else None
     comps = []
     for cname, x in module.components.items():
         if not x.op.definitions:
             continue
+        init_args = x.op.init_args
         if x.module is not None:
             ctor = f"self.{cname} = {x.op.class_name}(config)"
         else:
             func, kwargs = _ctor(x, features, cfg, "config", module.name)
             ctor = "\n".join(call_lines(f"self.{cname} = ", func, kwargs, 8)).lstrip()
-        comps.append({"name": cname, "ctor": ctor, "init_args": x.op.init_args})
+            if cname == out_map and x.op.splittable:
+                init_args = "out_std, out_std"
+        comps.append({"name": cname, "ctor": ctor, "init_args": init_args})
     lines = []
     for name, f, span in module.flow:
         code = writer.statement(name, f, shapes, 8)
