@@ -1,0 +1,175 @@
+"""Composition in specs: element-wise dataflow and modules of the spec's own, compiled
+like built-in ops (FQNs, parameters, FLOPs, shapes, tensor parallelism, errors)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT, codes
+
+from compiler.cost import cost
+from compiler.driver import compile_spec
+from compiler.plans import tp_plan
+
+MODEL = """\
+model m {{
+  dim = 64
+  hidden = 128
+  token_embedding = embedding(256, dim)
+{modules}
+  block dense(x) {{
+    mlp_norm = rmsnorm(dim)
+{body}
+  }}
+  layers = stack(2) {{ default: dense }}
+  norm = rmsnorm(dim)
+  output_head = lm_head(dim, 256)
+}}
+"""
+
+GEGLU = """\
+  module gated_gelu(x) {
+    gate_proj = linear(dim, hidden)
+    up_proj   = linear(dim, hidden)
+    down_proj = linear(hidden, dim)
+    return down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))
+  }"""
+
+
+def model(forge, modules: str, *body: str):
+    return forge(MODEL.format(modules=modules, body="\n".join(f"    {b}" for b in body)))
+
+
+def weights(result) -> dict:
+    g = result.graphs["m"]
+    return {k: v for _, d in g.nodes(data=True) if d["kind"] == "op" for k, v in d["weights"].items()}
+
+
+def test_a_module_is_a_component_with_nested_fqns_params_and_flops(forge):
+    composed, diags = model(forge, GEGLU, "mlp = gated_gelu()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags, None) == []
+    builtin, diags = model(forge, "", "mlp = geglu(dim, hidden)", "return x + mlp(mlp_norm(x))")
+    assert codes(diags, None) == []
+    w = weights(composed)
+    assert {k: v for k, v in w.items() if k.startswith("layers.0.mlp.")} == {
+        "layers.0.mlp.gate_proj.weight": (128, 64),
+        "layers.0.mlp.up_proj.weight": (128, 64),
+        "layers.0.mlp.down_proj.weight": (64, 128),
+    }
+    # the same parameter names, shapes, counts and FLOPs as the built-in GeGLU op
+    assert w == weights(builtin)
+    a, b = cost(composed.graphs["m"]), cost(builtin.graphs["m"])
+    assert (a.params_total, a.flops_per_token, a.breakdown) == \
+        (b.params_total, b.flops_per_token, b.breakdown)
+    mlp = composed.models["m"].blocks["dense"].components["mlp"]
+    assert mlp.op.inputs({}) == (("B", "S", 64),) and mlp.op.output({}) == ("B", "S", 64)
+
+
+def test_a_module_applied_twice_shares_its_parameters(forge):
+    result, diags = model(forge, GEGLU, "mlp = gated_gelu()",
+                          "return x + mlp(mlp_norm(x)) + mlp(x)")
+    assert codes(diags, None) == []
+    assert sum(1 for k in weights(result) if k.startswith("layers.0.mlp.")) == 3
+    g = result.graphs["m"]
+    assert "layers.0.mlp#1.down_proj" in g and g.nodes["layers.0.mlp#1.down_proj"]["weights"] == {}
+
+
+def test_modules_nest(forge):
+    modules = GEGLU + """
+  module twice(x) {
+    first  = gated_gelu()
+    second = gated_gelu()
+    return second(first(x)) - x
+  }"""
+    result, diags = model(forge, modules, "mlp = twice()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags, None) == []
+    assert "layers.1.mlp.second.down_proj.weight" in weights(result)
+    assert tp_plan(result.models["m"]) == {
+        "layers.*.mlp.first.down_proj": "rowwise", "layers.*.mlp.first.gate_proj": "colwise",
+        "layers.*.mlp.first.up_proj": "colwise", "layers.*.mlp.second.down_proj": "rowwise",
+        "layers.*.mlp.second.gate_proj": "colwise", "layers.*.mlp.second.up_proj": "colwise",
+    }
+
+
+def test_tensor_parallelism_is_column_in_row_out(forge):
+    result, diags = model(forge, GEGLU, "mlp = gated_gelu()", "return x + mlp(mlp_norm(x))")
+    assert tp_plan(result.models["m"]) == {"layers.*.mlp.down_proj": "rowwise",
+                                           "layers.*.mlp.gate_proj": "colwise",
+                                           "layers.*.mlp.up_proj": "colwise"}
+
+
+def test_maps_whose_shards_would_meet_whole_tensors_stay_whole(forge):
+    # the product leaves the module sharded if both maps split by columns: both stay whole;
+    # the norm inside needs a whole input, so `up` feeding it stays whole too, and the
+    # nested module keeps its own layout
+    modules = GEGLU + """
+  module gate_only(x) {
+    proj = linear(dim, dim)
+    gate = linear(dim, dim)
+    return proj(x) * sigmoid(gate(x))
+  }
+  module normed(x) {
+    up = linear(dim, dim)
+    n  = rmsnorm(dim)
+    inner = gated_gelu()
+    return inner(n(up(x)))
+  }"""
+    result, diags = model(forge, modules, "g = gate_only()", "k = normed()",
+                          "return x + g(mlp_norm(x)) + k(x)")
+    assert codes(diags, None) == []
+    assert tp_plan(result.models["m"]) == {"layers.*.k.inner.down_proj": "rowwise",
+                                           "layers.*.k.inner.gate_proj": "colwise",
+                                           "layers.*.k.inner.up_proj": "colwise"}
+
+
+def test_element_wise_shapes_are_checked_inside_modules(forge):
+    modules = """\
+  module bad(x) {
+    a = linear(dim, hidden)
+    b = linear(dim, dim)
+    return b(x) * a(x)
+  }"""
+    _, diags = model(forge, modules, "mlp = bad()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags) == [("E055", 8, 12)]
+    assert diags.errors[0].message == \
+        "cannot multiply (B, S, 64) and (B, S, 128) element-wise"
+
+
+@pytest.mark.parametrize("modules, body, expected, message", [
+    (GEGLU, "return x + mlp(mlp_norm(x), x)", ("E057", 14, 16),
+     "'mlp' (module gated_gelu) takes 1 input, got 2"),
+    (GEGLU.replace("(x)", "(x, y)", 1), "return x + mlp(mlp_norm(x), x)", ("E067", 5, 24),
+     "input 'y' of module 'gated_gelu' is never used"),
+])
+def test_module_application_errors(forge, modules, body, expected, message):
+    _, diags = model(forge, modules, "mlp = gated_gelu()", body)
+    assert codes(diags) == [expected]
+    assert diags.errors[0].message == message
+
+
+def test_unknown_module_is_E022_with_a_suggestion(forge):
+    _, diags = model(forge, GEGLU, "mlp = gated_gelo()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags) == [("E022", 13, 11)]
+    assert diags.errors[0].hint == "did you mean 'gated_gelu'?"
+
+
+def test_recursion_is_E065(forge):
+    modules = """\
+  module loop(x) {
+    again = loop()
+    return again(x)
+  }"""
+    _, diags = model(forge, modules, "mlp = loop()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags) == [("E065", 6, 13)]
+    assert diags.errors[0].message == "module uses itself: loop → loop"
+
+
+def test_composed_debug_spec():
+    result = compile_spec(str(ROOT / "specs" / "composed_debug.forge"))
+    assert result.diagnostics.error_count == 0
+    c = cost(result.graphs["composed_debug"])
+    # per layer: attention 4·128² (GQA: q, o 128² and k, v 64·128), gate 128², norms 2·128,
+    # GeGLU 3·128·256 (layers 0, 2) or ReLU² 2·128·256 (layers 1, 3)
+    attention = 2 * 128 * 128 + 2 * 64 * 128
+    layer = attention + 128 * 128 + 2 * 128
+    expected = 2 * 256 * 128 + 128 + 4 * layer + 2 * 3 * 128 * 256 + 2 * 2 * 128 * 256
+    assert c.params_total == expected
