@@ -15,13 +15,22 @@ a module the same way:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
+from .diagnostics import Span
 from .flow import FAdd, FApply, Flow, FMul, FRef, FSub, children, walk
 from .ops import OpDef
 
-if TYPE_CHECKING:  # compiler/bind.py builds the ops of modules with this module
-    from .bind import Block
+
+class Block(Protocol):
+    """A bound module body (compiler/bind.py's `Block`, which builds its op here)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    components: Mapping[str, Any]  # name → bind.Component
+    flow: Sequence[tuple[str, Flow, Span]]
+    ret: Flow | None
 
 
 def class_name(module: str) -> str:
