@@ -173,3 +173,47 @@ def test_composed_debug_spec():
     layer = attention + 128 * 128 + 2 * 128
     expected = 2 * 256 * 128 + 128 + 4 * layer + 2 * 3 * 128 * 256 + 2 * 2 * 128 * 256
     assert c.params_total == expected
+
+
+def test_module_declarations_parse_as_modules():
+    from compiler.parse import parse
+
+    (section,) = parse("model m { module g(x, y) { p = linear(4, 4)\n return p(x) * y } }",
+                       "s.forge").sections
+    (decl,) = section.body
+    assert decl.kind == "module" and decl.name == "g"
+    assert [n for n, _ in decl.inputs] == ["x", "y"] and len(decl.body) == 2
+
+
+def test_a_module_and_a_block_of_one_name_clash(forge):
+    modules = GEGLU + "\n  block gated_gelu(x) { return x }"
+    _, diags = model(forge, modules, "mlp = gated_gelu()", "return x + mlp(mlp_norm(x))")
+    assert ("E020", 11, 9) in codes(diags)
+    assert any(d.message == "block 'gated_gelu' clashes with a module of the same name"
+               for d in diags.errors)
+
+
+def test_a_derived_model_inherits_and_overrides_modules(forge):
+    text = MODEL.format(modules=GEGLU, body="    mlp = gated_gelu()\n"
+                        "    return x + mlp(mlp_norm(x))") + """
+model bigger extends m {
+  hidden = 256
+  module gated_gelu(x) {
+    down_proj = linear(hidden, dim, bias = true)
+  }
+}
+"""
+    result, diags = forge(text)
+    assert codes(diags, None) == []
+    w = {k: v for _, d in result.graphs["bigger"].nodes(data=True) if d["kind"] == "op"
+         for k, v in d["weights"].items()}
+    assert w["layers.0.mlp.gate_proj.weight"] == (256, 64)
+    assert w["layers.0.mlp.down_proj.bias"] == (64,)
+
+
+def test_an_unapplied_component_of_a_module_is_W002(forge):
+    modules = GEGLU.replace("    return", "    spare     = linear(dim, dim)\n    return")
+    _, diags = model(forge, modules, "mlp = gated_gelu()", "return x + mlp(mlp_norm(x))")
+    assert codes(diags, None) == [("W002", 9, 5)]
+    (warning,) = [d for d in diags.items if d.severity == "warning"]
+    assert warning.message == "component 'spare' of module 'gated_gelu' is never applied"
