@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import ast
-from .compose import module_op, placeholder_op
+from .compose import module_op, placeholder_op, split_sizes
 from .diagnostics import Diagnostics, Span, did_you_mean, suggest
 from .flow import FAct, FAdd, FApply, Flow, FMul, FRef, FScale, FSub
 from .functions import ACTIVATIONS, FUNCTIONS
@@ -527,7 +527,10 @@ class _Binder:
         body = self.bind_module(module, call.func.span)
         if body is None:
             return Component(name, placeholder_op(module), {}, {}, call.span, name_span, False)
-        return Component(name, module_op(body), {}, {}, call.span, name_span, True, {}, body)
+        op = module_op(body)
+        # its arguments: the sizes tensor parallelism splits (op.split_by), for plans
+        sizes = split_sizes(body, op.tp)
+        return Component(name, op, sizes, {}, call.span, name_span, True, {}, body)
 
     def bind_module(self, module: str, used_at: Span) -> Block | None:
         """The bound body of a module (once per model); None if it failed."""

@@ -56,13 +56,31 @@ def module_op(body: Block) -> OpDef:
         return sum(body.components[f.component].op.flops(body.components[f.component].args,
                                                           seq_len) for f in applications)
 
+    sizes = split_sizes(body, tp)
     return OpDef(
         name=body.name, doc=f"module {body.name} of the spec", args=(),
+        split_by={"tp": tuple(sizes)} if sizes else {},
         inputs=lambda a: inputs, output=lambda a: output,
         weights=lambda a: dict(weights), flops=flops,
         causal=lambda a: all(c.op.causal(c.args) for c in body.components.values()),
         class_name=class_name(body.name), tp=tp,
     )
+
+
+def split_sizes(body: Block, tp: Mapping[str, str]) -> dict[str, int]:
+    """The features tensor parallelism splits in the module's own linear maps: a
+    column-split map's outputs, a row-split map's inputs, by `{map}.out_features`
+    and `{map}.in_features`: a module component's arguments, which the plan's tp
+    degree must divide (compiler/plans.py, E122), as an op's `split_by` says."""
+    out = {}
+    for sub, style in tp.items():
+        comp = body.components.get(sub)
+        if comp is None or not comp.op.splittable:
+            continue  # a nested op's or module's own sizes are its own arguments
+        rows, cols = comp.op.weights(comp.args)["weight"]
+        out[f"{sub}.out_features" if style == "colwise" else f"{sub}.in_features"] = \
+            rows if style == "colwise" else cols
+    return out
 
 
 def _shape(f: Flow, body: Block, env: dict):

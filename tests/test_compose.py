@@ -217,3 +217,16 @@ def test_an_unapplied_component_of_a_module_is_W002(forge):
     assert codes(diags, None) == [("W002", 9, 5)]
     (warning,) = [d for d in diags.items if d.severity == "warning"]
     assert warning.message == "component 'spare' of module 'gated_gelu' is never applied"
+
+
+def test_the_tp_degree_must_divide_the_features_a_module_splits(forge):
+    text = MODEL.format(modules=GEGLU.replace("hidden)", "96)").replace("(hidden,", "(96,"),
+                        body="    mlp = gated_gelu()\n    return x + mlp(mlp_norm(x))")
+    result, diags = forge(text + "plan tp4 for m {\n  mesh(tp = 4)\n}\n")
+    assert codes(diags) == []
+    forge_text = text + "plan tp64 for m {\n  mesh(tp = 64)\n}\n"
+    _, diags = forge(forge_text)
+    assert [d.message for d in diags.errors] == [
+        f"tensor-parallel degree 64 does not divide {size} 96 of 'mlp'"
+        for size in ("down_proj.in_features", "gate_proj.out_features", "up_proj.out_features")]
+    assert {(d.code, d.span.line) for d in diags.errors} == {("E122", 21)}  # at the mesh
