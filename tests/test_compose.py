@@ -230,3 +230,17 @@ def test_the_tp_degree_must_divide_the_features_a_module_splits(forge):
         f"tensor-parallel degree 64 does not divide {size} 96 of 'mlp'"
         for size in ("down_proj.in_features", "gate_proj.out_features", "up_proj.out_features")]
     assert {(d.code, d.span.line) for d in diags.errors} == {("E122", 21)}  # at the mesh
+
+
+@pytest.mark.parametrize("name, cls", [("transformer", "Transformer"), ("dense_block", "DenseBlock"),
+                                       ("model_config", "ModelConfig")])
+def test_a_module_class_must_not_shadow_generated_classes(forge, name, cls):
+    modules = GEGLU.replace("gated_gelu", name) + "\n  block dense(x) { return x }"
+    text = MODEL.format(modules=modules, body=f"    mlp = {name}()\n"
+                        "    return x + mlp(mlp_norm(x))")
+    text = text.replace("  block dense(x) {\n    mlp_norm", "  block main(x) {\n    mlp_norm")
+    text = text.replace("default: dense }", "default: main  at 0: dense }")
+    _, diags = forge(text)
+    assert codes(diags) == [("E059", 5, 10)]
+    assert diags.errors[0].message == \
+        f"module '{name}' would become class {cls}, which the generated code defines already"
