@@ -124,9 +124,9 @@ def test_maps_whose_shards_would_meet_whole_tensors_stay_whole(forge):
 def test_element_wise_shapes_are_checked_inside_modules(forge):
     modules = """\
   module bad(x) {
-    a = linear(dim, hidden)
-    b = linear(dim, dim)
-    return b(x) * a(x)
+    wide   = linear(dim, hidden)
+    narrow = linear(dim, dim)
+    return narrow(x) * wide(x)
   }"""
     _, diags = model(forge, modules, "mlp = bad()", "return x + mlp(mlp_norm(x))")
     assert codes(diags) == [("E055", 8, 12)]
