@@ -87,3 +87,15 @@ def test_the_composed_model_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_cached_decode_equals_the_full_forward():
+    torch.manual_seed(0)
+    model = load().Transformer().eval()
+    x = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        caches = model.make_kv_caches(2, 64)
+        steps = [model(x[:, :11], kv_caches=caches)]
+        steps += [model(x[:, t : t + 1], kv_caches=caches) for t in range(11, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=2e-5)
