@@ -934,6 +934,9 @@ class _Binder:
             is_module = name in sec.modules
             if (sec.modules if is_module else sec.blocks)[name].owner != sec.name:
                 continue
+            if is_module and name not in used:
+                self.diags.warning("W004", f"module '{name}' is never used", block.name_span,
+                                   hint=f"use it as a component: `mlp = {name}()`")
             if not is_module and name not in stacked and model.layers:
                 self.diags.warning("W003", f"block '{name}' is not used by the stack",
                                    block.name_span)
