@@ -129,6 +129,7 @@ class BlockDecl(NamedTuple):
     base: tuple[str, Span] | None
     body: tuple[Stmt, ...]
     span: Span
+    kind: str = "block"  # or "module": a sub-module used as a component
 
 
 Stmt = Assign | RuleAssign | Return | CallStmt | BlockDecl

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from . import ast
+from .compose import module_op, placeholder_op, split_sizes
 from .diagnostics import Diagnostics, Span, did_you_mean, suggest
-from .functions import FUNCTIONS
+from .flow import FAct, FAdd, FApply, Flow, FMul, FRef, FScale, FSub
+from .functions import ACTIVATIONS, FUNCTIONS
 from .ops import OPS, ArgSpec, OpDef, ops_for
 from .parse import MAX_INT
 from .resolve import BlockDef, Program, SectionDef, _referenced_names, section_references
@@ -72,6 +74,9 @@ class Component:
     # the spec's expression of each given argument (code generation reads them as
     # ModelConfig fields where they name the model's parameters)
     arg_exprs: dict[str, ast.Expr] = field(default_factory=dict)
+    # a component that is one of the model's own modules: its bound body (the op
+    # is then synthesised from it by compiler/compose.py)
+    module: Block | None = None
 
 
 @dataclass(frozen=True)
@@ -84,35 +89,7 @@ class ComponentValue:
         return self.component.name
 
 
-# ---- dataflow --------------------------------------------------------------------
-# Immutable nodes, as in compiler/ast.py.
-
-
-class FRef(NamedTuple):
-    name: str  # a block input or an earlier dataflow value
-    span: Span
-
-
-class FApply(NamedTuple):
-    component: str
-    args: tuple[Flow, ...]
-    span: Span
-
-
-class FAdd(NamedTuple):
-    left: Flow
-    right: Flow
-    span: Span
-
-
-class FScale(NamedTuple):
-    factor: float
-    operand: Flow
-    span: Span
-
-
-Flow = FRef | FApply | FAdd | FScale
-
+# ---- dataflow: compiler/flow.py (re-exported here for the passes that read it) --------
 
 @dataclass
 class Block:
@@ -154,12 +131,16 @@ class Model:
     inserted: list[Insertion] = field(default_factory=list)
     stack_span: Span | None = None
     kind: str = "model"  # or "vision": a ViT encoder (VISION_SPINE)
+    modules: dict[str, Block] = field(default_factory=dict)  # bound `module`s, by name
 
     def all_components(self) -> Iterator[Component]:
-        """Every successfully bound component: model-level first, then per block."""
+        """Every successfully bound component: model-level first, then per block,
+        then those inside the model's modules."""
         yield from (c for c in self.components.values() if c.ok)
         for block in self.blocks.values():
             yield from (c for c in block.components.values() if c.ok)
+        for module in self.modules.values():
+            yield from (c for c in module.components.values() if c.ok)
 
 
 # ---- evaluation scopes ---------------------------------------------------------------
@@ -236,6 +217,12 @@ class _Binder:
         self.section_scopes: dict[str, _Scope] = {}
         self.depth = 0  # nesting of evaluate(), across declarations (see MAX_EVAL_DEPTH)
         self.depth_reported = False
+        # the model being bound: its module declarations, those bound so far (None:
+        # failed) and the chain of modules being bound (recursion, E065)
+        self.model_scope: _Scope | None = None
+        self.module_defs: dict[str, BlockDef] = {}
+        self.bound_modules: dict[str, Block | None] = {}
+        self.module_chain: list[str] = []
 
     # -- values
 
@@ -249,6 +236,9 @@ class _Binder:
         value = decl.value
         if isinstance(value, ast.Call) and len(value.func.parts) == 1 and value.func.parts[0] in OPS:
             return ComponentValue(self.component(decl.name, decl.name_span, value, scope))
+        if isinstance(value, ast.Call) and value.func.dotted in self.module_defs \
+                and value.func.dotted not in FUNCTIONS:
+            return ComponentValue(self.module_component(decl.name, decl.name_span, value))
         return self.evaluate(value, scope)
 
     def evaluate(self, e: ast.Expr, scope: _Scope) -> Any:
@@ -363,9 +353,13 @@ class _Binder:
         elif name == STACK_OP:
             self.diags.error("E047", "stack() takes a rule body: `layers = stack(n) { default: "
                              "block }`", e.func.span)
+        elif name in ACTIVATIONS:
+            self.diags.error("E053", f"'{name}' is a function of tensors, not of compile-time "
+                             "values", e.func.span,
+                             hint="apply it in a block's or module's dataflow")
         else:
             self.diags.error("E022", f"unknown op or function '{name}'", e.func.span,
-                             hint=did_you_mean(name, [*OPS, *FUNCTIONS]))
+                             hint=did_you_mean(name, [*OPS, *self.module_defs, *FUNCTIONS]))
         raise _Invalid
 
     # -- arguments (shared by ops and functions)
@@ -520,10 +514,77 @@ class _Binder:
             op.derive(args)
         return Component(name, op, args, spans, call.span, name_span, ok, exprs)
 
+    # -- the model's own modules
+
+    def module_component(self, name: str, name_span: Span, call: ast.Call) -> Component:
+        """`mlp = geglu()`: a component that is one of the model's modules."""
+        module = call.func.dotted
+        if call.args:
+            self.diags.error("E066", f"module '{module}' takes no arguments", call.args[0].span,
+                             hint=f"its sizes are the model's parameters: write "
+                             f"`{name} = {module}()`")
+            return Component(name, placeholder_op(module), {}, {}, call.span, name_span, False)
+        body = self.bind_module(module, call.func.span)
+        if body is None:
+            return Component(name, placeholder_op(module), {}, {}, call.span, name_span, False)
+        op = module_op(body)
+        # its arguments: the sizes tensor parallelism splits (op.split_by), for plans
+        sizes = split_sizes(body, op.tp)
+        return Component(name, op, sizes, {}, call.span, name_span, True, {}, body)
+
+    def bind_module(self, module: str, used_at: Span) -> Block | None:
+        """The bound body of a module (once per model); None if it failed."""
+        if module in self.module_chain:
+            cycle = self.module_chain[self.module_chain.index(module):] + [module]
+            self.diags.error("E065", "module uses itself: " + " → ".join(cycle), used_at,
+                             hint="a module may use other modules, but not itself")
+            return None
+        if module in self.bound_modules:
+            return self.bound_modules[module]
+        bdef = self.module_defs[module]
+        self.module_chain.append(module)
+        try:
+            body = self.block(bdef, self.model_scope)
+        finally:
+            self.module_chain.pop()
+        ok = self.check_module(bdef, body)
+        self.bound_modules[module] = body if ok else None
+        return self.bound_modules[module]
+
+    def check_module(self, bdef: BlockDef, body: Block) -> bool:
+        """What a module must satisfy beyond a block: every input is read (E067), and
+        its ops are plain tensor maps (E068): attention reads the block's rotary
+        tables, masks and KV cache, which a module's forward does not receive."""
+        ok = all(c.ok for c in body.components.values()) and body.ret is not None \
+            and len(body.flow) == len(bdef.flow)
+        read: set[str] = set()
+        for stmt in bdef.flow:
+            _referenced_names(stmt.value, read)
+        if bdef.ret is not None:
+            _referenced_names(bdef.ret.value, read)
+        for name, span in bdef.inputs:
+            if name not in read:
+                self.diags.error("E067", f"input '{name}' of module '{bdef.name}' is never "
+                                 "used", span, hint="remove it, or use it in the module")
+                ok = False
+        for comp in body.components.values():
+            op = comp.op
+            if comp.module is None and op.role == "module" and (
+                    op.mask is not None or op.caches or op.call != "{m}({x})"):
+                self.diags.error("E068", f"{op.name} cannot be used inside a module", comp.span,
+                                 hint="it needs the block's rotary tables, masks or KV cache: "
+                                 "declare it in the block")
+                ok = False
+        return ok
+
     # -- models
 
     def model(self, sec: SectionDef) -> Model:
         scope = self.section_scope(sec.name)
+        self.model_scope = scope
+        self.module_defs = sec.modules
+        self.bound_modules = {}
+        self.module_chain = []
         params: dict[str, Any] = {}
         param_spans: dict[str, Span] = {}
         components: dict[str, Component] = {}
@@ -548,6 +609,15 @@ class _Binder:
                       components, {}, kind=sec.kind)
         for name, bdef in sec.blocks.items():
             model.blocks[name] = self.block(bdef, scope)
+        for name in sec.modules:  # those no block uses are checked too
+            if name in OPS or name in FUNCTIONS or name in ACTIVATIONS or name == STACK_OP:
+                what = "op" if name in OPS else "function"
+                self.diags.error("E069", f"module '{name}' is named like the {what} '{name}'",
+                                 sec.modules[name].name_span,
+                                 hint="give the module a name of its own")
+                continue
+            self.bind_module(name, sec.modules[name].name_span)
+        model.modules = {n: b for n, b in self.bound_modules.items() if b is not None}
         self.spine(sec, model)
         for stmt in sec.calls:  # would otherwise be ignored without a word
             self.diags.error("E053", "a call in a model must be assigned to a name", stmt.span,
@@ -623,6 +693,8 @@ class _Binder:
             raise _Invalid
         if isinstance(e, ast.Call):
             name = e.func.dotted
+            if name in ACTIVATIONS and name not in components:
+                return self.activation(e, scope, defined, components, model_scope)
             if name in components:
                 args = []
                 for a in e.args:
@@ -631,6 +703,12 @@ class _Binder:
                                 "arguments", a.span)
                         raise _Invalid
                     args.append(self.flow(a.value, scope, defined, components, model_scope))
+                module = components[name].module
+                if module is not None and len(args) != len(module.inputs):
+                    n = len(module.inputs)
+                    d.error("E057", f"'{name}' (module {module.name}) takes {n} input"
+                            f"{'s' if n != 1 else ''}, got {len(args)}", e.span)
+                    raise _Invalid
                 return FApply(name, tuple(args), e.span)
             if name in scope.failed:
                 raise _Invalid  # its definition failed and was reported
@@ -655,8 +733,18 @@ class _Binder:
             if e.op == "+":
                 return FAdd(self.flow(e.left, scope, defined, components, model_scope),
                             self.flow(e.right, scope, defined, components, model_scope), e.span)
+            values = defined | scope.tensors | set(components)
+            if e.op in ("*", "-") and _reads_tensor(e.left, values) \
+                    and _reads_tensor(e.right, values):  # element-wise, of one shape (E055)
+                left = self.flow(e.left, scope, defined, components, model_scope)
+                right = self.flow(e.right, scope, defined, components, model_scope)
+                return (FMul if e.op == "*" else FSub)(left, right, e.span)
+            if e.op == "-":
+                d.error("E053", "'-' subtracts a tensor from a tensor", e.op_span,
+                        hint="dataflow supports '+', '-' and '*' of tensors of one shape, "
+                        "and scaling by a number")
+                raise _Invalid
             if e.op == "*":
-                values = defined | scope.tensors | set(components)
                 left_t = _reads_tensor(e.left, values)
                 scalar, tensor = (e.right, e.left) if left_t else (e.left, e.right)
                 if isinstance(scalar, ast.Call) and _reads_tensor(scalar, values):
@@ -672,10 +760,39 @@ class _Binder:
                 return FScale(float(factor), self.flow(tensor, scope, defined, components,
                                                        model_scope), e.span)
             d.error("E053", f"'{e.op}' is not defined on tensors", e.op_span,
-                    hint="dataflow supports '+' (residuals) and scaling by a number")
+                    hint="dataflow supports '+', '-' and '*' of tensors of one shape, "
+                    "and scaling by a number")
             raise _Invalid
         d.error("E053", "expected a tensor expression", e.span)
         raise _Invalid
+
+    def activation(self, e: ast.Call, scope: _Scope, defined: set[str],
+                   components: dict[str, Component], model_scope: _Scope) -> Flow:
+        """`silu(gate(x))`, `softcap(logits, 30.0)`: an element-wise function of a tensor
+        (compiler/functions.py), its other arguments compile-time values."""
+        d = self.diags
+        name = e.func.dotted
+        act = ACTIVATIONS[name]
+        takes = 1 + len(act.args)
+        if not e.args or e.args[0].name is not None:
+            d.error("E056", f"{name}() takes a tensor as its first argument", e.span,
+                    hint=f"e.g. `{name}(gate(x){''.join(', ' + a.name for a in act.args)})`")
+            raise _Invalid
+        if len([a for a in e.args if a.name is None]) > takes:
+            d.error("E056", f"{name}() takes {takes} argument{'s' if takes != 1 else ''}: a "
+                    f"tensor{''.join(', ' + a.name for a in act.args)}", e.span)
+            raise _Invalid
+        operand = self.flow(e.args[0].value, scope, defined, components, model_scope)
+        rest = ast.Call(e.func, e.args[1:], e.span)
+        args, spans, ok = self.bind_args(name, act.args, rest, scope)
+        if not ok:
+            raise _Invalid
+        for a in act.args:
+            if args[a.name] <= 0:
+                d.error("E056", f"'{a.name}' of {name}() must be positive, got {args[a.name]}",
+                        spans.get(a.name, e.span))
+                raise _Invalid
+        return FAct(name, operand, tuple(float(args[a.name]) for a in act.args), e.span)
 
     def stack(self, decl: ast.RuleAssign, model: Model, scope: _Scope) -> None:
         d = self.diags
@@ -813,15 +930,19 @@ class _Binder:
         stack = sec.decls.get("layers")
         if isinstance(stack, ast.RuleAssign):  # a rule that failed is reported itself
             stacked |= {r.target for r in stack.rules}
-        for name, block in model.blocks.items():
-            if sec.blocks[name].owner != sec.name:
+        for name, block in [*model.blocks.items(), *model.modules.items()]:
+            is_module = name in sec.modules
+            if (sec.modules if is_module else sec.blocks)[name].owner != sec.name:
                 continue
-            if name not in stacked and model.layers:
+            if is_module and name not in used:
+                self.diags.warning("W004", f"module '{name}' is never used", block.name_span,
+                                   hint=f"use it as a component: `mlp = {name}()`")
+            if not is_module and name not in stacked and model.layers:
                 self.diags.warning("W003", f"block '{name}' is not used by the stack",
                                    block.name_span)
             # read off the source, so that a dataflow statement that failed to bind
             # (already an error) does not make its components look unused
-            bdef = sec.blocks[name]
+            bdef = (sec.modules if is_module else sec.blocks)[name]
             applied: set[str] = set()
             for stmt in bdef.flow:
                 _referenced_names(stmt.value, applied)
@@ -829,7 +950,8 @@ class _Binder:
                 _referenced_names(bdef.ret.value, applied)
             for cname, comp in block.components.items():
                 if cname not in applied and comp.op.role == "module":
-                    self.diags.warning("W002", f"component '{cname}' of block '{name}' is never "
+                    self.diags.warning("W002", f"component '{cname}' of "
+                                       f"{'module' if is_module else 'block'} '{name}' is never "
                                        "applied", comp.name_span)
 
 

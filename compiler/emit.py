@@ -21,8 +21,11 @@ import jinja2
 
 from . import ast
 from .bind import Block, Component, ComponentValue, FAdd, FApply, Flow, FRef, FScale, Model
+from .compose import class_name, input_shapes
 from .cost import cost, vlm_cost
 from .driver import Compilation
+from .flow import FAct, FMul, FSub, children, replace_children, walk
+from .functions import ACTIVATIONS
 from .modular import copy_definitions, init_defaults
 from .ops import OPS, NestedCall, patch_tokens
 from .plans import layer_units, plan_data, tp_plan, vlm_plan_data
@@ -306,7 +309,7 @@ class _BlockWriter:
         if isinstance(f, FApply):
             comp = self.block.components[f.component]
             return comp.op.output(comp.args)
-        if isinstance(f, FAdd):
+        if isinstance(f, FAdd | FMul | FSub):
             return self.shape(f.left, env)
         return self.shape(f.operand, env)
 
@@ -330,11 +333,31 @@ class _BlockWriter:
                                        **comp.op.call_fields(comp.args))
         if isinstance(f, FAdd):
             right = self.expr(f.right)
-            if isinstance(f.right, FAdd):
+            if isinstance(f.right, FAdd | FSub):
                 right = f"({right})"  # keep the spec's summation order
             return f"{self.expr(f.left)} + {right}"
+        if isinstance(f, FSub):
+            right = self.expr(f.right)
+            if isinstance(f.right, FAdd | FSub):
+                right = f"({right})"
+            return f"{self.expr(f.left)} - {right}"
+        if isinstance(f, FMul):  # the spec's order of products is kept, too
+            left, right = self.expr(f.left), self.expr(f.right)
+            if isinstance(f.left, FAdd | FSub):
+                left = f"({left})"
+            if isinstance(f.right, FAdd | FSub | FMul | FScale):
+                right = f"({right})"
+            return f"{left} * {right}"
+        if isinstance(f, FAct):
+            act = ACTIVATIONS[f.name]
+            inner = self.expr(f.operand)
+            if isinstance(f.operand, FAdd | FSub | FMul | FScale) and "{x} " in act.code:
+                # an operator follows the operand
+                inner = f"({inner})"
+            return act.code.format(x=inner, **{a.name: pyrepr(v)
+                                               for a, v in zip(act.args, f.args, strict=True)})
         inner = self.expr(f.operand)
-        if isinstance(f.operand, FAdd):
+        if isinstance(f.operand, FAdd | FSub | FMul):
             inner = f"({inner})"
         return f"{pyrepr(f.factor)} * {inner}"
 
@@ -387,47 +410,17 @@ def _right_hand_split(line: str, indent: int) -> list[str]:
 
 def _component_at(block: Block, span) -> str:
     """The component applied at `span` in the block's dataflow."""
-    found = []
+    return next(f.component for expr in _expressions(block) for f in walk(expr)
+                if isinstance(f, FApply) and f.span == span)
 
-    def walk(f: Flow) -> None:
-        if isinstance(f, FApply):
-            if f.span == span:
-                found.append(f.component)
-            for a in f.args:
-                walk(a)
-        elif isinstance(f, FAdd):
-            walk(f.left)
-            walk(f.right)
-        elif isinstance(f, FScale):
-            walk(f.operand)
 
-    for _, f, _ in block.flow:
-        walk(f)
-    if block.ret is not None:
-        walk(block.ret)
-    return found[0]
+def _expressions(block: Block) -> list[Flow]:
+    return [f for _, f, _ in block.flow] + ([block.ret] if block.ret is not None else [])
 
 
 def _attention_applications(block: Block) -> list:
-    spans = []
-
-    def walk(f: Flow) -> None:
-        if isinstance(f, FApply):
-            for a in f.args:
-                walk(a)
-            if block.components[f.component].op.caches:
-                spans.append(f.span)
-        elif isinstance(f, FAdd):
-            walk(f.left)
-            walk(f.right)
-        elif isinstance(f, FScale):
-            walk(f.operand)
-
-    for _, f, _ in block.flow:
-        walk(f)
-    if block.ret is not None:
-        walk(block.ret)
-    return spans
+    return [f.span for expr in _expressions(block) for f in walk(expr)
+            if isinstance(f, FApply) and block.components[f.component].op.caches]
 
 
 def _first_nested_apply(f: Flow) -> FApply | None:
@@ -440,28 +433,93 @@ def _first_nested_apply(f: Flow) -> FApply | None:
             if isinstance(a, FApply):
                 return a
         return None
-    if isinstance(f, FAdd):
+    if isinstance(f, FAdd | FMul | FSub):
         left = _first_nested_apply(f.left)
         if left is not None:
             return left
-        if isinstance(f.left, FApply) and isinstance(f.right, FApply | FAdd):
+        if isinstance(f.left, FApply) and isinstance(f.right, FApply | FAdd | FMul | FSub | FAct):
             return f.left
         return _first_nested_apply(f.right)
     if isinstance(f, FScale):
         return _first_nested_apply(f.operand)
+    if isinstance(f, FAct):
+        inner = _first_nested_apply(f.operand)
+        return inner if inner is not None or not isinstance(f.operand, FApply) else f.operand
     return None
 
 
 def _replace(f: Flow, old: Flow, new: Flow) -> Flow:
     if f is old:
         return new
-    if isinstance(f, FApply):
-        return FApply(f.component, tuple(_replace(a, old, new) for a in f.args), f.span)
-    if isinstance(f, FAdd):
-        return FAdd(_replace(f.left, old, new), _replace(f.right, old, new), f.span)
-    if isinstance(f, FScale):
-        return FScale(f.factor, _replace(f.operand, old, new), f.span)
-    return f
+    if isinstance(f, FRef):
+        return f
+    return replace_children(f, tuple(_replace(c, old, new) for c in children(f)))
+
+
+def _parts(comp: Component) -> list[Component]:
+    """A component, or for one of the model's modules the components inside it."""
+    if comp.module is None:
+        return [comp]
+    return [y for x in comp.module.components.values() for y in _parts(x)]
+
+
+def _modules_used(blocks: list[Block]) -> list[Block]:
+    """The modules the blocks use, each after the modules it uses, in order of first use."""
+    out: dict[str, Block] = {}
+
+    def visit(comp: Component) -> None:
+        if comp.module is None or comp.module.name in out:
+            return
+        for inner in comp.module.components.values():
+            visit(inner)
+        out[comp.module.name] = comp.module
+
+    for block in blocks:
+        for comp in block.components.values():
+            visit(comp)
+    return list(out.values())
+
+
+def _module_class(env, module: Block, features: frozenset[str], cfg: ConfigView) -> str:
+    """The nn.Module class of a module of the spec's own: its components built from
+    ModelConfig, its dataflow as a straight-line forward with shapes and source lines."""
+    shapes = dict(zip(module.inputs, input_shapes(module), strict=True))
+    writer = _BlockWriter(module, None, kv_cache=False)
+    # the linear map producing the output starts like the built-in MLPs' down_proj
+    # and attention's o_proj: with the model's output-projection std
+    out_map = module.ret.component if isinstance(module.ret, FApply) else None
+    comps = []
+    for cname, x in module.components.items():
+        if not x.op.definitions:
+            continue
+        init_args = x.op.init_args
+        if x.module is not None:
+            ctor = f"self.{cname} = {x.op.class_name}(config)"
+        else:
+            func, kwargs = _ctor(x, features, cfg, "config", module.name)
+            ctor = "\n".join(call_lines(f"self.{cname} = ", func, kwargs, 8)).lstrip()
+            if cname == out_map and x.op.splittable:
+                init_args = "out_std, out_std"
+        comps.append({"name": cname, "ctor": ctor, "init_args": init_args})
+    lines = []
+    for name, f, span in module.flow:
+        code = writer.statement(name, f, shapes, 8)
+        shapes[name] = writer.shape(f, shapes)
+        lines.append(_Line(f"{span.file}:{span.line}", "\n".join(code).lstrip()))
+    code = writer.statement(None, module.ret, shapes, 8)
+    lines.append(_Line(f"{module.ret_span.file}:{module.ret_span.line}", "\n".join(code).lstrip()))
+    out = writer.shape(module.ret, shapes)
+    signature = ", ".join(f"{n}: torch.Tensor" for n in module.inputs)
+    described = ", ".join(f"{n} {_shape(s) if s else '?'}" for n, s in
+                          zip(module.inputs, input_shapes(module), strict=True))
+    described += f" → {_shape(out) if out else '?'}"
+    one = f"    def forward(self, {signature}) -> torch.Tensor:"
+    return env.get_template("module.py.j2").render(
+        class_name=class_name(module.name), name=module.name,
+        source=f"{module.name_span.file}:{module.name_span.line}", components=comps,
+        lines=lines, signature=one if len(one) <= LINE else None, inputs=module.inputs,
+        shapes=described,
+    ).rstrip("\n")
 
 
 def _ranges(indices: list[int]) -> str:
@@ -530,6 +588,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                        vision.components["norm"], vlm.adapter]
         if vlm.fusion.op.definitions:
             components.append(vlm.fusion)
+    # a module's class is generated (below), the op code of its parts is copied
+    modules = _modules_used(used_blocks)
+    components = [y for x in components for y in _parts(x)]
     if routed == "moma":  # its experts replace the MLPs
         components = [x for x in components if x.op.name not in MLP_OPS or x in
                       [y for k in vision_kinds for y in vision.blocks[k].components.values()]]
@@ -572,6 +633,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         comps = []
         for cname, x in block.components.items():
             if not x.op.definitions:
+                continue
+            if x.module is not None:  # the model's own module: its class reads ModelConfig
+                comps.append({"name": cname, "ctor": f"self.{cname} = {x.op.class_name}(config)",
+                              "init_args": x.op.init_args, "copies": False})
                 continue
             if block_fusion == "moma" and x.op.name in MLP_OPS:
                 f = vlm.fusion.args
@@ -670,6 +735,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             [rope_limit, "param.device", "self.config"], 8))
     vlm_context = _vlm_context(vlm, vision, features, norm, n_layers, kv_cache, cfg) \
         if vlm else None
+    module_classes = [_module_class(env, m, features, cfg) for m in modules]
     cfg.read |= {"init_std", "n_layers"} | ({"max_seq_len"} if kv_cache else set())
     # the layer count decides the layers' block classes and the inserted blocks' places
     fixed_layers = not single or bool(inserted_stacks)
@@ -714,6 +780,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                                 + ([f"its {vlm.fusion.op.name} fusion"] if vlm and not
                                    vlm.fusion.op.causal(vlm.fusion.args) else [])),
     }
+    context["modules"] = module_classes
     context["fusion"] = fusion
     context["modalities"] = modalities
     context["vlm"] = vlm_context

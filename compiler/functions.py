@@ -53,3 +53,36 @@ FUNCTIONS: dict[str, FunctionDef] = {
                     lambda a: max(a["a"], a["b"])),
     )
 }
+
+
+# ---- element-wise functions of tensors (block and module dataflow) ---------------------
+# One place for every activation a spec may apply: its compile-time arguments (the
+# tensor is the first, positional argument), the PyTorch expression generated for
+# it ({x} the tensor, then its arguments by name) and a note for the docs. They are
+# dataflow functions, not ops: they have no parameters and no module of their own.
+
+
+@dataclass(frozen=True)
+class ActivationDef:
+    name: str
+    doc: str
+    code: str  # PyTorch over {x} and the arguments
+    args: tuple[ArgSpec, ...] = ()
+
+
+ACTIVATIONS: dict[str, ActivationDef] = {
+    a.name: a
+    for a in (
+        ActivationDef("silu", "x · sigmoid(x) (SwiGLU's gate).", "F.silu({x})"),
+        ActivationDef("gelu", "exact (erf) GELU.", "F.gelu({x})"),
+        ActivationDef("gelu_tanh", "the tanh approximation of GELU (GeGLU's gate).",
+                      'F.gelu({x}, approximate="tanh")'),
+        ActivationDef("relu", "max(x, 0).", "F.relu({x})"),
+        ActivationDef("sigmoid", "1 / (1 + exp(-x)) (gates).", "torch.sigmoid({x})"),
+        ActivationDef("tanh", "the hyperbolic tangent.", "torch.tanh({x})"),
+        ActivationDef("square", "x² (ReLU² is `square(relu(x))`).", "torch.square({x})"),
+        ActivationDef("softcap", "cap · tanh(x / cap): soft-capping to (-cap, cap).",
+                      "{cap} * torch.tanh({x} / {cap})",
+                      (ArgSpec("cap", "float", min=0.0, doc="the bound, > 0"),)),
+    )
+}

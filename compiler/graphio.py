@@ -75,6 +75,9 @@ _STYLE = {
     "block": 'shape=box3d, style=filled, fillcolor="#f0f0f0"',
     "add": 'shape=circle, label="+", width=0.3, fixedsize=true',
     "scale": "shape=circle, width=0.3, fixedsize=true",
+    "mul": "shape=circle, width=0.3, fixedsize=true",
+    "sub": "shape=circle, width=0.3, fixedsize=true",
+    "act": 'shape=box, style="rounded"',
     "slice": 'shape=box, style="dashed"',
 }
 
@@ -94,6 +97,10 @@ def _label(n, data) -> str | None:
         return None
     if kind == "scale":
         return f"×{data.get('factor', 1.0):g}"
+    if kind in ("mul", "sub"):
+        return "×" if kind == "mul" else "−"
+    if kind == "act":
+        return data.get("fn")
     if kind == "block":
         return f"{n}\n{data.get('block')}{fusion}\n{_shape(data.get('shape'))}"
     if kind == "op":
@@ -131,7 +138,8 @@ _CIRCLE = 0.28                  # smallest diameter of `+` and scale nodes
 _ROUTE = 0.12                   # width reserved for an edge passing through a row
 _TITLE = 0.35                   # height of the title line
 _FILL = {"input": "#e8f0fe", "output": "#e8f0fe", "op": "#fff4e0", "block": "#f0f0f0",
-         "add": "#ffffff", "scale": "#ffffff"}
+         "add": "#ffffff", "scale": "#ffffff", "mul": "#ffffff", "sub": "#ffffff",
+         "act": "#ffffff"}
 _SWEEPS = 4                     # barycenter passes (down and up) ordering the rows
 _EDGE = ("#555555", "-")        # colour and line style of an edge; a VLM's, by what flows:
 _EDGE_BY_MODALITY = {"image": ("#1a73e8", "-"), "image+text": ("#9334e6", "-"),
@@ -153,7 +161,7 @@ def _rows(graph: nx.Graph) -> dict:
     return {n: rank[member[n]] for n in graph.nodes}
 
 
-_ROUND = ("add", "scale")        # drawn as circles
+_ROUND = ("add", "scale", "mul", "sub")  # drawn as circles
 
 
 def _text_size(figure, renderer, text: str, size: float) -> tuple[float, float]:

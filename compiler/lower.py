@@ -4,7 +4,7 @@ Full view (`lower`): one node per op application, named by module FQN
 (`layers.3.attention`), plus `add`/`scale` nodes for residual arithmetic and
 the `tokens` input / `logits` output. Node attributes:
 
-    kind     "input" | "op" | "add" | "scale" | "output"
+    kind     "input" | "op" | "add" | "scale" | "mul" | "sub" | "act" | "output"
     op       registry op name (kind "op")
     fqn      module FQN of the component ("" for arithmetic)
     args     resolved op arguments
@@ -14,6 +14,11 @@ the `tokens` input / `logits` output. Node attributes:
     span     source location of the application (diagnostics.Span)
     layer    layer index, or None outside the stack
     block    block name, or None
+
+`mul`/`sub` are element-wise products and differences of two tensors, `act` an
+element-wise function (`fn`, its compile-time `fn_args`). A component that is one
+of the model's modules is lowered inline: its body's nodes, their FQNs under the
+component's (`layers.3.mlp.gate`), in the layer's group.
 
 Edges carry `index`, the input position at the consumer. Shapes are inferred
 from each op's declared output rule; whether inputs agree with what each op
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .bind import Block, Component, FAdd, FApply, Flow, FRef, FScale, Model
+from .bind import Block, Component, FAct, FAdd, FApply, Flow, FMul, FRef, FScale, FSub, Model
 from .ops import patch_tokens
 from .vlm import MLP_OPS, VLM
 
@@ -71,15 +76,23 @@ class _Lowerer:
             self.g.add_edge(src, node_id, index=i)
         return node_id
 
-    def block(self, block: Block, prefix: str, inputs: dict[str, str], layer: int | None) -> str | None:
+    def block(self, block: Block, prefix: str, inputs: dict[str, str], layer: int | None,
+              *, ids: str | None = None, group: str | None = None,
+              in_block: str | None = None) -> str | None:
+        """Lower a block's dataflow under `prefix`; for a module inlined in a block,
+        `ids` prefixes its node ids (a repeated application's), `group` and
+        `in_block` are the enclosing block's, and its output is no block output."""
         env = dict(inputs)
-        group = prefix or None  # the unit `model_view` contracts to one node
+        module = in_block is not None
+        ids = prefix if ids is None else ids
+        group = group if module else prefix or None  # the unit `model_view` contracts
+        block_name = in_block if module else block.name
         counter = {"n": 0}
         applied: dict[str, int] = {}
 
         def fresh(base: str) -> str:
             counter["n"] += 1
-            return f"{prefix}/{base}{counter['n']}" if prefix else f"{base}{counter['n']}"
+            return f"{ids}/{base}{counter['n']}" if ids else f"{base}{counter['n']}"
 
         def lower_flow(f: Flow) -> str | None:
             if isinstance(f, FRef):
@@ -90,15 +103,23 @@ class _Lowerer:
                 fqn = f"{prefix}.{f.component}" if prefix else f.component
                 n = applied.get(f.component, 0)
                 applied[f.component] = n + 1
-                node_id = fqn if n == 0 else f"{fqn}#{n}"
+                node_base = f"{ids}.{f.component}" if ids else f.component
+                node_id = node_base if n == 0 else f"{node_base}#{n}"
+                if comp.module is not None:  # the model's own module: its body, inline
+                    if not comp.ok or None in args:
+                        return None
+                    return self.block(comp.module, fqn, dict(zip(comp.module.inputs, args,
+                                                                  strict=True)),
+                                      layer, ids=node_id, group=group, in_block=block_name)
                 return self.op_node(node_id, comp, fqn, f.span, [a for a in args if a],
-                                    layer=layer, block=block.name, group=group, arity=len(args))
+                                    layer=layer, block=block_name, group=group,
+                                    arity=len(args))
             if isinstance(f, FAdd):
                 left, right = lower_flow(f.left), lower_flow(f.right)
                 node_id = fresh("add")
                 lshape = self.g.nodes[left]["shape"] if left else None
                 self.g.add_node(node_id, kind="add", fqn="", shape=lshape, span=f.span,
-                                layer=layer, block=block.name, group=group)
+                                layer=layer, block=block_name, group=group)
                 for i, src in enumerate((left, right)):
                     if src is not None:
                         self.g.add_edge(src, node_id, index=i)
@@ -108,7 +129,27 @@ class _Lowerer:
                 node_id = fresh("scale")
                 self.g.add_node(node_id, kind="scale", fqn="", factor=f.factor,
                                 shape=self.g.nodes[src]["shape"] if src else None, span=f.span,
-                                layer=layer, block=block.name, group=group)
+                                layer=layer, block=block_name, group=group)
+                if src is not None:
+                    self.g.add_edge(src, node_id, index=0)
+                return node_id
+            if isinstance(f, FMul | FSub):  # element-wise, checked by checks/shapes.py
+                kind = "mul" if isinstance(f, FMul) else "sub"
+                left, right = lower_flow(f.left), lower_flow(f.right)
+                node_id = fresh(kind)
+                self.g.add_node(node_id, kind=kind, fqn="", span=f.span, layer=layer,
+                                block=block_name, group=group,
+                                shape=self.g.nodes[left]["shape"] if left else None)
+                for i, src in enumerate((left, right)):
+                    if src is not None:
+                        self.g.add_edge(src, node_id, index=i)
+                return node_id
+            if isinstance(f, FAct):
+                src = lower_flow(f.operand)
+                node_id = fresh(f.name)
+                self.g.add_node(node_id, kind="act", fqn="", fn=f.name, fn_args=f.args,
+                                shape=self.g.nodes[src]["shape"] if src else None, span=f.span,
+                                layer=layer, block=block_name, group=group)
                 if src is not None:
                     self.g.add_edge(src, node_id, index=0)
                 return node_id
@@ -119,7 +160,7 @@ class _Lowerer:
         if block.ret is None:
             return None
         out = lower_flow(block.ret)
-        if out is not None:
+        if out is not None and not module:
             self.g.nodes[out]["block_output"] = True
         return out
 

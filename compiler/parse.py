@@ -205,7 +205,7 @@ class _Converter:
             return ast.Return(self.expr(tree.children[0], 0), self.span(tree))
         if kind == "call_stmt":
             return ast.CallStmt(self.call(tree.children[0], 0), self.span(tree))
-        if kind == "block_decl":
+        if kind in ("block_decl", "module_decl"):
             name, *rest = tree.children
             inputs: list[tuple[str, Span]] = []
             base = None
@@ -220,7 +220,7 @@ class _Converter:
                     if stmt is not None:
                         body.append(stmt)
             return ast.BlockDecl(str(name), self.span(name), tuple(inputs), base, tuple(body),
-                                 self.span(tree))
+                                 self.span(tree), "module" if kind == "module_decl" else "block")
         raise AssertionError(f"unhandled statement {kind}")
 
     def rule(self, tree: Tree) -> ast.Rule:

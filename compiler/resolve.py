@@ -39,6 +39,7 @@ class BlockDef:
     ret: ast.Return | None
     span: Span
     owner: str  # the section that declared (the last part of) this block
+    kind: str = "block"  # or "module": a sub-module of the model, used as a component
 
 
 @dataclass
@@ -52,6 +53,7 @@ class SectionDef:
     target: tuple[str, Span] | None  # `for MODEL` (plans)
     decls: dict[str, ast.Assign | ast.RuleAssign] = field(default_factory=dict)
     blocks: dict[str, BlockDef] = field(default_factory=dict)
+    modules: dict[str, BlockDef] = field(default_factory=dict)  # `module NAME(x) { ... }`
     calls: list[ast.CallStmt] = field(default_factory=list)
     # name → the section that declared it, for "inherited from" notes
     origin: dict[str, str] = field(default_factory=dict)
@@ -181,7 +183,7 @@ def section_references(sec: SectionDef) -> set[str]:
     names: set[str] = set()
     for d in sec.decls.values():
         _referenced_names(d, names)
-    for b in sec.blocks.values():
+    for b in [*sec.blocks.values(), *sec.modules.values()]:
         for d in b.decls.values():
             _referenced_names(d, names)
         for f in b.flow:
@@ -219,6 +221,7 @@ def _merge_section(name: str, raw: dict, merged: dict[str, SectionDef], diags: D
     if base_def is not None:
         out.decls = dict(base_def.decls)
         out.blocks = dict(base_def.blocks)
+        out.modules = dict(base_def.modules)
         out.calls = list(base_def.calls)
         out.origin = dict(base_def.origin)
     own_new: list[tuple[str, Span]] = []
@@ -233,6 +236,10 @@ def _merge_section(name: str, raw: dict, merged: dict[str, SectionDef], diags: D
             if stmt.name in out.blocks:
                 diags.error("E020", f"'{stmt.name}' is already a block", stmt.name_span,
                             notes=[("block defined here", out.blocks[stmt.name].name_span)])
+                continue
+            if stmt.name in out.modules:
+                diags.error("E020", f"'{stmt.name}' is already a module", stmt.name_span,
+                            notes=[("module defined here", out.modules[stmt.name].name_span)])
                 continue
             if base_def is not None and stmt.name not in base_def.decls:
                 own_new.append((stmt.name, stmt.name_span))
@@ -256,13 +263,20 @@ def _merge_section(name: str, raw: dict, merged: dict[str, SectionDef], diags: D
 
 
 def _merge_block(decl: ast.BlockDecl, sec: SectionDef, owner: str, diags: Diagnostics) -> None:
+    what = decl.kind  # "block" or "module"
+    table, other = (sec.modules, sec.blocks) if what == "module" else (sec.blocks, sec.modules)
     if decl.name in sec.decls:
-        diags.error("E020", f"block '{decl.name}' clashes with a declaration of the same name",
+        diags.error("E020", f"{what} '{decl.name}' clashes with a declaration of the same name",
                     decl.name_span, notes=[("declared here", sec.decls[decl.name].name_span)])
         return
-    existing = sec.blocks.get(decl.name)
+    if decl.name in other:
+        diags.error("E020", f"{what} '{decl.name}' clashes with a "
+                    f"{'block' if what == 'module' else 'module'} of the same name",
+                    decl.name_span, notes=[("defined here", other[decl.name].name_span)])
+        return
+    existing = table.get(decl.name)
     if existing is not None and existing.owner == owner:
-        diags.error("E020", f"block '{decl.name}' is defined twice", decl.name_span,
+        diags.error("E020", f"{what} '{decl.name}' is defined twice", decl.name_span,
                     notes=[("first defined here", existing.name_span)])
         return
     base: BlockDef | None = None
@@ -272,10 +286,10 @@ def _merge_block(decl: ast.BlockDecl, sec: SectionDef, owner: str, diags: Diagno
             diags.error("E043", f"block '{decl.name}' overrides an inherited block and cannot "
                         "also extend another", decl.base[1])
             return
-        base = sec.blocks.get(decl.base[0])
+        base = table.get(decl.base[0])
         if base is None:
-            diags.error("E040", f"unknown base block '{decl.base[0]}'", decl.base[1],
-                        hint=did_you_mean(decl.base[0], sec.blocks))
+            diags.error("E040", f"unknown base {what} '{decl.base[0]}'", decl.base[1],
+                        hint=did_you_mean(decl.base[0], table))
             return
     elif overriding:
         base = existing
@@ -334,7 +348,11 @@ def _merge_block(decl: ast.BlockDecl, sec: SectionDef, owner: str, diags: Diagno
                 diags.error("E050", "a block returns once", stmt.span)
             ret = stmt
         elif isinstance(stmt, ast.BlockDecl):
-            diags.error("E045", "blocks cannot be nested", stmt.name_span)
+            if stmt.kind == "module":
+                diags.error("E045", f"modules are declared in the model, not inside a {what}",
+                            stmt.name_span)
+            else:
+                diags.error("E045", "blocks cannot be nested", stmt.name_span)
         elif isinstance(stmt, ast.RuleAssign):
             diags.error("E045", "a stack belongs to the model, not inside a block", stmt.span)
         elif isinstance(stmt, ast.CallStmt):
@@ -362,7 +380,7 @@ def _merge_block(decl: ast.BlockDecl, sec: SectionDef, owner: str, diags: Diagno
     if base is not None and not flow and ret is None:
         flow, ret = list(base.flow), base.ret
     elif ret is None:
-        diags.error("E050", f"block '{decl.name}' has no 'return'", decl.name_span,
-                    hint="end the block with `return <tensor>`")
-    sec.blocks[decl.name] = BlockDef(decl.name, decl.name_span, inputs, decls, flow, ret,
-                                     decl.span, owner)
+        diags.error("E050", f"{what} '{decl.name}' has no 'return'", decl.name_span,
+                    hint=f"end the {what} with `return <tensor>`")
+    table[decl.name] = BlockDef(decl.name, decl.name_span, inputs, decls, flow, ret,
+                                decl.span, owner, what)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import SPECS, codes
 
-from compiler.bind import MAX_LAYERS, FAdd, FApply, FRef, FScale
+from compiler.bind import MAX_LAYERS, FAct, FAdd, FApply, FMul, FRef, FScale, FSub
 from compiler.driver import compile_spec
 
 # The rest of a valid model; `params()` puts its lines first, from line 2 on.
@@ -501,8 +501,9 @@ def test_model_level_component_applied_in_a_block_is_E049(forge):
 
 
 @pytest.mark.parametrize("line, col, message", [
-    ("h = x - mlp(n1(x))", 11, "'-' is not defined on tensors"),
-    ("h = mlp(n1(x)) * x", 22, "'x' is a tensor; parameters and op arguments are compile-time values"),
+    # '-' and '*' of two tensors are element-wise (test_element_wise_products_...)
+    ("h = x / mlp(n1(x))", 11, "'/' is not defined on tensors"),
+    ("h = x - 1.0", 11, "'-' subtracts a tensor from a tensor"),
     ('h = mlp(n1(x)) * "s"', 22, "a tensor can only be scaled by a number, got the string 's'"),
     ("h = mlp(n1(x, y = 1))", 19, "components are applied to tensors, not named arguments"),
 ])
@@ -761,3 +762,32 @@ def test_all_independent_errors_are_reported_in_one_run(forge):
     assert codes(diags) == [("E030", 3, 13), ("E021", 4, 10), ("E023", 5, 35), ("E025", 6, 19),
                             ("E047", 10, 9), ("E064", 13, 39), ("E060", 13, 61),
                             ("E070", 16, 30), ("E046", 17, 3)]
+
+
+def test_element_wise_products_differences_and_activations_bind(forge):
+    result, diags = block(forge, "h = x - mlp(n1(x)) * x",
+                          "return x + softcap(square(relu(h)), 30) * sigmoid(n1(h))")
+    assert codes(diags, None) == []
+    b = result.models["m"].blocks["dense"]
+    ((_, expr, _),) = b.flow
+    assert isinstance(expr, FSub) and isinstance(expr.right, FMul)
+    assert isinstance(expr.right.left, FApply) and isinstance(expr.right.right, FRef)
+    product = b.ret.right
+    assert isinstance(product, FMul)
+    cap = product.left
+    assert isinstance(cap, FAct) and cap.name == "softcap" and cap.args == (30.0,)
+    assert cap.operand.name == "square" and cap.operand.operand.name == "relu"
+    assert product.right.name == "sigmoid" and product.right.args == ()
+
+
+@pytest.mark.parametrize("line, col, message", [
+    ("h = softcap(x)", 9, "softcap() is missing the argument 'cap'"),
+    ("h = softcap(x, 0.0)", 20, "'cap' of softcap() must be positive, got 0.0"),
+    ("h = silu(x, 2)", 9, "silu() takes 1 argument: a tensor"),
+    ("h = x + silu(dim)", 18, "expected a tensor, got 'dim'"),
+    ("h = x + relu()", 13, "relu() takes a tensor as its first argument"),
+])
+def test_misused_activations_are_located(forge, line, col, message):
+    _, diags = block(forge, line, "return x + h")
+    assert [(d.line, d.col) for d in (e.span for e in diags.errors)] == [(7, col)]
+    assert diags.errors[0].message == message

@@ -11,7 +11,7 @@ STRUCTURAL = True
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     for node, data in graph.nodes(data=True):
-        if data["kind"] in ("op", "add", "scale") and graph.out_degree(node) == 0 \
+        if data["kind"] in ("op", "add", "scale", "mul", "sub", "act") and graph.out_degree(node) == 0 \
                 and not data.get("block_output"):
             what = f"'{data['component']}'" if data["kind"] == "op" else "this value"
             diags.error("E054", f"the result of {what} is never used", data["span"],

@@ -4,7 +4,8 @@ Over the graph `lower_vlm` builds: the adapter takes the width the vision
 encoder produces and gives the width the decoder's embedding has (E131); a
 pooling adapter's window tiles the patch grid (E134); image tokens and text fit
 the decoder's positions when they share its sequence (E132); the modalities a
-routed fusion names are this VLM's inputs (E136); cross-attention heads divide
+routed fusion names are this VLM's inputs (E136), and it routes ops, not the
+text model's own modules (E135); cross-attention heads divide
 the decoder's width and its blocks fire at all (E133). Errors sit at the
 argument of the vlm section that decides them.
 """
@@ -62,6 +63,16 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
                         f"{', '.join(repr(m) for m in missing)} missing", span,
                         hint='image tokens come from the vision encoder, text from the tokens: '
                         '["image", "text"]')
+        # a routed fusion copies (mot) or replaces (moma) the decoder's ops per modality,
+        # by their FQNs; a module of the spec's own is one component of several ops
+        composed = next((c for b in text.blocks.values() for c in b.components.values()
+                         if c.module is not None), None)
+        if composed is not None:
+            diags.error("E135", f"{fusion.op.name} cannot route '{composed.name}', a module of "
+                        f"'{text.name}'", fusion.span,
+                        notes=[(f"module {composed.op.name} used here", composed.span)],
+                        hint="use joint_decoder or cross_attention, or ops in the decoder's "
+                        "blocks")
     if fusion.op.name in PREFIXED:
         limit = _position_limit(text)
         if limit is not None and tokens + f["max_text"] > limit:

@@ -4,7 +4,8 @@ Component names become attributes of `nn.Module`s, dataflow values and block
 inputs become local variables of `forward`. None may be a Python keyword, shadow
 what the generated module itself uses (torch, nn, F, ...), or replace an
 `nn.Module` attribute (`forward`, `training`, ...); block names must give
-distinct class names. Together with the grammar's ASCII identifiers and
+distinct class names, and a module's class (`geglu_mlp` → `GegluMlp`) a name
+the generated code does not define otherwise. Together with the grammar's ASCII identifiers and
 escaped string literals, this is what keeps a spec from injecting code.
 """
 
@@ -14,7 +15,9 @@ import keyword
 
 import networkx as nx
 
+from ..compose import class_name
 from ..diagnostics import Diagnostics
+from ..ops import OPS
 
 # Names the generated module and the forward signature use.
 _MODULE_NAMES = {"torch", "nn", "F", "math", "dataclass", "annotations", "self", "super",
@@ -42,10 +45,14 @@ def _bad(name: str) -> str | None:
     return None
 
 
+# Classes every generated model.py defines, besides its blocks' and ops'.
+_CLASSES = {"Transformer", "TransformerBlock", "ModelConfig", "ModalityContext", "KVCache"}
+
+
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     model = graph.graph["model"]
     classes: dict[str, str] = {}
-    for block in model.blocks.values():
+    for block in [*model.blocks.values(), *model.modules.values()]:
         for name, comp in block.components.items():
             why = _bad(name) or ("an nn.Module attribute" if name in _MODULE_ATTRS else None)
             if why:
@@ -60,8 +67,18 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
             if why:
                 diags.error("E059", f"input name '{name}' is {why}", block.name_span,
                             hint="rename it")
+        if block.name in model.modules:
+            continue  # its class is checked below, with every block's known
         cls = "".join(p[:1].upper() + p[1:] for p in block.name.split("_") if p)
         if cls in classes:
             diags.error("E059", f"blocks '{classes[cls]}' and '{block.name}' would both "
                         f"become class {cls}Block", block.name_span, hint="rename one")
         classes[cls] = block.name
+    taken = _CLASSES | {f"{c}Block" for c in classes} | {
+        name for op in OPS.values() for name in op.definitions}
+    for module in model.modules.values():
+        cls = class_name(module.name)
+        if cls in taken:
+            diags.error("E059", f"module '{module.name}' would become class {cls}, which the "
+                        "generated code defines already", module.name_span, hint="rename it")
+        taken.add(cls)

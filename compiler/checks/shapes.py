@@ -1,4 +1,5 @@
-"""E051/E052/E057/E058: tensor shapes agree at every op input and residual add.
+"""E051/E052/E055/E057/E058: tensor shapes agree at every op input, residual add
+and element-wise product or difference.
 
 Every op declares the shapes it expects (compiler/ops.py); lowering inferred
 each node's output. Here they are compared edge by edge. Blocks in a stack
@@ -52,6 +53,13 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
             if len(shapes) == 2 and None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
                 diags.error("E051", f"cannot add {show(shapes[0])} and {show(shapes[1])}",
                             data["span"])
+        elif kind in ("mul", "sub"):
+            shapes = [graph.nodes[src]["shape"] for _, src in _inputs(graph, node)]
+            if len(shapes) == 2 and None not in shapes and tuple(shapes[0]) != tuple(shapes[1]):
+                verb = "multiply" if kind == "mul" else "subtract"
+                diags.error("E055", f"cannot {verb} {show(shapes[0])} and {show(shapes[1])} "
+                            "element-wise", data["span"],
+                            hint="both operands of an element-wise '*' or '-' have one shape")
         if data.get("block_output") and data.get("layer") is not None and hidden and \
                 data["shape"] is not None and tuple(data["shape"]) != tuple(hidden):
             diags.error("E058", f"block '{data['block']}' returns {show(data['shape'])} but a "

@@ -117,6 +117,10 @@ class OpDef:
     active_params: Callable[[Args], int] | None = None
     # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
     tp: Mapping[str, str] = field(default_factory=dict)
+    # a plain linear map: inside a module of the spec's own (compiler/compose.py), tensor
+    # parallelism may split it by columns (reading the module's input) or by rows
+    # (producing its output)
+    splittable: bool = False
     # mesh axis → the arguments its degree must divide (heads by "tp", experts by "ep")
     split_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
