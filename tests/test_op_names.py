@@ -44,9 +44,6 @@ REMAINING = {
     # the importers' tables, to move into each op's Hugging Face names with them
     "runtime/export.py": {"attention", "embedding", "lm_head", "moe", "rmsnorm", "rope",
                           "softmax_topk", "swiglu"},
-    # the key of the MoE statistics in a log row, which happens to be an op's name
-    "runtime/loop.py": {"moe"},
-    "runtime/sinks.py": {"moe"},
 }
 
 

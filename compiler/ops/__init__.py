@@ -43,6 +43,14 @@ def ops_for(slot: str) -> tuple[str, ...]:
     return tuple(name for name, op in OPS.items() if slot in op.slots)
 
 
+def metrics_key(slot: str) -> str:
+    """The key of the statistics of the ops filling `slot` in a metrics row (one key
+    for the slot, so that a row reads the same whichever op fills it)."""
+    keys = {op.metrics_key for name, op in OPS.items() if slot in op.slots}
+    assert len(keys) == 1 and "" not in keys, f"the {slot} ops' metrics keys: {keys}"
+    return keys.pop()
+
+
 def modules_path(family: str) -> str:
     """The PyTorch source of a family of ops."""
     return os.path.join(OPS_DIR, family, "modules.py")
@@ -53,4 +61,4 @@ from .attention.spec import attended_keys, mask_key  # noqa: E402
 from .vision.spec import patch_tokens  # noqa: E402
 
 __all__ = ["OPS", "REQUIRED", "ArgSpec", "NestedCall", "OpDef", "Shape", "attended_keys",
-           "mask_key", "modules_path", "numel", "ops_for", "patch_tokens"]
+           "mask_key", "metrics_key", "modules_path", "numel", "ops_for", "patch_tokens"]

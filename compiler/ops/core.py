@@ -120,6 +120,9 @@ class OpDef:
     # mesh axis → the arguments its degree must divide (heads by "tp", experts by "ep")
     split_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
+    # the key of its statistics in a training run's metrics row (the "experts" slot's
+    # routing load and dropped slots; runtime/loop.py, runtime/sinks.py)
+    metrics_key: str = ""
 
     def arg(self, name: str) -> ArgSpec | None:
         for a in self.args:
