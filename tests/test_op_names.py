@@ -26,10 +26,6 @@ QUOTED = re.compile(r"""(?<![\w.])["']([a-z_0-9]+)["']""")
 REMAINING = {
     # "rope" and "rope2d" there are the templates' context keys for the rotary settings
     "compiler/emit.py": {"cross_attention", "moma", "mot", "rope", "rope2d"},
-    "compiler/importers/common.py": {"attention", "rope"},
-    "compiler/importers/hf.py": {"moe", "swiglu"},
-    "compiler/importers/kf.py": {"gelu_mlp", "layernorm", "moe", "relu_mlp", "rmsnorm",
-                                 "sigmoid_topk", "softmax_topk", "swiglu"},
     "compiler/plans.py": {"cross_attention", "moma", "mot"},
     "compiler/templates/model.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
     "compiler/templates/vlm.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
