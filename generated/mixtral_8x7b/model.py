@@ -516,6 +516,9 @@ MOE_FQNS = (
 class Transformer(nn.Module):
     """`mixtral_8x7b`: embedding → 32 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,

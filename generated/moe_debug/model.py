@@ -644,6 +644,9 @@ MOE_FQNS = ("layers.1.mlp", "layers.3.mlp")
 class Transformer(nn.Module):
     """`moe_debug`: embedding → 4 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,
