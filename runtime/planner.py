@@ -163,11 +163,11 @@ def _meta_bincount(original):
 @contextlib.contextmanager
 def _meta_routing(module, model: nn.Module):
     """Mixture-of-experts layers on the meta device: their row counts per expert
-    become placeholders of the right size, and the package's `experts_measured`
+    become placeholders of the right size, and the package's `ExpertsMeasured`
     (where it has experts) runs their grouped matmuls as _GroupedMatmul and drops
     no slot for capacity (every token reaches its top_k experts: an upper bound of
     what a capacity keeps)."""
-    measured = getattr(module, "experts_measured", None)  # a package without experts: none
+    measured = getattr(module, "ExpertsMeasured", None)  # a package without experts: none
     original = torch.bincount
     torch.bincount = _meta_bincount(original)
     try:
