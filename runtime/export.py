@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compiler.errors import RunError, UsageError
+from compiler.ops import OPS, foreign_op
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -73,6 +74,7 @@ class Decoder:
     qk_norm: bool
     eps: float
     ffn_hidden: int | None  # the dense layers' SwiGLU width (None: no dense layer)
+    hidden_act: str  # the MLPs' and experts' activation, as their ops name it
     rope: dict
     max_seq_len: int
     tie: bool
@@ -108,6 +110,12 @@ def _only(component, used: set[str], where: str, notes: list[str]) -> dict:
         raise NotExportable(f"{where}: {key} = {value} has no Hugging Face config field "
                             f"(only its default {defaults[key]} exports)")
     return args
+
+
+def _role(component) -> str | None:
+    """The component's place in a Hugging Face decoder (`OpDef.foreign`), if any."""
+    hf = component.op.foreign.get("hf")
+    return hf.role if hf is not None else None
 
 
 def _op(component, name: str, where: str) -> None:
@@ -155,8 +163,10 @@ def describe(model) -> Decoder:
     model is not a pre-norm RMSNorm/RoPE/SwiGLU-or-MoE decoder."""
     notes: list[str] = []
     comps = model.components
-    expected = {"token_embedding": "embedding", "rope": "rope", "norm": "rmsnorm",
-                "output_head": "lm_head"}
+    # the model's components → the ops a HF decoder has there
+    expected = {name: foreign_op("hf", role) for name, role in (
+        ("token_embedding", "token_embedding"), ("rope", "positions"), ("norm", "norm"),
+        ("output_head", "output_head"))}
     extra = sorted(set(comps) - set(expected))
     if extra:
         raise NotExportable(f"model-level component(s) {', '.join(extra)} have no place in a "
@@ -192,10 +202,12 @@ def describe(model) -> Decoder:
     attention: dict | None = None
     ffn_hidden: set[int] = set()
     layers: list[Layer] = []
+    acts: set[str] = set()  # hidden_act of the MLP and expert ops
     for slot in model.layers:
         block = model.blocks[slot.block]
         where = f"block {block.name}"
-        want = {"attention_norm": "rmsnorm", "attention": "attention", "mlp_norm": "rmsnorm"}
+        want = {"attention_norm": expected["norm"],
+                "attention": foreign_op("hf", "self_attention"), "mlp_norm": expected["norm"]}
         names = set(block.components)
         if names != {*want, "mlp"}:
             raise NotExportable(f"{where} has components {', '.join(sorted(names))}; a Hugging "
@@ -226,16 +238,18 @@ def describe(model) -> Decoder:
                                 f"{', '.join(diff)}; a HF config has one attention")
         attention = this
         mlp = block.components["mlp"]
-        if mlp.op.name == "swiglu":
+        if _role(mlp) == "mlp":
+            acts.add(mlp.op.foreign["hf"].selects["hidden_act"][0])
             ffn_hidden.add(_only(mlp, {"dim", "hidden"}, f"{where}.mlp", notes)["hidden"])
             layers.append(Layer(int(a["window"]), None))
-        elif mlp.op.name == "moe":
+        elif _role(mlp) == "experts":
+            acts.add(mlp.op.foreign["hf"].selects["hidden_act"][0])
             m = _only(mlp, {"dim", "experts", "top_k", "hidden", "router"}, f"{where}.mlp",
                       notes)
             if m["shared_experts"]:
                 raise NotExportable(f"{where}.mlp has shared experts")
             router = mlp.args["router"].component
-            if router.op.name != "softmax_topk":
+            if _role(router) != "router":
                 raise NotExportable(f"{where}.mlp routes with {router.op.name}; these families "
                                     "route with softmax top-k")
             r = _only(router, {"renormalize", "aux_loss_weight"}, f"{where}.mlp.router", notes)
@@ -244,8 +258,10 @@ def describe(model) -> Decoder:
                 "renormalize": bool(r["renormalize"]),
                 "aux_loss_weight": float(r["aux_loss_weight"])}))
         else:
-            raise NotExportable(f"{where}.mlp is {mlp.op.name}(...); these families use swiglu "
-                                "or moe")
+            uses = " or ".join(name for role in ("mlp", "experts")
+                               for name, op in OPS.items()
+                               if op.foreign.get("hf") and op.foreign["hf"].role == role)
+            raise NotExportable(f"{where}.mlp is {mlp.op.name}(...); these families use {uses}")
     if not layers:
         raise NotExportable("the model has no layers")
     if len(eps) > 1:
@@ -253,6 +269,9 @@ def describe(model) -> Decoder:
                             "); a HF config has one rms_norm_eps")
     if len(ffn_hidden) > 1:
         raise NotExportable("the dense layers' mlp widths differ")
+    if len(acts) > 1:
+        raise NotExportable("the MLPs and experts use different activations; a HF config has "
+                            "one hidden_act")
     moes = [x.moe for x in layers if x.moe]
     for m in moes[1:]:
         if m != moes[0]:
@@ -262,7 +281,7 @@ def describe(model) -> Decoder:
         kv_heads=attention["kv_heads"], head_dim=attention["head_dim"],
         qkv_bias=bool(attention["qkv_bias"]), out_bias=bool(attention["out_bias"]),
         qk_norm=bool(attention["qk_norm"]), eps=eps.pop(),
-        ffn_hidden=ffn_hidden.pop() if ffn_hidden else None, rope=rope,
+        ffn_hidden=ffn_hidden.pop() if ffn_hidden else None, hidden_act=acts.pop(), rope=rope,
         max_seq_len=rope_args["max_seq_len"], tie=head["tie"] is not None,
         init_std=float(model.params.get("init_std", 0.02)), layers=layers,
         training_only=sorted(set(notes)))
@@ -321,7 +340,7 @@ def hf_config(d: Decoder, model_type: str, *, dtype: str = "float32",
         "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads,
         "head_dim": d.head_dim, "max_position_embeddings": d.max_seq_len,
         "rms_norm_eps": d.eps, "initializer_range": d.init_std,
-        "tie_word_embeddings": d.tie, "hidden_act": "silu", "attention_dropout": 0.0,
+        "tie_word_embeddings": d.tie, "hidden_act": d.hidden_act, "attention_dropout": 0.0,
         "rope_parameters": d.rope, "dtype": dtype, "use_cache": True,
     }
     if model_type in ("llama", "qwen3", "qwen3_moe"):

@@ -8,18 +8,11 @@ exactly as it would alone. Each row stops at its own end-of-text token.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
 from compiler.errors import RunError
 
 from .sampling import sample_next
-
-
-def _modality_context(model: torch.nn.Module):
-    module = sys.modules[type(model).__module__]
-    return module.ModalityContext
 
 
 def check_decodable(model: torch.nn.Module) -> None:
@@ -29,8 +22,7 @@ def check_decodable(model: torch.nn.Module) -> None:
         check_caption_decodable(model)
         return
     if not hasattr(model, "make_kv_caches"):
-        spec = getattr(sys.modules[type(model).__module__], "SPEC", "its spec")
-        raise RunError(f"the model of {spec} is training-only (it has a non-causal op), so it "
+        raise RunError(f"the model of {model.spec} is training-only (it has a non-causal op), so it "
                        "has no KV cache and cannot generate text")
 
 
@@ -78,7 +70,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-    context = _modality_context(model)
+    context = model.ModalityContext
     was_training = model.training
     model.eval()
     try:

@@ -42,7 +42,7 @@ from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import IGNORE_INDEX
-from .sinks import MetricSinks
+from .sinks import MOE_KEY, MetricSinks
 
 # ---- the schedule and the optimizer ----------------------------------------------------
 
@@ -380,7 +380,7 @@ def run_steps(engine, task, data, s, *, out: str, start: int, held_out=None,
                     "tokens_per_s": s.batch_size * s.seq_len / dt, "tokens": tokens_seen,
                     **task.throughput(step, s, dt)}
             if moe:
-                last["moe"] = moe
+                last[MOE_KEY] = moe
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 if stream is not None:
                     stream.write(json.dumps(last) + "\n")

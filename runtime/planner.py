@@ -162,27 +162,20 @@ def _meta_bincount(original):
 
 @contextlib.contextmanager
 def _meta_routing(module, model: nn.Module):
-    """Mixture-of-experts layers on the meta device: their row counts per
-    expert become placeholders of the right size, their grouped matmuls
-    _GroupedMatmul, and no slot is dropped for capacity (every token reaches
-    its top_k experts: an upper bound of what a capacity keeps)."""
-    grouped = getattr(module, "grouped_mm", None)
-    capped = [m for m in model.modules() if getattr(m, "capacity_factor", 0) > 0]
+    """Mixture-of-experts layers on the meta device: their row counts per expert
+    become placeholders of the right size, and the package's `ExpertsMeasured`
+    (where it has experts) runs their grouped matmuls as _GroupedMatmul and drops
+    no slot for capacity (every token reaches its top_k experts: an upper bound of
+    what a capacity keeps)."""
+    measured = getattr(module, "ExpertsMeasured", None)  # a package without experts: none
     original = torch.bincount
     torch.bincount = _meta_bincount(original)
-    if grouped is not None:
-        module.grouped_mm = _GroupedMatmul.apply
-    saved = [m.capacity_factor for m in capped]
-    for m in capped:
-        m.capacity_factor = 0.0
     try:
-        yield
+        with (measured(model, _GroupedMatmul.apply) if measured is not None
+              else contextlib.nullcontext()):
+            yield
     finally:
         torch.bincount = original
-        if grouped is not None:
-            module.grouped_mm = grouped
-        for m, factor in zip(capped, saved, strict=True):
-            m.capacity_factor = factor
 
 
 def unit_fqns(model: nn.Module, prefix: str = "") -> list[str]:

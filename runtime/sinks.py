@@ -21,6 +21,11 @@ import os
 import sys
 
 from compiler.errors import UsageError
+from compiler.ops import metrics_key
+
+# the key of the mixture-of-experts statistics in a metrics row, declared by the ops
+# that fill the "experts" slot (a model's MoE hooks collect those)
+MOE_KEY = metrics_key("experts")
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -34,10 +39,10 @@ def scalars(row: dict) -> dict[str, float]:
         elif key == "eval" and isinstance(value, dict):
             out.update({f"eval/{k}": float(v) for k, v in value.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        elif key == "moe" and isinstance(value, dict):
+        elif key == MOE_KEY and isinstance(value, dict):
             for fqn, layer in value.items():
-                out[f"moe/{fqn}/max_load"] = float(layer["max_load"])
-                out[f"moe/{fqn}/dropped"] = float(layer["dropped"])
+                out[f"{MOE_KEY}/{fqn}/max_load"] = float(layer["max_load"])
+                out[f"{MOE_KEY}/{fqn}/dropped"] = float(layer["dropped"])
     return out
 
 

@@ -14,9 +14,7 @@ would alone. A row ends after it emits end-of-text.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -28,25 +26,11 @@ from .sampling import sample_next
 from .vision_data import BOS_ID, eval_set
 
 
-def fusion_of(model: torch.nn.Module) -> str | None:
-    """The fusion named in the package's spec.json (None if it has none)."""
-    module = sys.modules[type(model).__module__]
-    path = os.path.join(os.path.dirname(getattr(module, "__file__", "") or "."), "spec.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)["vlm"]["fusion"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def check_caption_decodable(model: torch.nn.Module) -> None:
     """RunError for a VLM without image prefill and cached decoding."""
     if all(hasattr(model, a) for a in ("make_kv_caches", "prefill", "decode")):
         return
-    module = sys.modules[type(model).__module__]
-    spec = getattr(module, "SPEC", "its spec")
-    fusion = fusion_of(model) or "fusion"
-    raise RunError(f"the model of {spec} is training-only (its {fusion} fusion is not causal), "
+    raise RunError(f"the model of {model.spec} is training-only (its {model.fusion} fusion is not causal), "
                    "so it has no KV cache and cannot generate captions")
 
 

@@ -26,10 +26,6 @@ QUOTED = re.compile(r"""(?<![\w.])["']([a-z_0-9]+)["']""")
 REMAINING = {
     # "rope" and "rope2d" there are the templates' context keys for the rotary settings
     "compiler/emit.py": {"cross_attention", "moma", "mot", "rope", "rope2d"},
-    "compiler/importers/common.py": {"attention", "rope"},
-    "compiler/importers/hf.py": {"moe", "swiglu"},
-    "compiler/importers/kf.py": {"gelu_mlp", "layernorm", "moe", "relu_mlp", "rmsnorm",
-                                 "sigmoid_topk", "softmax_topk", "swiglu"},
     "compiler/plans.py": {"cross_attention", "moma", "mot"},
     "compiler/templates/model.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
     "compiler/templates/vlm.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
@@ -40,13 +36,10 @@ REMAINING = {
     "compiler/lower.py": {"cross_attention", "joint_decoder", "moma", "mot"},
     "compiler/vlm.py": {"attention_pool", "avgpool", "cross_attention", "linear", "mlp2",
                         "moma", "mot"},
-    # `forgec export-hf` maps a spec's ops back to a transformers config: the reverse of
-    # the importers' tables, to move into each op's Hugging Face names with them
-    "runtime/export.py": {"attention", "embedding", "lm_head", "moe", "rmsnorm", "rope",
-                          "softmax_topk", "swiglu"},
-    # the key of the MoE statistics in a log row, which happens to be an op's name
-    "runtime/loop.py": {"moe"},
-    "runtime/sinks.py": {"moe"},
+    # not ops: the component names of the decoder layout that import-hf writes and
+    # export-hf reads back (a layer's `attention`, the model's `rope`) and attention's
+    # `rope` argument; which op each holds comes from the ops (OpDef.foreign)
+    "runtime/export.py": {"attention", "rope"},
 }
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..diagnostics import Diagnostics, Span
+from ..ops import foreign_op
 
 # ---- located values ------------------------------------------------------------------
 
@@ -373,8 +374,16 @@ class Decoder:
     moe: tuple[str, list[str]] | None  # mixture of experts: op and arguments
     kinds: list[LayerKind]  # one per layer
     tie: bool
+    # whose config it comes from ("hf", "kf"): the ops of the spine and the attention are
+    # the ones that framework's decoders use (OpDef.foreign)
+    framework: str
     stack_notes: list[str] = field(default_factory=list)
     block_notes: dict[str, str] = field(default_factory=dict)
+
+    def _op(self, role: str) -> str:
+        name = foreign_op(self.framework, role)
+        assert name is not None, f"no {self.framework} op for {role}"
+        return name
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
         base = "sparse" if kind.moe else "dense"
@@ -384,7 +393,7 @@ class Decoder:
         args = list(self.attention)
         if window:
             args.append(f"window = {self.window}")
-        return call("attention", args, indent)
+        return call(self._op("self_attention"), args, indent)
 
     def _mlp(self, moe: bool, indent: int) -> str:
         spec = self.moe if moe else self.mlp
@@ -403,11 +412,11 @@ class Decoder:
         names = {k: self._block_name(LayerKind(*k), mixed_window) for k in order}
 
         body: list[str] = []
-        body.append("  token_embedding = embedding(vocab_size, dim)")
+        body.append(f"  token_embedding = {self._op('token_embedding')}(vocab_size, dim)")
         self.params("vocab_size")
         self.params("dim")
         if self.rope is not None:
-            body.append("  rope            = " + call("rope", self.rope, 20))
+            body.append("  rope            = " + call(self._op("positions"), self.rope, 20))
         body.append("")
 
         bw, bm = base
@@ -452,7 +461,7 @@ class Decoder:
             body.append("  }")
         body.append(f"  norm        = {self.norm}")
         tie = ", tie = token_embedding" if self.tie else ""
-        body.append(f"  output_head = lm_head(dim, vocab_size{tie})")
+        body.append(f"  output_head = {self._op('output_head')}(dim, vocab_size{tie})")
         body.append("}")
 
         out = [f"# {line}".rstrip() for h in self.header for line in textwrap.wrap(h, 96) or [""]]

@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 from ..diagnostics import Diagnostics
+from ..ops import foreign_op
 from .common import Decoder, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
@@ -88,6 +89,7 @@ class Importer:
         self.notes: list[str] = []
         self.layer_rule: str | None = None  # which layers slide, for a comment
         self.experts_key = "num_local_experts"
+        self.act: str | None = None  # hidden_act: it chooses the MLP and expert ops
 
     def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
         name = hf_key or f.name(key)
@@ -146,7 +148,8 @@ class Importer:
                     f"num_attention_heads = {heads}")
         tie = f.get("tie_word_embeddings", "bool", d["tie_word_embeddings"])
         act = f.get("hidden_act", "str", d["hidden_act"])
-        if act is not None and act not in ("silu", "swish"):
+        self.act = act
+        if act is not None and foreign_op("hf", "mlp", hidden_act=act) is None:
             f.error("E114", "hidden_act", f"hidden_act '{act}' cannot be expressed: forgec's "
                     "SwiGLU MLPs and experts use SiLU", "only silu (= swish) imports")
         drop = f.get("attention_dropout", "float", d["attention_dropout"])
@@ -221,11 +224,11 @@ class Importer:
                           + ".")
         return Decoder(
             name=name, header=header, params=p,
-            norm=f"rmsnorm(dim, eps = {p('norm_eps')})",
+            norm=f"{foreign_op('hf', 'norm')}(dim, eps = {p('norm_eps')})",
             rope=rope, attention=attention, window=window,
-            mlp=("swiglu", ["dim", f"hidden = {p('ffn_hidden')}"])
+            mlp=(foreign_op("hf", "mlp", hidden_act=act), ["dim", f"hidden = {p('ffn_hidden')}"])
             if any(not k.moe for k in kinds) else None,
-            moe=moe_args, kinds=kinds, tie=tie, stack_notes=stack_notes)
+            moe=moe_args, kinds=kinds, tie=tie, framework="hf", stack_notes=stack_notes)
 
     def _rest(self, f: Fields, model_type: str, n_layers: int) -> None:
         """Check the other fields too, when the core sizes are missing or wrong."""
@@ -436,9 +439,9 @@ class Importer:
         else:
             p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
                   f"loss (router_aux_loss_coef {fmt(coef)})")
-        router = (f"router = softmax_topk(renormalize = {fmt(bool(renormalize))}, "
+        router = (f"router = {foreign_op('hf', 'router')}(renormalize = {fmt(bool(renormalize))}, "
                   f"aux_loss_weight = {p('aux_loss_weight')})")
-        moe = ("moe", ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+        moe = (foreign_op("hf", "experts", hidden_act=self.act), ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
                        f"hidden = {hidden}", router])
         kinds = [LayerKind(k.window, s) for k, s in zip(kinds, sparse, strict=True)]
         if self.layer_rule:

@@ -42,21 +42,29 @@ import math
 
 from ..diagnostics import Diagnostics
 from ..functions import FUNCTIONS
+from ..ops import OPS, foreign_choices, foreign_default, foreign_op
 from .common import Decoder, Expr, Fields, LayerKind, Located, Params, fmt
+
+# the ops KempnerForge's choices name (each op's `foreign["kf"]`): value → op
+NORMS = foreign_choices("kf", "norm", "norm_type")
+MLPS = foreign_choices("kf", "mlp", "activation")
+ROUTERS = foreign_choices("kf", "router", "moe_router")
 
 # KempnerForge ModelConfig defaults (kempnerforge/config/model.py)
 DEFAULTS = {
     "dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": None, "vocab_size": 32000,
-    "ffn_dim_multiplier": 1.0, "ffn_hidden_dim": None, "norm_type": "rmsnorm",
-    "norm_eps": 1e-5, "activation": "silu", "max_seq_len": 2048, "rope_theta": 10000.0,
+    "ffn_dim_multiplier": 1.0, "ffn_hidden_dim": None,
+    "norm_type": foreign_default("kf", "norm", "norm_type"),
+    "norm_eps": 1e-5, "activation": foreign_default("kf", "mlp", "activation"),
+    "max_seq_len": 2048, "rope_theta": 10000.0,
     "tie_embeddings": False, "qk_norm": False, "init_std": 0.02, "model_type": "transformer",
     "sdpa_backend": "auto", "num_experts": 0, "moe_top_k": 2, "moe_frequency": 1,
-    "moe_router": "softmax_topk", "moe_shared_experts": 0, "moe_aux_loss_weight": 0.01,
+    "moe_router": foreign_default("kf", "router", "moe_router"), "moe_shared_experts": 0,
+    "moe_aux_loss_weight": 0.01,
     "moe_capacity_factor": 0.0, "moe_sequence_aux_loss_weight": 0.0,
     "moe_gradient_scale": False, "moe_bias_schedule": "constant", "moe_packed_experts": False,
     "moe_expert_ffn_multiplier": 1.0,
 }
-MLPS = {"silu": "swiglu", "gelu": "gelu_mlp", "relu": "relu_mlp"}
 
 
 def kf_ffn_hidden(dim: int, multiplier: float) -> int:
@@ -113,7 +121,7 @@ class Importer:
         tie = g("tie_embeddings", "bool")
         qk_norm = g("qk_norm", "bool")
         init = g("init_std", "float")
-        if norm_type is not None and norm_type not in ("rmsnorm", "layernorm"):
+        if norm_type is not None and norm_type not in NORMS:
             f.error("E114", "norm_type", f"norm_type '{norm_type}' cannot be expressed",
                     "KempnerForge's norms are rmsnorm and layernorm")
         if act is not None and act not in MLPS:
@@ -169,7 +177,7 @@ class Importer:
                 p("ffn_multiplier")
             return p("ffn_hidden")
 
-        norm_op = "rmsnorm" if norm_type == "rmsnorm" else "layernorm"
+        norm_op = NORMS[norm_type]
         attention = ["dim", f"heads = {p('n_heads')}", f"kv_heads = {p('n_kv_heads')}",
                      "rope = rope"]
         if qk_norm:
@@ -190,7 +198,7 @@ class Importer:
                     f"hidden = {expert_expr}", router_args(p)]
             if shared:
                 args.append("shared_experts = 1")
-            moe_call = ("moe", args)
+            moe_call = (foreign_op("kf", "experts", activation=act), args)
             kinds = [LayerKind(False, (i + 1) % freq == 0) for i in range(n_layers)]
             if freq > 1:
                 notes.append(f"moe_frequency = {freq}: layer i is a mixture of experts iff "
@@ -219,7 +227,7 @@ class Importer:
             rope=[f"head_dim = dim / {p('n_heads')}", f"max_seq_len = {p('max_seq_len')}",
                   f"theta = {p('rope_theta')}"],
             attention=attention, window=None, mlp=mlp, moe=moe_call, kinds=kinds, tie=tie,
-            stack_notes=notes)
+            framework="kf", stack_notes=notes)
 
     def _moe(self, f: Fields, g, act: str | None):
         experts = g("num_experts", "int")
@@ -241,7 +249,7 @@ class Importer:
         grad_scale = g("moe_gradient_scale", "bool")
         schedule = g("moe_bias_schedule", "str")
         expert_mult = g("moe_expert_ffn_multiplier", "float", positive=True)
-        if act is not None and act != "silu":
+        if act is not None and foreign_op("kf", "experts", activation=act) is None:
             f.error("E114", "activation", f"activation '{act}' in a mixture of experts cannot be "
                     "expressed: forgec's experts are SwiGLU", "use activation = \"silu\"")
         if top_k is not None and top_k > experts:
@@ -257,31 +265,31 @@ class Importer:
                     "expressed: forgec has no per-expert gradient scaling")
         if shared is not None and shared < 0:
             f.error("E113", "moe_shared_experts", f"moe_shared_experts must be ≥ 0, got {shared}")
-        if router not in (None, "softmax_topk", "sigmoid_topk"):
+        if router is not None and router not in ROUTERS:
             f.error("E114", "moe_router", f"moe_router '{router}' cannot be expressed",
-                    "KempnerForge's routers are softmax_topk and sigmoid_topk")
-        if router == "sigmoid_topk" and schedule not in (None, "constant", "cosine_decay",
-                                                          "linear_warmup"):
-            f.error("E114", "moe_bias_schedule", f"moe_bias_schedule '{schedule}' cannot be "
-                    "expressed", "constant, cosine_decay or linear_warmup")
+                    "KempnerForge's routers are " + " and ".join(ROUTERS))
+        config = {"moe_aux_loss_weight": aux, "moe_bias_schedule": schedule,
+                  "moe_sequence_aux_loss_weight": seq_aux}
+        router_op = OPS[ROUTERS[router]] if router in ROUTERS else None
+        kf = router_op.foreign["kf"] if router_op is not None else None
+        for arg, key in (kf.fields.items() if kf is not None else ()):
+            choices, value = router_op.arg(arg).choices, config[key]
+            if choices and value is not None and value not in choices:
+                f.error("E114", key, f"{key} '{value}' cannot be expressed",
+                        ", ".join(choices[:-1]) + " or " + choices[-1])
         if None in (top_k, freq, router, shared, aux, seq_aux, schedule, expert_mult):
             return None
-        if router == "softmax_topk":
-            # KempnerForge's softmax router always renormalises; the sequence loss and
-            # the bias schedule belong to the sigmoid router only
-            def router_args(p: Params) -> str:
-                p.add("aux_loss_weight", aux, "moe_aux_loss_weight"
-                      + (" (default)" if "moe_aux_loss_weight" in f.defaulted else ""))
-                return (f"router = softmax_topk(renormalize = true, "
-                        f"aux_loss_weight = {p('aux_loss_weight')})")
-        else:
-            # forgec's sigmoid_topk is DeepSeek-V3's router; its bias-update constants are
-            # forgec's defaults
-            def router_args(p: Params) -> str:
-                args = [f"schedule = {schedule}"]
-                if seq_aux:
-                    args.append(f"seq_aux_loss_weight = {fmt(seq_aux)}")
-                return f"router = sigmoid_topk({', '.join(args)})"
+
+        def router_args(p: Params) -> str:
+            """The router's arguments as its op writes them (its `foreign["kf"].args`)."""
+            args = []
+            for arg, value, why in kf.args(config, lambda key: f"{key} (default)"
+                                           if key in f.defaulted else key):
+                if why is not None:  # a named model parameter, commented with its source
+                    p.add(arg, value, why)
+                    value = Expr(p(arg))
+                args.append(f"{arg} = {fmt(value)}")
+            return f"router = {router_op.name}({', '.join(args)})"
         return experts, top_k, freq, router_args, shared, expert_mult
 
 

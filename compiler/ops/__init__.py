@@ -14,7 +14,7 @@ import dataclasses
 import importlib
 import os
 
-from .core import REQUIRED, ArgSpec, NestedCall, OpDef, Shape, numel
+from .core import REQUIRED, ArgSpec, Foreign, NestedCall, OpDef, Shape, numel
 
 OPS_DIR = os.path.dirname(__file__)
 
@@ -43,6 +43,47 @@ def ops_for(slot: str) -> tuple[str, ...]:
     return tuple(name for name, op in OPS.items() if slot in op.slots)
 
 
+def metrics_key(slot: str) -> str:
+    """The key of the statistics of the ops filling `slot` in a metrics row (one key
+    for the slot, so that a row reads the same whichever op fills it)."""
+    keys = {op.metrics_key for name, op in OPS.items() if slot in op.slots}
+    assert len(keys) == 1 and "" not in keys, f"the {slot} ops' metrics keys: {keys}"
+    return keys.pop()
+
+
+def foreign_ops(framework: str, role: str) -> dict[str, OpDef]:
+    """The ops that express `role` in `framework`'s configs (`OpDef.foreign`)."""
+    return {name: op for name, op in OPS.items()
+            if framework in op.foreign and op.foreign[framework].role == role}
+
+
+def foreign_op(framework: str, role: str, **config) -> str | None:
+    """The op of `role` that `framework`'s config values choose (its `selects`), or
+    None if none does (or several do)."""
+    found = [name for name, op in foreign_ops(framework, role).items()
+             if all(config.get(key, MISSING) in values
+                    for key, values in op.foreign[framework].selects.items())]
+    return found[0] if len(found) == 1 else None
+
+
+def foreign_choices(framework: str, role: str, key: str) -> dict:
+    """Config field `key`'s values that choose an op of `role`: value → op name."""
+    return {value: name for name, op in foreign_ops(framework, role).items()
+            for value in op.foreign[framework].selects.get(key, ())}
+
+
+def foreign_default(framework: str, role: str, key: str):
+    """The value of config field `key` that a config leaving it out stands for: the
+    one that chooses the op of `role` the framework uses by default."""
+    found = [op.foreign[framework].selects[key][0] for op in foreign_ops(framework, role).values()
+             if op.foreign[framework].by_default and key in op.foreign[framework].selects]
+    assert len(found) == 1, f"{framework}: no one default {role}"
+    return found[0]
+
+
+MISSING = object()
+
+
 def modules_path(family: str) -> str:
     """The PyTorch source of a family of ops."""
     return os.path.join(OPS_DIR, family, "modules.py")
@@ -52,5 +93,6 @@ def modules_path(family: str) -> str:
 from .attention.spec import attended_keys, mask_key  # noqa: E402
 from .vision.spec import patch_tokens  # noqa: E402
 
-__all__ = ["OPS", "REQUIRED", "ArgSpec", "NestedCall", "OpDef", "Shape", "attended_keys",
-           "mask_key", "modules_path", "numel", "ops_for", "patch_tokens"]
+__all__ = ["OPS", "REQUIRED", "ArgSpec", "Foreign", "NestedCall", "OpDef", "Shape",
+           "attended_keys", "foreign_choices", "foreign_default", "foreign_op", "foreign_ops", "mask_key",
+           "metrics_key", "modules_path", "numel", "ops_for", "patch_tokens"]

@@ -55,6 +55,31 @@ class ArgSpec:
         return self.default is REQUIRED and not self.derived
 
 
+@dataclass(frozen=True)
+class Foreign:
+    """How another framework's model config expresses an op (`OpDef.foreign`, keyed by
+    the framework: "hf" for Hugging Face transformers, "kf" for KempnerForge). The
+    importers (compiler/importers/) and `forgec export-hf` (runtime/export.py) read it:
+    they name no op themselves."""
+
+    # the op's place in that framework's decoder: "token_embedding", "positions",
+    # "self_attention", "norm", "mlp", "experts", "router" or "output_head"
+    role: str
+    # config field → the values that choose this op among the ops of its role
+    # (KempnerForge's `norm_type = "layernorm"`); the first is the one an export writes
+    selects: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # argument → the config field it is read from
+    fields: Mapping[str, str] = field(default_factory=dict)
+    # the framework chooses it where a config leaves its `selects` fields out
+    by_default: bool = False
+    # the op's arguments as the spec writes them, given the config's values and
+    # note(field) (the field's name, "(default)" where the file leaves it out): a list
+    # of (argument, value, note); a note makes the value a named model parameter
+    # commented with it, None writes the value in place
+    args: Callable[[Mapping[str, Any], Callable[[str], str]],
+                   list[tuple[str, Any, str | None]]] = lambda config, note: []
+
+
 def _no_weights(args: Args) -> dict[str, Shape]:
     return {}
 
@@ -124,6 +149,11 @@ class OpDef:
     # mesh axis → the arguments its degree must divide (heads by "tp", experts by "ep")
     split_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     features: Callable[[Args], frozenset[str]] = lambda a: frozenset()
+    # the key of its statistics in a training run's metrics row (the "experts" slot's
+    # routing load and dropped slots; runtime/loop.py, runtime/sinks.py)
+    metrics_key: str = ""
+    # how other frameworks' configs express it (importers, export-hf): framework → Foreign
+    foreign: Mapping[str, Foreign] = field(default_factory=dict)
 
     def arg(self, name: str) -> ArgSpec | None:
         for a in self.args:

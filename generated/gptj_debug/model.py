@@ -355,6 +355,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """`gptj_debug`: embedding → 3 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,

@@ -341,6 +341,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """`llama_debug`: embedding → 4 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,

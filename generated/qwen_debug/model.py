@@ -430,6 +430,9 @@ BLOCK_OF_LAYER = {0: LocalBlock, 1: GlobalBlock, 2: LocalBlock, 3: GlobalBlock}
 class Transformer(nn.Module):
     """`qwen_debug`: embedding → 4 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,

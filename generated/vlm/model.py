@@ -483,6 +483,9 @@ class VisionEncoderBlock(nn.Module):
 class Transformer(nn.Module):
     """`llama_debug`: embedding → 4 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,
@@ -722,6 +725,8 @@ class VLM(nn.Module):
 
     image_size = 32  # the images the vision encoder takes: (channels, size, size)
     image_channels = 3
+    spec = SPEC  # the spec it was compiled from
+    fusion = "joint_decoder"  # how the image reaches the decoder
 
     def __init__(self) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core import Args, ArgSpec, OpDef, Shape, hidden, numel
+from ..core import Args, ArgSpec, Foreign, OpDef, Shape, hidden, numel
 
 
 def _attention_derive(a: dict[str, Any]) -> None:
@@ -164,5 +164,7 @@ OPS = (
         call_fields=lambda a: {"mask_key": mask_key(a)},
         mask=mask_key, caches=True, check=_check, split_by={"tp": ("heads", "kv_heads")},
         features=_features,
+        # the self-attention of a Hugging Face / KempnerForge decoder layer
+        foreign={"hf": Foreign("self_attention"), "kf": Foreign("self_attention")},
     ),
 )

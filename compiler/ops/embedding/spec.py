@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core import ArgSpec, OpDef, hidden
+from ..core import ArgSpec, Foreign, OpDef, hidden
+
+# the ends of a Hugging Face / KempnerForge decoder
+_EMBEDDING = Foreign("token_embedding")
+_HEAD = Foreign("output_head")
 
 
 def _check_tie(comp: Any, model: Any, diags: Any) -> None:
@@ -44,6 +48,7 @@ OPS = (
         class_name="TokenEmbedding", init_args="std",
         tp={"embedding": "rowwise"},
         ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
+        foreign={"hf": _EMBEDDING, "kf": _EMBEDDING},
     ),
     OpDef(
         name="lm_head",
@@ -64,5 +69,6 @@ OPS = (
         class_name="OutputHead", init_args="std",
         tp={"proj": "colwise"},
         ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
+        foreign={"hf": _HEAD, "kf": _HEAD},
     ),
 )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from ..core import Args, ArgSpec, OpDef, Shape, hidden, numel
+from ..core import Args, ArgSpec, Foreign, OpDef, Shape, hidden, numel
 
 
 def mlp_weights(names: tuple[str, ...], a: Args) -> dict[str, Shape]:
@@ -19,7 +20,7 @@ def mlp_weights(names: tuple[str, ...], a: Args) -> dict[str, Shape]:
 
 
 def mlp_op(name: str, doc: str, projections: tuple[str, ...], bias: bool,
-           class_name: str) -> OpDef:
+           class_name: str, foreign: Mapping[str, Foreign] | None = None) -> OpDef:
     """An MLP op: `dim` → `hidden` → `dim` through the named projections."""
     args = [
         ArgSpec("dim", "size", doc="model width"),
@@ -34,7 +35,7 @@ def mlp_op(name: str, doc: str, projections: tuple[str, ...], bias: bool,
                 **({"zero_init": a["zero_init"]} if "zero_init" in u else {})}
 
     return OpDef(
-        class_name=class_name, slots=("mlp",),
+        class_name=class_name, slots=("mlp",), foreign=foreign or {},
         tp={**{p: "colwise" for p in projections if p != "down_proj"}, "down_proj": "rowwise"},
         ctor=ctor,
         features=lambda a: frozenset({"zero_init"} if a["zero_init"] else ()),
@@ -47,11 +48,19 @@ def mlp_op(name: str, doc: str, projections: tuple[str, ...], bias: bool,
     )
 
 
+# Hugging Face's hidden_act of a SiLU-gated MLP (swish is SiLU's other name)
+SILU = ("silu", "swish")
+
 OPS = (
     mlp_op("swiglu", "SwiGLU MLP: down(silu(gate(x)) * up(x)).",
-           ("gate_proj", "up_proj", "down_proj"), bias=False, class_name="SwiGLU"),
+           ("gate_proj", "up_proj", "down_proj"), bias=False, class_name="SwiGLU",
+           foreign={"hf": Foreign("mlp", {"hidden_act": SILU}),
+                    "kf": Foreign("mlp", {"activation": ("silu",)}, by_default=True)}),
+    # KempnerForge's activation = "gelu" / "relu": a two-layer MLP without biases
     mlp_op("gelu_mlp", "Two-layer MLP with exact (erf) GELU.", ("up_proj", "down_proj"),
-           bias=True, class_name="GeluMLP"),
+           bias=True, class_name="GeluMLP",
+           foreign={"kf": Foreign("mlp", {"activation": ("gelu",)})}),
     mlp_op("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True,
-           class_name="ReluMLP"),
+           class_name="ReluMLP",
+           foreign={"kf": Foreign("mlp", {"activation": ("relu",)})}),
 )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core import Args, ArgSpec, NestedCall, OpDef, Shape, hidden
+from ..core import Args, ArgSpec, Foreign, NestedCall, OpDef, Shape, hidden
+from ..mlp.spec import SILU
 
 SCHEDULES = ("constant", "cosine_decay", "linear_warmup")
 
@@ -103,6 +104,21 @@ def _check_groups(router: Any, moe: Any, diags: Any) -> None:
                     hint="raise topk_group or lower top_k")
 
 
+def _softmax_kf_args(config: Args, note: Any) -> list[tuple[str, Any, str | None]]:
+    """KempnerForge's softmax router always renormalises; its sequence loss and bias
+    schedule belong to the sigmoid router only."""
+    return [("renormalize", True, None),
+            ("aux_loss_weight", config["moe_aux_loss_weight"], note("moe_aux_loss_weight"))]
+
+
+def _sigmoid_kf_args(config: Args, note: Any) -> list[tuple[str, Any, str | None]]:
+    """forgec's sigmoid_topk is DeepSeek-V3's router; its bias-update constants are
+    forgec's defaults."""
+    seq_aux = config["moe_sequence_aux_loss_weight"]
+    return [("schedule", config["moe_bias_schedule"], None),
+            *([("seq_aux_loss_weight", seq_aux, None)] if seq_aux else [])]
+
+
 OPS = (
     OpDef(
         name="softmax_topk",
@@ -116,6 +132,11 @@ OPS = (
         ),
         class_name="SoftmaxTopK",
         ctor=_router_ctor,
+        # Mixtral's and Qwen3-MoE's router; KempnerForge's moe_router = "softmax_topk"
+        foreign={"hf": Foreign("router"),
+                 "kf": Foreign("router", {"moe_router": ("softmax_topk",)},
+                               {"aux_loss_weight": "moe_aux_loss_weight"}, by_default=True,
+                               args=_softmax_kf_args)},
     ),
     OpDef(
         name="sigmoid_topk",
@@ -139,6 +160,11 @@ OPS = (
         ),
         class_name="SigmoidTopK", check=_check_groups,
         ctor=_router_ctor,
+        # KempnerForge's moe_router = "sigmoid_topk"
+        foreign={"kf": Foreign("router", {"moe_router": ("sigmoid_topk",)},
+                               {"schedule": "moe_bias_schedule",
+                                "seq_aux_loss_weight": "moe_sequence_aux_loss_weight"},
+                               args=_sigmoid_kf_args)},
     ),
     OpDef(
         name="moe",
@@ -166,9 +192,12 @@ OPS = (
         weights=_moe_weights,
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
-        class_name="MoE", slots=("mlp", "experts"), check=_check_moe,
+        class_name="MoE", slots=("mlp", "experts"), check=_check_moe, metrics_key="moe",
         split_by={"ep": ("experts",)},
         ctor=_moe_ctor,
         features=_moe_features,
+        # the experts are SwiGLUs: Hugging Face's hidden_act, KempnerForge's activation
+        foreign={"hf": Foreign("experts", {"hidden_act": SILU}),
+                 "kf": Foreign("experts", {"activation": ("silu",)})},
     ),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core import ArgSpec, OpDef, hidden
+from ..core import ArgSpec, Foreign, OpDef, hidden
 
 OPS = (
     OpDef(
@@ -16,6 +16,9 @@ OPS = (
         slots=("norm",),
         class_name="RMSNorm", init_args="",
         ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"]},
+        # Hugging Face's Llama-family decoders norm with it; KempnerForge's norm_type
+        foreign={"hf": Foreign("norm"), "kf": Foreign("norm", {"norm_type": ("rmsnorm",)},
+                                                          by_default=True)},
     ),
     OpDef(
         name="layernorm",
@@ -32,5 +35,7 @@ OPS = (
         slots=("norm",),
         class_name="LayerNorm", init_args="",
         ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"]},
+        # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default)
+        foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)})},
     ),
 )

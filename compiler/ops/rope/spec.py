@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core import ArgSpec, OpDef
+from ..core import ArgSpec, Foreign, OpDef
 
 
 def _rope_derive(a: dict[str, Any]) -> None:
@@ -59,6 +59,8 @@ OPS = (
         derive=_rope_derive,
         slots=("positions",), check=_check_rope,
         derived_code={"rotary_dim": "{head_dim}"},
+        # the rotary tables of a Hugging Face / KempnerForge decoder
+        foreign={"hf": Foreign("positions"), "kf": Foreign("positions")},
     ),
     OpDef(
         name="rope2d",
