@@ -440,6 +440,9 @@ BLOCK_OF_LAYER = {0: DenseBlock, 1: Relu2Block, 2: DenseBlock, 3: Relu2Block}
 class Transformer(nn.Module):
     """`composed_debug`: embedding → 4 blocks → final norm → head."""
 
+    spec = SPEC  # the spec it was compiled from
+    ModalityContext = ModalityContext  # what forward(modality=...) takes
+
     def __init__(
         self,
         config: ModelConfig | None = None,
