@@ -117,3 +117,61 @@ def test_big_specs_blocks_trace_as_one_graph_on_the_meta_device(name):
         compiled = torch.compile(block, fullgraph=True, backend=trace_only)
         with pytest.raises(Traced):
             compiled(x, cos[None], sin[None])
+
+
+# ---- forgec train --compile ---------------------------------------------------------------
+
+
+def _losses(run) -> list[float]:
+    from runtime.train import read_metrics
+
+    return [r["loss"] for r in read_metrics(str(run / "metrics.jsonl"))]
+
+
+def _quiet_train(*args, **kwargs):
+    import contextlib
+    import io
+
+    from runtime.train import train
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return train(*args, progress=False, **kwargs)
+
+
+COMPILE_RUN = dict(steps=2, seed=0, batch_size=4, seq_len=16)
+
+
+def test_train_compile_equals_eager_with_inductor(tmp_path):
+    """The single-process trainer compiles each block with inductor (forward and
+    backward): the losses of eager training within float tolerance."""
+    from conftest import ROOT
+
+    spec = str(ROOT / "specs" / "llama_debug.forge")
+    _quiet_train(spec, str(tmp_path / "eager"), **COMPILE_RUN)
+    _quiet_train(spec, str(tmp_path / "compiled"), compile=True, **COMPILE_RUN)
+    torch.testing.assert_close(_losses(tmp_path / "compiled"), _losses(tmp_path / "eager"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_train_compile_under_plans_equals_eager(tmp_path):
+    """--compile under FSDP, a pipeline, TP and EP (2 ranks; the aot_eager backend
+    traces the same graphs as inductor at a fraction of the compile time): the
+    single-process eager losses."""
+    from conftest import ROOT
+    from dist_helpers import spawn, train_runs
+
+    dense, moe = str(ROOT / "specs" / "llama_debug.forge"), str(ROOT / "specs" / "moe_debug.forge")
+    _quiet_train(dense, str(tmp_path / "ref"), **COMPILE_RUN)
+    _quiet_train(moe, str(tmp_path / "ref_moe"), grad_accum=2, **COMPILE_RUN)
+
+    def argv(spec, plan):
+        return ([spec, "--out", str(tmp_path / plan), "--plan", plan, "--no-progress", "--compile"]
+                + [f"--{k.replace('_', '-')}={v}" for k, v in COMPILE_RUN.items()])
+
+    env = {"FORGEC_COMPILE_BACKEND": "aot_eager"}
+    runs = [(argv(dense, plan), env) for plan in ("fsdp2", "pp2", "tp2")] + [(argv(moe, "ep2"), env)]
+    spawn(train_runs, (runs,), 2, str(tmp_path), timeout=400)
+    for plan in ("fsdp2", "pp2", "tp2", "ep2"):
+        want = _losses(tmp_path / ("ref_moe" if plan == "ep2" else "ref"))
+        torch.testing.assert_close(_losses(tmp_path / plan), want, rtol=1e-5, atol=1e-5,
+                                   msg=plan)
