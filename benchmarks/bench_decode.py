@@ -73,9 +73,10 @@ def main() -> None:
         ids = torch.randint(1, vocab, (batch, PROMPT))
         prompts = ids.tolist()
         fns = {
-            "forgec eager": lambda: generate(forgec, prompts, new, eos_id=None),
-            "forgec static": lambda: generate(forgec, prompts, new, eos_id=None, compile=True),
-            "transformers": lambda: hf_greedy(ids),
+            "forgec eager": lambda p=prompts: generate(forgec, p, new, eos_id=None),
+            "forgec static": lambda p=prompts: generate(forgec, p, new, eos_id=None,
+                                                        compile=True),
+            "transformers": lambda i=ids: hf_greedy(i),
         }
         times: dict[str, list[float]] = {k: [] for k in fns}
         outputs: dict[str, list[list[int]]] = {}
