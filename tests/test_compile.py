@@ -90,6 +90,27 @@ def test_every_block_compiles_as_one_graph_forward_and_backward(name):
     assert graphs  # the blocks did go through the backend
 
 
+def logits_of(name: str, model: nn.Module) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (2, 8), generator=g)
+    with torch.no_grad():
+        if name.startswith("vlm"):
+            return model(torch.randn(2, 3, 32, 32, generator=g), tokens)
+        return model(tokens)
+
+
+@pytest.mark.parametrize("name", ["moe_debug", "vlm"])
+def test_inductor_blocks_compute_the_eager_logits(name):
+    """The inductor path (what `forgec train --compile` runs; the dense model's
+    forward and backward are checked there): a MoE model with its grouped-matmul
+    custom op, and a VLM with its vision encoder, in inference."""
+    model = build(name).eval()
+    want = logits_of(name, model)
+    for block in blocks(model):
+        block.compile(fullgraph=True)
+    torch.testing.assert_close(logits_of(name, model), want, rtol=1e-5, atol=1e-5)
+
+
 class Traced(Exception):
     pass
 
