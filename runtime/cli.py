@@ -45,6 +45,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--clip", type=float, help="max gradient norm; 0 disables (default 1.0)")
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
     t.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each block (fullgraph); the first steps pay the "
+                   "compilation")
     t.add_argument("--data", metavar="DATA",
                    help="a flat token file (numpy memmap; the tokenizer's end-of-text token, "
                    "0 for bytes, ends a document), a `forgec tokenize` folder, or a weighted "
@@ -85,6 +88,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0 (default): greedy")
     g.add_argument("--top-k", type=int, metavar="K")
+    g.add_argument("--compile", action="store_true",
+                   help="text runs: decode with static shapes and a compiled step (CUDA graphs "
+                   "on a GPU); the first token pays the compilation")
     g.add_argument("--top-p", type=float, metavar="P")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p = sub.add_parser(
@@ -205,7 +211,7 @@ def cmd_train(args) -> int:
               keep_last=args.keep_last, eval_every=args.eval_every,
               batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
               min_lr=args.min_lr, grad_accum=args.grad_accum, clip=args.clip,
-              weight_decay=args.weight_decay, bf16=args.bf16, data=args.data,
+              weight_decay=args.weight_decay, bf16=args.bf16, compile=args.compile, data=args.data,
               data_dtype=args.data_dtype, tokenizer=args.tokenizer, init_from=args.init_from)
     except Stopped as e:  # SIGTERM/SIGUSR1: checkpointed, a clean exit
         print(f"forgec: {e}", file=sys.stderr)
@@ -259,7 +265,7 @@ def cmd_generate(args) -> int:
     text = generate_text(model, prompt, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          note_stream=sys.stderr, token_file=info["settings"].get("data"),
-                         tokenizer=tok, reply_only=args.chat)
+                         tokenizer=tok, reply_only=args.chat, compile=args.compile)
     sys.stdout.write(text + "\n")
     return 0
 

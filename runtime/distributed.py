@@ -117,7 +117,7 @@ from .train import (
 FORWARDED = ("steps", "seed", "ckpt_every", "keep_last", "eval_every", "batch_size", "seq_len", "lr",
              "warmup", "min_lr", "grad_accum", "clip", "weight_decay", "data", "data_dtype",
              "tokenizer", "init_from")
-SETTINGS = (*FORWARDED, "bf16")
+SETTINGS = (*FORWARDED, "bf16", "compile")
 # A fresh run initialises the whole model on every rank's host, as one process
 # would (identical weights for a seed), up to this size; larger models are
 # initialised on each rank's own shards, from the meta device.
@@ -298,7 +298,7 @@ def worker_argv(args) -> list[str]:
         value = getattr(args, key)
         if value is not None:
             argv += ["--" + key.replace("_", "-"), str(value)]
-    for flag in ("resume", "bf16", "no_progress"):
+    for flag in ("resume", "bf16", "compile", "no_progress"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     return argv
@@ -519,12 +519,14 @@ class Engine:
                 part.register_forward_hook(self.hook)
             if self.host_init:
                 part.to(layout.device)
-            # torchtitan's order: TP, EP, activation checkpointing, then FSDP
+            # torchtitan's order: TP, EP, activation checkpointing, compile, then FSDP
             if layout.tp > 1:
                 parallel.apply_tp(part, layout.mesh["tp"], planmod)
             if layout.ep > 1:
                 parallel.apply_ep(part, layout.ep_mesh["ep"], planmod)
             parallel.apply_activation_checkpointing(part, planmod, plan)
+            if self.s.compile:
+                parallel.apply_compile(part)
             if "fsdp" in self.cfg:
                 parallel.apply_fsdp(part, layout.mesh["dp"], planmod, plan)
             if not self.host_init:
@@ -880,7 +882,7 @@ def train_distributed(spec: str, out: str, *, plan: str, resume: bool = False,
         print(f"training {os.path.basename(pkg_dir)} ({n_params:,} parameters) with plan "
               f"'{plan}' on {layout.world} processes ({how}, {layout.device.type}): steps "
               f"{start + 1}..{s.steps}, batch {task.describe(s)}, "
-              f"{'bf16 autocast' if s.bf16 else 'fp32'}"
+              f"{'bf16 autocast' if s.bf16 else 'fp32'}{', compiled' if s.compile else ''}"
               + task.describe_eval(s, held_out)
               + (f", initialised from {source.describe()}" if source is not None else
                  "" if resume or engine.host_init else

@@ -4,15 +4,76 @@ Prompts of unequal length run as one batch: they are left-padded and the
 padding is masked with `ModalityContext(key_padding_mask=...)`; the model
 restarts RoPE positions at each row's first real token, so a row decodes
 exactly as it would alone. Each row stops at its own end-of-text token.
+
+`compile=True` decodes with static shapes: after the (eager) prefill, the caches
+move into fixed-size StaticKVCache buffers and one decode step of fixed shapes
+is compiled once (torch.compile; CUDA graphs on a GPU, mode "reduce-overhead"),
+so every new token runs the same compiled code.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from compiler.errors import RunError
 
 from .sampling import sample_next
+
+
+class StaticKVCache:
+    """A layer's KV cache of fixed shape, for a compiled decode step; it has the
+    generated KVCache's API (`length`, `valid`, `next_pos`, `update`, `commit`).
+
+    `size` slots hold the keys and values so far, `valid` marks the filled real
+    ones, `cursor` (a tensor, so that the compiled step has no Python counter) is
+    the next free slot. `length` is always `size`: the model attends over the
+    `size` slots plus the token of this step, whose keys `update` appends (and
+    writes into slot `cursor` for later steps, valid once `commit`ted). Every
+    step has the same shapes; slots not yet filled are masked out.
+    """
+
+    def __init__(self, cache, size: int) -> None:
+        filled = cache.length
+        if filled > size:
+            raise ValueError(f"the cache holds {filled} positions, more than {size}")
+        b, kv, _, hd = cache.k.shape
+        self.k = cache.k.new_zeros(b, kv, size, hd)
+        self.v = cache.v.new_zeros(b, kv, size, hd)
+        self.k[:, :, :filled], self.v[:, :, :filled] = cache.k[:, :, :filled], cache.v[:, :, :filled]
+        self.valid = torch.zeros(b, size, dtype=torch.bool, device=cache.k.device)
+        self.valid[:, :filled] = cache.valid[:, :filled]
+        self.next_pos = cache.next_pos.clone()
+        self.cursor = torch.tensor([filled], device=cache.k.device)
+        self.length = self.max_seq_len = size
+        if self.k.is_cuda:  # CUDA graphs replay on these very buffers
+            for t in (self.k, self.v, self.valid, self.next_pos, self.cursor):
+                torch._dynamo.mark_static_address(t)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, self.cursor, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.cursor, v.to(self.v.dtype))
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+    def commit(self, valid: torch.Tensor) -> None:
+        self.valid.index_copy_(1, self.cursor, valid)
+        self.next_pos += valid.sum(dim=1)
+        self.cursor += 1
+
+
+def _decode_step(model, context, caches, tokens, valid):
+    """One token per row through the model with static caches: logits (B, vocab)."""
+    return model(tokens, modality=context(key_padding_mask=valid), kv_caches=caches)[:, -1]
+
+
+def compiled_decode_step(device: torch.device):
+    """_decode_step compiled (CUDA graphs on a GPU); shapes are fixed for a run."""
+    from .parallel import COMPILE_BACKEND_ENV
+
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(_decode_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
 
 
 def check_decodable(model: torch.nn.Module) -> None:
@@ -29,11 +90,12 @@ def check_decodable(model: torch.nn.Module) -> None:
 @torch.no_grad()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = 0, seed: int | None = None) -> list[list[int]]:
+             eos_id: int | None = 0, seed: int | None = None,
+             compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return the new
     tokens of each row. A row ends after it emits `eos_id` (kept as its last
     token); None disables stopping. temperature 0 is greedy decoding; `seed`
-    makes sampling reproducible."""
+    makes sampling reproducible. `compile`: a static-shape compiled decode step."""
     check_decodable(model)
     if temperature < 0:
         raise ValueError(f"temperature must not be negative, got {temperature}")
@@ -76,6 +138,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     try:
         caches = model.make_kv_caches(batch, max_seq_len=total)
         logits = model(tokens, modality=context(key_padding_mask=valid), kv_caches=caches)[:, -1]
+        step = lambda *args: _decode_step(model, *args)  # noqa: E731
+        if compile and max_new_tokens > 1:
+            caches = [StaticKVCache(cache, total) for cache in caches]
+            compiled = compiled_decode_step(device)
+            step = lambda *args: compiled(model, *args)  # noqa: E731
         out: list[list[int]] = [[] for _ in prompts]
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_new_tokens):
@@ -90,8 +157,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
                 break
             # finished rows feed padding (masked out) while the others go on
             step_tokens = torch.where(done, torch.full_like(nxt, pad), nxt)[:, None]
-            logits = model(step_tokens, modality=context(key_padding_mask=~done[:, None]),
-                           kv_caches=caches)[:, -1]
+            logits = step(context, caches, step_tokens, ~done[:, None])
     finally:
         model.train(was_training)
     return out
@@ -124,7 +190,7 @@ def load_run_model(run_dir: str, *, decodable: bool = True) -> tuple[torch.nn.Mo
 def generate_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = 0, note_stream=None, token_file: str | None = None,
-                  tokenizer=None, reply_only: bool = False) -> str:
+                  tokenizer=None, reply_only: bool = False, compile: bool = False) -> str:
     """The prompt and its continuation as text (stops at end-of-text); the
     continuation alone with `reply_only`. `tokenizer`: the run's
     (runtime/tokenizer.py); the byte tokenizer by default."""
@@ -149,7 +215,7 @@ def generate_text(model: torch.nn.Module, prompt: str, max_new_tokens: int, *,
                           f"(max_seq_len {model.config.max_seq_len})\n")
     eos_id = tok.stop_id  # None: a tokenizer without end-of-text; generate to the end
     new = generate(model, [ids], min(max_new_tokens, room), temperature=temperature,
-                   top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)[0]
+                   top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, compile=compile)[0]
     if new and new[-1] == eos_id:
         new = new[:-1]
     return tok.decode(new if reply_only else ids + new)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
+from . import parallel
 from .data import IGNORE_INDEX
 from .sinks import MOE_KEY, MetricSinks
 
@@ -265,6 +266,8 @@ class LocalEngine:
         random.seed(s.seed)
         model = task.new_model()
         model.train()
+        if s.compile:
+            parallel.apply_compile(model)
         self.model = model
         self.parts = [model]
         self.optimizers = [make_optimizer(model, s)]

@@ -17,6 +17,8 @@ function applies to what the model holds.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -83,6 +85,36 @@ def build_stage(model: nn.Module, stage_index: int, planmod, plan: str) -> nn.Mo
                 del container[key]
     as_stage = getattr(model, "pipeline_stage", None)
     return as_stage() if as_stage is not None else model
+
+
+# ---- torch.compile -----------------------------------------------------------------------
+
+COMPILE_BACKEND_ENV = "FORGEC_COMPILE_BACKEND"  # default inductor; aot_eager traces only
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each block (every module of the model's `*layers` ModuleDicts)
+    with fullgraph=True, as torchtitan does; after TP, EP and activation
+    checkpointing, before FSDP. The block's `forward` is compiled, not its call,
+    so FSDP's hooks run around the compiled code, and parameter names and
+    state-dict keys stay unchanged. Under expert parallelism the all-to-all stays
+    eager: a block holding ExpertParallel modules has its other parts compiled."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    for fqn, container in model.named_modules():
+        if isinstance(container, nn.ModuleDict) and fqn.rpartition(".")[2].endswith("layers"):
+            for block in container.values():
+                # a checkpoint_wrapper recomputes the block it wraps: compile that block
+                _compile_outside_ep(getattr(block, "_checkpoint_wrapped_module", block), backend)
+    return model
+
+
+def _compile_outside_ep(module: nn.Module, backend: str) -> None:
+    if not any(isinstance(m, ExpertParallel) for m in module.modules()):
+        module.forward = torch.compile(module.forward, fullgraph=True, backend=backend)
+        return
+    for child in module.children():
+        if not isinstance(child, ExpertParallel):
+            _compile_outside_ep(child, backend)
 
 
 # ---- activation checkpointing and FSDP ----------------------------------------------------

@@ -87,6 +87,7 @@ class Settings:
     clip: float = 1.0  # max grad norm; 0 disables clipping
     weight_decay: float = 0.1
     bf16: bool = False
+    compile: bool = False  # torch.compile each block (runtime.parallel.apply_compile)
     data: str | None = None  # token file, tokenized dataset or mixture; None: the stdlib's sources
     data_dtype: str = "uint16"
     # "byte", or a folder with tokenizer.json (default: the spec's NAME.tokenizer/ if it
@@ -101,7 +102,7 @@ class Settings:
 
 
 # May differ between a run and its resumption; everything else must not.
-RESUMABLE = ("steps", "ckpt_every", "eval_every", "keep_last")
+RESUMABLE = ("steps", "ckpt_every", "eval_every", "keep_last", "compile")
 
 
 def resolve_settings(overrides: dict, saved: dict | None) -> Settings:
@@ -302,7 +303,8 @@ def _train(task: TextTask, spec: str, out: str, pkg_dir: str, s: Settings, *, re
     print(f"training {os.path.basename(pkg_dir)} ({engine.parameters_total():,} parameters) on "
           f"{data.source}: steps {start + 1}..{s.steps}, batch {task.describe(s)}"
           f"{f' in {s.grad_accum} micro-batches' if s.grad_accum > 1 else ''}, "
-          f"{'bf16 autocast' if s.bf16 else 'fp32'}, {threads} threads"
+          f"{'bf16 autocast' if s.bf16 else 'fp32'}{', compiled' if s.compile else ''}, "
+          f"{threads} threads"
           + (f", initialised from {source.describe()}" if source is not None else "")
           + task.describe_eval(s, held_out), file=sys.stderr)
     last = run_steps(engine, task, data, s, out=out, start=start, held_out=held_out,

@@ -239,3 +239,16 @@ def test_cli_generate_bad_runs(tmp_path):
     shutil.rmtree(enc / "checkpoints")
     proc = run_forgec("generate", str(enc), "--prompt", "x")
     assert proc.returncode == 1 and proc.stderr == f"forgec: error: {enc} has no checkpoint yet\n"
+
+
+def test_static_compiled_decode_gives_the_eager_greedy_tokens(model):
+    """compile=True: fixed-size caches and one compiled (inductor) decode step, with
+    unequal left-padded prompts and a row that stops at its end-of-text early."""
+    torch._dynamo.reset()
+    prompts = [encode(t) for t in PROMPTS[:3]]
+    free = generate(model, prompts, 24, eos_id=None)
+    eos = next(t for t in free[0][1:20] if t not in free[1] and t not in free[2])
+    want = generate(model, prompts, 24, eos_id=eos)
+    assert len(want[0]) < 24 and len(want[1]) == 24  # row 0 stopped early, row 1 did not
+    assert generate(model, prompts, 24, eos_id=eos, compile=True) == want
+    torch._dynamo.reset()

@@ -319,8 +319,8 @@ class SoftmaxTopK(nn.Module):
 GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
+def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs x (N, in) by w (E, in, out) on this device."""
     # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
     on_cpu = (
         x.device.type == "cpu"
@@ -335,7 +335,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         and x.shape[-1] % 8 == 0
         and w.shape[-1] % 8 == 0
     )
-    if GROUPED_MM and hasattr(torch, "_grouped_mm") and (on_cpu or on_gpu):
+    return hasattr(torch, "_grouped_mm") and (on_cpu or on_gpu)
+
+
+def eager_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as it runs outside torch.compile."""
+    if GROUPED_MM and grouped_mm_fits(x, w):
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
     out, start = [], 0
@@ -343,6 +348,61 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         out.append(x[start : start + n] @ w[e].to(x.dtype))
         start += n
     return torch.cat(out)
+
+
+def register_grouped_mm_op():
+    """`forgec::grouped_mm`: eager_grouped_mm as a custom op, with a shape rule for
+    torch.compile and a backward made of grouped matmuls (the gradients of
+    torch._grouped_mm, bit for bit). Registered once per process."""
+    if hasattr(torch.ops.forgec, "grouped_mm"):  # another generated model did
+        return torch.ops.forgec.grouped_mm
+
+    @torch.library.custom_op("forgec::grouped_mm", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return eager_grouped_mm(x, w, counts)
+
+    @torch.library.custom_op("forgec::grouped_mm_weight_grad", mutates_args=())
+    def weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(E, in, out): x[rows of e]ᵀ @ grad[rows of e] for each expert e."""
+        if GROUPED_MM and grouped_mm_fits(x, grad[None]) and x.shape[0] % 4 == 0:
+            return torch._grouped_mm(x.t(), grad, offs=counts.cumsum(0).to(torch.int32))
+        out, start = [], 0
+        for n in counts.tolist():
+            out.append(x[start : start + n].t() @ grad[start : start + n])
+            start += n
+        return torch.stack(out)
+
+    @op.register_fake
+    def _(x, w, counts):
+        return x.new_empty(x.shape[0], w.shape[-1])
+
+    @weight_grad.register_fake
+    def _(x, grad, counts):
+        return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, w, counts = ctx.saved_tensors
+        grad_x = op(grad, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+        grad_w = weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+GROUPED_MM_OP = register_grouped_mm_op()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
+    if torch.compiler.is_compiling():
+        # torch.compile traces one opaque op (its shape rule holds for every dtype);
+        # torch._grouped_mm's own rule admits only bf16, its CPU kernel also fp32
+        return GROUPED_MM_OP(x, w.to(x.dtype), counts)
+    return eager_grouped_mm(x, w, counts)
 
 
 class GroupedExperts(nn.Module):
@@ -385,13 +445,17 @@ class MoE(nn.Module):
         self.experts_count, self.top_k = experts, top_k
         self.router = router
         self.experts = GroupedExperts(dim, hidden, experts)
-        self.dropped_tokens = 0
+        self.dropped = 0  # slots over capacity in the last forward (a tensor in training)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)
         nn.init.normal_(self.experts.gate_proj, mean=0.0, std=std)
         nn.init.normal_(self.experts.up_proj, mean=0.0, std=std)
         nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
+
+    @property
+    def dropped_tokens(self) -> int:
+        return int(self.dropped)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, dim = x.shape
@@ -741,7 +805,8 @@ class Transformer(nn.Module):
             positions = torch.arange(s, device=device).expand(b, s)
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
-            # what the caches already hold decides the positions: a run-time guard
-            if int(positions.max()) >= limit:
+            # what the caches already hold decides the positions: a run-time guard (a
+            # compiled decode step has checked its positions before it starts)
+            if not torch.compiler.is_compiling() and int(positions.max()) >= limit:
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]

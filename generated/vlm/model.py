@@ -674,8 +674,9 @@ class Transformer(nn.Module):
             positions = torch.arange(s, device=device).expand(b, s)
         if kv_caches is not None:
             positions = positions + kv_caches[0].next_pos[:, None]
-            # what the caches already hold decides the positions: a run-time guard
-            if int(positions.max()) >= limit:
+            # what the caches already hold decides the positions: a run-time guard (a
+            # compiled decode step has checked its positions before it starts)
+            if not torch.compiler.is_compiling() and int(positions.max()) >= limit:
                 raise ValueError(f"position {int(positions.max())} exceeds max_seq_len {limit}")
         return self.rope_cos[positions], self.rope_sin[positions]
 

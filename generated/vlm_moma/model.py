@@ -348,8 +348,8 @@ class MLP2Adapter(nn.Module):
 GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
+def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs x (N, in) by w (E, in, out) on this device."""
     # torch._grouped_mm needs 16-byte aligned rows: 4 fp32 or 8 bf16 values
     on_cpu = (
         x.device.type == "cpu"
@@ -364,7 +364,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         and x.shape[-1] % 8 == 0
         and w.shape[-1] % 8 == 0
     )
-    if GROUPED_MM and hasattr(torch, "_grouped_mm") and (on_cpu or on_gpu):
+    return hasattr(torch, "_grouped_mm") and (on_cpu or on_gpu)
+
+
+def eager_grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as it runs outside torch.compile."""
+    if GROUPED_MM and grouped_mm_fits(x, w):
         offsets = counts.cumsum(0).to(torch.int32)
         return torch._grouped_mm(x, w.to(x.dtype), offs=offsets)
     out, start = [], 0
@@ -372,6 +377,61 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         out.append(x[start : start + n] @ w[e].to(x.dtype))
         start += n
     return torch.cat(out)
+
+
+def register_grouped_mm_op():
+    """`forgec::grouped_mm`: eager_grouped_mm as a custom op, with a shape rule for
+    torch.compile and a backward made of grouped matmuls (the gradients of
+    torch._grouped_mm, bit for bit). Registered once per process."""
+    if hasattr(torch.ops.forgec, "grouped_mm"):  # another generated model did
+        return torch.ops.forgec.grouped_mm
+
+    @torch.library.custom_op("forgec::grouped_mm", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return eager_grouped_mm(x, w, counts)
+
+    @torch.library.custom_op("forgec::grouped_mm_weight_grad", mutates_args=())
+    def weight_grad(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """(E, in, out): x[rows of e]ᵀ @ grad[rows of e] for each expert e."""
+        if GROUPED_MM and grouped_mm_fits(x, grad[None]) and x.shape[0] % 4 == 0:
+            return torch._grouped_mm(x.t(), grad, offs=counts.cumsum(0).to(torch.int32))
+        out, start = [], 0
+        for n in counts.tolist():
+            out.append(x[start : start + n].t() @ grad[start : start + n])
+            start += n
+        return torch.stack(out)
+
+    @op.register_fake
+    def _(x, w, counts):
+        return x.new_empty(x.shape[0], w.shape[-1])
+
+    @weight_grad.register_fake
+    def _(x, grad, counts):
+        return x.new_empty(counts.shape[0], x.shape[1], grad.shape[1])
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, w, counts = ctx.saved_tensors
+        grad_x = op(grad, w.transpose(1, 2), counts) if ctx.needs_input_grad[0] else None
+        grad_w = weight_grad(x, grad, counts) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+GROUPED_MM_OP = register_grouped_mm_op()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times w[e] (E, in, out)."""
+    if torch.compiler.is_compiling():
+        # torch.compile traces one opaque op (its shape rule holds for every dtype);
+        # torch._grouped_mm's own rule admits only bf16, its CPU kernel also fp32
+        return GROUPED_MM_OP(x, w.to(x.dtype), counts)
+    return eager_grouped_mm(x, w, counts)
 
 
 class GroupedExperts(nn.Module):
@@ -450,8 +510,7 @@ class MoMaFFN(nn.Module):
     def forward(self, x: torch.Tensor, modality: dict[str, torch.Tensor]) -> torch.Tensor:
         out = torch.zeros_like(x)
         for name, selected in modality.items():
-            if selected.any():
-                out[selected] = getattr(self, name)(x[selected])
+            out[selected] = getattr(self, name)(x[selected])
         return out
 
 
