@@ -149,14 +149,15 @@ def accumulate(model: torch.nn.Module, task, chunks, *, n_targets: int, n_micro:
                bf16: bool, device: torch.device, moe_stats: MoEStats | None = None,
                grad_scale: int = 1) -> torch.Tensor:
     """Forward and backward of `chunks` (micro-batches of the task's tensors);
-    gradients add up over them. Returns the sum of their micro_batch_loss().
+    gradients add up over them. Returns the sum of their micro_batch_loss()
+    (with the task's summed cross-entropy, `task.loss`).
     `grad_scale` multiplies what backward sees (FSDP averages gradients over
     its dp ranks: each rank's share is scaled up by dp)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in chunks:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, targets = task.forward(model, chunk)
-        loss = micro_batch_loss(model, logits, targets, n_targets, n_micro)
+            cross_entropy = task.loss(model, chunk)
+        loss = cross_entropy / n_targets + router_loss(model) / n_micro
         (loss * grad_scale if grad_scale != 1 else loss).backward()
         total += loss.detach()
         if moe_stats is not None:
@@ -218,6 +219,12 @@ class TextTask:
         """(logits, targets) of one micro-batch."""
         inputs, targets, doc_ids = chunk
         return model(inputs, doc_ids=doc_ids), targets
+
+    def loss(self, model: torch.nn.Module, chunk: tuple) -> torch.Tensor:
+        """The summed cross-entropy of one micro-batch's trained targets: the
+        model's fused head and loss, which never holds the full logits."""
+        inputs, targets, doc_ids = chunk
+        return model(inputs, doc_ids=doc_ids, targets=targets)
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """(the first stage's inputs, every stage's keyword inputs, targets) of a
