@@ -104,12 +104,12 @@ def router_loss(model: torch.nn.Module) -> torch.Tensor:
     return model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
 
 
-def micro_batch_loss(model: torch.nn.Module, logits: torch.Tensor, targets: torch.Tensor,
-                     n_targets: int, n_micro: int) -> torch.Tensor:
-    """One micro-batch's share of the step's loss: its cross-entropy over the
-    step's `n_targets` trained targets, plus its router losses over the step's
-    `n_micro` micro-batches."""
-    return cross_entropy_sum(logits, targets) / n_targets + router_loss(model) / n_micro
+def micro_batch_loss(model: torch.nn.Module, cross_entropy: torch.Tensor, n_targets: int,
+                     n_micro: int) -> torch.Tensor:
+    """One micro-batch's share of the step's loss: its summed cross-entropy
+    (task.loss) over the step's `n_targets` trained targets, plus its router
+    losses over the step's `n_micro` micro-batches."""
+    return cross_entropy / n_targets + router_loss(model) / n_micro
 
 
 def count_targets(targets: torch.Tensor) -> int:
@@ -149,15 +149,14 @@ def accumulate(model: torch.nn.Module, task, chunks, *, n_targets: int, n_micro:
                bf16: bool, device: torch.device, moe_stats: MoEStats | None = None,
                grad_scale: int = 1) -> torch.Tensor:
     """Forward and backward of `chunks` (micro-batches of the task's tensors);
-    gradients add up over them. Returns the sum of their micro_batch_loss()
-    (with the task's summed cross-entropy, `task.loss`).
+    gradients add up over them. Returns the sum of their micro_batch_loss().
     `grad_scale` multiplies what backward sees (FSDP averages gradients over
     its dp ranks: each rank's share is scaled up by dp)."""
     total = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in chunks:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             cross_entropy = task.loss(model, chunk)
-        loss = cross_entropy / n_targets + router_loss(model) / n_micro
+        loss = micro_batch_loss(model, cross_entropy, n_targets, n_micro)
         (loss * grad_scale if grad_scale != 1 else loss).backward()
         total += loss.detach()
         if moe_stats is not None:

@@ -127,19 +127,19 @@ class DocumentMask:
             flex = DocumentMask._compiled_flex if q.is_cuda else flex_attention
             return flex(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
         rows = []
-        for first, end, spans in self.groups:
+        for row, end_row, spans in self.groups:
             parts = []
-            for a, b in spans:
+            for start, end in spans:
                 mask = None
-                if self.window and b - a > self.window:
-                    pos = torch.arange(b - a, device=q.device)
+                if self.window and end - start > self.window:
+                    pos = torch.arange(end - start, device=q.device)
                     mask = pos[:, None] - pos[None, :] < self.window
                     if self.causal:
                         mask = mask & (pos[None, :] <= pos[:, None])
                 out = F.scaled_dot_product_attention(
-                    q[first:end, :, a:b],
-                    k[first:end, :, a:b],
-                    v[first:end, :, a:b],
+                    q[row:end_row, :, start:end],
+                    k[row:end_row, :, start:end],
+                    v[row:end_row, :, start:end],
                     attn_mask=mask,
                     is_causal=self.causal and mask is None,
                     enable_gqa=gqa,
