@@ -29,8 +29,9 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
 NAME = "bench_llama"
 
 
-def make_models_dir(folder: Path) -> Path:
-    """Write the HF checkpoint and the generated package into `folder` (once)."""
+def make_models_dir(folder: Path, config: dict | None = None) -> Path:
+    """Write the HF checkpoint and the generated package into `folder` (once);
+    `config` replaces CONFIG (e.g. another vocabulary)."""
     import torch
     import transformers as hf
 
@@ -41,7 +42,7 @@ def make_models_dir(folder: Path) -> Path:
     ckpt = folder / "hf"
     if not (ckpt / "model.safetensors").exists():
         torch.manual_seed(0)
-        hf.LlamaForCausalLM(hf.LlamaConfig(**CONFIG)).save_pretrained(ckpt)
+        hf.LlamaForCausalLM(hf.LlamaConfig(**(config or CONFIG))).save_pretrained(ckpt)
     spec = folder / f"{NAME}.forge"
     if not spec.exists():
         assert forgec(["import-hf", str(ckpt), "-o", str(spec)]) == 0
