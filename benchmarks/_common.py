@@ -67,16 +67,18 @@ def load_models(folder: Path, which: str, attn: str = "sdpa"):
     return load_hf_checkpoint(module.Transformer(), folder / "hf")
 
 
-def alternate(fns: dict[str, Callable[[], None]], runs: int, warmup: int) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], None]], runs: int, warmup: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Time each function `warmup + runs` times, interleaved (ABAB…, then BABA… so
-    neither always runs first); return the timed runs' seconds per name."""
+    neither always runs first); return the timed runs' seconds per name (by
+    `clock`: wall time, or e.g. time.process_time)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + runs):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if r >= warmup:
                 times[name].append(elapsed)
     return times

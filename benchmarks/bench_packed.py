@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +39,10 @@ def main() -> None:
     p.add_argument("--seqs", default="512,1024,2048,4096,8192",
                    help="sequence lengths, comma-separated")
     p.add_argument("--forward", action="store_true", help="time the forward alone too")
+    p.add_argument("--layers", type=int, default=C.CONFIG["num_hidden_layers"])
+    p.add_argument("--cpu-time", action="store_true",
+                   help="measure the process's CPU time rather than wall time (a shared, "
+                        "oversubscribed machine: waiting for a core is not counted)")
     p.add_argument("--dir", type=Path, help="where to keep the checkpoint and package")
     args = p.parse_args()
     seqs = [int(x) for x in args.seqs.split(",")]
@@ -46,11 +51,13 @@ def main() -> None:
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="forgec-bench-packed-"))
     folder.mkdir(parents=True, exist_ok=True)
-    C.make_models_dir(folder, {**C.CONFIG, "max_position_embeddings": max(seqs)})
+    C.make_models_dir(folder, {**C.CONFIG, "max_position_embeddings": max(seqs),
+                               "num_hidden_layers": args.layers})
     model = C.load_models(folder, "forgec").train()
     print(f"machine: {C.machine()}")
-    print(f"batch {args.batch}, {args.docs} documents of equal length per sequence; "
-          f"median of {args.runs} after {args.warmup} warm-up, interleaved")
+    print(f"{args.layers} layers, batch {args.batch}, {args.docs} documents of equal length per "
+          f"sequence; median of {args.runs} after {args.warmup} warm-up, interleaved; "
+          f"{'CPU' if args.cpu_time else 'wall'} time")
     rows = []
     for seq in seqs:
         torch.manual_seed(1)
@@ -73,7 +80,8 @@ def main() -> None:
         phases = [("forward + backward", train)] + ([("forward", forward)] if args.forward else [])
         for label, make in phases:
             times = C.alternate({"causal": make(None), "doc_ids": make(doc_ids)},
-                                args.runs, args.warmup)
+                                args.runs, args.warmup,
+                                clock=time.process_time if args.cpu_time else time.perf_counter)
             med = {k: C.median(v) for k, v in times.items()}
             ratio = med["doc_ids"] / med["causal"]
             rows.append((seq, label, med, ratio))
