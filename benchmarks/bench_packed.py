@@ -40,6 +40,7 @@ def main() -> None:
                    help="sequence lengths, comma-separated")
     p.add_argument("--forward", action="store_true", help="time the forward alone too")
     p.add_argument("--layers", type=int, default=C.CONFIG["num_hidden_layers"])
+    p.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true",
                    help="measure the process's CPU time rather than wall time (a shared, "
                         "oversubscribed machine: waiting for a core is not counted)")
@@ -49,6 +50,8 @@ def main() -> None:
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = args.dir or Path(tempfile.mkdtemp(prefix="forgec-bench-packed-"))
     folder.mkdir(parents=True, exist_ok=True)
     C.make_models_dir(folder, {**C.CONFIG, "max_position_embeddings": max(seqs),
