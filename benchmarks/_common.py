@@ -29,8 +29,9 @@ CONFIG = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidd
 NAME = "bench_llama"
 
 
-def make_models_dir(folder: Path) -> Path:
-    """Write the HF checkpoint and the generated package into `folder` (once)."""
+def make_models_dir(folder: Path, config: dict | None = None) -> Path:
+    """Write the HF checkpoint and the generated package into `folder` (once);
+    `config` replaces CONFIG (e.g. another vocabulary)."""
     import torch
     import transformers as hf
 
@@ -41,7 +42,7 @@ def make_models_dir(folder: Path) -> Path:
     ckpt = folder / "hf"
     if not (ckpt / "model.safetensors").exists():
         torch.manual_seed(0)
-        hf.LlamaForCausalLM(hf.LlamaConfig(**CONFIG)).save_pretrained(ckpt)
+        hf.LlamaForCausalLM(hf.LlamaConfig(**(config or CONFIG))).save_pretrained(ckpt)
     spec = folder / f"{NAME}.forge"
     if not spec.exists():
         assert forgec(["import-hf", str(ckpt), "-o", str(spec)]) == 0
@@ -66,16 +67,18 @@ def load_models(folder: Path, which: str, attn: str = "sdpa"):
     return load_hf_checkpoint(module.Transformer(), folder / "hf")
 
 
-def alternate(fns: dict[str, Callable[[], None]], runs: int, warmup: int) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], None]], runs: int, warmup: int,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Time each function `warmup + runs` times, interleaved (ABAB…, then BABA… so
-    neither always runs first); return the timed runs' seconds per name."""
+    neither always runs first); return the timed runs' seconds per name (by
+    `clock`: wall time, or e.g. time.process_time)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(warmup + runs):
         for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
+            start = clock()
             fns[name]()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if r >= warmup:
                 times[name].append(elapsed)
     return times

@@ -105,12 +105,12 @@ def router_loss(model: torch.nn.Module) -> torch.Tensor:
     return model.get_moe_aux_loss().float() + model.get_moe_router_z_loss().float()
 
 
-def micro_batch_loss(model: torch.nn.Module, logits: torch.Tensor, targets: torch.Tensor,
-                     n_targets: int, n_micro: int) -> torch.Tensor:
-    """One micro-batch's share of the step's loss: its cross-entropy over the
-    step's `n_targets` trained targets, plus its router losses over the step's
-    `n_micro` micro-batches."""
-    return cross_entropy_sum(logits, targets) / n_targets + router_loss(model) / n_micro
+def micro_batch_loss(model: torch.nn.Module, cross_entropy: torch.Tensor, n_targets: int,
+                     n_micro: int) -> torch.Tensor:
+    """One micro-batch's share of the step's loss: its summed cross-entropy
+    (task.loss) over the step's `n_targets` trained targets, plus its router
+    losses over the step's `n_micro` micro-batches."""
+    return cross_entropy / n_targets + router_loss(model) / n_micro
 
 
 def count_targets(targets: torch.Tensor) -> int:
@@ -156,8 +156,8 @@ def accumulate(model: torch.nn.Module, task, chunks, *, n_targets: int, n_micro:
     total = torch.zeros((), dtype=torch.float32, device=device)
     for chunk in chunks:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, targets = task.forward(model, chunk)
-        loss = micro_batch_loss(model, logits, targets, n_targets, n_micro)
+            cross_entropy = task.loss(model, chunk)
+        loss = micro_batch_loss(model, cross_entropy, n_targets, n_micro)
         (loss * grad_scale if grad_scale != 1 else loss).backward()
         total += loss.detach()
         if moe_stats is not None:
@@ -219,6 +219,12 @@ class TextTask:
         """(logits, targets) of one micro-batch."""
         inputs, targets, doc_ids = chunk
         return model(inputs, doc_ids=doc_ids), targets
+
+    def loss(self, model: torch.nn.Module, chunk: tuple) -> torch.Tensor:
+        """The summed cross-entropy of one micro-batch's trained targets: the
+        model's fused head and loss, which never holds the full logits."""
+        inputs, targets, doc_ids = chunk
+        return model(inputs, doc_ids=doc_ids, targets=targets)
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """(the first stage's inputs, every stage's keyword inputs, targets) of a

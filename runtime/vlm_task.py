@@ -33,7 +33,7 @@ import torch
 from compiler.errors import UsageError
 
 from .data import IGNORE_INDEX
-from .loop import MoEStats, TextTask, accumulate_batch, read_metrics
+from .loop import MoEStats, TextTask, accumulate_batch, cross_entropy_sum, read_metrics
 from .vision_data import TEXT_LEN, CaptionBatch, CaptionData, eval_set
 
 EVAL_IMAGES = 128
@@ -71,6 +71,10 @@ class CaptionTask(TextTask):
     def forward(self, model: torch.nn.Module, chunk: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, inputs, targets = chunk
         return model(pixels, inputs), targets
+
+    def loss(self, model: torch.nn.Module, chunk: tuple) -> torch.Tensor:
+        """The summed cross-entropy of one micro-batch's trained targets."""
+        return cross_entropy_sum(*self.forward(model, chunk))
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """The images go to the first stage (plan.VLMStage), the text to every stage."""

@@ -96,10 +96,16 @@ def attention_masks(
 
     One mask per kind of attention in the model; None where SDPA's own causal
     path is exact (no cache offset, no padding, no documents). `doc_ids`
-    confines attention to a token's own document of a packed sequence.
+    confines attention to a token's own document of a packed sequence: in
+    training (no cache, no padding) a DocumentMask does so without a boolean mask.
     """
     if start == 0 and key_valid is None and doc_ids is None:
         return {"causal": None}  # SDPA's own causal path is exact here
+    if start == 0 and key_valid is None and doc_ids is not None:
+        # packed documents in training: attention within each, and no (B, 1, S, S) mask
+        return {
+            "causal": DocumentMask(doc_ids),
+        }
     q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
     k_pos = torch.arange(start + seq_len, device=device)[None, :]
     allowed = torch.ones(batch, 1, seq_len, start + seq_len, dtype=torch.bool, device=device)
@@ -210,6 +216,95 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)
 
 
+class DocumentMask:
+    """Attention confined to each document of a packed batch, in training (no KV
+    cache, no padding): what a (B, 1, S, S) boolean mask of `doc_ids` would say,
+    without building one or computing the scores it masks out.
+
+    doc_ids (B, S) number the documents of each row; a document's tokens are
+    contiguous. Within a document attention is causal (or not: `causal`), and
+    reaches at most `window` keys back when `window` > 0. On a GPU (`flex`) the
+    mask is a FlexAttention BlockMask: blocks outside every document are skipped.
+    Elsewhere each document's span runs through SDPA on its own (rows that cut
+    their documents at the same places share the calls).
+    """
+
+    _compiled_flex = None  # torch.compile(flex_attention), made on first use
+
+    def __init__(
+        self,
+        doc_ids: torch.Tensor,
+        causal: bool = True,
+        window: int = 0,
+        flex: bool | None = None,
+    ) -> None:
+        self.causal, self.window = causal, window
+        b, s = doc_ids.shape
+        self.block_mask = None
+        if doc_ids.is_cuda if flex is None else flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document(batch, head, q, k):
+                keep = doc_ids[batch, q] == doc_ids[batch, k]
+                if causal:
+                    keep = keep & (k <= q)
+                if window:
+                    keep = keep & (q - k < window)
+                return keep
+
+            self.block_mask = create_block_mask(same_document, b, None, s, s, device=doc_ids.device)
+            return
+        # (first row, end row, spans): consecutive rows with the same documents
+        self.groups: list[tuple[int, int, list[tuple[int, int]]]] = []
+        if doc_ids.is_meta:  # shapes only (a meta forward): one document per row will do
+            self.groups.append((0, b, [(0, s)]))
+            return
+        first = torch.ones_like(doc_ids, dtype=torch.bool)
+        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        rows, starts = first.nonzero(as_tuple=True)
+        cuts: list[list[int]] = [[] for _ in range(b)]
+        for row, start in zip(rows.tolist(), starts.tolist(), strict=True):
+            cuts[row].append(start)
+        for row, starts_of_row in enumerate(cuts):
+            spans = list(zip(starts_of_row, [*starts_of_row[1:], s], strict=True))
+            if self.groups and self.groups[-1][2] == spans:
+                self.groups[-1] = (self.groups[-1][0], row + 1, spans)
+            else:
+                self.groups.append((row, row + 1, spans))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of (B, heads, S, hd) queries, keys and values within documents."""
+        gqa = q.shape[1] != k.shape[1]
+        if self.block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if q.is_cuda and DocumentMask._compiled_flex is None:
+                DocumentMask._compiled_flex = torch.compile(flex_attention)
+            flex = DocumentMask._compiled_flex if q.is_cuda else flex_attention
+            return flex(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
+        rows = []
+        for row, end_row, spans in self.groups:
+            parts = []
+            for start, end in spans:
+                mask = None
+                if self.window and end - start > self.window:
+                    pos = torch.arange(end - start, device=q.device)
+                    mask = pos[:, None] - pos[None, :] < self.window
+                    if self.causal:
+                        mask = mask & (pos[None, :] <= pos[:, None])
+                out = F.scaled_dot_product_attention(
+                    q[row:end_row, :, start:end],
+                    k[row:end_row, :, start:end],
+                    v[row:end_row, :, start:end],
+                    attn_mask=mask,
+                    is_causal=self.causal and mask is None,
+                    enable_gqa=gqa,
+                )
+                parts.append(out)
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, S, H, hd) by (B or 1, S, rotary_dim) tables, in fp32."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -257,7 +352,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope_cos: torch.Tensor | None,
         rope_sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentMask | None,
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -269,14 +364,17 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=self.causal and mask is None,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # (B, H, S, hd)
+        if isinstance(mask, DocumentMask):  # packed documents, in training
+            out = mask.attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=self.causal and mask is None,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -299,6 +397,91 @@ class GeluMLP(nn.Module):
         return self.down_proj(F.gelu(self.up_proj(x)))
 
 
+# The fused head + cross-entropy works on this many logits at a time: 2**25 fp32
+# values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
+LOSS_CHUNK_LOGITS = 1 << 25
+
+
+# The target of a position that is not trained on (cross-entropy's ignore_index).
+IGNORE_INDEX = -100
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the logits `x @ weight.T + bias` against `targets`, summed
+    over the targets that are not `IGNORE_INDEX`, one chunk of `chunk` rows at a
+    time: the (N, vocab) logits never exist at once.
+
+    While a chunk's fp32 logits are at hand the forward also turns them into
+    their gradient (softmax minus one-hot) and keeps only what that gives x,
+    weight and bias; the backward scales those by the incoming gradient. So the
+    peak is one chunk's logits, not N × vocab. The matmuls run in the autocast
+    dtype when autocast is on (as nn.Linear would), the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        needs_grad = any(ctx.needs_input_grad[:3])
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+            grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            for start in range(0, x.shape[0], chunk):
+                x_c = x[start : start + chunk].to(dtype)
+                t = targets[start : start + chunk]
+                trained = t != IGNORE_INDEX
+                t = torch.where(trained, t, 0)
+                logits = F.linear(x_c, w, b).float()  # (chunk, vocab)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                loss += torch.where(trained, lse - picked, 0.0).sum()
+                if not needs_grad:
+                    continue
+                # d loss / d logits = softmax - one-hot, zero on ignored rows
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, t[:, None], -torch.ones_like(grad[:, :1]))
+                grad = grad.mul_(trained[:, None]).to(dtype)
+                if grad_x is not None:
+                    grad_x[start : start + chunk] = (grad @ w).to(x.dtype)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(grad.T, x_c)
+                else:
+                    grad_w += grad.T @ x_c
+                if grad_b is not None:
+                    grad_b += grad.sum(dim=0)
+        ctx.has_bias = bias is not None
+        if needs_grad:
+            saved = [g for g in (grad_x, grad_w.to(weight.dtype), grad_b) if g is not None]
+            ctx.save_for_backward(*saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        # scaled in place: each is a gradient of this forward alone
+        grad_x = saved.pop(0).mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_w = saved.pop(0).mul_(grad_loss)
+        grad_b = saved.pop(0).mul_(grad_loss) if ctx.has_bias else None
+        return (
+            grad_x,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+        )
+
+
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
@@ -311,8 +494,19 @@ class OutputHead(nn.Module):
         if self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
+        over the targets that are not IGNORE_INDEX, without materialising them."""
+        if targets is None:
+            return self.proj(x)
+        if targets.shape != x.shape[:-1]:
+            raise ValueError(
+                f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
+            )
+        chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
+        return LinearCrossEntropy.apply(
+            x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
+        )
 
 
 class TransformerBlock(nn.Module):
@@ -463,9 +657,16 @@ class Transformer(nn.Module):
         modality: ModalityContext | None = None,
         kv_caches: list | None = None,
         doc_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, S) → logits (B, S, 256); a pipeline stage without the
-        embedding takes hidden states (B, S, 64) in `tokens` instead."""
+        embedding takes hidden states (B, S, 64) in `tokens` instead.
+
+        Training: given `targets` (B, S), the token each position predicts
+        (IGNORE_INDEX where none is trained), the result is instead their fp32
+        cross-entropy summed over the trained targets, computed chunk by chunk
+        with the head, so the full logits are never materialised.
+        """
         embeds = padding = out_slice = None
         if modality is not None:
             modality.validate(tokens, kv_caches)
@@ -473,6 +674,8 @@ class Transformer(nn.Module):
             out_slice = modality.output_slice
         if tokens is None and embeds is None:
             raise ValueError("pass tokens or modality.inputs_embeds")
+        if targets is not None and self.output_head is None:
+            raise ValueError("targets need the output head (the last pipeline stage)")
         if kv_caches is not None:
             if doc_ids is not None:
                 raise ValueError("kv_caches cannot be combined with doc_ids (packed input)")
@@ -508,6 +711,8 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if out_slice is not None:
             h = h[:, out_slice]
+        if targets is not None:
+            return self.output_head(h, targets)  # the summed cross-entropy
         if self.output_head is not None:
             h = self.output_head(h)  # (B, S, 256)
         return h

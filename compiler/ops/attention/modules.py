@@ -60,6 +60,95 @@ class KVCache:
         self.next_pos += valid.sum(dim=1)
 
 
+class DocumentMask:
+    """Attention confined to each document of a packed batch, in training (no KV
+    cache, no padding): what a (B, 1, S, S) boolean mask of `doc_ids` would say,
+    without building one or computing the scores it masks out.
+
+    doc_ids (B, S) number the documents of each row; a document's tokens are
+    contiguous. Within a document attention is causal (or not: `causal`), and
+    reaches at most `window` keys back when `window` > 0. On a GPU (`flex`) the
+    mask is a FlexAttention BlockMask: blocks outside every document are skipped.
+    Elsewhere each document's span runs through SDPA on its own (rows that cut
+    their documents at the same places share the calls).
+    """
+
+    _compiled_flex = None  # torch.compile(flex_attention), made on first use
+
+    def __init__(
+        self,
+        doc_ids: torch.Tensor,
+        causal: bool = True,
+        window: int = 0,
+        flex: bool | None = None,
+    ) -> None:
+        self.causal, self.window = causal, window
+        b, s = doc_ids.shape
+        self.block_mask = None
+        if doc_ids.is_cuda if flex is None else flex:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_document(batch, head, q, k):
+                keep = doc_ids[batch, q] == doc_ids[batch, k]
+                if causal:
+                    keep = keep & (k <= q)
+                if window:
+                    keep = keep & (q - k < window)
+                return keep
+
+            self.block_mask = create_block_mask(same_document, b, None, s, s, device=doc_ids.device)
+            return
+        # (first row, end row, spans): consecutive rows with the same documents
+        self.groups: list[tuple[int, int, list[tuple[int, int]]]] = []
+        if doc_ids.is_meta:  # shapes only (a meta forward): one document per row will do
+            self.groups.append((0, b, [(0, s)]))
+            return
+        first = torch.ones_like(doc_ids, dtype=torch.bool)
+        first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        rows, starts = first.nonzero(as_tuple=True)
+        cuts: list[list[int]] = [[] for _ in range(b)]
+        for row, start in zip(rows.tolist(), starts.tolist(), strict=True):
+            cuts[row].append(start)
+        for row, starts_of_row in enumerate(cuts):
+            spans = list(zip(starts_of_row, [*starts_of_row[1:], s], strict=True))
+            if self.groups and self.groups[-1][2] == spans:
+                self.groups[-1] = (self.groups[-1][0], row + 1, spans)
+            else:
+                self.groups.append((row, row + 1, spans))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """SDPA of (B, heads, S, hd) queries, keys and values within documents."""
+        gqa = q.shape[1] != k.shape[1]
+        if self.block_mask is not None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if q.is_cuda and DocumentMask._compiled_flex is None:
+                DocumentMask._compiled_flex = torch.compile(flex_attention)
+            flex = DocumentMask._compiled_flex if q.is_cuda else flex_attention
+            return flex(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
+        rows = []
+        for row, end_row, spans in self.groups:
+            parts = []
+            for start, end in spans:
+                mask = None
+                if self.window and end - start > self.window:
+                    pos = torch.arange(end - start, device=q.device)
+                    mask = pos[:, None] - pos[None, :] < self.window
+                    if self.causal:
+                        mask = mask & (pos[None, :] <= pos[:, None])
+                out = F.scaled_dot_product_attention(
+                    q[row:end_row, :, start:end],
+                    k[row:end_row, :, start:end],
+                    v[row:end_row, :, start:end],
+                    attn_mask=mask,
+                    is_causal=self.causal and mask is None,
+                    enable_gqa=gqa,
+                )
+                parts.append(out)
+            rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads."""
 
@@ -112,7 +201,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope_cos: torch.Tensor | None,
         rope_sin: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | DocumentMask | None,
         kv_cache: KVCache | None = None,  # if KV_CACHE
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -127,12 +216,15 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=self.causal and mask is None,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # (B, H, S, hd)
+        if isinstance(mask, DocumentMask):  # packed documents, in training
+            out = mask.attend(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=self.causal and mask is None,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# The target of a position that is not trained on (cross-entropy's ignore_index).
+IGNORE_INDEX = -100
+# The fused head + cross-entropy works on this many logits at a time: 2**25 fp32
+# values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
+LOSS_CHUNK_LOGITS = 1 << 25
 
 
 class TokenEmbedding(nn.Module):
@@ -20,6 +27,82 @@ class TokenEmbedding(nn.Module):
         return self.embedding(tokens)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the logits `x @ weight.T + bias` against `targets`, summed
+    over the targets that are not `IGNORE_INDEX`, one chunk of `chunk` rows at a
+    time: the (N, vocab) logits never exist at once.
+
+    While a chunk's fp32 logits are at hand the forward also turns them into
+    their gradient (softmax minus one-hot) and keeps only what that gives x,
+    weight and bias; the backward scales those by the incoming gradient. So the
+    peak is one chunk's logits, not N × vocab. The matmuls run in the autocast
+    dtype when autocast is on (as nn.Linear would), the softmax in fp32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        needs_grad = any(ctx.needs_input_grad[:3])
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+            grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            for start in range(0, x.shape[0], chunk):
+                x_c = x[start : start + chunk].to(dtype)
+                t = targets[start : start + chunk]
+                trained = t != IGNORE_INDEX
+                t = torch.where(trained, t, 0)
+                logits = F.linear(x_c, w, b).float()  # (chunk, vocab)
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, t[:, None]).squeeze(1)
+                loss += torch.where(trained, lse - picked, 0.0).sum()
+                if not needs_grad:
+                    continue
+                # d loss / d logits = softmax - one-hot, zero on ignored rows
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, t[:, None], -torch.ones_like(grad[:, :1]))
+                grad = grad.mul_(trained[:, None]).to(dtype)
+                if grad_x is not None:
+                    grad_x[start : start + chunk] = (grad @ w).to(x.dtype)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(grad.T, x_c)
+                else:
+                    grad_w += grad.T @ x_c
+                if grad_b is not None:
+                    grad_b += grad.sum(dim=0)
+        ctx.has_bias = bias is not None
+        if needs_grad:
+            saved = [g for g in (grad_x, grad_w.to(weight.dtype), grad_b) if g is not None]
+            ctx.save_for_backward(*saved)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        # scaled in place: each is a gradient of this forward alone
+        grad_x = saved.pop(0).mul_(grad_loss) if ctx.needs_input_grad[0] else None
+        grad_w = saved.pop(0).mul_(grad_loss)
+        grad_b = saved.pop(0).mul_(grad_loss) if ctx.has_bias else None
+        return (
+            grad_x,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+        )
+
+
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
@@ -32,5 +115,16 @@ class OutputHead(nn.Module):
         if self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
+        over the targets that are not IGNORE_INDEX, without materialising them."""
+        if targets is None:
+            return self.proj(x)
+        if targets.shape != x.shape[:-1]:
+            raise ValueError(
+                f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
+            )
+        chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
+        return LinearCrossEntropy.apply(
+            x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
+        )

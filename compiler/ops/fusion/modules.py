@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention.modules import KVCache
+from ..attention.modules import DocumentMask, KVCache
 from ..mlp.modules import SwiGLU
 from ..moe.modules import GroupedExperts
 from ..norm.modules import RMSNorm
@@ -97,7 +97,7 @@ def mot_attention(
     x: torch.Tensor,
     rope_cos: torch.Tensor | None,
     rope_sin: torch.Tensor | None,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | DocumentMask | None,
     kv_cache: KVCache | None,  # if KV_CACHE
     modality: dict[str, torch.Tensor],
 ) -> torch.Tensor:
@@ -117,9 +117,12 @@ def mot_attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
     if KV_CACHE and kv_cache is not None:
         k, v = kv_cache.update(k, v)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
-    )
+    if isinstance(mask, DocumentMask):  # packed documents, in training
+        out = mask.attend(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1]
+        )
     out = out.transpose(1, 2).reshape(b, s, -1)
     return route(parts, out, modality, "o_proj")
 
