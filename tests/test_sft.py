@@ -281,7 +281,7 @@ def test_an_example_packed_after_another_has_its_loss_alone(tmp_path):
 def test_prompt_positions_get_no_loss(tmp_path):
     """Perturbing the logits (or the target) of a prompt position leaves the loss and
     its gradient as they were; a response position's does not."""
-    from runtime.loop import micro_batch_loss
+    from runtime.loop import cross_entropy_sum, micro_batch_loss
 
     data = load_training_data(str(pairs_dataset(tmp_path, PAIRS)), "uint16", 256, 48, 0,
                               tok=Bytes())
@@ -292,9 +292,13 @@ def test_prompt_positions_get_no_loss(tmp_path):
     n = int((batch.targets != IGNORE_INDEX).sum())
 
     def loss(lg, tg):
-        return float(micro_batch_loss(model, lg, tg, n, 1))
+        return float(micro_batch_loss(model, cross_entropy_sum(lg, tg), n, 1))
 
     base = loss(logits, batch.targets)
+    # the training step's fused head + cross-entropy skips the same positions
+    with torch.no_grad():
+        fused = model(batch.inputs, doc_ids=batch.doc_ids, targets=batch.targets)
+    assert abs(float(fused) / n - base) < 1e-5
     inputs, docs = batch.inputs[0], batch.doc_ids[0]
     trained = (batch.targets[0] != IGNORE_INDEX).nonzero().flatten().tolist()
     prompt = [j for j in range(1, trained[0]) if docs[j] == docs[0]]
