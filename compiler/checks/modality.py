@@ -14,14 +14,12 @@ from __future__ import annotations
 import networkx as nx
 
 from ..diagnostics import Diagnostics
-from ..lower import ADAPTER, PREFIXED, TEXT_PREFIX, VISION_PREFIX, producer
-
-ROUTED = ("mot", "moma")  # components chosen per token by its modality
+from ..lower import ADAPTER, TEXT_PREFIX, VISION_PREFIX, producer
 
 
 def _position_limit(text) -> int | None:
-    rope = next((c for c in text.all_components() if c.op.name == "rope"), None)
-    return rope.args["max_seq_len"] if rope is not None else text.params.get("max_seq_len")
+    rotary = next((c for c in text.all_components() if "positions" in c.op.slots), None)
+    return rotary.args["max_seq_len"] if rotary is not None else text.params.get("max_seq_len")
 
 
 def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
@@ -36,42 +34,16 @@ def run(graph: nx.MultiDiGraph, diags: Diagnostics) -> None:
     if a["out_dim"] != tdim:
         diags.error("E131", f"the adapter gives width {a['out_dim']} but '{text.name}' "
                     f"takes {tdim}", spans.get("out_dim", where), hint=f"use {text.name}.dim")
-    if adapter["op"] in ("avgpool", "attention_pool"):
+    pool_window = vlm.adapter.op.pool_window
+    if pool_window:
         patch = graph.nodes[f"{VISION_PREFIX}.patch_embedding"]["args"]
-        grid, window = patch["image_size"] // patch["patch"], a["window"]
+        grid, window = patch["image_size"] // patch["patch"], a[pool_window]
         if patch["cls_token"]:
             diags.error("E134", "pooling adapters need the patch grid alone; the encoder adds "
-                        "a CLS token", spans.get("window", where))
+                        "a CLS token", spans.get(pool_window, where))
         elif grid % window:
             diags.error("E134", f"pooling window {window} does not divide the {grid}×{grid} "
-                        "patch grid", spans.get("window", where))
-    tokens = adapter["shape"][1]
-    fusion = vlm.fusion
-    f, fspans = fusion.args, fusion.arg_spans
-    if fusion.op.name in ROUTED:
-        names = f["modalities"]
-        bad = [m for m in names if not m.isidentifier()]
-        span = fspans.get("modalities", fusion.span)
-        if bad:
-            diags.error("E136", f"modality name {bad[0]!r} is not an identifier", span)
-        elif len(set(names)) != len(names) or len(names) < 2:
-            diags.error("E136", "modalities are two or more distinct names", span)
-        elif not {"image", "text"} <= set(names):
-            missing = sorted({"image", "text"} - set(names))
-            diags.error("E136", f"the modalities must name this vlm's inputs: "
-                        f"{', '.join(repr(m) for m in missing)} missing", span,
-                        hint='image tokens come from the vision encoder, text from the tokens: '
-                        '["image", "text"]')
-    if fusion.op.name in PREFIXED:
-        limit = _position_limit(text)
-        if limit is not None and tokens + f["max_text"] > limit:
-            diags.error("E132", f"{tokens} image tokens + max_text {f['max_text']} exceed the "
-                        f"decoder's max_seq_len {limit}", fspans.get("max_text", fusion.span),
-                        hint=f"max_text ≤ {limit - tokens}")
-    elif fusion.op.name == "cross_attention":
-        if f["dim"] % f["heads"]:
-            diags.error("E133", f"cross-attention heads {f['heads']} do not divide the text "
-                        f"width {f['dim']}", fspans.get("heads", fusion.span))
-        if f["every"] > f["n_layers"]:
-            diags.error("E133", f"a block every {f['every']} layers never fires in "
-                        f"{f['n_layers']} layers", fspans.get("every", fusion.span))
+                        "patch grid", spans.get(pool_window, where))
+    # the fusion's own rules: its modalities (E136), the decoder's positions (E132), its
+    # blocks (E133)
+    vlm.fusion.op.fusion.check(vlm.fusion, adapter["shape"][1], _position_limit(text), diags)

@@ -76,7 +76,7 @@ OPS = (
         weights=lambda a: {"fc1.weight": (a["hidden"], a["in_dim"]), "fc1.bias": (a["hidden"],),
                            "fc2.weight": (a["out_dim"], a["hidden"]), "fc2.bias": (a["out_dim"],)},
         flops=lambda a, s: 2 * a["hidden"] * (a["in_dim"] + a["out_dim"]),
-        class_name="MLP2Adapter", init_args="std",
+        class_name="MLP2Adapter", init_args="std", slots=("adapter",),
         ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "hidden": a["hidden"]},
     ),
     OpDef(
@@ -91,7 +91,7 @@ OPS = (
         output=lambda a: hidden(a["out_dim"]),
         weights=lambda a: {"proj.weight": (a["out_dim"], a["in_dim"]), "proj.bias": (a["out_dim"],)},
         flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
-        class_name="AvgPoolAdapter", init_args="std",
+        class_name="AvgPoolAdapter", init_args="std", slots=("adapter",), pool_window="window",
         ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "window": a["window"]},
     ),
     OpDef(
@@ -112,7 +112,8 @@ OPS = (
                            "proj.weight": (a["out_dim"], a["in_dim"]),
                            "proj.bias": (a["out_dim"],)},
         flops=lambda a, s: 2 * a["in_dim"] * (4 * a["in_dim"] + a["out_dim"]),
-        class_name="AttentionPoolAdapter", init_args="std",
+        class_name="AttentionPoolAdapter", init_args="std", slots=("adapter",),
+        pool_window="window",
         ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"],
                            "window": a["window"], "heads": a["heads"]},
     ),
