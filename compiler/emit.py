@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import jinja2
@@ -120,6 +121,9 @@ class ConfigView:
                        and not k.startswith("_")}
         self.computed: dict[str, tuple[object, tuple[str, ...]]] = {}
         self.read: set[str] = set()
+        # other sections whose parameters a `SECTION.PARAM` reference reads (a VLM's
+        # adapter reads its text model's and vision encoder's): name → (view, prefix)
+        self.others: dict[str, tuple[ConfigView, str]] = {}
 
     def field(self, name: str, prefix: str) -> Code:
         self.read.add(name)
@@ -130,6 +134,10 @@ class ConfigView:
         if isinstance(e, ast.Ref) and len(e.parts) == 1 and e.parts[0] in self.params \
                 and self.params[e.parts[0]] == value:
             return self.field(e.parts[0], prefix)
+        if isinstance(e, ast.Ref) and len(e.parts) == 2 and e.parts[0] in self.others:
+            view, other_prefix = self.others[e.parts[0]]
+            if view.params.get(e.parts[1]) == value:
+                return view.field(e.parts[1], other_prefix)
         if isinstance(e, ast.Int | ast.Float) and not isinstance(e.value, bool):
             return Code(pyrepr(e.value))
         if isinstance(e, ast.BinOp) and e.op in ("+", "-", "*", "/", "//"):
@@ -512,6 +520,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     n_layers = len(model.layers)
     max_seq_len = _max_seq_len(model, rope_comp)
     cfg = ConfigView(model)  # the text model's sizes, read from ModelConfig
+    vcfg = ConfigView(vision) if vision is not None else None  # the encoder's: VisionConfig
 
     # blocks in use, in order of first use
     layer_kinds = list(dict.fromkeys(s.block for s in model.layers))
@@ -582,7 +591,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
                 comps.append({"name": cname, "ctor": "\n".join(lines).lstrip(),
                               "init_args": vlm.fusion.op.init_args, "copies": False})
                 continue
-            func, kwargs = _ctor(x, features, None if in_vision else cfg, "config", kind)
+            func, kwargs = _ctor(x, features, vcfg if in_vision else cfg, "config", kind)
             if block_fusion is not None and copies:  # one copy per modality
                 lines = _mot_ctor(cname, func, kwargs)
             else:
@@ -667,7 +676,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         rope_tables_call = "\n".join(call_lines(
             "self.rope_cos, self.rope_sin = ", "rope_tables",
             [rope_limit, "param.device", "self.config"], 8))
-    vlm_context = _vlm_context(vlm, vision, features, model, cfg) if vlm else None
+    vlm_context = _vlm_context(vlm, vision, features, model, cfg, vcfg) if vlm else None
     cfg.read |= {"init_std", "n_layers"} | ({"max_seq_len"} if kv_cache else set())
     # the layer count decides the layers' block classes and the inserted blocks' places
     fixed_layers = not single or bool(inserted_stacks)
@@ -675,7 +684,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     config_fields += [{"name": k, "type": "int", "value": pyrepr(v)}
                       for k, (v, _) in cfg.computed.items()]
     fixed = sorted({f["name"] for f in config_fields} - cfg.read
-                   | ({"n_layers"} if fixed_layers else set()))
+                   | ({"n_layers"} if fixed_layers else set())
+                   | (vlm_context["text_fixed"] if vlm_context else set()))
     context = {
         "header": header, "name": model.name, "spec": spec, "n_layers": n_layers,
         "params_total": c.params_total, "dim": dim, "vocab": vocab, "max_seq_len": max_seq_len,
@@ -737,34 +747,78 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
 
 
 def _vlm_context(vlm, vision: Model, features: frozenset[str], text_model: Model,
-                 cfg: ConfigView) -> dict:
+                 cfg: ConfigView, vcfg: ConfigView) -> dict:
     patch = vision.components["patch_embedding"]
     vnorm = vision.components["norm"]
     kinds = [s.block for s in vision.layers]
     classes = {k: f"Vision{_camel(k)}Block" for k in kinds}
     if len(set(kinds)) == 1:
-        layers_ctor = f"{{str(i): {classes[kinds[0]]}(i) for i in range({len(kinds)})}}"
+        table = f"{{str(i): {classes[kinds[0]]}(config, i) for i in range(config.n_layers)}}"
+        vcfg.read.add("n_layers")
     else:
-        layers_ctor = "{" + ", ".join(f'"{i}": {classes[k]}({i})' for i, k in enumerate(kinds)) + "}"
-    func, kwargs = _ctor(patch, features)
+        table = "{" + ", ".join(f'"{i}": {classes[k]}(config, {i})'
+                                for i, k in enumerate(kinds)) + "}"
+    layers_ctor = f"self.layers = nn.ModuleDict({table})"
+    if len(layers_ctor) + 8 > LINE:
+        layers_ctor = f"self.layers = nn.ModuleDict(\n            {table}\n        )"
+    func, kwargs = _ctor(patch, features, vcfg, "config", "vision")
     patch_ctor = "\n".join(call_lines("self.patch_embedding = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vnorm, features)
+    func, kwargs = _ctor(vnorm, features, vcfg, "config", "vision")
     norm_ctor = "\n".join(call_lines("self.norm = ", func, kwargs, 8)).lstrip()
-    func, kwargs = _ctor(vlm.adapter, features)
+    # the adapter reads `TEXT.PARAM` from ModelConfig, `VISION.PARAM` from VisionConfig
+    cfg.others = {vlm.text: (cfg, "config"), vlm.vision: (vcfg, "vision_config")}
+    func, kwargs = _ctor(vlm.adapter, features, cfg, "config", "adapter")
+    cfg.others = {}
+    window = vlm.adapter.op.pool_window  # decides IMAGE_TOKENS too
+    window_code = dict(kwargs).get(window) if window else None
     adapter_ctor = "\n".join(call_lines("self.adapter = ", func, kwargs, 12)).lstrip()
     depth = vision.params.get("init_depth_scaled", True)
+    # the image tokens are compiled into the decoder (IMAGE_TOKENS): what decides them is fixed
+    image = {k: vcfg.arg(patch, k, "config", "vision") for k in ("channels", "image_size", "patch")}
+    image_fields = {name for code in image.values() if code
+                    for name in re.findall(r"config\.(\w+)", code)}
+
+    def on_class(key: str):  # a class attribute of VLM: the VisionConfig default
+        code = image[key]
+        return code.replace("config.", "VisionConfig.") if code and " " not in code \
+            else patch.args[key]
+
     out = {
+        "text_fixed": set(re.findall(r"config\.(\w+)", window_code))
+        if isinstance(window_code, Code) else set(),
         "name": vlm.name, "vision_name": vision.name, "image_tokens": vlm.image_tokens,
         "channels": patch.args["channels"], "image_size": patch.args["image_size"],
+        "channels_attr": on_class("channels"), "image_size_attr": on_class("image_size"),
         "patch_tokens": patch_tokens(patch.args), "vision_dim": vnorm.args["dim"],
         "vision_layers": len(kinds), "vision_layers_ctor": layers_ctor,
         "patch_ctor": patch_ctor, "vision_norm_ctor": norm_ctor, "adapter_ctor": adapter_ctor,
         "adapter_init": vlm.adapter.op.init_args.replace("out_std", "std"),
-        "vision_out_std": f"std / math.sqrt(2 * {len(kinds)})" if depth else "std",
+        "vision_out_std": "std / math.sqrt(2 * depth)" if depth else "std",
+        "vision_depth_scaled": bool(depth),
         "description": vlm.fusion.op.summary.format(image_tokens=vlm.image_tokens),
     }
+    if depth:
+        vcfg.read.add("n_layers")
     rotary = next((c for c in vision.all_components() if "vision_positions" in c.op.slots), None)
-    out["vision_rotary"] = {**rotary.args, "cls": patch.args["cls_token"]} if rotary else None
+    out["vision_rotary"] = None
+    if rotary is not None:
+        sizes = {k: vcfg.arg(rotary, k, "config", "vision") or Code(pyrepr(rotary.args[k]))
+                 for k in ("grid", "head_dim", "theta")}
+        head_dim = sizes["head_dim"] if " " not in sizes["head_dim"] else f"({sizes['head_dim']})"
+        out["vision_rotary"] = {**rotary.args, "cls": patch.args["cls_token"],
+                                "sizes": f"{sizes['grid']}, {head_dim} // 4, {sizes['theta']}"}
+        image_fields |= set(re.findall(r"config\.(\w+)", sizes["grid"]))
+    fields = {k: v for k, v in vision.params.items()
+              if isinstance(v, bool | int | float | str) and not k.startswith("_")}
+    fields.update(dim=vnorm.args["dim"], n_layers=len(kinds))
+    config_fields = [{"name": k, "type": _type_name(v), "value": pyrepr(v)} for k, v in fields.items()]
+    config_fields += [{"name": k, "type": "int", "value": pyrepr(v)}
+                      for k, (v, _) in vcfg.computed.items()]
+    fixed = sorted({f["name"] for f in config_fields} - vcfg.read | image_fields
+                   | ({"n_layers"} if len(set(kinds)) > 1 else set()))
+    out["config_fields"] = config_fields
+    out["computed"] = pyformat(vcfg.computed_from(), 0, len("VISION_COMPUTED = "))
+    out["fixed"] = _tuple_literal(fixed) if fixed else "()"
     fusion, hooks = vlm.fusion, vlm.fusion.op.fusion
     if hooks.stack:  # its blocks, after the decoder layers it names
         after = hooks.after(fusion.args)
@@ -903,12 +957,13 @@ def _config_fields(model: Model, dim: int, vocab: int, n_layers: int, max_seq_le
     # the runtime's fields come from the model's structure, whatever the spec named them
     fields.update(vocab_size=vocab, dim=dim, n_layers=n_layers, max_seq_len=max_seq_len)
     fields.setdefault("init_std", 0.02)
-    out = []
-    for name, value in fields.items():
-        typ = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int)
-               else "float" if isinstance(value, float) else "str")
-        out.append({"name": name, "type": typ, "value": pyrepr(value)})
-    return out
+    return [{"name": name, "type": _type_name(value), "value": pyrepr(value)}
+            for name, value in fields.items()]
+
+
+def _type_name(value) -> str:
+    return ("bool" if isinstance(value, bool) else "int" if isinstance(value, int)
+            else "float" if isinstance(value, float) else "str")
 
 
 def _plain_args(args: dict) -> dict:

@@ -70,7 +70,7 @@ OPS = (
         args=(ArgSpec("in_dim", "size"), ArgSpec("out_dim", "size"),
               ArgSpec("hidden", "size", derived=True, doc="default: out_dim")),
         sizes=("in_dim", "out_dim", "hidden"),
-        derive=_adapter_derive,
+        derive=_adapter_derive, derived_code={"hidden": "{out_dim}"},
         inputs=lambda a: (hidden(a["in_dim"]),),
         output=lambda a: hidden(a["out_dim"]),
         weights=lambda a: {"fc1.weight": (a["hidden"], a["in_dim"]), "fc1.bias": (a["hidden"],),
