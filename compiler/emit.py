@@ -729,6 +729,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     context["fusion"] = {
         "prefix": bool(hooks and hooks.prefixed), "memory": bool(hooks and hooks.stack),
         "stack": hooks.stack if hooks else "", "routed": routed is not None,
+        "stack_noun": hooks.stack_noun if hooks else "",
         "routing_doc": hooks.routing_doc if hooks else "",
     }
     context["modalities"] = modalities

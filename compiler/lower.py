@@ -302,8 +302,9 @@ def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.Mu
     Every edge carries `modality`: "image", "text", "image+text" (one sequence
     of both) or "memory" (cross-attention keys and values). The decoder nodes a
     routing fusion chooses per modality are marked `fusion=<its op>` (MoT: every
-    block op, a copy per modality; MoMa: the MLPs it replaces). Node shapes are concrete where the VLM fixes them (the
-    encoder's patch tokens, the image tokens); `S` is the text length.
+    block op, a copy per modality; MoMa: the MLPs it replaces). Node shapes are
+    concrete where the VLM fixes them (the encoder's patch tokens, the image
+    tokens); `S` is the text length.
     """
     text_model, vision_model = text.graph["model"], vision.graph["model"]
     g = nx.MultiDiGraph()

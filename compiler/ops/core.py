@@ -179,6 +179,8 @@ class Fusion:
     # the stack block's constructor arguments, in order: the op's arguments, or
     # `COMPONENT.ARG` of the text model (`norm.eps`)
     stack_args: tuple[str, ...] = ()
+    # what the generated comments and messages call a stack block
+    stack_noun: str = ""
     # the hint of E126 when an explicit pipeline split names a stack block
     stack_hint: str = ""
     # the modality pass (E132, E133, E136): check(component, image tokens per image,

@@ -580,7 +580,7 @@ class Transformer(nn.Module):
             self.layers = nn.ModuleDict(
                 {str(i): TransformerBlock(config, i) for i in range(config.n_layers)}
             )
-            # a gated cross-attention block after layers 1, 3
+            # a cross-attention block after layers 1, 3
             self.cross_attention_layers = nn.ModuleDict(
                 {
                     str(k): CrossAttentionBlock(

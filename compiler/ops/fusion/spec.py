@@ -185,6 +185,7 @@ OPS = (
         fusion=Fusion(
             stack="cross_attention_layers", after=_xattn_after,
             stack_args=("dim", "heads", "hidden", "norm.eps"),
+            stack_noun="cross-attention block",
             stack_hint="a cross-attention block travels with the decoder layer it follows; "
                        "list the layers only",
             check=_check_xattn, params=_xattn_params, stack_flops=_xattn_flops,
