@@ -20,8 +20,8 @@ from .diagnostics import Diagnostics, Span, did_you_mean
 from .ops import OPS, numel, ops_for, patch_tokens
 
 FIELDS = ("text", "vision", "adapter", "fusion")
-# the decoder's geometry a fusion's arguments receive → the ModelConfig field it is
-DECODER_ARGS = {"dim": "dim", "n_layers": "n_layers"}
+# the decoder's geometry a fusion's arguments receive (each the ModelConfig field of its name)
+DECODER_ARGS = ("dim", "n_layers")
 ADAPTERS = ops_for("adapter")  # the ops that may map the encoder's width to the decoder's
 
 
