@@ -539,6 +539,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     if vision is not None:
         vision_kinds = list(dict.fromkeys(s.block for s in vision.layers))
         components += [vision.components["patch_embedding"],
+                       *[x for x in vision.all_components() if "vision_positions" in x.op.slots],
                        *[x for k in vision_kinds for x in vision.blocks[k].components.values()],
                        vision.components["norm"], vlm.adapter]
         if vlm.fusion.op.definitions:
@@ -806,9 +807,8 @@ def _vlm_context(vlm, vision: Model, features: frozenset[str], text_model: Model
     if rotary is not None:
         sizes = {k: vcfg.arg(rotary, k, "config", "vision") or Code(pyrepr(rotary.args[k]))
                  for k in ("grid", "head_dim", "theta")}
-        head_dim = sizes["head_dim"] if " " not in sizes["head_dim"] else f"({sizes['head_dim']})"
-        out["vision_rotary"] = {**rotary.args, "cls": patch.args["cls_token"],
-                                "sizes": f"{sizes['grid']}, {head_dim} // 4, {sizes['theta']}"}
+        call = f"{rotary.op.definitions[0]}({', '.join(sizes.values())}, device=device)"
+        out["vision_rotary"] = {**rotary.args, "call": call}
         image_fields |= set(re.findall(r"config\.(\w+)", sizes["grid"]))
     fields = {k: v for k, v in vision.params.items()
               if isinstance(v, bool | int | float | str) and not k.startswith("_")}

@@ -54,13 +54,13 @@ def _class_ints(tree: ast.Module, name: str) -> dict[str, int]:
 
 def _vision_ints(tree: ast.Module) -> list[tuple[int, int]]:
     """(value, line) of the integer literals of the vision side forgec wrote: the vision
-    encoder, its blocks and the VLM (not VisionConfig; not vision_rope_tables, whose one
-    literal is the quarter of a head's rotary pairs; not a tensor's rank, `x.dim() == 4`)."""
+    encoder, its blocks, its RoPE tables and the VLM (not VisionConfig; not a tensor's
+    rank, `x.dim() == 4`)."""
     out = []
     for node in tree.body:
         name = getattr(node, "name", None) or ""
-        if name not in ("VLM", "VisionEncoder") and not (name.startswith("Vision")
-                                                         and name.endswith("Block")):
+        if name not in ("VLM", "VisionEncoder", "vision_rope_tables") \
+                and not (name.startswith("Vision") and name.endswith("Block")):
             continue
         ranks = {id(c.comparators[0]) for c in ast.walk(node) if isinstance(c, ast.Compare)
                  and isinstance(c.left, ast.Call) and getattr(c.left.func, "attr", "") == "dim"}

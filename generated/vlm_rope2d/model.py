@@ -347,6 +347,22 @@ class PatchEmbedding(nn.Module):
         return x
 
 
+def rope2d_tables(
+    grid: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE cos/sin (grid², head_dim) in fp32, half-split layout: half of a head's
+    rotary pairs turn with the patch row, half with the column (row-major patches); with
+    a CLS token, a first row that does not rotate."""
+    quarter = head_dim // 4  # a quarter of the channels: half the pairs per axis
+    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device).float() / quarter))
+    rows = torch.arange(grid, device=device).float().repeat_interleave(grid)
+    cols = torch.arange(grid, device=device).float().repeat(grid)
+    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)
+    angles = torch.cat([angles.new_zeros(1, angles.shape[1]), angles])
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class Linear(nn.Linear):
     """A plain linear map with the model's initialisation."""
 
@@ -679,17 +695,9 @@ VISION_FIXED = ("image_size", "patch", "patch_embedding_channels", "rope_grid")
 def vision_rope_tables(
     device: torch.device | None = None, config: VisionConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D RoPE cos/sin (65, 16) in fp32: half of the rotary pairs turn with
-    the patch row, half with the column; the CLS token (first) is not rotated."""
+    """The vision encoder's 2-D RoPE cos/sin (65, 16) in fp32."""
     config = config or VisionConfig()
-    grid, quarter, theta = config.rope_grid, config.rope_head_dim // 4, 100.0
-    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device).float() / quarter))
-    rows = torch.arange(grid, device=device).float().repeat_interleave(grid)
-    cols = torch.arange(grid, device=device).float().repeat(grid)
-    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)
-    angles = torch.cat([angles.new_zeros(1, angles.shape[1]), angles])
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return rope2d_tables(config.rope_grid, config.rope_head_dim, 100.0, device=device)
 
 
 class VisionEncoder(nn.Module):

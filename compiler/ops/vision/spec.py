@@ -62,6 +62,7 @@ OPS = (
         class_name="PatchEmbedding", init_args="std",
         ctor=lambda a, u: {k: a[k] for k in ("channels", "patch", "dim", "image_size",
                                               "positions", "cls_token")},
+        features=lambda a: frozenset({"cls_token"} if a["cls_token"] else ()),
     ),
     OpDef(
         name="mlp2",
