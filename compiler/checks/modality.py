@@ -2,11 +2,13 @@
 
 Over the graph `lower_vlm` builds: the adapter takes the width the vision
 encoder produces and gives the width the decoder's embedding has (E131); a
-pooling adapter's window tiles the patch grid (E134); image tokens and text fit
-the decoder's positions when they share its sequence (E132); the modalities a
-routed fusion names are this VLM's inputs (E136); cross-attention heads divide
-the decoder's width and its blocks fire at all (E133). Errors sit at the
-argument of the vlm section that decides them.
+pooling adapter's window (`OpDef.pool_window`) tiles the patch grid (E134);
+and the fusion's own rules, declared with its kind (`Fusion.check`,
+compiler/ops/fusion/spec.py): image tokens and text fit the decoder's positions
+when they share its sequence (E132), the modalities a routed fusion names are
+this VLM's inputs (E136), cross-attention heads divide the decoder's width and
+its blocks fire at all (E133). Errors sit at the argument of the vlm section
+that decides them.
 """
 
 from __future__ import annotations

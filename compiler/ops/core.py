@@ -109,7 +109,7 @@ class OpDef:
     check: Callable[[Any, Any, Any], None] | None = None
     # a fusion's sentence in the generated VLM's docstring ({image_tokens} filled in)
     summary: str = ""
-    # how a fusion op brings image tokens to the decoder (role "fusion")
+    # how a fusion op brings image tokens to the decoder (role "fusion"; see Fusion)
     fusion: Fusion | None = None
     # an adapter that pools the patch grid: the argument giving its window side
     pool_window: str = ""
@@ -167,7 +167,7 @@ class Fusion:
     # components filling that slot are replaced by the fusion op's own module, which
     # takes the modality groups (its weights: the op's, one layer's, `<kind>.…`)
     routes: str = ""
-    # the argument naming the modalities (ModelConfig-free: MODALITIES in model.py)
+    # the argument naming the modalities (generated as the constant MODALITIES)
     modalities_arg: str = "modalities"
     # what the generated MODALITIES comment calls the routing
     routing_doc: str = ""
