@@ -36,8 +36,8 @@ from __future__ import annotations
 import networkx as nx
 
 from .bind import Block, Component, FAct, FAdd, FApply, Flow, FMul, FRef, FScale, FSub, Model
-from .ops import patch_tokens
-from .vlm import MLP_OPS, VLM
+from .ops import OPS, patch_tokens
+from .vlm import VLM
 
 TOKENS, LOGITS = "tokens", "logits"
 PIXELS, FEATURES = "pixels", "features"  # a vision encoder's input and output
@@ -284,7 +284,6 @@ _VIEW_KEYS = ("kind", "op", "shape", "part", "fusion", "drop")
 IMAGE = "pixel_values"  # a VLM's inputs, named as its generated forward() names them
 VISION_PREFIX, TEXT_PREFIX = "vision_encoder", "transformer"  # parameter FQN prefixes
 ADAPTER, FUSION, OUTPUT_SLICE = "adapter", "fusion", "output_slice"
-PREFIXED = ("joint_decoder", "mot", "moma")  # fusions that prefix image tokens to the text
 
 
 def _with_seq(shape, seq):
@@ -336,15 +335,17 @@ def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.Mu
 
     pixel_values (B, C, H, W) → vision_encoder.* → adapter → image tokens, and
     tokens (B, S) → transformer.token_embedding → text tokens, meet at the
-    fusion: a joint decoder (and MoT/MoMa) prefixes the image tokens to the text
-    (a `fusion` node; the decoder runs over image + text positions and
-    `output_slice` drops the image positions from the logits); cross-attention
-    feeds the image tokens as memory into a block after every k-th layer.
+    fusion, as its hooks (`OpDef.fusion`) say: a prefixing fusion (joint decoder,
+    MoT, MoMa) prefixes the image tokens to the text (a `fusion` node; the decoder
+    runs over image + text positions and `output_slice` drops the image positions
+    from the logits); a fusion with a stack of blocks (cross-attention) feeds the
+    image tokens as memory into a block after the layers it names.
     Every edge carries `modality`: "image", "text", "image+text" (one sequence
-    of both) or "memory" (cross-attention keys and values). MoT nodes are
-    marked `fusion="mot"` (a copy per modality), the MLPs a MoMa replaces
-    `fusion="moma"`. Node shapes are concrete where the VLM fixes them (the
-    encoder's patch tokens, the image tokens); `S` is the text length.
+    of both) or "memory" (cross-attention keys and values). The decoder nodes a
+    routing fusion chooses per modality are marked `fusion=<its op>` (MoT: every
+    block op, a copy per modality; MoMa: the MLPs it replaces). Node shapes are
+    concrete where the VLM fixes them (the encoder's patch tokens, the image
+    tokens); `S` is the text length.
     """
     text_model, vision_model = text.graph["model"], vision.graph["model"]
     g = nx.MultiDiGraph()
@@ -364,8 +365,8 @@ def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.Mu
     g.add_edge(encoded, ADAPTER, index=0, modality="image")
 
     fusion = vlm.fusion
-    name = fusion.op.name
-    prefixed = name in PREFIXED
+    name, hooks = fusion.op.name, fusion.op.fusion
+    prefixed = hooks.prefixed
     seq = f"{tokens}+S" if prefixed else "S"
     tids = _copy_into(g, text, TEXT_PREFIX, seq, "image+text" if prefixed else "text",
                       {TOKENS: TOKENS, LOGITS: LOGITS})
@@ -388,34 +389,32 @@ def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.Mu
                    layer=None, block=None, part=FUSION, shape=g.nodes[LOGITS]["shape"])
         g.add_edge(head, OUTPUT_SLICE, index=0, modality="image+text")
         g.add_edge(OUTPUT_SLICE, LOGITS, index=0, modality="text")
-        if name in ("mot", "moma"):  # MoT copies each block op per modality, MoMa its MLPs
-            modalities = fusion.args["modalities"]
-            experts = fusion.op.weights(fusion.args)  # "moma.MODALITY.PARAM", one layer's
+        if hooks.routes:  # MoT copies each block op per modality, MoMa replaces its MLPs
             for data in g.nodes.values():
                 if data.get("part") != TEXT_PREFIX or data["layer"] is None or \
-                        data["kind"] != "op" or (name == "moma" and data["op"] not in MLP_OPS):
+                        data["kind"] != "op" or not _routed(hooks.routes, data["op"]):
                     continue
                 data["fusion"] = name
                 fqn, own = data["fqn"], data["weights"]
                 if not own:
                     continue  # a repeated application: its weights sit on the first
-                if name == "mot":
+                if hooks.routes == "block":  # a copy per modality
                     data["weights"] = {f"{fqn}.{m}{w[len(fqn):]}": shape
-                                       for m in modalities for w, shape in own.items()}
-                else:
-                    data["weights"] = {f"{fqn}{w[len('moma'):]}": shape
-                                       for w, shape in experts.items()}
-    elif name == "cross_attention":
+                                       for m in fusion.args[hooks.modalities_arg]
+                                       for w, shape in own.items()}
+                else:  # the fusion's own module, one layer's weights ("KIND.…")
+                    data["weights"] = {f"{fqn}{w[len(name):]}": shape
+                                       for w, shape in fusion.op.weights(fusion.args).items()}
+    if hooks.stack:
         ends = {}  # decoder layer → its block's output
         for n, data in g.nodes(data=True):
             if data.get("block_output") and data.get("part") == TEXT_PREFIX and \
                     data["group"] == f"{TEXT_PREFIX}.layers.{data['layer']}":
                 ends[data["layer"]] = n
         weights = fusion.op.weights(fusion.args)
-        for k in range(fusion.args["n_layers"] // fusion.args["every"]):
-            layer = (k + 1) * fusion.args["every"] - 1
-            fqn = f"{TEXT_PREFIX}.cross_attention_layers.{k}"
-            own = f"cross_attention_layers.{k}."
+        for k, layer in enumerate(hooks.after(fusion.args)):
+            fqn = f"{TEXT_PREFIX}.{hooks.stack}.{k}"
+            own = f"{hooks.stack}.{k}."
             g.add_node(fqn, op=name, fqn=fqn, arity=2, shape=g.nodes[ends[layer]]["shape"],
                        weights={f"{TEXT_PREFIX}.{w}": s for w, s in weights.items()
                                 if w.startswith(own)}, after=layer, **common)
@@ -423,6 +422,12 @@ def lower_vlm(vlm: VLM, text: nx.MultiDiGraph, vision: nx.MultiDiGraph) -> nx.Mu
             g.add_edge(ends[layer], fqn, index=0, modality="text")
             g.add_edge(ADAPTER, fqn, index=1, modality="memory")
     return g
+
+
+def _routed(routes: str, op: str) -> bool:
+    """Whether a routing fusion chooses a decoder op per modality: every op ("block"),
+    or those filling the slot it routes."""
+    return routes == "block" or routes in OPS[op].slots
 
 
 def producer(g: nx.MultiDiGraph, node: str) -> str:

@@ -25,7 +25,6 @@ from .bind import Model
 from .cost import default_seq_len
 from .diagnostics import Diagnostics, Span, did_you_mean
 from .ops import OPS, ArgSpec, numel, patch_tokens
-from .vlm import MLP_OPS
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")
 DTYPES = ("fp32", "bf16")
@@ -445,10 +444,11 @@ def validate_vlm_plan(plan: Plan, vlm, models: dict[str, Model],
                     "and pipeline(...); tensor and expert parallelism are supported for text "
                     "models")
     if not refused:
+        stack = vlm.fusion.op.fusion.stack
+
         def hint(fqn: str) -> str | None:
-            if fqn.startswith("transformer.cross_attention_layers."):
-                return ("a cross-attention block travels with the decoder layer it follows; "
-                        "list the layers only")
+            if stack and fqn.startswith(f"transformer.{stack}."):
+                return vlm.fusion.op.fusion.stack_hint
             return None
 
         validate(plan, models[vlm.text], graphs[vlm.text], diags, world,
@@ -477,12 +477,11 @@ def vlm_units(vlm, models: dict[str, Model]) -> list[str]:
             + [f"transformer.{unit}" for unit in layer_units(text)])
 
 
-def _xattn_after(vlm, text: Model) -> dict[int, int]:
-    """Decoder layer → index of the cross-attention block that runs after it."""
-    if vlm.fusion.op.name != "cross_attention":
-        return {}
-    every = vlm.fusion.args["every"]
-    return {layer: k for k, layer in enumerate(range(every - 1, len(text.layers), every))}
+def _stack_after(vlm, text: Model) -> dict[int, int]:
+    """Decoder layer → index of the fusion's block (cross-attention) that runs after it."""
+    hooks = vlm.fusion.op.fusion
+    return {layer: k for k, layer in enumerate(hooks.after(vlm.fusion.args))} \
+        if hooks.stack else {}
 
 
 def _companions(vlm, models: dict[str, Model]) -> tuple[dict[str, list[str]],
@@ -500,9 +499,9 @@ def _companions(vlm, models: dict[str, Model]) -> tuple[dict[str, list[str]],
         after[f"vision_encoder.layers.{vision.layers[-1].index}"] = ["vision_encoder.norm"]
     else:
         before[first].insert(0, "vision_encoder.norm")
-    for layer, k in _xattn_after(vlm, text).items():
-        after.setdefault(f"transformer.layers.{layer}", []).append(
-            f"transformer.cross_attention_layers.{k}")
+    stack = vlm.fusion.op.fusion.stack
+    for layer, k in _stack_after(vlm, text).items():
+        after.setdefault(f"transformer.layers.{layer}", []).append(f"transformer.{stack}.{k}")
     return before, after
 
 
@@ -544,29 +543,21 @@ def vlm_unit_costs(vlm, models: dict[str, Model],
         unit = ".".join(parts[:2]) if in_layer else parts[0]
         params = sum(numel(s) for s in d["weights"].values())
         flops = OPS[d["op"]].flops(d["args"], seq)
-        if in_layer and f.op.name == "mot":
-            params *= len(f.args["modalities"])
-        elif in_layer and f.op.name == "moma" and d["op"] in MLP_OPS:
-            experts, dim = f.args["experts"], f.args["dim"]
-            params = sum(numel(s) for s in f.op.weights(f.args).values())
-            flops = 2 * dim * experts + int(f.args["capacity"] * experts
-                                            * 2 * 3 * dim * f.args["hidden"])
+        if in_layer:  # the fusion's copies or replacements of a decoder component
+            params, flops = f.op.fusion.layer_cost(f.args, params, flops, OPS[d["op"]].slots)
         tokens = text_tokens if unit == "output_head" else seq
         total = acc.setdefault(f"transformer.{unit}", [0, 0])
         total[0] += params
         total[1] += flops * tokens
     out.update({k: (v[0], v[1]) for k, v in acc.items()})
-    blocks = _xattn_after(vlm, text)
+    blocks = _stack_after(vlm, text)
     if blocks:
-        dim, hidden, n = f.args["dim"], f.args["hidden"], vlm.image_tokens
+        stack = f.op.fusion.stack
         params = sum(numel(s) for k, s in f.op.weights(f.args).items()
-                     if k.startswith("cross_attention_layers.0."))
-        # per text position: q and o projections, the gated MLP, scores and values
-        # over the n image tokens; per image token: its k and v projections
-        flops = seq * (2 * (2 * dim * dim + 3 * dim * hidden) + 2 * 2 * dim * n) \
-            + n * 2 * 2 * dim * dim
+                     if k.startswith(f"{stack}.0."))
+        flops = f.op.fusion.stack_flops(f.args, seq, vlm.image_tokens)
         for k in range(len(blocks)):
-            out[f"transformer.cross_attention_layers.{k}"] = (params, flops)
+            out[f"transformer.{stack}.{k}"] = (params, flops)
     return out
 
 
@@ -609,12 +600,13 @@ def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model],
     data: dict[str, Any] = {"mesh": dict(plan.mesh), "world": plan.world}
     if plan.fsdp is not None:
         units = [f"vision_encoder.layers.{slot.index}" for slot in vision.layers]
-        xattn_after = _xattn_after(vlm, text)
+        xattn_after = _stack_after(vlm, text)
         for unit in fsdp_units(plan, text):
             units.append(f"transformer.{unit}")
             layer = unit.split(".")
             if layer[0] == "layers" and len(layer) == 2 and int(layer[1]) in xattn_after:
-                units.append(f"transformer.cross_attention_layers.{xattn_after[int(layer[1])]}")
+                units.append(f"transformer.{vlm.fusion.op.fusion.stack}."
+                             f"{xattn_after[int(layer[1])]}")
         data["fsdp"] = {**plan.fsdp, "units": units}
     if plan.pipeline is not None:
         if graphs is None:

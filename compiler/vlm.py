@@ -20,7 +20,9 @@ from .diagnostics import Diagnostics, Span, did_you_mean
 from .ops import OPS, numel, ops_for, patch_tokens
 
 FIELDS = ("text", "vision", "adapter", "fusion")
-ADAPTERS = ("linear", "mlp2", "avgpool", "attention_pool")
+# the decoder's geometry a fusion's arguments receive (each the ModelConfig field of its name)
+DECODER_ARGS = ("dim", "n_layers")
+ADAPTERS = ops_for("adapter")  # the ops that may map the encoder's width to the decoder's
 
 
 @dataclass
@@ -120,15 +122,12 @@ def bind_vlm(sec, binder, models: dict[str, Model], diags: Diagnostics) -> VLM |
     tokens = (image_tokens(comps["adapter"], patch.args)
               if patch is not None and patch.ok and patch.args["patch"] > 0 else 0)
     # the fusion's weights and checks need the decoder's geometry
-    fusion.args.setdefault("dim", text.components["token_embedding"].args["dim"])
-    fusion.args.setdefault("n_layers", len(text.layers))
-    if fusion.op.name == "cross_attention" and fusion.args.get("hidden") is None:
-        fusion.args["hidden"] = 4 * fusion.args["dim"]
+    geometry = {"dim": text.components["token_embedding"].args["dim"], "n_layers": len(text.layers)}
+    for arg in DECODER_ARGS:
+        fusion.args.setdefault(arg, geometry[arg])
+    fusion.op.derive(fusion.args)  # the defaults that depend on them
     return VLM(sec.name, sec.file, sec.span, sec.name_span, refs["text"][0], refs["vision"][0],
                comps["adapter"], fusion, image_tokens=tokens)
-
-
-POOLING = ("avgpool", "attention_pool")
 
 
 def image_tokens(adapter: Component, patch: dict) -> int:
@@ -136,39 +135,22 @@ def image_tokens(adapter: Component, patch: dict) -> int:
     adapter's window where the window tiles the patch grid (where it does not, the
     modality pass reports E134, and the tokens stay unpooled)."""
     tokens = patch_tokens(patch)
-    if adapter.op.name in POOLING and not patch["cls_token"]:
-        grid, window = patch["image_size"] // patch["patch"], adapter.args["window"]
+    if adapter.op.pool_window and not patch["cls_token"]:
+        grid = patch["image_size"] // patch["patch"]
+        window = adapter.args[adapter.op.pool_window]
         if grid % window == 0:
             tokens = (grid // window) ** 2
     return tokens
 
 
-MLP_OPS = ops_for("mlp")  # a block's feed-forward, which MoMa replaces
-
-
 def fusion_params(vlm: VLM, text: Model) -> tuple[int, int]:
     """Parameters the fusion adds to the text model's own: (total, active per token)."""
-    f = vlm.fusion
-    if f.op.name == "cross_attention":
-        n = sum(numel(s) for s in f.op.weights(f.args).values())
-        return n, n
-    if f.op.name not in ("mot", "moma"):
-        return 0, 0
-    block_total = block_active = mlp_total = mlp_active = 0
+    layers = []
     for slot in text.layers:
+        comps = []
         for comp in text.blocks[slot.block].components.values():
             weights = sum(numel(s) for s in comp.op.weights(comp.args).values())
             active = comp.op.active_params(comp.args) if comp.op.active_params else weights
-            block_total, block_active = block_total + weights, block_active + active
-            if comp.op.name in MLP_OPS:
-                mlp_total, mlp_active = mlp_total + weights, mlp_active + active
-    modalities = len(f.args["modalities"])
-    if f.op.name == "mot":  # a copy per modality; a token uses one
-        return (modalities - 1) * block_total, 0
-    per_layer = sum(numel(s) for s in f.op.weights(f.args).values())
-    layers = sum(1 for slot in text.layers
-                 if any(c.op.name in MLP_OPS for c in text.blocks[slot.block].components.values()))
-    expert = 3 * f.args["dim"] * f.args["hidden"]
-    active = layers * (f.args["dim"] * f.args["experts"]
-                       + f.args["capacity"] * f.args["experts"] * expert)
-    return layers * per_layer - mlp_total, int(active) - mlp_active
+            comps.append((weights, active, comp.op.slots))
+        layers.append(comps)
+    return vlm.fusion.op.fusion.params(vlm.fusion.args, layers)

@@ -44,6 +44,63 @@ def _config_ints(tree: ast.Module) -> dict[str, int]:
             and type(s.value.value) is int}
 
 
+def _class_ints(tree: ast.Module, name: str) -> dict[str, int]:
+    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    return {} if cls is None else _config_ints(tree) if name == "ModelConfig" else {
+        s.target.id: s.value.value for s in cls.body
+        if isinstance(s, ast.AnnAssign) and isinstance(s.value, ast.Constant)
+        and type(s.value.value) is int}
+
+
+def _vision_ints(tree: ast.Module) -> list[tuple[int, int]]:
+    """(value, line) of the integer literals of the vision side forgec wrote: the vision
+    encoder, its blocks, its RoPE tables and the VLM (not VisionConfig; not a tensor's
+    rank, `x.dim() == 4`)."""
+    out = []
+    for node in tree.body:
+        name = getattr(node, "name", None) or ""
+        if name not in ("VLM", "VisionEncoder", "vision_rope_tables") \
+                and not (name.startswith("Vision") and name.endswith("Block")):
+            continue
+        ranks = {id(c.comparators[0]) for c in ast.walk(node) if isinstance(c, ast.Compare)
+                 and isinstance(c.left, ast.Call) and getattr(c.left.func, "attr", "") == "dim"}
+        out += [(n.value, n.lineno) for n in ast.walk(node) if isinstance(n, ast.Constant)
+                and type(n.value) is int and id(n) not in ranks]
+    return out
+
+
+VLM_SPECS = [p for p in SPECS if (GENERATED / p.stem / "model.py").read_text().count("class VisionConfig")]
+
+
+@pytest.mark.parametrize("spec", VLM_SPECS, ids=lambda p: p.stem)
+def test_the_vision_side_reads_its_sizes_from_the_configs(spec):
+    tree = ast.parse((GENERATED / spec.stem / "model.py").read_text())
+    sizes = {v for name in ("ModelConfig", "VisionConfig")
+             for v in _class_ints(tree, name).values() if v > 2}
+    ints = [(v, line) for v, line in _vision_ints(tree) if v > 2]
+    assert [(v, line) for v, line in ints if v in sizes] == []
+
+
+def test_a_vision_config_builds_the_encoder_it_describes():
+    mod = load("vlm_xattn")
+    assert mod.VISION_FIXED == ("image_size", "patch", "patch_embedding_channels")
+    assert mod.FIXED == ("adapter_window",)  # the window decides IMAGE_TOKENS too
+    config = mod.VisionConfig(dim=48, n_heads=2, mlp_hidden=96, n_layers=3)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = mod.VLM(vision_config=config)
+    assert len(model.vision_encoder.layers) == 3
+    assert model.vision_encoder.layers["2"].mlp.up_proj.weight.shape[0] == 96
+    assert model.adapter.proj.weight.shape == (128, 48)
+    image, _ = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert image.shape == (2, mod.IMAGE_TOKENS, 128)
+    with pytest.raises(ValueError, match=r"differs in dim=48 \(spec: 96\), which leaves "
+                                         r"mlp_hidden inconsistent"):
+        mod.VisionConfig(dim=48)
+    with pytest.raises(ValueError, match="which leaves patch inconsistent"):
+        mod.VisionConfig(patch=8)
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
 def test_no_size_literal_repeats_outside_model_config(spec):
     tree = ast.parse((GENERATED / spec.stem / "model.py").read_text())

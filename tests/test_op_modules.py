@@ -18,7 +18,7 @@ from compiler.ops.embedding.modules import OutputHead, TokenEmbedding
 from compiler.ops.mlp.modules import GeluMLP, ReluMLP, SwiGLU
 from compiler.ops.moe.modules import MoE, SoftmaxTopK, grouped_mm
 from compiler.ops.norm.modules import LayerNorm, RMSNorm
-from compiler.ops.rope.modules import apply_rope
+from compiler.ops.rope.modules import apply_rope, rope2d_tables
 
 
 def _init(module, *args):
@@ -85,6 +85,17 @@ def _reference_attention(att, x, mask):
     scores = scores.masked_fill(~mask, float("-inf"))
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
     return out @ att.o_proj.weight.T
+
+
+def test_rope2d_tables_turn_half_the_pairs_with_rows_and_half_with_columns():
+    cos, sin = rope2d_tables(3, 8, 100.0)  # a 3×3 grid after a CLS token, head_dim 8
+    assert cos.shape == sin.shape == (10, 8)
+    assert torch.equal(cos[0], torch.ones(8)) and torch.equal(sin[0], torch.zeros(8))
+    inv_freq = 1.0 / (100.0 ** (torch.arange(2).float() / 2))
+    row, col = 1, 2  # patch 5 (row-major): its first pairs turn with the row, then the column
+    angles = torch.cat([row * inv_freq, col * inv_freq])
+    torch.testing.assert_close(cos[1 + 5], torch.cat([angles, angles]).cos())
+    torch.testing.assert_close(sin[1 + 5], torch.cat([angles, angles]).sin())
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -24,18 +24,6 @@ QUOTED = re.compile(r"""(?<![\w.])["']([a-z_0-9]+)["']""")
 
 # file → op names it still uses (each an op-specific rule that belongs in the op's folder)
 REMAINING = {
-    # "rope" and "rope2d" there are the templates' context keys for the rotary settings
-    "compiler/emit.py": {"cross_attention", "moma", "mot", "rope", "rope2d"},
-    "compiler/plans.py": {"cross_attention", "moma", "mot"},
-    "compiler/templates/model.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
-    "compiler/templates/vlm.py.j2": {"cross_attention", "joint_decoder", "moma", "mot"},
-    # the fusion kinds' wiring of a VLM graph and its modality rules (moved here from
-    # compiler/vlm.py when a VLM became one graph): fusion hooks still to come
-    "compiler/checks/modality.py": {"attention_pool", "avgpool", "cross_attention", "moma",
-                                    "mot", "rope"},
-    "compiler/lower.py": {"cross_attention", "joint_decoder", "moma", "mot"},
-    "compiler/vlm.py": {"attention_pool", "avgpool", "cross_attention", "linear", "mlp2",
-                        "moma", "mot"},
     # not ops: the component names of the decoder layout that import-hf writes and
     # export-hf reads back (a layer's `attention`, the model's `rope`) and attention's
     # `rope` argument; which op each holds comes from the ops (OpDef.foreign)

@@ -112,7 +112,8 @@ class OpDef:
     # "norm", "output_head") or of a vision encoder ("patch_embedding"); "mlp", a
     # block's feed-forward (which a MoMa fusion replaces by its experts); "experts",
     # a mixture of experts (the model's MoE hooks collect it); "positions" and
-    # "vision_positions", the rotary tables of a decoder and of a vision encoder
+    # "vision_positions", the rotary tables of a decoder and of a vision encoder;
+    # "adapter", a VLM's map from the vision encoder's width to the decoder's
     slots: tuple[str, ...] = field(default=())
     # -- code generation (compiler/emit.py, compiler/modular.py)
     class_name: str = ""
@@ -133,6 +134,10 @@ class OpDef:
     check: Callable[[Any, Any, Any], None] | None = None
     # a fusion's sentence in the generated VLM's docstring ({image_tokens} filled in)
     summary: str = ""
+    # how a fusion op brings image tokens to the decoder (role "fusion"; see Fusion)
+    fusion: Fusion | None = None
+    # an adapter that pools the patch grid: the argument giving its window side
+    pool_window: str = ""
     # forward call; {m} is the module expression, {x} the input(s)
     call: str = "{m}({x})"
     call_fields: Callable[[Args], dict[str, Any]] = lambda a: {}
@@ -165,6 +170,69 @@ class OpDef:
     def definitions(self) -> tuple[str, ...]:
         """The names of the folder's modules.py that the generated model copies."""
         return self.code or ((self.class_name,) if self.class_name else ())
+
+
+def _no_check(comp: Any, tokens: int, positions: int | None, diags: Any) -> None:
+    return None
+
+
+def _no_params(args: Args, layers: list[list[tuple[int, int, tuple[str, ...]]]]) -> tuple[int, int]:
+    return 0, 0
+
+
+def _same_cost(args: Args, params: int, flops: int, slots: tuple[str, ...]) -> tuple[int, int]:
+    return params, flops
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How a fusion op joins image tokens to the text decoder: what the vlm binder,
+    lowering (`lower_vlm`), the modality pass, the plans and the emitter read, so
+    that none of them names a fusion kind. compiler/ops/fusion/spec.py declares one
+    per kind; docs/adding-an-op.md ("Adding a fusion kind") walks through them."""
+
+    # image tokens are prefixed to the text: the decoder runs over image + text
+    # positions (ModalityContext.prefix_embeds) and the image positions' logits are
+    # sliced off (output_slice)
+    prefixed: bool = False
+    # which block components a token's modality chooses: "" none; "block" every
+    # component has a copy per modality (weights `<fqn>.<modality>.<name>`, built as
+    # `nn.ModuleDict({m: ... for m in MODALITIES})`); a slot name ("mlp") the
+    # components filling that slot are replaced by the fusion op's own module, which
+    # takes the modality groups (its weights: the op's, one layer's, `<kind>.…`)
+    routes: str = ""
+    # the argument naming the modalities (generated as the constant MODALITIES)
+    modalities_arg: str = "modalities"
+    # what the generated MODALITIES comment calls the routing
+    routing_doc: str = ""
+    # a stack of blocks the fusion adds to the decoder (`transformer.<stack>.<k>`),
+    # block k after decoder layer after(args)[k], fed the image tokens as memory
+    # (ModalityContext.image_features); its weights are the op's `<stack>.<k>.…`
+    stack: str = ""
+    after: Callable[[Args], list[int]] = lambda a: []
+    # the stack block's constructor arguments, in order: the op's arguments, or
+    # `COMPONENT.ARG` of the text model (`norm.eps`)
+    stack_args: tuple[str, ...] = ()
+    # what the generated comments and messages call a stack block
+    stack_noun: str = ""
+    # the hint of E126 when an explicit pipeline split names a stack block
+    stack_hint: str = ""
+    # the modality pass (E132, E133, E136): check(component, image tokens per image,
+    # the decoder's position limit or None, diags)
+    check: Callable[[Any, int, int | None, Any], None] = _no_check
+    # parameters the fusion adds to the text model's: (total, active per token), given
+    # the decoder's layers, each a list of its components' (parameters, active
+    # parameters, slots)
+    params: Callable[[Args, list[list[tuple[int, int, tuple[str, ...]]]]],
+                     tuple[int, int]] = _no_params
+    # (parameters, FLOPs per token) of a decoder component under the fusion, from its
+    # own and its slots (the pipeline's cost model)
+    layer_cost: Callable[[Args, int, int, tuple[str, ...]], tuple[int, int]] = _same_cost
+    # FLOPs of one stack block per sample: (args, decoder positions, image tokens)
+    stack_flops: Callable[[Args, int, int], int] = lambda a, seq, n: 0
+    # the code of a routed component's forward, or None for the op's own call:
+    # call(op, args, module, inputs, kv) with `modality` the groups in scope
+    call: Callable[[Any, Args, str, str, str], str | None] = lambda op, a, m, x, kv: None
 
 
 @dataclass(frozen=True)

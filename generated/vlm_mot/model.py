@@ -37,11 +37,13 @@ class ModelConfig:
     init_std: float = 0.02
     mlp_hidden: int = 384
     rope_head_dim: int = 32
+    adapter_window: int = 2
 
     def __post_init__(self) -> None:
         spec = {f.name: f.default for f in fields(self)}
         changed = {k for k, v in spec.items() if getattr(self, k) != v}
         stale = [k for k, given in COMPUTED.items() if k not in changed and changed & set(given)]
+        stale += sorted(changed & set(FIXED))
         if stale:
             diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
             raise ValueError(
@@ -51,8 +53,9 @@ class ModelConfig:
             )
 
 
-# Fields the spec computes from others (and from which).
+# Fields the spec computes from others (and from which), and fields no code reads.
 COMPUTED = {"mlp_hidden": ("dim",), "rope_head_dim": ("dim", "n_heads")}
+FIXED = ("adapter_window",)
 
 
 @dataclass
@@ -739,13 +742,15 @@ class TransformerBlock(nn.Module):
 class VisionEncoderBlock(nn.Module):
     """Block `encoder` (specs/vlm.forge:15): layers 0-1."""
 
-    def __init__(self, layer_idx: int) -> None:
+    def __init__(self, config: VisionConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = LayerNorm(dim=96, eps=1e-05)
-        self.attention = Attention(dim=96, heads=4, causal=False, use_rope=False)
-        self.mlp_norm = LayerNorm(dim=96, eps=1e-05)
-        self.mlp = GeluMLP(dim=96, hidden=384, bias=True)
+        self.attention_norm = LayerNorm(dim=config.dim, eps=1e-05)
+        self.attention = Attention(
+            dim=config.dim, heads=config.n_heads, causal=False, use_rope=False
+        )
+        self.mlp_norm = LayerNorm(dim=config.dim, eps=1e-05)
+        self.mlp = GeluMLP(dim=config.dim, hidden=config.mlp_hidden, bias=True)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -1014,16 +1019,60 @@ class Transformer(nn.Module):
 IMAGE_TOKENS = 16
 
 
+@dataclass(frozen=True)
+class VisionConfig:
+    """Hyper-parameters of the vision encoder `vit_tiny`, the spec's values by
+    default; a change must stay consistent with the spec, as ModelConfig's (the fields
+    that decide IMAGE_TOKENS are fixed)."""
+
+    image_size: int = 32
+    patch: int = 4
+    dim: int = 96
+    n_layers: int = 2
+    n_heads: int = 4
+    mlp_hidden: int = 384
+    patch_embedding_channels: int = 3
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [
+            k for k, given in VISION_COMPUTED.items() if k not in changed and changed & set(given)
+        ]
+        stale += sorted(changed & set(VISION_FIXED))
+        if stale:
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
+            raise ValueError(
+                f"{SPEC} was compiled for its own VisionConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which), and fields no code can follow.
+VISION_COMPUTED = {"mlp_hidden": ("dim",)}
+VISION_FIXED = ("image_size", "patch", "patch_embedding_channels")
+
+
 class VisionEncoder(nn.Module):
     """`vit_tiny`: images (B, 3, 32, 32) → patch tokens → 2 blocks → norm → (B, 64, 96)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: VisionConfig | None = None) -> None:
         super().__init__()
+        config = VisionConfig() if config is None else config
+        self.config = config
         self.patch_embedding = PatchEmbedding(
-            channels=3, patch=4, dim=96, image_size=32, positions="learned", cls_token=False
+            channels=config.patch_embedding_channels,
+            patch=config.patch,
+            dim=config.dim,
+            image_size=config.image_size,
+            positions="learned",
+            cls_token=False,
         )
-        self.layers = nn.ModuleDict({str(i): VisionEncoderBlock(i) for i in range(2)})
-        self.norm = LayerNorm(dim=96, eps=1e-05)
+        self.layers = nn.ModuleDict(
+            {str(i): VisionEncoderBlock(config, i) for i in range(config.n_layers)}
+        )
+        self.norm = LayerNorm(dim=config.dim, eps=1e-05)
 
     def init_weights(self, std: float, out_std: float) -> None:
         if self.patch_embedding is not None:  # a pipeline stage may lack it, and the norm
@@ -1053,18 +1102,25 @@ class VLM(nn.Module):
     video (B, F, 3, H, W) with an optional frame_mask (B, F).
     """
 
-    image_size = 32  # the images the vision encoder takes: (channels, size, size)
-    image_channels = 3
+    # the images the vision encoder takes: (channels, size, size)
+    image_size = VisionConfig.image_size
+    image_channels = VisionConfig.patch_embedding_channels
     spec = SPEC  # the spec it was compiled from
     fusion = "mot"  # how the image reaches the decoder
 
-    def __init__(self) -> None:
+    def __init__(
+        self, config: ModelConfig | None = None, vision_config: VisionConfig | None = None
+    ) -> None:
         super().__init__()
+        config = ModelConfig() if config is None else config
+        vision_config = VisionConfig() if vision_config is None else vision_config
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.vision_encoder = VisionEncoder()
-            self.adapter = AvgPoolAdapter(in_dim=96, out_dim=128, window=2)
-            self.transformer = Transformer(num_image_tokens=IMAGE_TOKENS)
+            self.vision_encoder = VisionEncoder(vision_config)
+            self.adapter = AvgPoolAdapter(
+                in_dim=vision_config.dim, out_dim=config.dim, window=config.adapter_window
+            )
+            self.transformer = Transformer(config, num_image_tokens=IMAGE_TOKENS)
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights_and_freqs()
@@ -1077,7 +1133,8 @@ class VLM(nn.Module):
             self.transformer.init_weights_and_freqs()
         with torch.no_grad():
             if self.vision_encoder is not None:
-                self.vision_encoder.init_weights(std, std / math.sqrt(2 * 2))
+                depth = self.vision_encoder.config.n_layers
+                self.vision_encoder.init_weights(std, std / math.sqrt(2 * depth))
             if self.adapter is not None:
                 self.adapter.init_weights(std)
 

@@ -541,6 +541,22 @@ class PatchEmbedding(nn.Module):
         return x
 
 
+def rope2d_tables(
+    grid: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D RoPE cos/sin (grid², head_dim) in fp32, half-split layout: half of a head's
+    rotary pairs turn with the patch row, half with the column (row-major patches); with
+    a CLS token, a first row that does not rotate."""
+    quarter = head_dim // 4  # a quarter of the channels: half the pairs per axis
+    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device).float() / quarter))
+    rows = torch.arange(grid, device=device).float().repeat_interleave(grid)
+    cols = torch.arange(grid, device=device).float().repeat(grid)
+    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)
+    angles = torch.cat([angles.new_zeros(1, angles.shape[1]), angles])
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
 class Linear(nn.Linear):
     """A plain linear map with the model's initialisation."""
 
@@ -596,13 +612,13 @@ class TransformerBlock(nn.Module):
 class VisionEncoderBlock(nn.Module):
     """Block `encoder` (specs/vlm_rope2d.forge:15): layers 0-1."""
 
-    def __init__(self, layer_idx: int) -> None:
+    def __init__(self, config: VisionConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.attention_norm = RMSNorm(dim=64, eps=1e-05)
-        self.attention = Attention(dim=64, heads=4, causal=False)
-        self.mlp_norm = RMSNorm(dim=64, eps=1e-05)
-        self.mlp = SwiGLU(dim=64, hidden=128)
+        self.attention_norm = RMSNorm(dim=config.dim, eps=1e-05)
+        self.attention = Attention(dim=config.dim, heads=config.n_heads, causal=False)
+        self.mlp_norm = RMSNorm(dim=config.dim, eps=1e-05)
+        self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.init_weights()
@@ -844,29 +860,74 @@ class Transformer(nn.Module):
 IMAGE_TOKENS = 65
 
 
-def vision_rope_tables(device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D RoPE cos/sin (65, 16) in fp32: half of the rotary pairs turn with
-    the patch row, half with the column; the CLS token (first) is not rotated."""
-    grid, quarter, theta = 8, 4, 100.0
-    inv_freq = 1.0 / (theta ** (torch.arange(quarter, device=device).float() / quarter))
-    rows = torch.arange(grid, device=device).float().repeat_interleave(grid)
-    cols = torch.arange(grid, device=device).float().repeat(grid)
-    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)
-    angles = torch.cat([angles.new_zeros(1, angles.shape[1]), angles])
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+@dataclass(frozen=True)
+class VisionConfig:
+    """Hyper-parameters of the vision encoder `vit_rope2d`, the spec's values by
+    default; a change must stay consistent with the spec, as ModelConfig's (the fields
+    that decide IMAGE_TOKENS are fixed)."""
+
+    image_size: int = 32
+    patch: int = 4
+    dim: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    mlp_hidden: int = 128
+    patch_embedding_channels: int = 3
+    rope_grid: int = 8
+    rope_head_dim: int = 16
+
+    def __post_init__(self) -> None:
+        spec = {f.name: f.default for f in fields(self)}
+        changed = {k for k, v in spec.items() if getattr(self, k) != v}
+        stale = [
+            k for k, given in VISION_COMPUTED.items() if k not in changed and changed & set(given)
+        ]
+        stale += sorted(changed & set(VISION_FIXED))
+        if stale:
+            diff = [f"{k}={getattr(self, k)!r} (spec: {spec[k]!r})" for k in sorted(changed)]
+            raise ValueError(
+                f"{SPEC} was compiled for its own VisionConfig; differs in {', '.join(diff)}, "
+                f"which leaves {', '.join(stale)} inconsistent. Change the spec and rebuild "
+                "with forgec."
+            )
+
+
+# Fields the spec computes from others (and from which), and fields no code can follow.
+VISION_COMPUTED = {
+    "mlp_hidden": ("dim",),
+    "rope_grid": ("image_size", "patch"),
+    "rope_head_dim": ("dim", "n_heads"),
+}
+VISION_FIXED = ("image_size", "patch", "patch_embedding_channels", "rope_grid")
+
+
+def vision_rope_tables(
+    device: torch.device | None = None, config: VisionConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision encoder's 2-D RoPE cos/sin (65, 16) in fp32."""
+    config = config or VisionConfig()
+    return rope2d_tables(config.rope_grid, config.rope_head_dim, 100.0, device=device)
 
 
 class VisionEncoder(nn.Module):
     """`vit_rope2d`: images (B, 3, 32, 32) → patch tokens → 2 blocks → norm → (B, 65, 64)."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: VisionConfig | None = None) -> None:
         super().__init__()
+        config = VisionConfig() if config is None else config
+        self.config = config
         self.patch_embedding = PatchEmbedding(
-            channels=3, patch=4, dim=64, image_size=32, positions="none", cls_token=True
+            channels=config.patch_embedding_channels,
+            patch=config.patch,
+            dim=config.dim,
+            image_size=config.image_size,
+            positions="none",
+            cls_token=True,
         )
-        self.layers = nn.ModuleDict({str(i): VisionEncoderBlock(i) for i in range(2)})
-        self.norm = RMSNorm(dim=64, eps=1e-05)
+        self.layers = nn.ModuleDict(
+            {str(i): VisionEncoderBlock(config, i) for i in range(config.n_layers)}
+        )
+        self.norm = RMSNorm(dim=config.dim, eps=1e-05)
         # fp32 2-D RoPE tables, like the decoder's: plain attributes, out of the state dict
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
@@ -879,7 +940,7 @@ class VisionEncoder(nn.Module):
         if self.norm is not None:
             self.norm.init_weights()
         device = next(self.parameters()).device
-        self.rope_cos, self.rope_sin = vision_rope_tables(device=device)
+        self.rope_cos, self.rope_sin = vision_rope_tables(device=device, config=self.config)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """A pipeline stage without the patch embedding takes hidden states instead of
@@ -904,18 +965,23 @@ class VLM(nn.Module):
     video (B, F, 3, H, W) with an optional frame_mask (B, F).
     """
 
-    image_size = 32  # the images the vision encoder takes: (channels, size, size)
-    image_channels = 3
+    # the images the vision encoder takes: (channels, size, size)
+    image_size = VisionConfig.image_size
+    image_channels = VisionConfig.patch_embedding_channels
     spec = SPEC  # the spec it was compiled from
     fusion = "joint_decoder"  # how the image reaches the decoder
 
-    def __init__(self) -> None:
+    def __init__(
+        self, config: ModelConfig | None = None, vision_config: VisionConfig | None = None
+    ) -> None:
         super().__init__()
+        config = ModelConfig() if config is None else config
+        vision_config = VisionConfig() if vision_config is None else vision_config
         device = torch.get_default_device()
         with torch.device("meta"):
-            self.vision_encoder = VisionEncoder()
-            self.adapter = Linear(in_dim=64, out_dim=128)
-            self.transformer = Transformer(num_image_tokens=IMAGE_TOKENS)
+            self.vision_encoder = VisionEncoder(vision_config)
+            self.adapter = Linear(in_dim=vision_config.dim, out_dim=config.dim)
+            self.transformer = Transformer(config, num_image_tokens=IMAGE_TOKENS)
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights_and_freqs()
@@ -928,7 +994,8 @@ class VLM(nn.Module):
             self.transformer.init_weights_and_freqs()
         with torch.no_grad():
             if self.vision_encoder is not None:
-                self.vision_encoder.init_weights(std, std / math.sqrt(2 * 2))
+                depth = self.vision_encoder.config.n_layers
+                self.vision_encoder.init_weights(std, std / math.sqrt(2 * depth))
             if self.adapter is not None:
                 self.adapter.init_weights(std, std)
 

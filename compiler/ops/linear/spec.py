@@ -20,7 +20,7 @@ OPS = (
         weights=lambda a: {"weight": (a["out_dim"], a["in_dim"]),
                            **({"bias": (a["out_dim"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
-        class_name="Linear",
+        class_name="Linear", slots=("adapter",),
         splittable=True,
         features=lambda a: frozenset({"zero_init"} if a["zero_init"] else ()),
         ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "bias": a["bias"],

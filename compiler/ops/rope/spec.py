@@ -74,5 +74,6 @@ OPS = (
         ),
         sizes=("head_dim", "grid"),
         slots=("vision_positions",), check=_check_rope2d,
+        code=("rope2d_tables",),
     ),
 )
