@@ -116,8 +116,14 @@ def test_no_size_literal_repeats_outside_model_config(spec):
     assert {v: lines for v, lines in seen.items() if v in sizes} == {}
 
 
-def test_llama_debug_is_shorter_than_before_the_op_modules():
-    assert len((GENERATED / "llama_debug" / "model.py").read_text().splitlines()) < 529
+def test_llama_debug_does_not_grow_unnoticed():
+    # The op-module refactor brought this file from 529 lines to 526 (no repeated size
+    # literal, no dead argument). Since then it carries code the model really runs in
+    # training: the fused, chunked head + cross-entropy (LinearCrossEntropy, 74 lines),
+    # the packed-document attention (DocumentMask, 87 lines) and forward(targets=...).
+    # Growth past this figure must be a deliberate change of it, reviewed like a golden.
+    lines = (GENERATED / "llama_debug" / "model.py").read_text().splitlines()
+    assert len(lines) <= 735
 
 
 def test_a_consistent_change_builds_a_consistent_model():
