@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 venv: $(STAMP)
 
 # Re-install only when the project metadata changes; `make venv` is idempotent.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[train,dev]'

@@ -35,9 +35,9 @@ def make_models_dir(folder: Path, config: dict | None = None) -> Path:
     import torch
     import transformers as hf
 
-    from compiler.build import build
-    from compiler.cli import main as forgec
-    from compiler.driver import compile_spec
+    from forgec.compiler.build import build
+    from forgec.compiler.cli import main as forgec
+    from forgec.compiler.driver import compile_spec
 
     ckpt = folder / "hf"
     if not (ckpt / "model.safetensors").exists():
@@ -54,7 +54,7 @@ def load_models(folder: Path, which: str, attn: str = "sdpa"):
     """The transformers model (`which` = "hf") or the generated one ("forgec"), fp32."""
     import transformers as hf
 
-    from runtime.hf import load_hf_checkpoint
+    from forgec.runtime.hf import load_hf_checkpoint
 
     if which == "hf":
         return hf.LlamaForCausalLM.from_pretrained(folder / "hf", attn_implementation=attn,

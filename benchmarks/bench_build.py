@@ -26,7 +26,7 @@ import _common as C  # noqa: E402
 
 def forgec() -> list[str]:
     script = Path(sys.executable).parent / "forgec"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "compiler.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "forgec.compiler.cli"]
 
 
 def timed(fn, runs: int) -> float:
@@ -45,8 +45,8 @@ def main() -> None:
     args = p.parse_args()
     specs = args.specs or sorted(str(s.relative_to(C.ROOT)) for s in (C.ROOT / "specs").glob("*.forge"))
 
-    from compiler.build import build
-    from compiler.driver import compile_spec
+    from forgec.compiler.build import build
+    from forgec.compiler.driver import compile_spec
 
     tmp = Path(tempfile.mkdtemp(prefix="forgec-build-"))
     python = timed(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True), args.runs)

@@ -25,9 +25,9 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def forgec() -> list[str]:
-    """The installed `forgec` script beside this interpreter, else `python -m compiler.cli`."""
+    """The installed `forgec` script beside this interpreter, else `python -m forgec.compiler.cli`."""
     script = Path(sys.executable).parent / "forgec"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "compiler.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "forgec.compiler.cli"]
 
 
 def median_seconds(cmd: list[str], runs: int) -> tuple[float, list[float]]:

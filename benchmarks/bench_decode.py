@@ -47,7 +47,7 @@ def main() -> None:
 
     import torch
 
-    from runtime.generate import generate
+    from forgec.runtime.generate import generate
 
     folder = args.dir or Path(tempfile.mkdtemp(prefix="forgec-bench-"))
     folder.mkdir(parents=True, exist_ok=True)

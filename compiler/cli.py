@@ -59,7 +59,7 @@ def _parser(full: bool = True) -> argparse.ArgumentParser:
                       help="replace existing packages whose content changes (golden files)")
 
     if full:
-        from runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
+        from forgec.runtime.cli import add_commands  # torch-free at import; see runtime/cli.py
 
         RUNTIME_COMMANDS.update(add_commands(sub))
         from .importers import add_commands as add_importers

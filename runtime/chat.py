@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from compiler.errors import RunError
+from forgec.compiler.errors import RunError
 
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")

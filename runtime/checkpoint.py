@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from compiler.errors import RunError
+from forgec.compiler.errors import RunError
 
 FORMAT = 2  # 1: the optimizer state nested as torch.optim saves it (still read)
 META = "trainer.json"

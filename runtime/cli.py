@@ -194,7 +194,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 def cmd_train(args) -> int:
     if args.plan is not None or args.nproc is not None:
         if args.wandb is not None:
-            from compiler.errors import UsageError
+            from forgec.compiler.errors import UsageError
 
             raise UsageError("--wandb logs single-process runs; with --plan, use the "
                              "TensorBoard event files in the run folder")
@@ -219,7 +219,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from compiler.errors import UsageError
+    from forgec.compiler.errors import UsageError
 
     if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise UsageError("--max-new-tokens must not be negative")
@@ -277,7 +277,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
-    from compiler.errors import UsageError
+    from forgec.compiler.errors import UsageError
 
     if args.max_shard_size < 1:
         raise UsageError("--max-shard-size must be at least 1 (MB)")

@@ -82,7 +82,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import parallel
@@ -199,7 +199,7 @@ def launch(args) -> int:
     check_fits_plan(spec, args.plan, nproc,
                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "runtime.worker", *worker_argv(args)]
+           f"--nproc-per-node={nproc}", "-m", "forgec.runtime.worker", *worker_argv(args)]
     env = dict(os.environ)
     # torchrun would otherwise set 1 thread per worker with a warning; share the cores
     env.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // nproc)))
@@ -648,7 +648,7 @@ class Engine:
     # -- the held-out eval of a vision-language model --
 
     def evaluate(self, held_out) -> dict:
-        """runtime.vlm_task.evaluate of the whole model: unpipelined, every rank
+        """forgec.runtime.vlm_task.evaluate of the whole model: unpipelined, every rank
         runs it (FSDP gathers each unit); pipelined, each eval batch goes through
         the stages in order and the last stage's ranks count the hits. Every rank
         returns the same row."""

@@ -37,8 +37,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from compiler.errors import RunError, UsageError
-from compiler.ops import OPS, foreign_op
+from forgec.compiler.errors import RunError, UsageError
+from forgec.compiler.ops import OPS, foreign_op
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -87,7 +87,7 @@ class Decoder:
 
 
 def _plain(value: Any) -> Any:
-    from compiler.bind import ComponentValue
+    from forgec.compiler.bind import ComponentValue
 
     return value.component.name if isinstance(value, ComponentValue) else value
 
@@ -125,7 +125,7 @@ def _op(component, name: str, where: str) -> None:
 
 def _flow_tree(block) -> tuple:
     """The block's return value as an expression of its input (sums sorted)."""
-    from compiler.bind import FAdd, FApply, FRef, FScale
+    from forgec.compiler.bind import FAdd, FApply, FRef, FScale
 
     if len(block.inputs) != 1:
         raise NotExportable(f"block {block.name} takes {len(block.inputs)} inputs, not one")
@@ -400,7 +400,7 @@ def hf_config(d: Decoder, model_type: str, *, dtype: str = "float32",
 def run_model_spec(run_dir: str):
     """The bound model (compiler.bind.Model) of the spec a run was built from,
     compiled afresh and checked to be the run's (same sources hash)."""
-    from compiler.driver import compile_and_report
+    from forgec.compiler.driver import compile_and_report
 
     from .package import read_run_info, run_package_dir
 
@@ -414,7 +414,7 @@ def run_model_spec(run_dir: str):
     comp = compile_and_report(spec, quiet=True)
     if comp is None:
         raise RunError(f"{spec} has errors now (above); export-hf needs the spec of the run")
-    from compiler.emit import source_hash
+    from forgec.compiler.emit import source_hash
 
     if source_hash(comp) != recorded.get("source_sha256"):
         raise RunError(f"{spec} changed since {run_dir} was built from it; export-hf needs the "
@@ -458,7 +458,7 @@ def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
     except NotExportable as e:
         raise RunError(f"cannot export {run_dir}: {e}") from None
     if os.path.isdir(out_dir) and force:  # only what an export writes: -o may be any folder
-        from compiler.importers.hf import TOKENIZER_FILES
+        from forgec.compiler.importers.hf import TOKENIZER_FILES
 
         for name in os.listdir(out_dir):
             if name in ("config.json", *TOKENIZER_FILES) or (

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from compiler.errors import RunError
+from forgec.compiler.errors import RunError
 
 from .sampling import sample_next
 

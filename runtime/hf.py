@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from compiler.errors import RunError
+from forgec.compiler.errors import RunError
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import hf

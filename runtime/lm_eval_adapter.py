@@ -26,7 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 
 def _lm_eval():

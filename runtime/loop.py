@@ -38,7 +38,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from . import parallel

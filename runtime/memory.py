@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 
-from compiler.cost import format_bytes
-from compiler.errors import RunError, UsageError
+from forgec.compiler.cost import format_bytes
+from forgec.compiler.errors import RunError, UsageError
 
 MEMORY_ENV = "FORGEC_MEMORY_LIMIT_BYTES"
 
@@ -76,8 +76,8 @@ def available_bytes(device) -> tuple[int | None, str]:
 def training_bytes(spec: str) -> tuple[str, int, int, list[str]]:
     """(model, parameters, fp32 weights + gradients + AdamW bytes, the spec's
     plans for it) of the model `spec` trains, from the compiler's cost model."""
-    from compiler.cost import cost, vlm_cost
-    from compiler.driver import compile_and_report
+    from forgec.compiler.cost import cost, vlm_cost
+    from forgec.compiler.driver import compile_and_report
 
     comp = compile_and_report(spec, quiet=True)
     if comp is None:  # build_package() has compiled it already: cannot happen
@@ -141,7 +141,7 @@ def check_fits_plan(spec: str, plan: str, world: int, device) -> None:
               f"its largest rank needs {format_bytes(need)} for its fp32 weights, gradients "
               f"and AdamW moments alone, and {where} has {format_bytes(available)} available")
     todo = ("Run its ranks where each has memory of its own (GPUs, or the nodes of a "
-            "cluster, with torchrun and `python -m runtime.worker`)" if shared else
+            "cluster, with torchrun and `python -m forgec.runtime.worker`)" if shared else
             "Train it with a plan over more devices")
     raise RunError(
         f"{report['model']} cannot train here with plan '{plan}': {figure} (`forgec plan "

@@ -15,7 +15,7 @@ import os
 import sys
 from types import ModuleType
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 
 def build_package(spec: str, run_dir: str, *, check_only: bool = False) -> str:
@@ -24,9 +24,9 @@ def build_package(spec: str, run_dir: str, *, check_only: bool = False) -> str:
     With `check_only`, nothing is written and a package that the spec would
     change is a RunError (a resumed run must train the model it started with).
     """
-    from compiler.build import build
-    from compiler.diagnostics import ForgeError
-    from compiler.driver import compile_and_report
+    from forgec.compiler.build import build
+    from forgec.compiler.diagnostics import ForgeError
+    from forgec.compiler.driver import compile_and_report
 
     comp = compile_and_report(spec, quiet=True)  # prints located diagnostics; None on errors
     if comp is None:

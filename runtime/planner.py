@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from . import parallel
 
@@ -524,10 +524,10 @@ def recomputed(acts: Activations, units: list[str], ckpt: list[str]) -> int:
 def _compile_plan(spec: str, plan_name: str, world: int):
     """(compilation, plan, the longest text a sequence may have: None for the
     decoder's max_seq_len)."""
-    from compiler.diagnostics import Diagnostics, print_diagnostics
-    from compiler.driver import compile_and_report
-    from compiler.plans import validate, validate_vlm_plan
-    from compiler.source import sources_of
+    from forgec.compiler.diagnostics import Diagnostics, print_diagnostics
+    from forgec.compiler.driver import compile_and_report
+    from forgec.compiler.plans import validate, validate_vlm_plan
+    from forgec.compiler.source import sources_of
 
     comp = compile_and_report(spec, quiet=True)
     if comp is None:
@@ -555,7 +555,7 @@ def _compile_plan(spec: str, plan_name: str, world: int):
 def plan_report(spec: str, plan_name: str, world: int, *, micro_batch: int = 1,
                 seq_len: int | None = None) -> dict:
     """The per-rank figures of `plan_name` at `world` ranks (see the module doc)."""
-    from compiler.build import build
+    from forgec.compiler.build import build
 
     from .package import import_package
 

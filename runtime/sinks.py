@@ -20,8 +20,8 @@ import hashlib
 import os
 import sys
 
-from compiler.errors import UsageError
-from compiler.ops import metrics_key
+from forgec.compiler.errors import UsageError
+from forgec.compiler.ops import metrics_key
 
 # the key of the mixture-of-experts statistics in a metrics row, declared by the ops
 # that fill the "experts" slot (a model's MoE hooks collect those)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 TEXT_EXT = (".txt", ".md", ".text")
 JSONL_EXT = (".jsonl", ".ndjson")

@@ -23,9 +23,9 @@ import json
 import os
 import shutil
 
-from compiler.errors import RunError, UsageError
-from compiler.importers.hf import copy_tokenizer as _copy_tokenizer
-from compiler.importers.hf import spec_tokenizer_dir, tokenizer_files
+from forgec.compiler.errors import RunError, UsageError
+from forgec.compiler.importers.hf import copy_tokenizer as _copy_tokenizer
+from forgec.compiler.importers.hf import spec_tokenizer_dir, tokenizer_files
 
 from .data import ByteTokenizer
 

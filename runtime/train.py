@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from . import checkpoint as ckpt
 from .data import data_setting

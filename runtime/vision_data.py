@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compiler.errors import RunError
+from forgec.compiler.errors import RunError
 
 from .data import EOS_ID, IGNORE_INDEX
 

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from .data import ByteTokenizer
 from .sampling import sample_next

@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from compiler.errors import UsageError
+from forgec.compiler.errors import UsageError
 
 from .data import IGNORE_INDEX
 from .loop import MoEStats, TextTask, accumulate_batch, cross_entropy_sum, read_metrics

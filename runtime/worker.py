@@ -1,4 +1,4 @@
-"""The torchrun worker of `forgec train --plan`: `python -m runtime.worker SPEC --plan NAME ...`.
+"""The torchrun worker of `forgec train --plan`: `python -m forgec.runtime.worker SPEC --plan NAME ...`.
 
 It takes `forgec train`'s options (runtime/cli.py) and runs
 runtime.distributed.train_distributed on this rank. `forgec train --plan`
@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from compiler.errors import RunError, UsageError
+from forgec.compiler.errors import RunError, UsageError
 
 from .cli import add_commands
 from .distributed import PID_PREFIX, STATUS_ENV, settings_of, teardown, train_distributed
@@ -24,7 +24,7 @@ from .loop import Stopped
 
 def worker_parser() -> argparse.ArgumentParser:
     """`forgec train`'s own options (runtime/cli.py), with --plan required."""
-    parser = argparse.ArgumentParser(prog="python -m runtime.worker")
+    parser = argparse.ArgumentParser(prog="python -m forgec.runtime.worker")
     sub = parser.add_subparsers(dest="command")
     add_commands(sub)
     return parser

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from compiler.cli import main
-from compiler.diagnostics import CompileFailed, Diagnostics
-from compiler.driver import Compilation, compile_spec
+from forgec.compiler.cli import main
+from forgec.compiler.diagnostics import CompileFailed, Diagnostics
+from forgec.compiler.driver import Compilation, compile_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.forge"))
@@ -72,7 +72,7 @@ def codes(diags: Diagnostics, severity: str | None = "error") -> list[tuple[str,
 
 def run_forgec(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the installed CLI in a fresh interpreter (as users do)."""
-    return subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=cwd or ROOT,
+    return subprocess.run([sys.executable, "-m", "forgec.compiler.cli", *args], cwd=cwd or ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 

@@ -62,7 +62,7 @@ def spawn(fn, args: tuple, world: int, tmp_dir: str, timeout: float = 120) -> No
 
 def train_worker(argv: list[str]) -> int:
     """A rank of `forgec train --plan` (the torchrun worker's own entry)."""
-    from runtime.worker import main
+    from forgec.runtime.worker import main
 
     return main(argv)
 
@@ -71,7 +71,7 @@ def train_runs(runs: list[tuple[list[str], dict]]) -> int:
     """Several `forgec train --plan` runs (argv, extra environment), one after
     the other in one process group (saves a spawn per run), then the worker's
     own teardown."""
-    from runtime.distributed import teardown
+    from forgec.runtime.distributed import teardown
 
     try:
         for argv, env in runs:
@@ -90,9 +90,9 @@ def train_runs(runs: list[tuple[list[str], dict]]) -> int:
 
 
 def _main_keep_group(argv: list[str]) -> int:
-    """runtime.worker.main without the teardown (the next run reuses the group)."""
-    from compiler.errors import RunError, UsageError
-    from runtime import distributed, worker
+    """forgec.runtime.worker.main without the teardown (the next run reuses the group)."""
+    from forgec.compiler.errors import RunError, UsageError
+    from forgec.runtime import distributed, worker
 
     args = worker.worker_parser().parse_args(["train", *argv])
     try:

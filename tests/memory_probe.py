@@ -27,8 +27,8 @@ import sys
 
 import torch
 
-from runtime.package import import_package
-from runtime.train import Settings, accumulate_gradients, make_optimizer
+from forgec.runtime.package import import_package
+from forgec.runtime.train import Settings, accumulate_gradients, make_optimizer
 
 
 def status_bytes(field: str) -> int:
@@ -63,13 +63,13 @@ def _batch(task, pkg, s):
     """One global batch of the run's task: random tokens in one packed document
     (text), or captioned images."""
     if task.vlm:
-        from runtime.vision_data import CaptionData
-        from runtime.vlm_task import image_geometry
+        from forgec.runtime.vision_data import CaptionData
+        from forgec.runtime.vlm_task import image_geometry
 
         with torch.device("meta"):
             size, channels = image_geometry(task.new_model())
         return CaptionData(size, channels, s.seed).next_batch(s.batch_size)
-    from runtime.data import Batch
+    from forgec.runtime.data import Batch
 
     vocab = pkg.ModelConfig().vocab_size
     tokens = torch.randint(0, vocab, (s.batch_size, s.seq_len + 1))
@@ -81,9 +81,9 @@ def _engine(pkg_dir: str, plan: str, batch_size: int, seq_len: int | None):
     """A builder of the plan's engine (runtime.distributed.Engine) and its
     batch, after the process group's mesh for the plan exists (its
     communicators are the run's, not the model's)."""
-    from runtime import distributed
-    from runtime.package import import_package
-    from runtime.train import resolve_settings
+    from forgec.runtime import distributed
+    from forgec.runtime.package import import_package
+    from forgec.runtime.train import resolve_settings
 
     pkg = import_package(pkg_dir)
     planmod = distributed.plan_module(pkg)
@@ -108,7 +108,7 @@ def rank_peaks(runs: list[dict], out_dir: str) -> int:
     to OUT_DIR/TAG.rankR.json, with the parameter elements the rank stores."""
     import torch.distributed as dist
 
-    from runtime.distributed import teardown
+    from forgec.runtime.distributed import teardown
 
     mmap_tensors()
     rank = int(os.environ["RANK"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import SPECS, codes
 
-from compiler.bind import MAX_LAYERS, FAct, FAdd, FApply, FMul, FRef, FScale, FSub
-from compiler.driver import compile_spec
+from forgec.compiler.bind import MAX_LAYERS, FAct, FAdd, FApply, FMul, FRef, FScale, FSub
+from forgec.compiler.driver import compile_spec
 
 # The rest of a valid model; `params()` puts its lines first, from line 2 on.
 TAIL = """\

@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 from conftest import ROOT, codes
 
-from compiler.checks import modality, run_vlm_checks
-from compiler.cost import vlm_cost
-from compiler.diagnostics import Diagnostics
-from compiler.driver import compile_spec
-from compiler.lower import ADAPTER, FUSION, TEXT_PREFIX, VISION_PREFIX, lower_vlm
+from forgec.compiler.checks import modality, run_vlm_checks
+from forgec.compiler.cost import vlm_cost
+from forgec.compiler.diagnostics import Diagnostics
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.lower import ADAPTER, FUSION, TEXT_PREFIX, VISION_PREFIX, lower_vlm
 
 # A model whose block `dense` is written by the test, from line 6 on.
 CHECK_MODEL = """\

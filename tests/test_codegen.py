@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SPECS, compile_text, run_forgec
 
-from compiler import build as build_module
-from compiler.build import build, read_package
-from compiler.driver import compile_spec
-from compiler.emit import emit_package
+from forgec.compiler import build as build_module
+from forgec.compiler.build import build, read_package
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.emit import emit_package
 
 GENERATED = ROOT / "generated"
 
@@ -81,7 +81,7 @@ def test_a_failing_write_leaves_the_previous_package_untouched(tmp_path, monkeyp
 
 def test_output_is_deterministic_across_processes(tmp_path):
     for i, seed in enumerate(("1", "2")):
-        subprocess.run([sys.executable, "-m", "compiler.cli", "build", "-o", str(tmp_path / str(i)),
+        subprocess.run([sys.executable, "-m", "forgec.compiler.cli", "build", "-o", str(tmp_path / str(i)),
                         *[str(p.relative_to(ROOT)) for p in SPECS]],
                        cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)})

@@ -144,7 +144,7 @@ def test_big_specs_blocks_trace_as_one_graph_on_the_meta_device(name):
 
 
 def _losses(run) -> list[float]:
-    from runtime.train import read_metrics
+    from forgec.runtime.train import read_metrics
 
     return [r["loss"] for r in read_metrics(str(run / "metrics.jsonl"))]
 
@@ -153,7 +153,7 @@ def _quiet_train(*args, **kwargs):
     import contextlib
     import io
 
-    from runtime.train import train
+    from forgec.runtime.train import train
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return train(*args, progress=False, **kwargs)

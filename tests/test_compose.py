@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, codes
 
-from compiler.cost import cost
-from compiler.driver import compile_spec
-from compiler.plans import tp_plan
+from forgec.compiler.cost import cost
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.plans import tp_plan
 
 MODEL = """\
 model m {{
@@ -176,7 +176,7 @@ def test_composed_debug_spec():
 
 
 def test_module_declarations_parse_as_modules():
-    from compiler.parse import parse
+    from forgec.compiler.parse import parse
 
     (section,) = parse("model m { module g(x, y) { p = linear(4, 4)\n return p(x) * y } }",
                        "s.forge").sections
@@ -272,7 +272,7 @@ def test_a_module_is_generated_as_a_class_reading_model_config():
 
 
 def test_module_dataflow_is_straight_line_with_shapes(forge, tmp_path):
-    from compiler.emit import emit_package
+    from forgec.compiler.emit import emit_package
 
     modules = """\
   module gated(x) {

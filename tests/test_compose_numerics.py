@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
-from compiler.driver import compile_spec
-from compiler.ops.geglu.modules import GeGLU
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.ops.geglu.modules import GeGLU
 
 
 @pytest.fixture(autouse=True)

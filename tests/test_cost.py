@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import codes
 
-from compiler.cost import cost, group_of
-from compiler.driver import compile_spec
-from compiler.ops import attended_keys
+from forgec.compiler.cost import cost, group_of
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.ops import attended_keys
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

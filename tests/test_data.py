@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.errors import RunError, UsageError
-from runtime.data import (
+from forgec.compiler.errors import RunError, UsageError
+from forgec.runtime.data import (
     EOS_ID,
     IGNORE_INDEX,
     ByteTokenizer,

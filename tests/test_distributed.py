@@ -23,8 +23,8 @@ import torch
 from conftest import ROOT
 from dist_helpers import spawn, train_runs
 
-from compiler.cli import main
-from runtime.train import read_metrics, train
+from forgec.compiler.cli import main
+from forgec.runtime.train import read_metrics, train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TIED = str(ROOT / "specs" / "qwen_debug.forge")  # its head is tied to the embedding
@@ -118,7 +118,7 @@ def quiet_train(*args, **kwargs) -> dict:
 
 def torchrun_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """`forgec train ... --plan` in a fresh interpreter: it starts torchrun."""
-    return subprocess.run([sys.executable, "-m", "compiler.cli", "train", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "forgec.compiler.cli", "train", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -270,8 +270,8 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_meta_device_initialisation_draws_independent_shards_and_stages(two_ranks, reference):
-    from runtime.checkpoint import latest_checkpoint, load_checkpoint
-    from runtime.package import import_package
+    from forgec.runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from forgec.runtime.package import import_package
 
     def trained(name: str):
         run = two_ranks / name
@@ -322,8 +322,8 @@ def test_fsdp_x_pipeline_on_4_ranks(four_ranks, reference):
 def tied_pair(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The embedding table and the head's weight in the run's last checkpoint
     (a pipeline saves them from different stages)."""
-    from runtime.checkpoint import latest_checkpoint, load_checkpoint
-    from runtime.package import import_package
+    from forgec.runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from forgec.runtime.package import import_package
 
     pkg = import_package(str(run / "package" / "qwen_debug"))
     model = pkg.Transformer()

@@ -30,7 +30,7 @@ from test_distributed import (
     quiet_train,
 )
 
-from compiler.cli import main
+from forgec.compiler.cli import main
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 MOE = str(ROOT / "specs" / "moe_debug.forge")
@@ -170,8 +170,8 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_meta_device_initialisation_draws_each_tp_shard(two_ranks, reference):
-    from runtime.checkpoint import latest_checkpoint, load_checkpoint
-    from runtime.package import import_package
+    from forgec.runtime.checkpoint import latest_checkpoint, load_checkpoint
+    from forgec.runtime.package import import_package
 
     run = two_ranks / "meta_init_tp2"
     got = losses(run)

@@ -38,8 +38,8 @@ from test_distributed import (
     torchrun_cli,
 )
 
-from compiler.cli import main
-from runtime.train import read_metrics
+from forgec.compiler.cli import main
+from forgec.runtime.train import read_metrics
 
 VLM = str(ROOT / "specs" / "vlm.forge")
 SETTINGS = {"batch_size": 4, "seed": 0}

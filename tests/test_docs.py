@@ -20,11 +20,11 @@ import textwrap
 import pytest
 from conftest import ROOT, compile_text, run_forgec
 
-from compiler.bind import SETTINGS
-from compiler.cli import _parser
-from compiler.functions import FUNCTIONS
-from compiler.ops import OPS, ArgSpec
-from compiler.plans import DIRECTIVES
+from forgec.compiler.bind import SETTINGS
+from forgec.compiler.cli import _parser
+from forgec.compiler.functions import FUNCTIONS
+from forgec.compiler.ops import OPS, ArgSpec
+from forgec.compiler.plans import DIRECTIVES
 
 DOC = ROOT / "docs" / "language.md"
 DOC_TEXT = DOC.read_text(encoding="utf-8")
@@ -224,7 +224,7 @@ def test_every_subcommand_is_documented():
 
 
 def test_exit_codes_are_documented():
-    from compiler import errors
+    from forgec.compiler import errors
 
     text = section(DOC_TEXT, "The command line")
     for code in (errors.EXIT_OK, errors.EXIT_SPEC, errors.EXIT_USAGE, errors.EXIT_INTERNAL,

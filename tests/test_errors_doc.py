@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compile_text, run_forgec
 
-from compiler.build import package_name
-from compiler.diagnostics import CompileFailed, Diagnostics, ForgeError
-from compiler.driver import compile_spec
-from compiler.importers.common import JSONSyntaxError, parse_json, parse_toml
-from compiler.importers.hf import import_hf
-from compiler.importers.kf import import_kf
-from compiler.plans import validate
-from compiler.source import MAX_SPEC_BYTES
+from forgec.compiler.build import package_name
+from forgec.compiler.diagnostics import CompileFailed, Diagnostics, ForgeError
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.importers.common import JSONSyntaxError, parse_json, parse_toml
+from forgec.compiler.importers.hf import import_hf
+from forgec.compiler.importers.kf import import_kf
+from forgec.compiler.plans import validate
+from forgec.compiler.source import MAX_SPEC_BYTES
 
 DOC = ROOT / "docs" / "errors.md"
 SOURCE_CODE_RE = re.compile(r'"([EWN]\d{3})"')

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.cli import main as forgec
-from runtime.generate import load_run_model
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.generate import load_run_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ("In the beginning the Universe was created. This has made a lot of people very angry "
@@ -153,8 +153,8 @@ def test_lm_eval_tasks_score_as_transformers_scores_the_exported_model(run, tmp_
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from runtime.lm_eval_adapter import run_tasks
-    from runtime.tokenizer import run_tokenizer
+    from forgec.runtime.lm_eval_adapter import run_tasks
+    from forgec.runtime.tokenizer import run_tokenizer
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

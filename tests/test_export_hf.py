@@ -17,9 +17,9 @@ import pytest
 import torch
 import transformers as hf
 
-from compiler.cli import main as forgec
-from runtime.data import ByteTokenizer
-from runtime.generate import load_run_model
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.data import ByteTokenizer
+from forgec.runtime.generate import load_run_model
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -83,7 +83,7 @@ def test_transformers_computes_the_runs_logits(tmp_path, family):
 
 
 def test_a_native_spec_exports_as_llama_with_shards_and_the_byte_tokenizer(tmp_path):
-    from runtime.export import export_hf
+    from forgec.runtime.export import export_hf
 
     run = tmp_path / "run"
     train_run(ROOT / "specs" / "llama_debug.forge", run)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.ops.embedding.modules import IGNORE_INDEX, LinearCrossEntropy, OutputHead
-from runtime.data import IGNORE_INDEX as RUNTIME_IGNORE_INDEX
-from runtime.loop import TextTask, accumulate_batch, cross_entropy_sum, router_loss
+from forgec.compiler.ops.embedding.modules import IGNORE_INDEX, LinearCrossEntropy, OutputHead
+from forgec.runtime.data import IGNORE_INDEX as RUNTIME_IGNORE_INDEX
+from forgec.runtime.loop import TextTask, accumulate_batch, cross_entropy_sum, router_loss
 
 
 def model_module(name: str):

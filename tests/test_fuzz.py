@@ -29,7 +29,7 @@ from conftest import SPECS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compiler.cli import main
+from forgec.compiler.cli import main
 
 # One compile of the largest spec takes tens of milliseconds; two seconds is
 # far beyond any legitimate run, and the alarm catches a genuine hang.

@@ -11,12 +11,12 @@ import torch
 from conftest import ENCODER_SPEC, ROOT
 from conftest import cli as run_forgec
 
-from compiler.errors import RunError
-from runtime.data import ByteTokenizer
-from runtime.generate import generate, generate_text, load_run_model
-from runtime.package import build_package, import_package
-from runtime.sampling import filter_logits, sample_next, top_k_mask, top_p_mask
-from runtime.train import train
+from forgec.compiler.errors import RunError
+from forgec.runtime.data import ByteTokenizer
+from forgec.runtime.generate import generate, generate_text, load_run_model
+from forgec.runtime.package import build_package, import_package
+from forgec.runtime.sampling import filter_logits, sample_next, top_k_mask, top_p_mask
+from forgec.runtime.train import train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 

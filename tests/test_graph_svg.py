@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from compiler.graphio import to_svg
+from forgec.compiler.graphio import to_svg
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -21,16 +21,16 @@ import torch
 import transformers as hf
 from conftest import ROOT, run_forgec
 
-from compiler.build import build
-from compiler.cli import main as forgec
-from compiler.cost import cost
-from compiler.diagnostics import Diagnostics
-from compiler.driver import compile_spec
-from compiler.errors import RunError
-from compiler.importers.common import JSONSyntaxError, parse_json, parse_toml, selectors
-from compiler.importers.hf import import_hf
-from compiler.importers.kf import import_kf
-from runtime.hf import forge_to_hf, hf_to_forge, load_hf_checkpoint, save_hf_checkpoint
+from forgec.compiler.build import build
+from forgec.compiler.cli import main as forgec
+from forgec.compiler.cost import cost
+from forgec.compiler.diagnostics import Diagnostics
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.errors import RunError
+from forgec.compiler.importers.common import JSONSyntaxError, parse_json, parse_toml, selectors
+from forgec.compiler.importers.hf import import_hf
+from forgec.compiler.importers.kf import import_kf
+from forgec.runtime.hf import forge_to_hf, hf_to_forge, load_hf_checkpoint, save_hf_checkpoint
 
 LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
@@ -168,9 +168,9 @@ def test_importing_does_not_import_torch(tmp_path):
     src = write_config(tmp_path / "hf", LLAMA)
     code = textwrap.dedent(f"""\
         import sys
-        from compiler.cli import main
+        from forgec.compiler.cli import main
         assert main(["import-hf", {str(src)!r}, "-o", {str(tmp_path / 'a.forge')!r}]) == 0
-        assert "compiler.importers.hf" in sys.modules
+        assert "forgec.compiler.importers.hf" in sys.modules
         assert "torch" not in sys.modules, "torch imported"
         print("ok")
         """)

@@ -24,13 +24,13 @@ import pytest
 import torch
 from conftest import run_forgec
 
-from compiler.build import build
-from compiler.cost import cost
-from compiler.diagnostics import Diagnostics
-from compiler.driver import compile_spec
-from compiler.importers import kf
-from compiler.importers.common import JSONSyntaxError, parse_toml
-from compiler.importers.kf import import_kf
+from forgec.compiler.build import build
+from forgec.compiler.cost import cost
+from forgec.compiler.diagnostics import Diagnostics
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.importers import kf
+from forgec.compiler.importers.common import JSONSyntaxError, parse_toml
+from forgec.compiler.importers.kf import import_kf
 
 LLAMA_7B = """\
 # Llama 7B model configuration.

@@ -17,10 +17,11 @@ import networkx as nx
 import pytest
 from conftest import ROOT
 
-PACKAGES = ("compiler", "runtime", "generated")
+# folder -> the import name it installs as (generated/ is test data, imported from the checkout)
+PACKAGES = {"compiler": "forgec.compiler", "runtime": "forgec.runtime", "generated": "generated"}
 # imported by the runtime and the importers: they import nothing of forgec
-BOTTOM = ("compiler.errors", "compiler.diagnostics")
-CLI = "compiler.cli"  # the entry point: nothing imports it
+BOTTOM = ("forgec.compiler.errors", "forgec.compiler.diagnostics")
+CLI = "forgec.compiler.cli"  # the entry point: nothing imports it
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,14 @@ class PrivateUse:
 
 
 def find_modules(root: Path, packages=PACKAGES) -> dict[str, Module]:
+    """Modules under each folder of `packages` (a folder -> import name mapping, or folders
+    that import under their own names)."""
+    if not isinstance(packages, dict):
+        packages = {folder: folder for folder in packages}
     modules = {}
-    for pkg in packages:
-        for path in sorted((root / pkg).rglob("*.py")):
-            parts = path.relative_to(root).with_suffix("").parts
+    for folder, import_name in packages.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = (import_name, *path.relative_to(root / folder).with_suffix("").parts)
             is_package = parts[-1] == "__init__"
             name = ".".join(parts[:-1] if is_package else parts)
             modules[name] = Module(name, path, is_package)
@@ -110,8 +115,8 @@ def analyse(root: Path, packages=PACKAGES) -> tuple[nx.DiGraph, list[PrivateUse]
                     if alias.asname:
                         aliases[alias.asname] = target
                     else:  # `import a.b` binds `a`
-                        head = alias.name.split(".")[0]
-                        if head in modules:
+                        head = alias.name.split(".")[0]  # a module, or a namespace (forgec)
+                        if any(m == head or m.startswith(head + ".") for m in modules):
                             aliases[head] = head
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
@@ -270,10 +275,10 @@ def forgec():
 def test_the_walk_sees_forgec(forgec):
     graph, _ = forgec
     # a few edges the rest of the file relies on seeing, lazy and relative ones included
-    assert graph.has_edge("compiler.cli", "runtime.cli")  # lazy, absolute
-    assert graph.has_edge("compiler.cli", "compiler.driver")  # lazy, relative
-    assert graph.has_edge("compiler.driver", "compiler.bind")  # module level
-    assert graph.has_edge("runtime.train", "compiler.errors")
+    assert graph.has_edge("forgec.compiler.cli", "forgec.runtime.cli")  # lazy, absolute
+    assert graph.has_edge("forgec.compiler.cli", "forgec.compiler.driver")  # lazy, relative
+    assert graph.has_edge("forgec.compiler.driver", "forgec.compiler.bind")  # module level
+    assert graph.has_edge("forgec.runtime.train", "forgec.compiler.errors")
     assert graph.has_edge("generated.llama_debug", "generated.llama_debug.model")
     assert graph.number_of_nodes() > 60
 
@@ -294,7 +299,8 @@ def test_no_import_cycle(forgec):
 
 def test_errors_sit_at_the_bottom(forgec):
     graph, _ = forgec
-    for name in (*BOTTOM, "compiler", "runtime"):  # importing them runs the packages' __init__
+    # importing a module runs its packages' __init__ too
+    for name in (*BOTTOM, "forgec.compiler", "forgec.runtime"):
         imports = imports_of(graph, name)
         assert not imports, f"{name} imports forgec modules: {imports}"
 

@@ -23,12 +23,12 @@ import torch
 from conftest import ROOT
 from dist_helpers import spawn, train_runs
 
-from compiler.cli import main as forgec
-from runtime.checkpoint import list_checkpoints
-from runtime.hf import load_hf_checkpoint
-from runtime.loop import count_targets, cross_entropy_sum, load_data, read_metrics
-from runtime.package import import_package, run_package_dir
-from runtime.train import Settings, train
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.checkpoint import list_checkpoints
+from forgec.runtime.hf import load_hf_checkpoint
+from forgec.runtime.loop import count_targets, cross_entropy_sum, load_data, read_metrics
+from forgec.runtime.package import import_package, run_package_dir
+from forgec.runtime.train import Settings, train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TIED = str(ROOT / "specs" / "qwen_debug.forge")
@@ -105,7 +105,7 @@ def hf_src(work) -> tuple[Path, Path]:
 
 def source_loss(src: Path, run: Path) -> float:
     """The loss of run `src`'s latest weights on the first batch of `run`."""
-    from runtime.checkpoint import load_checkpoint
+    from forgec.runtime.checkpoint import load_checkpoint
 
     model = fresh_model(src)
     load_checkpoint(list_checkpoints(str(src))[-1][1], model)

@@ -24,7 +24,8 @@ from conftest import ROOT, run_forgec
 
 SPEC = "specs/llama_debug.forge"  # relative: the generated code names it
 GOLDEN = ROOT / "generated" / "llama_debug"
-PACKAGES = ("compiler", "runtime")  # what the wheel installs (generated/ is test data)
+# the folders the wheel installs, as forgec.compiler and forgec.runtime (generated/ is test data)
+PACKAGES = ("compiler", "runtime")
 
 
 def _env() -> dict[str, str]:
@@ -38,15 +39,16 @@ def _run(argv, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 def _sources(root: Path) -> set[str]:
-    """The checkout's files under PACKAGES, as wheel paths."""
-    return {p.relative_to(root).as_posix() for pkg in PACKAGES for p in (root / pkg).rglob("*")
+    """The checkout's files under PACKAGES, as wheel paths (under forgec/)."""
+    return {"forgec/" + p.relative_to(root).as_posix() for pkg in PACKAGES
+            for p in (root / pkg).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src)
     for pkg in PACKAGES:
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -119,7 +121,7 @@ def test_the_wheel_holds_every_source_and_data_file_and_no_other_top_level_name(
     names = set(zipfile.ZipFile(wheel).namelist())
     installed = {n for n in names if ".dist-info/" not in n}
     assert installed == _sources(ROOT)
-    assert {n.split("/")[0] for n in installed} == set(PACKAGES)
+    assert {n.split("/")[0] for n in installed} == {"forgec"}  # no generic top-level name
     metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
     assert "Requires-Python: <3.14,>=3.11" in text
@@ -138,8 +140,12 @@ def test_the_installed_wheel_builds_trains_and_draws_outside_the_checkout(wheel,
     (_site_packages(python) / "this_env.pth").write_text("".join(f"{p}\n" for p in paths))
     _pip(python, "--no-deps", wheel)
     work = _workdir(tmp_path / "work")
-    where = _run([python, "-c", "import compiler, runtime; print(compiler.__file__); "
-                  "print(runtime.__file__)"], cwd=work)
+    where = _run([python, "-c", "import forgec.compiler, forgec.runtime; "
+                  "print(forgec.compiler.__file__); print(forgec.runtime.__file__)"], cwd=work)
+    assert where.returncode == 0, where.stderr
+    # and nothing under the generic names other distributions use
+    generic = _run([python, "-c", "import compiler"], cwd=work)
+    assert generic.returncode != 0 and "No module named 'compiler'" in generic.stderr
     assert where.returncode == 0, where.stderr
     for line in where.stdout.splitlines():
         assert Path(line).is_relative_to(tmp_path / "venv"), line

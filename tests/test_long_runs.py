@@ -17,11 +17,11 @@ import pytest
 from conftest import ROOT
 from conftest import cli as run_forgec
 
-from compiler.cli import RunError, UsageError
-from runtime.checkpoint import list_checkpoints, prune_checkpoints
-from runtime.memory import MEMORY_ENV, training_bytes
-from runtime.sinks import scalars
-from runtime.train import read_metrics, train
+from forgec.compiler.cli import RunError, UsageError
+from forgec.runtime.checkpoint import list_checkpoints, prune_checkpoints
+from forgec.runtime.memory import MEMORY_ENV, training_bytes
+from forgec.runtime.sinks import scalars
+from forgec.runtime.train import read_metrics, train
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TINY = dict(batch_size=4, seq_len=32)  # ~20 ms a step on 2 cores
@@ -65,7 +65,7 @@ def test_cli_resume_without_a_run_starts_fresh(tmp_path):
 
 def forgec_process(*args: str) -> subprocess.Popen:
     """`forgec` in a fresh interpreter, as a job scheduler starts it."""
-    return subprocess.Popen([sys.executable, "-m", "compiler.cli", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "forgec.compiler.cli", *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -154,7 +154,7 @@ def test_keep_last_in_a_run_and_its_resumption(tmp_path):
 def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path):
     out = tmp_path / "big"
     proc = subprocess.run(
-        [sys.executable, "-m", "compiler.cli", "train", str(ROOT / "specs" / "llama3_8b.forge"),
+        [sys.executable, "-m", "forgec.compiler.cli", "train", str(ROOT / "specs" / "llama3_8b.forge"),
          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT), MEMORY_ENV: str(23 << 30)})
     assert proc.returncode == 1
@@ -168,8 +168,8 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path):
 
 
 def test_the_figure_counts_every_parameter_of_a_vlm():
-    from compiler.cli import _compile
-    from compiler.cost import cost
+    from forgec.compiler.cli import _compile
+    from forgec.compiler.cost import cost
 
     name, params, need, plans = training_bytes(str(ROOT / "specs" / "vlm.forge"))
     comp = _compile(str(ROOT / "specs" / "vlm.forge"), quiet=True)
@@ -265,8 +265,8 @@ def test_wandb_without_the_package_is_a_usage_error(tmp_path, monkeypatch):
 
 def test_a_plan_whose_ranks_cannot_fit_is_refused_before_its_workers_start(tmp_path,
                                                                            monkeypatch, capsys):
-    from compiler.cli import main as forgec
-    from runtime.memory import check_fits_plan
+    from forgec.compiler.cli import main as forgec
+    from forgec.runtime.memory import check_fits_plan
 
     need = 16 * 853_120  # two FSDP ranks of llama_debug hold its 853,120 parameters once
     monkeypatch.setenv(MEMORY_ENV, str(need - 1))
@@ -279,7 +279,7 @@ def test_a_plan_whose_ranks_cannot_fit_is_refused_before_its_workers_start(tmp_p
         "largest rank 6.51 MiB), and they share the memory limit FORGEC_MEMORY_LIMIT_BYTES, "
         f"which has 13.02 MiB available (`forgec plan {DEBUG} --plan fsdp2 --world 2` shows "
         "each rank's memory; activations come on top). Run its ranks where each has memory of "
-        "its own (GPUs, or the nodes of a cluster, with torchrun and `python -m runtime.worker`)"
+        "its own (GPUs, or the nodes of a cluster, with torchrun and `python -m forgec.runtime.worker`)"
         ", or a smaller model; --bf16 and a smaller --batch-size or --seq-len shrink only the "
         "activations"]
     assert not (out / "run.json").exists() and not (out / "metrics.jsonl").exists()
@@ -323,7 +323,7 @@ def test_sigterm_under_a_plan_checkpoints_and_resume_gives_the_uninterrupted_cur
     assert f"forgec: stopped by SIGTERM after step {step} of {steps}; checkpoint " \
         f"{out / 'checkpoints' / f'step_{step:06d}'}; the same command with --resume " \
         "continues" in err.splitlines()
-    proc = subprocess.run([sys.executable, "-m", "compiler.cli", *cmd], cwd=ROOT, text=True,
+    proc = subprocess.run([sys.executable, "-m", "forgec.compiler.cli", *cmd], cwd=ROOT, text=True,
                           capture_output=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ import networkx as nx
 import pytest
 from conftest import codes
 
-from compiler.driver import compile_spec
-from compiler.lower import (
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.lower import (
     ADAPTER,
     FUSION,
     IMAGE,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, SPECS
 
-from compiler.modular import index
+from forgec.compiler.modular import index
 
 GENERATED = ROOT / "generated"
 # classes of the vision side, whose sizes are the vision encoder's, not ModelConfig's

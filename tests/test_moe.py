@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from compiler.build import build
-from compiler.cost import cost
-from compiler.driver import compile_spec
+from forgec.compiler.build import build
+from forgec.compiler.cost import cost
+from forgec.compiler.driver import compile_spec
 
 LLAMA = (ROOT / "specs" / "llama_debug.forge").read_text()
 

@@ -21,13 +21,13 @@ def _run(prelude: str) -> subprocess.CompletedProcess:
     code = textwrap.dedent(f"""\
         import contextlib, io, sys
         {prelude}
-        from compiler.cli import main
+        from forgec.compiler.cli import main
         for argv in {COMMANDS!r}:
             with contextlib.redirect_stdout(io.StringIO()):
                 status = main(argv)
             assert status == 0, (argv, status)
         # the commands really ran in this interpreter
-        assert "compiler.cost" in sys.modules and "compiler.lower" in sys.modules
+        assert "forgec.compiler.cost" in sys.modules and "forgec.compiler.lower" in sys.modules
         assert "torch" not in sys.modules or sys.modules["torch"] is None, \\
             sorted(m for m in sys.modules if m.split(".")[0] == "torch")[:10]
         print("ok")

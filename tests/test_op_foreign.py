@@ -3,8 +3,8 @@ importers and export-hf look the ops up by their role there."""
 
 from __future__ import annotations
 
-from compiler.importers import kf
-from compiler.ops import OPS, foreign_choices, foreign_default, foreign_op
+from forgec.compiler.importers import kf
+from forgec.compiler.ops import OPS, foreign_choices, foreign_default, foreign_op
 
 
 def test_kempnerforge_choices_name_the_ops_of_their_role():

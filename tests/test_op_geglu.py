@@ -12,11 +12,11 @@ import torch
 import transformers as hf
 from conftest import compile_text
 
-from compiler.cost import cost
-from compiler.emit import emit_package
-from compiler.ops.geglu.modules import GeGLU
-from compiler.plans import tp_plan
-from runtime.hf import load_hf_checkpoint
+from forgec.compiler.cost import cost
+from forgec.compiler.emit import emit_package
+from forgec.compiler.ops.geglu.modules import GeGLU
+from forgec.compiler.plans import tp_plan
+from forgec.runtime.hf import load_hf_checkpoint
 
 SPEC = """
 model tiny_geglu {

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.modular import copy_definitions, index, specialise
-from compiler.ops import OPS
-from compiler.ops.attention.modules import Attention, KVCache
-from compiler.ops.embedding.modules import OutputHead, TokenEmbedding
-from compiler.ops.mlp.modules import GeluMLP, ReluMLP, SwiGLU
-from compiler.ops.moe.modules import MoE, SoftmaxTopK, grouped_mm
-from compiler.ops.norm.modules import LayerNorm, RMSNorm
-from compiler.ops.rope.modules import apply_rope, rope2d_tables
+from forgec.compiler.modular import copy_definitions, index, specialise
+from forgec.compiler.ops import OPS
+from forgec.compiler.ops.attention.modules import Attention, KVCache
+from forgec.compiler.ops.embedding.modules import OutputHead, TokenEmbedding
+from forgec.compiler.ops.mlp.modules import GeluMLP, ReluMLP, SwiGLU
+from forgec.compiler.ops.moe.modules import MoE, SoftmaxTopK, grouped_mm
+from forgec.compiler.ops.norm.modules import LayerNorm, RMSNorm
+from forgec.compiler.ops.rope.modules import apply_rope, rope2d_tables
 
 
 def _init(module, *args):

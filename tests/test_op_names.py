@@ -15,7 +15,7 @@ import tokenize
 import pytest
 from conftest import ROOT
 
-from compiler.ops import OPS
+from forgec.compiler.ops import OPS
 
 SCANNED = [p for d in ("compiler", "runtime") for p in sorted((ROOT / d).rglob("*"))
            if p.suffix in (".py", ".j2") and "ops" not in p.relative_to(ROOT).parts[1:2]

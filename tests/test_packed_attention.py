@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compiler.ops.attention.modules import DocumentMask
+from forgec.compiler.ops.attention.modules import DocumentMask
 
 # documents of different lengths, cut differently in each row: a one-token
 # document, a document of a whole row, documents longer than qwen_debug's window

@@ -37,10 +37,10 @@ import pytest
 import torch
 import transformers as hf
 
-from compiler.build import build
-from compiler.cli import main as forgec
-from compiler.driver import compile_spec
-from runtime.hf import load_hf_checkpoint
+from forgec.compiler.build import build
+from forgec.compiler.cli import main as forgec
+from forgec.compiler.driver import compile_spec
+from forgec.runtime.hf import load_hf_checkpoint
 
 PROMPT, NEW = 20, 32
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -9,9 +9,9 @@ import textwrap
 import pytest
 from conftest import ROOT
 
-from compiler import ast
-from compiler.diagnostics import ForgeError, Span
-from compiler.parse import MAX_EXPR_DEPTH, parse
+from forgec.compiler import ast
+from forgec.compiler.diagnostics import ForgeError, Span
+from forgec.compiler.parse import MAX_EXPR_DEPTH, parse
 
 F = "t.forge"
 
@@ -483,7 +483,7 @@ def test_generated_parser_is_current():
     # compare what its tables derive from with the grammar as it is now
     from lark import Lark
 
-    from compiler.parse import _parser
+    from forgec.compiler.parse import _parser
 
     grammar = (ROOT / "compiler" / "grammar.lark").read_text(encoding="utf-8")
     fresh = Lark(grammar, parser="lalr", lexer="basic", propagate_positions=True,
@@ -497,7 +497,7 @@ def test_loading_the_parser_leaves_regex_importable():
     # stay hidden from the rest of the process
     code = textwrap.dedent("""\
         import importlib.util, sys
-        import compiler.parse
+        import forgec.compiler.parse
         assert "regex" not in sys.modules
         if importlib.util.find_spec("regex") is not None:
             import regex

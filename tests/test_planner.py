@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, cli
 
-from runtime.parallel import apply_fsdp, build_stage
-from runtime.planner import (
+from forgec.runtime.parallel import apply_fsdp, build_stage
+from forgec.runtime.planner import (
     _destroy,
     _init_fake,
     chunk_rows,
@@ -160,9 +160,9 @@ def test_uneven_shards_follow_fsdp2(mid):
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    from compiler.build import build
-    from compiler.driver import compile_spec
-    from runtime.package import import_package
+    from forgec.compiler.build import build
+    from forgec.compiler.driver import compile_spec
+    from forgec.runtime.package import import_package
 
     pkg = import_package(build(compile_spec(str(mid / "mid.forge")), str(mid / "pkg"),
                                update=True).package)
@@ -216,9 +216,9 @@ def saved_on_cpu(model, targets, *args, **kwargs) -> tuple[int, torch.Tensor]:
 
 def test_saved_activations_match_a_real_forward(mid):
     """The meta-device measurement against autograd's saved tensors on CPU."""
-    from compiler.build import build
-    from compiler.driver import compile_spec
-    from runtime.package import import_package
+    from forgec.compiler.build import build
+    from forgec.compiler.driver import compile_spec
+    from forgec.runtime.package import import_package
 
     pkg = import_package(build(compile_spec(str(mid / "mid.forge")), str(mid / "pkg2"),
                                update=True).package)
@@ -292,7 +292,7 @@ plan fsdp2_x_ckpt for vlm_xattn {
 
 
 def generated_package(name: str):
-    from runtime.package import import_package
+    from forgec.runtime.package import import_package
 
     return import_package(str(ROOT / "generated" / name))
 
@@ -344,7 +344,7 @@ def test_vlm_saved_activations_match_a_real_forward(name, decoder_seq):
     """The meta-device measurement of a VLM's forward (vision encoder, adapter,
     decoder with the image tokens in its sequence or cross-attending to them)
     against autograd's saved tensors of the same forward on CPU."""
-    from runtime.planner import example_batch, measure_activations
+    from forgec.runtime.planner import example_batch, measure_activations
 
     pkg = generated_package(name)
     acts = measure_activations(pkg, 2, 26, torch.float32)
@@ -387,7 +387,7 @@ def test_vlm_pipeline_ranks_hold_their_stages():
     build_stage keeps, and its activations and buffers are its stage's."""
     import importlib
 
-    from runtime.planner import _report
+    from forgec.runtime.planner import _report
 
     pkg = generated_package("vlm")
     plan = importlib.import_module(f"{pkg.__name__}.plan")
@@ -420,7 +420,7 @@ def test_moe_saved_activations_match_a_real_forward():
     grouped matmuls a stand-in that saves what torch._grouped_mm saves; with no
     capacity drops (the estimate's assumption: every token reaches its top_k
     experts) a real CPU forward saves the same, to 0.5 %."""
-    from runtime.planner import measure_activations
+    from forgec.runtime.planner import measure_activations
 
     pkg = generated_package("moe_debug")
     acts = measure_activations(pkg, 2, 64, torch.float32)

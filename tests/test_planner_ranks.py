@@ -27,8 +27,8 @@ from conftest import ROOT, cli
 from dist_helpers import spawn
 from memory_probe import rank_peaks
 
-from compiler.build import build
-from compiler.driver import compile_spec
+from forgec.compiler.build import build
+from forgec.compiler.driver import compile_spec
 
 TOLERANCE = 0.15
 TEXT_BATCH, TEXT_SEQ = 8, 64  # global batch; per rank 4 × 64 (FSDP), 2 × 64 (pp2 microbatch)

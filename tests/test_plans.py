@@ -7,8 +7,8 @@ import importlib
 import pytest
 from conftest import ROOT
 
-from compiler.driver import compile_spec
-from compiler.plans import auto_split, plan_data
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.plans import auto_split, plan_data
 
 LLAMA = (ROOT / "specs" / "llama_debug.forge").read_text()
 BASE = LLAMA[: LLAMA.index("# ---- parallel plans")]
@@ -95,7 +95,7 @@ def test_expert_parallelism_needs_experts(forge):
 def test_tied_head_across_stages_is_recorded_for_the_runtime(forge):
     """The embedding goes to the first stage, the head to the last: plan data
     names the shared weight and its copy, so the runtime keeps them equal."""
-    from compiler.plans import plan_data
+    from forgec.compiler.plans import plan_data
 
     text = with_plan("  mesh(pp = 2)\n  pipeline()").replace(
         "output_head = lm_head(dim, vocab_size)",
@@ -115,8 +115,8 @@ def test_tied_head_across_stages_is_recorded_for_the_runtime(forge):
 
 
 def test_world_size_must_match_the_mesh():
-    from compiler.diagnostics import Diagnostics
-    from compiler.plans import validate
+    from forgec.compiler.diagnostics import Diagnostics
+    from forgec.compiler.plans import validate
 
     comp = compile_spec("specs/llama3_70b.forge")
     plan = comp.plans["dp64_pp8"]
@@ -151,7 +151,7 @@ def test_70b_plan_stages_are_balanced():
 
 
 def test_generated_plan_module_carries_the_plans():
-    from runtime.parallel import stages_of_rank
+    from forgec.runtime.parallel import stages_of_rank
 
     plan = importlib.import_module("generated.llama_debug.plan")
     assert plan.PLANS["fsdp2"]["fsdp"]["units"] == ["layers.0", "layers.1", "layers.2", "layers.3"]
@@ -184,16 +184,16 @@ def test_generated_plan_py_is_data_only(name):
 
 
 def test_tp_plan_splits_the_layers_and_leaves_the_rest_whole():
-    """runtime.parallel.apply_tp shards exactly the modules TP_PLAN names, column-
+    """forgec.runtime.parallel.apply_tp shards exactly the modules TP_PLAN names, column-
     or row-wise as it says; the embedding, norms and head stay plain tensors."""
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
+    from forgec.runtime.parallel import apply_tp
+    from forgec.runtime.planner import _destroy, _init_fake
     from generated.llama_debug import Transformer
     from generated.llama_debug import plan as plans
-    from runtime.parallel import apply_tp
-    from runtime.planner import _destroy, _init_fake
 
     _init_fake(0, 2)
     try:
@@ -219,9 +219,9 @@ def test_tp_plan_splits_the_layers_and_leaves_the_rest_whole():
 def test_build_stage_keeps_only_the_stage_and_its_fqns():
     import torch
 
+    from forgec.runtime.parallel import build_stage
     from generated.llama_debug import Transformer
     from generated.llama_debug import plan as plans
-    from runtime.parallel import build_stage
 
     with torch.device("meta"):
         model = Transformer()
@@ -238,7 +238,7 @@ XATTN = (ROOT / "specs" / "vlm_xattn.forge").read_text()
 
 
 def test_vlm_plan_shards_vision_decoder_and_cross_attention_layers(tmp_path):
-    from compiler.plans import vlm_plan_data
+    from forgec.compiler.plans import vlm_plan_data
 
     for name in ("llama_debug.forge", "vlm.forge", "vlm_xattn.forge"):
         (tmp_path / name).write_text((ROOT / "specs" / name).read_text())
@@ -276,7 +276,7 @@ def test_vlm_plan_units_exist_in_the_generated_model():
 def vlm_plan_errors(tmp_path, directives: str, target: str = "vlm") -> list:
     """The errors of a plan for the shipped `target` vlm, (code, line in the plan
     section, col), and the diagnostics."""
-    from compiler.diagnostics import CompileFailed
+    from forgec.compiler.diagnostics import CompileFailed
 
     for name in ("llama_debug.forge", "vlm.forge", "vlm_xattn.forge"):
         (tmp_path / name).write_text((ROOT / "specs" / name).read_text())
@@ -333,8 +333,8 @@ def test_vlm_auto_split_counts_the_vision_encoder(tmp_path):
     """The cost model weighs the vision encoder's ops at its patch tokens against
     the decoder's: a wide encoder (256 patches, 4 layers) fills stage 0 alone, the
     shipped small one (64 patches, 2 layers) shares it with 2 decoder layers."""
-    from compiler.cost import cost
-    from compiler.plans import vlm_plan_data
+    from forgec.compiler.cost import cost
+    from forgec.compiler.plans import vlm_plan_data
 
     (tmp_path / "llama_debug.forge").write_text(LLAMA)
     vlm = (ROOT / "specs" / "vlm.forge").read_text()
@@ -387,8 +387,8 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
 
     import torch
 
-    from compiler.plans import vlm_plan_data
-    from runtime.parallel import build_stage
+    from forgec.compiler.plans import vlm_plan_data
+    from forgec.runtime.parallel import build_stage
 
     for f in ("llama_debug", "vlm", name):
         (tmp_path / f"{f}.forge").write_text((ROOT / "specs" / f"{f}.forge").read_text())

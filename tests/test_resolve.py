@@ -6,9 +6,9 @@ import os
 
 from conftest import codes
 
-from compiler import ast
-from compiler.diagnostics import Diagnostics
-from compiler.resolve import load_program
+from forgec.compiler import ast
+from forgec.compiler.diagnostics import Diagnostics
+from forgec.compiler.resolve import load_program
 
 # A complete, valid model; `{name}` is substituted. 12 lines.
 MODEL = """\

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tokenizer_helpers import make_hf_tokenizer
 
-from compiler.cli import main as forgec
-from runtime.data import (
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.data import (
     IGNORE_INDEX,
     MASK_DOC_START,
     MASK_TRAIN,
@@ -24,7 +24,7 @@ from runtime.data import (
     PackedData,
     load_training_data,
 )
-from runtime.tokenizer import Bytes
+from forgec.runtime.tokenizer import Bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = str(ROOT / "specs" / "llama_debug.forge")
@@ -281,7 +281,7 @@ def test_an_example_packed_after_another_has_its_loss_alone(tmp_path):
 def test_prompt_positions_get_no_loss(tmp_path):
     """Perturbing the logits (or the target) of a prompt position leaves the loss and
     its gradient as they were; a response position's does not."""
-    from runtime.loop import cross_entropy_sum, micro_batch_loss
+    from forgec.runtime.loop import cross_entropy_sum, micro_batch_loss
 
     data = load_training_data(str(pairs_dataset(tmp_path, PAIRS)), "uint16", 256, 48, 0,
                               tok=Bytes())
@@ -352,7 +352,7 @@ def test_instruction_data_under_a_pipeline_plan_equals_single_process(tmp_path):
     global batch's response tokens, as in one process."""
     from dist_helpers import spawn, train_runs
 
-    from runtime.train import read_metrics, train
+    from forgec.runtime.train import read_metrics, train
 
     ds = pairs_dataset(tmp_path, PAIRS * 3)
     settings = {"batch_size": 8, "seq_len": 48, "lr": 3e-3, "seed": 0}
@@ -372,7 +372,7 @@ def test_instruction_data_under_a_pipeline_plan_equals_single_process(tmp_path):
 
 
 def test_generate_chat_replies_to_the_rendered_user_message(tmp_path, capsys):
-    from runtime.generate import generate, load_run_model
+    from forgec.runtime.generate import generate, load_run_model
 
     ds = pairs_dataset(tmp_path, PAIRS)
     run = tmp_path / "run"
@@ -402,7 +402,7 @@ def test_generate_chat_replies_to_the_rendered_user_message(tmp_path, capsys):
 def test_eval_of_an_instruction_dataset_scores_the_responses(tmp_path, capsys):
     """`forgec eval --data` of a pairs dataset: the mean cross-entropy of the response
     tokens, each example run alone."""
-    from runtime.generate import load_run_model
+    from forgec.runtime.generate import load_run_model
 
     ds = pairs_dataset(tmp_path, PAIRS)
     run = tmp_path / "run"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import SPECS
 
-from compiler.cost import cost
-from compiler.driver import compile_spec
+from forgec.compiler.cost import cost
+from forgec.compiler.driver import compile_spec
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.name)

@@ -14,9 +14,9 @@ import pytest
 import torch
 from tokenizer_helpers import TEXT, make_hf_tokenizer
 
-from compiler.cli import main as forgec
-from runtime.data import MixedData, PackedData, ShardedTokens, parse_data_setting
-from runtime.tokenizer import Bytes, load_tokenizer
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.data import MixedData, PackedData, ShardedTokens, parse_data_setting
+from forgec.runtime.tokenizer import Bytes, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -189,7 +189,7 @@ def test_data_settings_parse(value, parsed):
 
 
 def test_a_mixture_needs_weights(capsys):
-    from compiler.errors import UsageError
+    from forgec.compiler.errors import UsageError
 
     with pytest.raises(UsageError, match="give each dataset of a mixture a weight"):
         parse_data_setting("a,b:1")
@@ -257,7 +257,7 @@ def test_a_spec_with_a_tokenizer_trains_and_generates_with_it(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("hello world")
     # the continuation is the model's greedy tokens, decoded by the run's tokenizer
-    from runtime.generate import generate, load_run_model
+    from forgec.runtime.generate import generate, load_run_model
 
     model, _ = load_run_model(str(run))
     tok = load_tokenizer(str(tok_dir))
@@ -279,7 +279,7 @@ def test_a_spec_with_a_tokenizer_trains_and_generates_with_it(tmp_path, capsys):
 
 
 def test_the_byte_tokenizer_is_the_default(tmp_path):
-    from runtime.tokenizer import default_tokenizer_setting, run_tokenizer
+    from forgec.runtime.tokenizer import default_tokenizer_setting, run_tokenizer
 
     assert default_tokenizer_setting(str(ROOT / "specs" / "llama_debug.forge")) == "byte"
     assert isinstance(run_tokenizer(str(tmp_path)), Bytes)

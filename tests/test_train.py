@@ -16,11 +16,18 @@ import torch
 from conftest import ENCODER_SPEC, ROOT
 from conftest import cli as run_forgec
 
-from compiler.errors import RunError, UsageError
-from runtime.checkpoint import list_checkpoints, load_checkpoint
-from runtime.data import PackedData, stdlib_corpus
-from runtime.package import build_package, import_package
-from runtime.train import Progress, Settings, accumulate_gradients, lr_at, read_metrics, train
+from forgec.compiler.errors import RunError, UsageError
+from forgec.runtime.checkpoint import list_checkpoints, load_checkpoint
+from forgec.runtime.data import PackedData, stdlib_corpus
+from forgec.runtime.package import build_package, import_package
+from forgec.runtime.train import (
+    Progress,
+    Settings,
+    accumulate_gradients,
+    lr_at,
+    read_metrics,
+    train,
+)
 
 DEBUG = str(ROOT / "specs" / "llama_debug.forge")
 TINY = dict(batch_size=4, seq_len=32)  # ~20 ms a step on 2 cores

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from conftest import ROOT
 from test_moe import LLAMA, generate, moe_spec
 
-from runtime.data import IGNORE_INDEX
-from runtime.train import MoEStats, accumulate_gradients, read_metrics, train
+from forgec.runtime.data import IGNORE_INDEX
+from forgec.runtime.train import MoEStats, accumulate_gradients, read_metrics, train
 
 MOE_DEBUG = str(ROOT / "specs" / "moe_debug.forge")
 SOFTMAX_MOE = ("moe(dim, experts = 4, top_k = 2, hidden = 32, capacity_factor = 0.5, "
@@ -91,7 +91,7 @@ def test_moe_debug_learns_and_logs_routing(tmp_path):
 
 
 def test_the_router_schedule_advances_every_step(tmp_path, monkeypatch):
-    from runtime import package
+    from forgec.runtime import package
 
     calls = []
     real_import = package.import_package
@@ -107,7 +107,7 @@ def test_the_router_schedule_advances_every_step(tmp_path, monkeypatch):
         monkeypatch.setattr(pkg.Transformer, "set_moe_step", set_moe_step)
         return pkg
 
-    monkeypatch.setattr("runtime.train.import_package", spying_import)
+    monkeypatch.setattr("forgec.runtime.train.import_package", spying_import)
     train(MOE_DEBUG, str(tmp_path / "run"), progress=False, steps=3, seed=0, batch_size=2,
           seq_len=16)
     assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from compiler.cost import vlm_cost
-from compiler.driver import compile_spec
+from forgec.compiler.cost import vlm_cost
+from forgec.compiler.driver import compile_spec
 
 ARCHS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d")
 VLM_SPEC = (ROOT / "specs" / "vlm.forge").read_text()

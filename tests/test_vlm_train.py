@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from conftest import ROOT
 from conftest import cli as forgec
 
-from compiler.build import build
-from compiler.driver import compile_spec
-from compiler.errors import RunError
-from runtime.data import IGNORE_INDEX
-from runtime.train import MoEStats, read_metrics, train
-from runtime.vision_data import (
+from forgec.compiler.build import build
+from forgec.compiler.driver import compile_spec
+from forgec.compiler.errors import RunError
+from forgec.runtime.data import IGNORE_INDEX
+from forgec.runtime.train import MoEStats, read_metrics, train
+from forgec.runtime.vision_data import (
     BOS_ID,
     COLOURS,
     SHAPES,
@@ -36,8 +36,8 @@ from runtime.vision_data import (
     draw,
     eval_set,
 )
-from runtime.vlm_generate import generate_captions
-from runtime.vlm_task import accumulate_vlm_gradients, evaluate, image_geometry
+from forgec.runtime.vlm_generate import generate_captions
+from forgec.runtime.vlm_task import accumulate_vlm_gradients, evaluate, image_geometry
 
 ARCHS = ("vlm", "vlm_xattn", "vlm_mot", "vlm_moma", "vlm_rope2d")
 CAUSAL = ("vlm", "vlm_xattn", "vlm_mot", "vlm_rope2d")

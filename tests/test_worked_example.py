@@ -14,9 +14,9 @@ import shlex
 import torch
 from conftest import ROOT
 
-from compiler.cli import main as forgec
-from runtime.generate import load_run_model
-from runtime.train import read_metrics
+from forgec.compiler.cli import main as forgec
+from forgec.runtime.generate import load_run_model
+from forgec.runtime.train import read_metrics
 
 MARK = "<!-- worked-example: {} -->\n```{}\n(.*?)```"
 
