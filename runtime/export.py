@@ -14,7 +14,8 @@ qwen3, mixtral, qwen3_moe. The spec must be a decoder those families
 express, which is checked exactly:
 
 * components `token_embedding`, `rope`, `norm` (rmsnorm), `output_head`
-  (no bias; tied or not), and every layer's block is
+  (no bias; tied or not; the rope is found by its op's role, so any name does
+  as long as the attentions use it), and every layer's block is
   `h = x + attention(attention_norm(x)); return h + mlp(mlp_norm(h))` with
   rmsnorms, a causal RoPE attention and a SwiGLU `mlp` or a `moe` of
   softmax_topk routing without shared experts;
@@ -182,6 +183,15 @@ def _ref_arg(op, target: str) -> str:
     return found[0]
 
 
+def _placed(block, name: str) -> bool:
+    """Whether a Hugging Face checkpoint has a place for every weight of the block's
+    component `name` (the tensor names are the component names: runtime/hf.py)."""
+    from .hf import hf_name
+
+    comp = block.components[name]
+    return all(hf_name(f"layers.0.{name}.{w}") is not None for w in comp.op.weights(comp.args))
+
+
 def describe(model) -> Decoder:
     """The Decoder of a bound model (compiler.bind.Model); NotExportable if the
     model is not a pre-norm RMSNorm/RoPE/SwiGLU-or-MoE decoder."""
@@ -243,7 +253,8 @@ def describe(model) -> Decoder:
         want = {"attention_norm": expected["norm"], att: attention_op,
                 "mlp_norm": expected["norm"]}
         names = set(block.components)
-        if att is None or rest or names != {*want, "mlp"}:
+        # its weights must sit where a checkpoint's names put them (runtime/hf.py)
+        if att is None or rest or names != {*want, "mlp"} or not _placed(block, att):
             raise NotExportable(f"{where} has components {', '.join(sorted(names))}; a Hugging "
                                 "Face decoder layer has attention_norm, attention, mlp_norm, mlp")
         for name, op in want.items():
