@@ -14,7 +14,8 @@ qwen3, mixtral, qwen3_moe. The spec must be a decoder those families
 express, which is checked exactly:
 
 * components `token_embedding`, `rope`, `norm` (rmsnorm), `output_head`
-  (no bias; tied or not), and every layer's block is
+  (no bias; tied or not; the rope is found by its op's role, so any name does
+  as long as the attentions use it), and every layer's block is
   `h = x + attention(attention_norm(x)); return h + mlp(mlp_norm(h))` with
   rmsnorms, a causal RoPE attention and a SwiGLU `mlp` or a `moe` of
   softmax_topk routing without shared experts;
@@ -151,11 +152,44 @@ def _add(a: tuple, b: tuple) -> tuple:
     return ("add", *sorted((a, b), key=repr))
 
 
-def _canonical() -> tuple:
-    """`h = x + attention(attention_norm(x)); return h + mlp(mlp_norm(h))` as a tree."""
+def _canonical(attention: str) -> tuple:
+    """`h = x + attention(attention_norm(x)); return h + mlp(mlp_norm(h))` as a tree,
+    with `attention` the name of the block's self-attention."""
     x = ("in",)
-    h = _add(x, ("apply", "attention", (("apply", "attention_norm", (x,)),)))
+    h = _add(x, ("apply", attention, (("apply", "attention_norm", (x,)),)))
     return _add(h, ("apply", "mlp", (("apply", "mlp_norm", (h,)),)))
+
+
+def _by_role(components: dict, places: set[str], role: str) -> tuple[str | None, set[str]]:
+    """The component of `role` among those not at a named place (`places`), and the
+    rest of those. The decoder layout names most components by their place
+    (`norm`, `mlp_norm`, ...); the positions and the self-attention are found by
+    the role their op declares, or, when no op of the role is there, the one
+    component left over stands in their place (so that its op is reported)."""
+    others = set(components) - places
+    found = [n for n in sorted(others) if _role(components[n]) == role]
+    if len(found) == 1:
+        return found[0], others - set(found)
+    if len(others) == 1:
+        return others.pop(), set()
+    return None, others
+
+
+def _ref_arg(op, target: str) -> str:
+    """The argument of `op` that names a component of op `target` (`ref:<op>|...`)."""
+    found = [a.name for a in op.args if a.type.startswith("ref:")
+             and target in a.type.removeprefix("ref:").split("|")]
+    assert len(found) == 1, f"{op.name}: no one argument refers to {target}"
+    return found[0]
+
+
+def _placed(block, name: str) -> bool:
+    """Whether a Hugging Face checkpoint has a place for every weight of the block's
+    component `name` (the tensor names are the component names: runtime/hf.py)."""
+    from .hf import hf_name
+
+    comp = block.components[name]
+    return all(hf_name(f"layers.0.{name}.{w}") is not None for w in comp.op.weights(comp.args))
 
 
 def describe(model) -> Decoder:
@@ -163,14 +197,19 @@ def describe(model) -> Decoder:
     model is not a pre-norm RMSNorm/RoPE/SwiGLU-or-MoE decoder."""
     notes: list[str] = []
     comps = model.components
-    # the model's components → the ops a HF decoder has there
-    expected = {name: foreign_op("hf", role) for name, role in (
-        ("token_embedding", "token_embedding"), ("rope", "positions"), ("norm", "norm"),
-        ("output_head", "output_head"))}
-    extra = sorted(set(comps) - set(expected))
+    # the model's components → the ops a HF decoder has there; the positions
+    # component is the one whose op plays that role, whatever its name
+    positions_op = foreign_op("hf", "positions")
+    places = {"token_embedding", "norm", "output_head"}
+    pos, extra = _by_role(comps, places, "positions")
     if extra:
-        raise NotExportable(f"model-level component(s) {', '.join(extra)} have no place in a "
-                            "Hugging Face decoder")
+        raise NotExportable(f"model-level component(s) {', '.join(sorted(extra))} have no "
+                            "place in a Hugging Face decoder")
+    # with none at all, the message names it as import-hf's layout does: after its op
+    pos = pos or positions_op
+    expected = {name: foreign_op("hf", role) for name, role in (
+        ("token_embedding", "token_embedding"), (pos, "positions"), ("norm", "norm"),
+        ("output_head", "output_head"))}
     for name, op in expected.items():
         if name not in comps:
             raise NotExportable(f"the model has no '{name}' ({op}) component")
@@ -182,9 +221,9 @@ def describe(model) -> Decoder:
     if head["bias"]:
         raise NotExportable("output_head has a bias; these families' lm_head has none")
     norm = _only(comps["norm"], {"dim", "eps"}, "norm", notes)
-    rope_args = _only(comps["rope"], {"head_dim", "max_seq_len", "theta", "rotary_dim",
-                                      "scaling", "scale_factor", "low_freq_factor",
-                                      "high_freq_factor", "original_max_seq_len"}, "rope", notes)
+    rope_args = _only(comps[pos], {"head_dim", "max_seq_len", "theta", "rotary_dim",
+                                   "scaling", "scale_factor", "low_freq_factor",
+                                   "high_freq_factor", "original_max_seq_len"}, pos, notes)
     if rope_args["rotary_dim"] != rope_args["head_dim"]:
         raise NotExportable(f"rope rotates {rope_args['rotary_dim']} of {rope_args['head_dim']} "
                             "channels per head; these families rotate whole heads")
@@ -196,7 +235,8 @@ def describe(model) -> Decoder:
                 "high_freq_factor": float(rope_args["high_freq_factor"]),
                 "original_max_position_embeddings": rope_args["original_max_seq_len"]}
 
-    canonical = _canonical()
+    attention_op = foreign_op("hf", "self_attention")
+    rope_arg = _ref_arg(OPS[attention_op], positions_op)  # attention's argument naming the rope
     attn_keys = ("dim", "heads", "kv_heads", "head_dim", "qkv_bias", "out_bias", "qk_norm")
     eps = {float(norm["eps"])}
     attention: dict | None = None
@@ -206,35 +246,40 @@ def describe(model) -> Decoder:
     for slot in model.layers:
         block = model.blocks[slot.block]
         where = f"block {block.name}"
-        want = {"attention_norm": expected["norm"],
-                "attention": foreign_op("hf", "self_attention"), "mlp_norm": expected["norm"]}
+        # the layer's self-attention is the component whose op plays that role; the
+        # norms and the MLP are named by their place
+        att, rest = _by_role(block.components, {"attention_norm", "mlp_norm", "mlp"},
+                             "self_attention")
+        want = {"attention_norm": expected["norm"], att: attention_op,
+                "mlp_norm": expected["norm"]}
         names = set(block.components)
-        if names != {*want, "mlp"}:
+        # its weights must sit where a checkpoint's names put them (runtime/hf.py)
+        if att is None or rest or names != {*want, "mlp"} or not _placed(block, att):
             raise NotExportable(f"{where} has components {', '.join(sorted(names))}; a Hugging "
                                 "Face decoder layer has attention_norm, attention, mlp_norm, mlp")
         for name, op in want.items():
             _op(block.components[name], op, f"{where}.{name}")
-        if _flow_tree(block) != canonical:
+        if _flow_tree(block) != _canonical(att):
             raise NotExportable(f"{where} is not `h = x + attention(attention_norm(x)); return "
                                 "h + mlp(mlp_norm(h))`")
         for name in ("attention_norm", "mlp_norm"):
             eps.add(float(_only(block.components[name], {"dim", "eps"}, f"{where}.{name}",
                                 notes)["eps"]))
-        a = _only(block.components["attention"], {*attn_keys, "rope", "causal", "window",
-                                                  "qk_norm_eps"}, f"{where}.attention", notes)
+        a = _only(block.components[att], {*attn_keys, rope_arg, "causal", "window",
+                                          "qk_norm_eps"}, f"{where}.{att}", notes)
         if not a["causal"]:
-            raise NotExportable(f"{where}.attention is not causal")
-        if a["rope"] != "rope":
-            raise NotExportable(f"{where}.attention does not use the model's rope")
+            raise NotExportable(f"{where}.{att} is not causal")
+        if a[rope_arg] != pos:
+            raise NotExportable(f"{where}.{att} does not use the model's {pos}")
         if a["qk_norm"]:
             eps.add(float(a["qk_norm_eps"]))
         if a["head_dim"] != rope_args["head_dim"]:
-            raise NotExportable(f"{where}.attention has head_dim {a['head_dim']} but the rope "
+            raise NotExportable(f"{where}.{att} has head_dim {a['head_dim']} but the rope "
                                 f"{rope_args['head_dim']}")
         this = {k: a[k] for k in attn_keys}
         if attention is not None and this != attention:
             diff = [k for k in attn_keys if this[k] != attention[k]]
-            raise NotExportable(f"{where}.attention differs from the first layer's in "
+            raise NotExportable(f"{where}.{att} differs from the first layer's in "
                                 f"{', '.join(diff)}; a HF config has one attention")
         attention = this
         mlp = block.components["mlp"]

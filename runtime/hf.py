@@ -262,30 +262,41 @@ def _config_dict(config: Any) -> dict:
                     f"transformers config, not {type(config).__name__}")
 
 
+# forgec's dense tensor names → HF's (the inverse of _DIRECT; experts: _MOE_NAMES)
+_TO_HF = [
+    (re.compile(r"token_embedding\.embedding\.weight"), "model.embed_tokens.weight"),
+    (re.compile(r"norm\.weight"), "model.norm.weight"),
+    (re.compile(r"output_head\.proj\.weight"), "lm_head.weight"),
+    (re.compile(r"layers\.(\d+)\.attention_norm\.weight"), r"model.layers.\1.input_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp_norm\.weight"), r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.attention\.([qkvo])_proj\.(weight|bias)"),
+     r"model.layers.\1.self_attn.\2_proj.\3"),
+    (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+]
+
+
+def hf_name(key: str) -> str | None:
+    """The HF name of a forgec tensor outside the experts, or None where a
+    checkpoint of these families has no place for it."""
+    for pattern, repl in _TO_HF:
+        if pattern.fullmatch(key):
+            return pattern.sub(repl, key)
+    return None
+
+
 def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tensor]:
     """The model's tensors under the HF names of `model_type` (the inverse of hf_to_forge)."""
     if model_type not in _FAMILIES:
         raise RunError(f"model_type '{model_type}' is not one forgec writes "
                        f"({', '.join(_FAMILIES)})")
-    inverse = [
-        (re.compile(r"token_embedding\.embedding\.weight"), "model.embed_tokens.weight"),
-        (re.compile(r"norm\.weight"), "model.norm.weight"),
-        (re.compile(r"output_head\.proj\.weight"), "lm_head.weight"),
-        (re.compile(r"layers\.(\d+)\.attention_norm\.weight"), r"model.layers.\1.input_layernorm.weight"),
-        (re.compile(r"layers\.(\d+)\.mlp_norm\.weight"), r"model.layers.\1.post_attention_layernorm.weight"),
-        (re.compile(r"layers\.(\d+)\.attention\.([qkvo])_proj\.(weight|bias)"),
-         r"model.layers.\1.self_attn.\2_proj.\3"),
-        (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
-        (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
-    ]
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, t in model.state_dict().items():
         t = t.detach()
-        for pattern, repl in inverse:
-            if pattern.fullmatch(key):
-                out[pattern.sub(repl, key)] = t
-                break
+        name = hf_name(key)
+        if name is not None:
+            out[name] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
             if m and model_type in _MOE_NAMES:
