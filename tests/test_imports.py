@@ -309,7 +309,7 @@ def test_nothing_imports_the_cli(forgec):
     graph, _ = forgec
     users = importers_of(graph, CLI)
     assert not users, f"{CLI} is the entry point; the runtime and importers take errors " \
-        f"from compiler.errors: {users}"
+        f"from forgec.compiler.errors: {users}"
 
 
 def test_no_private_helper_crosses_a_package(forgec):

@@ -377,7 +377,7 @@ def test_cli_refuses_bad_vlm_requests(tmp_path):
     r = forgec("train", "specs/vlm_moma.forge", "--out", str(moma), "--steps", "1",
                "--batch-size", "2", "--no-progress")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", "import sys; from compiler.cli import main; "
+    r = subprocess.run([sys.executable, "-c", "import sys; from forgec.compiler.cli import main; "
                         "sys.exit(main())", "generate", str(moma)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout) == (1, "")
