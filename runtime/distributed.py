@@ -87,8 +87,8 @@ from forgec.compiler.errors import RunError, UsageError
 from . import checkpoint as ckpt
 from . import parallel
 from .loop import (
-    STOP_SIGNALS,
     MoEStats,
+    SignalTrap,
     TextTask,
     accumulate,
     count_targets,
@@ -228,7 +228,7 @@ def launch(args) -> int:
     return 0
 
 
-class _ForwardSignals:
+class _ForwardSignals(SignalTrap):
     """While the launcher waits for torchrun, SIGTERM or SIGUSR1 sent to it go
     to every worker (each wrote its pid beside the status file, `PID_PREFIX`RANK),
     not to torchrun's agent, which would end the workers: each worker then
@@ -236,30 +236,12 @@ class _ForwardSignals:
     exits cleanly, and so does the launcher."""
 
     def __init__(self, folder: str) -> None:
-        import signal
-
+        super().__init__()
         self.folder = folder
         self.received: int | None = None
         self.sent: set[int] = set()
-        self.signals = [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)]
-        self._previous: dict = {}
 
-    def __enter__(self) -> _ForwardSignals:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
+    def on_signal(self, signum: int) -> None:
         self.received = signum
         self.deliver()
 

@@ -313,19 +313,15 @@ class Stopped(Exception):
     same command line with --resume continues it."""
 
 
-class StopSignals:
-    """While active, SIGTERM and SIGUSR1 ask the loop to stop at the next step
-    boundary instead of killing the process mid-step. Under a process group
-    `requested()` all-reduces the flag, so every rank stops after the same step
-    (each rank must receive the signal, or one of them: any rank's flag stops all).
-    Handlers are set only in the main thread (Python allows no other) and the
-    previous ones come back on exit."""
+class SignalTrap:
+    """While active (`with`), STOP_SIGNALS call `on_signal(signum)` instead of
+    their previous handlers, which come back on exit. Handlers are set only in the
+    main thread (Python allows no other)."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name, None)
@@ -338,6 +334,23 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        self.on_signal(signum)
+
+    def on_signal(self, signum: int) -> None:
+        raise NotImplementedError
+
+
+class StopSignals(SignalTrap):
+    """While active, SIGTERM and SIGUSR1 ask the loop to stop at the next step
+    boundary instead of killing the process mid-step. Under a process group
+    `requested()` all-reduces the flag, so every rank stops after the same step
+    (each rank must receive the signal, or one of them: any rank's flag stops all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: str | None = None
+
+    def on_signal(self, signum: int) -> None:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> bool:
