@@ -80,20 +80,33 @@ def _safetensors():
     return st
 
 
-def _load_file(path: str) -> dict[str, torch.Tensor]:
+def _safetensors_shapes(path: str) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors as meta tensors, from its header alone."""
+    _safetensors()
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return {key: torch.empty(f.get_slice(key).get_shape(), device="meta")
+                for key in f.keys()}  # noqa: SIM118 — safe_open is not a dict
+
+
+def _load_file(path: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise RunError(f"no such checkpoint file: {path}")
     try:
         if path.endswith(".safetensors"):
+            if shapes_only:
+                return _safetensors_shapes(path)
             return _safetensors().load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: t.to("meta") for k, t in tensors.items()} if shapes_only else tensors
     except RunError:
         raise
     except Exception as e:  # noqa: BLE001 — a corrupt file is bad input, not a bug
         raise RunError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
-def _load_index(path: str) -> dict[str, torch.Tensor]:
+def _load_index(path: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     try:
         with open(path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -102,7 +115,7 @@ def _load_index(path: str) -> dict[str, torch.Tensor]:
     folder = os.path.dirname(path)
     out: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
-        tensors = _load_file(os.path.join(folder, shard))
+        tensors = _load_file(os.path.join(folder, shard), shapes_only)
         for key, tensor in tensors.items():
             if weight_map.get(key) == shard:
                 out[key] = tensor
@@ -112,20 +125,23 @@ def _load_index(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_hf_state_dict(src: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(src: str | os.PathLike, *,
+                       shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a HF checkpoint: a folder (safetensors before .bin, an index
-    before a single file) or one weights file (.safetensors, .bin or *.index.json)."""
+    before a single file) or one weights file (.safetensors, .bin or *.index.json).
+    `shapes_only`: meta tensors of their shapes (safetensors: read from the headers
+    alone, nothing else loaded)."""
     src = os.fspath(src)
     if os.path.isdir(src):
         for name, reader in ((SAFE_INDEX, _load_index), (SAFE, _load_file),
                              (BIN_INDEX, _load_index), (BIN, _load_file)):
             path = os.path.join(src, name)
             if os.path.isfile(path):
-                return reader(path)
+                return reader(path, shapes_only)
         raise RunError(f"{src} holds no weights ({SAFE}, {BIN} or their .index.json)")
     if src.endswith(".index.json"):
-        return _load_index(src)
-    return _load_file(src)
+        return _load_index(src, shapes_only)
+    return _load_file(src, shapes_only)
 
 
 # ---- HF → forgec names ------------------------------------------------------------------

@@ -56,7 +56,8 @@ class InitSource:
         """The source's tensors under forgec FQNs, with their shapes (read from
         the files' headers where the format has them)."""
         if self.kind == "hf":
-            return {k: tuple(t.shape) for k, t in hf.hf_to_forge(_hf_meta_tensors(self.path)).items()}
+            tensors = hf.read_hf_state_dict(self.path, shapes_only=True)
+            return {k: tuple(t.shape) for k, t in hf.hf_to_forge(tensors).items()}
         import torch.distributed.checkpoint as dcp
 
         try:
@@ -82,37 +83,6 @@ class InitSource:
         if self.kind != "checkpoint":
             raise RunError(f"{self.describe()} loads only into a whole model")
         ckpt.load_checkpoint(self.path, parts)
-
-
-def _hf_meta_tensors(folder: str) -> dict[str, torch.Tensor]:
-    """A HF folder's tensors as meta tensors of their shapes: from the
-    safetensors headers (nothing else read), else from the .bin files."""
-    index = os.path.join(folder, hf.SAFE_INDEX)
-    single = os.path.join(folder, hf.SAFE)
-    if os.path.isfile(index) or os.path.isfile(single):
-        from safetensors import safe_open
-
-        if os.path.isfile(index):
-            import json
-
-            try:
-                with open(index, encoding="utf-8") as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise RunError(f"cannot read the shard index {index}: {e}") from None
-            files = [os.path.join(folder, name) for name in files]
-        else:
-            files = [single]
-        out = {}
-        for path in files:
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118 — safe_open is not a dict
-                        out[key] = torch.empty(f.get_slice(key).get_shape(), device="meta")
-            except Exception as e:  # noqa: BLE001 — a corrupt file is bad input
-                raise RunError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-        return out
-    return {k: t.to("meta") for k, t in hf.read_hf_state_dict(folder).items()}
 
 
 def resolve_init_source(src: str) -> InitSource:
