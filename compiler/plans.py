@@ -62,11 +62,33 @@ DIRECTIVES: dict[str, DirectiveDef] = {d.name: d for d in (
                 doc='"auto" (cost model) or a list of FQN lists, one per stage'),
     )),
     DirectiveDef("activation_checkpoint",
-                 "Recompute activations in backward: none, full or selective per block kind "
-                 "(`default = full, sparse = none`); selective checkpoints every other layer.",
+                 "Recompute activations in backward: none, full or selective(every = K, "
+                 "save = [OPS]) per block kind (`default = full, sparse = none`); a bare "
+                 "selective checkpoints every other layer.",
                  (), open_args=True),
 )}
 AC_MODES = ("none", "full", "selective")
+# op classes whose outputs op-level selective checkpointing keeps (runtime/parallel.py's
+# SAC_OPS names the aten ops of each)
+SAC_SAVES = ("attention", "matmul")
+SELECTIVE_ARGS = (
+    ArgSpec("every", "int", None, min=1,
+            doc="checkpoint one layer in K (layer-level); 2 for a bare selective, 1 with save"),
+)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """How a block kind's layers recompute their activations in backward: `every`
+    K-th layer is checkpointed (by its index among all layers; 0 for none), and
+    a checkpointed layer keeps the outputs of the `save` op classes (op-level
+    selective checkpointing) and recomputes the rest (all of it when empty)."""
+
+    every: int = 0
+    save: tuple[str, ...] = ()
+
+
+AC_NONE, AC_FULL = Checkpointing(0), Checkpointing(1)
 
 
 @dataclass
@@ -79,7 +101,7 @@ class Plan:
     mesh_span: Span | None = None
     fsdp: dict[str, Any] | None = None
     pipeline: dict[str, Any] | None = None
-    activation_checkpoint: dict[str, str] = field(default_factory=dict)
+    activation_checkpoint: dict[str, Checkpointing] = field(default_factory=dict)
     spans: dict[str, Span] = field(default_factory=dict)  # "directive.arg" → span
 
     @property
@@ -122,7 +144,7 @@ def bind_plan(sec, binder, diags: Diagnostics) -> Plan | None:
             continue
         seen[name] = call.func.span
         if d.open_args:
-            _bind_checkpointing(call, binder, plan, diags)
+            _bind_checkpointing(call, binder, scope, plan, diags)
             continue
         args, spans, ok = binder.bind_args(name, d.args, call, scope)
         if not ok:
@@ -141,7 +163,7 @@ def bind_plan(sec, binder, diags: Diagnostics) -> Plan | None:
     return plan
 
 
-def _bind_checkpointing(call: ast.Call, binder, plan: Plan, diags: Diagnostics) -> None:
+def _bind_checkpointing(call: ast.Call, binder, scope, plan: Plan, diags: Diagnostics) -> None:
     model_sec = binder.program.sections[plan.target]
     if model_sec.kind == "vlm":  # a vlm's layers are its text model's blocks
         from .vlm import section_refs
@@ -160,15 +182,63 @@ def _bind_checkpointing(call: ast.Call, binder, plan: Plan, diags: Diagnostics) 
             diags.error("E092", f"'{plan.target}' has no block '{arg.name}'",
                         arg.name_span or arg.span, hint=did_you_mean(arg.name, kinds))
             continue
-        value = arg.value
-        mode = value.parts[0] if isinstance(value, ast.Ref) and len(value.parts) == 1 else (
-            value.value if isinstance(value, ast.Str) else None)
-        if mode not in AC_MODES:
-            diags.error("E092", f"checkpointing mode must be one of {', '.join(AC_MODES)}",
-                        value.span, hint=did_you_mean(str(mode), AC_MODES) if mode else None)
+        mode = _bind_mode(arg.value, binder, scope, diags)
+        if mode is None:
             continue
         plan.activation_checkpoint[arg.name] = mode
         plan.spans[f"activation_checkpoint.{arg.name}"] = arg.span
+
+
+def _bind_mode(value: ast.Expr, binder, scope, diags: Diagnostics) -> Checkpointing | None:
+    """`none`, `full`, `selective` or `selective(every = K, save = [OPS])`."""
+    if isinstance(value, ast.Call) and value.func.dotted == "selective":
+        return _bind_selective(value, binder, scope, diags)
+    mode = value.parts[0] if isinstance(value, ast.Ref) and len(value.parts) == 1 else (
+        value.value if isinstance(value, ast.Str) else None)
+    if mode not in AC_MODES:
+        name = value.func.dotted if isinstance(value, ast.Call) else mode
+        diags.error("E092", "checkpointing mode must be one of none, full, selective or "
+                    "selective(every = K, save = [OPS])", value.span,
+                    hint=did_you_mean(str(name), AC_MODES) if name else None)
+        return None
+    return {"none": AC_NONE, "full": AC_FULL, "selective": Checkpointing(2)}[mode]
+
+
+def _bind_selective(call: ast.Call, binder, scope, diags: Diagnostics) -> Checkpointing | None:
+    saves = [a for a in call.args if a.name == "save"]
+    rest = ast.Call(call.func, tuple(a for a in call.args if a.name != "save"), call.span)
+    args, _, ok = binder.bind_args("selective", SELECTIVE_ARGS, rest, scope)
+    save: list[str] = []
+    for arg in saves[1:]:
+        diags.error("E027", "argument 'save' given twice", arg.span,
+                    notes=[("first given here", saves[0].span)])
+        ok = False
+    if saves:
+        value = saves[0].value
+        items = value.items if isinstance(value, ast.ListExpr) else (value,)
+        if not items:
+            diags.error("E093", "selective(save = []) keeps no op's output: that is `full`",
+                        value.span, hint="list op classes to keep: "
+                        + ", ".join(SAC_SAVES) + "; or write full")
+            ok = False
+        for item in items:
+            name = (item.parts[0] if isinstance(item, ast.Ref) and len(item.parts) == 1
+                    else item.value if isinstance(item, ast.Str) else None)
+            if name not in SAC_SAVES:
+                diags.error("E093", "selective(save = [...]) lists op classes whose outputs "
+                            f"are kept: {', '.join(SAC_SAVES)}", item.span,
+                            hint=did_you_mean(name, SAC_SAVES) if isinstance(name, str)
+                            else None)
+                ok = False
+            elif name in save:
+                diags.error("E093", f"'{name}' is listed twice in save", item.span)
+                ok = False
+            else:
+                save.append(name)
+    if not ok:
+        return None
+    every = args["every"] if args["every"] is not None else (1 if saves else 2)
+    return Checkpointing(every, tuple(sorted(save)))
 
 
 # ---- derived data --------------------------------------------------------------------
@@ -311,16 +381,26 @@ def _block_of(model: Model, unit: str):
     return model.blocks[name]
 
 
-def checkpointed_units(plan: Plan, model: Model) -> list[str]:
-    """Layers whose activations are recomputed, by the per-kind modes."""
+def checkpointing_of(plan: Plan, model: Model) -> dict[str, Checkpointing]:
+    """Each layer's checkpointing, by its block kind's mode (or the default)."""
     ac = plan.activation_checkpoint
-    out = []
-    for i, unit in enumerate(layer_units(model)):
-        kind = _block_of(model, unit).name
-        mode = ac.get(kind, ac.get("default", "none"))
-        if mode == "full" or (mode == "selective" and i % 2 == 0):
-            out.append(unit)
-    return out
+    return {unit: ac.get(kind, ac.get("default", AC_NONE))
+            for unit in layer_units(model) for kind in (_block_of(model, unit).name,)}
+
+
+def checkpointed_units(plan: Plan, model: Model) -> list[str]:
+    """Layers whose activations are recomputed: every `every`-th layer of each
+    block kind's policy, counted over all layers."""
+    return [unit for i, (unit, mode) in enumerate(checkpointing_of(plan, model).items())
+            if mode.every and i % mode.every == 0]
+
+
+def checkpoint_saves(plan: Plan, model: Model) -> dict[str, list[str]]:
+    """Checkpointed layers that keep some ops' outputs (op-level selective
+    checkpointing): FQN → the op classes kept."""
+    modes = checkpointing_of(plan, model)
+    return {unit: list(modes[unit].save) for unit in checkpointed_units(plan, model)
+            if modes[unit].save}
 
 
 def tp_plan(model: Model) -> dict[str, str]:
@@ -357,6 +437,7 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
     elif m["ep"] > 1 and not any("ep" in c.op.split_by for c in model.all_components()):
         diags.error("E123", f"expert-parallel degree {m['ep']} needs mixture-of-experts "
                     f"layers; '{model.name}' has no moe", plan.spans.get("mesh.ep", where))
+    _validate_checkpointing(plan, model, diags)
     units = layer_units(model) if units is None else units
     if m["pp"] > 1 and plan.pipeline is None:
         diags.error("E121", f"pp = {m['pp']} needs a pipeline(...) directive", where)
@@ -399,6 +480,26 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
                             f"{comp.args[arg]} {arg} of '{comp.name}'",
                             plan.spans.get("mesh.ep", where),
                             notes=[(f"{comp.op.name} declared here", comp.span)])
+
+
+def _validate_checkpointing(plan: Plan, model: Model, diags: Diagnostics) -> None:
+    """A block kind's layer-level policy must checkpoint at least one of its layers:
+    `every` counts over all layers, so a kind whose layers all fall between the
+    multiples of `every` would silently checkpoint nothing (E094)."""
+    modes = checkpointing_of(plan, model)
+    chosen = set(checkpointed_units(plan, model))
+    ac = plan.activation_checkpoint
+    for kind, mode in ac.items():
+        if not mode.every:
+            continue
+        governed = [u for u in modes if (_block_of(model, u).name == kind if kind != "default"
+                                          else _block_of(model, u).name not in ac)]
+        if governed and not chosen.intersection(governed):
+            index = [str(layer_units(model).index(u)) for u in governed]
+            diags.error("E094", f"selective(every = {mode.every}) checkpoints no '{kind}' "
+                        f"layer: they are layers {', '.join(index)} and `every` counts over "
+                        "all layers from 0", plan.spans[f"activation_checkpoint.{kind}"],
+                        hint="choose an `every` that divides one of their indices, or `full`")
 
 
 def _validate_split(plan: Plan, units: list[str], stages: int, diags: Diagnostics,
@@ -619,6 +720,9 @@ def vlm_plan_data(plan: Plan, vlm, models: dict[str, Model],
         data["pipeline"]["stage_params"] = [s.params for s in stages]
         data["pipeline"]["stage_flops"] = [s.flops for s in stages]
     data["activation_checkpoint"] = [f"transformer.{u}" for u in checkpointed_units(plan, text)]
+    saves = checkpoint_saves(plan, text)
+    if saves:
+        data["activation_checkpoint_save"] = {f"transformer.{u}": s for u, s in saves.items()}
     return data
 
 
@@ -655,5 +759,8 @@ def plan_data(plan: Plan, model: Model, graph: nx.MultiDiGraph) -> dict[str, Any
         if tied:
             data["pipeline"]["tied"] = tied
     data["activation_checkpoint"] = checkpointed_units(plan, model)
+    saves = checkpoint_saves(plan, model)
+    if saves:
+        data["activation_checkpoint_save"] = saves
     return data
 

@@ -46,12 +46,69 @@ def test_committed_plans_bind_and_are_listed():
     ("  mesh(pp = 2)\n  pipeline(schedule = pipedream)", [("E026", 2, 23)]),
     ("  activation_checkpoint(sparse = full)", [("E092", 1, 25)]),
     ("  activation_checkpoint(dense = half)", [("E092", 1, 33)]),
+    ("  activation_checkpoint(dense = selectiv(every = 2))", [("E092", 1, 33)]),
+    ("  activation_checkpoint(dense = selective(evry = 2))", [("E023", 1, 43)]),
+    ("  activation_checkpoint(dense = selective(every = 0))", [("E026", 1, 51)]),
+    ("  activation_checkpoint(dense = selective(save = [matmul, softmax]))",
+     [("E093", 1, 59)]),
+    ("  activation_checkpoint(dense = selective(save = []))", [("E093", 1, 50)]),
+    ("  activation_checkpoint(dense = selective(save = [matmul, matmul]))", [("E093", 1, 59)]),
     ("  x = 1", [("E091", 1, 3)]),
 ])
 def test_plan_binding_errors_are_located(forge, body, expected):
     comp, diags = forge(with_plan(body))
     base = line_of_plan(0)
     assert errors(diags) == [(c, base + line, col) for c, line, col in expected]
+
+
+SPARSE_EVERY_2 = """
+  block sparse(x) extends dense {
+    mlp = swiglu(dim, hidden = 128)
+  }
+  layers = stack(n_layers) {
+    default:        dense
+    every 2 from 1: sparse
+  }
+"""
+
+
+def test_a_selective_policy_that_checkpoints_no_layer_of_its_kind_is_located(forge):
+    """`every` counts over all layers: the sparse layers 1 and 3 hold no multiple of 2."""
+    src = with_plan("  activation_checkpoint(sparse = selective(every = 2), dense = full)")
+    src = src.replace("  layers      = stack(n_layers) { default: dense }\n", SPARSE_EVERY_2)
+    comp, diags = forge(src)
+    line = src[: src.index("activation_checkpoint(sparse")].count("\n") + 1
+    assert errors(diags) == [("E094", line, 25)]
+    assert "they are layers 1, 3" in diags.errors[0].message
+    comp, diags = forge(src.replace("every = 2", "every = 3"))  # layer 3 is sparse
+    assert errors(diags) == []
+    data = plan_data(comp.plans["p"], comp.models["llama_debug"], comp.graphs["llama_debug"])
+    assert data["activation_checkpoint"] == ["layers.0", "layers.2", "layers.3"]
+
+
+@pytest.mark.parametrize("mode, layers, saves", [
+    ("none", [], None),
+    ("full", ["layers.0", "layers.1", "layers.2", "layers.3"], None),
+    ("selective", ["layers.0", "layers.2"], None),
+    ("selective()", ["layers.0", "layers.2"], None),
+    ("selective(every = 3)", ["layers.0", "layers.3"], None),
+    ("selective(every = n_layers / 2)", ["layers.0", "layers.2"], None),
+    ("selective(save = [matmul])", ["layers.0", "layers.1", "layers.2", "layers.3"],
+     ["matmul"]),
+    ("selective(save = [matmul, attention], every = 2)", ["layers.0", "layers.2"],
+     ["attention", "matmul"]),
+    ('selective(save = ["attention"])', ["layers.0", "layers.1", "layers.2", "layers.3"],
+     ["attention"]),
+])
+def test_checkpointing_policies_become_plan_data(forge, mode, layers, saves):
+    comp, diags = forge(with_plan(f"  activation_checkpoint(default = {mode})"))
+    assert errors(diags) == []
+    data = plan_data(comp.plans["p"], comp.models["llama_debug"], comp.graphs["llama_debug"])
+    assert data["activation_checkpoint"] == layers
+    if saves is None:
+        assert "activation_checkpoint_save" not in data
+    else:
+        assert data["activation_checkpoint_save"] == {u: saves for u in layers}
 
 
 def test_plan_without_a_target_and_with_an_unknown_target(forge):
