@@ -17,6 +17,7 @@ function applies to what the model holds.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 # the plan's schedule names → torch.distributed.pipelining.schedules classes
 SCHEDULES = {
@@ -120,14 +122,47 @@ def _compile_outside_ep(module: nn.Module, backend: str) -> None:
 # ---- activation checkpointing and FSDP ----------------------------------------------------
 
 
+_aten = torch.ops.aten
+# op-level selective checkpointing: the aten ops of each op class a plan's
+# `activation_checkpoint_save` may keep (compiler/plans.py's SAC_SAVES), as
+# torchtitan's save list names them (its every-other-matmul rule aside)
+SAC_OPS = {
+    "attention": tuple(getattr(_aten, name).default for name in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")),
+    "matmul": (_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+               _aten.baddbmm.default, _aten._grouped_mm.default),
+}
+
+
+def saved_ops(save) -> list:
+    """The aten ops whose outputs a checkpointed layer keeping the op classes
+    `save` stores in forward (all others are recomputed in backward)."""
+    return [op for kind in sorted(save) for op in SAC_OPS[kind]]
+
+
+def checkpoint_layer(layer: nn.Module, save=()) -> nn.Module:
+    """`layer` recomputing its activations in backward (torch.utils.checkpoint,
+    non-reentrant); with op classes to `save`, selectively: the outputs of their
+    ops are kept (create_selective_checkpoint_contexts) and only the rest is
+    recomputed. The wrapper keeps state-dict keys unchanged (DCP checkpoints stay
+    compatible)."""
+    if not save:
+        return checkpoint_wrapper(layer)
+    return checkpoint_wrapper(layer, context_fn=functools.partial(
+        create_selective_checkpoint_contexts, saved_ops(save)))
+
+
 def apply_activation_checkpointing(model: nn.Module, planmod, plan: str) -> nn.Module:
-    """Recompute the activations of the plan's layers in backward."""
-    for fqn in planmod.PLANS[plan]["activation_checkpoint"]:
+    """Recompute the activations of the plan's layers in backward, keeping the
+    outputs of the ops its `activation_checkpoint_save` names for a layer."""
+    cfg = planmod.PLANS[plan]
+    saves = cfg.get("activation_checkpoint_save", {})
+    for fqn in cfg["activation_checkpoint"]:
         parent, _, key = fqn.rpartition(".")
         container = _find(model, parent)
         if container is not None and key in container:
-            # the wrapper keeps state-dict keys unchanged (DCP checkpoints stay compatible)
-            container[key] = checkpoint_wrapper(container[key])
+            container[key] = checkpoint_layer(container[key], saves.get(fqn, ()))
     return model
 
 
