@@ -43,8 +43,10 @@ Per rank (`per_rank` in the JSON: `rank` and its `pp_rank`, `dp_rank`,
                   heads and hidden features) and the loss on the meta device under
                   `saved_tensors_hooks` and attributed to the unit running, summed
                   over the rank's stages, times the microbatches a schedule keeps
-                  in flight; a checkpointed region keeps only its input, plus one
-                  region's activations recomputed in backward. Attention is counted
+                  in flight; a checkpointed region keeps only its input (and,
+                  under op-level selective checkpointing, the outputs of the ops
+                  whose classes it keeps: matmuls, attention), plus one region's
+                  activations recomputed in backward. Attention is counted
                   as fused kernels save it (q, k, v, output, log-sum-exp, and a
                   boolean mask converted to q's dtype, per call), as torch's CPU and
                   CUDA kernels do. A pipeline stage also holds each in-flight
@@ -84,6 +86,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from forgec.compiler.errors import RunError, UsageError
 
@@ -112,6 +115,7 @@ class _FusedAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if mask is not None and mask.dtype == torch.bool:
             mask = q.new_empty(mask.shape)
+        _OpOutputs.record("attention", out)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
         return out
 
@@ -145,11 +149,47 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x, w, counts):
         offsets = counts.cumsum(0).to(torch.int32)  # as grouped_mm passes them
         ctx.save_for_backward(x, w, offsets)
-        return x.new_empty(x.shape[0], w.shape[-1])
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        _OpOutputs.record("matmul", out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # never run: the measurement does no backward
         raise AssertionError("measurement only")
+
+
+class _OpOutputs(TorchDispatchMode):
+    """Records, while measuring, the output of every op of an op class that
+    op-level selective checkpointing may keep (runtime.parallel.SAC_OPS; the
+    attention and grouped-matmul stand-ins record theirs themselves): what a
+    selectively checkpointed region stores in forward."""
+
+    active: _OpOutputs | None = None
+
+    def __init__(self, on_output):
+        super().__init__()
+        self.on_output = on_output
+        self.kinds = {op: kind for kind, ops in parallel.SAC_OPS.items() for op in ops}
+
+    @classmethod
+    def record(cls, kind: str, out: torch.Tensor) -> None:
+        if cls.active is not None:
+            cls.active.on_output(kind, out)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        kind = self.kinds.get(func)
+        if kind is not None:
+            self.on_output(kind, out if isinstance(out, torch.Tensor) else out[0])
+        return out
+
+    def __enter__(self):
+        _OpOutputs.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _OpOutputs.active = None
+        return super().__exit__(*exc)
 
 
 def _meta_bincount(original):
@@ -251,6 +291,12 @@ class Activations:
     keeps_input: set[str]  # units among whose saved tensors is their own input
     shapes: dict[str, tuple]  # unit → shape of its (first) input
     logits_bytes: int  # the fp32 logits (and so their gradient)
+    # unit → op class → bytes of the outputs of that class's ops (SAC_OPS): what a
+    # selectively checkpointed unit keeping the class stores
+    op_outputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    # unit → op class → bytes of those outputs that autograd saves too (a
+    # selectively checkpointed unit does not recompute them in backward)
+    op_outputs_saved: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def first_unit(self, fqns) -> str | None:
         """The first unit, in execution order, of a stage (its FQN list)."""
@@ -305,18 +351,33 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     seen: dict[int, torch.Tensor] = {}
     saved_by: dict[int, str] = {}
     per_unit: dict[str, int] = collections.Counter()
+    kept: dict[int, tuple[str, torch.Tensor]] = {}  # SAC_OPS outputs: id → (op class, base)
+    op_outputs: dict[str, dict[str, int]] = {}
+    op_outputs_saved: dict[str, dict[str, int]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t if t._base is None else t._base
         if id(base) not in params and id(base) not in seen:
             seen[id(base)] = base  # keeps ids unique while measuring
             saved_by[id(base)] = current[0]
-            per_unit[current[0]] += base.numel() * base.element_size()
+            size = base.numel() * base.element_size()
+            per_unit[current[0]] += size
+            if id(base) in kept:
+                by_kind = op_outputs_saved.setdefault(current[0], {})
+                kind = kept[id(base)][0]
+                by_kind[kind] = by_kind.get(kind, 0) + size
         return t
+
+    def on_output(kind: str, out: torch.Tensor) -> None:
+        base = out if out._base is None else out._base
+        if id(base) not in kept:
+            kept[id(base)] = (kind, base)
+            by_kind = op_outputs.setdefault(current[0], {})
+            by_kind[kind] = by_kind.get(kind, 0) + base.numel() * base.element_size()
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _fused_attention(), _meta_routing(module, model), \
+        with _fused_attention(), _meta_routing(module, model), _OpOutputs(on_output), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(*args, **kwargs)
             F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -330,7 +391,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                        "modelled yet") from None
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
-                       logits.numel() * 4)
+                       logits.numel() * 4, op_outputs, op_outputs_saved)
 
 
 def tp_slice(model: nn.Module, plan, degree: int) -> None:
@@ -498,24 +559,38 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
     return {"params": params, "units": unit_fqns(model), "groups": dict(groups)}
 
 
-def stage_activations(acts: Activations, units: list[str], ckpt: list[str]) -> int:
+def stage_activations(acts: Activations, units: list[str], ckpt: list[str],
+                      saves: dict[str, list[str]] | None = None) -> int:
     """Bytes one microbatch's forward of `units` keeps for backward: what they
-    save, except that a checkpointed region keeps only its input."""
+    save, except that a checkpointed region keeps only its input and, under
+    op-level selective checkpointing (`saves`: region → op classes), the
+    outputs of the ops it keeps."""
+    saves = saves or {}
     kept, regions = 0, set()
     for u in units:
         region = next((c for c in ckpt if covers([c], u)), None)
         if region is None:
             kept += acts.saved.get(u, 0)
-        elif region not in regions:
+            continue
+        if region not in regions:
             regions.add(region)
             kept += acts.inputs.get(region, 0)
+        kept += sum(acts.op_outputs.get(u, {}).get(k, 0) for k in saves.get(region, ()))
     return kept
 
 
-def recomputed(acts: Activations, units: list[str], ckpt: list[str]) -> int:
-    """The largest checkpointed region's activations, rebuilt in backward."""
-    return max((sum(acts.saved.get(u, 0) for u in units if covers([c], u)) for c in ckpt),
-               default=0)
+def recomputed(acts: Activations, units: list[str], ckpt: list[str],
+               saves: dict[str, list[str]] | None = None) -> int:
+    """The largest checkpointed region's activations, rebuilt in backward (less
+    the outputs a selectively checkpointed region kept: they are not rebuilt)."""
+    saves = saves or {}
+
+    def rebuilt(c: str) -> int:
+        return sum(acts.saved.get(u, 0) - sum(acts.op_outputs_saved.get(u, {}).get(k, 0)
+                                              for k in saves.get(c, ()))
+                   for u in units if covers([c], u))
+
+    return max((rebuilt(c) for c in ckpt), default=0)
 
 
 # ---- the report -----------------------------------------------------------------------
@@ -598,6 +673,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     compute = fsdp["compute"] if fsdp else "fp32"
     reduce = fsdp["reduce"] if fsdp else "fp32"
     ckpt = list(data["activation_checkpoint"])
+    saves = data.get("activation_checkpoint_save", {})
 
     acts = measure_activations(pkg, micro_batch, seq, getattr(torch, {
         "fp32": "float32", "bf16": "bfloat16"}[compute]), regions=ckpt,
@@ -628,7 +704,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
         # regions reduced to their input, times the schedule's in-flight forwards
         per_stage, buffers = [], 0
         for sid, st in zip(stage_ids, stages, strict=True):
-            kept = stage_activations(acts, st["units"], ckpt)
+            kept = stage_activations(acts, st["units"], ckpt, saves)
             if sid is not None:
                 first = acts.first_unit(pipe["stages"][sid])
                 if sid > 0:
@@ -648,7 +724,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
                            len(stage_ids))
         # warm-up forwards run in rounds of pp microbatches per local stage
         activations = sum(per_stage[(k // pp) % len(per_stage)] for k in range(flight))
-        activations += recomputed(acts, units, ckpt)
+        activations += recomputed(acts, units, ckpt, saves)
         # a schedule that runs forwards after its first backward holds the
         # stage's gradients beside the activations in flight (1F1B's steady
         # state); one that runs every forward first frees a microbatch's

@@ -1,8 +1,9 @@
 """Peak memory of real training steps, for tests/test_planner*.py.
 
 Single process (run in a fresh process by tests/test_planner.py):
-    python memory_probe.py PACKAGE_DIR MICRO_BATCH SEQ_LEN  → JSON on stdout
-the peak resident memory of training steps of a generated package, above the
+    python memory_probe.py PACKAGE_DIR MICRO_BATCH SEQ_LEN [PLAN]  → JSON on stdout
+the peak resident memory of training steps of a generated package (with the
+activation checkpointing of its plan PLAN, if given), above the
 memory before the model existed. The peak is that of steps 2 and 3 (VmHWM,
 reset after step 1): the steady state that `forgec plan` estimates. The
 caller sets MALLOC_MMAP_THRESHOLD_ so that glibc serves every tensor-sized
@@ -145,6 +146,7 @@ def rank_peaks(runs: list[dict], out_dir: str) -> int:
 
 def main() -> None:
     pkg_dir, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    plan = sys.argv[4] if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     pkg = import_package(pkg_dir)
     torch.manual_seed(0)
@@ -156,6 +158,13 @@ def main() -> None:
     gc.collect()
     before = status_bytes("VmRSS")
     model = pkg.Transformer()
+    if plan is not None:
+        import importlib
+
+        from forgec.runtime.parallel import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, importlib.import_module(f"{pkg.__name__}.plan"),
+                                       plan)
     optimizer = make_optimizer(model, Settings())
     tokens = torch.randint(0, 256, (batch, seq + 1))
     doc_ids = torch.zeros(batch, seq, dtype=torch.long)

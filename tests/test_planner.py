@@ -60,6 +60,18 @@ plan fsdp3 for mid {          # 3 does not divide 256: uneven shards
   mesh(dp = 3)
   fsdp()
 }
+
+plan full_ckpt for mid {
+  activation_checkpoint(default = full)
+}
+
+plan sac for mid {            # op-level selective: matmul and attention outputs kept
+  activation_checkpoint(default = selective(save = [matmul, attention]))
+}
+
+plan sac_every_2 for mid {
+  activation_checkpoint(default = selective(every = 2, save = [attention]))
+}
 """
 
 
@@ -232,9 +244,12 @@ def test_saved_activations_match_a_real_forward(mid):
                              "output_head"}
 
 
-@pytest.mark.parametrize("batch, seq", [(2, 64), (8, 256)])
-def test_memory_estimate_within_15_percent_of_the_measured_peak(mid, batch, seq):
-    code, out, err = run("plan", str(mid / "mid.forge"), "--plan", "single", "--world", "1",
+@pytest.mark.parametrize("batch, seq, plan", [(2, 64, "single"), (8, 256, "single"),
+                                              (8, 256, "full_ckpt"), (8, 256, "sac")])
+def test_memory_estimate_within_15_percent_of_the_measured_peak(mid, batch, seq, plan):
+    """The estimate against the peak of real training steps, the activation
+    checkpointing of the plan applied (runtime.parallel), selective included."""
+    code, out, err = run("plan", str(mid / "mid.forge"), "--plan", plan, "--world", "1",
                             "--micro-batch", str(batch), "--seq-len", str(seq), "--json")
     assert code == 0, err
     estimate = json.loads(out)["per_rank"][0]["total_bytes"]
@@ -243,7 +258,8 @@ def test_memory_estimate_within_15_percent_of_the_measured_peak(mid, batch, seq)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "memory_probe.py"),
-                           str(mid / "built" / "mid"), str(batch), str(seq)],
+                           str(mid / "built" / "mid"), str(batch), str(seq),
+                           *([plan] if plan != "single" else [])],
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     measured = json.loads(proc.stdout)["delta"]
