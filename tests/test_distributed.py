@@ -78,6 +78,12 @@ plan fsdp2_offload for llama_debug {
   mesh(dp = 2)
   fsdp(cpu_offload = true, reshard = never)
 }
+
+plan fsdp2_sac for llama_debug {
+  mesh(dp = 2)
+  fsdp()
+  activation_checkpoint(default = selective(save = [matmul, attention]))
+}
 """
 
 
@@ -175,7 +181,8 @@ def cli_fsdp(work, reference) -> tuple[Path, subprocess.CompletedProcess]:
 def two_ranks(work, reference) -> Path:
     """One world-2 spawn running, in turn: the MoE model under FSDP and under a
     pipeline, every pipeline schedule of the debug model, FSDP with bf16
-    compute, FSDP with CPU offload and no resharding, and a resume at 2 ranks of the single-process run's checkpoint."""
+    compute, FSDP with CPU offload and no resharding, FSDP with op-level
+    selective activation checkpointing, and a resume at 2 ranks of the single-process run's checkpoint."""
     moe = str(work / "specs" / "moe_dist.forge")
     extra = str(work / "specs" / "llama_debug.forge")
     resumed = without_last_checkpoint(work / "ref", work / "resume2_from_1")
@@ -189,6 +196,7 @@ def two_ranks(work, reference) -> Path:
             argv(extra, work / "pp2_zbv", "pp2_zbv"),
             argv(extra, work / "fsdp2_bf16", "fsdp2_bf16"),
             argv(extra, work / "fsdp2_offload", "fsdp2_offload"),
+            argv(extra, work / "fsdp2_sac", "fsdp2_sac"),
             argv(DEBUG, resumed, "fsdp2", resume=True),
             argv(TIED, work / "tied_pp2", "pp2", ckpt_every=3),
             argv(tied, work / "tied_pp2_zbv", "pp2_zbv"),
@@ -257,6 +265,11 @@ def test_fsdp_bf16_compute_keeps_fp32_master_weights(two_ranks, reference):
         .read_metadata().state_dict_metadata
     weights = {k: v for k, v in meta.items() if k.startswith("model.")}
     assert weights and {v.properties.dtype for v in weights.values()} == {torch.float32}
+
+
+def test_fsdp_with_selective_activation_checkpointing_equals_single_process(two_ranks,
+                                                                          reference):
+    assert_same(losses(two_ranks / "fsdp2_sac"), reference["dense"], "fsdp2_sac")
 
 
 def test_fsdp_cpu_offload_without_resharding_equals_single_process(two_ranks, reference):
