@@ -105,8 +105,13 @@ def apply_compile(model: nn.Module) -> nn.Module:
     for fqn, container in model.named_modules():
         if isinstance(container, nn.ModuleDict) and fqn.rpartition(".")[2].endswith("layers"):
             for block in container.values():
-                # a checkpoint_wrapper recomputes the block it wraps: compile that block
-                _compile_outside_ep(getattr(block, "_checkpoint_wrapped_module", block), backend)
+                # a checkpoint_wrapper recomputes the block it wraps: compile that block;
+                # a selective one is compiled whole, so that the compiler traces the
+                # checkpoint with its policy (torchtitan's order): an eager policy
+                # sees a compiled block's kernels, not the ops it names
+                if not getattr(block, "selective_save", ()):
+                    block = getattr(block, "_checkpoint_wrapped_module", block)
+                _compile_outside_ep(block, backend)
     return model
 
 
@@ -149,8 +154,10 @@ def checkpoint_layer(layer: nn.Module, save=()) -> nn.Module:
     compatible)."""
     if not save:
         return checkpoint_wrapper(layer)
-    return checkpoint_wrapper(layer, context_fn=functools.partial(
+    wrapper = checkpoint_wrapper(layer, context_fn=functools.partial(
         create_selective_checkpoint_contexts, saved_ops(save)))
+    wrapper.selective_save = tuple(sorted(save))  # apply_compile compiles it whole
+    return wrapper
 
 
 def apply_activation_checkpointing(model: nn.Module, planmod, plan: str) -> nn.Module:

@@ -13,7 +13,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from forgec.compiler.plans import SAC_SAVES
-from forgec.runtime.parallel import SAC_OPS, apply_activation_checkpointing, checkpoint_layer
+from forgec.runtime.parallel import (
+    COMPILE_BACKEND_ENV,
+    SAC_OPS,
+    apply_activation_checkpointing,
+    apply_compile,
+    checkpoint_layer,
+)
 from forgec.runtime.train import Settings, accumulate_gradients, make_optimizer
 
 TOL = 1e-6
@@ -38,11 +44,13 @@ def planmod(policy: str):
     return types.SimpleNamespace(PLANS={"p": data})
 
 
-def losses(pkg, policy: str, steps: int = 2) -> list[float]:
+def losses(pkg, policy: str, steps: int = 2, compile: bool = False) -> list[float]:
     torch.manual_seed(0)
     model = pkg.Transformer()
     model.init_weights_and_freqs()
     apply_activation_checkpointing(model, planmod(policy), "p")
+    if compile:
+        apply_compile(model)
     optimizer = make_optimizer(model, Settings())
     vocab = pkg.ModelConfig().vocab_size
     out = []
@@ -67,6 +75,23 @@ def test_every_policy_trains_to_the_losses_of_no_checkpointing(name, policies):
         got = losses(pkg, policy)
         worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
         assert worst <= TOL, (name, policy, got, want)
+
+
+def test_selective_checkpointing_compiles_per_block(monkeypatch):
+    """`forgec train --compile` under op-level selective checkpointing: each
+    selectively checkpointed block is compiled whole (fullgraph, the checkpoint
+    and its policy traced; aot_eager traces what inductor would) and trains to
+    the eager losses."""
+    from generated import llama_debug
+
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    try:
+        got = losses(llama_debug, "every_2_save_matmul", compile=True)
+    finally:
+        torch._dynamo.reset()
+    want = losses(llama_debug, "none")
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) <= TOL, (got, want)
 
 
 class OpCounter(TorchDispatchMode):
