@@ -217,6 +217,11 @@ def test_generated_plan_module_carries_the_plans():
         ["layers.3", "norm", "output_head"]]
     assert stages_of_rank(plan, "pp2_interleaved", 1) == [1, 3]
     assert plan.PLANS["fsdp2_pp2"]["activation_checkpoint"] == ["layers.0", "layers.2"]
+    assert "activation_checkpoint_save" not in plan.PLANS["fsdp2_pp2"]
+    sac = importlib.import_module("generated.llama3_8b.plan").PLANS["fsdp8_sac"]
+    layers = [f"layers.{i}" for i in range(32)]
+    assert sac["activation_checkpoint"] == layers
+    assert sac["activation_checkpoint_save"] == {u: ["attention", "matmul"] for u in layers}
     assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
 
 
