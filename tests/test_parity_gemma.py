@@ -34,10 +34,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as hf
 
 from forgec.compiler.build import build
 from forgec.compiler.driver import compile_spec
+from forgec.compiler.ops.attention.modules import Attention, DocumentMask
+from forgec.compiler.ops.embedding.modules import OutputHead
 from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
 
 PROMPT, NEW = 20, 32
@@ -251,3 +254,33 @@ def test_a_wrong_weight_would_be_caught(pair):
         finally:
             w[0] -= 1e-3
     assert diff > 1e-5
+
+
+# ---- the new paths of the op modules, on their own --------------------------------------
+
+
+def test_softcapped_fused_loss_equals_autograd_through_the_cap():
+    torch.manual_seed(0)
+    head = OutputHead(16, 40, softcap=3.0)
+    head.init_weights(0.5)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (2, 7))
+    targets[0, 2] = -100  # not trained on
+    loss = head(x, targets)
+    gx, gw = torch.autograd.grad(loss, (x, head.proj.weight))
+    logits = head(x)
+    assert logits.abs().max() < 3.0  # capped
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    rx, rw = torch.autograd.grad(ref, (x, head.proj.weight))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+
+
+def test_soft_capped_attention_refuses_packed_documents():
+    attn = Attention(16, 2, softcap=5.0, use_rope=False)
+    attn.init_weights(0.02, 0.02)
+    x = torch.randn(1, 6, 16)
+    mask = DocumentMask(torch.tensor([[0, 0, 0, 1, 1, 1]]), flex=False)
+    with pytest.raises(ValueError, match="packed documents"):
+        attn(x, None, None, mask)

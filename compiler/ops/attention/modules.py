@@ -262,7 +262,8 @@ class Attention(nn.Module):
         if QK_NORM and self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
-            if LOCAL_ROPE:  # the tables hold the global base's angles, then the local one's
+            if LOCAL_ROPE:
+                # the tables hold the global base's angles, then the local base's: our half
                 half = rope_cos.shape[-1] // 2
                 part = slice(half, None) if self.local_rope else slice(None, half)
                 rope_cos, rope_sin = rope_cos[..., part], rope_sin[..., part]
@@ -270,7 +271,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
-        if ATTN_SOFTCAP and self.softcap:  # SDPA cannot soft-cap its scores
+        if ATTN_SOFTCAP and self.softcap:
+            # SDPA cannot soft-cap its scores
             out = softcapped_attention(
                 q,
                 k,
