@@ -28,7 +28,9 @@ tested with Qwen2 in tests/test_parity_hf.py).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -284,3 +286,37 @@ def test_soft_capped_attention_refuses_packed_documents():
     mask = DocumentMask(torch.tensor([[0, 0, 0, 1, 1, 1]]), flex=False)
     with pytest.raises(ValueError, match="packed documents"):
         attn(x, None, None, mask)
+
+
+# ---- the committed example, specs/gemma2_debug.forge ------------------------------------
+
+
+def _gemma2_debug(seed: int = 0):
+    torch.manual_seed(seed)
+    return importlib.import_module("generated.gemma2_debug.model").Transformer()
+
+
+def test_gemma2_debug_decodes_with_the_cache_as_the_full_forward():
+    model = _gemma2_debug().eval()
+    x = torch.randint(0, 256, (2, 76), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # 76 tokens: past the 64-token window of the local layers
+        full = model(x)
+        caches = model.make_kv_caches(2, 80)
+        steps = [model(x[:, :60], kv_caches=caches)]
+        steps += [model(x[:, t : t + 1], kv_caches=caches) for t in range(60, 76)]
+    assert full.abs().max() < 30.0  # the soft-capped logits
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=2e-5)
+
+
+def test_gemma2_debug_trains():
+    model = _gemma2_debug().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(4):
+        loss = model(x[:, :-1], targets=x[:, 1:]) / x[:, 1:].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.1, losses
