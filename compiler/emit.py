@@ -738,8 +738,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         rotary.pop("_head_dim_derived", None)
         rope_limit = cfg.arg(rope_comp, "max_seq_len", "self.config", "model") \
             or Code(pyrepr(rotary["max_seq_len"]))
+        # `rotary_dim, theta[, local_theta] = ...` of rope_tables
         rope_dims = ", ".join(cfg.arg(rope_comp, k, "config", "model") or pyrepr(rotary[k])
-                              for k in ("rotary_dim", "theta"))
+                              for k in ("rotary_dim", "theta")
+                              + (("local_theta",) if rotary["local_theta"] else ()))
         rope_tables_call = "\n".join(call_lines(
             "self.rope_cos, self.rope_sin = ", "rope_tables",
             [rope_limit, "param.device", "self.config"], 8))

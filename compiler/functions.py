@@ -51,6 +51,9 @@ FUNCTIONS: dict[str, FunctionDef] = {
         FunctionDef("max", "The larger of two numbers.",
                     (ArgSpec("a", "number"), ArgSpec("b", "number")),
                     lambda a: max(a["a"], a["b"])),
+        FunctionDef("sqrt", "The square root of a non-negative number, a float.",
+                    (ArgSpec("x", "number", min=0.0),),
+                    lambda a: math.sqrt(a["x"])),
     )
 }
 

@@ -59,6 +59,16 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
 ]
+# A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
+# there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
+# is the MLP's input norm. A checkpoint with any pre_feedforward_layernorm reads so.
+_SANDWICH = [
+    (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.weight"),
+     r"layers.\1.post_attention_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.pre_feedforward_layernorm\.weight"), r"layers.\1.mlp_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
+     r"layers.\1.post_mlp_norm.weight"),
+]
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 _PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
@@ -152,6 +162,8 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     unknown = []
+    sandwich = any(".pre_feedforward_layernorm." in key for key in hf)
+    direct = _SANDWICH + _DIRECT if sandwich else _DIRECT
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
             continue
@@ -159,7 +171,7 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key == "lm_head.weight":
             out[HEAD] = t
             continue
-        for pattern, repl in _DIRECT:
+        for pattern, repl in direct:
             if pattern.fullmatch(name):
                 out[pattern.sub(repl, name)] = t
                 break
@@ -257,7 +269,8 @@ _MOE_NAMES = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.{w}",
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
+             "gemma3_text")
 
 
 def _config_dict(config: Any) -> dict:
@@ -292,10 +305,21 @@ _TO_HF = [
 ]
 
 
-def hf_name(key: str) -> str | None:
+# the norms of a sandwich-norm layer (see _SANDWICH)
+_SANDWICH_TO_HF = [
+    (re.compile(r"layers\.(\d+)\.post_attention_norm\.weight"),
+     r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp_norm\.weight"), r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.post_mlp_norm\.weight"),
+     r"model.layers.\1.post_feedforward_layernorm.weight"),
+]
+
+
+def hf_name(key: str, sandwich: bool = False) -> str | None:
     """The HF name of a forgec tensor outside the experts, or None where a
-    checkpoint of these families has no place for it."""
-    for pattern, repl in _TO_HF:
+    checkpoint of these families has no place for it; `sandwich`: the model's
+    layers norm after their sublayers too (`post_attention_norm`)."""
+    for pattern, repl in (_SANDWICH_TO_HF + _TO_HF if sandwich else _TO_HF):
         if pattern.fullmatch(key):
             return pattern.sub(repl, key)
     return None
@@ -308,9 +332,11 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
                        f"({', '.join(_FAMILIES)})")
     out: dict[str, torch.Tensor] = {}
     unknown = []
-    for key, t in model.state_dict().items():
+    state = model.state_dict()
+    sandwich = any(k.endswith(".post_attention_norm.weight") for k in state)
+    for key, t in state.items():
         t = t.detach()
-        name = hf_name(key)
+        name = hf_name(key, sandwich)
         if name is not None:
             out[name] = t
         else:

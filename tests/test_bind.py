@@ -310,9 +310,9 @@ def test_duplicate_and_misplaced_arguments_are_E027(forge):
 
 
 def test_too_many_positional_arguments_is_E028(forge):
-    _, diags = params(forge, "a = rmsnorm(64, 1e-6, 3)")
-    assert codes(diags) == [("E028", 2, 25)]
-    assert diags.errors[0].message == "rmsnorm() takes at most 2 positional arguments"
+    _, diags = params(forge, "a = rmsnorm(64, 1e-6, false, 3)")
+    assert codes(diags) == [("E028", 2, 32)]
+    assert diags.errors[0].message == "rmsnorm() takes at most 3 positional arguments"
 
 
 def test_positional_arguments_reach_derived_ones_last(forge):

@@ -15,6 +15,10 @@ QK_NORM = True  # feature: some attention has a per-head qk-norm
 ROPE = True  # feature: some attention has rotary positions
 NO_ROPE = True  # feature: some attention has no positions
 ZERO_INIT = True  # feature: some attention starts as the identity (`zero_init = true`)
+QUERY_SCALE = True  # feature: some attention scales its scores by other than 1/sqrt(head_dim)
+ATTN_SOFTCAP = True  # feature: some attention soft-caps its scores (Gemma 2)
+UNIT_OFFSET = True  # feature: some RMSNorm scales by 1 + weight (a qk-norm here)
+LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma 3)
 
 
 class KVCache:
@@ -149,6 +153,37 @@ class DocumentMask:
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    softcap: float,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of (B, H, S, hd) queries over (B, KV, T, hd) keys and values whose
+    scores are soft-capped, softcap · tanh(scores / softcap), before the mask and the
+    fp32 softmax (SDPA has no hook for it). `mask`: (B, 1, S, T) booleans, True where
+    a query may attend a key; None for causal (or full) attention."""
+    if isinstance(mask, DocumentMask):
+        raise ValueError(
+            "soft-capped attention does not run on packed documents: train without doc_ids"
+        )
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, H, S, T)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is None and causal:  # the last S of T positions are the queries
+        s, t = scores.shape[-2:]
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads."""
 
@@ -164,11 +199,21 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,  # if QK_NORM
         use_rope: bool = True,  # if ROPE and NO_ROPE
         zero_init: bool = False,  # if ZERO_INIT
+        scale: float | None = None,  # if QUERY_SCALE
+        softcap: float = 0.0,  # if ATTN_SOFTCAP
+        qk_norm_unit_offset: bool = False,  # if QK_NORM and UNIT_OFFSET
+        local_rope: bool = False,  # if LOCAL_ROPE
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.causal = causal
+        if QUERY_SCALE:
+            self.scale = scale  # None: 1/sqrt(head_dim)
+        if ATTN_SOFTCAP:
+            self.softcap = softcap
+        if LOCAL_ROPE:
+            self.local_rope = local_rope
         if ROPE and NO_ROPE:
             self.use_rope = use_rope
         if ZERO_INIT:
@@ -179,8 +224,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
         if QK_NORM:
             has_qk_norm = qk_norm_eps is not None
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+            if UNIT_OFFSET:  # Gemma 3: the norms scale by 1 + weight
+                offset = qk_norm_unit_offset
+                self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset) if has_qk_norm else None
+                self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset) if has_qk_norm else None
+            else:
+                self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+                self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -212,19 +262,37 @@ class Attention(nn.Module):
         if QK_NORM and self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
+            if LOCAL_ROPE:
+                # the tables hold the global base's angles, then the local base's: our half
+                half = rope_cos.shape[-1] // 2
+                part = slice(half, None) if self.local_rope else slice(None, half)
+                rope_cos, rope_sin = rope_cos[..., part], rope_sin[..., part]
             q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
-        if isinstance(mask, DocumentMask):  # packed documents, in training
-            out = mask.attend(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(
+        if ATTN_SOFTCAP and self.softcap:
+            # SDPA cannot soft-cap its scores
+            out = softcapped_attention(
                 q,
                 k,
                 v,
-                attn_mask=mask,
-                is_causal=self.causal and mask is None,
-                enable_gqa=q.shape[1] != k.shape[1],
-            )  # (B, H, S, hd)
+                mask,
+                self.causal,
+                self.softcap,
+                self.scale,  # if QUERY_SCALE
+            )
+        else:
+            if isinstance(mask, DocumentMask):  # packed documents, in training
+                out = mask.attend(q, k, v)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=self.causal and mask is None,
+                    scale=self.scale,  # if QUERY_SCALE
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -68,13 +68,24 @@ def _attention_flops(a: Args, seq_len: int) -> int:
     return int(proj + 2 * 2 * a["heads"] * hd * keys)
 
 
+def _two_bases(rope: Any) -> bool:
+    """The rope an attention names has a second base for local layers (`local_theta`):
+    its tables then hold both bases' angles, and every attention picks its half."""
+    return rope is not None and bool(rope.component.args.get("local_theta"))
+
+
 def _features(a: Args) -> frozenset[str]:
     rope = a["rope"]
     partial = rope is not None and rope.component.args.get("rotary_dim", a["head_dim"]) \
         != a["head_dim"]
     return frozenset(f for f, on in (("qk_norm", a["qk_norm"]), ("rope", rope is not None),
                                      ("no_rope", rope is None), ("partial_rotary", partial),
-                                     ("zero_init", a["zero_init"])) if on)
+                                     ("zero_init", a["zero_init"]),
+                                     ("query_scale", a["scale"] is not None),
+                                     ("attn_softcap", a["softcap"] > 0),
+                                     ("unit_offset", a["qk_norm"] and a["qk_norm_unit_offset"]),
+                                     ("local_rope", _two_bases(rope)))
+                     if on)
 
 
 def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
@@ -87,6 +98,14 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["use_rope"] = a["rope"] is not None
     if "zero_init" in u:
         out["zero_init"] = a["zero_init"]
+    if a["scale"] is not None:
+        out["scale"] = a["scale"]
+    if a["softcap"] > 0:
+        out["softcap"] = a["softcap"]
+    if a["qk_norm"] and a["qk_norm_unit_offset"]:
+        out["qk_norm_unit_offset"] = True
+    if a["local_rope"]:
+        out["local_rope"] = True
     return out
 
 
@@ -107,6 +126,22 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
             diags.error("E071", f"heads {heads} is not a multiple of kv_heads {kv}",
                         spans.get("kv_heads", spans.get("heads", comp.span)),
                         hint="each KV head serves an equal group of query heads")
+    if a["qk_norm_unit_offset"] and not a["qk_norm"]:
+        diags.error("E145", "qk_norm_unit_offset without a qk-norm",
+                    spans.get("qk_norm_unit_offset", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_unit_offset out")
+    if a["scale"] is not None and a["scale"] <= 0:
+        diags.error("E146", f"attention scale {a['scale']} is not positive",
+                    spans.get("scale", comp.span),
+                    hint="the scores are q·k times scale; Gemma's is "
+                    "1 / sqrt(query_pre_attn_scalar)")
+    if a["local_rope"] and not _two_bases(a.get("rope")):
+        rope_name = a["rope"].component.name if a.get("rope") is not None else None
+        diags.error("E079", "local_rope = true, but " + (
+                    f"rope '{rope_name}' has no second base" if rope_name
+                    else "this attention has no rope"),
+                    spans.get("local_rope", comp.span),
+                    hint="give the rope a local_theta (rope(..., local_theta = 10000.0))")
     if a.get("rope") is None:
         return
     rope = a["rope"].component
@@ -147,6 +182,14 @@ OPS = (
             ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
             ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
+            ArgSpec("scale", "float", None, min=0.0,
+                    doc="scale of the scores q·k (default 1/sqrt(head_dim))"),
+            ArgSpec("softcap", "float", 0.0, min=0.0,
+                    doc="soft-cap the scores: softcap · tanh(scores / softcap); 0 for none"),
+            ArgSpec("qk_norm_unit_offset", "bool", False,
+                    doc="the qk-norms scale by 1 + weight (Gemma 3)"),
+            ArgSpec("local_rope", "bool", False,
+                    doc="turn with the rope's second base, local_theta (Gemma 3's local layers)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,

@@ -12,18 +12,32 @@ IGNORE_INDEX = -100
 # values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
 LOSS_CHUNK_LOGITS = 1 << 25
 
+EMBED_SCALE = True  # feature: the embedding multiplies its vectors (Gemma: sqrt(dim))
+LOGIT_SOFTCAP = True  # feature: the head soft-caps its logits (Gemma 2)
+
 
 class TokenEmbedding(nn.Module):
     """Token ids (B, S) → vectors (B, S, dim)."""
 
-    def __init__(self, vocab: int, dim: int) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        scale: float = 1.0,  # if EMBED_SCALE
+    ) -> None:
         super().__init__()
+        if EMBED_SCALE:
+            self.scale = scale
         self.embedding = nn.Embedding(vocab, dim)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if EMBED_SCALE:
+            # the multiplier rounded to the table's dtype first, as Gemma does
+            scale = torch.tensor(self.scale, dtype=self.embedding.weight.dtype)
+            return self.embedding(tokens) * scale.to(tokens.device)
         return self.embedding(tokens)
 
 
@@ -47,6 +61,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk: int,
+        softcap: float = 0.0,  # if LOGIT_SOFTCAP
     ) -> torch.Tensor:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -64,6 +79,9 @@ class LinearCrossEntropy(torch.autograd.Function):
                 trained = t != IGNORE_INDEX
                 t = torch.where(trained, t, 0)
                 logits = F.linear(x_c, w, b).float()  # (chunk, vocab)
+                if LOGIT_SOFTCAP and softcap:
+                    capped = torch.tanh(logits / softcap)
+                    logits = softcap * capped
                 lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
                 loss += torch.where(trained, lse - picked, 0.0).sum()
@@ -72,6 +90,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = softmax - one-hot, zero on ignored rows
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad.scatter_add_(1, t[:, None], -torch.ones_like(grad[:, :1]))
+                if LOGIT_SOFTCAP and softcap:
+                    grad = grad.mul_(1 - capped.square())  # through softcap · tanh(z / softcap)
                 grad = grad.mul_(trained[:, None]).to(dtype)
                 if grad_x is not None:
                     grad_x[start : start + chunk] = (grad @ w).to(x.dtype)
@@ -100,14 +120,23 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_b if ctx.needs_input_grad[2] else None,
             None,
             None,
+            None,  # if LOGIT_SOFTCAP
         )
 
 
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        vocab: int,
+        bias: bool = False,
+        softcap: float = 0.0,  # if LOGIT_SOFTCAP
+    ) -> None:
         super().__init__()
+        if LOGIT_SOFTCAP:
+            self.softcap = softcap
         self.proj = nn.Linear(dim, vocab, bias=bias)
 
     def init_weights(self, std: float) -> None:
@@ -119,12 +148,23 @@ class OutputHead(nn.Module):
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX, without materialising them."""
         if targets is None:
+            if LOGIT_SOFTCAP and self.softcap:
+                return self.softcap * torch.tanh(self.proj(x) / self.softcap)
             return self.proj(x)
         if targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
             )
         chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
+        if LOGIT_SOFTCAP:
+            return LinearCrossEntropy.apply(
+                x.flatten(0, -2),
+                self.proj.weight,
+                self.proj.bias,
+                targets.flatten(),
+                chunk,
+                self.softcap,
+            )
         return LinearCrossEntropy.apply(
             x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
         )

@@ -6,19 +6,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+UNIT_OFFSET = True  # feature: some RMSNorm stores its weight minus one (Gemma: x̂ · (1 + w))
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dimension, computed in fp32."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        unit_offset: bool = False,  # if UNIT_OFFSET
+    ) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
+        if UNIT_OFFSET:
+            self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
 
     def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
+        if UNIT_OFFSET and self.unit_offset:
+            nn.init.zeros_(self.weight)  # the scale 1 + w starts at one
+        else:
+            nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if UNIT_OFFSET and self.unit_offset:
+            # the scale 1 + w in fp32, as Gemma's checkpoints are trained with
+            normed = F.rms_norm(x.float(), (self.dim,), None, self.eps)
+            return (normed * (1.0 + self.weight.float())).type_as(x)
         return F.rms_norm(x.float(), (self.dim,), self.weight.float(), self.eps).type_as(x)
 
 

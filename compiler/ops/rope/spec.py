@@ -54,6 +54,9 @@ OPS = (
             ArgSpec("original_max_seq_len", "size", 8192),
             ArgSpec("doc_restart", "bool", False,
                     doc="restart positions at every document of a packed sequence"),
+            ArgSpec("local_theta", "float", 0.0, min=0.0,
+                    doc="a second base, for the attentions with local_rope = true "
+                        "(Gemma 3's local layers); 0 for none"),
         ),
         sizes=("head_dim", "max_seq_len", "rotary_dim", "original_max_seq_len"),
         derive=_rope_derive,
