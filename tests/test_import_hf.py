@@ -291,7 +291,7 @@ def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, code, key", [
-    ({**LLAMA, "model_type": "gpt_neox"}, "E111", '"model_type"'),
+    ({**LLAMA, "model_type": "gpt2"}, "E111", '"model_type"'),
     ({k: v for k, v in LLAMA.items() if k != "num_hidden_layers"}, "E112", "{"),
     ({**LLAMA, "num_attention_heads": 0}, "E113", '"num_attention_heads"'),
     ({**LLAMA, "vocab_size": 12.5}, "E113", '"vocab_size"'),

@@ -379,6 +379,13 @@ class Decoder:
     framework: str
     stack_notes: list[str] = field(default_factory=list)
     block_notes: dict[str, str] = field(default_factory=dict)
+    # how a block adds to the residual: "sequential" (attention, then the MLP on the
+    # sum), "parallel" (both read x through norms of their own: GPT-NeoX) or
+    # "parallel_shared" (both read one norm of x: GPT-J, Phi)
+    residual: str = "sequential"
+    # modules of the spec's own (each a list of lines), written before the blocks
+    modules: list[list[str]] = field(default_factory=list)
+    head_bias: bool = False
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -419,6 +426,8 @@ class Decoder:
             body.append("  rope            = " + call(self._op("positions"), self.rope, 20))
         body.append("")
 
+        for module in self.modules:
+            body += [f"  {line}".rstrip() for line in module] + [""]
         bw, bm = base
         note = self.block_notes.get(names[base])
         if note:
@@ -426,11 +435,18 @@ class Decoder:
         body.append(f"  block {names[base]}(x) {{")
         body.append(f"    attention_norm = {self.norm}")
         body.append(f"    attention      = {self._attention(bw, 21)}")
-        body.append(f"    mlp_norm       = {self.norm}")
+        if self.residual != "parallel_shared":
+            body.append(f"    mlp_norm       = {self.norm}")
         body.append(f"    mlp            = {self._mlp(bm, 21)}")
         body.append("")
-        body.append("    h = x + attention(attention_norm(x))")
-        body.append("    return h + mlp(mlp_norm(h))")
+        if self.residual == "sequential":
+            body.append("    h = x + attention(attention_norm(x))")
+            body.append("    return h + mlp(mlp_norm(h))")
+        elif self.residual == "parallel":
+            body.append("    return x + attention(attention_norm(x)) + mlp(mlp_norm(x))")
+        else:
+            body.append("    y = attention_norm(x)")
+            body.append("    return x + attention(y) + mlp(y)")
         body.append("  }")
         for kind in order[1:]:
             w, m = kind
@@ -461,6 +477,8 @@ class Decoder:
             body.append("  }")
         body.append(f"  norm        = {self.norm}")
         tie = ", tie = token_embedding" if self.tie else ""
+        if self.head_bias:
+            tie += ", bias = true"
         body.append(f"  output_head = {self._op('output_head')}(dim, vocab_size{tie})")
         body.append("}")
 

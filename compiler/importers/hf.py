@@ -22,7 +22,7 @@ Decisions (see docs/errors.md, "Importing configs"):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
 from ..ops import foreign_op
@@ -90,6 +90,9 @@ class Importer:
         self.layer_rule: str | None = None  # which layers slide, for a comment
         self.experts_key = "num_local_experts"
         self.act: str | None = None  # hidden_act: it chooses the MLP and expert ops
+        self.partial_rotary = False  # the family's attention may rotate part of a head
+        # (partial_rotary_factor or rotary_dim, the field it comes from)
+        self.rotary_fraction: tuple[float | int, str] | None = None
 
     def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
         name = hf_key or f.name(key)
@@ -107,7 +110,7 @@ class Importer:
             return None
         if model_type not in FAMILIES:
             f.error("E111", "model_type", f"model_type '{model_type}' cannot be imported",
-                    "forgec imports " + ", ".join(FAMILIES))
+                    "forgec imports " + ", ".join([*FAMILIES, *DENSE]))
             return None
         fam = FAMILIES[model_type]
         d = fam.defaults
@@ -278,8 +281,12 @@ class Importer:
                 return None
             partial = rp.get("partial_rotary_factor", "float", 1.0)
             if partial is not None and partial != 1.0:
-                rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
-                         f"{fmt(partial)} cannot be expressed: this family rotates whole heads")
+                if self.partial_rotary:
+                    self.rotary_fraction = (partial, rp.name("partial_rotary_factor"))
+                else:
+                    rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
+                             f"{fmt(partial)} cannot be expressed: this family rotates whole "
+                             "heads")
             if rope_type not in ("default", "llama3"):
                 rp.error("E114", key, f"rope type '{rope_type}' cannot be expressed: forgec's "
                          "rope supports no scaling or llama3 scaling",
@@ -291,6 +298,14 @@ class Importer:
         p.add("rope_theta", theta, theta_note)
         args = [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
                 f"theta = {p('rope_theta')}"]
+        if self.rotary_fraction is not None and "head_dim" in p:
+            fraction, field_name = self.rotary_fraction
+            head_dim = p.value("head_dim")
+            rotary = int(head_dim * fraction) if isinstance(fraction, float) else fraction
+            if rotary != head_dim:
+                p.add("rotary_dim", rotary, f"{field_name} = {fmt(fraction)}"
+                      + (f" of head_dim {head_dim}" if isinstance(fraction, float) else ""))
+                args.append(f"rotary_dim = {p('rotary_dim')}")
         if rp is not None and rope_type == "llama3":
             factor = rp.get("factor", "float", hint="llama3 scaling needs factor")
             low = rp.get("low_freq_factor", "float")
@@ -449,6 +464,294 @@ class Importer:
         return moe, kinds, notes
 
 
+# ---- the general decoder importer --------------------------------------------------------
+# A family is data: the defaults of its config class, the names its config gives the
+# shared fields, and what its decoder layer fixes that no field says. The translation of a
+# config into ops (`DenseImporter`) is shared.
+
+
+@dataclass(frozen=True)
+class Dense:
+    title: str
+    architectures: tuple[str, ...]
+    defaults: dict  # transformers 5.x defaults of the fields read (by their own names)
+    # the shared fields' names in this family's config (hidden_size → n_embd ...)
+    aliases: dict = field(default_factory=dict)
+    norm: str = "layer_norm"  # the foreign role of its norm op
+    # "sequential", "parallel", "parallel_shared", or a config field whose true value
+    # makes the block parallel: (field, the parallel kind)
+    residual: str | tuple[str, str] = "sequential"
+    # biases: True/False, or the config field that says
+    qkv_bias: bool | str = False
+    out_bias: bool | str = False
+    mlp_bias: bool | str = False
+    head_bias: bool = False
+    gated: bool = False  # a gated MLP (gate, up, down) rather than two layers (up, down)
+    dropouts: tuple[str, ...] = ()  # must be 0 (forgec has no dropout)
+    inert: tuple[str, ...] = ()  # fields of the family that do not change the causal LM
+    # config field → the value the language can express (anything else is E114)
+    fixed: dict = field(default_factory=dict)
+    # the rotary width's field, when the config gives it as a width (GPT-J's rotary_dim)
+    rotary_dim_field: str | None = None
+    rope_theta: float | None = None  # a theta the family fixes (no field says it)
+    note: str = ""  # a header line about how the weights are read
+
+
+DENSE = {
+    "gpt_neox": Dense(
+        "GPT-NeoX", ("GPTNeoXForCausalLM",), {
+            "hidden_act": "gelu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "use_parallel_residual": True,
+            "attention_bias": True, "rope_theta": 10000.0, "attention_dropout": 0.0,
+            "hidden_dropout": 0.0},
+        residual=("use_parallel_residual", "parallel"), qkv_bias="attention_bias",
+        out_bias="attention_bias", mlp_bias=True, dropouts=("attention_dropout", "hidden_dropout"),
+        inert=("classifier_dropout", "is_decoder"),
+        note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
+    "gptj": Dense(
+        "GPT-J", ("GPTJForCausalLM",), {
+            "activation_function": "gelu_new", "n_positions": 2048, "initializer_range": 0.02,
+            "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "rotary_dim": 64,
+            "n_inner": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        aliases={"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+                 "num_attention_heads": "n_head", "intermediate_size": "n_inner",
+                 "max_position_embeddings": "n_positions", "layer_norm_eps": "layer_norm_epsilon",
+                 "hidden_act": "activation_function"},
+        residual="parallel_shared", mlp_bias=True, head_bias=True,
+        dropouts=("resid_pdrop", "embd_pdrop", "attn_pdrop"), rotary_dim_field="rotary_dim",
+        rope_theta=10000.0,
+        note="GPT-J rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores."),
+    "phi": Dense(
+        "Phi", ("PhiForCausalLM",), {
+            "hidden_act": "gelu_new", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "qk_layernorm": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attention_dropout": 0.0},
+        residual="parallel_shared", qkv_bias=True, out_bias=True, mlp_bias=True, head_bias=True,
+        dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
+        fixed={"qk_layernorm": False}),
+    "stablelm": Dense(
+        "StableLM", ("StableLmForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "use_qkv_bias": False, "qk_layernorm": False,
+            "use_parallel_residual": False, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        residual=("use_parallel_residual", "parallel_shared"), qkv_bias="use_qkv_bias",
+        gated=True, dropouts=("hidden_dropout", "attention_dropout"),
+        fixed={"qk_layernorm": False}),
+    "starcoder2": Dense(
+        "Starcoder2", ("Starcoder2ForCausalLM",), {
+            "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 4096,
+            "initializer_range": 0.018042, "norm_epsilon": 1e-5, "tie_word_embeddings": True,
+            "num_key_value_heads": 2, "rope_theta": 10000.0, "sliding_window": None,
+            "use_bias": True, "attention_dropout": 0.0, "residual_dropout": 0.0,
+            "embedding_dropout": 0.0},
+        aliases={"layer_norm_eps": "norm_epsilon"},
+        qkv_bias="use_bias", out_bias="use_bias", mlp_bias="use_bias",
+        dropouts=("attention_dropout", "residual_dropout", "embedding_dropout")),
+}
+
+# Hugging Face activations → the spec's activation functions (docs/language.md,
+# "Composition"): a two-layer MLP with one of these is a module of the spec's own
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+               "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+class DenseImporter(Importer):
+    """One decoder family of DENSE: a config's fields → the ops that say them."""
+
+    def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
+        src, diags, p = self.src, self.diags, self.p
+        f = Fields(src, src.value, (), diags, "config.json")
+        model_type = src.value["model_type"]
+        f.consume("model_type")
+        fam = DENSE[model_type]
+        d = fam.defaults
+        self.partial_rotary = True
+
+        def key(canon: str) -> str:
+            return fam.aliases.get(canon, canon)
+
+        def get(canon: str, kind: str, **kw):
+            k = key(canon)
+            return f.get(k, kind, d[k], **kw) if k in d else f.get(k, kind, **kw)
+
+        f.consume(*NOT_ARCHITECTURE, *fam.inert)
+        archs = f.get("architectures", "list?", None)
+        for i, a in enumerate(archs or []):
+            if a not in fam.architectures:
+                head = ("a causal language model" if str(a).endswith("ForCausalLM")
+                        else "another head")
+                diags.error("E114", f"architecture '{a}' is not {fam.architectures[0]}: "
+                            f"it has {head}", src.span(("architectures", i)),
+                            f"forgec imports {fam.architectures[0]}")
+        vocab = get("vocab_size", "int", positive=True)
+        dim = get("hidden_size", "int", positive=True)
+        n_layers = get("num_hidden_layers", "int", positive=True)
+        heads = get("num_attention_heads", "int", positive=True)
+        ffn = get("intermediate_size", "int?", positive=True)
+        ffn_note = key("intermediate_size")
+        if ffn is None and dim and key("intermediate_size") in d:  # GPT-J's n_inner: null
+            ffn, ffn_note = 4 * dim, f"{key('intermediate_size')} null: 4 × {key('hidden_size')}"
+        kv_key = "num_key_value_heads"
+        kv = f.get(kv_key, "int?", d[kv_key], positive=True) if kv_key in d else None
+        kv_note = self.note_default(f, kv_key) if kv_key in d else None
+        if kv is None and heads:
+            kv, kv_note = heads, (f"{kv_note} = num_attention_heads" if kv_note
+                                  else f"{key('num_attention_heads')} (no grouped KV heads)")
+        head_dim = dim // heads if dim and heads else None
+        if dim and heads and dim % heads:
+            f.error("E113", key("num_attention_heads"), f"{key('hidden_size')} = {dim} is not "
+                    f"divisible by {key('num_attention_heads')} = {heads}")
+        if kv and heads and heads % kv:
+            f.error("E113", kv_key, f"{kv_key} = {kv} does not divide "
+                    f"{key('num_attention_heads')} = {heads}")
+        max_pos = get("max_position_embeddings", "int", positive=True)
+        eps_key = key("layer_norm_eps")
+        eps = get("layer_norm_eps", "float")
+        init = get("initializer_range", "float")
+        for k, v in ((eps_key, eps), ("initializer_range", init)):
+            if v is not None and not 0 <= v <= 1:
+                f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
+        tie = get("tie_word_embeddings", "bool")
+        act = get("hidden_act", "str")
+        for k in fam.dropouts:
+            v = f.get(k, "float", d.get(k, 0.0))
+            if v:
+                f.error("E114", k, f"{k} = {fmt(v)}: forgec has no dropout, and HF applies "
+                        "it in training", "set it to 0.0 to import the model for training "
+                        "without dropout")
+        for k, want in fam.fixed.items():
+            v = f.get(k, type(want).__name__, d.get(k, want))
+            if v is not None and v != want:
+                f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's ops",
+                        f"only {k} = {fmt(want)} imports")
+
+        def flag(spec: bool | str) -> bool:
+            return bool(get(spec, "bool")) if isinstance(spec, str) else spec
+
+        qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
+                                        flag(fam.mlp_bias))
+        residual = fam.residual
+        if isinstance(residual, tuple):
+            residual = residual[1] if get(residual[0], "bool") else "sequential"
+        mlp_op = mlp_module = None
+        if act is not None:
+            if fam.gated:
+                mlp_op = foreign_op("hf", "mlp", hidden_act=act)
+                if mlp_op is None:
+                    f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
+                            "expressed: this family's gated MLP imports with silu")
+            elif act in ACTIVATIONS:
+                mlp_op = foreign_op("hf", "two_layer_mlp", hidden_act=act)
+                if mlp_op is None:
+                    mlp_module = ACTIVATIONS[act]
+            else:
+                f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
+                        "expressed", "activations: " + ", ".join(ACTIVATIONS))
+        window = None
+        if "sliding_window" in d:
+            window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        if fam.rotary_dim_field is not None:
+            rd = f.get(fam.rotary_dim_field, "int?", d[fam.rotary_dim_field], positive=True)
+            if rd is not None:
+                self.rotary_fraction = (rd, fam.rotary_dim_field)
+
+        if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
+            for n in ("head_dim", "max_seq_len"):
+                p.add(n, 0)
+            self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            f.unknown(self.ignore, fam.title)
+            return None
+        p.add("vocab_size", vocab, key("vocab_size"))
+        p.add("dim", dim, key("hidden_size"))
+        p.add("n_layers", n_layers, key("num_hidden_layers"))
+        p.add("n_heads", heads, key("num_attention_heads"))
+        p.add("n_kv_heads", kv, kv_note)
+        p.add("head_dim", head_dim, f"{key('hidden_size')} / {key('num_attention_heads')}")
+        p.add("ffn_hidden", ffn, ffn_note)
+        if max_seq_len is not None:
+            p.add("max_seq_len", max_seq_len,
+                  f"--max-seq-len ({key('max_position_embeddings')} = {max_pos})")
+        else:
+            p.add("max_seq_len", max_pos, self.note_default(f, key("max_position_embeddings")))
+        p.add("norm_eps", eps, self.note_default(f, eps_key))
+        p.add("init_std", init, self.note_default(f, "initializer_range"))
+        p("init_std")
+        if fam.rope_theta is not None:
+            p.add("rope_theta", fam.rope_theta, f"fixed by {fam.title}")
+            rope = [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                    f"theta = {p('rope_theta')}"]
+            if self.rotary_fraction is not None and self.rotary_fraction[0] != head_dim:
+                rd, field_name = self.rotary_fraction
+                p.add("rotary_dim", rd, field_name)
+                rope.append(f"rotary_dim = {p('rotary_dim')}")
+        else:
+            rope = self._rope(f, d)
+        attention = ["dim", f"heads = {p('n_heads')}"]
+        if kv != heads:
+            attention.append(f"kv_heads = {p('n_kv_heads')}")
+        attention.append("rope = rope")
+        if qkv_bias:
+            attention.append("qkv_bias = true")
+        if out_bias:
+            attention.append("out_bias = true")
+        kinds = [LayerKind(window is not None, False) for _ in range(n_layers)]
+        if window is not None:
+            p.add("window", window, self.note_default(f, "sliding_window"))
+        acknowledged = f.unknown(self.ignore, fam.title)
+        if diags.error_count or rope is None:
+            return None
+
+        modules = []
+        hidden = p("ffn_hidden")
+        if mlp_module is not None:
+            linear = foreign_op("hf", "projection")
+            bias = ", bias = true" if mlp_bias else ""
+            mname = f"{mlp_module}_mlp"
+            modules.append([
+                f"# {fam.title}'s MLP: down({mlp_module}(up(x))) ({key('hidden_act')} {act})",
+                f"module {mname}(x) {{",
+                f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                f"  down_proj = {linear}({hidden}, dim{bias})",
+                f"  return down_proj({mlp_module}(up_proj(x)))",
+                "}"])
+            mlp = (mname, [])
+        else:
+            args = ["dim", f"hidden = {hidden}"]
+            if mlp_bias and not fam.gated:
+                args.append("bias = true")
+            mlp = (mlp_op, args)
+        if mlp_bias and fam.gated:
+            diags.error("E114", "this family's gated MLP has biases: forgec's swiglu has none",
+                        f.span())
+            return None
+
+        shown = os.path.dirname(source) if source.endswith("config.json") else source
+        archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
+        version = src.value.get("transformers_version")
+        header = [
+            f"{fam.title} model imported by `forgec import-hf` from {source}",
+            f"({archs_text}, model_type \"{model_type}\""
+            + (f", transformers {version})." if version else ")."),
+            "Each parameter's comment names the config.json field it comes from; \"(default)\":",
+            "not in the file, transformers' default.",
+            f"Weights: runtime.hf.load_hf_checkpoint(model, \"{shown}\")."
+            + (f" {fam.note}" if fam.note else ""),
+        ]
+        header += self.notes
+        if acknowledged:
+            header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
+                          + ".")
+        return Decoder(
+            name=name, header=header, params=p,
+            norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')})",
+            rope=rope, attention=attention, window=p("window") if window is not None else None,
+            mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
+            modules=modules, head_bias=fam.head_bias)
+
+
 # ---- the tokenizer ---------------------------------------------------------------------
 # What a save_pretrained folder holds about its tokenizer (tokenizer.json is required).
 # `forgec import-hf` copies them into `specs/NAME.tokenizer/`, where runs of the
@@ -487,7 +790,9 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
               ignore: set[str] = frozenset(), max_seq_len: int | None = None) -> str | None:
     """The spec text for the config `src`, or None with the errors in `diags`."""
-    decoder = Importer(src, diags, set(ignore)).run(name, source, max_seq_len)
+    model_type = src.value.get("model_type") if isinstance(src.value, dict) else None
+    importer = DenseImporter if isinstance(model_type, str) and model_type in DENSE else Importer
+    decoder = importer(src, diags, set(ignore)).run(name, source, max_seq_len)
     if decoder is None or diags.error_count:
         return None
     return decoder.render()

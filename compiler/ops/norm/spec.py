@@ -35,7 +35,9 @@ OPS = (
         slots=("norm",),
         class_name="LayerNorm", init_args="",
         ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"]},
-        # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default)
-        foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)})},
+        # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default); Hugging
+        # Face's GPT-NeoX / GPT-J / Phi / StableLM / Starcoder2 / OLMo decoders norm with it
+        foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)}),
+                 "hf": Foreign("layer_norm")},
     ),
 )
