@@ -219,11 +219,14 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
 
 class Names:
     def __init__(self, spine: dict[str, str], layer: str, parts: dict[str, str], *,
-                 qkv: str | None = None, interleaved: bool = False,
-                 derived: tuple[str, ...] = ()) -> None:
+                 qkv: str | None = None, qkv_per_head: bool = False, gate_up: str | None = None,
+                 interleaved: bool = False, derived: tuple[str, ...] = ()) -> None:
         self.spine, self.layer, self.parts = spine, layer, parts
-        # one fused projection holding q, k and v per head: (heads, 3, head_dim) rows
-        self.qkv = qkv
+        # one fused projection holding q, k and v: all q rows, then k, then v (Phi-3), or
+        # per head (GPT-NeoX: (heads, 3, head_dim) rows)
+        self.qkv, self.qkv_per_head = qkv, qkv_per_head
+        # one fused projection holding the MLP's gate rows, then its up rows (Phi-3)
+        self.gate_up = gate_up
         # the checkpoint rotates interleaved channel pairs (GPT-J): q and k rows are
         # permuted to the half-split pairs of forgec's rope
         self.interleaved = interleaved
@@ -242,7 +245,7 @@ TABLE_FAMILIES = {
         {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
          "attention.o_proj": "attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
          "mlp.down_proj": "mlp.dense_4h_to_h"},
-        qkv="attention.query_key_value",
+        qkv="attention.query_key_value", qkv_per_head=True,
         derived=(r"attention\.bias", r"attention\.masked_bias", r"attention\.rotary_emb\.inv_freq")),
     "gptj": Names(
         {"token_embedding.embedding": "transformer.wte.", "norm": "transformer.ln_f.",
@@ -263,6 +266,39 @@ TABLE_FAMILIES = {
         _LLAMA_SPINE, "model.layers.{i}.",
         {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
          **_ATTENTION, "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}),
+    "smollm3": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "olmo": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "granite": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "cohere": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", **_ATTENTION,
+         **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}},
+        interleaved=True),
+    "olmo2": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_post_norm": "post_attention_layernorm",
+         "mlp_post_norm": "post_feedforward_layernorm", **_ATTENTION,
+         **{f"attention.{x}_norm": f"self_attn.{x}_norm" for x in "qk"},
+         **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "glm4": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "attention_post_norm": "post_self_attn_layernorm",
+         "mlp_norm": "post_attention_layernorm", "mlp_post_norm": "post_mlp_layernorm",
+         **_ATTENTION, "mlp.down_proj": "mlp.down_proj"},
+        gate_up="mlp.gate_up_proj", interleaved=True),
+    "phi3": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         "attention.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"},
+        qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),
 }
 
 
@@ -273,8 +309,17 @@ def _heads(cfg: Mapping) -> tuple[int, int, int]:
     if not heads or not dim:
         raise RunError("the checkpoint's config.json gives no num_attention_heads / "
                        "hidden_size: its fused or rotated projections cannot be read")
-    head_dim = dim // heads
-    return heads, head_dim, cfg.get("rotary_dim") or head_dim
+    head_dim = cfg.get("head_dim") or dim // heads
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    fraction = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return heads, head_dim, cfg.get("rotary_dim") or int(head_dim * fraction)
+
+
+def _qkv_rows(cfg: Mapping) -> list[int]:
+    """The q, k and v rows of a fused projection of all q rows, then k, then v."""
+    heads, head_dim, _ = _heads(cfg)
+    kv = cfg.get("num_key_value_heads") or heads
+    return [heads * head_dim, kv * head_dim, kv * head_dim]
 
 
 def _half_split(rotary: int, head_dim: int) -> torch.Tensor:
@@ -307,12 +352,19 @@ def _table_to_forge(hf: Mapping[str, torch.Tensor], names: Names,
         m = layer.fullmatch(key)
         if m and m.group(2) in parts:
             out[f"layers.{m.group(1)}.{parts[m.group(2)]}.{kind}"] = t
-        elif m and m.group(2) == names.qkv:
+        elif m and m.group(2) == names.qkv and names.qkv_per_head:
             heads, head_dim, _ = _heads(cfg)
             q, k, v = t.reshape(heads, 3, head_dim, *t.shape[1:]).unbind(1)
             for x, part in zip("qkv", (q, k, v), strict=True):
                 out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = \
                     part.reshape(heads * head_dim, *t.shape[1:]).contiguous()
+        elif m and m.group(2) == names.qkv:
+            for x, part in zip("qkv", t.split(_qkv_rows(cfg)), strict=True):
+                out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = part.contiguous()
+        elif m and m.group(2) == names.gate_up:
+            gate, up = t.chunk(2)
+            out[f"layers.{m.group(1)}.mlp.gate_proj.{kind}"] = gate.contiguous()
+            out[f"layers.{m.group(1)}.mlp.up_proj.{kind}"] = up.contiguous()
         else:
             unknown.append(key)
     if unknown:
@@ -346,17 +398,26 @@ def _table_to_hf(state: Mapping[str, torch.Tensor], names: Names,
         qkv = m and re.fullmatch(r"attention\.([qkv])_proj", m.group(2))
         if names.interleaved and qkv and qkv.group(1) in "qk":
             t = _permute_heads(t, inverse, head_dim)
+        gate_up = m and re.fullmatch(r"mlp\.(gate|up)_proj", m.group(2))
         if m and m.group(2) in names.parts:
             out[f"{prefix}{names.parts[m.group(2)]}.{kind}"] = t
         elif qkv and names.qkv:
-            fused.setdefault((prefix, kind), {})[qkv.group(1)] = t
+            fused.setdefault((f"{prefix}{names.qkv}.{kind}", "qkv"), {})[qkv.group(1)] = t
+        elif gate_up and names.gate_up:
+            fused.setdefault((f"{prefix}{names.gate_up}.{kind}", "gate_up"), {})[
+                gate_up.group(1)] = t
         else:
             unknown.append(key)
-    for (prefix, kind), qkv_parts in fused.items():
-        heads, head_dim, _ = _heads(cfg)
-        rows = [qkv_parts[x].reshape(heads, head_dim, *qkv_parts[x].shape[1:]) for x in "qkv"]
-        t = torch.stack(rows, dim=1)
-        out[f"{prefix}{names.qkv}.{kind}"] = t.reshape(3 * heads * head_dim, *t.shape[3:])
+    for (name, what), pieces in fused.items():
+        if what == "gate_up":
+            out[name] = torch.cat([pieces["gate"], pieces["up"]])
+        elif names.qkv_per_head:
+            heads, head_dim, _ = _heads(cfg)
+            rows = [pieces[x].reshape(heads, head_dim, *pieces[x].shape[1:]) for x in "qkv"]
+            t = torch.stack(rows, dim=1)
+            out[name] = t.reshape(3 * heads * head_dim, *t.shape[3:])
+        else:
+            out[name] = torch.cat([pieces[x] for x in "qkv"])
     if unknown:
         raise RunError("this checkpoint format has no place for "
                        + ", ".join(unknown[:6]) + (" …" if len(unknown) > 6 else ""))

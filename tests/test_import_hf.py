@@ -520,3 +520,52 @@ def test_forge_to_hf_names_are_the_inverse(tmp_path):
     assert names.keys() == original.keys()
     for k in names:
         assert torch.equal(names[k], original[k]), k
+
+
+# ---- the general importer's families: what they refuse, located ----------------------------
+
+def _family_config(cls, **fields) -> dict:
+    """A transformers config of a small model as save_pretrained writes it, with `fields`."""
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+    if cls is hf.GPTJConfig:
+        small = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif cls is not hf.GPTNeoXConfig:  # GPT-NeoX has no grouped KV heads
+        small["num_key_value_heads"] = 4
+    cfg = json.loads(cls(**small).to_json_string(use_diff=False))
+    return {**cfg, **fields}
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.PhiConfig, {"qk_layernorm": True}, "E114", '"qk_layernorm"'),
+    (hf.GPTJConfig, {"resid_pdrop": 0.1}, "E114", '"resid_pdrop"'),
+    (hf.CohereConfig, {"use_qk_norm": True}, "E114", '"use_qk_norm"'),
+    (hf.SmolLM3Config, {"no_rope_layers": [1, 1, 0]}, "E116", '"no_rope_layers"'),
+    (hf.SmolLM3Config, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
+    (hf.StableLmConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    (hf.GPTNeoXConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
+    (hf.Phi3Config, {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+     "E114", '"rope_type"'),
+    (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
+    (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
+    (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
+])
+def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
+    text = json.dumps(_family_config(cls, **fields), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+def test_an_imported_family_spec_reads_like_one_written_by_hand():
+    # parallel blocks on one norm, a gelu-tanh MLP as a module of the spec, partial rotary
+    text = json.dumps(_family_config(hf.PhiConfig), indent=2)
+    spec, diags = import_text(text, "phi_tiny")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "module gelu_tanh_mlp(x) {" in spec
+    assert "    y = attention_norm(x)\n    return x + attention(y) + mlp(y)\n" in spec
+    assert "rotary_dim  = 8        # rope_parameters.partial_rotary_factor = 0.5" in spec
+    assert "output_head = lm_head(dim, vocab_size, bias = true)" in spec
+    assert "mlp_norm" not in spec and "n_kv_heads" not in spec  # nothing unused

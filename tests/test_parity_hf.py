@@ -91,6 +91,26 @@ FAMILIES = {
     # LayerNorm, gelu-tanh MLP, biases, a sliding window, a tied head
     "starcoder2": (hf.Starcoder2Config, hf.Starcoder2ForCausalLM, dict(
         initializer_range=0.3, sliding_window=8)),
+    # Llama with layers 1 and 3 of 4 attending without positions (no_rope_layers 0)
+    "smollm3": (hf.SmolLM3Config, hf.SmolLM3ForCausalLM, dict(
+        num_hidden_layers=4, no_rope_layer_interval=2, pad_token_id=0)),
+    # non-parametric LayerNorm, SwiGLU, q/k/v clamped (clip_qkv)
+    "olmo": (hf.OlmoConfig, hf.OlmoForCausalLM, dict(clip_qkv=0.5, pad_token_id=0)),
+    # multipliers on the embedding, each residual branch, the scores and the logits
+    "granite": (hf.GraniteConfig, hf.GraniteForCausalLM, dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=0.5, pad_token_id=0)),
+    # parallel attention + MLP on a bias-free LayerNorm, interleaved rotary, logit_scale
+    "cohere": (hf.CohereConfig, hf.CohereForCausalLM, dict(logit_scale=0.5, pad_token_id=0)),
+    # post-norms only, qk-norm over the whole projections
+    "olmo2": (hf.Olmo2Config, hf.Olmo2ForCausalLM, dict(pad_token_id=0)),
+    # sandwich norms, interleaved partial rotary, q/k/v biases, fused gate_up_proj,
+    # head_dim 24 ≠ hidden_size / heads
+    "glm4": (hf.Glm4Config, hf.Glm4ForCausalLM, dict(head_dim=24, pad_token_id=0)),
+    # fused qkv_proj / gate_up_proj, partial rotary, a sliding window
+    "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM, dict(
+        sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.5})),
 }
 
 
@@ -196,7 +216,11 @@ def test_a_wrong_weight_would_be_caught(pair):
     ref, model, *_ = pair
     ids = _tokens(16, 1, seed=4)
     with torch.no_grad():
-        w = model.layers["1"].attention_norm.weight
+        layer = model.layers["1"]
+        w = getattr(layer, "attention_norm", None) or layer.attention_post_norm  # OLMo 2
+        w = w.weight
+        if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
+            w = layer.attention.o_proj.weight[0]
         saved = w.clone()
         w.add_(1e-3)
         try:

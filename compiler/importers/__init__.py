@@ -27,7 +27,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         "import-hf", help="write a spec for a Hugging Face model (its config.json)",
         description="Write a .forge spec for a transformers model: Llama (Llama 3 RoPE "
         "scaling included), Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, GPT-NeoX, GPT-J, Phi, "
-        "StableLM, Starcoder2 (README: Supported families). A config field the spec cannot "
+        "Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4, SmolLM3 (README: "
+        "Supported families). A config field the spec cannot "
         "express is a located error. Load the weights into the built model with "
         "runtime.hf.load_hf_checkpoint(model, SRC).")
     h.add_argument("src", metavar="SRC", help="a folder written by save_pretrained, or its "

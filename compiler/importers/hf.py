@@ -1,8 +1,15 @@
 """`forgec import-hf`: a Hugging Face `config.json` → a .forge spec.
 
 Supported families (the `model_type` of the config): llama, mistral, qwen2,
-qwen3, mixtral and qwen3_moe — the pre-norm decoders forgec's ops express
-exactly. The semantics follow `transformers` 5.x (and the 4.x field names
+qwen3, mixtral and qwen3_moe (`Importer`, with the MoE and sliding-window rules
+of those families), and the decoders of `DENSE` (`DenseImporter`): GPT-NeoX,
+GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4 and
+SmolLM3, each a small table (its config class's defaults, its names for the
+shared fields, what its layer fixes) read by one translation of config fields
+into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
+parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
+the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
+projection. The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -495,6 +502,16 @@ class Dense:
     rotary_dim_field: str | None = None
     rope_theta: float | None = None  # a theta the family fixes (no field says it)
     note: str = ""  # a header line about how the weights are read
+    norm_args: str = ""  # further arguments of every norm (OLMo's: no weight, no bias)
+    norm_eps: float | None = None  # an eps the family fixes (no field says it)
+    clip_qkv: bool = False  # the config's clip_qkv clamps q, k and v (OLMo)
+    # Granite's embedding_multiplier, residual_multiplier, attention_multiplier and
+    # logits_scaling
+    multipliers: bool = False
+    logit_scale: bool = False  # the config's logit_scale multiplies the logits (Cohere)
+    pre_norms: bool = True  # norms before attention and MLP
+    post_norms: bool = False  # norms of their outputs, before the residual sum
+    qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
 
 
 DENSE = {
@@ -552,6 +569,85 @@ DENSE = {
         dropouts=("attention_dropout", "residual_dropout", "embedding_dropout")),
 }
 
+_RMS = {"layer_norm_eps": "rms_norm_eps"}  # the families that norm with RMSNorm
+DENSE.update({
+    # post-norms only (on the attention's and the MLP's outputs), qk-norm over the whole
+    # q and k projections
+    "olmo2": Dense(
+        "OLMo 2", ("Olmo2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection"),
+    # sandwich norms, half of each head rotating (interleaved), q/k/v biases, fused gate_up
+    "glm4": Dense(
+        "GLM-4", ("Glm4ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), post_norms=True,
+        note="GLM-4 rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores; "
+             "gate_up_proj is split into gate/up_proj."),
+    # Llama with multipliers on the embedding, the residual branches, the scores, the logits
+    "granite": Dense(
+        "Granite", ("GraniteForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
+            "residual_multiplier": 1.0, "attention_multiplier": 1.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True),
+    # parallel attention + MLP on one bias-free LayerNorm, interleaved rotary, scaled logits
+    "cohere": Dense(
+        "Cohere", ("CohereForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "use_qk_norm": False, "logit_scale": 0.0625},
+        norm_args=", bias = false", residual="parallel_shared", qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+        fixed={"use_qk_norm": False}, logit_scale=True,
+        note="Cohere rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores."),
+    # Llama-style with a LayerNorm that learns nothing (no weight, no bias, eps 1e-5)
+    "olmo": Dense(
+        "OLMo", ("OlmoForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "tie_word_embeddings": False, "num_key_value_heads": None, "rope_theta": 10000.0,
+            "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None},
+        norm_args=", bias = false, weight = false", norm_eps=1e-5, qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",), clip_qkv=True),
+    # Llama with NoPE layers: no_rope_layers[i] = 0 leaves layer i without positions
+    "smollm3": Dense(
+        "SmolLM3", ("SmolLM3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "num_key_value_heads": 4,
+            "rope_theta": 2000000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
+            "no_rope_layer_interval": 4, "no_rope_layers": None, "layer_types": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",),
+        fixed={"use_sliding_window": False}),
+    # Llama-style, with fused qkv_proj and gate_up_proj in the checkpoint (split on load)
+    "phi3": Dense(
+        "Phi-3", ("Phi3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "sliding_window": None, "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", gated=True,
+        dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
+        # the pre-training context of longrope scaling: no other RoPE reads it
+        inert=("original_max_position_embeddings",),
+        note="qkv_proj and gate_up_proj are split into q/k/v_proj and gate/up_proj on load."),
+})
+
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -560,6 +656,37 @@ ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu"
 
 class DenseImporter(Importer):
     """One decoder family of DENSE: a config's fields → the ops that say them."""
+
+    def _rotating_layers(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers rotate q and k: all, except those no_rope_layers marks 0 (SmolLM3;
+        its default: every no_rope_layer_interval-th layer), and which are full-attention
+        layers (layer_types: the only kind these families import)."""
+        if "layer_types" in d:
+            types = f.get("layer_types", "list?", d["layer_types"])
+            for i, t in enumerate(types or []):
+                if t != "full_attention":
+                    self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                     self.src.span(("layer_types", i)),
+                                     "this family imports full_attention layers only")
+            if types is not None and len(types) != n:
+                f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
+                        f"{n} layers (num_hidden_layers)")
+        if "no_rope_layers" not in d:
+            return [True] * n
+        interval = f.get("no_rope_layer_interval", "int", d["no_rope_layer_interval"],
+                         positive=True)
+        flags = f.get("no_rope_layers", "list?", d["no_rope_layers"])
+        if flags is None:
+            return [interval is None or (i + 1) % interval != 0 for i in range(n)]
+        if len(flags) != n:
+            f.error("E116", "no_rope_layers", f"no_rope_layers has {len(flags)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+            return [True] * n
+        for i, v in enumerate(flags):
+            if v not in (0, 1) or isinstance(v, float):
+                self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
+                                 self.src.span(("no_rope_layers", i)))
+        return [bool(v) for v in flags]
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -601,7 +728,12 @@ class DenseImporter(Importer):
             kv, kv_note = heads, (f"{kv_note} = num_attention_heads" if kv_note
                                   else f"{key('num_attention_heads')} (no grouped KV heads)")
         head_dim = dim // heads if dim and heads else None
-        if dim and heads and dim % heads:
+        hd_note = f"{key('hidden_size')} / {key('num_attention_heads')}"
+        if "head_dim" in d:
+            given = f.get("head_dim", "int?", d["head_dim"], positive=True)
+            if given is not None:
+                head_dim, hd_note = given, self.note_default(f, "head_dim")
+        elif dim and heads and dim % heads:
             f.error("E113", key("num_attention_heads"), f"{key('hidden_size')} = {dim} is not "
                     f"divisible by {key('num_attention_heads')} = {heads}")
         if kv and heads and heads % kv:
@@ -609,7 +741,7 @@ class DenseImporter(Importer):
                     f"{key('num_attention_heads')} = {heads}")
         max_pos = get("max_position_embeddings", "int", positive=True)
         eps_key = key("layer_norm_eps")
-        eps = get("layer_norm_eps", "float")
+        eps = get("layer_norm_eps", "float") if fam.norm_eps is None else fam.norm_eps
         init = get("initializer_range", "float")
         for k, v in ((eps_key, eps), ("initializer_range", init)):
             if v is not None and not 0 <= v <= 1:
@@ -633,6 +765,9 @@ class DenseImporter(Importer):
 
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
+        if mlp_bias and fam.gated:
+            f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
+                    "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
         residual = fam.residual
         if isinstance(residual, tuple):
             residual = residual[1] if get(residual[0], "bool") else "sequential"
@@ -650,8 +785,15 @@ class DenseImporter(Importer):
             else:
                 f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
                         "expressed", "activations: " + ", ".join(ACTIVATIONS))
+        clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
+        mult = {k: f.get(k, "float", d[k], positive=True)
+                for k in (("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                           "logits_scaling") if fam.multipliers else ())
+                + (("logit_scale",) if fam.logit_scale else ())}
         window = None
-        if "sliding_window" in d:
+        if "use_sliding_window" in d:  # off (fam.fixed): its window is not used
+            f.consume("sliding_window")
+        elif "sliding_window" in d:
             window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
         if fam.rotary_dim_field is not None:
             rd = f.get(fam.rotary_dim_field, "int?", d[fam.rotary_dim_field], positive=True)
@@ -669,14 +811,15 @@ class DenseImporter(Importer):
         p.add("n_layers", n_layers, key("num_hidden_layers"))
         p.add("n_heads", heads, key("num_attention_heads"))
         p.add("n_kv_heads", kv, kv_note)
-        p.add("head_dim", head_dim, f"{key('hidden_size')} / {key('num_attention_heads')}")
+        p.add("head_dim", head_dim, hd_note)
         p.add("ffn_hidden", ffn, ffn_note)
         if max_seq_len is not None:
             p.add("max_seq_len", max_seq_len,
                   f"--max-seq-len ({key('max_position_embeddings')} = {max_pos})")
         else:
             p.add("max_seq_len", max_pos, self.note_default(f, key("max_position_embeddings")))
-        p.add("norm_eps", eps, self.note_default(f, eps_key))
+        p.add("norm_eps", eps, self.note_default(f, eps_key) if fam.norm_eps is None
+              else f"fixed by {fam.title}")
         p.add("init_std", init, self.note_default(f, "initializer_range"))
         p("init_std")
         if fam.rope_theta is not None:
@@ -692,12 +835,37 @@ class DenseImporter(Importer):
         attention = ["dim", f"heads = {p('n_heads')}"]
         if kv != heads:
             attention.append(f"kv_heads = {p('n_kv_heads')}")
+        if head_dim * heads != dim:
+            attention.append(f"head_dim = {p('head_dim')}")
         attention.append("rope = rope")
         if qkv_bias:
             attention.append("qkv_bias = true")
         if out_bias:
             attention.append("out_bias = true")
-        kinds = [LayerKind(window is not None, False) for _ in range(n_layers)]
+        if fam.qk_norm_over is not None:
+            attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
+            if fam.qk_norm_over != "head":
+                attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+        if clip is not None:
+            p.add("clip_qkv", clip, "clip_qkv")
+            attention.append(f"clip_qkv = {p('clip_qkv')}")
+        embedding_args, head_args, residual_scale = [], [], None
+        for k, v in mult.items():
+            if v is None or v == 1.0:
+                continue
+            p.add(k, v, self.note_default(f, k))
+            if k == "embedding_multiplier":
+                embedding_args.append(f"scale = {p(k)}")
+            elif k == "residual_multiplier":
+                residual_scale = p(k)
+            elif k == "attention_multiplier":
+                attention.append(f"scale = {p(k)}")
+            elif k == "logits_scaling":
+                head_args.append(f"logit_scale = 1.0 / {p(k)}")
+            else:
+                head_args.append(f"logit_scale = {p(k)}")
+        kinds = [LayerKind(window is not None, False, not rotates)
+                 for rotates in self._rotating_layers(f, d, n_layers)]
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -723,10 +891,6 @@ class DenseImporter(Importer):
             if mlp_bias and not fam.gated:
                 args.append("bias = true")
             mlp = (mlp_op, args)
-        if mlp_bias and fam.gated:
-            diags.error("E114", "this family's gated MLP has biases: forgec's swiglu has none",
-                        f.span())
-            return None
 
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
@@ -744,12 +908,18 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
+        stack_notes = []
+        if any(k.nope for k in kinds):
+            stack_notes.append("no_rope_layers: layers " + ", ".join(
+                str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
         return Decoder(
-            name=name, header=header, params=p,
-            norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')})",
+            name=name, header=header, params=p, stack_notes=stack_notes,
+            norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
             mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
-            modules=modules, head_bias=fam.head_bias)
+            modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
+            head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
+            post_norms=fam.post_norms)
 
 
 # ---- the tokenizer ---------------------------------------------------------------------

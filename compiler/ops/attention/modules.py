@@ -15,6 +15,9 @@ QK_NORM = True  # feature: some attention has a per-head qk-norm
 ROPE = True  # feature: some attention has rotary positions
 NO_ROPE = True  # feature: some attention has no positions
 ZERO_INIT = True  # feature: some attention starts as the identity (`zero_init = true`)
+CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
+QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
+ATTENTION_SCALE = True  # feature: some attention scales scores by `scale`, not 1/sqrt(hd)
 
 
 class KVCache:
@@ -149,6 +152,13 @@ class DocumentMask:
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+class ProjectionRMSNorm(RMSNorm):
+    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.flatten(-2)).view_as(x)
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads."""
 
@@ -164,6 +174,9 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,  # if QK_NORM
         use_rope: bool = True,  # if ROPE and NO_ROPE
         zero_init: bool = False,  # if ZERO_INIT
+        clip_qkv: float = 0.0,  # if CLIP_QKV
+        scale: float | None = None,  # if ATTENTION_SCALE
+        qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -173,6 +186,10 @@ class Attention(nn.Module):
             self.use_rope = use_rope
         if ZERO_INIT:
             self.zero_init = zero_init
+        if CLIP_QKV:
+            self.clip_qkv = clip_qkv
+        if ATTENTION_SCALE:
+            self.scale = scale  # None: 1/sqrt(head_dim)
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -181,6 +198,9 @@ class Attention(nn.Module):
             has_qk_norm = qk_norm_eps is not None
             self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
             self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+        if QK_NORM_PROJECTION and qk_norm_projection:  # one norm over all the heads
+            self.q_norm = ProjectionRMSNorm(heads * head_dim, qk_norm_eps)
+            self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -209,6 +229,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, H, hd)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, KV, hd)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if CLIP_QKV and self.clip_qkv:  # the projections clamped to ±clip_qkv
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if QK_NORM and self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
@@ -217,6 +239,8 @@ class Attention(nn.Module):
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
         if isinstance(mask, DocumentMask):  # packed documents, in training
+            if ATTENTION_SCALE and self.scale is not None:  # the same scores
+                q = q * (self.scale * self.head_dim**0.5)
             out = mask.attend(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
@@ -226,5 +250,6 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=self.causal and mask is None,
                 enable_gqa=q.shape[1] != k.shape[1],
+                scale=self.scale,  # if ATTENTION_SCALE
             )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

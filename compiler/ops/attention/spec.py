@@ -35,7 +35,10 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
         w["v_proj.bias"] = (kv * hd,)
     if a["out_bias"]:
         w["o_proj.bias"] = (dim,)
-    if a["qk_norm"]:
+    if a["qk_norm"] and a["qk_norm_over"] == "projection":
+        w["q_norm.weight"] = (h * hd,)
+        w["k_norm.weight"] = (kv * hd,)
+    elif a["qk_norm"]:
         w["q_norm.weight"] = (hd,)
         w["k_norm.weight"] = (hd,)
     return w
@@ -74,7 +77,11 @@ def _features(a: Args) -> frozenset[str]:
         != a["head_dim"]
     return frozenset(f for f, on in (("qk_norm", a["qk_norm"]), ("rope", rope is not None),
                                      ("no_rope", rope is None), ("partial_rotary", partial),
-                                     ("zero_init", a["zero_init"])) if on)
+                                     ("zero_init", a["zero_init"]),
+                                     ("clip_qkv", a["clip_qkv"] > 0),
+                                     ("attention_scale", a["scale"] > 0),
+                                     ("qk_norm_projection", a["qk_norm"]
+                                      and a["qk_norm_over"] == "projection")) if on)
 
 
 def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
@@ -87,6 +94,12 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["use_rope"] = a["rope"] is not None
     if "zero_init" in u:
         out["zero_init"] = a["zero_init"]
+    if "clip_qkv" in u:
+        out["clip_qkv"] = a["clip_qkv"]
+    if "qk_norm_projection" in u:
+        out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
+    if "attention_scale" in u:
+        out["scale"] = a["scale"] or None
     return out
 
 
@@ -95,6 +108,10 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
     E078/E075: the rope it names is its section's kind and fits its heads."""
     a, spans = comp.args, comp.arg_spans
     dim, heads, kv = a["dim"], a["heads"], a["kv_heads"]
+    if a["qk_norm_over"] == "projection" and not a["qk_norm"]:
+        diags.error("E082", "qk_norm_over = projection without qk_norm = true",
+                    spans.get("qk_norm_over", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_over out")
     if min(dim, heads, kv) > 0:  # else reported by positive_sizes
         if a["_head_dim_derived"] and dim % heads:
             near = [h for h in range(max(1, heads - 8), heads + 9) if dim % h == 0]
@@ -146,7 +163,13 @@ OPS = (
             ArgSpec("out_bias", "bool", False),
             ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
             ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("qk_norm_over", "choice", "head", choices=("head", "projection"),
+                    doc="the qk-norm's span: each head, or the whole projection (OLMo 2)"),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
+            ArgSpec("clip_qkv", "float", 0.0, min=0.0,
+                    doc="clamp q, k and v to ±clip_qkv after the projections; 0: no clamp"),
+            ArgSpec("scale", "float", 0.0, min=0.0,
+                    doc="the scores' factor (Granite's attention_multiplier); 0: 1/sqrt(head_dim)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,

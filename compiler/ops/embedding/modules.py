@@ -12,18 +12,30 @@ IGNORE_INDEX = -100
 # values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
 LOSS_CHUNK_LOGITS = 1 << 25
 
+EMBEDDING_SCALE = True  # feature: some embedding scales its vectors (`scale`, Granite's)
+LOGIT_SCALE = True  # feature: some head scales its logits (`logit_scale`, Cohere's, Granite's)
+
 
 class TokenEmbedding(nn.Module):
     """Token ids (B, S) → vectors (B, S, dim)."""
 
-    def __init__(self, vocab: int, dim: int) -> None:
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        scale: float = 1.0,  # if EMBEDDING_SCALE
+    ) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab, dim)
+        if EMBEDDING_SCALE:
+            self.scale = scale
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.embedding.weight, mean=0.0, std=std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if EMBEDDING_SCALE:
+            return self.embedding(tokens) * self.scale
         return self.embedding(tokens)
 
 
@@ -106,9 +118,17 @@ class LinearCrossEntropy(torch.autograd.Function):
 class OutputHead(nn.Module):
     """Hidden states (B, S, dim) → vocabulary logits (B, S, vocab)."""
 
-    def __init__(self, dim: int, vocab: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        vocab: int,
+        bias: bool = False,
+        logit_scale: float = 1.0,  # if LOGIT_SCALE
+    ) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, vocab, bias=bias)
+        if LOGIT_SCALE:
+            self.logit_scale = logit_scale
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.proj.weight, mean=0.0, std=std)
@@ -118,8 +138,12 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX, without materialising them."""
+        if LOGIT_SCALE and targets is None:
+            return self.proj(x) * self.logit_scale
         if targets is None:
             return self.proj(x)
+        if LOGIT_SCALE:
+            x = x * self.logit_scale  # the same logits: the head has no bias (E079)
         if targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"

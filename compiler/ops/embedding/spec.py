@@ -32,6 +32,16 @@ def _check_tie(comp: Any, model: Any, diags: Any) -> None:
                     comp.arg_spans.get("bias", comp.span))
 
 
+def _check_head(comp: Any, model: Any, diags: Any) -> None:
+    """E074 (tied heads) and E079: scaled logits come from a head without a bias (the
+    fused loss scales the hidden states instead of the logits)."""
+    _check_tie(comp, model, diags)
+    if comp.args["logit_scale"] != 1.0 and comp.args["bias"]:
+        diags.error("E079", "a head with logit_scale cannot have a bias",
+                    comp.arg_spans.get("logit_scale", comp.span),
+                    hint="scale the logits of a head without a bias")
+
+
 OPS = (
     OpDef(
         name="embedding",
@@ -39,6 +49,8 @@ OPS = (
         args=(
             ArgSpec("vocab", "size", doc="vocabulary size"),
             ArgSpec("dim", "size", doc="embedding width"),
+            ArgSpec("scale", "float", 1.0, doc="multiplies the vectors (Granite's "
+                    "embedding_multiplier)"),
         ),
         sizes=("vocab", "dim"),
         inputs=lambda a: (("B", "S"),),
@@ -47,7 +59,9 @@ OPS = (
         slots=("token_embedding",),
         class_name="TokenEmbedding", init_args="std",
         tp={"embedding": "rowwise"},
-        ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"]},
+        features=lambda a: frozenset({"embedding_scale"} if a["scale"] != 1.0 else ()),
+        ctor=lambda a, u: {"vocab": a["vocab"], "dim": a["dim"],
+                           **({"scale": a["scale"]} if "embedding_scale" in u else {})},
         foreign={"hf": _EMBEDDING, "kf": _EMBEDDING},
     ),
     OpDef(
@@ -58,6 +72,8 @@ OPS = (
             ArgSpec("vocab", "size"),
             ArgSpec("bias", "bool", False),
             ArgSpec("tie", "ref:embedding", None, doc="an embedding component to share weights with"),
+            ArgSpec("logit_scale", "float", 1.0,
+                    doc="multiplies the logits (Cohere's logit_scale); not with a bias (E079)"),
         ),
         sizes=("dim", "vocab"),
         inputs=lambda a: (hidden(a["dim"]),),
@@ -65,10 +81,12 @@ OPS = (
         weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
                            **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["vocab"] * a["dim"],
-        slots=("output_head",), check=_check_tie,
+        slots=("output_head",), check=_check_head,
         class_name="OutputHead", init_args="std",
         tp={"proj": "colwise"},
-        ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"]},
+        features=lambda a: frozenset({"logit_scale"} if a["logit_scale"] != 1.0 else ()),
+        ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"],
+                           **({"logit_scale": a["logit_scale"]} if "logit_scale" in u else {})},
         foreign={"hf": _HEAD, "kf": _HEAD},
     ),
 )
