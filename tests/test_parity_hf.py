@@ -109,8 +109,9 @@ FAMILIES = {
     "glm4": (hf.Glm4Config, hf.Glm4ForCausalLM, dict(head_dim=24, pad_token_id=0)),
     # fused qkv_proj / gate_up_proj, partial rotary, a sliding window
     "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM, dict(
-        sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                           "partial_rotary_factor": 0.5})),
+        sliding_window=8, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5})),
 }
 
 

@@ -64,5 +64,6 @@ OPS = (
                     "hf": Foreign("two_layer_mlp", {"hidden_act": ("gelu",)})}),
     mlp_op("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True,
            class_name="ReluMLP",
-           foreign={"kf": Foreign("mlp", {"activation": ("relu",)})}),
+           foreign={"kf": Foreign("mlp", {"activation": ("relu",)}),
+                    "hf": Foreign("two_layer_mlp", {"hidden_act": ("relu",)})}),
 )
