@@ -98,6 +98,8 @@ class Importer:
         self.experts_key = "num_local_experts"
         self.act: str | None = None  # hidden_act: it chooses the MLP and expert ops
         self.partial_rotary = False  # the family's attention may rotate part of a head
+        # the top-level field of the RoPE base (GPT-NeoX's 4.x configs: rotary_emb_base)
+        self.theta_key = "rope_theta"
         # (partial_rotary_factor or rotary_dim, the field it comes from)
         self.rotary_fraction: tuple[float | int, str] | None = None
 
@@ -254,8 +256,9 @@ class Importer:
 
     def _rope(self, f: Fields, d: dict) -> list[str] | None:
         p = self.p
-        top_theta = f.get("rope_theta", "float", d["rope_theta"])
-        theta_note = self.note_default(f, "rope_theta")
+        theta_key = self.theta_key if self.theta_key in f else "rope_theta"
+        top_theta = f.get(theta_key, "float", d["rope_theta"])
+        theta_note = self.note_default(f, theta_key)
         params = f.get("rope_parameters", "dict?", None)
         scaling = f.get("rope_scaling", "dict?", None)
         if params is not None and scaling is not None:
@@ -501,6 +504,10 @@ class Dense:
     # the rotary width's field, when the config gives it as a width (GPT-J's rotary_dim)
     rotary_dim_field: str | None = None
     rope_theta: float | None = None  # a theta the family fixes (no field says it)
+    # the 4.x configs' top-level names of the rotary fraction and base (the Hub's Pythia
+    # configs: rotary_pct, rotary_emb_base); transformers 5 writes rope_parameters
+    rotary_pct_field: str | None = None
+    theta_field: str | None = None
     note: str = ""  # a header line about how the weights are read
     norm_args: str = ""  # further arguments of every norm (OLMo's: no weight, no bias)
     norm_eps: float | None = None  # an eps the family fixes (no field says it)
@@ -523,7 +530,8 @@ DENSE = {
             "hidden_dropout": 0.0},
         residual=("use_parallel_residual", "parallel"), qkv_bias="attention_bias",
         out_bias="attention_bias", mlp_bias=True, dropouts=("attention_dropout", "hidden_dropout"),
-        inert=("classifier_dropout", "is_decoder"),
+        inert=("classifier_dropout", "is_decoder"), rotary_pct_field="rotary_pct",
+        theta_field="rotary_emb_base",
         note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
     "gptj": Dense(
         "GPT-J", ("GPTJForCausalLM",), {
@@ -546,6 +554,7 @@ DENSE = {
             "rope_theta": 10000.0, "qk_layernorm": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
             "attention_dropout": 0.0},
         residual="parallel_shared", qkv_bias=True, out_bias=True, mlp_bias=True, head_bias=True,
+        rotary_pct_field="partial_rotary_factor",
         dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
         fixed={"qk_layernorm": False}),
     "stablelm": Dense(
@@ -555,7 +564,8 @@ DENSE = {
             "rope_theta": 10000.0, "use_qkv_bias": False, "qk_layernorm": False,
             "use_parallel_residual": False, "hidden_dropout": 0.0, "attention_dropout": 0.0},
         residual=("use_parallel_residual", "parallel_shared"), qkv_bias="use_qkv_bias",
-        gated=True, dropouts=("hidden_dropout", "attention_dropout"),
+        gated=True, rotary_pct_field="partial_rotary_factor",
+        dropouts=("hidden_dropout", "attention_dropout"),
         fixed={"qk_layernorm": False}),
     "starcoder2": Dense(
         "Starcoder2", ("Starcoder2ForCausalLM",), {
@@ -642,6 +652,7 @@ DENSE.update({
             "rope_theta": 10000.0, "sliding_window": None, "resid_pdrop": 0.0,
             "embd_pdrop": 0.0, "attention_dropout": 0.0},
         aliases=_RMS, norm="norm", gated=True,
+        rotary_pct_field="partial_rotary_factor",
         dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
         # the pre-training context of longrope scaling: no other RoPE reads it
         inert=("original_max_position_embeddings",),
@@ -795,6 +806,15 @@ class DenseImporter(Importer):
             f.consume("sliding_window")
         elif "sliding_window" in d:
             window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        if fam.theta_field is not None:
+            self.theta_key = fam.theta_field
+        if fam.rotary_pct_field is not None and fam.rotary_pct_field in f:
+            pct = f.get(fam.rotary_pct_field, "float")
+            if pct is not None and not 0 < pct <= 1:
+                f.error("E113", fam.rotary_pct_field, f"'{fam.rotary_pct_field}' must be in "
+                        f"(0, 1], got {fmt(pct)}")
+            elif pct is not None and pct != 1.0:
+                self.rotary_fraction = (pct, fam.rotary_pct_field)
         if fam.rotary_dim_field is not None:
             rd = f.get(fam.rotary_dim_field, "int?", d[fam.rotary_dim_field], positive=True)
             if rd is not None:
