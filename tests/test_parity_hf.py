@@ -246,3 +246,15 @@ def test_a_saved_checkpoint_loads_back_into_transformers(pair):
         assert torch.equal(got[key], value), key
     ids = _tokens(16, 1, seed=5)
     torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_training_loss_reads_the_same_logits(pair):
+    # forward(targets=...) never materialises the logits (the head's fused loss, which
+    # scales its input where a spec scales the logits): the same cross-entropy
+    ref, model, *_ = pair
+    ids = _tokens(16, 2, seed=6)
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    expected = torch.nn.functional.cross_entropy(
+        ref(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)

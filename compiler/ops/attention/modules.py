@@ -156,6 +156,12 @@ class ProjectionRMSNorm(RMSNorm):
     """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] * x.shape[-1] != self.dim:
+            raise ValueError(
+                f"qk_norm_over = projection normalises all {self.dim} channels at once, this "
+                f"rank holds {x.shape[-2] * x.shape[-1]}: a plan that splits the heads "
+                "(tensor parallelism) cannot apply it"
+            )
         return super().forward(x.flatten(-2)).view_as(x)
 
 
