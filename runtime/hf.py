@@ -157,8 +157,14 @@ def read_hf_state_dict(src: str | os.PathLike, *,
 # ---- HF → forgec names ------------------------------------------------------------------
 
 
-def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and pack the experts of) a HF state dict into forgec FQNs."""
+def hf_to_forge(hf: Mapping[str, torch.Tensor],
+                config: Mapping | None = None) -> dict[str, torch.Tensor]:
+    """Rename (and pack the experts of) a HF state dict into forgec FQNs. `config`: the
+    checkpoint's config.json (`checkpoint_config`); its model_type chooses the names of
+    the families of TABLE_FAMILIES (without it: the Llama-style names)."""
+    names = TABLE_FAMILIES.get((config or {}).get("model_type"))
+    if names is not None:
+        return _table_to_forge(hf, names, config)
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     unknown = []
@@ -216,6 +222,228 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# ---- families named by table ----------------------------------------------------------------
+# The decoders forgec imports beyond the Llama-style six (compiler/importers/hf.py, DENSE):
+# each family's checkpoint names as data. A forgec tensor `layers.{i}.{part}.{weight|bias}`
+# is `{layer}{hf part}.{weight|bias}` in the checkpoint; a spine tensor `{name}.{weight|bias}`
+# is `{spine[name]}{weight|bias}`.
+
+
+class Names:
+    def __init__(self, spine: dict[str, str], layer: str, parts: dict[str, str], *,
+                 qkv: str | None = None, qkv_per_head: bool = False, gate_up: str | None = None,
+                 interleaved: bool = False, derived: tuple[str, ...] = ()) -> None:
+        self.spine, self.layer, self.parts = spine, layer, parts
+        # one fused projection holding q, k and v: all q rows, then k, then v (Phi-3), or
+        # per head (GPT-NeoX: (heads, 3, head_dim) rows)
+        self.qkv, self.qkv_per_head = qkv, qkv_per_head
+        # one fused projection holding the MLP's gate rows, then its up rows (Phi-3)
+        self.gate_up = gate_up
+        # the checkpoint rotates interleaved channel pairs (GPT-J): q and k rows are
+        # permuted to the half-split pairs of forgec's rope
+        self.interleaved = interleaved
+        self.derived = re.compile(
+            re.escape(layer).replace(r"\{i\}", r"\d+") + "(?:" + "|".join(derived) + ")"
+            if derived else r"(?!)")
+
+
+_ATTENTION = {f"attention.{x}_proj": f"self_attn.{x}_proj" for x in "qkvo"}
+_LLAMA_SPINE = {"token_embedding.embedding": "model.embed_tokens.", "norm": "model.norm.",
+                "output_head.proj": "lm_head."}
+TABLE_FAMILIES = {
+    "gpt_neox": Names(
+        {"token_embedding.embedding": "gpt_neox.embed_in.", "norm": "gpt_neox.final_layer_norm.",
+         "output_head.proj": "embed_out."}, "gpt_neox.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         "attention.o_proj": "attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+         "mlp.down_proj": "mlp.dense_4h_to_h"},
+        qkv="attention.query_key_value", qkv_per_head=True,
+        derived=(r"attention\.bias", r"attention\.masked_bias", r"attention\.rotary_emb\.inv_freq")),
+    "gptj": Names(
+        {"token_embedding.embedding": "transformer.wte.", "norm": "transformer.ln_f.",
+         "output_head.proj": "lm_head."}, "transformer.h.{i}.",
+        {"attention_norm": "ln_1", **{f"attention.{x}_proj": f"attn.{x}_proj" for x in "qkv"},
+         "attention.o_proj": "attn.out_proj", "mlp.up_proj": "mlp.fc_in",
+         "mlp.down_proj": "mlp.fc_out"},
+        interleaved=True, derived=(r"attn\.bias", r"attn\.masked_bias")),
+    "phi": Names(
+        {**_LLAMA_SPINE, "norm": "model.final_layernorm."}, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", **_ATTENTION, "attention.o_proj": "self_attn.dense",
+         "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}),
+    "stablelm": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "starcoder2": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}),
+    "smollm3": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "olmo": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "granite": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "cohere": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", **_ATTENTION,
+         **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}},
+        interleaved=True),
+    "olmo2": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_post_norm": "post_attention_layernorm",
+         "mlp_post_norm": "post_feedforward_layernorm", **_ATTENTION,
+         **{f"attention.{x}_norm": f"self_attn.{x}_norm" for x in "qk"},
+         **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}),
+    "glm4": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "attention_post_norm": "post_self_attn_layernorm",
+         "mlp_norm": "post_attention_layernorm", "mlp_post_norm": "post_mlp_layernorm",
+         **_ATTENTION, "mlp.down_proj": "mlp.down_proj"},
+        gate_up="mlp.gate_up_proj", interleaved=True),
+    "phi3": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         "attention.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"},
+        qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),
+}
+
+
+def _heads(cfg: Mapping) -> tuple[int, int, int]:
+    """(heads, head_dim, rotary width) of a table family's config."""
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    dim = cfg.get("hidden_size") or cfg.get("n_embd")
+    if not heads or not dim:
+        raise RunError("the checkpoint's config.json gives no num_attention_heads / "
+                       "hidden_size: its fused or rotated projections cannot be read")
+    head_dim = cfg.get("head_dim") or dim // heads
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    fraction = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    return heads, head_dim, cfg.get("rotary_dim") or int(head_dim * fraction)
+
+
+def _qkv_rows(cfg: Mapping) -> list[int]:
+    """The q, k and v rows of a fused projection of all q rows, then k, then v."""
+    heads, head_dim, _ = _heads(cfg)
+    kv = cfg.get("num_key_value_heads") or heads
+    return [heads * head_dim, kv * head_dim, kv * head_dim]
+
+
+def _half_split(rotary: int, head_dim: int) -> torch.Tensor:
+    """forgec channel c of a head ← checkpoint channel perm[c]: interleaved rotary pairs
+    (2j, 2j+1) become half-split pairs (j, j + rotary/2); the rest stay."""
+    return torch.cat([torch.arange(0, rotary, 2), torch.arange(1, rotary, 2),
+                      torch.arange(rotary, head_dim)])
+
+
+def _permute_heads(t: torch.Tensor, perm: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Permute the rows of every head of a (heads·head_dim, ...) projection."""
+    rows = t.reshape(-1, head_dim, *t.shape[1:])
+    return rows[:, perm].reshape(t.shape).contiguous()
+
+
+def _table_to_forge(hf: Mapping[str, torch.Tensor], names: Names,
+                    cfg: Mapping) -> dict[str, torch.Tensor]:
+    back = {h: f for f, h in names.spine.items()}  # "lm_head." → "output_head.proj"
+    layer = re.compile(re.escape(names.layer).replace(r"\{i\}", r"(\d+)") + r"(.+)\.(weight|bias)")
+    parts = {h: f for f, h in names.parts.items()}
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, t in hf.items():
+        if names.derived.fullmatch(key):
+            continue
+        stem, _, kind = key.rpartition(".")
+        if stem + "." in back and kind in ("weight", "bias"):
+            out[f"{back[stem + '.']}.{kind}"] = t
+            continue
+        m = layer.fullmatch(key)
+        if m and m.group(2) in parts:
+            out[f"layers.{m.group(1)}.{parts[m.group(2)]}.{kind}"] = t
+        elif m and m.group(2) == names.qkv and names.qkv_per_head:
+            heads, head_dim, _ = _heads(cfg)
+            q, k, v = t.reshape(heads, 3, head_dim, *t.shape[1:]).unbind(1)
+            for x, part in zip("qkv", (q, k, v), strict=True):
+                out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = \
+                    part.reshape(heads * head_dim, *t.shape[1:]).contiguous()
+        elif m and m.group(2) == names.qkv:
+            for x, part in zip("qkv", t.split(_qkv_rows(cfg)), strict=True):
+                out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = part.contiguous()
+        elif m and m.group(2) == names.gate_up:
+            gate, up = t.chunk(2)
+            out[f"layers.{m.group(1)}.mlp.gate_proj.{kind}"] = gate.contiguous()
+            out[f"layers.{m.group(1)}.mlp.up_proj.{kind}"] = up.contiguous()
+        else:
+            unknown.append(key)
+    if unknown:
+        raise RunError(f"{len(unknown)} checkpoint tensor(s) have no place in a forgec model: "
+                       + ", ".join(sorted(unknown)[:6]) + (" …" if len(unknown) > 6 else ""))
+    if names.interleaved:
+        _, head_dim, rotary = _heads(cfg)
+        perm = _half_split(rotary, head_dim)
+        for key in out:
+            if re.fullmatch(r"layers\.\d+\.attention\.[qk]_proj\.(weight|bias)", key):
+                out[key] = _permute_heads(out[key], perm, head_dim)
+    return out
+
+
+def _table_to_hf(state: Mapping[str, torch.Tensor], names: Names,
+                 cfg: Mapping) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    if names.interleaved:
+        _, head_dim, rotary = _heads(cfg)
+        inverse = torch.argsort(_half_split(rotary, head_dim))
+    for key, t in state.items():
+        t = t.detach()
+        stem, _, kind = key.rpartition(".")
+        if stem in names.spine:
+            out[names.spine[stem] + kind] = t
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.+)", stem)
+        prefix = names.layer.format(i=m.group(1)) if m else ""
+        qkv = m and re.fullmatch(r"attention\.([qkv])_proj", m.group(2))
+        if names.interleaved and qkv and qkv.group(1) in "qk":
+            t = _permute_heads(t, inverse, head_dim)
+        gate_up = m and re.fullmatch(r"mlp\.(gate|up)_proj", m.group(2))
+        if m and m.group(2) in names.parts:
+            out[f"{prefix}{names.parts[m.group(2)]}.{kind}"] = t
+        elif qkv and names.qkv:
+            fused.setdefault((f"{prefix}{names.qkv}.{kind}", "qkv"), {})[qkv.group(1)] = t
+        elif gate_up and names.gate_up:
+            fused.setdefault((f"{prefix}{names.gate_up}.{kind}", "gate_up"), {})[
+                gate_up.group(1)] = t
+        else:
+            unknown.append(key)
+    for (name, what), pieces in fused.items():
+        if what == "gate_up":
+            out[name] = torch.cat([pieces["gate"], pieces["up"]])
+        elif names.qkv_per_head:
+            heads, head_dim, _ = _heads(cfg)
+            rows = [pieces[x].reshape(heads, head_dim, *pieces[x].shape[1:]) for x in "qkv"]
+            t = torch.stack(rows, dim=1)
+            out[name] = t.reshape(3 * heads * head_dim, *t.shape[3:])
+        else:
+            out[name] = torch.cat([pieces[x] for x in "qkv"])
+    if unknown:
+        raise RunError("this checkpoint format has no place for "
+                       + ", ".join(unknown[:6]) + (" …" if len(unknown) > 6 else ""))
+    return out
+
+
+def checkpoint_config(src: str | os.PathLike) -> dict:
+    """The config.json beside a checkpoint ({} if there is none)."""
+    src = os.fspath(src)
+    folder = src if os.path.isdir(src) else os.path.dirname(src)
+    path = os.path.join(folder, "config.json")
+    return _config_dict(path) if os.path.isfile(path) else {}
+
+
 def _tied(model: torch.nn.Module) -> bool:
     sd = model.state_dict(keep_vars=True)
     return HEAD in sd and EMBED in sd and sd[HEAD] is sd[EMBED]
@@ -224,7 +452,7 @@ def _tied(model: torch.nn.Module) -> bool:
 def load_hf_checkpoint(model: torch.nn.Module, src: str | os.PathLike) -> torch.nn.Module:
     """Fill `model` (materialised, any dtype) from the HF checkpoint `src`, exactly:
     every parameter set, every checkpoint tensor used, shapes equal. Returns `model`."""
-    state = hf_to_forge(read_hf_state_dict(src))
+    state = hf_to_forge(read_hf_state_dict(src), checkpoint_config(src))
     target = model.state_dict()
     if any(t.is_meta for t in target.values()):
         raise RunError("materialise the model first (model.to_empty(device=...))")
@@ -387,16 +615,24 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
     """
     cfg = _config_dict(config)
     model_type = cfg.get("model_type")
-    tensors = forge_to_hf(model, model_type)
+    names = TABLE_FAMILIES.get(model_type)
+    if names is not None:
+        tensors = _table_to_hf(model.state_dict(), names, cfg)
+        head = names.spine["output_head.proj"] + "weight"
+        embed_key = names.spine["token_embedding.embedding"] + "weight"
+        layer_prefix = names.layer.split("{i}")[0]
+    else:
+        tensors = forge_to_hf(model, model_type)
+        head, embed_key, layer_prefix = "lm_head.weight", "model.embed_tokens.weight", "model.layers."
     tied = _tied(model)
     tie_cfg = bool(cfg.get("tie_word_embeddings", False))
     if tie_cfg and not tied:
         raise RunError("config.json ties the head to the embedding (tie_word_embeddings) but "
                        "the model's head has its own weight")
-    embed = tensors["model.embed_tokens.weight"]
+    embed = tensors[embed_key]
+    layers = {k[len(layer_prefix):].split(".")[0] for k in tensors if k.startswith(layer_prefix)}
     checks = [("vocab_size", embed.shape[0]), ("hidden_size", embed.shape[1]),
-              ("num_hidden_layers", len({k.split(".")[2] for k in tensors
-                                         if k.startswith("model.layers.")}))]
+              ("num_hidden_layers", len(layers))]
     q = tensors.get("model.layers.0.self_attn.q_proj.weight")
     if q is not None and "num_attention_heads" in cfg:
         head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
@@ -408,9 +644,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
         if want is not None and want != have:
             raise RunError(f"config {key} = {want} but the model has {have}")
     if tie_cfg:
-        del tensors["lm_head.weight"]  # HF ties it again on load
+        del tensors[head]  # HF ties it again on load
     elif tied:
-        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors: no sharing
+        tensors[head] = tensors[head].clone()  # safetensors: no sharing
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in tensors.items()}

@@ -57,7 +57,8 @@ class InitSource:
         the files' headers where the format has them)."""
         if self.kind == "hf":
             tensors = hf.read_hf_state_dict(self.path, shapes_only=True)
-            return {k: tuple(t.shape) for k, t in hf.hf_to_forge(tensors).items()}
+            renamed = hf.hf_to_forge(tensors, hf.checkpoint_config(self.path))
+            return {k: tuple(t.shape) for k, t in renamed.items()}
         import torch.distributed.checkpoint as dcp
 
         try:

@@ -56,6 +56,9 @@ HUB = {
     'qwen3_8b': (8_190_735_360, '{"architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
     # Qwen3-30B-A3B: 30_532_122_624 parameters
     'qwen3_30b_a3b': (30_532_122_624, '{"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": true, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": false, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
+    # pythia-70m (GPT-NeoX, a transformers 4.24 config: rotary_pct, rotary_emb_base):
+    # 70_426_624 parameters
+    'pythia_70m': (70_426_624, '{"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 8, "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": true, "use_parallel_residual": true, "vocab_size": 50304}'),
 }
 
 
@@ -291,7 +294,7 @@ def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, code, key", [
-    ({**LLAMA, "model_type": "gpt_neox"}, "E111", '"model_type"'),
+    ({**LLAMA, "model_type": "gpt2"}, "E111", '"model_type"'),
     ({k: v for k, v in LLAMA.items() if k != "num_hidden_layers"}, "E112", "{"),
     ({**LLAMA, "num_attention_heads": 0}, "E113", '"num_attention_heads"'),
     ({**LLAMA, "vocab_size": 12.5}, "E113", '"vocab_size"'),
@@ -520,3 +523,52 @@ def test_forge_to_hf_names_are_the_inverse(tmp_path):
     assert names.keys() == original.keys()
     for k in names:
         assert torch.equal(names[k], original[k]), k
+
+
+# ---- the general importer's families: what they refuse, located ----------------------------
+
+def _family_config(cls, **fields) -> dict:
+    """A transformers config of a small model as save_pretrained writes it, with `fields`."""
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=128, pad_token_id=0)
+    if cls is hf.GPTJConfig:
+        small = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif cls is not hf.GPTNeoXConfig:  # GPT-NeoX has no grouped KV heads
+        small["num_key_value_heads"] = 4
+    cfg = json.loads(cls(**small).to_json_string(use_diff=False))
+    return {**cfg, **fields}
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.PhiConfig, {"qk_layernorm": True}, "E114", '"qk_layernorm"'),
+    (hf.GPTJConfig, {"resid_pdrop": 0.1}, "E114", '"resid_pdrop"'),
+    (hf.CohereConfig, {"use_qk_norm": True}, "E114", '"use_qk_norm"'),
+    (hf.SmolLM3Config, {"no_rope_layers": [1, 1, 0]}, "E116", '"no_rope_layers"'),
+    (hf.SmolLM3Config, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
+    (hf.StableLmConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    (hf.GPTNeoXConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
+    (hf.Phi3Config, {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                         "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+     "E114", '"rope_type"'),
+    (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
+    (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
+    (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
+])
+def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
+    text = json.dumps(_family_config(cls, **fields), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+def test_an_imported_family_spec_reads_like_one_written_by_hand():
+    # parallel blocks on one norm, a gelu-tanh MLP as a module of the spec, partial rotary
+    text = json.dumps(_family_config(hf.PhiConfig), indent=2)
+    spec, diags = import_text(text, "phi_tiny")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "module gelu_tanh_mlp(x) {" in spec
+    assert "    y = attention_norm(x)\n    return x + attention(y) + mlp(y)\n" in spec
+    assert "rotary_dim  = 8        # rope_parameters.partial_rotary_factor = 0.5" in spec
+    assert "output_head = lm_head(dim, vocab_size, bias = true)" in spec
+    assert "mlp_norm" not in spec and "n_kv_heads" not in spec  # nothing unused

@@ -40,7 +40,7 @@ import transformers as hf
 from forgec.compiler.build import build
 from forgec.compiler.cli import main as forgec
 from forgec.compiler.driver import compile_spec
-from forgec.runtime.hf import load_hf_checkpoint
+from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
 
 PROMPT, NEW = 20, 32
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -65,7 +65,57 @@ FAMILIES = {
     "qwen3_moe": (hf.Qwen3MoeConfig, hf.Qwen3MoeForCausalLM, dict(
         num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
         head_dim=24, norm_topk_prob=False, mlp_only_layers=[0, 2])),
+    # parallel attention + MLP with norms of their own, LayerNorm with biases, a quarter of
+    # each head rotating, exact-GELU MLP, fused per-head query_key_value
+    "gpt_neox": (hf.GPTNeoXConfig, hf.GPTNeoXForCausalLM, dict(
+        num_key_value_heads=None, initializer_range=0.3)),
+    "gpt_neox_sequential": (hf.GPTNeoXConfig, hf.GPTNeoXForCausalLM, dict(
+        num_key_value_heads=None, initializer_range=0.3, use_parallel_residual=False,
+        attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                         "partial_rotary_factor": 0.5})),
+    # one LayerNorm read by attention and MLP, interleaved rotary on 8 of 16 channels,
+    # gelu_new MLP, a head with a bias; GPT-2-style field names
+    "gptj": (hf.GPTJConfig, hf.GPTJForCausalLM, dict(
+        hidden_size=None, intermediate_size=None, num_hidden_layers=None,
+        num_attention_heads=None, num_key_value_heads=None, max_position_embeddings=None,
+        n_embd=64, n_inner=96, n_layer=2, n_head=4, n_positions=128, rotary_dim=8,
+        initializer_range=0.3)),
+    # phi-2: one LayerNorm for parallel attention + MLP, half of each head rotating, biases
+    # everywhere (the head's included), gelu_new
+    "phi": (hf.PhiConfig, hf.PhiForCausalLM, dict(initializer_range=0.3)),
+    # LayerNorm, a quarter rotating, SwiGLU, q/k/v biases; the parallel form shares its norm
+    "stablelm": (hf.StableLmConfig, hf.StableLmForCausalLM, dict(use_qkv_bias=True)),
+    "stablelm_parallel": (hf.StableLmConfig, hf.StableLmForCausalLM, dict(
+        use_parallel_residual=True)),
+    # LayerNorm, gelu-tanh MLP, biases, a sliding window, a tied head
+    "starcoder2": (hf.Starcoder2Config, hf.Starcoder2ForCausalLM, dict(
+        initializer_range=0.3, sliding_window=8)),
+    # Llama with layers 1 and 3 of 4 attending without positions (no_rope_layers 0)
+    "smollm3": (hf.SmolLM3Config, hf.SmolLM3ForCausalLM, dict(
+        num_hidden_layers=4, no_rope_layer_interval=2, pad_token_id=0)),
+    # non-parametric LayerNorm, SwiGLU, q/k/v clamped (clip_qkv)
+    "olmo": (hf.OlmoConfig, hf.OlmoForCausalLM, dict(clip_qkv=0.5, pad_token_id=0)),
+    # multipliers on the embedding, each residual branch, the scores and the logits
+    "granite": (hf.GraniteConfig, hf.GraniteForCausalLM, dict(
+        embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+        logits_scaling=0.5, pad_token_id=0)),
+    # parallel attention + MLP on a bias-free LayerNorm, interleaved rotary, logit_scale
+    "cohere": (hf.CohereConfig, hf.CohereForCausalLM, dict(logit_scale=0.5, pad_token_id=0)),
+    # post-norms only, qk-norm over the whole projections
+    "olmo2": (hf.Olmo2Config, hf.Olmo2ForCausalLM, dict(pad_token_id=0)),
+    # sandwich norms, interleaved partial rotary, q/k/v biases, fused gate_up_proj,
+    # head_dim 24 ≠ hidden_size / heads
+    "glm4": (hf.Glm4Config, hf.Glm4ForCausalLM, dict(head_dim=24, pad_token_id=0)),
+    # fused qkv_proj / gate_up_proj, partial rotary, a sliding window
+    "phi3": (hf.Phi3Config, hf.Phi3ForCausalLM, dict(
+        sliding_window=8, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.5})),
 }
+
+
+LLAMA_STYLE = ("llama", "llama_bias", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 
 @pytest.fixture(autouse=True)
@@ -88,10 +138,17 @@ def pair(request, tmp_path_factory):
     name = request.param
     config_cls, model_cls, extra = FAMILIES[name]
     tmp = tmp_path_factory.mktemp(name)
-    config = config_cls(**{**BASE, **extra})
+    config = config_cls(**{k: v for k, v in {**BASE, **extra}.items() if v is not None})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     ref = model_cls(config).eval()
+    if name not in LLAMA_STYLE:
+        # HF starts norms at 1 / 0 and biases at 0: random ones check that each lands in
+        # its place (and keep a tiny LayerNorm model's greedy decode from looping)
+        with torch.no_grad():
+            for p in ref.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p), alpha=0.2)
     assert ref.config._attn_implementation == "eager"
     ref.save_pretrained(tmp / "hf")
     spec = tmp / f"{name}.forge"
@@ -100,7 +157,7 @@ def pair(request, tmp_path_factory):
     torch.manual_seed(1)  # forgec's own init differs: every weight must come from the file
     model = _import_module(tmp / "pkg", name).Transformer().eval()
     load_hf_checkpoint(model, tmp / "hf")
-    return ref, model, spec.read_text()
+    return ref, model, spec.read_text(), tmp
 
 
 def _tokens(n: int, batch: int, seed: int) -> torch.Tensor:
@@ -110,7 +167,7 @@ def _tokens(n: int, batch: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def test_logits_match_transformers(pair):
-    ref, model, _ = pair
+    ref, model, *_ = pair
     ids = _tokens(PROMPT + NEW, 2, seed=2)  # longer than every sliding window
     expected = ref(ids).logits
     got = model(ids)
@@ -140,7 +197,7 @@ def _greedy_forgec(model, prompt: torch.Tensor, n: int) -> list[int]:
 
 
 def test_greedy_decoding_with_kv_cache_matches_transformers(pair):
-    ref, model, _ = pair
+    ref, model, *_ = pair
     prompt = _tokens(PROMPT, 1, seed=3)
     expected = _greedy_hf(ref, prompt, NEW)
     assert len(set(expected)) >= 8, f"a degenerate reference decode proves little: {expected}"
@@ -148,20 +205,56 @@ def test_greedy_decoding_with_kv_cache_matches_transformers(pair):
 
 
 def test_the_spec_says_where_it_came_from(pair):
-    _, _, text = pair
+    _, _, text, _ = pair
     assert "imported by `forgec import-hf`" in text
-    assert "hidden_size" in text and "num_hidden_layers" in text  # fields named in comments
+    # fields named in comments (GPT-J's config calls them n_embd and n_layer)
+    assert ("hidden_size" in text and "num_hidden_layers" in text
+            or "n_embd" in text and "n_layer" in text)
 
 
 def test_a_wrong_weight_would_be_caught(pair):
     # the comparison is sensitive: one perturbed norm weight moves the logits past 1e-5
-    ref, model, _ = pair
+    ref, model, *_ = pair
     ids = _tokens(16, 1, seed=4)
     with torch.no_grad():
-        w = model.layers["1"].attention_norm.weight
+        layer = model.layers["1"]
+        w = getattr(layer, "attention_norm", None) or layer.attention_post_norm  # OLMo 2
+        w = w.weight
+        if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
+            w = layer.attention.o_proj.weight[0]
+        saved = w.clone()
         w.add_(1e-3)
         try:
             diff = (model(ids) - ref(ids).logits).abs().max().item()
         finally:
-            w.sub_(1e-3)
+            w.copy_(saved)  # exactly: later tests save these weights
     assert diff > 1e-5
+
+
+@torch.no_grad()
+def test_a_saved_checkpoint_loads_back_into_transformers(pair):
+    # save_hf_checkpoint writes the family's own names (fused and permuted projections
+    # included): transformers loads it and computes the same logits as the original
+    ref, model, _, tmp = pair
+    out = tmp / "roundtrip"
+    save_hf_checkpoint(model, out, config=tmp / "hf")
+    back = type(ref).from_pretrained(out, attn_implementation="eager").eval()
+    expected = dict(ref.named_parameters())
+    got = dict(back.named_parameters())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+    ids = _tokens(16, 1, seed=5)
+    torch.testing.assert_close(back(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_the_training_loss_reads_the_same_logits(pair):
+    # forward(targets=...) never materialises the logits (the head's fused loss, which
+    # scales its input where a spec scales the logits): the same cross-entropy
+    ref, model, *_ = pair
+    ids = _tokens(16, 2, seed=6)
+    loss = model(ids[:, :-1], targets=ids[:, 1:])
+    expected = torch.nn.functional.cross_entropy(
+        ref(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)

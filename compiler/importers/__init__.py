@@ -26,9 +26,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     h = sub.add_parser(
         "import-hf", help="write a spec for a Hugging Face model (its config.json)",
         description="Write a .forge spec for a transformers model: Llama (Llama 3 RoPE "
-        "scaling included), Mistral, Qwen2, Qwen3, Mixtral and Qwen3-MoE. A config field "
-        "the spec cannot express is a located error. Load the weights into the built model "
-        "with runtime.hf.load_hf_checkpoint(model, SRC).")
+        "scaling included), Mistral, Qwen2, Qwen3, Mixtral, Qwen3-MoE, GPT-NeoX, GPT-J, Phi, "
+        "Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4, SmolLM3 (README: "
+        "Supported families). A config field the spec cannot "
+        "express is a located error. Load the weights into the built model with "
+        "runtime.hf.load_hf_checkpoint(model, SRC).")
     h.add_argument("src", metavar="SRC", help="a folder written by save_pretrained, or its "
                    "config.json")
     k = sub.add_parser(

@@ -353,10 +353,16 @@ def selectors(layers: set[int], n: int) -> list[str]:
     return [f"at {i}" for i in s]
 
 
+# the components of an imported block, named after their places in it (runtime/hf.py maps
+# their weights to each family's names)
+BLOCK_COMPONENTS = "attention_norm attention attention_post_norm mlp_norm mlp mlp_post_norm".split()
+
+
 @dataclass
 class LayerKind:
     window: bool  # sliding-window attention
     moe: bool  # a mixture of experts instead of the dense MLP
+    nope: bool = False  # attention without positions (SmolLM3's no_rope_layers)
 
 
 @dataclass
@@ -379,6 +385,20 @@ class Decoder:
     framework: str
     stack_notes: list[str] = field(default_factory=list)
     block_notes: dict[str, str] = field(default_factory=dict)
+    # how a block adds to the residual: "sequential" (attention, then the MLP on the
+    # sum), "parallel" (both read x through norms of their own: GPT-NeoX) or
+    # "parallel_shared" (both read one norm of x: GPT-J, Phi)
+    residual: str = "sequential"
+    # modules of the spec's own (each a list of lines), written before the blocks
+    modules: list[list[str]] = field(default_factory=list)
+    head_bias: bool = False
+    # norms before attention and MLP (pre-norm), and/or on their outputs before the residual
+    # sum (post-norm: OLMo 2; both: sandwich norms, GLM-4)
+    pre_norms: bool = True
+    post_norms: bool = False
+    residual_scale: str | None = None  # multiplies each branch before the sum (Granite)
+    embedding_args: list[str] = field(default_factory=list)  # after (vocab_size, dim)
+    head_args: list[str] = field(default_factory=list)  # after (dim, vocab_size)
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -387,10 +407,11 @@ class Decoder:
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
         base = "sparse" if kind.moe else "dense"
-        return base + ("_local" if kind.window and mixed_window else "")
+        return base + ("_local" if kind.window and mixed_window else "") + \
+            ("_nope" if kind.nope else "")
 
-    def _attention(self, window: bool, indent: int) -> str:
-        args = list(self.attention)
+    def _attention(self, window: bool, indent: int, nope: bool = False) -> str:
+        args = [a for a in self.attention if not (nope and a == "rope = rope")]
         if window:
             args.append(f"window = {self.window}")
         return call(self._op("self_attention"), args, indent)
@@ -400,47 +421,83 @@ class Decoder:
         assert spec is not None
         return call(spec[0], spec[1], indent)
 
+    def _block_body(self, window: bool, moe: bool, nope: bool) -> list[str]:
+        """The components and dataflow of the base block."""
+        attention_norm, attention_, attention_post_norm, mlp_norm, mlp_, mlp_post_norm = \
+            BLOCK_COMPONENTS
+        parts = []
+        if self.pre_norms:
+            parts.append((attention_norm, lambda indent: self.norm))
+        parts.append((attention_, lambda indent: self._attention(window, indent, nope)))
+        if self.post_norms:
+            parts.append((attention_post_norm, lambda indent: self.norm))
+        if self.pre_norms and self.residual != "parallel_shared":
+            parts.append((mlp_norm, lambda indent: self.norm))
+        parts.append((mlp_, lambda indent: self._mlp(moe, indent)))
+        if self.post_norms:
+            parts.append((mlp_post_norm, lambda indent: self.norm))
+        width = max(len("attention_norm"), *(len(n) for n, _ in parts))
+        lines = [f"    {n:<{width}} = {text(4 + width + 3)}" for n, text in parts]
+        scale = f" * {self.residual_scale}" if self.residual_scale else ""
+
+        def pre(norm: str, x: str) -> str:
+            return f"{norm}({x})" if self.pre_norms else x
+
+        def post(norm: str, out: str) -> str:
+            return f"{norm}({out})" if self.post_norms else out
+
+        def attention(x: str) -> str:
+            return post("attention_post_norm", f"attention({pre('attention_norm', x)})")
+
+        def mlp(x: str) -> str:
+            return post("mlp_post_norm", f"mlp({pre('mlp_norm', x)})")
+
+        if self.residual == "sequential":
+            flow = [f"    h = x + {attention('x')}{scale}", f"    return h + {mlp('h')}{scale}"]
+        elif self.residual == "parallel":
+            flow = [f"    return x + {attention('x')} + {mlp('x')}"]
+        else:
+            flow = ["    y = attention_norm(x)", "    return x + attention(y) + mlp(y)"]
+        return lines + [""] + flow
+
     def render(self) -> str:
         n = len(self.kinds)
-        counts: dict[tuple[bool, bool], list[int]] = {}
+        counts: dict[tuple[bool, bool, bool], list[int]] = {}
         for i, k in enumerate(self.kinds):
-            counts.setdefault((k.window, k.moe), []).append(i)
-        mixed_window = len({w for w, _ in counts}) > 1
+            counts.setdefault((k.window, k.moe, k.nope), []).append(i)
+        mixed_window = len({w for w, _, _ in counts}) > 1
         # the most common kind is the stack's default and the base of the others
         order = sorted(counts, key=lambda k: (-len(counts[k]), min(counts[k])))
         base = order[0]
         names = {k: self._block_name(LayerKind(*k), mixed_window) for k in order}
 
         body: list[str] = []
-        body.append(f"  token_embedding = {self._op('token_embedding')}(vocab_size, dim)")
+        body.append(f"  token_embedding = {self._op('token_embedding')}("
+                    + ", ".join(["vocab_size", "dim", *self.embedding_args]) + ")")
         self.params("vocab_size")
         self.params("dim")
         if self.rope is not None:
             body.append("  rope            = " + call(self._op("positions"), self.rope, 20))
         body.append("")
 
-        bw, bm = base
+        for module in self.modules:
+            body += [f"  {line}".rstrip() for line in module] + [""]
+        bw, bm, bn = base
         note = self.block_notes.get(names[base])
         if note:
             body.append(f"  # {note}")
         body.append(f"  block {names[base]}(x) {{")
-        body.append(f"    attention_norm = {self.norm}")
-        body.append(f"    attention      = {self._attention(bw, 21)}")
-        body.append(f"    mlp_norm       = {self.norm}")
-        body.append(f"    mlp            = {self._mlp(bm, 21)}")
-        body.append("")
-        body.append("    h = x + attention(attention_norm(x))")
-        body.append("    return h + mlp(mlp_norm(h))")
+        body += self._block_body(bw, bm, bn)
         body.append("  }")
         for kind in order[1:]:
-            w, m = kind
+            w, m, nope = kind
             body.append("")
             note = self.block_notes.get(names[kind])
             if note:
                 body.append(f"  # {note}")
             body.append(f"  block {names[kind]}(x) extends {names[base]} {{")
-            if w != bw:
-                body.append(f"    attention = {self._attention(w, 16)}")
+            if w != bw or nope != bn:
+                body.append(f"    attention = {self._attention(w, 16, nope)}")
             if m != bm:
                 body.append(f"    mlp = {self._mlp(m, 10)}")
             body.append("  }")
@@ -461,6 +518,9 @@ class Decoder:
             body.append("  }")
         body.append(f"  norm        = {self.norm}")
         tie = ", tie = token_embedding" if self.tie else ""
+        if self.head_bias:
+            tie += ", bias = true"
+        tie += "".join(f", {a}" for a in self.head_args)
         body.append(f"  output_head = {self._op('output_head')}(dim, vocab_size{tie})")
         body.append("}")
 

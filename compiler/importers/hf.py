@@ -1,8 +1,15 @@
 """`forgec import-hf`: a Hugging Face `config.json` → a .forge spec.
 
 Supported families (the `model_type` of the config): llama, mistral, qwen2,
-qwen3, mixtral and qwen3_moe — the pre-norm decoders forgec's ops express
-exactly. The semantics follow `transformers` 5.x (and the 4.x field names
+qwen3, mixtral and qwen3_moe (`Importer`, with the MoE and sliding-window rules
+of those families), and the decoders of `DENSE` (`DenseImporter`): GPT-NeoX,
+GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4 and
+SmolLM3, each a small table (its config class's defaults, its names for the
+shared fields, what its layer fixes) read by one translation of config fields
+into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
+parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
+the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
+projection. The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -22,7 +29,7 @@ Decisions (see docs/errors.md, "Importing configs"):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
 from ..ops import foreign_op
@@ -90,6 +97,11 @@ class Importer:
         self.layer_rule: str | None = None  # which layers slide, for a comment
         self.experts_key = "num_local_experts"
         self.act: str | None = None  # hidden_act: it chooses the MLP and expert ops
+        self.partial_rotary = False  # the family's attention may rotate part of a head
+        # the top-level field of the RoPE base (GPT-NeoX's 4.x configs: rotary_emb_base)
+        self.theta_key = "rope_theta"
+        # (partial_rotary_factor or rotary_dim, the field it comes from)
+        self.rotary_fraction: tuple[float | int, str] | None = None
 
     def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
         name = hf_key or f.name(key)
@@ -107,7 +119,7 @@ class Importer:
             return None
         if model_type not in FAMILIES:
             f.error("E111", "model_type", f"model_type '{model_type}' cannot be imported",
-                    "forgec imports " + ", ".join(FAMILIES))
+                    "forgec imports " + ", ".join([*FAMILIES, *DENSE]))
             return None
         fam = FAMILIES[model_type]
         d = fam.defaults
@@ -244,8 +256,9 @@ class Importer:
 
     def _rope(self, f: Fields, d: dict) -> list[str] | None:
         p = self.p
-        top_theta = f.get("rope_theta", "float", d["rope_theta"])
-        theta_note = self.note_default(f, "rope_theta")
+        theta_key = self.theta_key if self.theta_key in f else "rope_theta"
+        top_theta = f.get(theta_key, "float", d["rope_theta"])
+        theta_note = self.note_default(f, theta_key)
         params = f.get("rope_parameters", "dict?", None)
         scaling = f.get("rope_scaling", "dict?", None)
         if params is not None and scaling is not None:
@@ -278,8 +291,12 @@ class Importer:
                 return None
             partial = rp.get("partial_rotary_factor", "float", 1.0)
             if partial is not None and partial != 1.0:
-                rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
-                         f"{fmt(partial)} cannot be expressed: this family rotates whole heads")
+                if self.partial_rotary:
+                    self.rotary_fraction = (partial, rp.name("partial_rotary_factor"))
+                else:
+                    rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
+                             f"{fmt(partial)} cannot be expressed: this family rotates whole "
+                             "heads")
             if rope_type not in ("default", "llama3"):
                 rp.error("E114", key, f"rope type '{rope_type}' cannot be expressed: forgec's "
                          "rope supports no scaling or llama3 scaling",
@@ -291,6 +308,14 @@ class Importer:
         p.add("rope_theta", theta, theta_note)
         args = [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
                 f"theta = {p('rope_theta')}"]
+        if self.rotary_fraction is not None and "head_dim" in p:
+            fraction, field_name = self.rotary_fraction
+            head_dim = p.value("head_dim")
+            rotary = int(head_dim * fraction) if isinstance(fraction, float) else fraction
+            if rotary != head_dim:
+                p.add("rotary_dim", rotary, f"{field_name} = {fmt(fraction)}"
+                      + (f" of head_dim {head_dim}" if isinstance(fraction, float) else ""))
+                args.append(f"rotary_dim = {p('rotary_dim')}")
         if rp is not None and rope_type == "llama3":
             factor = rp.get("factor", "float", hint="llama3 scaling needs factor")
             low = rp.get("low_freq_factor", "float")
@@ -449,6 +474,474 @@ class Importer:
         return moe, kinds, notes
 
 
+# ---- the general decoder importer --------------------------------------------------------
+# A family is data: the defaults of its config class, the names its config gives the
+# shared fields, and what its decoder layer fixes that no field says. The translation of a
+# config into ops (`DenseImporter`) is shared.
+
+
+@dataclass(frozen=True)
+class Dense:
+    title: str
+    architectures: tuple[str, ...]
+    defaults: dict  # transformers 5.x defaults of the fields read (by their own names)
+    # the shared fields' names in this family's config (hidden_size → n_embd ...)
+    aliases: dict = field(default_factory=dict)
+    norm: str = "layer_norm"  # the foreign role of its norm op
+    # "sequential", "parallel", "parallel_shared", or a config field whose true value
+    # makes the block parallel: (field, the parallel kind)
+    residual: str | tuple[str, str] = "sequential"
+    # biases: True/False, or the config field that says
+    qkv_bias: bool | str = False
+    out_bias: bool | str = False
+    mlp_bias: bool | str = False
+    head_bias: bool = False
+    gated: bool = False  # a gated MLP (gate, up, down) rather than two layers (up, down)
+    dropouts: tuple[str, ...] = ()  # must be 0 (forgec has no dropout)
+    inert: tuple[str, ...] = ()  # fields of the family that do not change the causal LM
+    # config field → the value the language can express (anything else is E114)
+    fixed: dict = field(default_factory=dict)
+    # the rotary width's field, when the config gives it as a width (GPT-J's rotary_dim)
+    rotary_dim_field: str | None = None
+    rope_theta: float | None = None  # a theta the family fixes (no field says it)
+    # the 4.x configs' top-level names of the rotary fraction and base (the Hub's Pythia
+    # configs: rotary_pct, rotary_emb_base); transformers 5 writes rope_parameters
+    rotary_pct_field: str | None = None
+    theta_field: str | None = None
+    note: str = ""  # a header line about how the weights are read
+    norm_args: str = ""  # further arguments of every norm (OLMo's: no weight, no bias)
+    norm_eps: float | None = None  # an eps the family fixes (no field says it)
+    clip_qkv: bool = False  # the config's clip_qkv clamps q, k and v (OLMo)
+    # Granite's embedding_multiplier, residual_multiplier, attention_multiplier and
+    # logits_scaling
+    multipliers: bool = False
+    logit_scale: bool = False  # the config's logit_scale multiplies the logits (Cohere)
+    pre_norms: bool = True  # norms before attention and MLP
+    post_norms: bool = False  # norms of their outputs, before the residual sum
+    qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+
+
+DENSE = {
+    "gpt_neox": Dense(
+        "GPT-NeoX", ("GPTNeoXForCausalLM",), {
+            "hidden_act": "gelu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "use_parallel_residual": True,
+            "attention_bias": True, "rope_theta": 10000.0, "attention_dropout": 0.0,
+            "hidden_dropout": 0.0},
+        residual=("use_parallel_residual", "parallel"), qkv_bias="attention_bias",
+        out_bias="attention_bias", mlp_bias=True, dropouts=("attention_dropout", "hidden_dropout"),
+        inert=("classifier_dropout", "is_decoder"), rotary_pct_field="rotary_pct",
+        theta_field="rotary_emb_base",
+        note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
+    "gptj": Dense(
+        "GPT-J", ("GPTJForCausalLM",), {
+            "activation_function": "gelu_new", "n_positions": 2048, "initializer_range": 0.02,
+            "layer_norm_epsilon": 1e-5, "tie_word_embeddings": False, "rotary_dim": 64,
+            "n_inner": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+        aliases={"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+                 "num_attention_heads": "n_head", "intermediate_size": "n_inner",
+                 "max_position_embeddings": "n_positions", "layer_norm_eps": "layer_norm_epsilon",
+                 "hidden_act": "activation_function"},
+        residual="parallel_shared", mlp_bias=True, head_bias=True,
+        dropouts=("resid_pdrop", "embd_pdrop", "attn_pdrop"), rotary_dim_field="rotary_dim",
+        rope_theta=10000.0,
+        note="GPT-J rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores."),
+    "phi": Dense(
+        "Phi", ("PhiForCausalLM",), {
+            "hidden_act": "gelu_new", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "qk_layernorm": False, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "attention_dropout": 0.0},
+        residual="parallel_shared", qkv_bias=True, out_bias=True, mlp_bias=True, head_bias=True,
+        rotary_pct_field="partial_rotary_factor",
+        dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
+        fixed={"qk_layernorm": False}),
+    "stablelm": Dense(
+        "StableLM", ("StableLmForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "use_qkv_bias": False, "qk_layernorm": False,
+            "use_parallel_residual": False, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        residual=("use_parallel_residual", "parallel_shared"), qkv_bias="use_qkv_bias",
+        gated=True, rotary_pct_field="partial_rotary_factor",
+        dropouts=("hidden_dropout", "attention_dropout"),
+        fixed={"qk_layernorm": False}),
+    "starcoder2": Dense(
+        "Starcoder2", ("Starcoder2ForCausalLM",), {
+            "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 4096,
+            "initializer_range": 0.018042, "norm_epsilon": 1e-5, "tie_word_embeddings": True,
+            "num_key_value_heads": 2, "rope_theta": 10000.0, "sliding_window": None,
+            "use_bias": True, "attention_dropout": 0.0, "residual_dropout": 0.0,
+            "embedding_dropout": 0.0},
+        aliases={"layer_norm_eps": "norm_epsilon"},
+        qkv_bias="use_bias", out_bias="use_bias", mlp_bias="use_bias",
+        dropouts=("attention_dropout", "residual_dropout", "embedding_dropout")),
+}
+
+_RMS = {"layer_norm_eps": "rms_norm_eps"}  # the families that norm with RMSNorm
+DENSE.update({
+    # post-norms only (on the attention's and the MLP's outputs), qk-norm over the whole
+    # q and k projections
+    "olmo2": Dense(
+        "OLMo 2", ("Olmo2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection"),
+    # sandwich norms, half of each head rotating (interleaved), q/k/v biases, fused gate_up
+    "glm4": Dense(
+        "GLM-4", ("Glm4ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), post_norms=True,
+        note="GLM-4 rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores; "
+             "gate_up_proj is split into gate/up_proj."),
+    # Llama with multipliers on the embedding, the residual branches, the scores, the logits
+    "granite": Dense(
+        "Granite", ("GraniteForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
+            "residual_multiplier": 1.0, "attention_multiplier": 1.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True),
+    # parallel attention + MLP on one bias-free LayerNorm, interleaved rotary, scaled logits
+    "cohere": Dense(
+        "Cohere", ("CohereForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "use_qk_norm": False, "logit_scale": 0.0625},
+        norm_args=", bias = false", residual="parallel_shared", qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+        fixed={"use_qk_norm": False}, logit_scale=True,
+        note="Cohere rotates interleaved channel pairs; q_proj and k_proj are permuted on load "
+             "so that the spec's rope (half-split pairs) computes the same scores."),
+    # Llama-style with a LayerNorm that learns nothing (no weight, no bias, eps 1e-5)
+    "olmo": Dense(
+        "OLMo", ("OlmoForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "tie_word_embeddings": False, "num_key_value_heads": None, "rope_theta": 10000.0,
+            "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None},
+        norm_args=", bias = false, weight = false", norm_eps=1e-5, qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",), clip_qkv=True),
+    # Llama with NoPE layers: no_rope_layers[i] = 0 leaves layer i without positions
+    "smollm3": Dense(
+        "SmolLM3", ("SmolLM3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "num_key_value_heads": 4,
+            "rope_theta": 2000000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "use_sliding_window": False, "sliding_window": None,
+            "no_rope_layer_interval": 4, "no_rope_layers": None, "layer_types": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",),
+        fixed={"use_sliding_window": False}),
+    # Llama-style, with fused qkv_proj and gate_up_proj in the checkpoint (split on load)
+    "phi3": Dense(
+        "Phi-3", ("Phi3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "sliding_window": None, "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", gated=True,
+        rotary_pct_field="partial_rotary_factor",
+        dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
+        # the pre-training context of longrope scaling: no other RoPE reads it
+        inert=("original_max_position_embeddings",),
+        note="qkv_proj and gate_up_proj are split into q/k/v_proj and gate/up_proj on load."),
+})
+
+# Hugging Face activations → the spec's activation functions (docs/language.md,
+# "Composition"): a two-layer MLP with one of these is a module of the spec's own
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+               "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+class DenseImporter(Importer):
+    """One decoder family of DENSE: a config's fields → the ops that say them."""
+
+    def _rotating_layers(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers rotate q and k: all, except those no_rope_layers marks 0 (SmolLM3;
+        its default: every no_rope_layer_interval-th layer), and which are full-attention
+        layers (layer_types: the only kind these families import)."""
+        if "layer_types" in d:
+            types = f.get("layer_types", "list?", d["layer_types"])
+            for i, t in enumerate(types or []):
+                if t != "full_attention":
+                    self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                     self.src.span(("layer_types", i)),
+                                     "this family imports full_attention layers only")
+            if types is not None and len(types) != n:
+                f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
+                        f"{n} layers (num_hidden_layers)")
+        if "no_rope_layers" not in d:
+            return [True] * n
+        interval = f.get("no_rope_layer_interval", "int", d["no_rope_layer_interval"],
+                         positive=True)
+        flags = f.get("no_rope_layers", "list?", d["no_rope_layers"])
+        if flags is None:
+            return [interval is None or (i + 1) % interval != 0 for i in range(n)]
+        if len(flags) != n:
+            f.error("E116", "no_rope_layers", f"no_rope_layers has {len(flags)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+            return [True] * n
+        for i, v in enumerate(flags):
+            if v not in (0, 1) or isinstance(v, float):
+                self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
+                                 self.src.span(("no_rope_layers", i)))
+        return [bool(v) for v in flags]
+
+    def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
+        src, diags, p = self.src, self.diags, self.p
+        f = Fields(src, src.value, (), diags, "config.json")
+        model_type = src.value["model_type"]
+        f.consume("model_type")
+        fam = DENSE[model_type]
+        d = fam.defaults
+        self.partial_rotary = True
+
+        def key(canon: str) -> str:
+            return fam.aliases.get(canon, canon)
+
+        def get(canon: str, kind: str, **kw):
+            k = key(canon)
+            return f.get(k, kind, d[k], **kw) if k in d else f.get(k, kind, **kw)
+
+        f.consume(*NOT_ARCHITECTURE, *fam.inert)
+        archs = f.get("architectures", "list?", None)
+        for i, a in enumerate(archs or []):
+            if a not in fam.architectures:
+                head = ("a causal language model" if str(a).endswith("ForCausalLM")
+                        else "another head")
+                diags.error("E114", f"architecture '{a}' is not {fam.architectures[0]}: "
+                            f"it has {head}", src.span(("architectures", i)),
+                            f"forgec imports {fam.architectures[0]}")
+        vocab = get("vocab_size", "int", positive=True)
+        dim = get("hidden_size", "int", positive=True)
+        n_layers = get("num_hidden_layers", "int", positive=True)
+        heads = get("num_attention_heads", "int", positive=True)
+        ffn = get("intermediate_size", "int?", positive=True)
+        ffn_note = key("intermediate_size")
+        if ffn is None and dim and key("intermediate_size") in d:  # GPT-J's n_inner: null
+            ffn, ffn_note = 4 * dim, f"{key('intermediate_size')} null: 4 × {key('hidden_size')}"
+        kv_key = "num_key_value_heads"
+        kv = f.get(kv_key, "int?", d[kv_key], positive=True) if kv_key in d else None
+        kv_note = self.note_default(f, kv_key) if kv_key in d else None
+        if kv is None and heads:
+            kv, kv_note = heads, (f"{kv_note} = num_attention_heads" if kv_note
+                                  else f"{key('num_attention_heads')} (no grouped KV heads)")
+        head_dim = dim // heads if dim and heads else None
+        hd_note = f"{key('hidden_size')} / {key('num_attention_heads')}"
+        if "head_dim" in d:
+            given = f.get("head_dim", "int?", d["head_dim"], positive=True)
+            if given is not None:
+                head_dim, hd_note = given, self.note_default(f, "head_dim")
+        elif dim and heads and dim % heads:
+            f.error("E113", key("num_attention_heads"), f"{key('hidden_size')} = {dim} is not "
+                    f"divisible by {key('num_attention_heads')} = {heads}")
+        if kv and heads and heads % kv:
+            f.error("E113", kv_key, f"{kv_key} = {kv} does not divide "
+                    f"{key('num_attention_heads')} = {heads}")
+        max_pos = get("max_position_embeddings", "int", positive=True)
+        eps_key = key("layer_norm_eps")
+        eps = get("layer_norm_eps", "float") if fam.norm_eps is None else fam.norm_eps
+        init = get("initializer_range", "float")
+        for k, v in ((eps_key, eps), ("initializer_range", init)):
+            if v is not None and not 0 <= v <= 1:
+                f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
+        tie = get("tie_word_embeddings", "bool")
+        act = get("hidden_act", "str")
+        for k in fam.dropouts:
+            v = f.get(k, "float", d.get(k, 0.0))
+            if v:
+                f.error("E114", k, f"{k} = {fmt(v)}: forgec has no dropout, and HF applies "
+                        "it in training", "set it to 0.0 to import the model for training "
+                        "without dropout")
+        for k, want in fam.fixed.items():
+            v = f.get(k, type(want).__name__, d.get(k, want))
+            if v is not None and v != want:
+                f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's ops",
+                        f"only {k} = {fmt(want)} imports")
+
+        def flag(spec: bool | str) -> bool:
+            return bool(get(spec, "bool")) if isinstance(spec, str) else spec
+
+        qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
+                                        flag(fam.mlp_bias))
+        if mlp_bias and fam.gated:
+            f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
+                    "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
+        residual = fam.residual
+        if isinstance(residual, tuple):
+            residual = residual[1] if get(residual[0], "bool") else "sequential"
+        mlp_op = mlp_module = None
+        if act is not None:
+            if fam.gated:
+                mlp_op = foreign_op("hf", "mlp", hidden_act=act)
+                if mlp_op is None:
+                    f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
+                            "expressed: this family's gated MLP imports with silu")
+            elif act in ACTIVATIONS:
+                mlp_op = foreign_op("hf", "two_layer_mlp", hidden_act=act)
+                if mlp_op is None:
+                    mlp_module = ACTIVATIONS[act]
+            else:
+                f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
+                        "expressed", "activations: " + ", ".join(ACTIVATIONS))
+        clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
+        mult = {k: f.get(k, "float", d[k], positive=True)
+                for k in (("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                           "logits_scaling") if fam.multipliers else ())
+                + (("logit_scale",) if fam.logit_scale else ())}
+        window = None
+        if "use_sliding_window" in d:  # off (fam.fixed): its window is not used
+            f.consume("sliding_window")
+        elif "sliding_window" in d:
+            window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        if fam.theta_field is not None:
+            self.theta_key = fam.theta_field
+        if fam.rotary_pct_field is not None and fam.rotary_pct_field in f:
+            pct = f.get(fam.rotary_pct_field, "float")
+            if pct is not None and not 0 < pct <= 1:
+                f.error("E113", fam.rotary_pct_field, f"'{fam.rotary_pct_field}' must be in "
+                        f"(0, 1], got {fmt(pct)}")
+            elif pct is not None and pct != 1.0:
+                self.rotary_fraction = (pct, fam.rotary_pct_field)
+        if fam.rotary_dim_field is not None:
+            rd = f.get(fam.rotary_dim_field, "int?", d[fam.rotary_dim_field], positive=True)
+            if rd is not None:
+                self.rotary_fraction = (rd, fam.rotary_dim_field)
+
+        if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
+            for n in ("head_dim", "max_seq_len"):
+                p.add(n, 0)
+            self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            f.unknown(self.ignore, fam.title)
+            return None
+        p.add("vocab_size", vocab, key("vocab_size"))
+        p.add("dim", dim, key("hidden_size"))
+        p.add("n_layers", n_layers, key("num_hidden_layers"))
+        p.add("n_heads", heads, key("num_attention_heads"))
+        p.add("n_kv_heads", kv, kv_note)
+        p.add("head_dim", head_dim, hd_note)
+        p.add("ffn_hidden", ffn, ffn_note)
+        if max_seq_len is not None:
+            p.add("max_seq_len", max_seq_len,
+                  f"--max-seq-len ({key('max_position_embeddings')} = {max_pos})")
+        else:
+            p.add("max_seq_len", max_pos, self.note_default(f, key("max_position_embeddings")))
+        p.add("norm_eps", eps, self.note_default(f, eps_key) if fam.norm_eps is None
+              else f"fixed by {fam.title}")
+        p.add("init_std", init, self.note_default(f, "initializer_range"))
+        p("init_std")
+        if fam.rope_theta is not None:
+            p.add("rope_theta", fam.rope_theta, f"fixed by {fam.title}")
+            rope = [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                    f"theta = {p('rope_theta')}"]
+            if self.rotary_fraction is not None and self.rotary_fraction[0] != head_dim:
+                rd, field_name = self.rotary_fraction
+                p.add("rotary_dim", rd, field_name)
+                rope.append(f"rotary_dim = {p('rotary_dim')}")
+        else:
+            rope = self._rope(f, d)
+        attention = ["dim", f"heads = {p('n_heads')}"]
+        if kv != heads:
+            attention.append(f"kv_heads = {p('n_kv_heads')}")
+        if head_dim * heads != dim:
+            attention.append(f"head_dim = {p('head_dim')}")
+        attention.append("rope = rope")
+        if qkv_bias:
+            attention.append("qkv_bias = true")
+        if out_bias:
+            attention.append("out_bias = true")
+        if fam.qk_norm_over is not None:
+            attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
+            if fam.qk_norm_over != "head":
+                attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+        if clip is not None:
+            p.add("clip_qkv", clip, "clip_qkv")
+            attention.append(f"clip_qkv = {p('clip_qkv')}")
+        embedding_args, head_args, residual_scale = [], [], None
+        for k, v in mult.items():
+            if v is None or v == 1.0:
+                continue
+            p.add(k, v, self.note_default(f, k))
+            if k == "embedding_multiplier":
+                embedding_args.append(f"scale = {p(k)}")
+            elif k == "residual_multiplier":
+                residual_scale = p(k)
+            elif k == "attention_multiplier":
+                attention.append(f"scale = {p(k)}")
+            elif k == "logits_scaling":
+                head_args.append(f"logit_scale = 1.0 / {p(k)}")
+            else:
+                head_args.append(f"logit_scale = {p(k)}")
+        kinds = [LayerKind(window is not None, False, not rotates)
+                 for rotates in self._rotating_layers(f, d, n_layers)]
+        if window is not None:
+            p.add("window", window, self.note_default(f, "sliding_window"))
+        acknowledged = f.unknown(self.ignore, fam.title)
+        if diags.error_count or rope is None:
+            return None
+
+        modules = []
+        hidden = p("ffn_hidden")
+        if mlp_module is not None:
+            linear = foreign_op("hf", "projection")
+            bias = ", bias = true" if mlp_bias else ""
+            mname = f"{mlp_module}_mlp"
+            modules.append([
+                f"# {fam.title}'s MLP: down({mlp_module}(up(x))) ({key('hidden_act')} {act})",
+                f"module {mname}(x) {{",
+                f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                f"  down_proj = {linear}({hidden}, dim{bias})",
+                f"  return down_proj({mlp_module}(up_proj(x)))",
+                "}"])
+            mlp = (mname, [])
+        else:
+            args = ["dim", f"hidden = {hidden}"]
+            if mlp_bias and not fam.gated:
+                args.append("bias = true")
+            mlp = (mlp_op, args)
+
+        shown = os.path.dirname(source) if source.endswith("config.json") else source
+        archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
+        version = src.value.get("transformers_version")
+        header = [
+            f"{fam.title} model imported by `forgec import-hf` from {source}",
+            f"({archs_text}, model_type \"{model_type}\""
+            + (f", transformers {version})." if version else ")."),
+            "Each parameter's comment names the config.json field it comes from; \"(default)\":",
+            "not in the file, transformers' default.",
+            f"Weights: runtime.hf.load_hf_checkpoint(model, \"{shown}\")."
+            + (f" {fam.note}" if fam.note else ""),
+        ]
+        header += self.notes
+        if acknowledged:
+            header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
+                          + ".")
+        stack_notes = []
+        if any(k.nope for k in kinds):
+            stack_notes.append("no_rope_layers: layers " + ", ".join(
+                str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
+        return Decoder(
+            name=name, header=header, params=p, stack_notes=stack_notes,
+            norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
+            rope=rope, attention=attention, window=p("window") if window is not None else None,
+            mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
+            modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
+            head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
+            post_norms=fam.post_norms)
+
+
 # ---- the tokenizer ---------------------------------------------------------------------
 # What a save_pretrained folder holds about its tokenizer (tokenizer.json is required).
 # `forgec import-hf` copies them into `specs/NAME.tokenizer/`, where runs of the
@@ -487,7 +980,9 @@ def copy_tokenizer(src: str, dst: str) -> list[str]:
 def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
               ignore: set[str] = frozenset(), max_seq_len: int | None = None) -> str | None:
     """The spec text for the config `src`, or None with the errors in `diags`."""
-    decoder = Importer(src, diags, set(ignore)).run(name, source, max_seq_len)
+    model_type = src.value.get("model_type") if isinstance(src.value, dict) else None
+    importer = DenseImporter if isinstance(model_type, str) and model_type in DENSE else Importer
+    decoder = importer(src, diags, set(ignore)).run(name, source, max_seq_len)
     if decoder is None or diags.error_count:
         return None
     return decoder.render()

@@ -418,6 +418,8 @@ class Attention(nn.Module):
             )
         else:
             if isinstance(mask, DocumentMask):  # packed documents, in training
+                if self.scale is not None:
+                    q = q * (self.scale * self.head_dim**0.5)
                 out = mask.attend(q, k, v)
             else:
                 out = F.scaled_dot_product_attention(
@@ -553,9 +555,10 @@ class OutputHead(nn.Module):
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX, without materialising them."""
         if targets is None:
+            logits = self.proj(x)
             if self.softcap:
-                return self.softcap * torch.tanh(self.proj(x) / self.softcap)
-            return self.proj(x)
+                logits = self.softcap * torch.tanh(logits / self.softcap)
+            return logits
         if targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"

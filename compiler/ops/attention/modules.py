@@ -19,6 +19,8 @@ QUERY_SCALE = True  # feature: some attention scales its scores by other than 1/
 ATTN_SOFTCAP = True  # feature: some attention soft-caps its scores (Gemma 2)
 UNIT_OFFSET = True  # feature: some RMSNorm scales by 1 + weight (a qk-norm here)
 LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma 3)
+CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
+QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 
 
 class KVCache:
@@ -182,6 +184,17 @@ def softcapped_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+class ProjectionRMSNorm(RMSNorm):
+    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] * x.shape[-1] != self.dim:
+            raise ValueError(
+                f"qk_norm_over = projection normalises all {self.dim} channels at once, this "
+                f"rank holds {x.shape[-2] * x.shape[-1]}: a plan that splits the heads "
+                "(tensor parallelism) cannot apply it"
+            )
+        return super().forward(x.flatten(-2)).view_as(x)
 
 
 class Attention(nn.Module):
@@ -203,6 +216,8 @@ class Attention(nn.Module):
         softcap: float = 0.0,  # if ATTN_SOFTCAP
         qk_norm_unit_offset: bool = False,  # if QK_NORM and UNIT_OFFSET
         local_rope: bool = False,  # if LOCAL_ROPE
+        clip_qkv: float = 0.0,  # if CLIP_QKV
+        qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -218,6 +233,8 @@ class Attention(nn.Module):
             self.use_rope = use_rope
         if ZERO_INIT:
             self.zero_init = zero_init
+        if CLIP_QKV:
+            self.clip_qkv = clip_qkv
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -231,6 +248,9 @@ class Attention(nn.Module):
             else:
                 self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
                 self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+        if QK_NORM_PROJECTION and qk_norm_projection:  # one norm over all the heads
+            self.q_norm = ProjectionRMSNorm(heads * head_dim, qk_norm_eps)
+            self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -259,6 +279,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, H, hd)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, KV, hd)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        if CLIP_QKV and self.clip_qkv:  # the projections clamped to ±clip_qkv
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         if QK_NORM and self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
@@ -284,6 +306,8 @@ class Attention(nn.Module):
             )
         else:
             if isinstance(mask, DocumentMask):  # packed documents, in training
+                if QUERY_SCALE and self.scale is not None:  # the same scores
+                    q = q * (self.scale * self.head_dim**0.5)
                 out = mask.attend(q, k, v)
             else:
                 out = F.scaled_dot_product_attention(

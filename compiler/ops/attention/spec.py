@@ -35,7 +35,10 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
         w["v_proj.bias"] = (kv * hd,)
     if a["out_bias"]:
         w["o_proj.bias"] = (dim,)
-    if a["qk_norm"]:
+    if a["qk_norm"] and a["qk_norm_over"] == "projection":
+        w["q_norm.weight"] = (h * hd,)
+        w["k_norm.weight"] = (kv * hd,)
+    elif a["qk_norm"]:
         w["q_norm.weight"] = (hd,)
         w["k_norm.weight"] = (hd,)
     return w
@@ -84,7 +87,10 @@ def _features(a: Args) -> frozenset[str]:
                                      ("query_scale", a["scale"] is not None),
                                      ("attn_softcap", a["softcap"] > 0),
                                      ("unit_offset", a["qk_norm"] and a["qk_norm_unit_offset"]),
-                                     ("local_rope", _two_bases(rope)))
+                                     ("local_rope", _two_bases(rope)),
+                                     ("clip_qkv", a["clip_qkv"] > 0),
+                                     ("qk_norm_projection", a["qk_norm"]
+                                      and a["qk_norm_over"] == "projection"))
                      if on)
 
 
@@ -106,6 +112,10 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["qk_norm_unit_offset"] = True
     if a["local_rope"]:
         out["local_rope"] = True
+    if "clip_qkv" in u:
+        out["clip_qkv"] = a["clip_qkv"]
+    if "qk_norm_projection" in u:
+        out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
     return out
 
 
@@ -114,6 +124,10 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
     E078/E075: the rope it names is its section's kind and fits its heads."""
     a, spans = comp.args, comp.arg_spans
     dim, heads, kv = a["dim"], a["heads"], a["kv_heads"]
+    if a["qk_norm_over"] == "projection" and not a["qk_norm"]:
+        diags.error("E082", "qk_norm_over = projection without qk_norm = true",
+                    spans.get("qk_norm_over", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_over out")
     if min(dim, heads, kv) > 0:  # else reported by positive_sizes
         if a["_head_dim_derived"] and dim % heads:
             near = [h for h in range(max(1, heads - 8), heads + 9) if dim % h == 0]
@@ -181,15 +195,20 @@ OPS = (
             ArgSpec("out_bias", "bool", False),
             ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
             ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
+            ArgSpec("qk_norm_over", "choice", "head", choices=("head", "projection"),
+                    doc="the qk-norm's span: each head, or the whole projection (OLMo 2)"),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
             ArgSpec("scale", "float", None, min=0.0,
-                    doc="scale of the scores q·k (default 1/sqrt(head_dim))"),
+                    doc="scale of the scores q·k (default 1/sqrt(head_dim); Granite's "
+                    "attention_multiplier, Gemma's 1/sqrt(query_pre_attn_scalar))"),
             ArgSpec("softcap", "float", 0.0, min=0.0,
                     doc="soft-cap the scores: softcap · tanh(scores / softcap); 0 for none"),
             ArgSpec("qk_norm_unit_offset", "bool", False,
                     doc="the qk-norms scale by 1 + weight (Gemma 3)"),
             ArgSpec("local_rope", "bool", False,
                     doc="turn with the rope's second base, local_theta (Gemma 3's local layers)"),
+            ArgSpec("clip_qkv", "float", 0.0, min=0.0,
+                    doc="clamp q, k and v to ±clip_qkv after the projections; 0: no clamp"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,

@@ -12,8 +12,9 @@ IGNORE_INDEX = -100
 # values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
 LOSS_CHUNK_LOGITS = 1 << 25
 
-EMBED_SCALE = True  # feature: the embedding multiplies its vectors (Gemma: sqrt(dim))
+EMBED_SCALE = True  # feature: the embedding multiplies its vectors (Gemma: sqrt(dim); Granite)
 LOGIT_SOFTCAP = True  # feature: the head soft-caps its logits (Gemma 2)
+LOGIT_SCALE = True  # feature: some head scales its logits (`logit_scale`, Cohere's, Granite's)
 
 
 class TokenEmbedding(nn.Module):
@@ -133,11 +134,14 @@ class OutputHead(nn.Module):
         vocab: int,
         bias: bool = False,
         softcap: float = 0.0,  # if LOGIT_SOFTCAP
+        logit_scale: float = 1.0,  # if LOGIT_SCALE
     ) -> None:
         super().__init__()
         if LOGIT_SOFTCAP:
             self.softcap = softcap
         self.proj = nn.Linear(dim, vocab, bias=bias)
+        if LOGIT_SCALE:
+            self.logit_scale = logit_scale
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.proj.weight, mean=0.0, std=std)
@@ -147,10 +151,17 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX, without materialising them."""
-        if targets is None:
-            if LOGIT_SOFTCAP and self.softcap:
-                return self.softcap * torch.tanh(self.proj(x) / self.softcap)
+        if not (LOGIT_SCALE or LOGIT_SOFTCAP) and targets is None:
             return self.proj(x)
+        if (LOGIT_SCALE or LOGIT_SOFTCAP) and targets is None:
+            logits = self.proj(x)
+            if LOGIT_SCALE:
+                logits = logits * self.logit_scale
+            if LOGIT_SOFTCAP and self.softcap:
+                logits = self.softcap * torch.tanh(logits / self.softcap)
+            return logits
+        if LOGIT_SCALE:
+            x = x * self.logit_scale  # the same logits: the head has no bias (E083)
         if targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"

@@ -32,6 +32,16 @@ def _check_tie(comp: Any, model: Any, diags: Any) -> None:
                     comp.arg_spans.get("bias", comp.span))
 
 
+def _check_head(comp: Any, model: Any, diags: Any) -> None:
+    """E074 (tied heads) and E083: scaled logits come from a head without a bias (the
+    fused loss scales the hidden states instead of the logits)."""
+    _check_tie(comp, model, diags)
+    if comp.args["logit_scale"] != 1.0 and comp.args["bias"]:
+        diags.error("E083", "a head with logit_scale cannot have a bias",
+                    comp.arg_spans.get("logit_scale", comp.span),
+                    hint="scale the logits of a head without a bias")
+
+
 OPS = (
     OpDef(
         name="embedding",
@@ -40,7 +50,8 @@ OPS = (
             ArgSpec("vocab", "size", doc="vocabulary size"),
             ArgSpec("dim", "size", doc="embedding width"),
             ArgSpec("scale", "float", 1.0, min=0.0,
-                    doc="multiplier of the vectors, in the table's dtype (Gemma: sqrt(dim))"),
+                    doc="multiplier of the vectors, in the table's dtype (Gemma: sqrt(dim); "
+                    "Granite's embedding_multiplier)"),
         ),
         sizes=("vocab", "dim"),
         inputs=lambda a: (("B", "S"),),
@@ -64,6 +75,8 @@ OPS = (
             ArgSpec("tie", "ref:embedding", None, doc="an embedding component to share weights with"),
             ArgSpec("softcap", "float", 0.0, min=0.0,
                     doc="soft-cap the logits: softcap · tanh(logits / softcap); 0 for none"),
+            ArgSpec("logit_scale", "float", 1.0,
+                    doc="multiplies the logits (Cohere's logit_scale); not with a bias (E083)"),
         ),
         sizes=("dim", "vocab"),
         inputs=lambda a: (hidden(a["dim"]),),
@@ -71,12 +84,14 @@ OPS = (
         weights=lambda a: {"proj.weight": (a["vocab"], a["dim"]),
                            **({"proj.bias": (a["vocab"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["vocab"] * a["dim"],
-        slots=("output_head",), check=_check_tie,
+        slots=("output_head",), check=_check_head,
         class_name="OutputHead", init_args="std",
         tp={"proj": "colwise"},
         ctor=lambda a, u: {"dim": a["dim"], "vocab": a["vocab"], "bias": a["bias"],
-                           **({"softcap": a["softcap"]} if a["softcap"] > 0 else {})},
-        features=lambda a: frozenset({"logit_softcap"}) if a["softcap"] > 0 else frozenset(),
+                           **({"softcap": a["softcap"]} if a["softcap"] > 0 else {}),
+                           **({"logit_scale": a["logit_scale"]} if "logit_scale" in u else {})},
+        features=lambda a: frozenset({"logit_softcap"} if a["softcap"] > 0 else ())
+        | frozenset({"logit_scale"} if a["logit_scale"] != 1.0 else ()),
         foreign={"hf": _HEAD, "kf": _HEAD},
     ),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core import ArgSpec, OpDef, hidden
+from ..core import ArgSpec, Foreign, OpDef, hidden
 
 OPS = (
     OpDef(
@@ -21,6 +21,8 @@ OPS = (
                            **({"bias": (a["out_dim"],)} if a["bias"] else {})},
         flops=lambda a, s: 2 * a["in_dim"] * a["out_dim"],
         class_name="Linear", slots=("adapter",),
+        # the projections of the MLPs `forgec import-hf` writes as modules of the spec
+        foreign={"hf": Foreign("projection")},
         splittable=True,
         features=lambda a: frozenset({"zero_init"} if a["zero_init"] else ()),
         ctor=lambda a, u: {"in_dim": a["in_dim"], "out_dim": a["out_dim"], "bias": a["bias"],

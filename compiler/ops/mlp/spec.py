@@ -59,8 +59,11 @@ OPS = (
     # KempnerForge's activation = "gelu" / "relu": a two-layer MLP without biases
     mlp_op("gelu_mlp", "Two-layer MLP with exact (erf) GELU.", ("up_proj", "down_proj"),
            bias=True, class_name="GeluMLP",
-           foreign={"kf": Foreign("mlp", {"activation": ("gelu",)})}),
+           foreign={"kf": Foreign("mlp", {"activation": ("gelu",)}),
+                    # Hugging Face's two-layer MLPs with exact GELU (GPT-NeoX)
+                    "hf": Foreign("two_layer_mlp", {"hidden_act": ("gelu",)})}),
     mlp_op("relu_mlp", "Two-layer MLP with ReLU.", ("up_proj", "down_proj"), bias=True,
            class_name="ReluMLP",
-           foreign={"kf": Foreign("mlp", {"activation": ("relu",)})}),
+           foreign={"kf": Foreign("mlp", {"activation": ("relu",)}),
+                    "hf": Foreign("two_layer_mlp", {"hidden_act": ("relu",)})}),
 )

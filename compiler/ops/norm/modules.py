@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 UNIT_OFFSET = True  # feature: some RMSNorm stores its weight minus one (Gemma: x̂ · (1 + w))
+NORM_WITHOUT_WEIGHT = True  # feature: some LayerNorm has no weight (`weight = false`)
 
 
 class RMSNorm(nn.Module):
@@ -41,17 +42,31 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension, computed in fp32."""
 
-    def __init__(self, dim: int, eps: float, bias: bool = True) -> None:
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        bias: bool = True,
+        weight: bool = True,  # if NORM_WITHOUT_WEIGHT
+    ) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.empty(dim))
+        if NORM_WITHOUT_WEIGHT and not weight:
+            self.weight = None  # OLMo's LayerNorm learns no scale
         self.bias = nn.Parameter(torch.empty(dim)) if bias else None
 
     def init_weights(self) -> None:
+        if NORM_WITHOUT_WEIGHT and self.weight is None:
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+            return
         nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.float()
+        if NORM_WITHOUT_WEIGHT and self.weight is None:
+            return F.layer_norm(x.float(), (self.dim,), None, bias, self.eps).type_as(x)
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)

@@ -31,15 +31,22 @@ OPS = (
             ArgSpec("dim", "size"),
             ArgSpec("eps", "float", 1e-5, min=0.0, max=1.0),
             ArgSpec("bias", "bool", True),
+            ArgSpec("weight", "bool", True,
+                    doc="a learned scale; false: a non-parametric LayerNorm (OLMo)"),
         ),
         sizes=("dim",),
         inputs=lambda a: (hidden(a["dim"]),),
         output=lambda a: hidden(a["dim"]),
-        weights=lambda a: {"weight": (a["dim"],), **({"bias": (a["dim"],)} if a["bias"] else {})},
+        weights=lambda a: {**({"weight": (a["dim"],)} if a["weight"] else {}),
+                           **({"bias": (a["dim"],)} if a["bias"] else {})},
         slots=("norm",),
         class_name="LayerNorm", init_args="",
-        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"]},
-        # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default)
-        foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)})},
+        features=lambda a: frozenset(() if a["weight"] else {"norm_without_weight"}),
+        ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"],
+                           **({"weight": a["weight"]} if "norm_without_weight" in u else {})},
+        # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default); Hugging
+        # Face's GPT-NeoX / GPT-J / Phi / StableLM / Starcoder2 / OLMo decoders norm with it
+        foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)}),
+                 "hf": Foreign("layer_norm")},
     ),
 )
