@@ -58,7 +58,16 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), r"layers.\1.attention.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.gate\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
+     r"layers.\1.mlp.shared_experts.\2_proj.weight"),
+    # other self-attention weights keep their names (multi-head latent attention's
+    # q_a_proj, kv_a_proj_with_mqa, kv_a_layernorm, ...)
+    (re.compile(r"layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)"), r"layers.\1.attention.\2.\3"),
 ]
+# training state a Hugging Face checkpoint does not hold: the sigmoid router's moving
+# average of expert load keeps its initial value
+_TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 _PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
@@ -227,7 +236,8 @@ def load_hf_checkpoint(model: torch.nn.Module, src: str | os.PathLike) -> torch.
         raise RunError("the checkpoint has no lm_head.weight (its head is tied to the "
                        "embedding) but the spec's head is not tied: tie it "
                        "(lm_head(..., tie = token_embedding))")
-    missing = sorted(set(target) - set(state))
+    missing = sorted(k for k in set(target) - set(state) if not _TRAINING_STATE.fullmatch(k))
+    state.update({k: target[k] for k in set(target) - set(state) - set(missing)})
     unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
         parts = []
@@ -257,7 +267,9 @@ _MOE_NAMES = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.{w}",
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+_MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v2",
+             "deepseek_v3")
 
 
 def _config_dict(config: Any) -> dict:
@@ -289,6 +301,11 @@ _TO_HF = [
      r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.router\.expert_bias"),
+     r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
+     r"model.layers.\1.mlp.shared_experts.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.attention\.(\w+)\.(weight|bias)"), r"model.layers.\1.self_attn.\2.\3"),
 ]
 
 
@@ -309,6 +326,8 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, t in model.state_dict().items():
+        if _TRAINING_STATE.fullmatch(key):
+            continue
         t = t.detach()
         name = hf_name(key)
         if name is not None:
@@ -373,7 +392,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
                                          if k.startswith("model.layers.")}))]
     q = tensors.get("model.layers.0.self_attn.q_proj.weight")
     if q is not None and "num_attention_heads" in cfg:
-        head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
+        # a latent attention's query head also holds its rotated channels (qk_head_dim)
+        head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") \
+            or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
         checks.append(("num_attention_heads × head_dim", q.shape[0],
                        cfg["num_attention_heads"] * head_dim))
     for check in checks:
