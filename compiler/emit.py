@@ -698,7 +698,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         })
     dispatch = None
     if not single:
-        table = "{" + ", ".join(f"{s.index}: {class_of[s.block]}" for s in model.layers) + "}"
+        entries = [f"{s.index}: {class_of[s.block]}" for s in model.layers]
+        table = "{" + ", ".join(entries) + "}"
+        if len("BLOCK_OF_LAYER = ") + len(table) > LINE:  # one entry a line, as ruff would
+            table = "{\n" + "".join(f"    {e},\n" for e in entries) + "}"
         dispatch = {"table": table,
                     "summary": "; ".join(f"{class_of[k]} for layers "
                                          f"{_ranges([s.index for s in model.layers if s.block == k])}"

@@ -32,7 +32,7 @@ from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, NEW = 20, 32
-CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
               q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
               v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=4,

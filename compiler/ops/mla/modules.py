@@ -88,7 +88,8 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(dim, heads * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(dim, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, norm_eps)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        kv_b_width = heads * (qk_nope_head_dim + v_head_dim)  # per head: key, then value
+        self.kv_b_proj = nn.Linear(kv_lora_rank, kv_b_width, bias=False)
         self.o_proj = nn.Linear(heads * v_head_dim, dim, bias=bias)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -131,7 +132,8 @@ class MLA(nn.Module):
         # -1 heads: under tensor parallelism a rank holds a slice of the heads
         q = q.view(b, s, -1, self.nope_dim + self.rope_dim)  # (B, S, H, qk_head_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        compressed = self.kv_a_proj_with_mqa(x)  # (B, S, kv_lora_rank + qk_rope_head_dim)
+        latent, k_rope = compressed.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # (B, 1, S, kv_lora_rank)
         q_rope = self.rotate(q_rope, rope_cos, rope_sin)
         k_rope = self.rotate(k_rope[:, :, None], rope_cos, rope_sin).transpose(1, 2)  # (B, 1, S, r)
