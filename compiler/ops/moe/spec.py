@@ -160,8 +160,13 @@ OPS = (
         ),
         class_name="SigmoidTopK", check=_check_groups,
         ctor=_router_ctor,
-        # KempnerForge's moe_router = "sigmoid_topk"
-        foreign={"kf": Foreign("router", {"moe_router": ("sigmoid_topk",)},
+        # DeepSeek-V3's router (its e_score_correction_bias is expert_bias; the weights
+        # runtime/hf.py maps); KempnerForge's moe_router = "sigmoid_topk"
+        foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3",)},
+                               {"normalize": "norm_topk_prob",
+                                "routed_scale": "routed_scaling_factor",
+                                "n_group": "n_group", "topk_group": "topk_group"}),
+                 "kf": Foreign("router", {"moe_router": ("sigmoid_topk",)},
                                {"schedule": "moe_bias_schedule",
                                 "seq_aux_loss_weight": "moe_sequence_aux_loss_weight"},
                                args=_sigmoid_kf_args)},
