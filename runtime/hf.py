@@ -63,7 +63,8 @@ _DIRECT = [
      r"layers.\1.mlp.shared_experts.\2_proj.weight"),
     # other self-attention weights keep their names (multi-head latent attention's
     # q_a_proj, kv_a_proj_with_mqa, kv_a_layernorm, ...)
-    (re.compile(r"layers\.(\d+)\.self_attn\.(\w+)\.(weight|bias)"), r"layers.\1.attention.\2.\3"),
+    (re.compile(r"layers\.(\d+)\.self_attn\.([\w.]+)"), r"layers.\1.attention.\2"),
+    (re.compile(r"layers\.(\d+)\.mlp\.router\.(weight|bias)"), r"layers.\1.mlp.router.\2"),
 ]
 # training state a Hugging Face checkpoint does not hold: the sigmoid router's moving
 # average of expert load keeps its initial value
@@ -71,6 +72,8 @@ _TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 _PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
+_PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
@@ -161,10 +164,22 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
     unknown = []
+    biased = {m.group(1) for key in hf if (m := _PACKED_BIASED.search(key)) and m.group(3)}
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
             continue
         name = key[len("model."):] if key.startswith("model.") else key
+        m = _PACKED_BIASED.fullmatch(name)
+        if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
+            prefix = f"layers.{m.group(1)}.mlp.experts."
+            if m.group(2) == "gate_up_proj":
+                gate, up = (t[..., 0::2], t[..., 1::2])
+                kind = "bias" if m.group(3) else "proj"
+                out[prefix + f"gate_{kind}"] = gate.contiguous()
+                out[prefix + f"up_{kind}"] = up.contiguous()
+            else:
+                out[prefix + ("down_bias" if m.group(3) else "down_proj")] = t
+            continue
         if key == "lm_head.weight":
             out[HEAD] = t
             continue
@@ -268,8 +283,10 @@ _MOE_NAMES = {
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
+# families whose experts are written packed, as transformers keeps them in memory
+_PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v2",
-             "deepseek_v3")
+             "deepseek_v3", *_PACKED_FAMILIES)
 
 
 def _config_dict(config: Any) -> dict:
@@ -305,7 +322,7 @@ _TO_HF = [
      r"model.layers.\1.mlp.gate.e_score_correction_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
      r"model.layers.\1.mlp.shared_experts.\2_proj.weight"),
-    (re.compile(r"layers\.(\d+)\.attention\.(\w+)\.(weight|bias)"), r"model.layers.\1.self_attn.\2.\3"),
+    (re.compile(r"layers\.(\d+)\.attention\.([\w.]+)"), r"model.layers.\1.self_attn.\2"),
 ]
 
 
@@ -334,6 +351,22 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
             out[name] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
+            b = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.(?:weight|bias)|experts\.(gate|up|down)_(proj|bias))", key)
+            if b and model_type in _PACKED_FAMILIES:  # gpt-oss: packed, interleaved
+                prefix = f"model.layers.{b.group(1)}.mlp."
+                role, kind = b.group(3), b.group(4)
+                if role is None:
+                    out[prefix + b.group(2)] = t
+                elif role == "down":
+                    out[prefix + ("experts.down_proj" + ("_bias" if kind == "bias" else ""))] = t
+                else:
+                    name = prefix + "experts.gate_up_proj" + ("_bias" if kind == "bias" else "")
+                    if name not in out:  # gate and up columns alternate
+                        sd = model.state_dict()
+                        gate = sd[f"layers.{b.group(1)}.mlp.experts.gate_{kind}"].detach()
+                        up = sd[f"layers.{b.group(1)}.mlp.experts.up_{kind}"].detach()
+                        out[name] = torch.stack([gate, up], dim=-1).flatten(-2)
+                continue
             if m and model_type in _MOE_NAMES:
                 router, expert, names = _MOE_NAMES[model_type]
                 prefix = f"model.layers.{m.group(1)}."

@@ -38,3 +38,11 @@ def test_deepseek_v3_parameter_counts_match_transformers_on_meta():
     assert c.params_total == 671_026_404_352
     assert c.params_active == 37_552_282_624
     assert c.supports_kv_cache
+
+
+def test_gpt_oss_120b_parameter_count_matches_transformers_on_meta():
+    """transformers' default GptOssConfig on the meta device: attention with biases and
+    sinks, routers with biases, experts with biases (YaRN changes no parameter)."""
+    result = compile_spec("specs/gpt_oss_120b.forge")
+    c = cost(result.graphs["gpt_oss_120b"])
+    assert c.params_total == 116_829_156_672

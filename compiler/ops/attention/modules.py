@@ -15,6 +15,7 @@ QK_NORM = True  # feature: some attention has a per-head qk-norm
 ROPE = True  # feature: some attention has rotary positions
 NO_ROPE = True  # feature: some attention has no positions
 ZERO_INIT = True  # feature: some attention starts as the identity (`zero_init = true`)
+SINKS = True  # feature: some attention has learned per-head sink logits
 
 
 class KVCache:
@@ -149,6 +150,33 @@ class DocumentMask:
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+def attend_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    """SDPA of (B, heads, S, hd) queries over (B, KV, T, hd) keys where each head's
+    softmax also weighs a learned sink logit (gpt-oss): one more key of zeros, scored
+    by the sink, with a zero value, so the real keys' weights sum to less than one."""
+    b, h, s, _ = q.shape
+    t = k.shape[2]
+    if mask is None:  # the queries are the last s of t positions
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device)
+        mask = mask.tril(t - s) if causal else mask
+    scores = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B or 1, 1, S, T) or (S, T)
+    scores = torch.cat(
+        [scores.expand(b, h, s, t), sinks.to(q.dtype)[None, :, None, None].expand(b, -1, s, 1)],
+        dim=-1,
+    )  # (B, H, S, T + 1)
+    zeros = k.new_zeros(b, k.shape[1], 1, k.shape[3])
+    k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, enable_gqa=h != k.shape[1])
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads."""
 
@@ -164,6 +192,7 @@ class Attention(nn.Module):
         qk_norm_eps: float | None = None,  # if QK_NORM
         use_rope: bool = True,  # if ROPE and NO_ROPE
         zero_init: bool = False,  # if ZERO_INIT
+        sinks: bool = False,  # if SINKS
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -181,6 +210,8 @@ class Attention(nn.Module):
             has_qk_norm = qk_norm_eps is not None
             self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
             self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+        if SINKS:
+            self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -195,6 +226,8 @@ class Attention(nn.Module):
         if QK_NORM and self.q_norm is not None:
             self.q_norm.init_weights()
             self.k_norm.init_weights()
+        if SINKS and self.sinks is not None:
+            nn.init.normal_(self.sinks, mean=0.0, std=std)
 
     def forward(
         self,
@@ -216,15 +249,20 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
-        if isinstance(mask, DocumentMask):  # packed documents, in training
-            out = mask.attend(q, k, v)
+        if SINKS and self.sinks is not None:
+            if isinstance(mask, DocumentMask):
+                raise ValueError("attention sinks do not run on packed documents (doc_ids)")
+            out = attend_with_sinks(q, k, v, mask, self.sinks, self.causal)
         else:
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=self.causal and mask is None,
-                enable_gqa=q.shape[1] != k.shape[1],
-            )  # (B, H, S, hd)
+            if isinstance(mask, DocumentMask):  # packed documents, in training
+                out = mask.attend(q, k, v)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=self.causal and mask is None,
+                    enable_gqa=q.shape[1] != k.shape[1],
+                )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

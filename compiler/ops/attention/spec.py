@@ -38,6 +38,8 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
     if a["qk_norm"]:
         w["q_norm.weight"] = (hd,)
         w["k_norm.weight"] = (hd,)
+    if a["sinks"]:
+        w["sinks"] = (h,)
     return w
 
 
@@ -74,7 +76,8 @@ def _features(a: Args) -> frozenset[str]:
         != a["head_dim"]
     return frozenset(f for f, on in (("qk_norm", a["qk_norm"]), ("rope", rope is not None),
                                      ("no_rope", rope is None), ("partial_rotary", partial),
-                                     ("zero_init", a["zero_init"])) if on)
+                                     ("zero_init", a["zero_init"]),
+                                     ("sinks", a["sinks"])) if on)
 
 
 def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
@@ -87,6 +90,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["use_rope"] = a["rope"] is not None
     if "zero_init" in u:
         out["zero_init"] = a["zero_init"]
+    if "sinks" in u:
+        out["sinks"] = a["sinks"]
     return out
 
 
@@ -147,6 +152,8 @@ OPS = (
             ArgSpec("qk_norm", "bool", False, doc="per-head RMSNorm on q and k before RoPE"),
             ArgSpec("qk_norm_eps", "float", 1e-5, min=0.0, max=1.0),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise o_proj (starts as identity)"),
+            ArgSpec("sinks", "bool", False,
+                    doc="a learned sink logit per head in each softmax (gpt-oss)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
