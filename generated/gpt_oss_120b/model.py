@@ -606,15 +606,16 @@ class GroupedExperts(nn.Module):
         gate = grouped_mm(x, gate_proj, counts)
         up = grouped_mm(x, up_proj, counts)
         if gate_bias is not None:
-            gate = gate + gate_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-            up = up + up_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            rows = torch.arange(x.shape[0], device=x.device)
+            expert = torch.searchsorted(counts.cumsum(0), rows, right=True)  # (N,)
+            gate, up = gate + gate_bias[expert], up + up_bias[expert]
         if self.swiglu_limit:
             hidden = clamped_swiglu(gate, up, self.swiglu_limit, self.swiglu_alpha)
             out = grouped_mm(hidden, down_proj, counts)
         else:
             out = grouped_mm(F.silu(gate) * up, down_proj, counts)
         if down_bias is not None:
-            out = out + down_bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            out = out + down_bias[expert]
         return out
 
 
