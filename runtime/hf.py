@@ -28,6 +28,17 @@ down) or `experts.e.{gate,up,down}_proj` — are transposed and packed into
 (E, hidden, dim). transformers 5's in-memory packing (`experts.gate_up_proj`
 (E, 2·hidden, dim), `experts.down_proj` (E, dim, hidden)) is read too.
 
+Other self-attention weights keep their names (`self_attn.X` ↔ `attention.X`:
+multi-head latent attention's `q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, …,
+gpt-oss's `sinks`). DeepSeek's `mlp.gate.e_score_correction_bias` is the sigmoid
+router's `router.expert_bias` and `mlp.shared_experts.*` its shared experts; the
+router's moving average of expert load (`router.load`, training state) is in no
+checkpoint and keeps its value. gpt-oss's `mlp.router.{weight,bias}` keep their
+names and its packed experts `experts.gate_up_proj` (E, dim, 2·hidden) /
+`gate_up_proj_bias` hold gate and up columns interleaved (`down_proj` (E, hidden,
+dim), `down_proj_bias`): they become `experts.{gate,up}_proj`, `{gate,up}_bias`,
+`down_proj`, `down_bias`, and are written back packed for model_type gpt_oss.
+
 Every tensor of the model must be filled and every tensor of the checkpoint
 used, with matching shapes; anything else is a `RunError` naming the keys.
 Derived buffers (`rotary_emb.inv_freq` of old checkpoints) are skipped.

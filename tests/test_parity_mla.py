@@ -150,3 +150,60 @@ def test_a_wrong_router_bias_would_be_caught(pair):
         finally:
             bias.copy_(saved)
     assert diff > 1e-3
+
+
+# ---- DeepSeek-V2-Lite: the same attention without the query bottleneck (its RoPE turns
+# interleaved pairs as complex numbers: the same products as rope_interleave), softmax
+# routing, greedy top-k, no renormalisation, routed_scaling_factor 1
+
+V2_SPEC = (LATENT_Q, "mla(dim, heads = n_heads, kv_lora_rank = 16,",
+           "router = sigmoid_topk(routed_scale = 2.5, n_group = 4, topk_group = 2)",
+           "router = softmax_topk(renormalize = false)")
+
+
+@pytest.fixture(scope="module")
+def v2_pair(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("v2")
+    config = hf.DeepseekV2Config(**{**CONFIG, "q_lora_rank": None, "topk_method": "greedy",
+                                    "routed_scaling_factor": 1.0, "norm_topk_prob": False})
+    for key in ("n_group", "topk_group"):  # unused by greedy routing
+        setattr(config, key, None)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = hf.DeepseekV2ForCausalLM(config).eval()
+    ref.save_pretrained(tmp / "hf")
+    text = (ROOT / "specs" / "deepseek_debug.forge").read_text()
+    for old, new in (V2_SPEC[:2], V2_SPEC[2:]):
+        assert old in text
+        text = text.replace(old, new)
+    spec = tmp / "deepseek_v2_lite.forge"
+    spec.write_text(text.replace("model deepseek_debug", "model deepseek_v2_lite"))
+    torch.manual_seed(1)
+    model = _package(spec, tmp / "pkg", "deepseek_v2_lite").Transformer().eval()
+    load_hf_checkpoint(model, tmp / "hf")
+    return ref, model, tmp
+
+
+@torch.no_grad()
+def test_deepseek_v2_lite_logits_tokens_and_round_trip(v2_pair):
+    ref, model, tmp = v2_pair
+    ids = _tokens(PROMPT + NEW, 2, seed=2)
+    torch.testing.assert_close(model(ids), ref(ids).logits, rtol=0, atol=1e-5)
+    prompt = _tokens(PROMPT, 1, seed=3)
+    out = ref(prompt, use_cache=True)
+    expected = []
+    for _ in range(NEW):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        expected.append(int(nxt))
+        out = ref(nxt, cache=out.cache, use_cache=True)
+    assert len(set(expected)) >= 8, expected
+    caches = model.make_kv_caches(1, PROMPT + NEW)
+    x, got = prompt, []
+    for _ in range(NEW):
+        x = model(x, kv_caches=caches)[:, -1].argmax(-1, keepdim=True)
+        got.append(int(x))
+    assert got == expected
+    save_hf_checkpoint(model, tmp / "back", config=tmp / "hf")
+    back = hf.DeepseekV2ForCausalLM.from_pretrained(tmp / "back", attn_implementation="eager")
+    for key, t in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], t, rtol=0, atol=0, msg=key)
