@@ -29,4 +29,18 @@ TP_PLAN = {
 # The grouped experts of each mixture-of-experts layer (expert parallelism).
 EXPERT_FQNS = ["layers.1.mlp.experts"]
 
-PLANS = {}
+PLANS = {
+    "ep2": {
+        "mesh": {"dp": 2, "pp": 1, "tp": 1, "ep": 2},
+        "world": 2,
+        "fsdp": {
+            "units": ["layers.0", "layers.1"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "activation_checkpoint": [],
+    },
+    "tp2": {"mesh": {"dp": 1, "pp": 1, "tp": 2, "ep": 1}, "world": 2, "activation_checkpoint": []},
+}
