@@ -616,7 +616,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     features = frozenset({"kv_cache"} if kv_cache else ()).union(
         *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args[hooks.modalities_arg])) if routed else None
-    roots = [*(["KVCache"] if kv_cache else []),  # make_kv_caches builds them
+    cache_classes = {x.op.cache_class for x in components if x.op.caches}
+    roots = [*(["KVCache", *sorted(cache_classes - {"KVCache"})] if kv_cache else []),
+             # make_kv_caches builds them
              *[name for x in components for name in x.op.definitions]]
     op_classes = copy_definitions(roots, features)
 
@@ -696,7 +698,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         })
     dispatch = None
     if not single:
-        table = "{" + ", ".join(f"{s.index}: {class_of[s.block]}" for s in model.layers) + "}"
+        entries = [f"{s.index}: {class_of[s.block]}" for s in model.layers]
+        table = "{" + ", ".join(entries) + "}"
+        if len("BLOCK_OF_LAYER = ") + len(table) > LINE:  # one entry a line, as ruff would
+            table = "{\n" + "".join(f"    {e},\n" for e in entries) + "}"
         dispatch = {"table": table,
                     "summary": "; ".join(f"{class_of[k]} for layers "
                                          f"{_ranges([s.index for s in model.layers if s.block == k])}"
@@ -718,9 +723,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             caches = []
             for span in _attention_applications(block):
                 att = block.components[_component_at(block, span)]
-                caches.append([Code("batch_size"), Code("max_seq_len"),
+                caches.append([att.op.cache_class, Code("batch_size"), Code("max_seq_len"),
                                *[cfg.arg(att, k, "self.config", block.name) or att.args[k]
-                                 for k in ("kv_heads", "head_dim")],
+                                 for k in att.op.cache_args],
                                Code("dtype=dtype"), Code("device=device")])
             cache_shapes.append({"layer": s.index, "caches": caches})
     make_caches = _make_caches(cache_shapes, n_layers) if kv_cache else ""
@@ -967,23 +972,24 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
 
 def _make_caches(cache_shapes: list[dict], n_layers: int) -> str:
     """The return statement of make_kv_caches, formatted as ruff would."""
-    def one(args: list, indent: int, suffix: str = "") -> list[str]:
-        return call_lines("", "KVCache", [_inline(a) for a in args], indent, suffix)
+    def one(cache: list, indent: int, suffix: str = "") -> list[str]:
+        return call_lines("", cache[0], [_inline(a) for a in cache[1:]], indent, suffix)
 
     per_layer = {tuple(tuple(c) for c in s["caches"]) for s in cache_shapes}
     if len(per_layer) == 1 and len(cache_shapes) == n_layers and len(cache_shapes[0]["caches"]) == 1:
-        args = cache_shapes[0]["caches"][0]
+        cls, *args = cache_shapes[0]["caches"][0]
         pre = ""
-        if any(isinstance(a, Code) and "." in a for a in args[2:4]):  # name the sizes
+        if cls == "KVCache" and any(isinstance(a, Code) and "." in a for a in args[2:4]):
+            # name the sizes
             pre = f"        kv_heads, head_dim = {_inline(args[2])}, {_inline(args[3])}\n"
             args = [*args[:2], Code("kv_heads"), Code("head_dim"), *args[4:]]
         loop = "for _ in range(self.config.n_layers)"
-        flat = f"KVCache({', '.join(_inline(a) for a in args)})"
+        flat = f"{cls}({', '.join(_inline(a) for a in args)})"
         line = f"        return [{flat} {loop}]"
         if len(line) <= LINE:
             return pre + line
-        return pre + "\n".join(["        return [", *one(args, 12), f"            {loop}",
-                                 "        ]"])
+        return pre + "\n".join(["        return [", *one([cls, *args], 12),
+                                 f"            {loop}", "        ]"])
     lines = ["        return ["]
     for s in cache_shapes:
         if len(s["caches"]) == 1:

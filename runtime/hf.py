@@ -28,6 +28,17 @@ down) or `experts.e.{gate,up,down}_proj` — are transposed and packed into
 (E, hidden, dim). transformers 5's in-memory packing (`experts.gate_up_proj`
 (E, 2·hidden, dim), `experts.down_proj` (E, dim, hidden)) is read too.
 
+Other self-attention weights keep their names (`self_attn.X` ↔ `attention.X`:
+multi-head latent attention's `q_a_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, …,
+gpt-oss's `sinks`). DeepSeek's `mlp.gate.e_score_correction_bias` is the sigmoid
+router's `router.expert_bias` and `mlp.shared_experts.*` its shared experts; the
+router's moving average of expert load (`router.load`, training state) is in no
+checkpoint and keeps its value. gpt-oss's `mlp.router.{weight,bias}` keep their
+names and its packed experts `experts.gate_up_proj` (E, dim, 2·hidden) /
+`gate_up_proj_bias` hold gate and up columns interleaved (`down_proj` (E, hidden,
+dim), `down_proj_bias`): they become `experts.{gate,up}_proj`, `{gate,up}_bias`,
+`down_proj`, `down_bias`, and are written back packed for model_type gpt_oss.
+
 Every tensor of the model must be filled and every tensor of the checkpoint
 used, with matching shapes; anything else is a `RunError` naming the keys.
 Derived buffers (`rotary_emb.inv_freq` of old checkpoints) are skipped.
@@ -58,6 +69,13 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), r"layers.\1.attention.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.gate\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
+     r"layers.\1.mlp.shared_experts.\2_proj.weight"),
+    # other self-attention weights keep their names (multi-head latent attention's
+    # q_a_proj, kv_a_proj_with_mqa, kv_a_layernorm, ...)
+    (re.compile(r"layers\.(\d+)\.self_attn\.([\w.]+)"), r"layers.\1.attention.\2"),
+    (re.compile(r"layers\.(\d+)\.mlp\.router\.(weight|bias)"), r"layers.\1.mlp.router.\2"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -69,9 +87,14 @@ _SANDWICH = [
     (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
      r"layers.\1.post_mlp_norm.weight"),
 ]
+# training state a Hugging Face checkpoint does not hold: the sigmoid router's moving
+# average of expert load keeps its initial value
+_TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 _PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+# gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
+_PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
@@ -170,10 +193,22 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     unknown = []
     sandwich = any(".pre_feedforward_layernorm." in key for key in hf)
     direct = _SANDWICH + _DIRECT if sandwich else _DIRECT
+    biased = {m.group(1) for key in hf if (m := _PACKED_BIASED.search(key)) and m.group(3)}
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
             continue
         name = key[len("model."):] if key.startswith("model.") else key
+        m = _PACKED_BIASED.fullmatch(name)
+        if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
+            prefix = f"layers.{m.group(1)}.mlp.experts."
+            if m.group(2) == "gate_up_proj":
+                gate, up = (t[..., 0::2], t[..., 1::2])
+                kind = "bias" if m.group(3) else "proj"
+                out[prefix + f"gate_{kind}"] = gate.contiguous()
+                out[prefix + f"up_{kind}"] = up.contiguous()
+            else:
+                out[prefix + ("down_bias" if m.group(3) else "down_proj")] = t
+            continue
         if key == "lm_head.weight":
             out[HEAD] = t
             continue
@@ -467,7 +502,8 @@ def load_hf_checkpoint(model: torch.nn.Module, src: str | os.PathLike) -> torch.
         raise RunError("the checkpoint has no lm_head.weight (its head is tied to the "
                        "embedding) but the spec's head is not tied: tie it "
                        "(lm_head(..., tie = token_embedding))")
-    missing = sorted(set(target) - set(state))
+    missing = sorted(k for k in set(target) - set(state) if not _TRAINING_STATE.fullmatch(k))
+    state.update({k: target[k] for k in set(target) - set(state) - set(missing)})
     unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
         parts = []
@@ -497,8 +533,11 @@ _MOE_NAMES = {
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.{w}",
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
+_MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
+# families whose experts are written packed, as transformers keeps them in memory
+_PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
-             "gemma3_text")
+             "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES)
 
 
 def _config_dict(config: Any) -> dict:
@@ -530,6 +569,11 @@ _TO_HF = [
      r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.router\.expert_bias"),
+     r"model.layers.\1.mlp.gate.e_score_correction_bias"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
+     r"model.layers.\1.mlp.shared_experts.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.attention\.([\w.]+)"), r"model.layers.\1.self_attn.\2"),
 ]
 
 
@@ -563,12 +607,30 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
     state = model.state_dict()
     sandwich = any(k.endswith(".post_attention_norm.weight") for k in state)
     for key, t in state.items():
+        if _TRAINING_STATE.fullmatch(key):
+            continue
         t = t.detach()
         name = hf_name(key, sandwich)
         if name is not None:
             out[name] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
+            b = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.(?:weight|bias)|experts\.(gate|up|down)_(proj|bias))", key)
+            if b and model_type in _PACKED_FAMILIES:  # gpt-oss: packed, interleaved
+                prefix = f"model.layers.{b.group(1)}.mlp."
+                role, kind = b.group(3), b.group(4)
+                if role is None:
+                    out[prefix + b.group(2)] = t
+                elif role == "down":
+                    out[prefix + ("experts.down_proj" + ("_bias" if kind == "bias" else ""))] = t
+                else:
+                    name = prefix + "experts.gate_up_proj" + ("_bias" if kind == "bias" else "")
+                    if name not in out:  # gate and up columns alternate
+                        sd = model.state_dict()
+                        gate = sd[f"layers.{b.group(1)}.mlp.experts.gate_{kind}"].detach()
+                        up = sd[f"layers.{b.group(1)}.mlp.experts.up_{kind}"].detach()
+                        out[name] = torch.stack([gate, up], dim=-1).flatten(-2)
+                continue
             if m and model_type in _MOE_NAMES:
                 router, expert, names = _MOE_NAMES[model_type]
                 prefix = f"model.layers.{m.group(1)}."
@@ -635,7 +697,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
               ("num_hidden_layers", len(layers))]
     q = tensors.get("model.layers.0.self_attn.q_proj.weight")
     if q is not None and "num_attention_heads" in cfg:
-        head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
+        # a latent attention's query head also holds its rotated channels (qk_head_dim)
+        head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") \
+            or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
         checks.append(("num_attention_heads × head_dim", q.shape[0],
                        cfg["num_attention_heads"] * head_dim))
     for check in checks:

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from conftest import SPECS
 from torch import nn
 
-BIG = ("llama3_8b", "llama3_70b", "mixtral_8x7b")  # traced on the meta device
+BIG = ("llama3_8b", "llama3_70b", "mixtral_8x7b", "deepseek_v3",
+       "gpt_oss_120b")  # traced on the meta device
 SMALL = sorted(p.stem for p in SPECS if p.stem not in BIG)
 
 

@@ -487,3 +487,18 @@ def test_vlm_stages_chain_to_the_whole_model(tmp_path, monkeypatch, name):
             x = out if isinstance(out, tuple) else (out,)
         assert sorted(names) == sorted(n for n, _ in full.named_parameters())
         assert len(x) == 1 and torch.equal(x[0], want), plan
+
+
+def test_deepseek_v3_plan_splits_61_layers_over_16_stages_and_experts_over_64_ranks():
+    comp = compile_spec("specs/deepseek_v3.forge")
+    plan = comp.plans["pp16_ep64"]
+    assert plan.world == 2048
+    assert plan.mesh == {"dp": 128, "pp": 16, "tp": 1, "ep": 64}
+    data = plan_data(plan, comp.models["deepseek_v3"], comp.graphs["deepseek_v3"])
+    stages = data["pipeline"]["stages"]
+    assert len(stages) == 16 and stages[0][0] == "token_embedding"
+    assert stages[-1][-2:] == ["norm", "output_head"]
+    layers = [f for s in stages for f in s if f.startswith("layers.")]
+    assert layers == [f"layers.{i}" for i in range(61)]
+    flops = data["pipeline"]["stage_flops"]
+    assert max(flops) / (sum(flops) / len(flops)) < 1.1

@@ -128,6 +128,10 @@ class OpDef:
     mask: Callable[[Args], str] | None = None
     # each application holds a KV-cache slot when the model decodes
     caches: bool = False
+    # that slot: the class make_kv_caches builds, after (batch_size, max_seq_len), with
+    # the op's arguments `cache_args` (a definition of the op's modules.py, or KVCache)
+    cache_class: str = "KVCache"
+    cache_args: tuple[str, ...] = ("kv_heads", "head_dim")
     # the op's own validation of a component, run by compiler/checks/op_rules.py:
     # check(component, context, diags), the context being the model (or vision
     # encoder) for a component, and the routing component for a router

@@ -516,8 +516,8 @@ class GroupedExperts(nn.Module):
         """x (N, dim) sorted by expert → (N, dim)."""
         return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
 
-    @staticmethod
     def compute(
+        self,
         x: torch.Tensor,
         counts: torch.Tensor,
         gate_proj: torch.Tensor,
@@ -528,7 +528,8 @@ class GroupedExperts(nn.Module):
         (counts: E'); expert parallelism runs it on a rank's own E' experts."""
         gate = grouped_mm(x, gate_proj, counts)
         up = grouped_mm(x, up_proj, counts)
-        return grouped_mm(F.silu(gate) * up, down_proj, counts)
+        out = grouped_mm(F.silu(gate) * up, down_proj, counts)
+        return out
 
 
 class MoE(nn.Module):

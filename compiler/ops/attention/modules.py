@@ -21,6 +21,7 @@ UNIT_OFFSET = True  # feature: some RMSNorm scales by 1 + weight (a qk-norm here
 LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma 3)
 CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
+SINKS = True  # feature: some attention has learned per-head sink logits
 
 
 class KVCache:
@@ -184,6 +185,8 @@ def softcapped_attention(
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v)
+
+
 class ProjectionRMSNorm(RMSNorm):
     """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
 
@@ -195,6 +198,33 @@ class ProjectionRMSNorm(RMSNorm):
                 "(tensor parallelism) cannot apply it"
             )
         return super().forward(x.flatten(-2)).view_as(x)
+
+
+def attend_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    sinks: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    """SDPA of (B, heads, S, hd) queries over (B, KV, T, hd) keys where each head's
+    softmax also weighs a learned sink logit (gpt-oss): one more key of zeros, scored
+    by the sink, with a zero value, so the real keys' weights sum to less than one."""
+    b, h, s, _ = q.shape
+    t = k.shape[2]
+    if mask is None:  # the queries are the last s of t positions
+        mask = torch.ones(s, t, dtype=torch.bool, device=q.device)
+        mask = mask.tril(t - s) if causal else mask
+    scores = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (B or 1, 1, S, T) or (S, T)
+    scores = torch.cat(
+        [scores.expand(b, h, s, t), sinks.to(q.dtype)[None, :, None, None].expand(b, -1, s, 1)],
+        dim=-1,
+    )  # (B, H, S, T + 1)
+    zeros = k.new_zeros(b, k.shape[1], 1, k.shape[3])
+    k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, enable_gqa=h != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -218,6 +248,7 @@ class Attention(nn.Module):
         local_rope: bool = False,  # if LOCAL_ROPE
         clip_qkv: float = 0.0,  # if CLIP_QKV
         qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
+        sinks: bool = False,  # if SINKS
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -251,6 +282,8 @@ class Attention(nn.Module):
         if QK_NORM_PROJECTION and qk_norm_projection:  # one norm over all the heads
             self.q_norm = ProjectionRMSNorm(heads * head_dim, qk_norm_eps)
             self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
+        if SINKS:
+            self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -265,6 +298,8 @@ class Attention(nn.Module):
         if QK_NORM and self.q_norm is not None:
             self.q_norm.init_weights()
             self.k_norm.init_weights()
+        if SINKS and self.sinks is not None:
+            nn.init.normal_(self.sinks, mean=0.0, std=std)
 
     def forward(
         self,
@@ -305,18 +340,23 @@ class Attention(nn.Module):
                 self.scale,  # if QUERY_SCALE
             )
         else:
-            if isinstance(mask, DocumentMask):  # packed documents, in training
-                if QUERY_SCALE and self.scale is not None:  # the same scores
-                    q = q * (self.scale * self.head_dim**0.5)
-                out = mask.attend(q, k, v)
+            if SINKS and self.sinks is not None:
+                if isinstance(mask, DocumentMask):
+                    raise ValueError("attention sinks do not run on packed documents (doc_ids)")
+                out = attend_with_sinks(q, k, v, mask, self.sinks, self.causal)
             else:
-                out = F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    attn_mask=mask,
-                    is_causal=self.causal and mask is None,
-                    scale=self.scale,  # if QUERY_SCALE
-                    enable_gqa=q.shape[1] != k.shape[1],
-                )  # (B, H, S, hd)
+                if isinstance(mask, DocumentMask):  # packed documents, in training
+                    if QUERY_SCALE and self.scale is not None:  # the same scores
+                        q = q * (self.scale * self.head_dim**0.5)
+                    out = mask.attend(q, k, v)
+                else:
+                    out = F.scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        attn_mask=mask,
+                        is_causal=self.causal and mask is None,
+                        scale=self.scale,  # if QUERY_SCALE
+                        enable_gqa=q.shape[1] != k.shape[1],
+                    )  # (B, H, S, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

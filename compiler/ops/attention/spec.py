@@ -41,6 +41,8 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
     elif a["qk_norm"]:
         w["q_norm.weight"] = (hd,)
         w["k_norm.weight"] = (hd,)
+    if a["sinks"]:
+        w["sinks"] = (h,)
     return w
 
 
@@ -90,7 +92,8 @@ def _features(a: Args) -> frozenset[str]:
                                      ("local_rope", _two_bases(rope)),
                                      ("clip_qkv", a["clip_qkv"] > 0),
                                      ("qk_norm_projection", a["qk_norm"]
-                                      and a["qk_norm_over"] == "projection"))
+                                      and a["qk_norm_over"] == "projection"),
+                                     ("sinks", a["sinks"]))
                      if on)
 
 
@@ -116,6 +119,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["clip_qkv"] = a["clip_qkv"]
     if "qk_norm_projection" in u:
         out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
+    if "sinks" in u:
+        out["sinks"] = a["sinks"]
     return out
 
 
@@ -209,6 +214,8 @@ OPS = (
                     doc="turn with the rope's second base, local_theta (Gemma 3's local layers)"),
             ArgSpec("clip_qkv", "float", 0.0, min=0.0,
                     doc="clamp q, k and v to ±clip_qkv after the projections; 0: no clamp"),
+            ArgSpec("sinks", "bool", False,
+                    doc="a learned sink logit per head in each softmax (gpt-oss)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,

@@ -14,6 +14,9 @@ from ..mlp.modules import SwiGLU
 SHARED = True  # feature: shared experts that every token uses
 CAPACITY = True  # feature: a per-expert capacity in training
 ZERO_INIT = True  # feature: some MoE's down projections start at zero
+EXPERT_BIAS = True  # feature: experts with biases on their projections
+CLAMPED_SWIGLU = True  # feature: experts with gpt-oss's clamped SwiGLU
+ROUTER_BIAS = True  # feature: a router with a bias on its logits
 
 
 class SoftmaxTopK(nn.Module):
@@ -32,17 +35,22 @@ class SoftmaxTopK(nn.Module):
         renormalize: bool = True,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
+        bias: bool = False,  # if ROUTER_BIAS
     ) -> None:
         super().__init__()
         self.experts, self.top_k, self.renormalize = experts, top_k, renormalize
         self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
         self.weight = nn.Parameter(torch.empty(experts, dim))
+        if ROUTER_BIAS:
+            self.bias = nn.Parameter(torch.empty(experts)) if bias else None
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.register_buffer("expert_counts", torch.zeros(experts), persistent=False)
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=std)
+        if ROUTER_BIAS and self.bias is not None:
+            nn.init.zeros_(self.bias)
         self.expert_counts.zero_()
 
     def set_step(self, step: int, max_steps: int) -> None:
@@ -50,7 +58,11 @@ class SoftmaxTopK(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, dim) → weights and expert ids (B·S, top_k)."""
-        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+        if ROUTER_BIAS and self.bias is not None:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            logits = F.linear(flat, self.weight.float(), self.bias.float())  # (T, E)
+        else:
+            logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
         probs = logits.softmax(dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
@@ -251,32 +263,74 @@ def register_grouped_mm_op():
 GROUPED_MM_OP = register_grouped_mm_op()
 
 
+def clamped_swiglu(
+    gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float
+) -> torch.Tensor:
+    """gpt-oss's SwiGLU: the gate clamped above, up both ways, a sharper sigmoid, up + 1."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(-limit, limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with packed weights (E, in, out)."""
 
-    def __init__(self, dim: int, hidden: int, experts: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        experts: int,
+        bias: bool = False,  # if EXPERT_BIAS
+        swiglu_limit: float = 0.0,  # if CLAMPED_SWIGLU
+        swiglu_alpha: float = 1.702,  # if CLAMPED_SWIGLU
+    ) -> None:
         super().__init__()
         self.gate_proj = nn.Parameter(torch.empty(experts, dim, hidden))
         self.up_proj = nn.Parameter(torch.empty(experts, dim, hidden))
         self.down_proj = nn.Parameter(torch.empty(experts, hidden, dim))
+        if EXPERT_BIAS:
+            self.bias = bias
+        if EXPERT_BIAS and bias:
+            self.gate_bias = nn.Parameter(torch.empty(experts, hidden))
+            self.up_bias = nn.Parameter(torch.empty(experts, hidden))
+            self.down_bias = nn.Parameter(torch.empty(experts, dim))
+        if CLAMPED_SWIGLU:
+            self.swiglu_limit, self.swiglu_alpha = swiglu_limit, swiglu_alpha
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, dim) sorted by expert → (N, dim)."""
-        return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
+        if EXPERT_BIAS or CLAMPED_SWIGLU:
+            return self.compute(x, counts, **dict(self.named_parameters(recurse=False)))
+        else:
+            return self.compute(x, counts, self.gate_proj, self.up_proj, self.down_proj)
 
-    @staticmethod
     def compute(
+        self,
         x: torch.Tensor,
         counts: torch.Tensor,
         gate_proj: torch.Tensor,
         up_proj: torch.Tensor,
         down_proj: torch.Tensor,
+        gate_bias: torch.Tensor | None = None,  # if EXPERT_BIAS
+        up_bias: torch.Tensor | None = None,  # if EXPERT_BIAS
+        down_bias: torch.Tensor | None = None,  # if EXPERT_BIAS
     ) -> torch.Tensor:
         """The experts of the given weights (E', in, out) on x sorted by expert
         (counts: E'); expert parallelism runs it on a rank's own E' experts."""
         gate = grouped_mm(x, gate_proj, counts)
         up = grouped_mm(x, up_proj, counts)
-        return grouped_mm(F.silu(gate) * up, down_proj, counts)
+        if EXPERT_BIAS and gate_bias is not None:  # each row gets its expert's biases
+            rows = torch.arange(x.shape[0], device=x.device)
+            expert = torch.searchsorted(counts.cumsum(0), rows, right=True)  # (N,)
+            gate, up = gate + gate_bias[expert], up + up_bias[expert]
+        if CLAMPED_SWIGLU and self.swiglu_limit:
+            hidden = clamped_swiglu(gate, up, self.swiglu_limit, self.swiglu_alpha)
+            out = grouped_mm(hidden, down_proj, counts)
+        else:
+            out = grouped_mm(F.silu(gate) * up, down_proj, counts)
+        if EXPERT_BIAS and down_bias is not None:
+            out = out + down_bias[expert]
+        return out
 
 
 class MoE(nn.Module):
@@ -296,11 +350,24 @@ class MoE(nn.Module):
         shared_hidden: int = 0,  # if SHARED
         capacity_factor: float = 0.0,  # if CAPACITY
         zero_init: bool = False,  # if ZERO_INIT
+        bias: bool = False,  # if EXPERT_BIAS
+        swiglu_limit: float = 0.0,  # if CLAMPED_SWIGLU
+        swiglu_alpha: float = 1.702,  # if CLAMPED_SWIGLU
     ) -> None:
         super().__init__()
         self.experts_count, self.top_k = experts, top_k
         self.router = router
-        self.experts = GroupedExperts(dim, hidden, experts)
+        if EXPERT_BIAS or CLAMPED_SWIGLU:
+            self.experts = GroupedExperts(
+                dim,
+                hidden,
+                experts,
+                bias=bias,  # if EXPERT_BIAS
+                swiglu_limit=swiglu_limit,  # if CLAMPED_SWIGLU
+                swiglu_alpha=swiglu_alpha,  # if CLAMPED_SWIGLU
+            )
+        else:
+            self.experts = GroupedExperts(dim, hidden, experts)
         if SHARED:
             self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
             if ZERO_INIT and self.shared_experts is not None:
@@ -321,6 +388,9 @@ class MoE(nn.Module):
             nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
         if SHARED and self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
+        if EXPERT_BIAS and self.experts.bias:
+            for bias in (self.experts.gate_bias, self.experts.up_bias, self.experts.down_bias):
+                nn.init.zeros_(bias)
 
     @property
     def dropped_tokens(self) -> int:

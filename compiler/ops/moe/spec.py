@@ -11,7 +11,8 @@ SCHEDULES = ("constant", "cosine_decay", "linear_warmup")
 
 
 def _router_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
-    return {k: v for k, v in a.items() if not k.startswith("_")}
+    return {k: v for k, v in a.items()
+            if not k.startswith("_") and (k != "bias" or "router_bias" in u)}
 
 
 def _moe_derive(a: dict[str, Any]) -> None:
@@ -27,6 +28,11 @@ def _moe_weights(a: Args) -> dict[str, Shape]:
         "experts.up_proj": (e, dim, width),
         "experts.down_proj": (e, width, dim),
     }
+    if a["bias"]:
+        w.update({"experts.gate_bias": (e, width), "experts.up_bias": (e, width),
+                  "experts.down_bias": (e, dim)})
+    if a["router"] is not None and a["router"].component.args.get("bias"):
+        w["router.bias"] = (e,)
     if a["shared_experts"]:
         sh = a["shared_experts"] * a["shared_hidden"]
         w.update({"shared_experts.gate_proj.weight": (sh, dim),
@@ -39,7 +45,9 @@ def _moe_active(a: Args) -> int:
     """Router, top_k experts and the shared experts."""
     dim, width, e, k = a["dim"], a["hidden"], a["experts"], a["top_k"]
     shared = 3 * dim * a["shared_experts"] * a["shared_hidden"]
-    return e * dim + k * 3 * dim * width + shared
+    expert = 3 * dim * width + (2 * width + dim if a["bias"] else 0)
+    router = e * dim + (e if a["router"].component.args.get("bias") else 0)
+    return router + k * expert + shared
 
 
 def _moe_features(a: Args) -> frozenset[str]:
@@ -50,6 +58,12 @@ def _moe_features(a: Args) -> frozenset[str]:
         f.add("capacity")
     if a["zero_init"]:
         f.add("zero_init")
+    if a["bias"]:
+        f.add("expert_bias")
+    if a["swiglu_limit"]:
+        f.add("clamped_swiglu")
+    if a["router"].component.args.get("bias"):
+        f.add("router_bias")
     return frozenset(f)
 
 
@@ -67,6 +81,11 @@ def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["capacity_factor"] = a["capacity_factor"]
     if "zero_init" in u:
         out["zero_init"] = a["zero_init"]
+    if "expert_bias" in u:
+        out["bias"] = a["bias"]
+    if "clamped_swiglu" in u:
+        out["swiglu_limit"] = a["swiglu_limit"]
+        out["swiglu_alpha"] = a["swiglu_alpha"]
     return out
 
 
@@ -129,6 +148,7 @@ OPS = (
             ArgSpec("renormalize", "bool", True, doc="rescale the k weights to sum to 1"),
             ArgSpec("aux_loss_weight", "float", 0.01, min=0.0),
             ArgSpec("z_loss_weight", "float", 0.0, min=0.0),
+            ArgSpec("bias", "bool", False, doc="a bias on the router logits (gpt-oss)"),
         ),
         class_name="SoftmaxTopK",
         ctor=_router_ctor,
@@ -160,8 +180,13 @@ OPS = (
         ),
         class_name="SigmoidTopK", check=_check_groups,
         ctor=_router_ctor,
-        # KempnerForge's moe_router = "sigmoid_topk"
-        foreign={"kf": Foreign("router", {"moe_router": ("sigmoid_topk",)},
+        # DeepSeek-V3's router (its e_score_correction_bias is expert_bias; the weights
+        # runtime/hf.py maps); KempnerForge's moe_router = "sigmoid_topk"
+        foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3",)},
+                               {"normalize": "norm_topk_prob",
+                                "routed_scale": "routed_scaling_factor",
+                                "n_group": "n_group", "topk_group": "topk_group"}),
+                 "kf": Foreign("router", {"moe_router": ("sigmoid_topk",)},
                                {"schedule": "moe_bias_schedule",
                                 "seq_aux_loss_weight": "moe_sequence_aux_loss_weight"},
                                args=_sigmoid_kf_args)},
@@ -183,6 +208,13 @@ OPS = (
             ArgSpec("capacity_factor", "float", 0.0, min=0.0,
                     doc="per-expert capacity ceil(T·k/E·factor) in training; 0: no limit"),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise the down projections"),
+            ArgSpec("bias", "bool", False, doc="biases on the experts' gate, up and down "
+                    "projections (gpt-oss)"),
+            ArgSpec("swiglu_limit", "float", 0.0, min=0.0,
+                    doc="gpt-oss's clamped SwiGLU: gate ≤ limit, |up| ≤ limit, "
+                    "gate·σ(alpha·gate)·(up + 1); 0: plain SwiGLU"),
+            ArgSpec("swiglu_alpha", "float", 1.702, min=0.0,
+                    doc="the clamped SwiGLU's sigmoid sharpness"),
         ),
         sizes=("dim", "experts", "hidden", "shared_hidden"),
         derive=_moe_derive,
