@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 
 import jinja2
@@ -616,7 +617,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     features = frozenset({"kv_cache"} if kv_cache else ()).union(
         *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args[hooks.modalities_arg])) if routed else None
-    roots = [*(["KVCache"] if kv_cache else []),  # make_kv_caches builds them
+    # the caches make_kv_caches builds: each caching op's class (attention's KVCache)
+    cache_classes = list(dict.fromkeys(x.op.cache_class for x in components if x.op.caches)) \
+        or ["KVCache"]
+    roots = [*(cache_classes if kv_cache else []),
              *[name for x in components for name in x.op.definitions]]
     op_classes = copy_definitions(roots, features)
 
@@ -676,6 +680,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         code = writer.statement(None, block.ret, shapes, 8)
         lines.append(_Line(f"{ret_span.file}:{ret_span.line}", "\n".join(code).lstrip()))
         n_att = writer.n_attention
+        held = [block.components[_component_at(block, span)].op.cache_class
+                for span in _attention_applications(block)]
         if kv_cache and n_att > 1 and not in_vision:
             lines.insert(0, _Line(f"{block.span.file}:{block.span.line}",
                                   f"caches = (None,) * {n_att} if kv_cache is None else kv_cache"))
@@ -689,18 +695,26 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             "source": f"{block.name_span.file}:{block.name_span.line}",
             "layers": _ranges(in_layers) if (not single or in_vision) and in_layers else "",
             "components": comps, "lines": lines, "input": block.inputs[0],
-            "uses_mask": n_att > 0,
-            "kv_type": ("KVCache | None" if n_att <= 1 else "tuple[KVCache, ...] | None")
+            "uses_mask": any(x.op.mask for x in block.components.values()),
+            "kv_type": (f"{held[0] if held else 'KVCache'} | None" if n_att <= 1 else
+                        f"tuple[{' | '.join(dict.fromkeys(held))}, ...] | None")
             if kv_cache and not in_vision else "None",
             "first_cache": "kv_cache" if n_att <= 1 else "kv_cache[0]",
         })
     dispatch = None
     if not single:
-        table = "{" + ", ".join(f"{s.index}: {class_of[s.block]}" for s in model.layers) + "}"
-        dispatch = {"table": table,
-                    "summary": "; ".join(f"{class_of[k]} for layers "
-                                         f"{_ranges([s.index for s in model.layers if s.block == k])}"
-                                         for k in layer_kinds)}
+        entries = [f"{s.index}: {class_of[s.block]}" for s in model.layers]
+        table = "{" + ", ".join(entries) + "}"
+        if len(f"BLOCK_OF_LAYER = {table}") > LINE:  # one entry a line, as ruff formats it
+            table = "{\n" + "".join(f"    {e},\n" for e in entries) + "}"
+        summary = "; ".join(f"{class_of[k]} for layers "
+                            f"{_ranges([s.index for s in model.layers if s.block == k])}"
+                            for k in layer_kinds)
+        opening = '    """The block of layer `layer_idx`: '
+        if len(opening + summary) + 1 > LINE:  # wrapped, the docstring's later lines indented
+            summary = "\n".join(textwrap.wrap(opening + summary + ".", LINE,
+                                               subsequent_indent="    "))[len(opening):-1]
+        dispatch = {"table": table, "summary": summary}
     inserted_stacks = []
     inserted_after: dict[int, list] = {}
     for kind in inserted_kinds:
@@ -718,9 +732,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             caches = []
             for span in _attention_applications(block):
                 att = block.components[_component_at(block, span)]
-                caches.append([Code("batch_size"), Code("max_seq_len"),
+                caches.append([Code(att.op.cache_class), Code("batch_size"), Code("max_seq_len"),
                                *[cfg.arg(att, k, "self.config", block.name) or att.args[k]
-                                 for k in ("kv_heads", "head_dim")],
+                                 for k in att.op.cache_args],
                                Code("dtype=dtype"), Code("device=device")])
             cache_shapes.append({"layer": s.index, "caches": caches})
     make_caches = _make_caches(cache_shapes, n_layers) if kv_cache else ""
@@ -763,6 +777,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "fixed": _tuple_literal(fixed) if fixed else "()",
         "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
         "make_caches": make_caches,
+        "cache_type": " | ".join(cache_classes),
         "kv_cache": kv_cache, "rotary": rotary,
         "needs_math": bool(depth_scaled) or bool(rotary and rotary["scaling"] == "llama3")
         or any("math." in code for code in op_classes),
@@ -965,22 +980,23 @@ def _plan_py(env, comp: Compilation, model: Model, graph, header: str, inserted_
 
 def _make_caches(cache_shapes: list[dict], n_layers: int) -> str:
     """The return statement of make_kv_caches, formatted as ruff would."""
-    def one(args: list, indent: int, suffix: str = "") -> list[str]:
-        return call_lines("", "KVCache", [_inline(a) for a in args], indent, suffix)
+    def one(cache: list, indent: int, suffix: str = "") -> list[str]:
+        return call_lines("", cache[0], [_inline(a) for a in cache[1:]], indent, suffix)
 
     per_layer = {tuple(tuple(c) for c in s["caches"]) for s in cache_shapes}
     if len(per_layer) == 1 and len(cache_shapes) == n_layers and len(cache_shapes[0]["caches"]) == 1:
-        args = cache_shapes[0]["caches"][0]
+        cls, *args = cache_shapes[0]["caches"][0]
         pre = ""
-        if any(isinstance(a, Code) and "." in a for a in args[2:4]):  # name the sizes
+        if cls == "KVCache" and any(isinstance(a, Code) and "." in a for a in args[2:4]):
+            # name the sizes
             pre = f"        kv_heads, head_dim = {_inline(args[2])}, {_inline(args[3])}\n"
             args = [*args[:2], Code("kv_heads"), Code("head_dim"), *args[4:]]
         loop = "for _ in range(self.config.n_layers)"
-        flat = f"KVCache({', '.join(_inline(a) for a in args)})"
+        flat = f"{cls}({', '.join(_inline(a) for a in args)})"
         line = f"        return [{flat} {loop}]"
         if len(line) <= LINE:
             return pre + line
-        return pre + "\n".join(["        return [", *one(args, 12), f"            {loop}",
+        return pre + "\n".join(["        return [", *one([cls, *args], 12), f"            {loop}",
                                  "        ]"])
     lines = ["        return ["]
     for s in cache_shapes:

@@ -58,10 +58,19 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), r"layers.\1.attention.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
+    # Jamba's names: its MLP is `feed_forward`, its norms `pre_ff_layernorm` and
+    # `final_layernorm`, its Mamba mixer `mamba` (the mamba op keeps HF's inner names)
+    (re.compile(r"final_layernorm\.weight"), "norm.weight"),
+    (re.compile(r"layers\.(\d+)\.pre_ff_layernorm\.weight"), r"layers.\1.mlp_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight"),
+     r"layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.feed_forward\.router\.weight"), r"layers.\1.mlp.router.weight"),
+    (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"layers.\1.mamba.\2"),
 ]
 _EXPERT = re.compile(
-    r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
-_PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+    r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
+    r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 _ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down"}
@@ -256,8 +265,16 @@ _MOE_NAMES = {
                 {"gate": "w1", "up": "w3", "down": "w2"}),
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.{w}",
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+    "jamba": ("feed_forward.router", "feed_forward.experts.{e}.{w}",
+              {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "jamba")
+# a family's own names for what the Llama names map to (HF name → its name)
+_RENAMED = {
+    "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
+              (re.compile(r"(model\.layers\.\d+)\.post_attention_layernorm\."), r"\1.pre_ff_layernorm."),
+              (re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.feed_forward.")),
+}
 
 
 def _config_dict(config: Any) -> dict:
@@ -289,6 +306,7 @@ _TO_HF = [
      r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
 ]
 
 
@@ -312,6 +330,8 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
         t = t.detach()
         name = hf_name(key)
         if name is not None:
+            for pattern, repl in _RENAMED.get(model_type, ()):
+                name = pattern.sub(repl, name)
             out[name] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
