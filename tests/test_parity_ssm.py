@@ -23,7 +23,6 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as hf
-
 from conftest import ROOT, codes, compile_text
 
 from forgec.compiler.cost import cost

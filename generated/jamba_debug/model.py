@@ -125,31 +125,36 @@ def attention_masks(
     return masks
 
 
-class MambaCache:
-    """The decoding state of one Mamba layer: the last `conv - 1` inputs of its
-    convolution and its SSM state, a fixed size per sequence whatever its length.
+class ConvCache:
+    """The decoding state of one convolution layer: its last `kernel - 1` inputs, a
+    fixed size per sequence whatever its length.
 
     Like a KV cache it counts the positions seen (`length`, `valid`, `next_pos`), so
-    that a model mixing attention and Mamba layers reads them from any layer's cache.
+    that a model mixing attention and convolution layers reads them from any layer's
+    cache.
     """
 
     def __init__(
         self,
         batch_size: int,
         max_seq_len: int,
-        inner: int,
-        conv: int,
-        state: int,
+        channels: int,
+        kernel: int,
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        self.conv_state = torch.zeros(batch_size, inner, conv - 1, dtype=dtype, device=device)
-        self.ssm_state = torch.zeros(batch_size, inner, state, dtype=dtype, device=device)
+        self.conv_state = torch.zeros(batch_size, channels, kernel - 1, dtype=dtype, device=device)
         self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.max_seq_len = max_seq_len
+
+    def convolve(self, x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+        """`conv` over (B, C, S) inputs continuing the cached ones; keeps the last."""
+        x = torch.cat([self.conv_state.to(x.dtype), x], dim=2)
+        self.conv_state.copy_(x[:, :, x.shape[2] - self.conv_state.shape[2] :])
+        return F.conv1d(x, conv.weight, conv.bias, groups=conv.groups)
 
     def advance(self, s: int) -> None:
         """Count `s` more positions."""
@@ -163,6 +168,26 @@ class MambaCache:
         start = self.length - valid.shape[1]
         self.valid[:, start : self.length] = valid
         self.next_pos += valid.sum(dim=1)
+
+
+class MambaCache(ConvCache):
+    """The decoding state of one Mamba layer: the last `conv - 1` inputs of its
+    convolution (ConvCache) and its SSM state, a fixed size per sequence whatever
+    its length."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        inner: int,
+        conv: int,
+        state: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(batch_size, max_seq_len, inner, conv, dtype=dtype, device=device)
+        self.ssm_state = torch.zeros(batch_size, inner, state, dtype=dtype, device=device)
 
 
 class KVCache:
@@ -296,9 +321,7 @@ class Mamba(nn.Module):
         s = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, inner, S) each
         if cache is not None:
-            u = torch.cat([cache.conv_state.to(u.dtype), u], dim=2)
-            cache.conv_state.copy_(u[:, :, u.shape[2] - self.conv + 1 :])
-            u = F.conv1d(u, self.conv1d.weight, self.conv1d.bias, groups=self.inner)
+            u = cache.convolve(u, self.conv1d)
         else:
             u = self.conv1d(u)[:, :, :s]  # causal: the left padding only
         u = F.silu(u).transpose(1, 2)  # (B, S, inner)

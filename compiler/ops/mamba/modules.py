@@ -9,19 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norm.modules import RMSNorm
+from ..short_conv.modules import ConvCache
 
 # Features: the generated model keeps a guarded branch only where its spec uses it.
 KV_CACHE = True  # feature: the model decodes with caches
 DT_NORMS = True  # feature: some mixer normalises dt, B and C (Jamba)
 
 
-class MambaCache:
+class MambaCache(ConvCache):
     """The decoding state of one Mamba layer: the last `conv - 1` inputs of its
-    convolution and its SSM state, a fixed size per sequence whatever its length.
-
-    Like a KV cache it counts the positions seen (`length`, `valid`, `next_pos`), so
-    that a model mixing attention and Mamba layers reads them from any layer's cache.
-    """
+    convolution (ConvCache) and its SSM state, a fixed size per sequence whatever
+    its length."""
 
     def __init__(
         self,
@@ -34,25 +32,8 @@ class MambaCache:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        self.conv_state = torch.zeros(batch_size, inner, conv - 1, dtype=dtype, device=device)
+        super().__init__(batch_size, max_seq_len, inner, conv, dtype=dtype, device=device)
         self.ssm_state = torch.zeros(batch_size, inner, state, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.length = 0
-        self.max_seq_len = max_seq_len
-
-    def advance(self, s: int) -> None:
-        """Count `s` more positions."""
-        end = self.length + s
-        if end > self.max_seq_len:
-            raise ValueError(f"cache overflow: {end} positions > max_seq_len {self.max_seq_len}")
-        self.length = end
-
-    def commit(self, valid: torch.Tensor) -> None:
-        """Record which of the positions just appended are real tokens."""
-        start = self.length - valid.shape[1]
-        self.valid[:, start : self.length] = valid
-        self.next_pos += valid.sum(dim=1)
 
 
 class Mamba(nn.Module):
@@ -119,9 +100,7 @@ class Mamba(nn.Module):
         s = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, inner, S) each
         if KV_CACHE and cache is not None:  # the convolution continues the cached inputs
-            u = torch.cat([cache.conv_state.to(u.dtype), u], dim=2)
-            cache.conv_state.copy_(u[:, :, u.shape[2] - self.conv + 1 :])
-            u = F.conv1d(u, self.conv1d.weight, self.conv1d.bias, groups=self.inner)
+            u = cache.convolve(u, self.conv1d)
         else:
             u = self.conv1d(u)[:, :, :s]  # causal: the left padding only
         u = F.silu(u).transpose(1, 2)  # (B, S, inner)
