@@ -622,6 +622,10 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         or ["KVCache"]
     roots = [*(cache_classes if kv_cache else []),
              *[name for x in components for name in x.op.definitions]]
+    if not any(x.op.mask for x in components):
+        # attention_masks (the template's) builds packed documents' masks even where no
+        # component reads them (a model of recurrent mixers only)
+        roots.append("DocumentMask")
     op_classes = copy_definitions(roots, features)
 
     mask_kinds = sorted({x.op.mask(x.args) for b in used_blocks for x in b.components.values()
@@ -820,8 +824,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     context["vlm"] = vlm_context
     model_py = env.get_template("model.py.j2").render(**context)
     files = {
-        "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
-                                                             kv_cache=kv_cache, vlm=bool(vlm)),
+        "__init__.py": env.get_template("init.py.j2").render(
+            header=header, name=package, vlm=bool(vlm),
+            caches=sorted(cache_classes) if kv_cache else []),
         "model.py": model_py,
         "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks, vlm,
                             [f"{fqn}.experts" for fqn in context["moe_fqns"]]),

@@ -66,6 +66,12 @@ _DIRECT = [
      r"layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.feed_forward\.router\.weight"), r"layers.\1.mlp.router.weight"),
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"layers.\1.mamba.\2"),
+    # Mamba-2's (under `backbone.`): `embeddings`, `norm_f`, and blocks of a `norm` and
+    # a `mixer` (the mamba2 op keeps HF's inner names)
+    (re.compile(r"embeddings\.weight"), "token_embedding.embedding.weight"),
+    (re.compile(r"norm_f\.weight"), "norm.weight"),
+    (re.compile(r"layers\.(\d+)\.norm\.weight"), r"layers.\1.norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"layers.\1.mixer.\2"),
 ]
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
@@ -164,7 +170,7 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
             continue
-        name = key[len("model."):] if key.startswith("model.") else key
+        name = key.split(".", 1)[1] if key.startswith(("model.", "backbone.")) else key
         if key == "lm_head.weight":
             out[HEAD] = t
             continue
@@ -268,13 +274,23 @@ _MOE_NAMES = {
     "jamba": ("feed_forward.router", "feed_forward.experts.{e}.{w}",
               {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
-_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "jamba")
+_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "jamba", "mamba2")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
               (re.compile(r"(model\.layers\.\d+)\.post_attention_layernorm\."), r"\1.pre_ff_layernorm."),
               (re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.feed_forward.")),
+    "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),
+               (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
+               (re.compile(r"^model\."), "backbone.")),
 }
+
+
+def _family_name(model_type: str, name: str) -> str:
+    """A Llama-style HF name as `model_type`'s checkpoints spell it."""
+    for pattern, repl in _RENAMED.get(model_type, ()):
+        name = pattern.sub(repl, name)
+    return name
 
 
 def _config_dict(config: Any) -> dict:
@@ -307,6 +323,8 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
+    (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
 ]
 
 
@@ -330,9 +348,7 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
         t = t.detach()
         name = hf_name(key)
         if name is not None:
-            for pattern, repl in _RENAMED.get(model_type, ()):
-                name = pattern.sub(repl, name)
-            out[name] = t
+            out[_family_name(model_type, name)] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
             if m and model_type in _MOE_NAMES:
@@ -387,11 +403,12 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
     if tie_cfg and not tied:
         raise RunError("config.json ties the head to the embedding (tie_word_embeddings) but "
                        "the model's head has its own weight")
-    embed = tensors["model.embed_tokens.weight"]
+    embed = tensors[_family_name(model_type, "model.embed_tokens.weight")]
+    layers = _family_name(model_type, "model.layers.")
     checks = [("vocab_size", embed.shape[0]), ("hidden_size", embed.shape[1]),
               ("num_hidden_layers", len({k.split(".")[2] for k in tensors
-                                         if k.startswith("model.layers.")}))]
-    q = tensors.get("model.layers.0.self_attn.q_proj.weight")
+                                         if k.startswith(layers)}))]
+    q = tensors.get(_family_name(model_type, "model.layers.0.self_attn.q_proj.weight"))
     if q is not None and "num_attention_heads" in cfg:
         head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
         checks.append(("num_attention_heads × head_dim", q.shape[0],

@@ -4,6 +4,7 @@
 
 from .model import (
     KVCache,
+    MambaCache,
     ModalityContext,
     ModelConfig,
     Transformer,
@@ -12,6 +13,7 @@ from .model import (
 
 __all__ = [
     "KVCache",
+    "MambaCache",
     "ModalityContext",
     "ModelConfig",
     "Transformer",
