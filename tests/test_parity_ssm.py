@@ -30,6 +30,8 @@ from conftest import ROOT, codes, compile_text
 
 from forgec.compiler.cost import cost
 from forgec.compiler.driver import compile_spec
+from forgec.compiler.errors import RunError
+from forgec.runtime.generate import generate
 from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
 from generated.jamba_debug import model as jamba_debug
 from generated.mamba2_debug import model as mamba2_debug
@@ -270,3 +272,12 @@ def test_mamba2_save_hf_checkpoint_round_trips_through_transformers(mamba2_pair,
     assert sorted(back.state_dict()) == sorted(expected)
     for key, t in back.state_dict().items():
         assert torch.equal(t, expected[key]), key
+
+
+def test_generate_decodes_a_hybrid_and_refuses_to_compile_its_states(pair):
+    _, model, _ = pair
+    prompt = _tokens(PROMPT, 1, seed=3)[0].tolist()
+    assert generate(model, [prompt], 8, eos_id=None) == [_greedy_forgec(
+        model, torch.tensor([prompt]), 8)]
+    with pytest.raises(RunError, match="recurrent states"):
+        generate(model, [prompt], 8, eos_id=None, compile=True)
