@@ -29,4 +29,33 @@ TP_PLAN = {
 # The grouped experts of each mixture-of-experts layer (expert parallelism).
 EXPERT_FQNS = ["layers.1.mlp.experts", "layers.3.mlp.experts"]
 
-PLANS = {}
+PLANS = {
+    "fsdp2": {
+        "mesh": {"dp": 2, "pp": 1, "tp": 1, "ep": 1},
+        "world": 2,
+        "fsdp": {
+            "units": ["layers.0", "layers.1", "layers.2", "layers.3"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "activation_checkpoint": [],
+    },
+    "pp2": {
+        "mesh": {"dp": 1, "pp": 2, "tp": 1, "ep": 1},
+        "world": 2,
+        "pipeline": {
+            "schedule": "1f1b",
+            "microbatches": 2,
+            "virtual_stages": 1,
+            "stages": [
+                ["token_embedding", "layers.0", "layers.1"],
+                ["layers.2", "layers.3", "norm", "output_head"],
+            ],
+            "stage_params": [205128, 184804],
+            "stage_flops": [303104, 315776],
+        },
+        "activation_checkpoint": [],
+    },
+}
