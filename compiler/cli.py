@@ -149,6 +149,8 @@ def cmd_info(args) -> int:
     print(f"  forward FLOPs/token  {c.flops_per_token:,}  (seq_len {c.seq_len})")
     if c.supports_kv_cache:
         print(f"  KV cache / token     {format_bytes(c.kv_bytes_per_token)}  ({c.kv_dtype})")
+        if c.state_bytes_per_seq:
+            print(f"  state / sequence     {format_bytes(c.state_bytes_per_seq)}  ({c.kv_dtype})")
         print("  supports_kv_cache    yes")
     else:
         print(f"  supports_kv_cache    no — training-only ({', '.join(c.non_causal)} not causal)")

@@ -38,6 +38,8 @@ class Cost:
     supports_kv_cache: bool
     non_causal: list[str]
     breakdown: dict[str, int] = field(default_factory=dict)
+    # the fixed-size decoding state per sequence (recurrent mixers), in kv_dtype
+    state_bytes_per_seq: int = 0
     training_memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -50,6 +52,7 @@ class Cost:
             "seq_len": self.seq_len,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_dtype": self.kv_dtype,
+            "state_bytes_per_seq": self.state_bytes_per_seq,
             "supports_kv_cache": self.supports_kv_cache,
             "non_causal": self.non_causal,
             "breakdown": self.breakdown,
@@ -69,7 +72,7 @@ def cost(graph: nx.MultiDiGraph, seq_len: int | None = None, kv_dtype: str = "bf
     model = graph.graph["model"]
     if seq_len is None:
         seq_len = default_seq_len(model)
-    total = active = flops = kv = 0
+    total = active = flops = kv = state = 0
     breakdown: dict[str, int] = {}
     for _, data in graph.nodes(data=True):
         if data["kind"] != "op" or not data["ok"]:
@@ -85,6 +88,7 @@ def cost(graph: nx.MultiDiGraph, seq_len: int | None = None, kv_dtype: str = "bf
                        else sum(numel(s) for s in data["weights"].values()))
         flops += op.flops(data["args"], seq_len)
         kv += op.kv_elems(data["args"])
+        state += op.state_elems(data["args"])
     supports = graph.graph.get("supports_kv_cache", True)
     mem = {dtype: {"weights": total * b, "grads": total * b, "optimizer": 2 * total * b,
                    "total": 4 * total * b}
@@ -96,6 +100,7 @@ def cost(graph: nx.MultiDiGraph, seq_len: int | None = None, kv_dtype: str = "bf
         supports_kv_cache=supports,
         non_causal=[fqn for fqn, _ in graph.graph.get("non_causal", [])],
         breakdown=breakdown, training_memory=mem,
+        state_bytes_per_seq=state * DTYPE_BYTES[kv_dtype] if supports else 0,
     )
 
 
@@ -126,6 +131,7 @@ def vlm_cost(comp, vlm) -> Cost:
     if not found["supports_kv_cache"]:
         c.supports_kv_cache = False
         c.kv_bytes_per_token = 0
+        c.state_bytes_per_seq = 0
         if any(fqn == FUSION for fqn, _ in found["non_causal"]):
             c.non_causal = [*c.non_causal, f"fusion {vlm.fusion.op.name} ({vlm.name})"]
     c.breakdown = {**{f"vision_encoder.{k}": v for k, v in vision.breakdown.items()},

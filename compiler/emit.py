@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 
 import jinja2
@@ -616,10 +617,15 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     features = frozenset({"kv_cache"} if kv_cache else ()).union(
         *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args[hooks.modalities_arg])) if routed else None
-    cache_classes = {x.op.cache_class for x in components if x.op.caches}
-    roots = [*(["KVCache", *sorted(cache_classes - {"KVCache"})] if kv_cache else []),
-             # make_kv_caches builds them
+    # the caches make_kv_caches builds: each caching op's class (attention's KVCache)
+    cache_classes = list(dict.fromkeys(x.op.cache_class for x in components if x.op.caches)) \
+        or ["KVCache"]
+    roots = [*(cache_classes if kv_cache else []),
              *[name for x in components for name in x.op.definitions]]
+    if not any(x.op.mask for x in components):
+        # attention_masks (the template's) builds packed documents' masks even where no
+        # component reads them (a model of recurrent mixers only)
+        roots.append("DocumentMask")
     op_classes = copy_definitions(roots, features)
 
     mask_kinds = sorted({x.op.mask(x.args) for b in used_blocks for x in b.components.values()
@@ -678,6 +684,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         code = writer.statement(None, block.ret, shapes, 8)
         lines.append(_Line(f"{ret_span.file}:{ret_span.line}", "\n".join(code).lstrip()))
         n_att = writer.n_attention
+        held = [block.components[_component_at(block, span)].op.cache_class
+                for span in _attention_applications(block)]
         if kv_cache and n_att > 1 and not in_vision:
             lines.insert(0, _Line(f"{block.span.file}:{block.span.line}",
                                   f"caches = (None,) * {n_att} if kv_cache is None else kv_cache"))
@@ -691,8 +699,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             "source": f"{block.name_span.file}:{block.name_span.line}",
             "layers": _ranges(in_layers) if (not single or in_vision) and in_layers else "",
             "components": comps, "lines": lines, "input": block.inputs[0],
-            "uses_mask": n_att > 0,
-            "kv_type": ("KVCache | None" if n_att <= 1 else "tuple[KVCache, ...] | None")
+            "uses_mask": any(x.op.mask for x in block.components.values()),
+            "kv_type": (f"{held[0] if held else 'KVCache'} | None" if n_att <= 1 else
+                        f"tuple[{' | '.join(dict.fromkeys(held))}, ...] | None")
             if kv_cache and not in_vision else "None",
             "first_cache": "kv_cache" if n_att <= 1 else "kv_cache[0]",
         })
@@ -700,12 +709,16 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     if not single:
         entries = [f"{s.index}: {class_of[s.block]}" for s in model.layers]
         table = "{" + ", ".join(entries) + "}"
-        if len("BLOCK_OF_LAYER = ") + len(table) > LINE:  # one entry a line, as ruff would
+        if len(f"BLOCK_OF_LAYER = {table}") > LINE:  # one entry a line, as ruff formats it
             table = "{\n" + "".join(f"    {e},\n" for e in entries) + "}"
-        dispatch = {"table": table,
-                    "summary": "; ".join(f"{class_of[k]} for layers "
-                                         f"{_ranges([s.index for s in model.layers if s.block == k])}"
-                                         for k in layer_kinds)}
+        summary = "; ".join(f"{class_of[k]} for layers "
+                            f"{_ranges([s.index for s in model.layers if s.block == k])}"
+                            for k in layer_kinds)
+        opening = '    """The block of layer `layer_idx`: '
+        if len(opening + summary) + 1 > LINE:  # wrapped, the docstring's later lines indented
+            summary = "\n".join(textwrap.wrap(opening + summary + ".", LINE,
+                                               subsequent_indent="    "))[len(opening):-1]
+        dispatch = {"table": table, "summary": summary}
     inserted_stacks = []
     inserted_after: dict[int, list] = {}
     for kind in inserted_kinds:
@@ -723,7 +736,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             caches = []
             for span in _attention_applications(block):
                 att = block.components[_component_at(block, span)]
-                caches.append([att.op.cache_class, Code("batch_size"), Code("max_seq_len"),
+                caches.append([Code(att.op.cache_class), Code("batch_size"), Code("max_seq_len"),
                                *[cfg.arg(att, k, "self.config", block.name) or att.args[k]
                                  for k in att.op.cache_args],
                                Code("dtype=dtype"), Code("device=device")])
@@ -770,6 +783,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "fixed": _tuple_literal(fixed) if fixed else "()",
         "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
         "make_caches": make_caches,
+        "cache_type": " | ".join(cache_classes),
         "kv_cache": kv_cache, "rotary": rotary,
         "needs_math": bool(depth_scaled) or bool(rotary and rotary["scaling"] == "llama3")
         or any("math." in code for code in op_classes),
@@ -812,8 +826,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     context["vlm"] = vlm_context
     model_py = env.get_template("model.py.j2").render(**context)
     files = {
-        "__init__.py": env.get_template("init.py.j2").render(header=header, name=package,
-                                                             kv_cache=kv_cache, vlm=bool(vlm)),
+        "__init__.py": env.get_template("init.py.j2").render(
+            header=header, name=package, vlm=bool(vlm),
+            caches=sorted(cache_classes) if kv_cache else []),
         "model.py": model_py,
         "plan.py": _plan_py(env, comp, model, graph, header, inserted_stacks, vlm,
                             [f"{fqn}.experts" for fqn in context["moe_fqns"]]),

@@ -467,6 +467,12 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
                         plan.spans.get("pipeline.microbatches", sched_span))
     # each op names the arguments a parallel degree splits (OpDef.split_by)
     for comp in model.all_components():
+        if m["tp"] > 1 and comp.op.tp_unsupported:
+            diags.error("E161", f"tensor parallelism cannot split {comp.op.name} "
+                        f"'{comp.name}': {comp.op.tp_unsupported}",
+                        plan.spans.get("mesh.tp", where),
+                        notes=[(f"{comp.op.name} declared here", comp.span)])
+            continue
         for arg in comp.op.split_by.get("tp", ()) if m["tp"] > 1 else ():
             if comp.args[arg] % m["tp"]:
                 diags.error("E122", f"tensor-parallel degree {m['tp']} does not divide "

@@ -140,6 +140,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         logits = model(tokens, modality=context(key_padding_mask=valid), kv_caches=caches)[:, -1]
         step = lambda *args: _decode_step(model, *args)  # noqa: E731
         if compile and max_new_tokens > 1:
+            if not all(hasattr(cache, "update") for cache in caches):  # a recurrent state
+                raise RunError(f"the model of {model.spec} decodes with recurrent states "
+                               "(a sequence mixer's), which the compiled decode step does not "
+                               "hold yet: generate without compile")
             caches = [StaticKVCache(cache, total) for cache in caches]
             compiled = compiled_decode_step(device)
             step = lambda *args: compiled(model, *args)  # noqa: E731

@@ -76,6 +76,20 @@ _DIRECT = [
     # q_a_proj, kv_a_proj_with_mqa, kv_a_layernorm, ...)
     (re.compile(r"layers\.(\d+)\.self_attn\.([\w.]+)"), r"layers.\1.attention.\2"),
     (re.compile(r"layers\.(\d+)\.mlp\.router\.(weight|bias)"), r"layers.\1.mlp.router.\2"),
+    # Jamba's names: its MLP is `feed_forward`, its norms `pre_ff_layernorm` and
+    # `final_layernorm`, its Mamba mixer `mamba` (the mamba op keeps HF's inner names)
+    (re.compile(r"final_layernorm\.weight"), "norm.weight"),
+    (re.compile(r"layers\.(\d+)\.pre_ff_layernorm\.weight"), r"layers.\1.mlp_norm.weight"),
+    (re.compile(r"layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight"),
+     r"layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.feed_forward\.router\.weight"), r"layers.\1.mlp.router.weight"),
+    (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"layers.\1.mamba.\2"),
+    # Mamba-2's (under `backbone.`): `embeddings`, `norm_f`, and blocks of a `norm` and
+    # a `mixer` (the mamba2 op keeps HF's inner names)
+    (re.compile(r"embeddings\.weight"), "token_embedding.embedding.weight"),
+    (re.compile(r"norm_f\.weight"), "norm.weight"),
+    (re.compile(r"layers\.(\d+)\.norm\.weight"), r"layers.\1.norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"layers.\1.mixer.\2"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -91,8 +105,9 @@ _SANDWICH = [
 # average of expert load keeps its initial value
 _TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
-    r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
-_PACKED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+    r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
+    r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)")
 # gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
 _PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -197,7 +212,7 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
             continue
-        name = key[len("model."):] if key.startswith("model.") else key
+        name = key.split(".", 1)[1] if key.startswith(("model.", "backbone.")) else key
         m = _PACKED_BIASED.fullmatch(name)
         if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
             prefix = f"layers.{m.group(1)}.mlp.experts."
@@ -532,12 +547,30 @@ _MOE_NAMES = {
                 {"gate": "w1", "up": "w3", "down": "w2"}),
     "qwen3_moe": ("mlp.gate", "mlp.experts.{e}.{w}",
                   {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+    "jamba": ("feed_forward.router", "feed_forward.experts.{e}.{w}",
+              {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are written packed, as transformers keeps them in memory
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
-             "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES)
+             "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2")
+# a family's own names for what the Llama names map to (HF name → its name)
+_RENAMED = {
+    "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
+              (re.compile(r"(model\.layers\.\d+)\.post_attention_layernorm\."), r"\1.pre_ff_layernorm."),
+              (re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.feed_forward.")),
+    "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),
+               (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
+               (re.compile(r"^model\."), "backbone.")),
+}
+
+
+def _family_name(model_type: str, name: str) -> str:
+    """A Llama-style HF name as `model_type`'s checkpoints spell it."""
+    for pattern, repl in _RENAMED.get(model_type, ()):
+        name = pattern.sub(repl, name)
+    return name
 
 
 def _config_dict(config: Any) -> dict:
@@ -574,6 +607,9 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
      r"model.layers.\1.mlp.shared_experts.\2_proj.weight"),
     (re.compile(r"layers\.(\d+)\.attention\.([\w.]+)"), r"model.layers.\1.self_attn.\2"),
+    (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
+    (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
+    (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
 ]
 
 
@@ -612,7 +648,7 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
         t = t.detach()
         name = hf_name(key, sandwich)
         if name is not None:
-            out[name] = t
+            out[_family_name(model_type, name)] = t
         else:
             m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.weight|experts\.(gate|up|down)_proj)", key)
             b = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.(?:weight|bias)|experts\.(gate|up|down)_(proj|bias))", key)
@@ -685,7 +721,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
         layer_prefix = names.layer.split("{i}")[0]
     else:
         tensors = forge_to_hf(model, model_type)
-        head, embed_key, layer_prefix = "lm_head.weight", "model.embed_tokens.weight", "model.layers."
+        head = "lm_head.weight"
+        embed_key = _family_name(model_type, "model.embed_tokens.weight")
+        layer_prefix = _family_name(model_type, "model.layers.")
     tied = _tied(model)
     tie_cfg = bool(cfg.get("tie_word_embeddings", False))
     if tie_cfg and not tied:
@@ -695,7 +733,7 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
     layers = {k[len(layer_prefix):].split(".")[0] for k in tensors if k.startswith(layer_prefix)}
     checks = [("vocab_size", embed.shape[0]), ("hidden_size", embed.shape[1]),
               ("num_hidden_layers", len(layers))]
-    q = tensors.get("model.layers.0.self_attn.q_proj.weight")
+    q = tensors.get(_family_name(model_type, "model.layers.0.self_attn.q_proj.weight"))
     if q is not None and "num_attention_heads" in cfg:
         # a latent attention's query head also holds its rotated channels (qk_head_dim)
         head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") \

@@ -264,6 +264,7 @@ def test_to_json(forge):
     j = c.to_json()
     assert set(j) == {"model", "n_layers", "params_total", "params_active", "flops_per_token",
                       "seq_len", "kv_bytes_per_token", "kv_dtype", "supports_kv_cache",
-                      "non_causal", "breakdown", "training_memory"}
+                      "non_causal", "breakdown", "training_memory", "state_bytes_per_seq"}
     assert (j["params_total"], j["flops_per_token"], j["kv_bytes_per_token"]) == (
         90752, 182528, 256)
+    assert j["state_bytes_per_seq"] == 0  # attention only: no recurrent state

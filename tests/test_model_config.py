@@ -32,8 +32,13 @@ def _wiring_ints(tree: ast.Module) -> list[tuple[int, int]]:
         if name == "ModelConfig" or name in copied or name in VISION \
                 or (name or "").startswith("Vision"):
             continue
+        # BLOCK_OF_LAYER's keys are layer numbers, not sizes (0 … 31 in a 32-layer hybrid)
+        layer_numbers = {id(k) for n in ast.walk(node) if isinstance(n, ast.Assign)
+                         and [getattr(t, "id", None) for t in n.targets] == ["BLOCK_OF_LAYER"]
+                         for k in n.value.keys}
         out += [(n.value, n.lineno) for n in ast.walk(node)
-                if isinstance(n, ast.Constant) and type(n.value) is int]
+                if isinstance(n, ast.Constant) and type(n.value) is int
+                and id(n) not in layer_numbers]
     return out
 
 

@@ -101,6 +101,8 @@ class OpDef:
     weights: Callable[[Args], dict[str, Shape]] = _no_weights
     flops: Callable[[Args, int], int] = _zero  # forward FLOPs per token at a sequence length
     kv_elems: Callable[[Args], int] = lambda a: 0  # cached elements per token
+    # cached elements per sequence, whatever its length (a recurrent mixer's state)
+    state_elems: Callable[[Args], int] = lambda a: 0
     causal: Callable[[Args], bool] = lambda a: True
     derive: Callable[[dict[str, Any]], None] = lambda a: None
     # the same defaults as Python over the other arguments, e.g. {"kv_heads": "{heads}"}:
@@ -126,10 +128,11 @@ class OpDef:
     # the attention mask a component reads, one per kind ("causal", "causal_w16", ...);
     # None: it reads none
     mask: Callable[[Args], str] | None = None
-    # each application holds a KV-cache slot when the model decodes
+    # each application holds a cache slot when the model decodes: an instance of
+    # `cache_class` (a definition of the op's modules.py, or the attention's KVCache),
+    # built by make_kv_caches as cache_class(batch_size, max_seq_len, *cache_args),
+    # the arguments read from the component; the call's {kv} passes it
     caches: bool = False
-    # that slot: the class make_kv_caches builds, after (batch_size, max_seq_len), with
-    # the op's arguments `cache_args` (a definition of the op's modules.py, or KVCache)
     cache_class: str = "KVCache"
     cache_args: tuple[str, ...] = ("kv_heads", "head_dim")
     # the op's own validation of a component, run by compiler/checks/op_rules.py:
@@ -151,6 +154,9 @@ class OpDef:
     active_params: Callable[[Args], int] | None = None
     # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
     tp: Mapping[str, str] = field(default_factory=dict)
+    # why tensor parallelism cannot split the op ("" where `tp` says how it does):
+    # a plan with tp > 1 over a model using it is an error (E161) saying so
+    tp_unsupported: str = ""
     # a plain linear map: inside a module of the spec's own (compiler/compose.py), tensor
     # parallelism may split it by columns (reading the module's input) or by rows
     # (producing its output)

@@ -865,7 +865,7 @@ class DenseBlock(TransformerBlock):
         rope_cos: torch.Tensor | None,
         rope_sin: torch.Tensor | None,
         *,
-        kv_cache: KVCache | None = None,
+        kv_cache: LatentCache | None = None,
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
@@ -927,7 +927,7 @@ class SparseBlock(TransformerBlock):
         rope_cos: torch.Tensor | None,
         rope_sin: torch.Tensor | None,
         *,
-        kv_cache: KVCache | None = None,
+        kv_cache: LatentCache | None = None,
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
@@ -1082,7 +1082,7 @@ class Transformer(nn.Module):
         max_seq_len: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> list[KVCache]:
+    ) -> list[LatentCache]:
         """One KV cache per layer, for `forward(..., kv_caches=...)`."""
         limit = self.config.max_seq_len
         max_seq_len = max_seq_len or limit

@@ -792,7 +792,9 @@ class OutputHead(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """The block of layer `layer_idx`: SlidingBlock for layers 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34; FullBlock for layers 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35.
+    """The block of layer `layer_idx`: SlidingBlock for layers 0, 2, 4, 6, 8, 10, 12, 14, 16, 18,
+    20, 22, 24, 26, 28, 30, 32, 34; FullBlock for layers 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23,
+    25, 27, 29, 31, 33, 35.
 
     `TransformerBlock(config, i)` builds the block class that layer i uses.
     """
