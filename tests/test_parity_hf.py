@@ -165,3 +165,26 @@ def test_a_wrong_weight_would_be_caught(pair):
         finally:
             w.sub_(1e-3)
     assert diff > 1e-5
+
+
+def test_static_compiled_decoding_matches_transformers(pair, monkeypatch):
+    """`generate(..., compile=True)` — fixed-size caches, one compiled decode step —
+    gives transformers' greedy tokens too (traced with aot_eager here, cheap;
+    tests/test_generate.py runs the inductor path against forgec's eager decode)."""
+    from forgec.runtime.generate import generate
+    from forgec.runtime.parallel import COMPILE_BACKEND_ENV
+
+    ref, model, _ = pair
+    if getattr(ref.config, "sliding_window", None) and getattr(ref.config, "use_sliding_window",
+                                                                True):
+        # the static cache keeps the step's token in a slot after all `size` history
+        # slots, and the generated sliding-window masks measure distance in slots
+        pytest.xfail("known bug: compile=True decodes sliding-window attention wrongly")
+    prompt = _tokens(PROMPT, 1, seed=3)
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    try:
+        got = generate(model, prompt.tolist(), NEW, eos_id=None, compile=True)[0]
+    finally:
+        torch._dynamo.reset()
+    assert got == _greedy_hf(ref, prompt, NEW)
