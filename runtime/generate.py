@@ -29,9 +29,13 @@ class StaticKVCache:
     `size` slots hold the keys and values so far, `valid` marks the filled real
     ones, `cursor` (a tensor, so that the compiled step has no Python counter) is
     the next free slot. `length` is always `size`: the model attends over the
-    `size` slots plus the token of this step, whose keys `update` appends (and
-    writes into slot `cursor` for later steps, valid once `commit`ted). Every
-    step has the same shapes; slots not yet filled are masked out.
+    `size` slots plus the token of this step. That token's keys and values go
+    into one more slot at the end of the buffers, so `update` returns the buffers
+    themselves (no copy of the cache per step, where concatenating the new keys
+    would copy all of it); `commit` then moves them into slot `cursor`, valid
+    for later steps. Every step has the same shapes; slots not yet filled are
+    masked out (attention does not depend on where a key sits: RoPE is already
+    applied to it).
     """
 
     def __init__(self, cache, size: int) -> None:
@@ -39,8 +43,8 @@ class StaticKVCache:
         if filled > size:
             raise ValueError(f"the cache holds {filled} positions, more than {size}")
         b, kv, _, hd = cache.k.shape
-        self.k = cache.k.new_zeros(b, kv, size, hd)
-        self.v = cache.v.new_zeros(b, kv, size, hd)
+        self.k = cache.k.new_zeros(b, kv, size + 1, hd)  # + the slot of this step's token
+        self.v = cache.v.new_zeros(b, kv, size + 1, hd)
         self.k[:, :, :filled], self.v[:, :, :filled] = cache.k[:, :, :filled], cache.v[:, :, :filled]
         self.valid = torch.zeros(b, size, dtype=torch.bool, device=cache.k.device)
         self.valid[:, :filled] = cache.valid[:, :filled]
@@ -52,11 +56,13 @@ class StaticKVCache:
                 torch._dynamo.mark_static_address(t)
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, self.cursor, k.to(self.k.dtype))
-        self.v.index_copy_(2, self.cursor, v.to(self.v.dtype))
-        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k[:, :, -1:] = k.to(self.k.dtype)
+        self.v[:, :, -1:] = v.to(self.v.dtype)
+        return self.k, self.v
 
     def commit(self, valid: torch.Tensor) -> None:
+        self.k.index_copy_(2, self.cursor, self.k[:, :, -1:])
+        self.v.index_copy_(2, self.cursor, self.v[:, :, -1:])
         self.valid.index_copy_(1, self.cursor, valid)
         self.next_pos += valid.sum(dim=1)
         self.cursor += 1
@@ -152,9 +158,10 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         for t in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator)
-            for row in range(batch):
-                if not done[row]:
-                    out[row].append(int(nxt[row]))
+            # one host copy of the tokens per step, not two per row
+            for row, (token, finished) in enumerate(zip(nxt.tolist(), done.tolist(), strict=True)):
+                if not finished:
+                    out[row].append(token)
             if eos_id is not None:
                 done |= nxt == eos_id
             if bool(done.all()) or t == max_new_tokens - 1:
