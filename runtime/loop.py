@@ -228,9 +228,10 @@ class TextTask:
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """(the first stage's inputs, every stage's keyword inputs, targets) of a
-        micro-batch under a pipeline schedule."""
+        micro-batch under a pipeline schedule. `targets` among the keyword inputs
+        reaches the last stage only (its fused head and loss)."""
         inputs, targets, doc_ids = chunk
-        return (inputs,), {"doc_ids": doc_ids}, targets
+        return (inputs,), {"doc_ids": doc_ids, "targets": targets}, targets
 
     def describe(self, s) -> str:
         """The batch of a step, in words."""

@@ -33,7 +33,7 @@ import torch
 from forgec.compiler.errors import UsageError
 
 from .data import IGNORE_INDEX
-from .loop import MoEStats, TextTask, accumulate_batch, cross_entropy_sum, read_metrics
+from .loop import MoEStats, TextTask, accumulate_batch, read_metrics
 from .vision_data import TEXT_LEN, CaptionBatch, CaptionData, eval_set
 
 EVAL_IMAGES = 128
@@ -73,13 +73,16 @@ class CaptionTask(TextTask):
         return model(pixels, inputs), targets
 
     def loss(self, model: torch.nn.Module, chunk: tuple) -> torch.Tensor:
-        """The summed cross-entropy of one micro-batch's trained targets."""
-        return cross_entropy_sum(*self.forward(model, chunk))
+        """The summed cross-entropy of one micro-batch's trained targets: the
+        model's fused head and loss, which never holds the full logits."""
+        pixels, inputs, targets = chunk
+        return model(pixels, inputs, targets=targets)
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
-        """The images go to the first stage (plan.VLMStage), the text to every stage."""
+        """The images go to the first stage (plan.VLMStage), the text to every
+        stage, the targets to the last (its fused head and loss)."""
         pixels, inputs, targets = chunk
-        return (pixels,), {"tokens": inputs}, targets
+        return (pixels,), {"tokens": inputs, "targets": targets}, targets
 
     def describe(self, s) -> str:
         return f"{s.batch_size} images x {s.seq_len} caption tokens"

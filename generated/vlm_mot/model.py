@@ -1159,7 +1159,11 @@ class VLM(nn.Module):
         *,
         frame_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The logits of the text; or, given `targets` (B, S) (IGNORE_INDEX where
+        none is trained), their fp32 cross-entropy summed over the trained targets,
+        without materialising the logits (Transformer.forward)."""
         image, image_mask = self.encode_images(pixel_values, frame_mask)
         n = image.shape[1]
         padding = None
@@ -1174,7 +1178,7 @@ class VLM(nn.Module):
             modality_ids=self.modality_ids(tokens.shape[0], n, tokens.shape[1], tokens.device),
             key_padding_mask=padding,
         )
-        return self.transformer(tokens, modality=modality)
+        return self.transformer(tokens, modality=modality, targets=targets)
 
     @staticmethod
     def modality_ids(b: int, images: int, texts: int, device: torch.device) -> torch.Tensor:
@@ -1240,7 +1244,8 @@ class VLMStage(nn.Module):
     on its hidden states (B, P, D_vision); the stage holding the adapter starts the
     decoder over the image tokens and the text, and decoder stages pass on its
     hidden states (B, n + S, D). The last stage returns the logits of the text
-    (B, S, V). Single images only: no video frames or padding masks.
+    (B, S, V), or given `targets` their summed cross-entropy (VLM.forward). Single
+    images only: no video frames or padding masks.
     """
 
     def __init__(self, vlm: VLM) -> None:
@@ -1253,7 +1258,9 @@ class VLMStage(nn.Module):
     # the VLM's own initialisation: it skips the modules a stage lacks
     init_weights_and_freqs = VLM.init_weights_and_freqs
 
-    def forward(self, x: torch.Tensor, *, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, tokens: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.vision_encoder is not None:
             x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
         if self.transformer is None:  # the vision encoder goes on on the next stage
@@ -1264,10 +1271,10 @@ class VLMStage(nn.Module):
             image = self.adapter(x)
             ids = VLM.modality_ids(b, image.shape[1], s, x.device)
             modality = ModalityContext(prefix_embeds=image, output_slice=text, modality_ids=ids)
-            return self.transformer(tokens, modality=modality)
+            return self.transformer(tokens, modality=modality, targets=targets)
         ids = VLM.modality_ids(b, x.shape[1] - s, s, x.device)
         modality = ModalityContext(inputs_embeds=x, output_slice=text, modality_ids=ids)
-        return self.transformer(modality=modality)
+        return self.transformer(modality=modality, targets=targets)
 
     def set_moe_step(self, step: int, max_steps: int) -> None:
         if self.transformer is not None:
