@@ -252,3 +252,28 @@ def test_static_compiled_decode_gives_the_eager_greedy_tokens(model):
     assert len(want[0]) < 24 and len(want[1]) == 24  # row 0 stopped early, row 1 did not
     assert generate(model, prompts, 24, eos_id=eos, compile=True) == want
     torch._dynamo.reset()
+
+
+def test_static_compiled_decode_of_sliding_windows_gives_the_eager_tokens(monkeypatch):
+    """A static cache holds this step's keys in a slot after every history slot, so
+    a sliding window must count positions rather than slots: qwen_debug (a window
+    of 16 on every other layer) decodes 40 tokens past its window, left-padded,
+    compiled (aot_eager: the same graph as inductor's, cheaply) as it does eagerly.
+    Weights 5x their initial scale make each token depend on its context (at the
+    initial scale the window's keys barely move the argmax)."""
+    from forgec.runtime.parallel import COMPILE_BACKEND_ENV
+    from generated import qwen_debug
+
+    torch.manual_seed(0)
+    model = qwen_debug.Transformer().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(5)
+    prompts = [list(range(5, 25)), list(range(30, 42))]  # 20 and 12 tokens
+    want = generate(model, prompts, 40, eos_id=None)
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    try:
+        assert generate(model, prompts, 40, eos_id=None, compile=True) == want
+    finally:
+        torch._dynamo.reset()
