@@ -115,11 +115,17 @@ def attention_masks(
         allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :]
+    # a window counts positions, not cache slots: slots may hold left padding or, in
+    # a static cache, unfilled slots before this step's keys
+    q_real, k_real = q_pos, k_pos
+    if key_valid is not None:
+        real = key_valid.long().cumsum(dim=-1)  # (B, start + S)
+        q_real, k_real = real[:, None, start:, None], real[:, None, None, :]
     masks = {}
     mask = allowed & (k_pos <= q_pos)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
-    mask = allowed & (k_pos <= q_pos) & (q_pos - k_pos < config.window)
+    mask = allowed & (k_pos <= q_pos) & (q_real - k_real < config.window)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal_w16"] = mask | ~mask.any(dim=-1, keepdim=True)
     return masks
