@@ -380,9 +380,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# The fused head + cross-entropy works on this many logits at a time: 2**25 fp32
-# values (128 MiB) whatever the vocabulary, e.g. 261 tokens at 128,256.
-LOSS_CHUNK_LOGITS = 1 << 25
+# The fused head + cross-entropy works on this many logits at a time: 2**24 fp32
+# values (64 MiB) whatever the vocabulary, e.g. 130 tokens at 128,256 (the
+# matmuls stay large: 130 x dim x vocab).
+LOSS_CHUNK_LOGITS = 1 << 24
 
 
 # The target of a position that is not trained on (cross-entropy's ignore_index).
@@ -426,13 +427,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                 trained = t != IGNORE_INDEX
                 t = torch.where(trained, t, 0)
                 logits = F.linear(x_c, w, b).float()  # (chunk, vocab)
-                lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
+                # log-sum-exp and softmax in place: one (chunk, vocab) buffer, where
+                # torch.logsumexp would allocate a second one for its exponentials
+                top = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(top).exp_()
+                total = exps.sum(dim=-1)
+                lse = total.log() + top.squeeze(1)
                 loss += torch.where(trained, lse - picked, 0.0).sum()
                 if not needs_grad:
                     continue
                 # d loss / d logits = softmax - one-hot, zero on ignored rows
-                grad = logits.sub_(lse[:, None]).exp_()
+                grad = exps.div_(total[:, None])
                 grad.scatter_add_(1, t[:, None], -torch.ones_like(grad[:, :1]))
                 grad = grad.mul_(trained[:, None]).to(dtype)
                 if grad_x is not None:
