@@ -3,23 +3,35 @@ model's fused, chunked head + cross-entropy against transformers.
 
 Run by hand (not a test):
 
-    .venv/bin/python benchmarks/bench_memory.py [--dir /tmp/forgec-bench-128k] [--batch 2] [--seq 512]
+    .venv/bin/python benchmarks/bench_memory.py [--dir /tmp/forgec-bench-128k] [--batch 2] [--seq 512] [--steady] [--adamw fused|plain]
 
 The model is benchmarks/_common.py's (width 512, 8 layers) with Llama 3's
-vocabulary of 128,256 tokens, untied: 163 M parameters, of which the embedding
+vocabulary of 128,256 tokens, untied: 158.6 M parameters, of which the embedding
 and the head hold 131 M. Both libraries load the same fp32 weights.
 
 Measured as bench_hf.py measures memory: each cell in a fresh process, the model
 built, loaded and called once on 4 tokens, the peak-RSS counter reset, one
 training step from no gradients and an empty AdamW (forward, loss, backward,
-AdamW step: the gradients and AdamW's two moments are counted, the same for
-every cell), then peak RSS above the RSS before the step. The cells:
+grad-norm clipping, AdamW step: the gradients and AdamW's two moments are
+counted, the same for every cell), then peak RSS above the RSS before the
+step; the counter is reset at each phase too, so the peak of each phase
+(above the same starting RSS) says where the step's peak is. `--steady` also
+measures a second step above the RSS before it: AdamW's moments exist then
+and are not counted, which is what a long run's steps look like. The cells:
 
-* forgec, fused: what `forgec train` runs, `model(ids, targets=...)`: the
-  summed cross-entropy chunk by chunk; the full logits never exist;
+* forgec, fused: what `forgec train` runs: runtime.loop's loss
+  (`TextTask.loss`, i.e. `model(ids, doc_ids=..., targets=...)`: the summed
+  cross-entropy chunk by chunk, the full logits never exist) and its
+  optimizer (`make_optimizer`: fused AdamW);
 * forgec, logits: the generated model's logits, then F.cross_entropy (the
   plain path, what every trainer did before);
-* transformers: its logits, then F.cross_entropy, as bench_hf.py.
+* transformers: its logits, then F.cross_entropy.
+
+`--adamw fused` (the default) gives the two logits cells fused AdamW as well
+(transformers' Trainer's default optimizer since torch 2.8); `--adamw plain`
+gives every cell torch.optim.AdamW's default, on the CPU the single-tensor loop,
+whose temporaries (two of the largest parameter's size) were most of the
+step's peak in the figures of 2026-12-05 before this option existed.
 
 Prints each peak and the ratio to transformers'.
 """
