@@ -390,8 +390,7 @@ class SwiGLU(nn.Module):
 
 
 # The fused head + cross-entropy works on this many logits at a time: 2**24 fp32
-# values (64 MiB) whatever the vocabulary, e.g. 130 tokens at 128,256 (the
-# matmuls stay large: 130 x dim x vocab).
+# values (64 MiB) whatever the vocabulary, e.g. 130 tokens at 128,256.
 LOSS_CHUNK_LOGITS = 1 << 24
 
 
@@ -437,19 +436,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 t = torch.where(trained, t, 0)
                 logits = F.linear(x_c, w, b).float()  # (chunk, vocab)
                 picked = logits.gather(1, t[:, None]).squeeze(1)
-                # log-sum-exp and softmax in place: one (chunk, vocab) buffer, where
-                # torch.logsumexp would allocate a second one for its exponentials
                 top = logits.amax(dim=-1, keepdim=True)
-                exps = logits.sub_(top).exp_()
-                total = exps.sum(dim=-1)
-                lse = total.log() + top.squeeze(1)
-                loss += torch.where(trained, lse - picked, 0.0).sum()
+                total = logits.sub_(top).exp_().sum(dim=-1)  # in place: logsumexp would copy
+                loss += torch.where(trained, total.log() + top.squeeze(1) - picked, 0.0).sum()
                 if not needs_grad:
                     continue
-                # d loss / d logits = softmax - one-hot, zero on ignored rows
-                grad = exps.div_(total[:, None])
+                grad = logits.div_(total[:, None])  # d loss / d logits = softmax - one-hot
                 grad.scatter_add_(1, t[:, None], -torch.ones_like(grad[:, :1]))
-                grad = grad.mul_(trained[:, None]).to(dtype)
+                grad = grad.mul_(trained[:, None]).to(dtype)  # zero on ignored rows
                 if grad_x is not None:
                     grad_x[start : start + chunk] = (grad @ w).to(x.dtype)
                 if grad_w.dtype == dtype:
