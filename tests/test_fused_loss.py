@@ -163,3 +163,15 @@ def test_targets_need_the_output_head():
     with pytest.raises(ValueError, match="targets need the output head"):
         model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
 
+
+
+def test_head_weight_gradient_is_not_copied():
+    """The forward computes the head's weight gradient; backward scales it in place
+    and AccumulateGrad takes that very tensor as .grad (no second vocab × dim copy)."""
+    torch.manual_seed(0)
+    head = OutputHead(16, 100)
+    loss = head(torch.randn(2, 8, 16, requires_grad=True), torch.randint(0, 100, (2, 8)))
+    assert loss.grad_fn.saved_tensors[1].shape == head.proj.weight.shape
+    saved = loss.grad_fn.saved_tensors[1].data_ptr()  # no reference kept: it would force a copy
+    (loss * 0.5).backward()
+    assert head.proj.weight.grad.data_ptr() == saved
