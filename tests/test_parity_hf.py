@@ -112,6 +112,19 @@ FAMILIES = {
         sliding_window=8, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.5})),
+    # Gemma: norms scaling by 1 + w, the embedding by sqrt(dim), GeGLU; Gemma 2: sandwich
+    # norms, soft-capped scores and logits, local / global layers (every 2: global),
+    # 1 / sqrt(query_pre_attn_scalar); Gemma 3: per-head qk-norm with unit offset, the local
+    # layers' own RoPE base, 5 local : 1 global. Untied heads: tied, the sqrt(dim)-scaled
+    # embedding of the last token dominates a tiny model's residual stream, and greedy
+    # decoding repeats it (a tied head is tested with Qwen2)
+    "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM, dict(head_dim=16, tie_word_embeddings=False)),
+    "gemma2": (hf.Gemma2Config, hf.Gemma2ForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False)),
+    "gemma3": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM, dict(
+        num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False)),
 }
 
 
@@ -222,6 +235,10 @@ def test_a_wrong_weight_would_be_caught(pair):
         w = w.weight
         if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
             w = layer.attention.o_proj.weight[0]
+        if hasattr(layer, "post_attention_norm"):
+            # Gemma 2, 3: the post-norm undoes a layer's input norm moved as a whole
+            # (with Gemma 3's qk-norms): one channel of the final norm instead
+            w = model.norm.weight[:1]
         saved = w.clone()
         w.add_(1e-3)
         try:

@@ -519,6 +519,17 @@ class Dense:
     pre_norms: bool = True  # norms before attention and MLP
     post_norms: bool = False  # norms of their outputs, before the residual sum
     qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+    # ---- Gemma's (see GEMMA below)
+    embedding_scale: str | None = None  # the embedding's multiplier, as the spec writes it
+    # the post-norms' component names the weight loader reads them by
+    post_norm_names: tuple[str, str] | None = None
+    query_scale_field: str | None = None  # scores scaled by 1 / sqrt(this field)
+    softcaps: bool = False  # attn_logit_softcapping and final_logit_softcapping
+    # layer_types (else sliding_window_pattern) chooses sliding (local) or full (global)
+    window_layers: bool = False
+    local_rope: bool = False  # local layers turn with a base of their own (Gemma 3)
+    qk_norm_args: tuple[str, ...] = ()  # further arguments of the qk-norm
+    off: tuple[str, ...] = ()  # fields the language can say only false or null (E114)
 
 
 DENSE = {
@@ -659,6 +670,51 @@ DENSE.update({
         note="qkv_proj and gate_up_proj are split into q/k/v_proj and gate/up_proj on load."),
 })
 
+# Gemma: RMSNorm scaling by 1 + weight, the embedding multiplied by sqrt(hidden_size),
+# a GeGLU MLP (gelu_pytorch_tanh); Gemma 2 adds sandwich norms, soft-capped scores and
+# logits, sliding (local) and full (global) layers and 1 / sqrt(query_pre_attn_scalar);
+# Gemma 3 a per-head qk-norm and a RoPE base of the local layers' own
+_GEMMA = dict(
+    aliases=_RMS, norm="norm", norm_args=", unit_offset = true", qkv_bias="attention_bias",
+    out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+    embedding_scale="sqrt(dim)", off=("use_bidirectional_attention",),
+    # Gemma's Hub configs write both activation fields; transformers 5 reads hidden_act
+    # (Gemma) or hidden_activation (Gemma 2, 3) only
+    inert=("hidden_activation", "cache_implementation"))
+_GEMMA_DEFAULTS = {
+    "max_position_embeddings": 8192, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "head_dim": 256, "attention_bias": False,
+    "attention_dropout": 0.0, "use_bidirectional_attention": None}
+_GEMMA2 = dict(
+    _GEMMA, aliases={**_RMS, "hidden_act": "hidden_activation"}, post_norms=True,
+    inert=("hidden_act", "cache_implementation"),
+    post_norm_names=("post_attention_norm", "post_mlp_norm"),
+    query_scale_field="query_pre_attn_scalar", softcaps=True, window_layers=True)
+DENSE.update({
+    "gemma": Dense(
+        "Gemma", ("GemmaForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 16,
+            "rope_theta": 10000.0},
+        **_GEMMA),
+    "gemma2": Dense(
+        "Gemma 2", ("Gemma2ForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "sliding_window_pattern": 2},
+        **_GEMMA2),
+    "gemma3_text": Dense(
+        "Gemma 3", ("Gemma3ForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "max_position_embeddings": 131072,
+            "use_bidirectional_attention": False, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": None,
+            "final_logit_softcapping": None, "sliding_window_pattern": 6},
+        **{**_GEMMA2, "local_rope": True, "qk_norm_over": "head",
+           "qk_norm_args": ("qk_norm_unit_offset = true",)}),
+})
+
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -698,6 +754,88 @@ class DenseImporter(Importer):
                 self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
                                  self.src.span(("no_rope_layers", i)))
         return [bool(v) for v in flags]
+
+    def _gemma_scales(self, f: Fields, fam: Dense, d: dict, attention: list[str],
+                      embedding_args: list[str], head_args: list[str]) -> None:
+        """The embedding's multiplier, the scores' scale and the soft caps (Gemma)."""
+        p = self.p
+        if fam.embedding_scale is not None:
+            embedding_args.append(f"scale = {fam.embedding_scale}")
+        if fam.query_scale_field is not None:
+            k = fam.query_scale_field
+            q = f.get(k, "float", d[k], positive=True)
+            if q is not None:
+                p.add(k, int(q) if q.is_integer() else q, self.note_default(f, k))
+                attention.append(f"scale = 1 / sqrt({p(k)})")
+        if fam.softcaps:
+            for k, name, args in (("attn_logit_softcapping", "attn_softcap", attention),
+                                  ("final_logit_softcapping", "logit_softcap", head_args)):
+                cap = f.get(k, "float?", d[k], positive=True)
+                if cap is not None:
+                    p.add(name, cap, self.note_default(f, k))
+                    args.append(f"softcap = {p(name)}")
+
+    def _window_flags(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers slide (Gemma 2, 3): layer_types, else every layer but each
+        sliding_window_pattern-th (its 4.x configs; written `_sliding_window_pattern` by
+        transformers 5, where layer_types says it)."""
+        types = f.get("layer_types", "list?", None)
+        pattern = d["sliding_window_pattern"]
+        for k in ("sliding_window_pattern", "_sliding_window_pattern"):
+            if k in f:
+                pattern = f.get(k, "int", positive=True)
+        if types is None:
+            return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
+        if len(types) != n:
+            f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+        for i, t in enumerate(types):
+            if t not in ("full_attention", "sliding_attention"):
+                self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                 self.src.span(("layer_types", i)),
+                                 "layer types are full_attention or sliding_attention")
+        return [t == "sliding_attention" for t in types][:n] + [False] * (n - len(types))
+
+    def _local_ropes(self, f: Fields, d: dict) -> list[str] | None:
+        """Gemma 3's two RoPE bases: rope_parameters.full_attention / .sliding_attention
+        (transformers 5), or rope_theta and rope_local_base_freq (4.x)."""
+        p = self.p
+        params = f.get("rope_parameters", "dict?", None)
+        if params is None:
+            theta = f.get("rope_theta", "float", d["rope_theta"])
+            local = f.get("rope_local_base_freq", "float", d["rope_local_base_freq"])
+            if f.get("rope_scaling", "dict?", None) is not None:
+                f.error("E114", "rope_scaling", "rope_scaling of Gemma 3's global layers "
+                        "cannot be expressed: forgec's rope has one scaling for both bases")
+            notes = (self.note_default(f, "rope_theta"), self.note_default(f, "rope_local_base_freq"))
+        else:
+            f.consume("rope_theta", "rope_local_base_freq", "rope_scaling")
+            rp = Fields(self.src, params, ("rope_parameters",), self.diags, "rope_parameters")
+            thetas, notes = [], []
+            for kind, default in (("full_attention", d["rope_theta"]),
+                                  ("sliding_attention", d["rope_local_base_freq"])):
+                sub = rp.get(kind, "dict", {})
+                if sub is None:
+                    return None
+                r = Fields(self.src, sub, rp.path + (kind,), self.diags, rp.name(kind))
+                rope_type = r.get("rope_type", "str", "default")
+                if rope_type not in ("default", None):
+                    r.error("E114", "rope_type", f"rope type '{rope_type}' of the "
+                            f"{kind} layers cannot be expressed: forgec's rope with a local "
+                            "base scales neither")
+                    r.consume(*r.obj)
+                thetas.append(r.get("rope_theta", "float", default))
+                notes.append(r.name("rope_theta") if "rope_theta" in r
+                             else f"{r.name('rope_theta')} (default)")
+                r.unknown(self.ignore, "RoPE")
+            rp.unknown(self.ignore, "RoPE")
+            theta, local = thetas
+        if theta is None or local is None:
+            return None
+        p.add("rope_theta", theta, notes[0])
+        p.add("local_rope_theta", local, notes[1])
+        return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}"]
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -770,6 +908,10 @@ class DenseImporter(Importer):
             if v is not None and v != want:
                 f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's ops",
                         f"only {k} = {fmt(want)} imports")
+        for k in fam.off:
+            if f.get(k, "bool?", d.get(k)):
+                f.error("E114", k, f"{k} = true cannot be expressed: forgec's decoders are "
+                        "causal", f"only {k} = false (or null) imports")
 
         def flag(spec: bool | str) -> bool:
             return bool(get(spec, "bool")) if isinstance(spec, str) else spec
@@ -802,7 +944,9 @@ class DenseImporter(Importer):
                            "logits_scaling") if fam.multipliers else ())
                 + (("logit_scale",) if fam.logit_scale else ())}
         window = None
-        if "use_sliding_window" in d:  # off (fam.fixed): its window is not used
+        if fam.window_layers:
+            window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        elif "use_sliding_window" in d:  # off (fam.fixed): its window is not used
             f.consume("sliding_window")
         elif "sliding_window" in d:
             window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
@@ -823,7 +967,10 @@ class DenseImporter(Importer):
         if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
             for n in ("head_dim", "max_seq_len"):
                 p.add(n, 0)
-            self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            if fam.local_rope:
+                self._local_ropes(f, d)
+            else:
+                self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             f.unknown(self.ignore, fam.title)
             return None
         p.add("vocab_size", vocab, key("vocab_size"))
@@ -850,6 +997,8 @@ class DenseImporter(Importer):
                 rd, field_name = self.rotary_fraction
                 p.add("rotary_dim", rd, field_name)
                 rope.append(f"rotary_dim = {p('rotary_dim')}")
+        elif fam.local_rope:
+            rope = self._local_ropes(f, d)
         else:
             rope = self._rope(f, d)
         attention = ["dim", f"heads = {p('n_heads')}"]
@@ -866,6 +1015,7 @@ class DenseImporter(Importer):
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
             if fam.qk_norm_over != "head":
                 attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+            attention += fam.qk_norm_args
         if clip is not None:
             p.add("clip_qkv", clip, "clip_qkv")
             attention.append(f"clip_qkv = {p('clip_qkv')}")
@@ -884,8 +1034,14 @@ class DenseImporter(Importer):
                 head_args.append(f"logit_scale = 1.0 / {p(k)}")
             else:
                 head_args.append(f"logit_scale = {p(k)}")
-        kinds = [LayerKind(window is not None, False, not rotates)
-                 for rotates in self._rotating_layers(f, d, n_layers)]
+        self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
+        slides = (self._window_flags(f, d, n_layers) if fam.window_layers
+                  else [True] * n_layers)
+        if not any(slides):
+            window = None  # no layer reads it
+        kinds = [LayerKind(window is not None and s, False, not rotates)
+                 for s, rotates in zip(slides, self._rotating_layers(f, d, n_layers),
+                                       strict=True)]
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -939,7 +1095,9 @@ class DenseImporter(Importer):
             mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
             modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
             head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
-            post_norms=fam.post_norms)
+            post_norms=fam.post_norms, post_norm_names=fam.post_norm_names,
+            window_names=("local", "global") if fam.window_layers else None,
+            window_args=["local_rope = true"] if fam.local_rope else [])
 
 
 # ---- the tokenizer ---------------------------------------------------------------------
