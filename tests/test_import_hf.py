@@ -553,6 +553,16 @@ def _family_config(cls, **fields) -> dict:
     (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
     (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
     (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
+    (hf.GemmaConfig, {"hidden_act": "relu"}, "E114", '"hidden_act"'),
+    (hf.Gemma2Config, {"attn_logit_softcapping": -1.0}, "E113", '"attn_logit_softcapping"'),
+    (hf.Gemma2Config, {"layer_types": ["sliding_attention", "chunked_attention"]}, "E114",
+     '"chunked_attention"'),
+    (hf.Gemma3TextConfig, {"use_bidirectional_attention": True}, "E114",
+     '"use_bidirectional_attention"'),
+    (hf.Gemma3TextConfig, {"rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "E114",
+     '"rope_type"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)
@@ -572,3 +582,25 @@ def test_an_imported_family_spec_reads_like_one_written_by_hand():
     assert "rotary_dim  = 8        # rope_parameters.partial_rotary_factor = 0.5" in spec
     assert "output_head = lm_head(dim, vocab_size, bias = true)" in spec
     assert "mlp_norm" not in spec and "n_kv_heads" not in spec  # nothing unused
+
+
+def test_gemma_layer_patterns_read_like_the_papers():
+    # Gemma 2 alternates local and global layers, Gemma 3 has one global in six; the
+    # scores are scaled by query_pre_attn_scalar, the logits soft-capped (Gemma 2)
+    # without layer_types (4.x configs): Gemma 2 alternates, Gemma 3 follows
+    # sliding_window_pattern (transformers 5 writes it as _sliding_window_pattern)
+    def config(cls, n):
+        cfg = _family_config(cls, num_hidden_layers=n)
+        del cfg["layer_types"]
+        return json.dumps(cfg)
+
+    spec, diags = import_text(config(hf.Gemma2Config, 6))
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "    default: local\n    every 2: global\n" in spec
+    assert "scale = 1 / sqrt(query_pre_attn_scalar), softcap = attn_softcap" in spec
+    assert "lm_head(dim, vocab_size, tie = token_embedding, softcap = logit_softcap)" in spec
+    spec, diags = import_text(config(hf.Gemma3TextConfig, 12))
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "    default: local\n    every 6: global\n" in spec
+    assert "local_theta = local_rope_theta" in spec and "local_rope = true" in spec
+    assert "softcap" not in spec  # Gemma 3 caps nothing
