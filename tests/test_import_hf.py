@@ -563,6 +563,14 @@ def _family_config(cls, **fields) -> dict:
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "E114",
      '"rope_type"'),
+    (hf.DeepseekV2Config, {"topk_method": "group_limited_greedy", "num_experts_per_tok": 2},
+     "E114", '"topk_method"'),
+    (hf.DeepseekV2Config, {"routed_scaling_factor": 16.0, "num_experts_per_tok": 2}, "E114",
+     '"routed_scaling_factor"'),
+    (hf.DeepseekV3Config, {"first_k_dense_replace": -1}, "E113", '"first_k_dense_replace"'),
+    (hf.DeepseekV3Config, {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+        "original_max_position_embeddings": 4096}}, "E114", '"rope_type"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)

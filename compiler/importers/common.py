@@ -405,6 +405,7 @@ class Decoder:
     # the names of sliding-window and full-attention blocks (Gemma's local, global)
     window_names: tuple[str, str] | None = None
     window_args: list[str] = field(default_factory=list)  # further arguments of local layers
+    attention_op: str | None = None  # another op of the self-attention role (DeepSeek's)
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -422,7 +423,7 @@ class Decoder:
         args = [a for a in self.attention if not (nope and a == "rope = rope")]
         if window:
             args += self.window_args + [f"window = {self.window}"]
-        return call(self._op("self_attention"), args, indent)
+        return call(self.attention_op or self._op("self_attention"), args, indent)
 
     def _mlp(self, moe: bool, indent: int) -> str:
         spec = self.moe if moe else self.mlp

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
-from ..ops import foreign_op
+from ..ops import foreign_choices, foreign_op
 from .common import Decoder, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
@@ -530,6 +530,11 @@ class Dense:
     local_rope: bool = False  # local layers turn with a base of their own (Gemma 3)
     qk_norm_args: tuple[str, ...] = ()  # further arguments of the qk-norm
     off: tuple[str, ...] = ()  # fields the language can say only false or null (E114)
+    # ---- DeepSeek's (see DEEPSEEK below)
+    latent: bool = False  # multi-head latent attention (q/kv_lora_rank ...)
+    # routed experts after first_k_dense_replace dense layers: "sigmoid" (V3: grouped,
+    # biased sigmoid scores) or "softmax" (V2: greedy top-k of softmax scores)
+    routed: str | None = None
 
 
 DENSE = {
@@ -715,6 +720,37 @@ DENSE.update({
            "qk_norm_args": ("qk_norm_unit_offset = true",)}),
 })
 
+# DeepSeek-V2 and V3: multi-head latent attention (its rope turns the qk_rope_head_dim
+# channels), a SwiGLU MLP on the first first_k_dense_replace layers and routed plus
+# shared experts on the others. head_dim and qk_head_dim are derived from the MLA sizes;
+# num_key_value_heads is not read by MLA; neither model class adds a balance loss
+# (output_router_logits) nor runs the multi-token-prediction layers
+# (num_nextn_predict_layers)
+_DEEPSEEK_DEFAULTS = {
+    "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "attention_bias": False, "attention_dropout": 0.0, "first_k_dense_replace": 0,
+    "n_shared_experts": None, "rope_interleave": True, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+_DEEPSEEK = dict(
+    aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",), latent=True,
+    inert=("head_dim", "qk_head_dim", "num_key_value_heads", "output_router_logits",
+           "num_nextn_predict_layers"))
+DENSE.update({
+    "deepseek_v3": Dense(
+        "DeepSeek-V3", ("DeepseekV3ForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+            "norm_topk_prob": True},
+        routed="sigmoid", **_DEEPSEEK),
+    "deepseek_v2": Dense(
+        "DeepSeek-V2", ("DeepseekV2ForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+            "topk_method": "greedy", "mlp_bias": False, "rope_interleave": None},
+        routed="softmax", fixed={"topk_method": "greedy", "mlp_bias": False},
+        **{**_DEEPSEEK, "inert": (*_DEEPSEEK["inert"], "norm_topk_prob")}),
+})
+
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -774,6 +810,105 @@ class DenseImporter(Importer):
                 if cap is not None:
                     p.add(name, cap, self.note_default(f, k))
                     args.append(f"softcap = {p(name)}")
+
+    def _latent_sizes(self, f: Fields, d: dict) -> bool:
+        """Read the sizes of multi-head latent attention (DeepSeek) into parameters; its
+        rope turns the qk_rope_head_dim channels. False where one is missing or wrong."""
+        p = self.p
+        keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim")
+        sizes = {k: f.get(k, "int?" if k == "q_lora_rank" else "int", d[k], positive=True)
+                 for k in keys}
+        interleave = f.get("rope_interleave", "bool?", d["rope_interleave"])
+        bias = f.get("attention_bias", "bool", d["attention_bias"])
+        model_type = f.obj["model_type"]
+        self.latent_op = foreign_choices("hf", "self_attention", "model_type")[model_type]
+        if bias is None or any(v is None for k, v in sizes.items() if k != "q_lora_rank"):
+            return False
+        for k, v in sizes.items():
+            if v is not None:
+                p.add(k, v, self.note_default(f, k))
+        p.add("head_dim", sizes["qk_rope_head_dim"], "qk_rope_head_dim")  # the rope's
+        args = ["dim", f"heads = {p('n_heads')}"]
+        if sizes["q_lora_rank"] is not None:  # null: queries projected directly
+            args.append(f"q_lora_rank = {p('q_lora_rank')}")
+        args += [f"{k} = {p(k)}" for k in keys[1:]]
+        args.append("rope = rope")
+        if interleave is False:  # V2's null: its rope turns interleaved pairs too
+            args.append("rope_interleave = false")
+        if bias:
+            args.append("bias = true")
+        self.latent_args = args
+        return True
+
+    def _latent_attention(self, rope: list[str]) -> list[str]:
+        """The mla arguments; the rope built for the qk_rope_head_dim channels."""
+        p = self.p
+        rope[0] = f"head_dim = {p('qk_rope_head_dim')}"
+        p.items["head_dim"].used = False  # only the rope read it, now by its own name
+        return self.latent_args
+
+    def _routed_experts(self, f: Fields, fam: Dense, d: dict, n: int):
+        """DeepSeek's mixture of routed and shared experts, on the layers from
+        first_k_dense_replace on: (op, arguments) and which layers have it."""
+        p = self.p
+        self.dense_layers_note = None
+        experts = f.get("n_routed_experts", "int", positive=True)
+        top_k = f.get("num_experts_per_tok", "int", positive=True)
+        hidden = f.get("moe_intermediate_size", "int", positive=True)
+        shared = f.get("n_shared_experts", "int?", d["n_shared_experts"])
+        first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
+        scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
+        router_args = []
+        if fam.routed == "sigmoid":
+            router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
+            normalize = f.get("norm_topk_prob", "bool", d["norm_topk_prob"])
+            groups = [f.get(k, "int?", d[k], positive=True) for k in ("n_group", "topk_group")]
+            if normalize is False:
+                router_args.append("normalize = false")
+            if scale is not None and scale != 1.0:
+                p.add("routed_scale", scale, self.note_default(f, "routed_scaling_factor"))
+                router_args.append(f"routed_scale = {p('routed_scale')}")
+            if groups[0] is not None and groups[0] > 1:
+                p.add("n_group", groups[0], self.note_default(f, "n_group"))
+                p.add("topk_group", groups[1] or 1, self.note_default(f, "topk_group"))
+                router_args += [f"n_group = {p('n_group')}", f"topk_group = {p('topk_group')}"]
+        else:  # greedy top-k of softmax scores, neither renormalised nor balanced in HF
+            router = foreign_op("hf", "router")
+            f.consume("n_group", "topk_group")  # greedy routing reads neither
+            if scale is not None and scale != 1.0:
+                f.error("E114", "routed_scaling_factor", f"routed_scaling_factor = "
+                        f"{fmt(scale)} cannot be expressed: forgec's softmax_topk router "
+                        "does not scale its weights", "only routed_scaling_factor = 1.0 "
+                        "imports with greedy routing")
+            router_args += ["renormalize = false", "aux_loss_weight = 0.0"]
+        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0):
+            return None, [False] * n
+        if top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
+                    f"than the {experts} experts (n_routed_experts)")
+        if first < 0:
+            f.error("E113", "first_k_dense_replace", f"first_k_dense_replace = {first} is "
+                    "not a number of layers")
+            return None, [False] * n
+        if first >= n:  # every layer dense
+            return None, [False] * n
+        if 0 < first < n:
+            self.dense_layers_note = (f"first_k_dense_replace = {first}: "
+                                      + ("layer 0 has" if first == 1
+                                         else f"the first {first} layers have")
+                                      + " a dense MLP")
+        p.add("n_experts", experts, "n_routed_experts")
+        p.add("top_k", top_k, "num_experts_per_tok")
+        p.add("expert_hidden", hidden, "moe_intermediate_size")
+        args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                f"hidden = {p('expert_hidden')}"]
+        if shared:
+            p.add("n_shared_experts", shared, self.note_default(f, "n_shared_experts"))
+            args.append(f"shared_experts = {p('n_shared_experts')}")
+        args.append(f"router = {router}({', '.join(router_args)})")
+        return (foreign_op("hf", "experts", hidden_act=self.act), args), \
+            [i >= first for i in range(n)]
 
     def _window_flags(self, f: Fields, d: dict, n: int) -> list[bool]:
         """Which layers slide (Gemma 2, 3): layer_types, else every layer but each
@@ -897,6 +1032,7 @@ class DenseImporter(Importer):
                 f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
         tie = get("tie_word_embeddings", "bool")
         act = get("hidden_act", "str")
+        self.act = act
         for k in fam.dropouts:
             v = f.get(k, "float", d.get(k, 0.0))
             if v:
@@ -999,6 +1135,8 @@ class DenseImporter(Importer):
                 rope.append(f"rotary_dim = {p('rotary_dim')}")
         elif fam.local_rope:
             rope = self._local_ropes(f, d)
+        elif fam.latent and not self._latent_sizes(f, d):
+            rope = None
         else:
             rope = self._rope(f, d)
         attention = ["dim", f"heads = {p('n_heads')}"]
@@ -1035,13 +1173,17 @@ class DenseImporter(Importer):
             else:
                 head_args.append(f"logit_scale = {p(k)}")
         self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
+        moe, sparse = (self._routed_experts(f, fam, d, n_layers) if fam.routed
+                       else (None, [False] * n_layers))
+        if fam.latent and rope is not None:
+            attention = self._latent_attention(rope)
         slides = (self._window_flags(f, d, n_layers) if fam.window_layers
                   else [True] * n_layers)
         if not any(slides):
             window = None  # no layer reads it
-        kinds = [LayerKind(window is not None and s, False, not rotates)
-                 for s, rotates in zip(slides, self._rotating_layers(f, d, n_layers),
-                                       strict=True)]
+        kinds = [LayerKind(window is not None and s, m, not rotates)
+                 for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
+                                          strict=True)]
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -1084,7 +1226,7 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
-        stack_notes = []
+        stack_notes = [self.dense_layers_note] if fam.routed and self.dense_layers_note else []
         if any(k.nope for k in kinds):
             stack_notes.append("no_rope_layers: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -1092,12 +1234,14 @@ class DenseImporter(Importer):
             name=name, header=header, params=p, stack_notes=stack_notes,
             norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
-            mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
-            modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
-            head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
-            post_norms=fam.post_norms, post_norm_names=fam.post_norm_names,
+            mlp=mlp if not all(sparse) else None, moe=moe, kinds=kinds, tie=tie,
+            framework="hf", residual=residual, modules=modules, head_bias=fam.head_bias,
+            embedding_args=embedding_args, head_args=head_args, residual_scale=residual_scale,
+            pre_norms=fam.pre_norms, post_norms=fam.post_norms,
+            post_norm_names=fam.post_norm_names,
             window_names=("local", "global") if fam.window_layers else None,
-            window_args=["local_rope = true"] if fam.local_rope else [])
+            window_args=["local_rope = true"] if fam.local_rope else [],
+            attention_op=self.latent_op if fam.latent else None)
 
 
 # ---- the tokenizer ---------------------------------------------------------------------
