@@ -567,6 +567,8 @@ def _family_config(cls, **fields) -> dict:
      "E114", '"topk_method"'),
     (hf.DeepseekV2Config, {"routed_scaling_factor": 16.0, "num_experts_per_tok": 2}, "E114",
      '"routed_scaling_factor"'),
+    # gpt-oss's YaRN RoPE
+    (hf.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}, "E114", '"rope_type"'),
     (hf.DeepseekV3Config, {"first_k_dense_replace": -1}, "E113", '"first_k_dense_replace"'),
     (hf.DeepseekV3Config, {"rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,

@@ -146,6 +146,13 @@ FAMILIES = {
         num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
         num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1)),
+    # attention sinks, q/k/v/o biases, a window on every other layer (0, 2, ...), experts
+    # with biases and a SwiGLU clamped at 1.0 (where it changes values at this scale), a
+    # router with a bias
+    "gpt_oss": (hf.GptOssConfig, hf.GptOssForCausalLM, dict(
+        head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, rms_norm_eps=1e-5, swiglu_limit=1.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 

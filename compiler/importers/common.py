@@ -413,7 +413,7 @@ class Decoder:
         return name
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
-        if self.window_names and not kind.moe and not kind.nope:
+        if self.window_names and not kind.nope:  # (families whose layers all match in moe)
             return self.window_names[0 if kind.window else 1]
         base = "sparse" if kind.moe else "dense"
         return base + ("_local" if kind.window and mixed_window else "") + \

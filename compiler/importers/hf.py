@@ -535,6 +535,10 @@ class Dense:
     # routed experts after first_k_dense_replace dense layers: "sigmoid" (V3: grouped,
     # biased sigmoid scores) or "softmax" (V2: greedy top-k of softmax scores)
     routed: str | None = None
+    # ---- gpt-oss's
+    sinks: bool = False  # a learned sink logit per head in each softmax
+    # the names of the sliding-window and full-attention blocks (window_layers)
+    window_names: tuple[str, str] = ("local", "global")
 
 
 DENSE = {
@@ -751,6 +755,22 @@ DENSE.update({
         **{**_DEEPSEEK, "inert": (*_DEEPSEEK["inert"], "norm_topk_prob")}),
 })
 
+# gpt-oss: q/k/v/o biases and a sink logit per head, sliding and full layers after
+# layer_types, biased experts on every layer (its YaRN RoPE is refused with the rope type)
+DENSE["gpt_oss"] = Dense(
+    "gpt-oss", ("GptOssForCausalLM",), {
+        "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+        "head_dim": 64, "rope_theta": 150000.0, "attention_bias": True,
+        "attention_dropout": 0.0, "sliding_window": 128, "sliding_window_pattern": 2,
+        "num_experts_per_tok": 4, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+    gated=True, dropouts=("attention_dropout",), window_layers=True,
+    window_names=("sliding", "full"), sinks=True, routed="biased",
+    note="The experts' packed gate_up_proj (gate and up columns interleaved) is split on "
+         "load.")
+
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -909,6 +929,40 @@ class DenseImporter(Importer):
         args.append(f"router = {router}({', '.join(router_args)})")
         return (foreign_op("hf", "experts", hidden_act=self.act), args), \
             [i >= first for i in range(n)]
+
+    def _biased_experts(self, f: Fields, d: dict, n: int):
+        """gpt-oss's experts on every layer: biases, a clamped SwiGLU, a router with a
+        bias, softmax over the chosen logits (= renormalised top-k of the softmax)."""
+        p = self.p
+        experts = f.get("num_local_experts", "int", positive=True)
+        top_k = f.get("num_experts_per_tok", "int", d["num_experts_per_tok"], positive=True)
+        limit = f.get("swiglu_limit", "float", d["swiglu_limit"], positive=True)
+        alpha = f.get("swiglu_alpha", "float", d["swiglu_alpha"], positive=True)
+        logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+        coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+        if None in (experts, top_k, limit, alpha, logits, coef):
+            return None, [True] * n
+        if top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
+                    f"than the {experts} experts (num_local_experts)")
+        p.add("n_experts", experts, "num_local_experts")
+        p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
+        p.add("swiglu_limit", limit, self.note_default(f, "swiglu_limit"))
+        args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                f"hidden = {p('ffn_hidden')}", "bias = true",
+                f"swiglu_limit = {p('swiglu_limit')}"]
+        if alpha != 1.702:  # the op's default, gpt-oss's
+            p.add("swiglu_alpha", alpha, self.note_default(f, "swiglu_alpha"))
+            args.append(f"swiglu_alpha = {p('swiglu_alpha')}")
+        if logits:
+            p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+                  + " (HF: one loss over all layers)")
+        else:
+            p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
+                  f"loss (router_aux_loss_coef {fmt(coef)})")
+        args.append(f"router = {foreign_op('hf', 'router')}(bias = true, "
+                    f"aux_loss_weight = {p('aux_loss_weight')})")
+        return (foreign_op("hf", "experts", hidden_act=self.act), args), [True] * n
 
     def _window_flags(self, f: Fields, d: dict, n: int) -> list[bool]:
         """Which layers slide (Gemma 2, 3): layer_types, else every layer but each
@@ -1173,7 +1227,10 @@ class DenseImporter(Importer):
             else:
                 head_args.append(f"logit_scale = {p(k)}")
         self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
-        moe, sparse = (self._routed_experts(f, fam, d, n_layers) if fam.routed
+        if fam.sinks:
+            attention.append("sinks = true")
+        moe, sparse = (self._biased_experts(f, d, n_layers) if fam.routed == "biased"
+                       else self._routed_experts(f, fam, d, n_layers) if fam.routed
                        else (None, [False] * n_layers))
         if fam.latent and rope is not None:
             attention = self._latent_attention(rope)
@@ -1226,7 +1283,7 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
-        stack_notes = [self.dense_layers_note] if fam.routed and self.dense_layers_note else []
+        stack_notes = [note] if (note := getattr(self, "dense_layers_note", None)) else []
         if any(k.nope for k in kinds):
             stack_notes.append("no_rope_layers: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -1239,7 +1296,7 @@ class DenseImporter(Importer):
             embedding_args=embedding_args, head_args=head_args, residual_scale=residual_scale,
             pre_norms=fam.pre_norms, post_norms=fam.post_norms,
             post_norm_names=fam.post_norm_names,
-            window_names=("local", "global") if fam.window_layers else None,
+            window_names=fam.window_names if fam.window_layers else None,
             window_args=["local_rope = true"] if fam.local_rope else [],
             attention_op=self.latent_op if fam.latent else None)
 
