@@ -3,8 +3,9 @@
 Supported families (the `model_type` of the config): llama, mistral, qwen2,
 qwen3, mixtral and qwen3_moe (`Importer`, with the MoE and sliding-window rules
 of those families), and the decoders of `DENSE` (`DenseImporter`): GPT-NeoX,
-GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4 and
-SmolLM3, each a small table (its config class's defaults, its names for the
+GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4,
+SmolLM3, Gemma, Gemma 2, Gemma 3 (text), DeepSeek-V2, DeepSeek-V3 and gpt-oss, each a
+small table (its config class's defaults, its names for the
 shared fields, what its layer fixes) read by one translation of config fields
 into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
@@ -1158,7 +1159,14 @@ class DenseImporter(Importer):
             for n in ("head_dim", "max_seq_len"):
                 p.add(n, 0)
             if fam.local_rope:
+                f.consume(*d, "layer_types", "_sliding_window_pattern")
                 self._local_ropes(f, d)
+            elif fam.latent or fam.routed or fam.window_layers:
+                # their own fields are known, read or not
+                f.consume(*d, "n_routed_experts", "moe_intermediate_size", "n_group",
+                          "topk_group", "num_local_experts", "num_experts_per_tok",
+                          "layer_types", "_sliding_window_pattern")
+                self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             else:
                 self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             f.unknown(self.ignore, fam.title)
