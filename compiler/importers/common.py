@@ -317,6 +317,9 @@ class Params:
         return self.items[name].value
 
 
+_NESTED = re.compile(r"(\w+ = \w+)\((.*)\)")
+
+
 def call(op: str, args: list[str], indent: int, width: int = 100) -> str:
     """`op(a, b, c)`, wrapped after commas and aligned under the first argument."""
     head = f"{op}("
@@ -326,6 +329,12 @@ def call(op: str, args: list[str], indent: int, width: int = 100) -> str:
         if len(current) + len(piece.rstrip()) + indent > width and current != head:
             lines.append(current.rstrip())
             current = " " * len(head) + piece
+            nested = _NESTED.fullmatch(a)
+            if nested and len(current.rstrip()) + indent > width:
+                # a call too long for a line of its own (a router): wrapped inside
+                name, inner = nested.group(1), nested.group(2).split(", ")
+                current = (" " * len(head) + call(name, inner, indent + len(head), width)
+                           + piece[len(a):])
         else:
             current += piece
     if not args:

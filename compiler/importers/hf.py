@@ -959,8 +959,8 @@ class DenseImporter(Importer):
             p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
                   + " (HF: one loss over all layers)")
         else:
-            p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
-                  f"loss (router_aux_loss_coef {fmt(coef)})")
+            p.add("aux_loss_weight", 0.0, f"output_router_logits false (router_aux_loss_coef "
+                  f"{fmt(coef)}): HF adds none")
         args.append(f"router = {foreign_op('hf', 'router')}(bias = true, "
                     f"aux_loss_weight = {p('aux_loss_weight')})")
         return (foreign_op("hf", "experts", hidden_act=self.act), args), [True] * n
