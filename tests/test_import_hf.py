@@ -56,6 +56,12 @@ HUB = {
     'qwen3_8b': (8_190_735_360, '{"architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 12288, "max_position_embeddings": 40960, "max_window_layers": 36, "model_type": "qwen3", "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
     # Qwen3-30B-A3B: 30_532_122_624 parameters
     'qwen3_30b_a3b': (30_532_122_624, '{"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": true, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": false, "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": null, "tie_word_embeddings": false, "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false, "vocab_size": 151936}'),
+    # gemma-2-2b: 2_614_341_888 parameters (a 4.42 config: both activation fields, no
+    # layer_types)
+    'gemma2_2b': (2_614_341_888, '{"architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "transformers_version": "4.42.4", "use_cache": true, "vocab_size": 256000}'),
+    # gemma-3-1b-pt: 999_885_952 parameters (a 4.50 config: rope_local_base_freq,
+    # sliding_window_pattern)
+    'gemma3_1b': (999_885_952, '{"architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "attn_logit_softcapping": null, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": null, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": true, "vocab_size": 262144}'),
     # pythia-70m (GPT-NeoX, a transformers 4.24 config: rotary_pct, rotary_emb_base):
     # 70_426_624 parameters
     'pythia_70m': (70_426_624, '{"architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu", "hidden_size": 512, "initializer_range": 0.02, "intermediate_size": 2048, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "gpt_neox", "num_attention_heads": 8, "num_hidden_layers": 6, "rotary_emb_base": 10000, "rotary_pct": 0.25, "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.24.0", "use_cache": true, "use_parallel_residual": true, "vocab_size": 50304}'),
@@ -553,6 +559,26 @@ def _family_config(cls, **fields) -> dict:
     (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
     (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
     (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
+    (hf.GemmaConfig, {"hidden_act": "relu"}, "E114", '"hidden_act"'),
+    (hf.Gemma2Config, {"attn_logit_softcapping": -1.0}, "E113", '"attn_logit_softcapping"'),
+    (hf.Gemma2Config, {"layer_types": ["sliding_attention", "chunked_attention"]}, "E114",
+     '"chunked_attention"'),
+    (hf.Gemma3TextConfig, {"use_bidirectional_attention": True}, "E114",
+     '"use_bidirectional_attention"'),
+    (hf.Gemma3TextConfig, {"rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "E114",
+     '"rope_type"'),
+    (hf.DeepseekV2Config, {"topk_method": "group_limited_greedy", "num_experts_per_tok": 2},
+     "E114", '"topk_method"'),
+    (hf.DeepseekV2Config, {"routed_scaling_factor": 16.0, "num_experts_per_tok": 2}, "E114",
+     '"routed_scaling_factor"'),
+    # gpt-oss's YaRN RoPE
+    (hf.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}, "E114", '"rope_type"'),
+    (hf.DeepseekV3Config, {"first_k_dense_replace": -1}, "E113", '"first_k_dense_replace"'),
+    (hf.DeepseekV3Config, {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+        "original_max_position_embeddings": 4096}}, "E114", '"rope_type"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)
@@ -572,3 +598,25 @@ def test_an_imported_family_spec_reads_like_one_written_by_hand():
     assert "rotary_dim  = 8        # rope_parameters.partial_rotary_factor = 0.5" in spec
     assert "output_head = lm_head(dim, vocab_size, bias = true)" in spec
     assert "mlp_norm" not in spec and "n_kv_heads" not in spec  # nothing unused
+
+
+def test_gemma_layer_patterns_read_like_the_papers():
+    # Gemma 2 alternates local and global layers, Gemma 3 has one global in six; the
+    # scores are scaled by query_pre_attn_scalar, the logits soft-capped (Gemma 2)
+    # without layer_types (4.x configs): Gemma 2 alternates, Gemma 3 follows
+    # sliding_window_pattern (transformers 5 writes it as _sliding_window_pattern)
+    def config(cls, n):
+        cfg = _family_config(cls, num_hidden_layers=n)
+        del cfg["layer_types"]
+        return json.dumps(cfg)
+
+    spec, diags = import_text(config(hf.Gemma2Config, 6))
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "    default: local\n    every 2: global\n" in spec
+    assert "scale = 1 / sqrt(query_pre_attn_scalar), softcap = attn_softcap" in spec
+    assert "lm_head(dim, vocab_size, tie = token_embedding, softcap = logit_softcap)" in spec
+    spec, diags = import_text(config(hf.Gemma3TextConfig, 12))
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "    default: local\n    every 6: global\n" in spec
+    assert "local_theta = local_rope_theta" in spec and "local_rope = true" in spec
+    assert "softcap" not in spec  # Gemma 3 caps nothing

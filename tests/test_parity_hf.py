@@ -112,6 +112,47 @@ FAMILIES = {
         sliding_window=8, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.5})),
+    # Gemma: norms scaling by 1 + w, the embedding by sqrt(dim), GeGLU; Gemma 2: sandwich
+    # norms, soft-capped scores and logits, local / global layers (every 2: global),
+    # 1 / sqrt(query_pre_attn_scalar); Gemma 3: per-head qk-norm with unit offset, the local
+    # layers' own RoPE base, 5 local : 1 global. Untied heads: tied, the sqrt(dim)-scaled
+    # embedding of the last token dominates a tiny model's residual stream, and greedy
+    # decoding repeats it (a tied head is tested with Qwen2)
+    "gemma": (hf.GemmaConfig, hf.GemmaForCausalLM, dict(head_dim=16, tie_word_embeddings=False)),
+    "gemma2": (hf.Gemma2Config, hf.Gemma2ForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False)),
+    "gemma3": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM, dict(
+        num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False)),
+    # multi-head latent attention (queries through a 32-wide bottleneck, a 16-wide
+    # key/value latent, 8 interleaved-RoPE channels per head), a dense first layer, then 8
+    # experts in 4 groups, 2 per token from the 2 best groups, sigmoid scores with a
+    # random score-correction bias, weights normalised and scaled by 2.5, a shared expert
+    "deepseek_v3": (hf.DeepseekV3Config, hf.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, n_shared_experts=1)),
+    # queries projected directly, RoPE on the halves of the rotated channels
+    "deepseek_v3_direct_q": (hf.DeepseekV3Config, hf.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=1, topk_group=1, norm_topk_prob=False,
+        rope_interleave=False, first_k_dense_replace=1, n_shared_experts=1)),
+    # DeepSeek-V2-Lite's: queries projected directly, RoPE on the halves, greedy softmax
+    # routing without renormalisation
+    "deepseek_v2": (hf.DeepseekV2Config, hf.DeepseekV2ForCausalLM, dict(
+        num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=None, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=1)),
+    # attention sinks, q/k/v/o biases, a window on every other layer (0, 2, ...), experts
+    # with biases and a SwiGLU clamped at 1.0 (where it changes values at this scale), a
+    # router with a bias
+    "gpt_oss": (hf.GptOssConfig, hf.GptOssForCausalLM, dict(
+        head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, rms_norm_eps=1e-5, swiglu_limit=1.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 
@@ -138,7 +179,9 @@ def pair(request, tmp_path_factory):
     name = request.param
     config_cls, model_cls, extra = FAMILIES[name]
     tmp = tmp_path_factory.mktemp(name)
-    config = config_cls(**{k: v for k, v in {**BASE, **extra}.items() if v is not None})
+    # None removes a field of BASE (GPT-J names them otherwise), and sets any other
+    config = config_cls(**{k: v for k, v in {**BASE, **extra}.items()
+                           if v is not None or k not in BASE})
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     ref = model_cls(config).eval()
@@ -149,6 +192,9 @@ def pair(request, tmp_path_factory):
             for p in ref.parameters():
                 if p.dim() == 1:
                     p.add_(torch.randn_like(p), alpha=0.2)
+            for key, b in ref.named_buffers():  # DeepSeek-V3's: it changes which experts win
+                if key.endswith("e_score_correction_bias"):
+                    b.normal_(0.0, 0.1)
     assert ref.config._attn_implementation == "eager"
     ref.save_pretrained(tmp / "hf")
     spec = tmp / f"{name}.forge"
@@ -222,6 +268,10 @@ def test_a_wrong_weight_would_be_caught(pair):
         w = w.weight
         if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
             w = layer.attention.o_proj.weight[0]
+        if hasattr(layer, "post_attention_norm"):
+            # Gemma 2, 3: the post-norm undoes a layer's input norm moved as a whole
+            # (with Gemma 3's qk-norms): one channel of the final norm instead
+            w = model.norm.weight[:1]
         saved = w.clone()
         w.add_(1e-3)
         try:

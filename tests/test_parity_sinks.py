@@ -1,14 +1,13 @@
-"""Parity of gpt-oss's features with `transformers`' GptOssForCausalLM: attention
-sinks (a learned logit per head in each softmax), q/k/v/o biases, a sliding window
-on every other layer, a router with a bias, and experts with biases whose SwiGLU is
-clamped (gate ≤ limit, |up| ≤ limit, gate·σ(1.702·gate)·(up + 1)).
+"""gpt-oss's clamp and sinks matter: what the import-based parity tests
+(tests/test_parity_hf.py, family gpt_oss: logits within 1e-5, greedy tokens with the KV
+cache, a save_hf_checkpoint round trip) do not show.
 
-A tiny random model (fp32, eager attention) saved with `save_pretrained`; a spec
-written here like specs/gpt_oss_120b.forge; weights through `load_hf_checkpoint`
-(transformers packs the experts (E, in, out) with gate and up columns interleaved):
-logits within 1e-5, 32 greedy tokens identical with the KV cache, and a
-`save_hf_checkpoint` round trip transformers loads back. swiglu_limit is 1.0 so that
-the clamp changes values at this scale (checked below).
+A tiny random GptOssForCausalLM saved with `save_pretrained` loads into a spec written
+here like specs/gpt_oss_120b.forge (attention sinks, q/k/v/o biases, a window on every
+other layer, a router with a bias, experts with biases whose SwiGLU is clamped:
+gate ≤ limit, |up| ≤ limit, gate·σ(1.702·gate)·(up + 1)). swiglu_limit is 1.0 so that
+the clamp changes values at this scale: lifting it, or moving the sinks, moves the
+logits.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import transformers as hf
 
 from forgec.compiler.build import build
 from forgec.compiler.driver import compile_spec
-from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
+from forgec.runtime.hf import load_hf_checkpoint
 
 PROMPT, NEW = 20, 32
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
@@ -92,15 +91,6 @@ def _tokens(n: int, batch: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_logits_match_transformers(pair):
-    ref, model, _ = pair
-    ids = _tokens(PROMPT + NEW, 2, seed=2)  # longer than the window
-    expected = ref(ids).logits
-    got = model(ids)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-
-
-@torch.no_grad()
 def test_the_clamp_and_the_sinks_matter(pair):
     ref, model, _ = pair
     ids = _tokens(16, 1, seed=4)
@@ -119,31 +109,3 @@ def test_the_clamp_and_the_sinks_matter(pair):
         assert (model(ids) - base).abs().max() > 1e-3
     finally:
         sinks.copy_(saved)
-
-
-@torch.no_grad()
-def test_greedy_decoding_with_kv_cache_matches_transformers(pair):
-    ref, model, _ = pair
-    prompt = _tokens(PROMPT, 1, seed=3)
-    out = ref(prompt, use_cache=True)
-    expected = []
-    for _ in range(NEW):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        expected.append(int(nxt))
-        out = ref(nxt, cache=out.cache, use_cache=True)
-    assert len(set(expected)) >= 8, f"a degenerate reference decode proves little: {expected}"
-    caches = model.make_kv_caches(1, PROMPT + NEW)
-    x, got = prompt, []
-    for _ in range(NEW):
-        x = model(x, kv_caches=caches)[:, -1].argmax(-1, keepdim=True)
-        got.append(int(x))
-    assert got == expected
-
-
-@torch.no_grad()
-def test_save_hf_checkpoint_round_trip(pair):
-    ref, model, tmp = pair
-    save_hf_checkpoint(model, tmp / "back", config=tmp / "hf")
-    back = hf.GptOssForCausalLM.from_pretrained(tmp / "back", attn_implementation="eager").eval()
-    for key, t in ref.state_dict().items():
-        torch.testing.assert_close(back.state_dict()[key], t, rtol=0, atol=0, msg=key)

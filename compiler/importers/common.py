@@ -317,6 +317,9 @@ class Params:
         return self.items[name].value
 
 
+_NESTED = re.compile(r"(\w+ = \w+)\((.*)\)")
+
+
 def call(op: str, args: list[str], indent: int, width: int = 100) -> str:
     """`op(a, b, c)`, wrapped after commas and aligned under the first argument."""
     head = f"{op}("
@@ -326,6 +329,12 @@ def call(op: str, args: list[str], indent: int, width: int = 100) -> str:
         if len(current) + len(piece.rstrip()) + indent > width and current != head:
             lines.append(current.rstrip())
             current = " " * len(head) + piece
+            nested = _NESTED.fullmatch(a)
+            if nested and len(current.rstrip()) + indent > width:
+                # a call too long for a line of its own (a router): wrapped inside
+                name, inner = nested.group(1), nested.group(2).split(", ")
+                current = (" " * len(head) + call(name, inner, indent + len(head), width)
+                           + piece[len(a):])
         else:
             current += piece
     if not args:
@@ -399,6 +408,13 @@ class Decoder:
     residual_scale: str | None = None  # multiplies each branch before the sum (Granite)
     embedding_args: list[str] = field(default_factory=list)  # after (vocab_size, dim)
     head_args: list[str] = field(default_factory=list)  # after (dim, vocab_size)
+    # the post-norms' component names where the weight loader expects others (Gemma's
+    # post_attention_norm, post_mlp_norm)
+    post_norm_names: tuple[str, str] | None = None
+    # the names of sliding-window and full-attention blocks (Gemma's local, global)
+    window_names: tuple[str, str] | None = None
+    window_args: list[str] = field(default_factory=list)  # further arguments of local layers
+    attention_op: str | None = None  # another op of the self-attention role (DeepSeek's)
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -406,6 +422,8 @@ class Decoder:
         return name
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
+        if self.window_names and not kind.nope:  # (families whose layers all match in moe)
+            return self.window_names[0 if kind.window else 1]
         base = "sparse" if kind.moe else "dense"
         return base + ("_local" if kind.window and mixed_window else "") + \
             ("_nope" if kind.nope else "")
@@ -413,8 +431,8 @@ class Decoder:
     def _attention(self, window: bool, indent: int, nope: bool = False) -> str:
         args = [a for a in self.attention if not (nope and a == "rope = rope")]
         if window:
-            args.append(f"window = {self.window}")
-        return call(self._op("self_attention"), args, indent)
+            args += self.window_args + [f"window = {self.window}"]
+        return call(self.attention_op or self._op("self_attention"), args, indent)
 
     def _mlp(self, moe: bool, indent: int) -> str:
         spec = self.moe if moe else self.mlp
@@ -425,6 +443,8 @@ class Decoder:
         """The components and dataflow of the base block."""
         attention_norm, attention_, attention_post_norm, mlp_norm, mlp_, mlp_post_norm = \
             BLOCK_COMPONENTS
+        if self.post_norm_names:
+            attention_post_norm, mlp_post_norm = self.post_norm_names
         parts = []
         if self.pre_norms:
             parts.append((attention_norm, lambda indent: self.norm))
@@ -447,10 +467,10 @@ class Decoder:
             return f"{norm}({out})" if self.post_norms else out
 
         def attention(x: str) -> str:
-            return post("attention_post_norm", f"attention({pre('attention_norm', x)})")
+            return post(attention_post_norm, f"attention({pre('attention_norm', x)})")
 
         def mlp(x: str) -> str:
-            return post("mlp_post_norm", f"mlp({pre('mlp_norm', x)})")
+            return post(mlp_post_norm, f"mlp({pre('mlp_norm', x)})")
 
         if self.residual == "sequential":
             flow = [f"    h = x + {attention('x')}{scale}", f"    return h + {mlp('h')}{scale}"]

@@ -3,8 +3,9 @@
 Supported families (the `model_type` of the config): llama, mistral, qwen2,
 qwen3, mixtral and qwen3_moe (`Importer`, with the MoE and sliding-window rules
 of those families), and the decoders of `DENSE` (`DenseImporter`): GPT-NeoX,
-GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4 and
-SmolLM3, each a small table (its config class's defaults, its names for the
+GPT-J, Phi, Phi-3, StableLM, Starcoder2, OLMo, OLMo 2, Granite, Cohere, GLM-4,
+SmolLM3, Gemma, Gemma 2, Gemma 3 (text), DeepSeek-V2, DeepSeek-V3 and gpt-oss, each a
+small table (its config class's defaults, its names for the
 shared fields, what its layer fixes) read by one translation of config fields
 into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
@@ -32,7 +33,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
-from ..ops import foreign_op
+from ..ops import foreign_choices, foreign_op
 from .common import Decoder, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
@@ -519,6 +520,26 @@ class Dense:
     pre_norms: bool = True  # norms before attention and MLP
     post_norms: bool = False  # norms of their outputs, before the residual sum
     qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+    # ---- Gemma's (see GEMMA below)
+    embedding_scale: str | None = None  # the embedding's multiplier, as the spec writes it
+    # the post-norms' component names the weight loader reads them by
+    post_norm_names: tuple[str, str] | None = None
+    query_scale_field: str | None = None  # scores scaled by 1 / sqrt(this field)
+    softcaps: bool = False  # attn_logit_softcapping and final_logit_softcapping
+    # layer_types (else sliding_window_pattern) chooses sliding (local) or full (global)
+    window_layers: bool = False
+    local_rope: bool = False  # local layers turn with a base of their own (Gemma 3)
+    qk_norm_args: tuple[str, ...] = ()  # further arguments of the qk-norm
+    off: tuple[str, ...] = ()  # fields the language can say only false or null (E114)
+    # ---- DeepSeek's (see DEEPSEEK below)
+    latent: bool = False  # multi-head latent attention (q/kv_lora_rank ...)
+    # routed experts after first_k_dense_replace dense layers: "sigmoid" (V3: grouped,
+    # biased sigmoid scores) or "softmax" (V2: greedy top-k of softmax scores)
+    routed: str | None = None
+    # ---- gpt-oss's
+    sinks: bool = False  # a learned sink logit per head in each softmax
+    # the names of the sliding-window and full-attention blocks (window_layers)
+    window_names: tuple[str, str] = ("local", "global")
 
 
 DENSE = {
@@ -659,6 +680,98 @@ DENSE.update({
         note="qkv_proj and gate_up_proj are split into q/k/v_proj and gate/up_proj on load."),
 })
 
+# Gemma: RMSNorm scaling by 1 + weight, the embedding multiplied by sqrt(hidden_size),
+# a GeGLU MLP (gelu_pytorch_tanh); Gemma 2 adds sandwich norms, soft-capped scores and
+# logits, sliding (local) and full (global) layers and 1 / sqrt(query_pre_attn_scalar);
+# Gemma 3 a per-head qk-norm and a RoPE base of the local layers' own
+_GEMMA = dict(
+    aliases=_RMS, norm="norm", norm_args=", unit_offset = true", qkv_bias="attention_bias",
+    out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+    embedding_scale="sqrt(dim)", off=("use_bidirectional_attention",),
+    # Gemma's Hub configs write both activation fields; transformers 5 reads hidden_act
+    # (Gemma) or hidden_activation (Gemma 2, 3) only
+    inert=("hidden_activation", "cache_implementation"))
+_GEMMA_DEFAULTS = {
+    "max_position_embeddings": 8192, "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "head_dim": 256, "attention_bias": False,
+    "attention_dropout": 0.0, "use_bidirectional_attention": None}
+_GEMMA2 = dict(
+    _GEMMA, aliases={**_RMS, "hidden_act": "hidden_activation"}, post_norms=True,
+    inert=("hidden_act", "cache_implementation"),
+    post_norm_names=("post_attention_norm", "post_mlp_norm"),
+    query_scale_field="query_pre_attn_scalar", softcaps=True, window_layers=True)
+DENSE.update({
+    "gemma": Dense(
+        "Gemma", ("GemmaForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_act": "gelu_pytorch_tanh", "num_key_value_heads": 16,
+            "rope_theta": 10000.0},
+        **_GEMMA),
+    "gemma2": Dense(
+        "Gemma 2", ("Gemma2ForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "sliding_window_pattern": 2},
+        **_GEMMA2),
+    "gemma3_text": Dense(
+        "Gemma 3", ("Gemma3ForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "max_position_embeddings": 131072,
+            "use_bidirectional_attention": False, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": None,
+            "final_logit_softcapping": None, "sliding_window_pattern": 6},
+        **{**_GEMMA2, "local_rope": True, "qk_norm_over": "head",
+           "qk_norm_args": ("qk_norm_unit_offset = true",)}),
+})
+
+# DeepSeek-V2 and V3: multi-head latent attention (its rope turns the qk_rope_head_dim
+# channels), a SwiGLU MLP on the first first_k_dense_replace layers and routed plus
+# shared experts on the others. head_dim and qk_head_dim are derived from the MLA sizes;
+# num_key_value_heads is not read by MLA; neither model class adds a balance loss
+# (output_router_logits) nor runs the multi-token-prediction layers
+# (num_nextn_predict_layers)
+_DEEPSEEK_DEFAULTS = {
+    "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+    "attention_bias": False, "attention_dropout": 0.0, "first_k_dense_replace": 0,
+    "n_shared_experts": None, "rope_interleave": True, "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}
+_DEEPSEEK = dict(
+    aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",), latent=True,
+    inert=("head_dim", "qk_head_dim", "num_key_value_heads", "output_router_logits",
+           "num_nextn_predict_layers"))
+DENSE.update({
+    "deepseek_v3": Dense(
+        "DeepSeek-V3", ("DeepseekV3ForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 3, "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+            "norm_topk_prob": True},
+        routed="sigmoid", **_DEEPSEEK),
+    "deepseek_v2": Dense(
+        "DeepSeek-V2", ("DeepseekV2ForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "n_shared_experts": 2, "routed_scaling_factor": 1.0,
+            "topk_method": "greedy", "mlp_bias": False, "rope_interleave": None},
+        routed="softmax", fixed={"topk_method": "greedy", "mlp_bias": False},
+        **{**_DEEPSEEK, "inert": (*_DEEPSEEK["inert"], "norm_topk_prob")}),
+})
+
+# gpt-oss: q/k/v/o biases and a sink logit per head, sliding and full layers after
+# layer_types, biased experts on every layer (its YaRN RoPE is refused with the rope type)
+DENSE["gpt_oss"] = Dense(
+    "gpt-oss", ("GptOssForCausalLM",), {
+        "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+        "head_dim": 64, "rope_theta": 150000.0, "attention_bias": True,
+        "attention_dropout": 0.0, "sliding_window": 128, "sliding_window_pattern": 2,
+        "num_experts_per_tok": 4, "swiglu_limit": 7.0, "swiglu_alpha": 1.702,
+        "output_router_logits": False, "router_aux_loss_coef": 0.001},
+    aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+    gated=True, dropouts=("attention_dropout",), window_layers=True,
+    window_names=("sliding", "full"), sinks=True, routed="biased",
+    note="The experts' packed gate_up_proj (gate and up columns interleaved) is split on "
+         "load.")
+
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
@@ -698,6 +811,221 @@ class DenseImporter(Importer):
                 self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
                                  self.src.span(("no_rope_layers", i)))
         return [bool(v) for v in flags]
+
+    def _gemma_scales(self, f: Fields, fam: Dense, d: dict, attention: list[str],
+                      embedding_args: list[str], head_args: list[str]) -> None:
+        """The embedding's multiplier, the scores' scale and the soft caps (Gemma)."""
+        p = self.p
+        if fam.embedding_scale is not None:
+            embedding_args.append(f"scale = {fam.embedding_scale}")
+        if fam.query_scale_field is not None:
+            k = fam.query_scale_field
+            q = f.get(k, "float", d[k], positive=True)
+            if q is not None:
+                p.add(k, int(q) if q.is_integer() else q, self.note_default(f, k))
+                attention.append(f"scale = 1 / sqrt({p(k)})")
+        if fam.softcaps:
+            for k, name, args in (("attn_logit_softcapping", "attn_softcap", attention),
+                                  ("final_logit_softcapping", "logit_softcap", head_args)):
+                cap = f.get(k, "float?", d[k], positive=True)
+                if cap is not None:
+                    p.add(name, cap, self.note_default(f, k))
+                    args.append(f"softcap = {p(name)}")
+
+    def _latent_sizes(self, f: Fields, d: dict) -> bool:
+        """Read the sizes of multi-head latent attention (DeepSeek) into parameters; its
+        rope turns the qk_rope_head_dim channels. False where one is missing or wrong."""
+        p = self.p
+        keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim")
+        sizes = {k: f.get(k, "int?" if k == "q_lora_rank" else "int", d[k], positive=True)
+                 for k in keys}
+        interleave = f.get("rope_interleave", "bool?", d["rope_interleave"])
+        bias = f.get("attention_bias", "bool", d["attention_bias"])
+        model_type = f.obj["model_type"]
+        self.latent_op = foreign_choices("hf", "self_attention", "model_type")[model_type]
+        if bias is None or any(v is None for k, v in sizes.items() if k != "q_lora_rank"):
+            return False
+        for k, v in sizes.items():
+            if v is not None:
+                p.add(k, v, self.note_default(f, k))
+        p.add("head_dim", sizes["qk_rope_head_dim"], "qk_rope_head_dim")  # the rope's
+        args = ["dim", f"heads = {p('n_heads')}"]
+        if sizes["q_lora_rank"] is not None:  # null: queries projected directly
+            args.append(f"q_lora_rank = {p('q_lora_rank')}")
+        args += [f"{k} = {p(k)}" for k in keys[1:]]
+        args.append("rope = rope")
+        if interleave is False:  # V2's null: its rope turns interleaved pairs too
+            args.append("rope_interleave = false")
+        if bias:
+            args.append("bias = true")
+        self.latent_args = args
+        return True
+
+    def _latent_attention(self, rope: list[str]) -> list[str]:
+        """The mla arguments; the rope built for the qk_rope_head_dim channels."""
+        p = self.p
+        rope[0] = f"head_dim = {p('qk_rope_head_dim')}"
+        p.items["head_dim"].used = False  # only the rope read it, now by its own name
+        return self.latent_args
+
+    def _routed_experts(self, f: Fields, fam: Dense, d: dict, n: int):
+        """DeepSeek's mixture of routed and shared experts, on the layers from
+        first_k_dense_replace on: (op, arguments) and which layers have it."""
+        p = self.p
+        self.dense_layers_note = None
+        experts = f.get("n_routed_experts", "int", positive=True)
+        top_k = f.get("num_experts_per_tok", "int", positive=True)
+        hidden = f.get("moe_intermediate_size", "int", positive=True)
+        shared = f.get("n_shared_experts", "int?", d["n_shared_experts"])
+        first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
+        scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
+        router_args = []
+        if fam.routed == "sigmoid":
+            router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
+            normalize = f.get("norm_topk_prob", "bool", d["norm_topk_prob"])
+            groups = [f.get(k, "int?", d[k], positive=True) for k in ("n_group", "topk_group")]
+            if normalize is False:
+                router_args.append("normalize = false")
+            if scale is not None and scale != 1.0:
+                p.add("routed_scale", scale, self.note_default(f, "routed_scaling_factor"))
+                router_args.append(f"routed_scale = {p('routed_scale')}")
+            if groups[0] is not None and groups[0] > 1:
+                p.add("n_group", groups[0], self.note_default(f, "n_group"))
+                p.add("topk_group", groups[1] or 1, self.note_default(f, "topk_group"))
+                router_args += [f"n_group = {p('n_group')}", f"topk_group = {p('topk_group')}"]
+        else:  # greedy top-k of softmax scores, neither renormalised nor balanced in HF
+            router = foreign_op("hf", "router")
+            f.consume("n_group", "topk_group")  # greedy routing reads neither
+            if scale is not None and scale != 1.0:
+                f.error("E114", "routed_scaling_factor", f"routed_scaling_factor = "
+                        f"{fmt(scale)} cannot be expressed: forgec's softmax_topk router "
+                        "does not scale its weights", "only routed_scaling_factor = 1.0 "
+                        "imports with greedy routing")
+            router_args += ["renormalize = false", "aux_loss_weight = 0.0"]
+        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0):
+            return None, [False] * n
+        if top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
+                    f"than the {experts} experts (n_routed_experts)")
+        if first < 0:
+            f.error("E113", "first_k_dense_replace", f"first_k_dense_replace = {first} is "
+                    "not a number of layers")
+            return None, [False] * n
+        if first >= n:  # every layer dense
+            return None, [False] * n
+        if 0 < first < n:
+            self.dense_layers_note = (f"first_k_dense_replace = {first}: "
+                                      + ("layer 0 has" if first == 1
+                                         else f"the first {first} layers have")
+                                      + " a dense MLP")
+        p.add("n_experts", experts, "n_routed_experts")
+        p.add("top_k", top_k, "num_experts_per_tok")
+        p.add("expert_hidden", hidden, "moe_intermediate_size")
+        args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                f"hidden = {p('expert_hidden')}"]
+        if shared:
+            p.add("n_shared_experts", shared, self.note_default(f, "n_shared_experts"))
+            args.append(f"shared_experts = {p('n_shared_experts')}")
+        args.append(f"router = {router}({', '.join(router_args)})")
+        return (foreign_op("hf", "experts", hidden_act=self.act), args), \
+            [i >= first for i in range(n)]
+
+    def _biased_experts(self, f: Fields, d: dict, n: int):
+        """gpt-oss's experts on every layer: biases, a clamped SwiGLU, a router with a
+        bias, softmax over the chosen logits (= renormalised top-k of the softmax)."""
+        p = self.p
+        experts = f.get("num_local_experts", "int", positive=True)
+        top_k = f.get("num_experts_per_tok", "int", d["num_experts_per_tok"], positive=True)
+        limit = f.get("swiglu_limit", "float", d["swiglu_limit"], positive=True)
+        alpha = f.get("swiglu_alpha", "float", d["swiglu_alpha"], positive=True)
+        logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+        coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+        if None in (experts, top_k, limit, alpha, logits, coef):
+            return None, [True] * n
+        if top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
+                    f"than the {experts} experts (num_local_experts)")
+        p.add("n_experts", experts, "num_local_experts")
+        p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
+        p.add("swiglu_limit", limit, self.note_default(f, "swiglu_limit"))
+        args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                f"hidden = {p('ffn_hidden')}", "bias = true",
+                f"swiglu_limit = {p('swiglu_limit')}"]
+        if alpha != 1.702:  # the op's default, gpt-oss's
+            p.add("swiglu_alpha", alpha, self.note_default(f, "swiglu_alpha"))
+            args.append(f"swiglu_alpha = {p('swiglu_alpha')}")
+        if logits:
+            p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+                  + " (HF: one loss over all layers)")
+        else:
+            p.add("aux_loss_weight", 0.0, f"output_router_logits false (router_aux_loss_coef "
+                  f"{fmt(coef)}): HF adds none")
+        args.append(f"router = {foreign_op('hf', 'router')}(bias = true, "
+                    f"aux_loss_weight = {p('aux_loss_weight')})")
+        return (foreign_op("hf", "experts", hidden_act=self.act), args), [True] * n
+
+    def _window_flags(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers slide (Gemma 2, 3): layer_types, else every layer but each
+        sliding_window_pattern-th (its 4.x configs; written `_sliding_window_pattern` by
+        transformers 5, where layer_types says it)."""
+        types = f.get("layer_types", "list?", None)
+        pattern = d["sliding_window_pattern"]
+        for k in ("sliding_window_pattern", "_sliding_window_pattern"):
+            if k in f:
+                pattern = f.get(k, "int", positive=True)
+        if types is None:
+            return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
+        if len(types) != n:
+            f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+        for i, t in enumerate(types):
+            if t not in ("full_attention", "sliding_attention"):
+                self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                 self.src.span(("layer_types", i)),
+                                 "layer types are full_attention or sliding_attention")
+        return [t == "sliding_attention" for t in types][:n] + [False] * (n - len(types))
+
+    def _local_ropes(self, f: Fields, d: dict) -> list[str] | None:
+        """Gemma 3's two RoPE bases: rope_parameters.full_attention / .sliding_attention
+        (transformers 5), or rope_theta and rope_local_base_freq (4.x)."""
+        p = self.p
+        params = f.get("rope_parameters", "dict?", None)
+        if params is None:
+            theta = f.get("rope_theta", "float", d["rope_theta"])
+            local = f.get("rope_local_base_freq", "float", d["rope_local_base_freq"])
+            if f.get("rope_scaling", "dict?", None) is not None:
+                f.error("E114", "rope_scaling", "rope_scaling of Gemma 3's global layers "
+                        "cannot be expressed: forgec's rope has one scaling for both bases")
+            notes = (self.note_default(f, "rope_theta"), self.note_default(f, "rope_local_base_freq"))
+        else:
+            f.consume("rope_theta", "rope_local_base_freq", "rope_scaling")
+            rp = Fields(self.src, params, ("rope_parameters",), self.diags, "rope_parameters")
+            thetas, notes = [], []
+            for kind, default in (("full_attention", d["rope_theta"]),
+                                  ("sliding_attention", d["rope_local_base_freq"])):
+                sub = rp.get(kind, "dict", {})
+                if sub is None:
+                    return None
+                r = Fields(self.src, sub, rp.path + (kind,), self.diags, rp.name(kind))
+                rope_type = r.get("rope_type", "str", "default")
+                if rope_type not in ("default", None):
+                    r.error("E114", "rope_type", f"rope type '{rope_type}' of the "
+                            f"{kind} layers cannot be expressed: forgec's rope with a local "
+                            "base scales neither")
+                    r.consume(*r.obj)
+                thetas.append(r.get("rope_theta", "float", default))
+                notes.append(r.name("rope_theta") if "rope_theta" in r
+                             else f"{r.name('rope_theta')} (default)")
+                r.unknown(self.ignore, "RoPE")
+            rp.unknown(self.ignore, "RoPE")
+            theta, local = thetas
+        if theta is None or local is None:
+            return None
+        p.add("rope_theta", theta, notes[0])
+        p.add("local_rope_theta", local, notes[1])
+        return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}"]
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -759,6 +1087,7 @@ class DenseImporter(Importer):
                 f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
         tie = get("tie_word_embeddings", "bool")
         act = get("hidden_act", "str")
+        self.act = act
         for k in fam.dropouts:
             v = f.get(k, "float", d.get(k, 0.0))
             if v:
@@ -770,6 +1099,10 @@ class DenseImporter(Importer):
             if v is not None and v != want:
                 f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's ops",
                         f"only {k} = {fmt(want)} imports")
+        for k in fam.off:
+            if f.get(k, "bool?", d.get(k)):
+                f.error("E114", k, f"{k} = true cannot be expressed: forgec's decoders are "
+                        "causal", f"only {k} = false (or null) imports")
 
         def flag(spec: bool | str) -> bool:
             return bool(get(spec, "bool")) if isinstance(spec, str) else spec
@@ -802,7 +1135,9 @@ class DenseImporter(Importer):
                            "logits_scaling") if fam.multipliers else ())
                 + (("logit_scale",) if fam.logit_scale else ())}
         window = None
-        if "use_sliding_window" in d:  # off (fam.fixed): its window is not used
+        if fam.window_layers:
+            window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
+        elif "use_sliding_window" in d:  # off (fam.fixed): its window is not used
             f.consume("sliding_window")
         elif "sliding_window" in d:
             window = f.get("sliding_window", "int?", d["sliding_window"], positive=True)
@@ -823,7 +1158,17 @@ class DenseImporter(Importer):
         if None in (vocab, dim, n_layers, heads, ffn, kv, head_dim, max_pos, eps, init, tie):
             for n in ("head_dim", "max_seq_len"):
                 p.add(n, 0)
-            self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            if fam.local_rope:
+                f.consume(*d, "layer_types", "_sliding_window_pattern")
+                self._local_ropes(f, d)
+            elif fam.latent or fam.routed or fam.window_layers:
+                # their own fields are known, read or not
+                f.consume(*d, "n_routed_experts", "moe_intermediate_size", "n_group",
+                          "topk_group", "num_local_experts", "num_experts_per_tok",
+                          "layer_types", "_sliding_window_pattern")
+                self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            else:
+                self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             f.unknown(self.ignore, fam.title)
             return None
         p.add("vocab_size", vocab, key("vocab_size"))
@@ -850,6 +1195,10 @@ class DenseImporter(Importer):
                 rd, field_name = self.rotary_fraction
                 p.add("rotary_dim", rd, field_name)
                 rope.append(f"rotary_dim = {p('rotary_dim')}")
+        elif fam.local_rope:
+            rope = self._local_ropes(f, d)
+        elif fam.latent and not self._latent_sizes(f, d):
+            rope = None
         else:
             rope = self._rope(f, d)
         attention = ["dim", f"heads = {p('n_heads')}"]
@@ -866,6 +1215,7 @@ class DenseImporter(Importer):
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
             if fam.qk_norm_over != "head":
                 attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+            attention += fam.qk_norm_args
         if clip is not None:
             p.add("clip_qkv", clip, "clip_qkv")
             attention.append(f"clip_qkv = {p('clip_qkv')}")
@@ -884,8 +1234,21 @@ class DenseImporter(Importer):
                 head_args.append(f"logit_scale = 1.0 / {p(k)}")
             else:
                 head_args.append(f"logit_scale = {p(k)}")
-        kinds = [LayerKind(window is not None, False, not rotates)
-                 for rotates in self._rotating_layers(f, d, n_layers)]
+        self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
+        if fam.sinks:
+            attention.append("sinks = true")
+        moe, sparse = (self._biased_experts(f, d, n_layers) if fam.routed == "biased"
+                       else self._routed_experts(f, fam, d, n_layers) if fam.routed
+                       else (None, [False] * n_layers))
+        if fam.latent and rope is not None:
+            attention = self._latent_attention(rope)
+        slides = (self._window_flags(f, d, n_layers) if fam.window_layers
+                  else [True] * n_layers)
+        if not any(slides):
+            window = None  # no layer reads it
+        kinds = [LayerKind(window is not None and s, m, not rotates)
+                 for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
+                                          strict=True)]
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -928,7 +1291,7 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
-        stack_notes = []
+        stack_notes = [note] if (note := getattr(self, "dense_layers_note", None)) else []
         if any(k.nope for k in kinds):
             stack_notes.append("no_rope_layers: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -936,10 +1299,14 @@ class DenseImporter(Importer):
             name=name, header=header, params=p, stack_notes=stack_notes,
             norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
-            mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
-            modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
-            head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
-            post_norms=fam.post_norms)
+            mlp=mlp if not all(sparse) else None, moe=moe, kinds=kinds, tie=tie,
+            framework="hf", residual=residual, modules=modules, head_bias=fam.head_bias,
+            embedding_args=embedding_args, head_args=head_args, residual_scale=residual_scale,
+            pre_norms=fam.pre_norms, post_norms=fam.post_norms,
+            post_norm_names=fam.post_norm_names,
+            window_names=fam.window_names if fam.window_layers else None,
+            window_args=["local_rope = true"] if fam.local_rope else [],
+            attention_op=self.latent_op if fam.latent else None)
 
 
 # ---- the tokenizer ---------------------------------------------------------------------
