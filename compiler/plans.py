@@ -70,7 +70,7 @@ DIRECTIVES: dict[str, DirectiveDef] = {d.name: d for d in (
 AC_MODES = ("none", "full", "selective")
 # op classes whose outputs op-level selective checkpointing keeps (runtime/parallel.py's
 # SAC_OPS names the aten ops of each)
-SAC_SAVES = ("attention", "matmul")
+SAC_SAVES = ("matmul", "sdpa")
 SELECTIVE_ARGS = (
     ArgSpec("every", "int", None, min=1,
             doc="checkpoint one layer in K (layer-level); 2 for a bare selective, 1 with save"),

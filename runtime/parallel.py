@@ -132,7 +132,7 @@ _aten = torch.ops.aten
 # `activation_checkpoint_save` may keep (compiler/plans.py's SAC_SAVES), as
 # torchtitan's save list names them (its every-other-matmul rule aside)
 SAC_OPS = {
-    "attention": tuple(getattr(_aten, name).default for name in (
+    "sdpa": tuple(getattr(_aten, name).default for name in (
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")),
     "matmul": (_aten.mm.default, _aten.addmm.default, _aten.bmm.default,

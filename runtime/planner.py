@@ -115,7 +115,7 @@ class _FusedAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if mask is not None and mask.dtype == torch.bool:
             mask = q.new_empty(mask.shape)
-        _OpOutputs.record("attention", out)
+        _OpOutputs.record("sdpa", out)
         ctx.save_for_backward(q, k, v, out, lse, *([mask] if mask is not None else []))
         return out
 

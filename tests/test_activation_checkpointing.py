@@ -29,8 +29,8 @@ POLICIES = {
     "none": ([], {}),
     "full": (LAYERS, {}),
     "every_2": (["layers.0", "layers.2"], {}),
-    "save_matmul_attention": (LAYERS, {u: ["attention", "matmul"] for u in LAYERS}),
-    "save_attention": (LAYERS, {u: ["attention"] for u in LAYERS}),
+    "save_matmul_sdpa": (LAYERS, {u: ["matmul", "sdpa"] for u in LAYERS}),
+    "save_sdpa": (LAYERS, {u: ["sdpa"] for u in LAYERS}),
     "every_2_save_matmul": (["layers.0", "layers.2"],
                             {u: ["matmul"] for u in ("layers.0", "layers.2")}),
 }
@@ -66,7 +66,7 @@ def losses(pkg, policy: str, steps: int = 2, compile: bool = False) -> list[floa
 
 @pytest.mark.parametrize("name, policies", [
     ("llama_debug", [p for p in POLICIES if p != "none"]),
-    ("moe_debug", ["save_matmul_attention"]),  # its experts' grouped matmuls kept
+    ("moe_debug", ["save_matmul_sdpa"]),  # its experts' grouped matmuls kept
 ])
 def test_every_policy_trains_to_the_losses_of_no_checkpointing(name, policies):
     pkg = importlib.import_module(f"generated.{name}")
@@ -131,11 +131,11 @@ def test_selective_checkpointing_recomputes_all_but_the_saved_ops():
         cos, sin = model.rope_cos[None, :16], model.rope_sin[None, :16]
         return _Bound(layer, cos, sin)
 
-    mm, attention = torch.ops.aten.mm.default, SAC_OPS["attention"][-1]
+    mm, attention = torch.ops.aten.mm.default, SAC_OPS["sdpa"][-1]
     forward, plain = layer_ops(layer_of, None)
     full = layer_ops(layer_of, ())[1]
     matmul = layer_ops(layer_of, ("matmul",))[1]
-    both = layer_ops(layer_of, ("attention", "matmul"))[1]
+    both = layer_ops(layer_of, ("matmul", "sdpa"))[1]
     forward_mm = forward[mm]
     assert forward_mm >= 4 and forward[attention] == 1  # projections and the MLP
     # full recomputation stops early: after the MLP's up projections (the down

@@ -82,7 +82,7 @@ plan fsdp2_offload for llama_debug {
 plan fsdp2_sac for llama_debug {
   mesh(dp = 2)
   fsdp()
-  activation_checkpoint(default = selective(save = [matmul, attention]))
+  activation_checkpoint(default = selective(save = [matmul, sdpa]))
 }
 """
 

@@ -66,11 +66,11 @@ plan full_ckpt for mid {
 }
 
 plan sac for mid {            # op-level selective: matmul and attention outputs kept
-  activation_checkpoint(default = selective(save = [matmul, attention]))
+  activation_checkpoint(default = selective(save = [matmul, sdpa]))
 }
 
 plan sac_every_2 for mid {
-  activation_checkpoint(default = selective(every = 2, save = [attention]))
+  activation_checkpoint(default = selective(every = 2, save = [sdpa]))
 }
 """
 

@@ -95,10 +95,10 @@ def test_a_selective_policy_that_checkpoints_no_layer_of_its_kind_is_located(for
     ("selective(every = n_layers / 2)", ["layers.0", "layers.2"], None),
     ("selective(save = [matmul])", ["layers.0", "layers.1", "layers.2", "layers.3"],
      ["matmul"]),
-    ("selective(save = [matmul, attention], every = 2)", ["layers.0", "layers.2"],
-     ["attention", "matmul"]),
-    ('selective(save = ["attention"])', ["layers.0", "layers.1", "layers.2", "layers.3"],
-     ["attention"]),
+    ("selective(save = [matmul, sdpa], every = 2)", ["layers.0", "layers.2"],
+     ["matmul", "sdpa"]),
+    ('selective(save = ["sdpa"])', ["layers.0", "layers.1", "layers.2", "layers.3"],
+     ["sdpa"]),
 ])
 def test_checkpointing_policies_become_plan_data(forge, mode, layers, saves):
     comp, diags = forge(with_plan(f"  activation_checkpoint(default = {mode})"))
@@ -221,7 +221,7 @@ def test_generated_plan_module_carries_the_plans():
     sac = importlib.import_module("generated.llama3_8b.plan").PLANS["fsdp8_sac"]
     layers = [f"layers.{i}" for i in range(32)]
     assert sac["activation_checkpoint"] == layers
-    assert sac["activation_checkpoint_save"] == {u: ["attention", "matmul"] for u in layers}
+    assert sac["activation_checkpoint_save"] == {u: ["matmul", "sdpa"] for u in layers}
     assert plan.TP_PLAN["layers.*.attention.o_proj"] == "rowwise"
 
 
