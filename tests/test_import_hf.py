@@ -553,6 +553,13 @@ def _family_config(cls, **fields) -> dict:
     (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
     (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
     (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
+    (hf.OlmoeConfig, {"clip_qkv": 2.0}, "E114", '"clip_qkv"'),
+    (hf.OlmoeConfig, {"num_experts_per_tok": 65}, "E113", '"num_experts_per_tok"'),
+    (hf.Qwen2MoeConfig, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
+    (hf.Qwen2MoeConfig, {"shared_expert_intermediate_size": 0}, "E113",
+     '"shared_expert_intermediate_size"'),
+    (hf.GraniteMoeConfig, {"router_z_loss": 0.1}, "E115", '"router_z_loss"'),
+    (hf.PhimoeConfig, {}, "E114", '"router_jitter_noise"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)

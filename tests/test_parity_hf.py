@@ -112,6 +112,19 @@ FAMILIES = {
         sliding_window=8, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.5})),
+    # experts on every layer, qk-norm over the whole projections, top-k renormalised
+    "olmoe": (hf.OlmoeConfig, hf.OlmoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0,
+        eos_token_id=2)),
+    # a shared expert scaled by its sigmoid gate, a dense first layer (mlp_only_layers)
+    "qwen2_moe": (hf.Qwen2MoeConfig, hf.Qwen2MoeForCausalLM, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+    # Granite's multipliers around experts packed as input_linear / output_linear
+    "granitemoe": (hf.GraniteMoeConfig, hf.GraniteMoeForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=0.5,
+        pad_token_id=0)),
     # state-space hybrids (a scan: 1e-4, see ATOL): Mamba, Mamba + experts, attention
     # without positions, Mamba + experts (attn_layer_period / expert_layer_period)
     "jamba": (hf.JambaConfig, hf.JambaForCausalLM, dict(

@@ -9,7 +9,11 @@ shared fields, what its layer fixes) read by one translation of config fields
 into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
 the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
-projection. The semantics follow `transformers` 5.x (and the 4.x field names
+projection — and, with a table of their experts' fields (`Experts`), the MoE
+decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
+The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
+layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
+routing). The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -481,6 +485,22 @@ class Importer:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """How a family's config says its mixture of experts (a softmax top-k router over
+    SwiGLU experts; the defaults of the fields are the family's `Dense.defaults`)."""
+
+    count: str = "num_experts"  # the number of routed experts
+    hidden: str = "intermediate_size"  # one expert's hidden width
+    # the top-k weights renormalised: True/False, or the config field that says
+    renormalize: bool | str = "norm_topk_prob"
+    # Qwen2-MoE: decoder_sparse_step and mlp_only_layers choose the MoE layers (the
+    # others have a dense MLP of intermediate_size); else every layer is one
+    sparse_step: bool = False
+    # the config field of the shared expert's hidden width, gated by a sigmoid
+    shared_gated: str | None = None
+
+
+@dataclass(frozen=True)
 class Dense:
     title: str
     architectures: tuple[str, ...]
@@ -519,6 +539,7 @@ class Dense:
     pre_norms: bool = True  # norms before attention and MLP
     post_norms: bool = False  # norms of their outputs, before the residual sum
     qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+    experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
 
 
 DENSE = {
@@ -797,6 +818,10 @@ class DenseImporter(Importer):
                 f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
                         "expressed", "activations: " + ", ".join(ACTIVATIONS))
         clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
+        if clip is not None and fam.qk_norm_over is not None:  # OLMoE
+            f.error("E114", "clip_qkv", f"clip_qkv = {fmt(clip)} with qk-norm cannot be "
+                    f"expressed: {fam.title} clamps q and k after their norms, forgec's "
+                    "attention before", "set it to null to import the model without clamping")
         mult = {k: f.get(k, "float", d[k], positive=True)
                 for k in (("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                            "logits_scaling") if fam.multipliers else ())
@@ -824,6 +849,9 @@ class DenseImporter(Importer):
             for n in ("head_dim", "max_seq_len"):
                 p.add(n, 0)
             self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            if fam.experts is not None:  # report the experts' fields' errors too
+                p.add("ffn_hidden", 0)
+                dense_experts(self, f, fam, [LayerKind(False, False)] * (n_layers or 1))
             f.unknown(self.ignore, fam.title)
             return None
         p.add("vocab_size", vocab, key("vocab_size"))
@@ -886,6 +914,9 @@ class DenseImporter(Importer):
                 head_args.append(f"logit_scale = {p(k)}")
         kinds = [LayerKind(window is not None, False, not rotates)
                  for rotates in self._rotating_layers(f, d, n_layers)]
+        moe, stack_notes = None, []
+        if fam.experts is not None:
+            moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -912,6 +943,10 @@ class DenseImporter(Importer):
                 args.append("bias = true")
             mlp = (mlp_op, args)
 
+        if moe is not None and all(k.moe for k in kinds):  # no dense MLP
+            mlp = None
+            p.items["ffn_hidden"].used = fam.experts.hidden == key("intermediate_size")
+
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
         version = src.value.get("transformers_version")
@@ -928,7 +963,6 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
-        stack_notes = []
         if any(k.nope for k in kinds):
             stack_notes.append("no_rope_layers: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -936,10 +970,141 @@ class DenseImporter(Importer):
             name=name, header=header, params=p, stack_notes=stack_notes,
             norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
-            mlp=mlp, moe=None, kinds=kinds, tie=tie, framework="hf", residual=residual,
+            mlp=mlp, moe=moe, kinds=kinds, tie=tie, framework="hf", residual=residual,
             modules=modules, head_bias=fam.head_bias, embedding_args=embedding_args,
             head_args=head_args, residual_scale=residual_scale, pre_norms=fam.pre_norms,
             post_norms=fam.post_norms)
+
+
+# ---- mixtures of experts of the general importer (OLMoE, Qwen2-MoE, GraniteMoE) ----------
+
+
+def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerKind]):
+    """The MoE op and its arguments, the layers' kinds (which are MoE) and a stack note,
+    from `fam.experts`' fields, for DenseImporter `self`."""
+    ex, d, p, n = fam.experts, fam.defaults, self.p, len(kinds)
+    experts = f.get(ex.count, "int", d[ex.count])
+    top_k = f.get("num_experts_per_tok", "int", d["num_experts_per_tok"], positive=True)
+    hidden = (f.get(ex.hidden, "int", d[ex.hidden], positive=True)
+              if ex.hidden != "intermediate_size" else p.value("ffn_hidden"))
+    logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+    coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+    renormalize = (f.get(ex.renormalize, "bool", d[ex.renormalize])
+                   if isinstance(ex.renormalize, str) else ex.renormalize)
+    shared = (f.get(ex.shared_gated, "int", d[ex.shared_gated], positive=True)
+              if ex.shared_gated else 0)
+    if experts is not None and experts < 0:
+        f.error("E113", ex.count, f"'{ex.count}' must not be negative, got {experts}")
+        experts = None
+    if experts and top_k and top_k > experts:
+        f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more than "
+                f"the {experts} experts")
+        top_k = None
+    notes: list[str] = []
+    sparse = [bool(experts)] * n
+    if ex.sparse_step:
+        step = f.get("decoder_sparse_step", "int", d["decoder_sparse_step"], positive=True)
+        only = f.get("mlp_only_layers", "list", d["mlp_only_layers"])
+        only_set = set()
+        for i, v in enumerate(only or []):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+                self.diags.error("E113", f"mlp_only_layers[{i}] = {v!r} is not a layer "
+                                 f"(0 … {n - 1})", self.src.span(("mlp_only_layers", i)))
+            else:
+                only_set.add(v)
+        sparse = [bool(experts) and step is not None and i not in only_set
+                  and (i + 1) % step == 0 for i in range(n)]
+        if step is not None and any(sparse) and not all(sparse):
+            rule = (f"(i + 1) % {step} == 0 and i is not in mlp_only_layers" if step > 1
+                    else "i is not in mlp_only_layers")
+            notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
+                         f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
+    if None in (experts, top_k, hidden, logits, coef, renormalize, shared) or not any(sparse):
+        return None, kinds, notes
+    p.add("n_experts", experts, self.note_default(f, ex.count))
+    p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
+    if ex.hidden != "intermediate_size":
+        p.add("expert_hidden", hidden, self.note_default(f, ex.hidden))
+    if logits:
+        p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+              + " (HF: one loss over all layers)")
+    else:
+        p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
+              f"loss (router_aux_loss_coef {fmt(coef)})")
+    args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+            f"hidden = {p('ffn_hidden' if ex.hidden == 'intermediate_size' else 'expert_hidden')}"]
+    if shared:
+        p.add("shared_hidden", shared, self.note_default(f, ex.shared_gated))
+        args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}",
+                 "shared_gate = true"]
+    args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
+                f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
+    kinds = [LayerKind(k.window, s, k.nope) for k, s in zip(kinds, sparse, strict=True)]
+    act = f.obj.get("hidden_act", d["hidden_act"])  # checked with the dense MLP's
+    return (foreign_op("hf", "experts", hidden_act=act), args), kinds, notes
+
+
+_MOE_COMMON = {"output_router_logits": False, "router_aux_loss_coef": 0.001,
+               "num_experts_per_tok": 2}
+DENSE.update({
+    # OLMo 2's qk-norm over the whole projections on a Llama-style MoE (no post-norms)
+    "olmoe": Dense(
+        "OLMoE", ("OlmoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "clip_qkv": None, **_MOE_COMMON, "num_experts_per_tok": 8, "num_experts": 64,
+            "router_aux_loss_coef": 0.01, "norm_topk_prob": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), clip_qkv=True, qk_norm_over="projection",
+        experts=Experts()),
+    # Qwen2 (q/k/v biases) whose MoE layers add a shared expert scaled by a sigmoid gate
+    "qwen2_moe": Dense(
+        "Qwen2-MoE", ("Qwen2MoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 16,
+            "rope_theta": 10000.0, "qkv_bias": True, "attention_dropout": 0.0,
+            "use_sliding_window": False, "sliding_window": 4096, "layer_types": None,
+            **_MOE_COMMON, "num_experts_per_tok": 4, "num_experts": 60,
+            "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+            "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        aliases=_RMS, norm="norm", qkv_bias="qkv_bias", gated=True,
+        dropouts=("attention_dropout",), fixed={"use_sliding_window": False},
+        # which layers would slide, were use_sliding_window true
+        inert=("max_window_layers",),
+        experts=Experts(hidden="moe_intermediate_size", sparse_step=True,
+                        shared_gated="shared_expert_intermediate_size")),
+    # Granite's multipliers on a Mixtral-style MoE (softmax over the top-k logits)
+    "granitemoe": Dense(
+        "GraniteMoE", ("GraniteMoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+            "attention_multiplier": 1.0, **_MOE_COMMON, "num_local_experts": 8},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True,
+        experts=Experts(count="num_local_experts", renormalize=True),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections."),
+})
+
+
+# Families whose causal LM the language cannot say: the field that says why (located where
+# the config writes it, else at model_type), the reason and what to do.
+REFUSED = {
+    "phimoe": ("router_jitter_noise", "PhiMoE routes with sparsemixer: each of its two "
+               "experts is weighed by a softmax over the scores within router_jitter_noise "
+               "(relative) of that expert's, which no forgec router computes",
+               "forgec's routers are softmax_topk and sigmoid_topk"),
+}
+
+
+def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:
+    """The located E114 of a REFUSED family."""
+    key, message, hint = REFUSED[model_type]
+    f = Fields(src, src.value, (), diags, "config.json")
+    f.error("E114", key if key in f else "model_type", message, hint)
 
 
 # ---- state-space hybrids (Jamba, Mamba-2) ------------------------------------------------
@@ -1258,6 +1423,9 @@ def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
     importer = DenseImporter if isinstance(model_type, str) and model_type in DENSE else Importer
     if isinstance(model_type, str) and model_type in HYBRID:
         importer = HybridImporter
+    if isinstance(model_type, str) and model_type in REFUSED:
+        refuse(src, diags, model_type)
+        return None
     decoder = importer(src, diags, set(ignore)).run(name, source, max_seq_len)
     if decoder is None or diags.error_count:
         return None
