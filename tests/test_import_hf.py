@@ -651,3 +651,25 @@ def test_the_default_jamba_config_imports_as_specs_jamba(tmp_path):
     (tmp_path / "jamba_default.forge").write_text(spec)
     c = cost(compile_spec(str(tmp_path / "jamba_default.forge")).graphs["jamba_default"])
     assert c.params_total == 51_570_323_328  # specs/jamba.forge's, transformers' count
+
+
+@pytest.mark.parametrize("cls, model_cls", [
+    (hf.OlmoeConfig, hf.OlmoeForCausalLM),
+    (hf.Qwen2MoeConfig, hf.Qwen2MoeForCausalLM),
+    (hf.GraniteMoeConfig, hf.GraniteMoeForCausalLM),
+    (hf.Mamba2Config, hf.Mamba2ForCausalLM),
+])
+def test_default_configs_import_with_transformers_parameter_count(tmp_path, cls, model_cls):
+    # transformers' default config of the family (2 layers, to keep it quick): the spec
+    # counts what the model holds
+    config = cls(num_hidden_layers=2)
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    name = cfg["model_type"] + "_default"
+    spec, diags = import_text(json.dumps(cfg, indent=2), name)
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / f"{name}.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / f"{name}.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = model_cls(config)
+    assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())
