@@ -15,7 +15,10 @@ The configs exercise what differs between the families: Llama 3 RoPE scaling
 than the sequence (Mistral; Qwen2 on its upper layers only), q/k/v biases and a
 tied head (Qwen2), qk-norm with head_dim ≠ dim / heads (Qwen3), softmax top-2
 routing renormalised (Mixtral) and not (Qwen3-MoE, whose dense and sparse layers
-are interleaved by mlp_only_layers).
+are interleaved by mlp_only_layers), a shared expert behind a sigmoid gate
+(Qwen2-MoE), experts with qk-norm over the projections (OLMoE) or multipliers
+(GraniteMoE), and the state-space hybrids Jamba and Mamba-2, whose scans agree
+within 1e-4 (`ATOL`: HF's sequential fp32 recurrence and forgec's round differently).
 
 Weights are drawn with std 0.15 (`initializer_range`): at HF's 0.02 a tiny random
 model's greedy decode falls into a loop of one or two tokens, which would prove
