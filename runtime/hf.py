@@ -76,6 +76,13 @@ _DIRECT = [
     # q_a_proj, kv_a_proj_with_mqa, kv_a_layernorm, ...)
     (re.compile(r"layers\.(\d+)\.self_attn\.([\w.]+)"), r"layers.\1.attention.\2"),
     (re.compile(r"layers\.(\d+)\.mlp\.router\.(weight|bias)"), r"layers.\1.mlp.router.\2"),
+    # Qwen2-MoE's one shared expert and its sigmoid gate; GraniteMoE's router
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight"),
+     r"layers.\1.mlp.shared_experts.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_expert_gate\.weight"),
+     r"layers.\1.mlp.shared_experts_gate.weight"),
+    (re.compile(r"layers\.(\d+)\.block_sparse_moe\.router\.layer\.weight"),
+     r"layers.\1.mlp.router.weight"),
     # Jamba's names: its MLP is `feed_forward`, its norms `pre_ff_layernorm` and
     # `final_layernorm`, its Mamba mixer `mamba` (the mamba op keeps HF's inner names)
     (re.compile(r"final_layernorm\.weight"), "norm.weight"),
@@ -108,6 +115,9 @@ _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
 _PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)")
+# GraniteMoE packs its experts the same way under other names
+_PACKED_LINEAR = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight")
+_PACKED_LINEAR_NAMES = {"input": "gate_up_proj", "output": "down_proj"}
 # gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
 _PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -213,6 +223,9 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
         if _DERIVED.fullmatch(key):
             continue
         name = key.split(".", 1)[1] if key.startswith(("model.", "backbone.")) else key
+        m = _PACKED_LINEAR.fullmatch(name)
+        if m:
+            name = f"layers.{m.group(1)}.mlp.experts.{_PACKED_LINEAR_NAMES[m.group(2)]}"
         m = _PACKED_BIASED.fullmatch(name)
         if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
             prefix = f"layers.{m.group(1)}.mlp.experts."
@@ -551,15 +564,25 @@ _MOE_NAMES = {
               {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
+# families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
+# under these names, and their router's name
+_PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
+                                          "block_sparse_moe.output_linear.weight",
+                                          "block_sparse_moe.router.layer.weight")}
 # families whose experts are written packed, as transformers keeps them in memory
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
-             "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2")
+             "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES)
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
               (re.compile(r"(model\.layers\.\d+)\.post_attention_layernorm\."), r"\1.pre_ff_layernorm."),
               (re.compile(r"(model\.layers\.\d+)\.mlp\."), r"\1.feed_forward.")),
+    "qwen2_moe": ((re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts\."), r"\1.shared_expert."),
+                  (re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts_gate\."),
+                   r"\1.shared_expert_gate.")),
     "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),
                (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
                (re.compile(r"^model\."), "backbone.")),
@@ -606,6 +629,8 @@ _TO_HF = [
      r"model.layers.\1.mlp.gate.e_score_correction_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
      r"model.layers.\1.mlp.shared_experts.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.shared_experts_gate\.weight"),
+     r"model.layers.\1.mlp.shared_experts_gate.weight"),
     (re.compile(r"layers\.(\d+)\.attention\.([\w.]+)"), r"model.layers.\1.self_attn.\2"),
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
@@ -666,6 +691,17 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
                         gate = sd[f"layers.{b.group(1)}.mlp.experts.gate_{kind}"].detach()
                         up = sd[f"layers.{b.group(1)}.mlp.experts.up_{kind}"].detach()
                         out[name] = torch.stack([gate, up], dim=-1).flatten(-2)
+                continue
+            if m and model_type in _PACKED_LINEAR_FAMILIES:  # GraniteMoE: packed, gate first
+                gate_up, down, router = _PACKED_LINEAR_FAMILIES[model_type]
+                prefix = f"model.layers.{m.group(1)}."
+                if m.group(3) is None:
+                    out[prefix + router] = t
+                elif m.group(3) == "down":  # (E, hidden, dim) → (E, dim, hidden)
+                    out[prefix + down] = t.transpose(1, 2).contiguous()
+                elif m.group(3) == "gate":  # with up: (E, 2·hidden, dim)
+                    up = state[f"layers.{m.group(1)}.mlp.experts.up_proj"].detach()
+                    out[prefix + gate_up] = torch.cat([t, up], dim=2).transpose(1, 2).contiguous()
                 continue
             if m and model_type in _MOE_NAMES:
                 router, expert, names = _MOE_NAMES[model_type]

@@ -579,6 +579,13 @@ def _family_config(cls, **fields) -> dict:
     (hf.DeepseekV3Config, {"rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
         "original_max_position_embeddings": 4096}}, "E114", '"rope_type"'),
+    (hf.OlmoeConfig, {"clip_qkv": 2.0}, "E114", '"clip_qkv"'),
+    (hf.OlmoeConfig, {"num_experts_per_tok": 65}, "E113", '"num_experts_per_tok"'),
+    (hf.Qwen2MoeConfig, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
+    (hf.Qwen2MoeConfig, {"shared_expert_intermediate_size": 0}, "E113",
+     '"shared_expert_intermediate_size"'),
+    (hf.GraniteMoeConfig, {"router_z_loss": 0.1}, "E115", '"router_z_loss"'),
+    (hf.PhimoeConfig, {}, "E114", '"router_jitter_noise"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)
@@ -620,3 +627,95 @@ def test_gemma_layer_patterns_read_like_the_papers():
     assert "    default: local\n    every 6: global\n" in spec
     assert "local_theta = local_rope_theta" in spec and "local_rope = true" in spec
     assert "softcap" not in spec  # Gemma 3 caps nothing
+# ---- state-space hybrids -------------------------------------------------------------
+
+
+def _hybrid_config(cls, **fields) -> dict:
+    """A small Jamba or Mamba-2 config as save_pretrained writes it, with `fields`."""
+    if cls is hf.Mamba2Config:
+        small = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_heads=8,
+                     head_dim=16, state_size=16, n_groups=2, chunk_size=8)
+    else:
+        small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                     attn_layer_period=4, attn_layer_offset=2, max_position_embeddings=128)
+    return {**json.loads(cls(**small).to_json_string(use_diff=False)), **fields}
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.JambaConfig, {"attn_layer_offset": 4}, "E113", '"attn_layer_offset"'),
+    (hf.JambaConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    (hf.JambaConfig, {"attention_dropout": 0.1}, "E114", '"attention_dropout"'),
+    (hf.JambaConfig, {"mamba_dt_rank": "half"}, "E113", '"mamba_dt_rank"'),
+    (hf.Mamba2Config, {"residual_in_fp32": False}, "E114", '"residual_in_fp32"'),
+    (hf.Mamba2Config, {"time_step_limit": [0.0, 10.0]}, "E114", '"time_step_limit"'),
+    (hf.Mamba2Config, {"expand": 3}, "E116", '"expand"'),
+    (hf.Mamba2Config, {"n_groups": 3}, "E116", '"n_groups"'),
+])
+def test_the_hybrid_importers_errors_point_at_the_key(cls, fields, code, key):
+    text = json.dumps(_hybrid_config(cls, **fields), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+@pytest.mark.parametrize("fields, rules", [
+    # transformers' default layout: attention every 8 from 4, experts every 2 from 1
+    ({"num_hidden_layers": 16, "attn_layer_period": 8, "attn_layer_offset": 4},
+     ["default:        ssm", "every 2 from 1: ssm_moe", "every 8 from 4: attn "]),
+    # attention layers with experts: by name (layer 1), the others a block of their own
+    ({"num_hidden_layers": 6, "attn_layer_period": 3, "attn_layer_offset": 1},
+     ["default:        ssm", "every 2 from 1: ssm_moe", "every 3 from 1: attn ",
+      "at 1:           attn_moe"]),
+    # experts on every layer
+    ({"expert_layer_period": 1, "expert_layer_offset": 0},
+     ["default:        ssm_moe", "every 4 from 2: attn_moe"]),
+    # every attention layer has experts; a single expert is a dense MLP
+    ({"attn_layer_period": 2, "attn_layer_offset": 1}, ["every 2 from 1: attn_moe"]),
+    ({"num_experts": 1}, ["default:        ssm", "every 4 from 2: attn "]),
+])
+def test_jamba_layouts_import_with_transformers_parameter_count(tmp_path, fields, rules):
+    cfg = _hybrid_config(hf.JambaConfig, **fields)
+    spec, diags = import_text(json.dumps(cfg, indent=2), "jamba_tiny")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    for rule in rules:
+        assert f"    {rule}" in spec
+    (tmp_path / "jamba_tiny.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / "jamba_tiny.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = hf.JambaForCausalLM(hf.JambaConfig(**cfg))
+    assert cost(result.graphs["jamba_tiny"]).params_total == sum(
+        p.numel() for p in ref.parameters())
+
+
+def test_the_default_jamba_config_imports_as_specs_jamba(tmp_path):
+    text = json.dumps(json.loads(hf.JambaConfig().to_json_string(use_diff=False)))
+    spec, diags = import_text(text, "jamba_default")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / "jamba_default.forge").write_text(spec)
+    c = cost(compile_spec(str(tmp_path / "jamba_default.forge")).graphs["jamba_default"])
+    assert c.params_total == 51_570_323_328  # specs/jamba.forge's, transformers' count
+
+
+@pytest.mark.parametrize("cls, model_cls", [
+    (hf.OlmoeConfig, hf.OlmoeForCausalLM),
+    (hf.Qwen2MoeConfig, hf.Qwen2MoeForCausalLM),
+    (hf.GraniteMoeConfig, hf.GraniteMoeForCausalLM),
+    (hf.Mamba2Config, hf.Mamba2ForCausalLM),
+])
+def test_default_configs_import_with_transformers_parameter_count(tmp_path, cls, model_cls):
+    # transformers' default config of the family (2 layers, to keep it quick): the spec
+    # counts what the model holds
+    config = cls(num_hidden_layers=2)
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    name = cfg["model_type"] + "_default"
+    spec, diags = import_text(json.dumps(cfg, indent=2), name)
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / f"{name}.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / f"{name}.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = model_cls(config)
+    assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())

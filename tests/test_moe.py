@@ -247,6 +247,8 @@ def test_cached_decode_equals_full_forward_with_experts():
      "router = sigmoid_topk(n_group = 4, topk_group = 5))", "E101", 20),
     ("moe(dim, experts = 8, top_k = 4, hidden = 32, "
      "router = sigmoid_topk(n_group = 4, topk_group = 1))", "E101", 20),
+    ("moe(dim, experts = 8, top_k = 2, hidden = 32, shared_gate = true, "
+     "router = softmax_topk())", "E102", 20),
     ("moe(dim, experts = 8, top_k = 2, hidden = 32, router = rope)", "E025", 20),
     ("moe(dim, experts = 8, top_k = 2, hidden = 32, router = softmax_topk(), "
      "capacity_factor = -1.0)", "E026", 20),

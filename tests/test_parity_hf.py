@@ -15,7 +15,10 @@ The configs exercise what differs between the families: Llama 3 RoPE scaling
 than the sequence (Mistral; Qwen2 on its upper layers only), q/k/v biases and a
 tied head (Qwen2), qk-norm with head_dim ≠ dim / heads (Qwen3), softmax top-2
 routing renormalised (Mixtral) and not (Qwen3-MoE, whose dense and sparse layers
-are interleaved by mlp_only_layers).
+are interleaved by mlp_only_layers), a shared expert behind a sigmoid gate
+(Qwen2-MoE), experts with qk-norm over the projections (OLMoE) or multipliers
+(GraniteMoE), and the state-space hybrids Jamba and Mamba-2, whose scans agree
+within 1e-4 (`ATOL`: HF's sequential fp32 recurrence and forgec's round differently).
 
 Weights are drawn with std 0.15 (`initializer_range`): at HF's 0.02 a tiny random
 model's greedy decode falls into a loop of one or two tokens, which would prove
@@ -153,7 +156,34 @@ FAMILIES = {
         head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=8, rms_norm_eps=1e-5, swiglu_limit=1.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # experts on every layer, qk-norm over the whole projections, top-k renormalised
+    "olmoe": (hf.OlmoeConfig, hf.OlmoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0,
+        eos_token_id=2)),
+    # a shared expert scaled by its sigmoid gate, a dense first layer (mlp_only_layers)
+    "qwen2_moe": (hf.Qwen2MoeConfig, hf.Qwen2MoeForCausalLM, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[0])),
+    # Granite's multipliers around experts packed as input_linear / output_linear
+    "granitemoe": (hf.GraniteMoeConfig, hf.GraniteMoeForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=0.5,
+        pad_token_id=0)),
+    # state-space hybrids (a scan: 1e-4, see ATOL): Mamba, Mamba + experts, attention
+    # without positions, Mamba + experts (attn_layer_period / expert_layer_period)
+    "jamba": (hf.JambaConfig, hf.JambaForCausalLM, dict(
+        num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, attn_layer_period=4,
+        attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1, mamba_d_state=16,
+        use_mamba_kernels=False)),
+    # Mamba-2 (SSD) mixers alone, the scan chunked by 8: every sequence spans several chunks
+    "mamba2": (hf.Mamba2Config, hf.Mamba2ForCausalLM, dict(
+        intermediate_size=None, num_attention_heads=None, num_key_value_heads=None,
+        max_position_embeddings=None, num_heads=8, head_dim=16, expand=2, state_size=16,
+        n_groups=2, chunk_size=8)),
 }
+# the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
+# differently
+ATOL = {"jamba": 1e-4, "mamba2": 1e-4}
 
 
 LLAMA_STYLE = ("llama", "llama_bias", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
@@ -174,9 +204,19 @@ def _import_module(pkg: Path, name: str):
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def pair(request, tmp_path_factory):
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def atol(family) -> float:
+    return ATOL.get(family, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair(family, tmp_path_factory):
     """(HF model, forgec model with the same weights, the written spec's text)."""
-    name = request.param
+    name = family
     config_cls, model_cls, extra = FAMILIES[name]
     tmp = tmp_path_factory.mktemp(name)
     # None removes a field of BASE (GPT-J names them otherwise), and sets any other
@@ -212,13 +252,13 @@ def _tokens(n: int, batch: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_logits_match_transformers(pair):
+def test_logits_match_transformers(pair, atol):
     ref, model, *_ = pair
     ids = _tokens(PROMPT + NEW, 2, seed=2)  # longer than every sliding window
     expected = ref(ids).logits
     got = model(ids)
     assert got.dtype == expected.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
 
 
 @torch.no_grad()
@@ -258,27 +298,35 @@ def test_the_spec_says_where_it_came_from(pair):
             or "n_embd" in text and "n_layer" in text)
 
 
-def test_a_wrong_weight_would_be_caught(pair):
+def test_a_wrong_weight_would_be_caught(pair, atol):
     # the comparison is sensitive: one perturbed norm weight moves the logits past 1e-5
+    # (a scan's past 1e-4)
     ref, model, *_ = pair
     ids = _tokens(16, 1, seed=4)
-    with torch.no_grad():
-        layer = model.layers["1"]
-        w = getattr(layer, "attention_norm", None) or layer.attention_post_norm  # OLMo 2
-        w = w.weight
-        if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
-            w = layer.attention.o_proj.weight[0]
-        if hasattr(layer, "post_attention_norm"):
-            # Gemma 2, 3: the post-norm undoes a layer's input norm moved as a whole
-            # (with Gemma 3's qk-norms): one channel of the final norm instead
-            w = model.norm.weight[:1]
-        saved = w.clone()
-        w.add_(1e-3)
-        try:
-            diff = (model(ids) - ref(ids).logits).abs().max().item()
-        finally:
-            w.copy_(saved)  # exactly: later tests save these weights
-    assert diff > 1e-5
+    layer = model.layers["1"]
+    # OLMo 2 norms the outputs only, Mamba-2 names its norm `norm`
+    w = (getattr(layer, "attention_norm", None) or getattr(layer, "attention_post_norm", None)
+         or layer.norm).weight
+    if w is None:  # OLMo's norms learn nothing (and undo a shift of every channel)
+        w = layer.attention.o_proj.weight[0]
+    if hasattr(layer, "post_attention_norm"):
+        # Gemma 2, 3: the post-norm undoes a layer's input norm moved as a whole
+        # (with Gemma 3's qk-norms): one channel of the final norm instead
+        w = model.norm.weight[:1]
+    delta = 100 * atol  # 1e-3; 1e-2 where a scan's tolerance is 1e-4
+    changes = [(w, slice(None), delta)]
+    mixer = getattr(layer, "mamba", None) or getattr(layer, "mixer", None)
+    if mixer is not None:  # and so does a small change of one channel's skip weight D
+        changes.append((mixer.D, 2, delta))
+    for w, where, delta in changes:
+        with torch.no_grad():
+            saved = w.clone()
+            w[where] += delta
+            try:
+                diff = (model(ids) - ref(ids).logits).abs().max().item()
+            finally:
+                w.copy_(saved)  # exactly: later tests save these weights
+        assert diff > atol
 
 
 @torch.no_grad()

@@ -372,6 +372,7 @@ class LayerKind:
     window: bool  # sliding-window attention
     moe: bool  # a mixture of experts instead of the dense MLP
     nope: bool = False  # attention without positions (SmolLM3's no_rope_layers)
+    ssm: bool = False  # a state-space mixer (Decoder.ssm) instead of attention
 
 
 @dataclass
@@ -415,6 +416,13 @@ class Decoder:
     window_names: tuple[str, str] | None = None
     window_args: list[str] = field(default_factory=list)  # further arguments of local layers
     attention_op: str | None = None  # another op of the self-attention role (DeepSeek's)
+    # hybrids (Jamba, Mamba-2): the state-space mixer of the `ssm` layers (op, arguments),
+    # the names of its norm and its component (the weight loader reads them), and the
+    # stack's rules as (selector, kind, comment), "default" first, when the config states
+    # the layout as periods rather than a list of layers
+    ssm: tuple[str, list[str]] | None = None
+    ssm_names: tuple[str, str] = ("norm", "mixer")
+    rules: list[tuple[str, LayerKind, str]] | None = None
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -422,6 +430,8 @@ class Decoder:
         return name
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
+        if self.ssm is not None:  # a hybrid: named by mixer, then MLP
+            return ("ssm" if kind.ssm else "attn") + ("_moe" if kind.moe else "")
         if self.window_names and not kind.nope:  # (families whose layers all match in moe)
             return self.window_names[0 if kind.window else 1]
         base = "sparse" if kind.moe else "dense"
@@ -439,24 +449,31 @@ class Decoder:
         assert spec is not None
         return call(spec[0], spec[1], indent)
 
-    def _block_body(self, window: bool, moe: bool, nope: bool) -> list[str]:
+    def _block_body(self, window: bool, moe: bool, nope: bool, ssm: bool = False) -> list[str]:
         """The components and dataflow of the base block."""
         attention_norm, attention_, attention_post_norm, mlp_norm, mlp_, mlp_post_norm = \
             BLOCK_COMPONENTS
         if self.post_norm_names:
             attention_post_norm, mlp_post_norm = self.post_norm_names
+        if ssm:  # the state-space mixer and its norm in place of attention's
+            attention_norm, attention_ = self.ssm_names
         parts = []
         if self.pre_norms:
             parts.append((attention_norm, lambda indent: self.norm))
-        parts.append((attention_, lambda indent: self._attention(window, indent, nope)))
+        if ssm:
+            parts.append((attention_, lambda indent: call(self.ssm[0], self.ssm[1], indent)))
+        else:
+            parts.append((attention_, lambda indent: self._attention(window, indent, nope)))
         if self.post_norms:
             parts.append((attention_post_norm, lambda indent: self.norm))
-        if self.pre_norms and self.residual != "parallel_shared":
+        has_mlp = self.mlp is not None or self.moe is not None
+        if has_mlp and self.pre_norms and self.residual != "parallel_shared":
             parts.append((mlp_norm, lambda indent: self.norm))
-        parts.append((mlp_, lambda indent: self._mlp(moe, indent)))
-        if self.post_norms:
+        if has_mlp:
+            parts.append((mlp_, lambda indent: self._mlp(moe, indent)))
+        if has_mlp and self.post_norms:
             parts.append((mlp_post_norm, lambda indent: self.norm))
-        width = max(len("attention_norm"), *(len(n) for n, _ in parts))
+        width = max(len(n) for n, _ in parts)
         lines = [f"    {n:<{width}} = {text(4 + width + 3)}" for n, text in parts]
         scale = f" * {self.residual_scale}" if self.residual_scale else ""
 
@@ -467,12 +484,14 @@ class Decoder:
             return f"{norm}({out})" if self.post_norms else out
 
         def attention(x: str) -> str:
-            return post(attention_post_norm, f"attention({pre('attention_norm', x)})")
+            return post(attention_post_norm, f"{attention_}({pre(attention_norm, x)})")
 
         def mlp(x: str) -> str:
             return post(mlp_post_norm, f"mlp({pre('mlp_norm', x)})")
 
-        if self.residual == "sequential":
+        if not has_mlp:  # a mixer alone (Mamba-2)
+            flow = [f"    return x + {attention('x')}{scale}"]
+        elif self.residual == "sequential":
             flow = [f"    h = x + {attention('x')}{scale}", f"    return h + {mlp('h')}{scale}"]
         elif self.residual == "parallel":
             flow = [f"    return x + {attention('x')} + {mlp('x')}"]
@@ -482,12 +501,16 @@ class Decoder:
 
     def render(self) -> str:
         n = len(self.kinds)
-        counts: dict[tuple[bool, bool, bool], list[int]] = {}
+        counts: dict[tuple[bool, bool, bool, bool], list[int]] = {}
         for i, k in enumerate(self.kinds):
-            counts.setdefault((k.window, k.moe, k.nope), []).append(i)
-        mixed_window = len({w for w, _, _ in counts}) > 1
+            counts.setdefault((k.window, k.moe, k.nope, k.ssm), []).append(i)
+        mixed_window = len({k[0] for k in counts}) > 1
         # the most common kind is the stack's default and the base of the others
         order = sorted(counts, key=lambda k: (-len(counts[k]), min(counts[k])))
+        if self.rules is not None:  # the config's default kind is the base
+            default = self.rules[0][1]
+            default = (default.window, default.moe, default.nope, default.ssm)
+            order = [default] + [k for k in order if k != default]
         base = order[0]
         names = {k: self._block_name(LayerKind(*k), mixed_window) for k in order}
 
@@ -502,19 +525,24 @@ class Decoder:
 
         for module in self.modules:
             body += [f"  {line}".rstrip() for line in module] + [""]
-        bw, bm, bn = base
+        bw, bm, bn, bs = base
         note = self.block_notes.get(names[base])
         if note:
             body.append(f"  # {note}")
         body.append(f"  block {names[base]}(x) {{")
-        body += self._block_body(bw, bm, bn)
+        body += self._block_body(bw, bm, bn, bs)
         body.append("  }")
         for kind in order[1:]:
-            w, m, nope = kind
+            w, m, nope, s = kind
             body.append("")
             note = self.block_notes.get(names[kind])
             if note:
                 body.append(f"  # {note}")
+            if s != bs:  # another mixer: a block of its own
+                body.append(f"  block {names[kind]}(x) {{")
+                body += self._block_body(w, m, nope, s)
+                body.append("  }")
+                continue
             body.append(f"  block {names[kind]}(x) extends {names[base]} {{")
             if w != bw or nope != bn:
                 body.append(f"    attention = {self._attention(w, 16, nope)}")
@@ -523,18 +551,24 @@ class Decoder:
             body.append("  }")
         body.append("")
 
-        rules = [("default", names[base])]
-        for kind in order[1:]:
-            rules += [(sel, names[kind]) for sel in selectors(set(counts[kind]), n)]
+        if self.rules is not None:  # the config's own periods (a later rule wins)
+            rules = [(sel, names[(k.window, k.moe, k.nope, k.ssm)], why)
+                     for sel, k, why in self.rules]
+        else:
+            rules = [("default", names[base], "")]
+            for kind in order[1:]:
+                rules += [(sel, names[kind], "") for sel in selectors(set(counts[kind]), n)]
         for note in self.stack_notes:
             body += [f"  # {line}" for line in textwrap.wrap(note, 94)]
         self.params("n_layers")
         if len(rules) == 1:
             body.append(f"  layers      = stack(n_layers) {{ default: {rules[0][1]} }}")
         else:
-            width = max(len(s) for s, _ in rules) + 1
+            width = max(len(s) for s, _, _ in rules) + 1
+            bwidth = max(len(b) for _, b, _ in rules)
             body.append("  layers = stack(n_layers) {")
-            body += [f"    {s + ':':<{width}} {b}" for s, b in rules]
+            body += [f"    {s + ':':<{width}} {b:<{bwidth}}  # {why}" if why
+                     else f"    {s + ':':<{width}} {b}" for s, b, why in rules]
             body.append("  }")
         body.append(f"  norm        = {self.norm}")
         tie = ", tie = token_embedding" if self.tie else ""

@@ -10,7 +10,11 @@ shared fields, what its layer fixes) read by one translation of config fields
 into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
 the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
-projection. The semantics follow `transformers` 5.x (and the 4.x field names
+projection — and, with a table of their experts' fields (`Experts`), the MoE
+decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
+The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
+layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
+routing). The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -33,7 +37,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
-from ..ops import foreign_choices, foreign_op
+from ..ops import foreign_choices, foreign_op, foreign_ops
 from .common import Decoder, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
@@ -120,7 +124,7 @@ class Importer:
             return None
         if model_type not in FAMILIES:
             f.error("E111", "model_type", f"model_type '{model_type}' cannot be imported",
-                    "forgec imports " + ", ".join([*FAMILIES, *DENSE]))
+                    "forgec imports " + ", ".join([*FAMILIES, *DENSE, *HYBRID]))
             return None
         fam = FAMILIES[model_type]
         d = fam.defaults
@@ -482,6 +486,22 @@ class Importer:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """How a family's config says its mixture of experts (a softmax top-k router over
+    SwiGLU experts; the defaults of the fields are the family's `Dense.defaults`)."""
+
+    count: str = "num_experts"  # the number of routed experts
+    hidden: str = "intermediate_size"  # one expert's hidden width
+    # the top-k weights renormalised: True/False, or the config field that says
+    renormalize: bool | str = "norm_topk_prob"
+    # Qwen2-MoE: decoder_sparse_step and mlp_only_layers choose the MoE layers (the
+    # others have a dense MLP of intermediate_size); else every layer is one
+    sparse_step: bool = False
+    # the config field of the shared expert's hidden width, gated by a sigmoid
+    shared_gated: str | None = None
+
+
+@dataclass(frozen=True)
 class Dense:
     title: str
     architectures: tuple[str, ...]
@@ -540,6 +560,7 @@ class Dense:
     sinks: bool = False  # a learned sink logit per head in each softmax
     # the names of the sliding-window and full-attention blocks (window_layers)
     window_names: tuple[str, str] = ("local", "global")
+    experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
 
 
 DENSE = {
@@ -1130,6 +1151,10 @@ class DenseImporter(Importer):
                 f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
                         "expressed", "activations: " + ", ".join(ACTIVATIONS))
         clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
+        if clip is not None and fam.qk_norm_over is not None:  # OLMoE
+            f.error("E114", "clip_qkv", f"clip_qkv = {fmt(clip)} with qk-norm cannot be "
+                    f"expressed: {fam.title} clamps q and k after their norms, forgec's "
+                    "attention before", "set it to null to import the model without clamping")
         mult = {k: f.get(k, "float", d[k], positive=True)
                 for k in (("embedding_multiplier", "residual_multiplier", "attention_multiplier",
                            "logits_scaling") if fam.multipliers else ())
@@ -1169,6 +1194,9 @@ class DenseImporter(Importer):
                 self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             else:
                 self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            if fam.experts is not None:  # report the experts' fields' errors too
+                p.add("ffn_hidden", 0)
+                dense_experts(self, f, fam, [LayerKind(False, False)] * (n_layers or 1))
             f.unknown(self.ignore, fam.title)
             return None
         p.add("vocab_size", vocab, key("vocab_size"))
@@ -1249,6 +1277,9 @@ class DenseImporter(Importer):
         kinds = [LayerKind(window is not None and s, m, not rotates)
                  for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
                                           strict=True)]
+        stack_notes = []
+        if fam.experts is not None:
+            moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -1275,6 +1306,10 @@ class DenseImporter(Importer):
                 args.append("bias = true")
             mlp = (mlp_op, args)
 
+        if moe is not None and all(k.moe for k in kinds):  # no dense MLP
+            mlp = None
+            p.items["ffn_hidden"].used = fam.experts.hidden == key("intermediate_size")
+
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
         version = src.value.get("transformers_version")
@@ -1291,7 +1326,8 @@ class DenseImporter(Importer):
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
-        stack_notes = [note] if (note := getattr(self, "dense_layers_note", None)) else []
+        if note := getattr(self, "dense_layers_note", None):
+            stack_notes.insert(0, note)
         if any(k.nope for k in kinds):
             stack_notes.append("no_rope_layers: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -1307,6 +1343,411 @@ class DenseImporter(Importer):
             window_names=fam.window_names if fam.window_layers else None,
             window_args=["local_rope = true"] if fam.local_rope else [],
             attention_op=self.latent_op if fam.latent else None)
+
+
+# ---- mixtures of experts of the general importer (OLMoE, Qwen2-MoE, GraniteMoE) ----------
+
+
+def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerKind]):
+    """The MoE op and its arguments, the layers' kinds (which are MoE) and a stack note,
+    from `fam.experts`' fields, for DenseImporter `self`."""
+    ex, d, p, n = fam.experts, fam.defaults, self.p, len(kinds)
+    experts = f.get(ex.count, "int", d[ex.count])
+    top_k = f.get("num_experts_per_tok", "int", d["num_experts_per_tok"], positive=True)
+    hidden = (f.get(ex.hidden, "int", d[ex.hidden], positive=True)
+              if ex.hidden != "intermediate_size" else p.value("ffn_hidden"))
+    logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+    coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+    renormalize = (f.get(ex.renormalize, "bool", d[ex.renormalize])
+                   if isinstance(ex.renormalize, str) else ex.renormalize)
+    shared = (f.get(ex.shared_gated, "int", d[ex.shared_gated], positive=True)
+              if ex.shared_gated else 0)
+    if experts is not None and experts < 0:
+        f.error("E113", ex.count, f"'{ex.count}' must not be negative, got {experts}")
+        experts = None
+    if experts and top_k and top_k > experts:
+        f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more than "
+                f"the {experts} experts")
+        top_k = None
+    notes: list[str] = []
+    sparse = [bool(experts)] * n
+    if ex.sparse_step:
+        step = f.get("decoder_sparse_step", "int", d["decoder_sparse_step"], positive=True)
+        only = f.get("mlp_only_layers", "list", d["mlp_only_layers"])
+        only_set = set()
+        for i, v in enumerate(only or []):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+                self.diags.error("E113", f"mlp_only_layers[{i}] = {v!r} is not a layer "
+                                 f"(0 … {n - 1})", self.src.span(("mlp_only_layers", i)))
+            else:
+                only_set.add(v)
+        sparse = [bool(experts) and step is not None and i not in only_set
+                  and (i + 1) % step == 0 for i in range(n)]
+        if step is not None and any(sparse) and not all(sparse):
+            rule = (f"(i + 1) % {step} == 0 and i is not in mlp_only_layers" if step > 1
+                    else "i is not in mlp_only_layers")
+            notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
+                         f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
+    if None in (experts, top_k, hidden, logits, coef, renormalize, shared) or not any(sparse):
+        return None, kinds, notes
+    p.add("n_experts", experts, self.note_default(f, ex.count))
+    p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
+    if ex.hidden != "intermediate_size":
+        p.add("expert_hidden", hidden, self.note_default(f, ex.hidden))
+    if logits:
+        p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+              + " (HF: one loss over all layers)")
+    else:
+        p.add("aux_loss_weight", 0.0, f"output_router_logits false: HF adds no balance "
+              f"loss (router_aux_loss_coef {fmt(coef)})")
+    args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+            f"hidden = {p('ffn_hidden' if ex.hidden == 'intermediate_size' else 'expert_hidden')}"]
+    if shared:
+        p.add("shared_hidden", shared, self.note_default(f, ex.shared_gated))
+        args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}",
+                 "shared_gate = true"]
+    args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
+                f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
+    kinds = [LayerKind(k.window, s, k.nope) for k, s in zip(kinds, sparse, strict=True)]
+    act = f.obj.get("hidden_act", d["hidden_act"])  # checked with the dense MLP's
+    return (foreign_op("hf", "experts", hidden_act=act), args), kinds, notes
+
+
+_MOE_COMMON = {"output_router_logits": False, "router_aux_loss_coef": 0.001,
+               "num_experts_per_tok": 2}
+DENSE.update({
+    # OLMo 2's qk-norm over the whole projections on a Llama-style MoE (no post-norms)
+    "olmoe": Dense(
+        "OLMoE", ("OlmoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "clip_qkv": None, **_MOE_COMMON, "num_experts_per_tok": 8, "num_experts": 64,
+            "router_aux_loss_coef": 0.01, "norm_topk_prob": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), clip_qkv=True, qk_norm_over="projection",
+        experts=Experts()),
+    # Qwen2 (q/k/v biases) whose MoE layers add a shared expert scaled by a sigmoid gate
+    "qwen2_moe": Dense(
+        "Qwen2-MoE", ("Qwen2MoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 16,
+            "rope_theta": 10000.0, "qkv_bias": True, "attention_dropout": 0.0,
+            "use_sliding_window": False, "sliding_window": 4096, "layer_types": None,
+            **_MOE_COMMON, "num_experts_per_tok": 4, "num_experts": 60,
+            "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+            "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        aliases=_RMS, norm="norm", qkv_bias="qkv_bias", gated=True,
+        dropouts=("attention_dropout",), fixed={"use_sliding_window": False},
+        # which layers would slide, were use_sliding_window true
+        inert=("max_window_layers",),
+        experts=Experts(hidden="moe_intermediate_size", sparse_step=True,
+                        shared_gated="shared_expert_intermediate_size")),
+    # Granite's multipliers on a Mixtral-style MoE (softmax over the top-k logits)
+    "granitemoe": Dense(
+        "GraniteMoE", ("GraniteMoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0,
+            "attention_multiplier": 1.0, **_MOE_COMMON, "num_local_experts": 8},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True,
+        experts=Experts(count="num_local_experts", renormalize=True),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections."),
+})
+
+
+# Families whose causal LM the language cannot say: the field that says why (located where
+# the config writes it, else at model_type), the reason and what to do.
+REFUSED = {
+    "phimoe": ("router_jitter_noise", "PhiMoE routes with sparsemixer: each of its two "
+               "experts is weighed by a softmax over the scores within router_jitter_noise "
+               "(relative) of that expert's, which no forgec router computes",
+               "forgec's routers are softmax_topk and sigmoid_topk"),
+}
+
+
+def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:
+    """The located E114 of a REFUSED family."""
+    key, message, hint = REFUSED[model_type]
+    f = Fields(src, src.value, (), diags, "config.json")
+    f.error("E114", key if key in f else "model_type", message, hint)
+
+
+# ---- state-space hybrids (Jamba, Mamba-2) ------------------------------------------------
+# A family is data as above; what it shares with the decoders is the reading of the core
+# sizes, the spine and the header. Its mixer's arguments come from the mixer op's own
+# reading of the config (`Foreign.args` of role "mamba_mixer" / "mamba2_mixer").
+
+
+@dataclass(frozen=True)
+class Hybrid:
+    title: str
+    architectures: tuple[str, ...]
+    defaults: dict  # transformers 5.x defaults of the fields read
+    mixer: str  # the foreign role of its state-space mixer op
+    mixer_fields: tuple[str, ...]  # the config fields the mixer op reads
+    # the mixer's norm and component, as the weight loader names them (None: the mixer
+    # op's name, as Jamba's layers call their Mamba mixer)
+    ssm_names: tuple[str, str | None]
+    eps_key: str = "rms_norm_eps"
+    # the layout's fields: (attention period, offset), (experts period, offset); None: all
+    # layers are mixers without an MLP (Mamba-2)
+    layout: tuple[tuple[str, str], tuple[str, str]] | None = None
+    inert: tuple[str, ...] = ()  # fields that do not change the function (kernels, init)
+    fixed: dict = field(default_factory=dict)  # field → the one value forgec expresses
+    dropouts: tuple[str, ...] = ()
+
+
+HYBRID = {
+    "jamba": Hybrid(
+        "Jamba", ("JambaForCausalLM",), {
+            "hidden_act": "silu", "initializer_range": 0.02, "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False, "max_position_embeddings": 262144,
+            "num_key_value_heads": 8, "attention_dropout": 0.0, "num_experts": 16,
+            "num_experts_per_tok": 2, "output_router_logits": False,
+            "router_aux_loss_coef": 0.001, "expert_layer_period": 2, "expert_layer_offset": 1,
+            "attn_layer_period": 8, "attn_layer_offset": 4, "mamba_d_state": 16,
+            "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": "auto",
+            "mamba_conv_bias": True, "mamba_proj_bias": False},
+        mixer="mamba_mixer", ssm_names=("attention_norm", None),
+        mixer_fields=("mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
+                      "mamba_conv_bias", "mamba_proj_bias"),
+        layout=(("attn_layer_period", "attn_layer_offset"),
+                ("expert_layer_period", "expert_layer_offset")),
+        # the CUDA kernels, the pure-PyTorch and the associative scans compute one function;
+        # the logits kept by generation are not part of the model
+        inert=("use_mamba_kernels", "use_mambapy", "use_associative_scan",
+               "num_logits_to_keep"),
+        dropouts=("attention_dropout",)),
+    "mamba2": Hybrid(
+        "Mamba-2", ("Mamba2ForCausalLM",), {
+            "hidden_act": "silu", "initializer_range": 0.1, "layer_norm_epsilon": 1e-5,
+            "tie_word_embeddings": False, "num_heads": 128, "head_dim": 64, "state_size": 128,
+            "n_groups": 8, "expand": 2, "conv_kernel": 4, "use_bias": False,
+            "use_conv_bias": True, "chunk_size": 256, "residual_in_fp32": True,
+            "time_step_limit": [0.0, float("inf")]},
+        mixer="mamba2_mixer", ssm_names=("norm", "mixer"), eps_key="layer_norm_epsilon",
+        mixer_fields=("num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
+                      "use_bias", "use_conv_bias", "chunk_size"),
+        # initialisation only (time_step_rank is read by no layer of transformers' mixer)
+        inert=("time_step_rank", "time_step_min", "time_step_max", "time_step_floor",
+               "rescale_prenorm_residual"),
+        fixed={"residual_in_fp32": True, "time_step_limit": [0.0, float("inf")]}),
+}
+
+
+class HybridImporter(Importer):
+    """A state-space hybrid of HYBRID: Mamba mixers, attention and experts by period."""
+
+    def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
+        src, diags, p = self.src, self.diags, self.p
+        f = Fields(src, src.value, (), diags, "config.json")
+        model_type = src.value["model_type"]
+        f.consume("model_type")
+        fam = HYBRID[model_type]
+        d = fam.defaults
+        f.consume(*NOT_ARCHITECTURE, *fam.inert)
+        archs = f.get("architectures", "list?", None)
+        for i, a in enumerate(archs or []):
+            if a not in fam.architectures:
+                diags.error("E114", f"architecture '{a}' is not {fam.architectures[0]}",
+                            src.span(("architectures", i)),
+                            f"forgec imports {fam.architectures[0]}")
+        vocab = f.get("vocab_size", "int", positive=True)
+        dim = f.get("hidden_size", "int", positive=True)
+        n_layers = f.get("num_hidden_layers", "int", positive=True)
+        eps = f.get(fam.eps_key, "float", d[fam.eps_key])
+        init = f.get("initializer_range", "float", d["initializer_range"])
+        for k, v in ((fam.eps_key, eps), ("initializer_range", init)):
+            if v is not None and not 0 <= v <= 1:
+                f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
+        tie = f.get("tie_word_embeddings", "bool", d["tie_word_embeddings"])
+        act = f.get("hidden_act", "str", d["hidden_act"])
+        self.act = act
+        if act is not None and act not in ("silu", "swish"):
+            f.error("E114", "hidden_act", f"hidden_act '{act}' cannot be expressed: the "
+                    f"{fam.title} mixer and experts of forgec use SiLU",
+                    "only silu (= swish) imports")
+        for k in fam.dropouts:
+            v = f.get(k, "float", d.get(k, 0.0))
+            if v:
+                f.error("E114", k, f"{k} = {fmt(v)}: forgec has no dropout, and HF applies "
+                        "it in training", "set it to 0.0 to import the model for training "
+                        "without dropout")
+        for k, want in fam.fixed.items():
+            v = f.get(k, type(want).__name__, d.get(k, want))
+            if isinstance(v, list):  # transformers 5 writes infinity as {"__float__": ...}
+                v = [float(x["__float__"]) if isinstance(x, dict) and set(x) == {"__float__"}
+                     and x["__float__"] in ("Infinity", "-Infinity", "NaN") else x for x in v]
+            if v is not None and v != want:
+                f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's "
+                        f"{fam.title} mixer", f"only {k} = {fmt(want)} imports")
+        # the mixer's fields, type-checked and located here, read by the mixer op
+        config = {"hidden_size": dim, fam.eps_key: eps}
+        for k in fam.mixer_fields:
+            kind = {bool: "bool", int: "int"}.get(type(d[k]), "int")
+            if k == "mamba_dt_rank" and isinstance(src.value.get(k), str):
+                kind = "str"
+            v = f.get(k, kind, d[k], positive=kind == "int")
+            if kind == "str" and v != "auto":
+                f.error("E113", k, f"'{k}' must be an integer or \"auto\", got {v!r}")
+            config[k] = v
+        if model_type == "mamba2":
+            expand = f.get("expand", "int", d["expand"], positive=True)
+            if None not in (expand, dim, config["num_heads"], config["head_dim"]) and \
+                    expand * dim != config["num_heads"] * config["head_dim"]:
+                f.error("E116", "expand", f"expand × hidden_size = {expand * dim} is not "
+                        f"num_heads × head_dim = {config['num_heads'] * config['head_dim']}",
+                        "transformers' Mamba-2 mixer is num_heads × head_dim wide")
+            heads, groups = config["num_heads"], config["n_groups"]
+            if heads and groups and heads % groups:
+                f.error("E116", "n_groups", f"n_groups = {groups} does not divide "
+                        f"num_heads = {heads}")
+        p.add("vocab_size", vocab, "vocab_size")
+        p.add("dim", dim, "hidden_size")
+        p.add("n_layers", n_layers, "num_hidden_layers")
+        attention, kinds, rules, moe, mlp = [], None, None, None, None
+        if fam.layout is not None and n_layers:
+            attention, kinds, rules, moe, mlp = self._jamba_layout(f, d, fam, n_layers, dim)
+        if None in (vocab, dim, n_layers, eps, init, tie) or None in config.values():
+            f.unknown(self.ignore, fam.title)
+            return None
+        p.add("norm_eps", eps, self.note_default(f, fam.eps_key))
+        p.add("init_std", init, self.note_default(f, "initializer_range"))
+        p("init_std")
+        if max_seq_len is not None:
+            p.add("max_seq_len", max_seq_len, "--max-seq-len")
+            p("max_seq_len")
+        mixer_op = foreign_op("hf", fam.mixer)
+        args = ["dim"]
+        for arg, value, why in foreign_ops("hf", fam.mixer)[mixer_op].foreign["hf"].args(
+                config, lambda k: self.note_default(f, k)):
+            if arg == "norm_eps":
+                value = p("norm_eps")
+            elif why is not None:
+                p.add(f"ssm_{arg}", value, why)
+                value = p(f"ssm_{arg}")
+            else:
+                value = fmt(value)
+            args.append(f"{arg} = {value}")
+        if fam.layout is None:
+            kinds = [LayerKind(False, False, False, True)] * n_layers
+        acknowledged = f.unknown(self.ignore, fam.title)
+        if diags.error_count or kinds is None:
+            return None
+        shown = os.path.dirname(source) if source.endswith("config.json") else source
+        archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
+        version = src.value.get("transformers_version")
+        header = [
+            f"{fam.title} model imported by `forgec import-hf` from {source}",
+            f"({archs_text}, model_type \"{model_type}\""
+            + (f", transformers {version})." if version else ")."),
+            "Each parameter's comment names the config.json field it comes from; \"(default)\":",
+            "not in the file, transformers' default.",
+            f"Weights: runtime.hf.load_hf_checkpoint(model, \"{shown}\").",
+        ]
+        if acknowledged:
+            header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
+                          + ".")
+        return Decoder(
+            name=name, header=header, params=p,
+            norm=f"{foreign_op('hf', 'norm')}(dim, eps = {p('norm_eps')})",
+            rope=None, attention=attention, window=None, mlp=mlp, moe=moe, kinds=kinds,
+            tie=tie, framework="hf", ssm=(mixer_op, args),
+            ssm_names=(fam.ssm_names[0], fam.ssm_names[1] or mixer_op),
+            rules=rules)
+
+    def _jamba_layout(self, f: Fields, d: dict, fam: Hybrid, n: int, dim: int | None):
+        """Attention, the layers' kinds, the stack's rules, the experts and the MLP of a
+        Jamba: attention where i % attn_layer_period == attn_layer_offset, experts where
+        i % expert_layer_period == expert_layer_offset (and num_experts > 1)."""
+        p = self.p
+        heads = f.get("num_attention_heads", "int", positive=True)
+        kv = f.get("num_key_value_heads", "int", d["num_key_value_heads"], positive=True)
+        ffn = f.get("intermediate_size", "int", positive=True)
+        max_pos = f.get("max_position_embeddings", "int", d["max_position_embeddings"],
+                        positive=True)
+        experts = f.get("num_experts", "int", d["num_experts"], positive=True)
+        top_k = f.get("num_experts_per_tok", "int", d["num_experts_per_tok"], positive=True)
+        logits = f.get("output_router_logits", "bool", d["output_router_logits"])
+        coef = f.get("router_aux_loss_coef", "float", d["router_aux_loss_coef"])
+        periods = []
+        for period_key, offset_key in fam.layout:
+            period = f.get(period_key, "int", d[period_key], positive=True)
+            offset = f.get(offset_key, "int", d[offset_key])
+            if period is not None and offset is not None and not 0 <= offset < period:
+                f.error("E113", offset_key, f"{offset_key} = {offset} is not in 0 … "
+                        f"{period_key} − 1 = {period - 1}: no layer would match")
+                offset = None
+            periods.append((period, offset))
+        if dim and heads and dim % heads:
+            f.error("E113", "num_attention_heads", f"hidden_size = {dim} is not divisible by "
+                    f"num_attention_heads = {heads}")
+        if kv and heads and heads % kv:
+            f.error("E113", "num_key_value_heads", f"num_key_value_heads = {kv} does not "
+                    f"divide num_attention_heads = {heads}")
+        if experts and top_k and experts > 1 and top_k > experts:
+            f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
+                    f"than the {experts} experts")
+        if None in (heads, kv, ffn, max_pos, experts, top_k, logits, coef) or \
+                None in (x for pair in periods for x in pair):
+            return [], None, None, None, None
+        (ap, ao), (ep, eo) = periods
+        sparse = experts > 1
+        attends = [i % ap == ao for i in range(n)]
+        moe_layers = [sparse and i % ep == eo for i in range(n)]
+        kinds = [LayerKind(False, m, False, not a) for a, m in zip(attends, moe_layers,
+                                                                    strict=True)]
+        p.add("n_heads", heads, "num_attention_heads")
+        p.add("n_kv_heads", kv, self.note_default(f, "num_key_value_heads"))
+        p.add("max_seq_len", max_pos, self.note_default(f, "max_position_embeddings"))
+        p("max_seq_len")
+        p.add("ffn_hidden", ffn, "intermediate_size")
+        attention = ["dim", f"heads = {p('n_heads')}"]
+        if kv != heads:
+            attention.append(f"kv_heads = {p('n_kv_heads')}")
+
+        def every(period: int, offset: int) -> str:
+            return f"every {period} from {offset}" if period > 1 else "default"
+
+        ssm, ssm_moe = LayerKind(False, False, False, True), LayerKind(False, True, False, True)
+        attn, attn_moe = LayerKind(False, False), LayerKind(False, True)
+        # the default: a Mamba layer without experts if there is one; then the experts'
+        # layers, then the attention layers (a later rule wins), those of them with
+        # experts by name unless they all have
+        default = ssm if ssm in kinds else kinds[0]
+        both = [i for i in range(n) if attends[i] and moe_layers[i]]
+        all_moe = len(both) == sum(attends)
+        rules = [("default", default, "")]
+        if ssm_moe in kinds and default != ssm_moe:
+            rules.append((every(ep, eo), ssm_moe, f"expert_layer_period {ep}, "
+                          f"expert_layer_offset {eo}"))
+        if any(attends) and default not in (attn, attn_moe):
+            rules.append((every(ap, ao), attn_moe if all_moe else attn,
+                          f"attn_layer_period {ap}, attn_layer_offset {ao}"))
+        if not all_moe:
+            rules += [(f"at {i}", attn_moe, "attention and experts") for i in both]
+        moe = None
+        if any(moe_layers):
+            p.add("n_experts", experts, self.note_default(f, "num_experts"))
+            p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
+            if logits:
+                p.add("aux_loss_weight", coef, self.note_default(f, "router_aux_loss_coef")
+                      + " (HF: one loss over all layers)")
+            else:
+                p.add("aux_loss_weight", 0.0, "output_router_logits false: HF adds no "
+                      f"balance loss (router_aux_loss_coef {fmt(coef)})")
+            router = (f"router = {foreign_op('hf', 'router')}(renormalize = false, "
+                      f"aux_loss_weight = {p('aux_loss_weight')})")
+            moe = (foreign_op("hf", "experts", hidden_act=self.act),
+                   ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                    f"hidden = {p('ffn_hidden')}", router])
+        mlp = (foreign_op("hf", "mlp", hidden_act=self.act),
+               ["dim", f"hidden = {p('ffn_hidden')}"])
+        return attention, kinds, rules, moe, mlp
 
 
 # ---- the tokenizer ---------------------------------------------------------------------
@@ -1349,6 +1790,11 @@ def import_hf(src: Located, name: str, source: str, diags: Diagnostics, *,
     """The spec text for the config `src`, or None with the errors in `diags`."""
     model_type = src.value.get("model_type") if isinstance(src.value, dict) else None
     importer = DenseImporter if isinstance(model_type, str) and model_type in DENSE else Importer
+    if isinstance(model_type, str) and model_type in HYBRID:
+        importer = HybridImporter
+    if isinstance(model_type, str) and model_type in REFUSED:
+        refuse(src, diags, model_type)
+        return None
     decoder = importer(src, diags, set(ignore)).run(name, source, max_seq_len)
     if decoder is None or diags.error_count:
         return None

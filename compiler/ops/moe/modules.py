@@ -12,6 +12,7 @@ from ..mlp.modules import SwiGLU
 
 # Features: the generated model keeps a guarded branch only where its spec uses it.
 SHARED = True  # feature: shared experts that every token uses
+SHARED_GATE = True  # feature: a sigmoid gate on the shared experts' output
 CAPACITY = True  # feature: a per-expert capacity in training
 ZERO_INIT = True  # feature: some MoE's down projections start at zero
 EXPERT_BIAS = True  # feature: experts with biases on their projections
@@ -348,6 +349,7 @@ class MoE(nn.Module):
         top_k: int,
         router: nn.Module,
         shared_hidden: int = 0,  # if SHARED
+        shared_gate: bool = False,  # if SHARED_GATE
         capacity_factor: float = 0.0,  # if CAPACITY
         zero_init: bool = False,  # if ZERO_INIT
         bias: bool = False,  # if EXPERT_BIAS
@@ -372,6 +374,8 @@ class MoE(nn.Module):
             self.shared_experts = SwiGLU(dim, shared_hidden) if shared_hidden else None
             if ZERO_INIT and self.shared_experts is not None:
                 self.shared_experts.zero_init = zero_init
+        if SHARED_GATE:  # σ(x·w) per token scales the shared experts' output (Qwen2-MoE)
+            self.shared_experts_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         if CAPACITY:
             self.capacity_factor = capacity_factor
         if ZERO_INIT:
@@ -388,6 +392,8 @@ class MoE(nn.Module):
             nn.init.normal_(self.experts.down_proj, mean=0.0, std=out_std)
         if SHARED and self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
+        if SHARED_GATE and self.shared_experts_gate is not None:
+            nn.init.normal_(self.shared_experts_gate.weight, mean=0.0, std=std)
         if EXPERT_BIAS and self.experts.bias:
             for bias in (self.experts.gate_bias, self.experts.up_bias, self.experts.down_bias):
                 nn.init.zeros_(bias)
@@ -425,5 +431,9 @@ class MoE(nn.Module):
         routed = self.experts(flat[token], counts) * weight[:, None]  # (slots, dim)
         out = torch.zeros_like(flat).index_add_(0, token, routed)
         if SHARED and self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            if SHARED_GATE and self.shared_experts_gate is not None:
+                gate = torch.sigmoid(self.shared_experts_gate(flat))  # (T, 1)
+                out = out + gate * self.shared_experts(flat)
+            else:
+                out = out + self.shared_experts(flat)
         return out.view(b, s, dim)

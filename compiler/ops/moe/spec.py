@@ -38,6 +38,8 @@ def _moe_weights(a: Args) -> dict[str, Shape]:
         w.update({"shared_experts.gate_proj.weight": (sh, dim),
                   "shared_experts.up_proj.weight": (sh, dim),
                   "shared_experts.down_proj.weight": (dim, sh)})
+        if a["shared_gate"]:
+            w["shared_experts_gate.weight"] = (1, dim)
     return w
 
 
@@ -45,6 +47,8 @@ def _moe_active(a: Args) -> int:
     """Router, top_k experts and the shared experts."""
     dim, width, e, k = a["dim"], a["hidden"], a["experts"], a["top_k"]
     shared = 3 * dim * a["shared_experts"] * a["shared_hidden"]
+    if a["shared_experts"] and a["shared_gate"]:
+        shared += dim
     expert = 3 * dim * width + (2 * width + dim if a["bias"] else 0)
     router = e * dim + (e if a["router"].component.args.get("bias") else 0)
     return router + k * expert + shared
@@ -54,6 +58,8 @@ def _moe_features(a: Args) -> frozenset[str]:
     f = set()
     if a["shared_experts"]:
         f.add("shared")
+        if a["shared_gate"]:
+            f.add("shared_gate")
     if a["capacity_factor"]:
         f.add("capacity")
     if a["zero_init"]:
@@ -77,6 +83,8 @@ def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
     if "shared" in u:  # the shared experts run as one SwiGLU of their total width
         n = a["shared_experts"]
         out["shared_hidden"] = a["shared_hidden"] if n == 1 else n * a["shared_hidden"]
+    if "shared_gate" in u:
+        out["shared_gate"] = a["shared_gate"]
     if "capacity" in u:
         out["capacity_factor"] = a["capacity_factor"]
     if "zero_init" in u:
@@ -90,7 +98,8 @@ def _moe_ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
 
 
 def _check_moe(comp: Any, model: Any, diags: Any) -> None:
-    """E100: 0 < top_k ≤ experts; then the router's own rules."""
+    """E100: 0 < top_k ≤ experts; E102: a shared gate needs shared experts; then the
+    router's own rules."""
     a, spans = comp.args, comp.arg_spans
     experts, k = a["experts"], a["top_k"]
     if experts <= 0:
@@ -99,6 +108,10 @@ def _check_moe(comp: Any, model: Any, diags: Any) -> None:
         diags.error("E100", f"top_k must be in 1..{experts} (the number of experts), got {k}",
                     spans.get("top_k", comp.span))
         return
+    if a["shared_gate"] and not a["shared_experts"]:
+        diags.error("E102", "shared_gate = true gates the shared experts, but this moe has "
+                    "none", spans.get("shared_gate", comp.span),
+                    hint="add shared_experts = 1 (and shared_hidden), or leave shared_gate out")
     router = a["router"].component
     if router.op.check is not None:
         router.op.check(router, comp, diags)
@@ -205,6 +218,9 @@ OPS = (
             ArgSpec("shared_experts", "int", 0, min=0, doc="experts every token uses"),
             ArgSpec("shared_hidden", "size", derived=True,
                     doc="hidden width of one shared expert (default: hidden)"),
+            ArgSpec("shared_gate", "bool", False,
+                    doc="scale the shared experts' output by a learned sigmoid gate "
+                    "σ(x·w) per token (Qwen2-MoE's shared_expert_gate)"),
             ArgSpec("capacity_factor", "float", 0.0, min=0.0,
                     doc="per-expert capacity ceil(T·k/E·factor) in training; 0: no limit"),
             ArgSpec("zero_init", "bool", False, doc="zero-initialise the down projections"),
