@@ -1306,7 +1306,7 @@ class DenseImporter(Importer):
                 args.append("bias = true")
             mlp = (mlp_op, args)
 
-        if moe is not None and all(k.moe for k in kinds):  # no dense MLP
+        if fam.experts is not None and moe is not None and all(k.moe for k in kinds):  # no dense MLP
             mlp = None
             p.items["ffn_hidden"].used = fam.experts.hidden == key("intermediate_size")
 
