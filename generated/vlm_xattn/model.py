@@ -1119,14 +1119,18 @@ class VLM(nn.Module):
         frame_mask: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The logits of the text; or, given `targets` (B, S) (IGNORE_INDEX where
+        none is trained), their fp32 cross-entropy summed over the trained targets,
+        without materialising the logits (Transformer.forward)."""
         image, frames = self.encode_images(pixel_values, frame_mask)
         if image_mask is None:
             image_mask = frames
         modality = ModalityContext(
             image_features=image, image_mask=image_mask, key_padding_mask=key_padding_mask
         )
-        return self.transformer(tokens, modality=modality)
+        return self.transformer(tokens, modality=modality, targets=targets)
 
     def make_kv_caches(self, batch_size: int, max_seq_len: int | None = None) -> list:
         """KV caches of the text layers (the image is attended to afresh each step)."""
