@@ -92,6 +92,7 @@ from .loop import (
     TextTask,
     accumulate,
     count_targets,
+    cross_entropy_sum,
     make_optimizer,
     print_done,
     read_metrics,
@@ -636,9 +637,10 @@ class Engine:
         return cls(stages if multi else stages[0], n_microbatches=self.microbatches,
                    loss_fn=self._pipeline_loss, scale_grads=False)
 
-    def _pipeline_loss(self, cross_entropy: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The last stage's output is already its micro-batch's summed cross-entropy
-        (the task's pipeline_inputs hand it the targets)."""
+    def _pipeline_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's output: its micro-batch's summed cross-entropy where the
+        task's pipeline_inputs hand it the targets (text), else its logits (VLM)."""
+        cross_entropy = output if output.dim() == 0 else cross_entropy_sum(output, targets)
         return cross_entropy / self._n_targets * self.layout.dp
 
     # -- the held-out eval of a vision-language model --

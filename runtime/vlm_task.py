@@ -80,9 +80,10 @@ class CaptionTask(TextTask):
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """The images go to the first stage (plan.VLMStage), the text to every
-        stage, the targets to the last (its fused head and loss)."""
+        stage. The last stage returns logits: its fused head and loss fails under
+        the pipeline schedules' backward (a saved gradient scaled in place)."""
         pixels, inputs, targets = chunk
-        return (pixels,), {"tokens": inputs, "targets": targets}, targets
+        return (pixels,), {"tokens": inputs}, targets
 
     def describe(self, s) -> str:
         return f"{s.batch_size} images x {s.seq_len} caption tokens"
