@@ -228,10 +228,11 @@ class TextTask:
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """(the first stage's inputs, every stage's keyword inputs, targets) of a
-        micro-batch under a pipeline schedule. `targets` among the keyword inputs
-        reaches the last stage only (its fused head and loss)."""
+        micro-batch under a pipeline schedule. The last stage returns logits: the
+        fused head + loss scales its saved gradients in place, which the pipeline
+        schedules' backward does not allow."""
         inputs, targets, doc_ids = chunk
-        return (inputs,), {"doc_ids": doc_ids, "targets": targets}, targets
+        return (inputs,), {"doc_ids": doc_ids}, targets
 
     def describe(self, s) -> str:
         """The batch of a step, in words."""
