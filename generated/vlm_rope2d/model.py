@@ -1094,8 +1094,7 @@ class VLMStage(nn.Module):
     on its hidden states (B, P, D_vision); the stage holding the adapter starts the
     decoder over the image tokens and the text, and decoder stages pass on its
     hidden states (B, n + S, D). The last stage returns the logits of the text
-    (B, S, V), or given `targets` their summed cross-entropy (VLM.forward). Single
-    images only: no video frames or padding masks.
+    (B, S, V). Single images only: no video frames or padding masks.
     """
 
     def __init__(self, vlm: VLM) -> None:
@@ -1108,9 +1107,7 @@ class VLMStage(nn.Module):
     # the VLM's own initialisation: it skips the modules a stage lacks
     init_weights_and_freqs = VLM.init_weights_and_freqs
 
-    def forward(
-        self, x: torch.Tensor, *, tokens: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, tokens: torch.Tensor) -> torch.Tensor:
         if self.vision_encoder is not None:
             x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
         if self.transformer is None:  # the vision encoder goes on on the next stage
@@ -1120,9 +1117,9 @@ class VLMStage(nn.Module):
         if self.adapter is not None:  # the decoder starts here: image tokens, then the text
             image = self.adapter(x)
             modality = ModalityContext(prefix_embeds=image, output_slice=text)
-            return self.transformer(tokens, modality=modality, targets=targets)
+            return self.transformer(tokens, modality=modality)
         modality = ModalityContext(inputs_embeds=x, output_slice=text)
-        return self.transformer(modality=modality, targets=targets)
+        return self.transformer(modality=modality)
 
     def set_moe_step(self, step: int, max_steps: int) -> None:
         if self.transformer is not None:

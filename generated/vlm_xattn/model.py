@@ -1185,9 +1185,8 @@ class VLMStage(nn.Module):
     on its hidden states (B, P, D_vision); the stage holding the adapter starts the
     decoder over the text, and decoder stages pass on its hidden states (B, S, D)
     with the image tokens (B, n, D), which the cross-attention blocks of later
-    stages attend to. The last stage returns the logits (B, S, V), or given
-    `targets` their summed cross-entropy (VLM.forward). Single images only: no
-    video frames or padding masks.
+    stages attend to. The last stage returns the logits (B, S, V). Single images
+    only: no video frames or padding masks.
     """
 
     def __init__(self, vlm: VLM) -> None:
@@ -1201,12 +1200,7 @@ class VLMStage(nn.Module):
     init_weights_and_freqs = VLM.init_weights_and_freqs
 
     def forward(
-        self,
-        x: torch.Tensor,
-        image: torch.Tensor | None = None,
-        *,
-        tokens: torch.Tensor,
-        targets: torch.Tensor | None = None,
+        self, x: torch.Tensor, image: torch.Tensor | None = None, *, tokens: torch.Tensor
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.vision_encoder is not None:
             x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
@@ -1214,11 +1208,9 @@ class VLMStage(nn.Module):
             return x.contiguous()  # the patch embedding's output is a transposed view
         if self.adapter is not None:  # the decoder starts here
             image = self.adapter(x)
-            context = ModalityContext(image_features=image)
-            h = self.transformer(tokens, modality=context, targets=targets)
+            h = self.transformer(tokens, modality=ModalityContext(image_features=image))
         else:
-            context = ModalityContext(inputs_embeds=x, image_features=image)
-            h = self.transformer(modality=context, targets=targets)
+            h = self.transformer(modality=ModalityContext(inputs_embeds=x, image_features=image))
         if self.transformer.output_head is not None:
             return h
         return h, image
