@@ -86,6 +86,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from forgec.compiler.errors import RunError, UsageError
@@ -124,19 +125,23 @@ class _FusedAttention(torch.autograd.Function):
         raise AssertionError("measurement only")
 
 
-def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                enable_gqa=False):
-    return _FusedAttention.apply(q, k, v, attn_mask)
+class _MeasuringStandIns(TorchFunctionMode):
+    """While measuring on the meta device, the torch functions whose meta kernels
+    would not behave as the real ones run as stand-ins: SDPA as the fused kernels
+    (_FusedAttention: the meta device dispatches to the math fallback, which saves
+    the S×S probabilities), and a meta `bincount` (a count of rows per expert: a
+    value the meta device does not have) as a placeholder of its known size.
+    A torch-function mode, so that no module's or torch's globals are patched."""
 
-
-@contextlib.contextmanager
-def _fused_attention():
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _fused_sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v, *rest = args
+            return _FusedAttention.apply(q, k, v, kwargs.get("attn_mask", rest[0] if rest else None))
+        if func is torch.bincount and args[0].is_meta:
+            minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
+            return torch.empty(minlength, dtype=torch.long, device="meta")
+        return func(*args, **kwargs)
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -192,14 +197,6 @@ class _OpOutputs(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _meta_bincount(original):
-    def bincount(input, weights=None, minlength=0):
-        if input.is_meta:  # how many per expert: a value, of a known size
-            return torch.empty(minlength, dtype=torch.long, device="meta")
-        return original(input, weights, minlength)
-    return bincount
-
-
 @contextlib.contextmanager
 def _meta_routing(module, model: nn.Module):
     """Mixture-of-experts layers on the meta device: their row counts per expert
@@ -208,14 +205,9 @@ def _meta_routing(module, model: nn.Module):
     no slot for capacity (every token reaches its top_k experts: an upper bound of
     what a capacity keeps)."""
     measured = getattr(module, "ExpertsMeasured", None)  # a package without experts: none
-    original = torch.bincount
-    torch.bincount = _meta_bincount(original)
-    try:
-        with (measured(model, _GroupedMatmul.apply) if measured is not None
-              else contextlib.nullcontext()):
-            yield
-    finally:
-        torch.bincount = original
+    with (measured(model, _GroupedMatmul.apply) if measured is not None
+          else contextlib.nullcontext()):
+        yield
 
 
 def unit_fqns(model: nn.Module, prefix: str = "") -> list[str]:
@@ -377,7 +369,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _fused_attention(), _meta_routing(module, model), _OpOutputs(on_output), \
+        with _MeasuringStandIns(), _meta_routing(module, model), _OpOutputs(on_output), \
                 torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(*args, **kwargs)
             F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
