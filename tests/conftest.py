@@ -16,6 +16,14 @@ from forgec.compiler.cli import main
 from forgec.compiler.diagnostics import CompileFailed, Diagnostics
 from forgec.compiler.driver import Compilation, compile_spec
 
+# `make test` spreads the test files over the cores (pytest-xdist): each worker gets
+# its share of them. torch's default, one thread per core in every worker, would
+# oversubscribe the machine (OpenMP threads spin at their barriers). Set before torch
+# is first imported, so that this process and every process it starts read it.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores))
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.forge"))
 
