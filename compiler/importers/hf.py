@@ -13,12 +13,12 @@ the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
-layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by list,
-an MLP on each) and LFM2 (short convolutions and attention by layer_types). PhiMoE is refused (E114: its sparsemixer
-routing). The semantics follow `transformers` 5.x (and the 4.x field names
-`rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
-from the file takes the default of transformers' config class, and the spec
-says so.
+layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by
+list, an MLP on each) and LFM2 (short convolutions and attention by layer_types).
+PhiMoE is refused (E114: its sparsemixer routing). The semantics follow
+`transformers` 5.x (and the 4.x field names `rope_theta`/`rope_scaling` and
+`num_experts` are read too); a field missing from the file takes the default of
+transformers' config class, and the spec says so.
 
 Every key of the config is accounted for: mapped into the spec, checked to
 have a value the spec can express (else a located error), or known not to
