@@ -630,6 +630,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
 
     mask_kinds = sorted({x.op.mask(x.args) for b in used_blocks for x in b.components.values()
                          if x.op.mask}) or ["causal"]
+    # recurrent mixers read the step's padding beside the masks (OpDef.reads_padding)
+    pads = any(x.op.reads_padding for b in used_blocks for x in b.components.values())
     kinds = [{"name": k, "causal": k.startswith("causal"),
               "window": int(k.split("_w")[1]) if "_w" in k else 0} for k in mask_kinds]
     for k in kinds:  # a window the spec names is read from ModelConfig
@@ -699,7 +701,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
             "source": f"{block.name_span.file}:{block.name_span.line}",
             "layers": _ranges(in_layers) if (not single or in_vision) and in_layers else "",
             "components": comps, "lines": lines, "input": block.inputs[0],
-            "uses_mask": any(x.op.mask for x in block.components.values()),
+            "uses_mask": any(x.op.mask or x.op.reads_padding for x in block.components.values()),
             "kv_type": (f"{held[0] if held else 'KVCache'} | None" if n_att <= 1 else
                         f"tuple[{' | '.join(dict.fromkeys(held))}, ...] | None")
             if kv_cache and not in_vision else "None",
@@ -806,7 +808,9 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "inserted_after": "{" + ", ".join(f"{a}: {pyrepr(tuple(v))}"
                                           for a, v in sorted(inserted_after.items())) + "}",
         "mask_kinds": kinds, "no_windows": not windows, "masks_call": masks_call,
-        "no_mask_dict": "{" + ", ".join(f"{pyrepr(k['name'])}: None" for k in kinds) + "}",
+        "no_mask_dict": "{" + ", ".join([f"{pyrepr(k['name'])}: None" for k in kinds]
+                                        + (['"padding": None'] if pads else [])) + "}",
+        "pads": pads,
         "spine": spine, "tied": tied,
         "non_causal": ", ".join([fqn for fqn, _ in graph.graph.get("non_causal", [])]
                                 + ([f"its {vlm.fusion.op.name} fusion"] if vlm and not

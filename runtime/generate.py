@@ -6,7 +6,8 @@ restarts RoPE positions at each row's first real token, so a row decodes
 exactly as it would alone. Each row stops at its own end-of-text token.
 
 `compile=True` decodes with static shapes: after the (eager) prefill, the caches
-move into fixed-size StaticKVCache buffers and one decode step of fixed shapes
+move into fixed-size StaticKVCache buffers (a sequence mixer's state, of fixed size
+already, is counted by a StaticStateCache) and one decode step of fixed shapes
 is compiled once (torch.compile; CUDA graphs on a GPU, mode "reduce-overhead"),
 so every new token runs the same compiled code.
 """
@@ -66,6 +67,55 @@ class StaticKVCache:
         self.valid.index_copy_(1, self.cursor, valid)
         self.next_pos += valid.sum(dim=1)
         self.cursor += 1
+
+
+class StaticStateCache:
+    """A recurrent layer's decoding state (a sequence mixer's: its convolution's last
+    inputs, its scan state), for a compiled decode step. That state has a fixed size
+    already and the layer's own cache updates it in place, so this one holds the same
+    tensors (and convolves through that cache); it counts positions as StaticKVCache
+    does (`length` always `size`, `valid`, `next_pos`, `cursor`), so that every
+    layer's cache tells the model the same, without a Python counter."""
+
+    def __init__(self, cache, size: int) -> None:
+        filled = cache.length
+        if filled > size:
+            raise ValueError(f"the cache holds {filled} positions, more than {size}")
+        self.cache = cache
+        counters = ("valid", "next_pos")
+        states = {k: v for k, v in vars(cache).items()
+                  if isinstance(v, torch.Tensor) and k not in counters}
+        self.__dict__.update(states)  # the same tensors: updated in place by the layer
+        device = cache.valid.device
+        self.valid = torch.zeros(cache.valid.shape[0], size, dtype=torch.bool, device=device)
+        self.valid[:, :filled] = cache.valid[:, :filled]
+        self.next_pos = cache.next_pos.clone()
+        self.cursor = torch.tensor([filled], device=device)
+        self.length = self.max_seq_len = size
+        if device.type == "cuda":  # CUDA graphs replay on these very buffers
+            for t in (*states.values(), self.valid, self.next_pos, self.cursor):
+                torch._dynamo.mark_static_address(t)
+
+    def convolve(self, x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+        return self.cache.convolve(x, conv)
+
+    def advance(self, s: int) -> None:
+        """`length` stays `size`: the positions are counted by `commit`."""
+
+    def commit(self, valid: torch.Tensor) -> None:
+        self.valid.index_copy_(1, self.cursor, valid)
+        self.next_pos += valid.sum(dim=1)
+        self.cursor += 1
+
+
+def _static(cache, size: int):
+    """The fixed-shape form of a layer's cache for the compiled decode step."""
+    if hasattr(cache, "update"):  # attention's keys and values
+        return StaticKVCache(cache, size)
+    if hasattr(cache, "convolve"):  # a sequence mixer's state
+        return StaticStateCache(cache, size)
+    raise RunError(f"a {type(cache).__name__} has no static form for the compiled decode "
+                   "step: generate without compile")
 
 
 def _decode_step(model, context, caches, tokens, valid):
@@ -146,11 +196,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         logits = model(tokens, modality=context(key_padding_mask=valid), kv_caches=caches)[:, -1]
         step = lambda *args: _decode_step(model, *args)  # noqa: E731
         if compile and max_new_tokens > 1:
-            if not all(hasattr(cache, "update") for cache in caches):  # a recurrent state
-                raise RunError(f"the model of {model.spec} decodes with recurrent states "
-                               "(a sequence mixer's), which the compiled decode step does not "
-                               "hold yet: generate without compile")
-            caches = [StaticKVCache(cache, total) for cache in caches]
+            caches = [_static(cache, total) for cache in caches]
             compiled = compiled_decode_step(device)
             step = lambda *args: compiled(model, *args)  # noqa: E731
         out: list[list[int]] = [[] for _ in prompts]

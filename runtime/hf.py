@@ -374,6 +374,15 @@ TABLE_FAMILIES = {
         {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
          "attention.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"},
         qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),
+    # ---- LFM2: short convolutions and attention with per-head qk-norm ----
+    "lfm2": Names(
+        {**_LLAMA_SPINE, "norm": "model.embedding_norm."}, "model.layers.{i}.",
+        {"attention_norm": "operator_norm", "mlp_norm": "ffn_norm", **_ATTENTION,
+         "attention.o_proj": "self_attn.out_proj",
+         **{f"attention.{x}_norm": f"self_attn.{x}_layernorm" for x in "qk"},
+         **{f"conv.{x}": f"conv.{x}" for x in ("conv", "in_proj", "out_proj")},
+         "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+         "mlp.down_proj": "feed_forward.w2"}),
 }
 
 
@@ -574,7 +583,8 @@ _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight"
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
-             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES)
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES,
+             "bamba")  # (Bamba: Jamba's names, its Mamba-2 mixers under `mamba`)
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -587,6 +597,7 @@ _RENAMED = {
                (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
                (re.compile(r"^model\."), "backbone.")),
 }
+_RENAMED["bamba"] = _RENAMED["jamba"]  # Bamba: Jamba's names
 
 
 def _family_name(model_type: str, name: str) -> str:

@@ -719,3 +719,101 @@ def test_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
     with torch.device("meta"):
         ref = model_cls(config)
     assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())
+
+
+# ---- hybrids listing their attention layers: Bamba, LFM2 (branch zhyb) ----------------
+
+
+def _listed_config(cls, **fields) -> dict:
+    """A small Bamba or LFM2 config as save_pretrained writes it, with `fields`."""
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if cls is hf.BambaConfig:
+        small.update(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_state=16,
+                     mamba_n_groups=2, mamba_chunk_size=8)
+    else:
+        small.update(layer_types=["conv", "full_attention", "conv"])
+    return {**json.loads(cls(**small).to_json_string(use_diff=False)), **fields}
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.BambaConfig, {"z_loss_coefficient": 0.1}, "E114", '"z_loss_coefficient"'),
+    (hf.BambaConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
+    (hf.BambaConfig, {"mamba_expand": 3}, "E116", '"mamba_expand"'),
+    (hf.BambaConfig, {"mamba_n_groups": 3}, "E116", '"mamba_n_groups"'),
+    (hf.BambaConfig, {"mamba_d_head": "half"}, "E113", '"mamba_d_head"'),
+    (hf.BambaConfig, {"time_step_limit": [0.0, 10.0]}, "E114", '"time_step_limit"'),
+    (hf.BambaConfig, {"attention_dropout": 0.1}, "E114", '"attention_dropout"'),
+    (hf.BambaConfig, {"attn_layer_indices": [7]}, "E113", "7"),
+    (hf.BambaConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    (hf.Lfm2Config, {"layer_types": ["conv", "full_attention"]}, "E116", '"layer_types"'),
+    (hf.Lfm2Config, {"layer_types": ["conv", "sliding_attention", "conv"]}, "E114",
+     '"sliding_attention"'),
+    (hf.Lfm2Config, {"block_multiple_of": 0}, "E113", '"block_multiple_of"'),
+    (hf.Lfm2Config, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}},
+     "E114", '"rope_type"'),
+    (hf.Lfm2Config, {"block_dim": 32}, "E116", '"block_dim"'),
+    (hf.Lfm2Config, {"block_use_swiglu": False}, "E116", '"block_use_swiglu"'),
+    (hf.Lfm2Config, {"conv_dim_in": 64}, "E115", '"conv_dim_in"'),
+])
+def test_bamba_and_lfm2_errors_point_at_the_key(cls, fields, code, key):
+    text = json.dumps(_listed_config(cls, **fields), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+@pytest.mark.parametrize("cls, model_cls, fields, expect", [
+    # transformers' defaults: Mamba-2 mixers of 128 heads, attention nowhere
+    (hf.BambaConfig, hf.BambaForCausalLM, {}, ["default: ssm"]),
+    (hf.BambaConfig, hf.BambaForCausalLM, {"attn_layer_indices": [1]},
+     ["last 1:  attn", "rotary_dim = rotary_dim", "# rope_parameters.partial_rotary_factor"]),
+    # all layers attend (full_attn_idxs null); the MLP's width by LFM2's rule (8192)
+    (hf.Lfm2Config, hf.Lfm2ForCausalLM, {}, ["default: attn", "ffn_hidden  = 8192"]),
+    (hf.Lfm2Config, hf.Lfm2ForCausalLM, {"layer_types": ["conv", "full_attention"],
+                                         "block_auto_adjust_ff_dim": False},
+     ["last 1:  attn", "ffn_hidden  = 12288", "tie = token_embedding"]),
+])
+def test_bamba_and_lfm2_defaults_import_with_transformers_parameter_count(
+        tmp_path, cls, model_cls, fields, expect):
+    config = cls(num_hidden_layers=2, **fields)
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    name = cfg["model_type"] + "_default"
+    spec, diags = import_text(json.dumps(cfg, indent=2), name)
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    for text in expect:
+        assert text in spec
+    (tmp_path / f"{name}.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / f"{name}.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = model_cls(config)
+    assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())
+
+
+def test_bamba_head_width_auto_and_lfm2s_older_field_names(tmp_path):
+    # mamba_d_head "auto": mamba_expand × hidden_size / mamba_n_heads; LFM2's tie_embedding
+    # and block_ff_dim are read over tie_word_embeddings and intermediate_size, as
+    # transformers does
+    bamba = {**_listed_config(hf.BambaConfig), "mamba_d_head": "auto"}
+    spec, diags = import_text(json.dumps(bamba, indent=2), "bamba_auto")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "ssm_head_dim = 16       # mamba_d_head" in spec
+    # and the Hub's configs' names of the original code that transformers reads nowhere
+    lfm2 = {**_listed_config(hf.Lfm2Config), "tie_embedding": False, "block_ff_dim": 144,
+            "block_dim": 64, "conv_dim": 64, "conv_dim_out": 64, "num_heads": 4, "theta": 1e6,
+            "block_norm_eps": 1e-5, "block_use_swiglu": True, "use_pos_enc": True,
+            "block_use_xavier_init": True, "block_mlp_init_scale": 1.0}
+    spec, diags = import_text(json.dumps(lfm2, indent=2), "lfm2_old")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / "lfm2_old.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / "lfm2_old.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    config = hf.Lfm2Config.from_dict(lfm2)
+    assert not config.tie_word_embeddings and config.intermediate_size == 144
+    with torch.device("meta"):
+        ref = hf.Lfm2ForCausalLM(config)
+    assert cost(result.graphs["lfm2_old"]).params_total == sum(
+        p.numel() for p in ref.parameters())
+    assert "tie = token_embedding" not in spec and "from block_ff_dim = 144" in spec

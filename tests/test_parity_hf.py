@@ -180,10 +180,25 @@ FAMILIES = {
         intermediate_size=None, num_attention_heads=None, num_key_value_heads=None,
         max_position_embeddings=None, num_heads=8, head_dim=16, expand=2, state_size=16,
         n_groups=2, chunk_size=8)),
+    # ---- hybrids listing their attention layers (branch zhyb) ----
+    # Bamba: Mamba-2 mixers (chunks of 8, 2 groups) and an attention layer rotating half of
+    # each head, an MLP on every layer, q/k/v/o biases
+    "bamba": (hf.BambaConfig, hf.BambaForCausalLM, dict(
+        num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_state=16,
+        mamba_n_groups=2, mamba_chunk_size=8, attention_bias=True, pad_token_id=0)),
+    # LFM2: short convolutions with biases and attention with per-head qk-norm by
+    # layer_types, a tied head, the MLP's width by its rule (int(1.5 · 2 · 96 / 3) = 96,
+    # a multiple of 32)
+    "lfm2": (hf.Lfm2Config, hf.Lfm2ForCausalLM, dict(
+        num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_bias=True,
+        block_ffn_dim_multiplier=1.5, block_multiple_of=32, pad_token_id=0)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently
-ATOL = {"jamba": 1e-4, "mamba2": 1e-4}
+ATOL = {"jamba": 1e-4, "mamba2": 1e-4, "bamba": 1e-4}
+# families whose HF model numbers a step's positions from 0 unless given position_ids
+# (BambaModel ignores its cache there; generate() passes them)
+POSITIONS_GIVEN = ("bamba",)
 
 
 LLAMA_STYLE = ("llama", "llama_bias", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
@@ -262,13 +277,14 @@ def test_logits_match_transformers(pair, atol):
 
 
 @torch.no_grad()
-def _greedy_hf(ref, prompt: torch.Tensor, n: int) -> list[int]:
+def _greedy_hf(ref, prompt: torch.Tensor, n: int, positions: bool = False) -> list[int]:
     out = ref(prompt, use_cache=True)
     tokens = []
-    for _ in range(n):
+    for i in range(n):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(int(nxt))
-        out = ref(nxt, cache=out.cache, use_cache=True)
+        where = {"position_ids": torch.tensor([[prompt.shape[1] + i]])} if positions else {}
+        out = ref(nxt, cache=out.cache, use_cache=True, **where)
     return tokens
 
 
@@ -282,10 +298,10 @@ def _greedy_forgec(model, prompt: torch.Tensor, n: int) -> list[int]:
     return tokens
 
 
-def test_greedy_decoding_with_kv_cache_matches_transformers(pair):
+def test_greedy_decoding_with_kv_cache_matches_transformers(pair, family):
     ref, model, *_ = pair
     prompt = _tokens(PROMPT, 1, seed=3)
-    expected = _greedy_hf(ref, prompt, NEW)
+    expected = _greedy_hf(ref, prompt, NEW, positions=family in POSITIONS_GIVEN)
     assert len(set(expected)) >= 8, f"a degenerate reference decode proves little: {expected}"
     assert _greedy_forgec(model, prompt, NEW) == expected
 

@@ -11,7 +11,7 @@ tiny random `JambaForCausalLM` through `runtime.hf.load_hf_checkpoint`, checks:
 * cached decoding, a chunk at a time, equals the full forward (within 1e-4: the
   logits are of size ~5 and the chunks regroup the fp32 sums); the same for
   `specs/mamba2_debug.forge` (the SSD mixer, its scan chunked by 8 positions);
-* `generate` decodes a hybrid, and refuses to compile its recurrent states.
+* `generate` decodes a hybrid, eagerly and with the compiled static decode step.
 
 `specs/jamba.forge` is transformers' default JambaConfig: its parameter count is
 51,570,323,328 as `JambaForCausalLM(JambaConfig())` counts it on the meta device.
@@ -26,7 +26,6 @@ from conftest import ROOT, codes, compile_text
 
 from forgec.compiler.cost import cost
 from forgec.compiler.driver import compile_spec
-from forgec.compiler.errors import RunError
 from forgec.runtime.generate import generate
 from forgec.runtime.hf import load_hf_checkpoint
 from generated.jamba_debug import model as jamba_debug
@@ -191,10 +190,18 @@ def test_mamba2_cached_decoding_equals_the_full_forward(mamba2_pair):
 
 
 
-def test_generate_decodes_a_hybrid_and_refuses_to_compile_its_states(pair):
+def test_generate_decodes_a_hybrid_eagerly_and_compiled(pair, monkeypatch):
+    # compiled: the recurrent states in StaticStateCaches beside the attention's
+    # StaticKVCache (aot_eager: the graph inductor would compile, cheaply)
+    from forgec.runtime.parallel import COMPILE_BACKEND_ENV
+
     _, model, _ = pair
     prompt = _tokens(PROMPT, 1, seed=3)[0].tolist()
-    assert generate(model, [prompt], 8, eos_id=None) == [_greedy_forgec(
-        model, torch.tensor([prompt]), 8)]
-    with pytest.raises(RunError, match="recurrent states"):
-        generate(model, [prompt], 8, eos_id=None, compile=True)
+    eager = generate(model, [prompt], 8, eos_id=None)
+    assert eager == [_greedy_forgec(model, torch.tensor([prompt]), 8)]
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    try:
+        assert generate(model, [prompt], 8, eos_id=None, compile=True) == eager
+    finally:
+        torch._dynamo.reset()

@@ -422,6 +422,7 @@ class Decoder:
     # the layout as periods rather than a list of layers
     ssm: tuple[str, list[str]] | None = None
     ssm_names: tuple[str, str] = ("norm", "mixer")
+    ssm_block: str = "ssm"  # the name of the mixer's blocks (LFM2's: conv)
     rules: list[tuple[str, LayerKind, str]] | None = None
 
     def _op(self, role: str) -> str:
@@ -431,7 +432,7 @@ class Decoder:
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
         if self.ssm is not None:  # a hybrid: named by mixer, then MLP
-            return ("ssm" if kind.ssm else "attn") + ("_moe" if kind.moe else "")
+            return (self.ssm_block if kind.ssm else "attn") + ("_moe" if kind.moe else "")
         if self.window_names and not kind.nope:  # (families whose layers all match in moe)
             return self.window_names[0 if kind.window else 1]
         base = "sparse" if kind.moe else "dense"

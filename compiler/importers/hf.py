@@ -13,11 +13,12 @@ the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
-layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
-routing). The semantics follow `transformers` 5.x (and the 4.x field names
-`rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
-from the file takes the default of transformers' config class, and the spec
-says so.
+layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by
+list, an MLP on each) and LFM2 (short convolutions and attention by layer_types).
+PhiMoE is refused (E114: its sparsemixer routing). The semantics follow
+`transformers` 5.x (and the 4.x field names `rope_theta`/`rope_scaling` and
+`num_experts` are read too); a field missing from the file takes the default of
+transformers' config class, and the spec says so.
 
 Every key of the config is accounted for: mapped into the spec, checked to
 have a value the spec can express (else a located error), or known not to
@@ -107,6 +108,8 @@ class Importer:
         self.theta_key = "rope_theta"
         # (partial_rotary_factor or rotary_dim, the field it comes from)
         self.rotary_fraction: tuple[float | int, str] | None = None
+        # the partial_rotary_factor of a config that leaves it out (Bamba's: 0.5)
+        self.partial_default = 1.0
 
     def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
         name = hf_key or f.name(key)
@@ -294,10 +297,11 @@ class Importer:
             if rope_type is None:  # reported (E113)
                 rp.consume(*rp.obj)
                 return None
-            partial = rp.get("partial_rotary_factor", "float", 1.0)
+            partial = rp.get("partial_rotary_factor", "float", self.partial_default)
             if partial is not None and partial != 1.0:
                 if self.partial_rotary:
-                    self.rotary_fraction = (partial, rp.name("partial_rotary_factor"))
+                    self.rotary_fraction = (partial, self.note_default(
+                        rp, "partial_rotary_factor", rp.name("partial_rotary_factor")))
                 else:
                     rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
                              f"{fmt(partial)} cannot be expressed: this family rotates whole "
@@ -308,6 +312,8 @@ class Importer:
                          "forgec's rope op has scaling = none or llama3")
                 rp.consume(*rp.obj)  # that type's own settings are beside the point
                 return None
+        if rp is None and self.partial_default != 1.0:
+            self.rotary_fraction = (self.partial_default, "partial_rotary_factor (default)")
         if theta is None:
             return None
         p.add("rope_theta", theta, theta_note)
@@ -1476,7 +1482,7 @@ def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:
     f.error("E114", key if key in f else "model_type", message, hint)
 
 
-# ---- state-space hybrids (Jamba, Mamba-2) ------------------------------------------------
+# ---- state-space hybrids (Jamba, Mamba-2, Bamba, LFM2) -----------------------------------
 # A family is data as above; what it shares with the decoders is the reading of the core
 # sizes, the spine and the header. Its mixer's arguments come from the mixer op's own
 # reading of the config (`Foreign.args` of role "mamba_mixer" / "mamba2_mixer").
@@ -1499,6 +1505,27 @@ class Hybrid:
     inert: tuple[str, ...] = ()  # fields that do not change the function (kernels, init)
     fixed: dict = field(default_factory=dict)  # field → the one value forgec expresses
     dropouts: tuple[str, ...] = ()
+    # (Bamba, LFM2) the field listing the attention layers ("attn_layer_indices", or
+    # "layer_types" naming each layer); the attention rotates (RoPE) and every layer has
+    # an MLP of intermediate_size
+    listed: str | None = None
+    # the mixer's fields under the names of the mixer op's own config (Bamba's
+    # mamba_n_heads is Mamba-2's num_heads): this family's field → the op's
+    aliases: dict = field(default_factory=dict)
+    # the mixer component is named after the op of this foreign role (Bamba's layers
+    # call their Mamba-2 mixer as Jamba's call their Mamba one) instead of ssm_names[1]
+    component_role: str | None = None
+    param_prefix: str = "ssm_"  # of the mixer's named parameters
+    block_name: str = "ssm"  # of the mixer's blocks
+    # the attention normalises each head's queries and keys (LFM2's q/k_layernorm)
+    qk_norm: bool = False
+    # the partial_rotary_factor of a config that leaves it out (Bamba's 0.5)
+    partial_rotary: float = 1.0
+    # older field names transformers still reads, over the new ones: old → new
+    renamed: dict = field(default_factory=dict)
+    # fields of the original checkpoints that transformers reads nowhere, each repeating
+    # another field (the value of a field, or a constant): they must agree with it
+    mirrors: dict = field(default_factory=dict)
 
 
 HYBRID = {
@@ -1536,6 +1563,50 @@ HYBRID = {
         inert=("time_step_rank", "time_step_min", "time_step_max", "time_step_floor",
                "rescale_prenorm_residual"),
         fixed={"residual_in_fp32": True, "time_step_limit": [0.0, float("inf")]}),
+    # ---- Bamba and LFM2 (attention layers by list, an MLP on every layer) ----
+    "bamba": Hybrid(
+        "Bamba", ("BambaForCausalLM",), {
+            "hidden_act": "silu", "initializer_range": 0.02, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "max_position_embeddings": 262144,
+            "num_key_value_heads": 8, "attention_dropout": 0.0, "rope_theta": 10000.0,
+            "attn_layer_indices": None, "mamba_n_heads": 128, "mamba_d_head": "auto",
+            "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_conv": 4, "mamba_expand": 2,
+            "mamba_chunk_size": 256, "mamba_conv_bias": True, "mamba_proj_bias": False,
+            "time_step_limit": [0.0, float("inf")], "z_loss_coefficient": 0.0,
+            "attention_bias": False, "mlp_bias": False},
+        mixer="mamba2_mixer", ssm_names=("attention_norm", None),
+        mixer_fields=("mamba_n_heads", "mamba_d_head", "mamba_d_state", "mamba_n_groups",
+                      "mamba_d_conv", "mamba_proj_bias", "mamba_conv_bias",
+                      "mamba_chunk_size"),
+        aliases={"mamba_n_heads": "num_heads", "mamba_d_head": "head_dim",
+                 "mamba_d_state": "state_size", "mamba_n_groups": "n_groups",
+                 "mamba_d_conv": "conv_kernel", "mamba_proj_bias": "use_bias",
+                 "mamba_conv_bias": "use_conv_bias", "mamba_chunk_size": "chunk_size",
+                 "mamba_expand": "expand", "rms_norm_eps": "layer_norm_epsilon"},
+        component_role="mamba_mixer", listed="attn_layer_indices", partial_rotary=0.5,
+        # the kernels compute the same function; the logits kept by generation are not
+        # part of the model
+        inert=("use_mamba_kernels", "num_logits_to_keep"),
+        fixed={"time_step_limit": [0.0, float("inf")]}, dropouts=("attention_dropout",)),
+    "lfm2": Hybrid(
+        "LFM2", ("Lfm2ForCausalLM",), {
+            "initializer_range": 0.02, "norm_eps": 1e-5, "tie_word_embeddings": True,
+            "max_position_embeddings": 128000, "num_key_value_heads": 8,
+            "rope_theta": 1000000.0, "conv_bias": False, "conv_L_cache": 3,
+            "block_multiple_of": 256, "block_ffn_dim_multiplier": 1.0,
+            "block_auto_adjust_ff_dim": True, "full_attn_idxs": None, "layer_types": None},
+        mixer="conv_mixer", ssm_names=("attention_norm", "conv"), eps_key="norm_eps",
+        mixer_fields=("conv_L_cache", "conv_bias"), listed="layer_types",
+        param_prefix="conv_", block_name="conv", qk_norm=True,
+        renamed={"tie_embedding": "tie_word_embeddings", "block_ff_dim": "intermediate_size"},
+        # the Hub's LFM2 configs also carry the original code's names, which transformers
+        # reads nowhere: initialisation, and repetitions of the fields it reads
+        inert=("block_mlp_init_scale", "block_out_init_scale", "block_use_xavier_init",
+               "conv_use_xavier_init"),
+        mirrors={"block_dim": "hidden_size", "conv_dim": "hidden_size",
+                 "conv_dim_out": "hidden_size", "num_heads": "num_attention_heads",
+                 "block_norm_eps": "norm_eps", "theta": "rope_theta",
+                 "block_use_swiglu": True, "use_pos_enc": True}),
 }
 
 
@@ -1564,8 +1635,9 @@ class HybridImporter(Importer):
         for k, v in ((fam.eps_key, eps), ("initializer_range", init)):
             if v is not None and not 0 <= v <= 1:
                 f.error("E113", k, f"'{k}' must be between 0 and 1, got {fmt(v)}")
-        tie = f.get("tie_word_embeddings", "bool", d["tie_word_embeddings"])
-        act = f.get("hidden_act", "str", d["hidden_act"])
+        tie = f.get(self._key(f, fam, "tie_word_embeddings"), "bool", d["tie_word_embeddings"])
+        # (LFM2's config has no hidden_act: its MLP and mixer are fixed)
+        act = f.get("hidden_act", "str", d["hidden_act"]) if "hidden_act" in d else "silu"
         self.act = act
         if act is not None and act not in ("silu", "swish"):
             f.error("E114", "hidden_act", f"hidden_act '{act}' cannot be expressed: the "
@@ -1585,33 +1657,59 @@ class HybridImporter(Importer):
             if v is not None and v != want:
                 f.error("E114", k, f"{k} = {fmt(v)} cannot be expressed by forgec's "
                         f"{fam.title} mixer", f"only {k} = {fmt(want)} imports")
+        for k, target in fam.mirrors.items():
+            if k not in f:
+                continue
+            f.consume(k)
+            if isinstance(target, bool):
+                want, what = target, "transformers' only choice"
+            elif target == "rope_theta" and "rope_theta" not in f:
+                want = (src.value.get("rope_parameters") or {}).get("rope_theta", d[target])
+                what = "rope_parameters.rope_theta"
+            else:
+                want, what = src.value.get(target, d.get(target)), target
+            if f.obj[k] != want:
+                f.error("E116", k, f"{k} = {fmt(f.obj[k])} contradicts {what} = {fmt(want)}",
+                        f"transformers reads {what} and not {k}: make them agree")
         # the mixer's fields, type-checked and located here, read by the mixer op
         config = {"hidden_size": dim, fam.eps_key: eps}
+        own = {op: k for k, op in fam.aliases.items()}  # the op's field → this family's
         for k in fam.mixer_fields:
             kind = {bool: "bool", int: "int"}.get(type(d[k]), "int")
-            if k == "mamba_dt_rank" and isinstance(src.value.get(k), str):
+            if k in ("mamba_dt_rank", "mamba_d_head") and isinstance(src.value.get(k), str):
                 kind = "str"
             v = f.get(k, kind, d[k], positive=kind == "int")
             if kind == "str" and v != "auto":
                 f.error("E113", k, f"'{k}' must be an integer or \"auto\", got {v!r}")
-            config[k] = v
-        if model_type == "mamba2":
-            expand = f.get("expand", "int", d["expand"], positive=True)
+                v = None
+            config[fam.aliases.get(k, k)] = v
+        if fam.mixer == "mamba2_mixer":
+            key = own.get("expand", "expand")
+            expand = f.get(key, "int", d[key], positive=True)
+            if config["head_dim"] == "auto":  # Bamba: the heads split the mixer's width
+                config["head_dim"] = (expand * dim // config["num_heads"]
+                                      if None not in (expand, dim, config["num_heads"]) else None)
             if None not in (expand, dim, config["num_heads"], config["head_dim"]) and \
                     expand * dim != config["num_heads"] * config["head_dim"]:
-                f.error("E116", "expand", f"expand × hidden_size = {expand * dim} is not "
-                        f"num_heads × head_dim = {config['num_heads'] * config['head_dim']}",
-                        "transformers' Mamba-2 mixer is num_heads × head_dim wide")
+                f.error("E116", key, f"{key} × hidden_size = {expand * dim} is not "
+                        f"{own.get('num_heads', 'num_heads')} × {own.get('head_dim', 'head_dim')}"
+                        f" = {config['num_heads'] * config['head_dim']}",
+                        f"transformers' {fam.title} mixer is "
+                        f"{own.get('num_heads', 'num_heads')} × {own.get('head_dim', 'head_dim')}"
+                        " wide")
             heads, groups = config["num_heads"], config["n_groups"]
             if heads and groups and heads % groups:
-                f.error("E116", "n_groups", f"n_groups = {groups} does not divide "
-                        f"num_heads = {heads}")
+                f.error("E116", own.get("n_groups", "n_groups"),
+                        f"{own.get('n_groups', 'n_groups')} = {groups} does not divide "
+                        f"{own.get('num_heads', 'num_heads')} = {heads}")
         p.add("vocab_size", vocab, "vocab_size")
         p.add("dim", dim, "hidden_size")
         p.add("n_layers", n_layers, "num_hidden_layers")
-        attention, kinds, rules, moe, mlp = [], None, None, None, None
+        attention, kinds, rules, moe, mlp, rope = [], None, None, None, None, None
         if fam.layout is not None and n_layers:
             attention, kinds, rules, moe, mlp = self._jamba_layout(f, d, fam, n_layers, dim)
+        elif fam.listed is not None and n_layers:
+            attention, kinds, mlp, rope = self._listed_layout(f, d, fam, n_layers, dim)
         if None in (vocab, dim, n_layers, eps, init, tie) or None in config.values():
             f.unknown(self.ignore, fam.title)
             return None
@@ -1624,19 +1722,20 @@ class HybridImporter(Importer):
         mixer_op = foreign_op("hf", fam.mixer)
         args = ["dim"]
         for arg, value, why in foreign_ops("hf", fam.mixer)[mixer_op].foreign["hf"].args(
-                config, lambda k: self.note_default(f, k)):
+                config, lambda k: self.note_default(f, own.get(k, k))):
             if arg == "norm_eps":
                 value = p("norm_eps")
-            elif why is not None:
-                p.add(f"ssm_{arg}", value, why)
-                value = p(f"ssm_{arg}")
+            elif why is not None and (kinds is None or any(k.ssm for k in kinds)):
+                p.add(f"{fam.param_prefix}{arg}", value, why)
+                value = p(f"{fam.param_prefix}{arg}")
             else:
                 value = fmt(value)
             args.append(f"{arg} = {value}")
-        if fam.layout is None:
+        if fam.layout is None and fam.listed is None:
             kinds = [LayerKind(False, False, False, True)] * n_layers
         acknowledged = f.unknown(self.ignore, fam.title)
-        if diags.error_count or kinds is None:
+        if diags.error_count or kinds is None or (fam.listed and any(not k.ssm for k in kinds)
+                                                  and rope is None):
             return None
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
@@ -1649,16 +1748,153 @@ class HybridImporter(Importer):
             "not in the file, transformers' default.",
             f"Weights: runtime.hf.load_hf_checkpoint(model, \"{shown}\").",
         ]
+        header += self.notes
         if acknowledged:
             header.append("Ignored at the user's request (--ignore): " + ", ".join(acknowledged)
                           + ".")
         return Decoder(
             name=name, header=header, params=p,
             norm=f"{foreign_op('hf', 'norm')}(dim, eps = {p('norm_eps')})",
-            rope=None, attention=attention, window=None, mlp=mlp, moe=moe, kinds=kinds,
+            rope=rope, attention=attention, window=None, mlp=mlp, moe=moe, kinds=kinds,
             tie=tie, framework="hf", ssm=(mixer_op, args),
-            ssm_names=(fam.ssm_names[0], fam.ssm_names[1] or mixer_op),
-            rules=rules)
+            ssm_names=(fam.ssm_names[0], foreign_op("hf", fam.component_role)
+                       if fam.component_role else fam.ssm_names[1] or mixer_op),
+            rules=rules, ssm_block=fam.block_name,
+            stack_notes=[self.layer_rule] if self.layer_rule else [])
+
+    @staticmethod
+    def _key(f: Fields, fam: Hybrid, key: str) -> str:
+        """The field the config gives `key` under: an older name transformers reads over
+        it (LFM2's tie_embedding, block_ff_dim) where the file has one."""
+        old = next((old for old, new in fam.renamed.items() if new == key and old in f), None)
+        if old is None:
+            return key
+        f.consume(key)  # transformers reads the older field over it
+        return old
+
+    def _listed_layout(self, f: Fields, d: dict, fam: Hybrid, n: int, dim: int | None):
+        """Attention, the layers' kinds, the MLP and the RoPE of a hybrid that lists its
+        attention layers: Bamba's attn_layer_indices; LFM2's layer_types ("conv" or
+        "full_attention"), else its full_attn_idxs (all layers when null)."""
+        p = self.p
+        heads = f.get("num_attention_heads", "int", positive=True)
+        kv = f.get("num_key_value_heads", "int?", d["num_key_value_heads"], positive=True)
+        kv_note = self.note_default(f, "num_key_value_heads")
+        if kv is None and heads:  # null: as many as query heads
+            kv, kv_note = heads, kv_note + " = num_attention_heads"
+        ffn_key = self._key(f, fam, "intermediate_size")
+        ffn = f.get(ffn_key, "int", positive=True)
+        max_pos = f.get("max_position_embeddings", "int", d["max_position_embeddings"],
+                        positive=True)
+        if dim and heads and dim % heads:
+            f.error("E113", "num_attention_heads", f"hidden_size = {dim} is not divisible by "
+                    f"num_attention_heads = {heads}")
+        if kv and heads and heads % kv:
+            f.error("E113", "num_key_value_heads", f"num_key_value_heads = {kv} does not "
+                    f"divide num_attention_heads = {heads}")
+        bias = False
+        if "attention_bias" in d:
+            bias = f.get("attention_bias", "bool", d["attention_bias"])
+        if "mlp_bias" in d and f.get("mlp_bias", "bool", d["mlp_bias"]):
+            f.error("E114", "mlp_bias", "mlp_bias = true cannot be expressed: forgec's "
+                    "swiglu has no biases")
+        if "z_loss_coefficient" in d:
+            z = f.get("z_loss_coefficient", "float", d["z_loss_coefficient"])
+            if z:
+                f.error("E114", "z_loss_coefficient", f"z_loss_coefficient = {fmt(z)}: forgec's "
+                        "training loss has no z-loss on the logits (HF adds it in training)",
+                        "set it to 0.0 to import the model for training without it")
+        attends = self._attention_layers(f, d, fam, n)
+        hidden, ffn_note = (self._lfm2_hidden(f, d, ffn, ffn_key) if "block_multiple_of" in d
+                            else (ffn, ffn_key))
+        if None in (heads, kv, ffn, max_pos, attends, hidden, bias):
+            if "rope_parameters" in f or "rope_theta" in f:
+                f.consume("rope_parameters", "rope_theta")
+            return [], None, None, None
+        kinds = [LayerKind(False, False, False, not a) for a in attends]
+        p.add("ffn_hidden", hidden, ffn_note)
+        mlp = (foreign_op("hf", "mlp", hidden_act=self.act), ["dim", f"hidden = {p('ffn_hidden')}"])
+        if not any(attends):  # no attention layer: no positions either
+            f.consume("rope_parameters", "rope_theta")
+            return [], kinds, mlp, None
+        p.add("n_heads", heads, "num_attention_heads")
+        p.add("n_kv_heads", kv, kv_note)
+        p.add("head_dim", dim // heads, "hidden_size / num_attention_heads")
+        p.add("max_seq_len", max_pos, self.note_default(f, "max_position_embeddings"))
+        p("max_seq_len")
+        self.partial_rotary = True
+        self.partial_default = fam.partial_rotary
+        rope = self._rope(f, d)
+        attention = ["dim", f"heads = {p('n_heads')}"]
+        if kv != heads:
+            attention.append(f"kv_heads = {p('n_kv_heads')}")
+        attention.append("rope = rope")
+        if bias:
+            attention += ["qkv_bias = true", "out_bias = true"]
+        if fam.qk_norm:
+            # (norm_eps: the eps of every norm, added with them)
+            attention += ["qk_norm = true", "qk_norm_eps = norm_eps"]
+        return attention, kinds, mlp, rope
+
+    def _attention_layers(self, f: Fields, d: dict, fam: Hybrid, n: int) -> list[bool] | None:
+        """Which layers attend (the others mix by the family's mixer), as its config lists
+        them."""
+        key = fam.listed
+        if key == "layer_types" and f.get(key, "list?", d[key]) is None:
+            key = "full_attn_idxs"  # LFM2: used where layer_types is null
+        else:
+            f.consume("full_attn_idxs")  # LFM2: layer_types wins (transformers ignores it)
+        listed = f.get(key, "list?", d[key])
+        if listed is None and key in f and f.obj[key] is not None:
+            return None  # not a list (E113)
+        if key == "layer_types":
+            if len(listed) != n:
+                f.error("E116", key, f"layer_types has {len(listed)} entries for {n} layers "
+                        "(num_hidden_layers)")
+                return None
+            kinds = {"conv": False, "full_attention": True}
+            for i, t in enumerate(listed):
+                if t not in kinds:
+                    self.diags.error("E114", f"layer type {t!r} cannot be expressed",
+                                     self.src.span((key, i)),
+                                     "LFM2's layer types are conv or full_attention")
+            attends = [kinds.get(t, False) for t in listed]
+            rule = "layer_types"
+        else:
+            if listed is None:  # Bamba: no attention layer; LFM2: all layers attend
+                return [key == "full_attn_idxs"] * n
+            for i, v in enumerate(listed):
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n:
+                    self.diags.error("E113", f"{key}[{i}] = {v!r} is not a layer (0 … {n - 1})",
+                                     self.src.span((key, i)))
+            attends = [i in listed for i in range(n)]
+            rule = key
+        if any(attends) and not all(attends):
+            self.layer_rule = f"{rule}: attention on layers " + ", ".join(
+                str(i) for i, a in enumerate(attends) if a)
+        return attends
+
+    def _lfm2_hidden(self, f: Fields, d: dict, ffn: int | None,
+                     ffn_key: str) -> tuple[int | None, str]:
+        """LFM2's MLP width from intermediate_size: with block_auto_adjust_ff_dim, two
+        thirds of it, and with a block_ffn_dim_multiplier, that times it rounded up to a
+        multiple of block_multiple_of (Lfm2MLP)."""
+        adjust = f.get("block_auto_adjust_ff_dim", "bool", d["block_auto_adjust_ff_dim"])
+        mult = f.get("block_ffn_dim_multiplier", "float?", d["block_ffn_dim_multiplier"])
+        multiple = f.get("block_multiple_of", "int", d["block_multiple_of"], positive=True)
+        if None in (ffn, adjust, multiple):
+            return None, ffn_key
+        if not adjust:
+            return ffn, ffn_key + " (block_auto_adjust_ff_dim false)"
+        hidden = int(2 * ffn / 3)
+        rule = f"int(2 × {ffn_key} / 3)"
+        if mult is not None:
+            hidden = int(mult * hidden)
+            hidden = multiple * ((hidden + multiple - 1) // multiple)
+            rule = (f"int(block_ffn_dim_multiplier × {rule}) rounded up to a multiple of "
+                    "block_multiple_of")
+        self.notes.append(f"The MLP's width (block_auto_adjust_ff_dim): {rule}.")
+        return hidden, f"from {ffn_key} = {ffn} (see above)"
 
     def _jamba_layout(self, f: Fields, d: dict, fam: Hybrid, n: int, dim: int | None):
         """Attention, the layers' kinds, the stack's rules, the experts and the MLP of a

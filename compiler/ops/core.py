@@ -133,6 +133,10 @@ class OpDef:
     # built by make_kv_caches as cache_class(batch_size, max_seq_len, *cache_args),
     # the arguments read from the component; the call's {kv} passes it
     caches: bool = False
+    # a recurrent mixer that zeroes the contributions of padding itself: its call reads
+    # attn_mask["padding"], the (B, S) validity of the step's positions (None: all real),
+    # which attention_masks then provides
+    reads_padding: bool = False
     cache_class: str = "KVCache"
     cache_args: tuple[str, ...] = ("kv_heads", "head_dim")
     # the op's own validation of a component, run by compiler/checks/op_rules.py:

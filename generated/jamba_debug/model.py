@@ -105,11 +105,12 @@ def attention_masks(
     training (no cache, no padding) a DocumentMask does so without a boolean mask.
     """
     if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
+        return {"causal": None, "padding": None}  # SDPA's own causal path is exact here
     if start == 0 and key_valid is None and doc_ids is not None:
         # packed documents in training: attention within each, and no (B, 1, S, S) mask
         return {
             "causal": DocumentMask(doc_ids),
+            "padding": None,
         }
     q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
     k_pos = torch.arange(start + seq_len, device=device)[None, :]
@@ -122,6 +123,8 @@ def attention_masks(
     mask = allowed & (k_pos <= q_pos)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    # the recurrent mixers zero the inputs of this step's padding: (B, S), True where real
+    masks["padding"] = None if key_valid is None else key_valid[:, start:]
     return masks
 
 
@@ -317,18 +320,29 @@ class Mamba(nn.Module):
             for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
                 norm.init_weights()
 
-    def forward(self, x: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: MambaCache | None = None, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): its
+        positions neither feed the convolution nor move the state, so that each row
+        computes what it would alone."""
         s = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, inner, S) each
+        if padding is not None:
+            u = u * padding[:, None, :].to(u.dtype)
         if cache is not None:
             u = cache.convolve(u, self.conv1d)
         else:
             u = self.conv1d(u)[:, :, :s]  # causal: the left padding only
         u = F.silu(u).transpose(1, 2)  # (B, S, inner)
+        if padding is not None:  # no input at padding (the convolution's bias is one)
+            u = u * padding[..., None].to(u.dtype)
         dt, b, c = self.x_proj(u).split([self.dt_rank, self.state, self.state], dim=-1)
         if self.dt_layernorm is not None:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, S, inner)
+        if padding is not None:  # no time passes at padding: the state stays as it is
+            dt = dt * padding[..., None]
         a = -torch.exp(self.A_log.float())  # (inner, state)
         decay = torch.exp(dt[..., None] * a)  # (B, S, inner, state)
         drive = (dt * u.float())[..., None] * b.float()[:, :, None, :]  # (B, S, inner, state)
@@ -887,8 +901,12 @@ class SsmBlock(TransformerBlock):
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        if attn_mask is None:  # called on its own rather than by Transformer
+            b, s = x.shape[:2]
+            start = 0 if kv_cache is None else kv_cache.length
+            attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
         # spec: specs/jamba.forge:27
-        h = x + self.mamba(self.attention_norm(x), kv_cache)  # (B, S, 64)
+        h = x + self.mamba(self.attention_norm(x), kv_cache, padding=attn_mask["padding"])
         # spec: specs/jamba.forge:28
         return h + self.mlp(self.mlp_norm(h))
 
@@ -940,8 +958,12 @@ class SsmMoeBlock(TransformerBlock):
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        if attn_mask is None:  # called on its own rather than by Transformer
+            b, s = x.shape[:2]
+            start = 0 if kv_cache is None else kv_cache.length
+            attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
         # spec: specs/jamba.forge:27
-        h = x + self.mamba(self.attention_norm(x), kv_cache)  # (B, S, 64)
+        h = x + self.mamba(self.attention_norm(x), kv_cache, padding=attn_mask["padding"])
         # spec: specs/jamba.forge:28
         return h + self.mlp(self.mlp_norm(h))
 

@@ -101,11 +101,12 @@ def attention_masks(
     training (no cache, no padding) a DocumentMask does so without a boolean mask.
     """
     if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
+        return {"causal": None, "padding": None}  # SDPA's own causal path is exact here
     if start == 0 and key_valid is None and doc_ids is not None:
         # packed documents in training: attention within each, and no (B, 1, S, S) mask
         return {
             "causal": DocumentMask(doc_ids),
+            "padding": None,
         }
     q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
     k_pos = torch.arange(start + seq_len, device=device)[None, :]
@@ -118,6 +119,8 @@ def attention_masks(
     mask = allowed & (k_pos <= q_pos)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    # the recurrent mixers zero the inputs of this step's padding: (B, S), True where real
+    masks["padding"] = None if key_valid is None else key_valid[:, start:]
     return masks
 
 
@@ -349,15 +352,24 @@ class Mamba2(nn.Module):
         nn.init.ones_(self.D)
         self.norm.init_weights()
 
-    def forward(self, x: torch.Tensor, cache: Mamba2Cache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: Mamba2Cache | None = None, padding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): its
+        positions neither feed the convolution nor move the state, so that each row
+        computes what it would alone."""
         bsz, s, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        if padding is not None:
+            xbc = xbc * padding[..., None].to(xbc.dtype)
         xbc = xbc.transpose(1, 2)  # (B, conv_dim, S)
         if cache is not None:
             xbc = cache.convolve(xbc, self.conv1d)
         else:
             xbc = self.conv1d(xbc)[:, :, :s]  # causal: the left padding only
         xbc = F.silu(xbc).transpose(1, 2)
+        if padding is not None:  # no input at padding (the convolution's bias is one)
+            xbc = xbc * padding[..., None].to(xbc.dtype)
         u, b, c = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], -1)
         u = u.reshape(bsz, s, self.heads, self.head_dim).float()  # (B, S, H, P)
         # B and C are shared by the heads of a group
@@ -365,6 +377,8 @@ class Mamba2(nn.Module):
         b = b.reshape(bsz, s, self.groups, self.state).float().repeat_interleave(per_group, 2)
         c = c.reshape(bsz, s, self.groups, self.state).float().repeat_interleave(per_group, 2)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, S, H)
+        if padding is not None:  # no time passes at padding: the state stays as it is
+            dt = dt * padding[..., None]
         a = -torch.exp(self.A_log.float())  # (H,)
         initial = None
         if cache is not None:
@@ -612,8 +626,12 @@ class TransformerBlock(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        if attn_mask is None:  # called on its own rather than by Transformer
+            b, s = x.shape[:2]
+            start = 0 if kv_cache is None else kv_cache.length
+            attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
         # spec: specs/mamba2_debug.forge:20
-        return x + self.mixer(self.norm(x), kv_cache)
+        return x + self.mixer(self.norm(x), kv_cache, padding=attn_mask["padding"])
 
 
 class Transformer(nn.Module):

@@ -96,18 +96,28 @@ class Mamba(nn.Module):
         self,
         x: torch.Tensor,
         cache: MambaCache | None = None,  # if KV_CACHE
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): its
+        positions neither feed the convolution nor move the state, so that each row
+        computes what it would alone."""
         s = x.shape[1]
         u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (B, inner, S) each
+        if padding is not None:
+            u = u * padding[:, None, :].to(u.dtype)
         if KV_CACHE and cache is not None:  # the convolution continues the cached inputs
             u = cache.convolve(u, self.conv1d)
         else:
             u = self.conv1d(u)[:, :, :s]  # causal: the left padding only
         u = F.silu(u).transpose(1, 2)  # (B, S, inner)
+        if padding is not None:  # no input at padding (the convolution's bias is one)
+            u = u * padding[..., None].to(u.dtype)
         dt, b, c = self.x_proj(u).split([self.dt_rank, self.state, self.state], dim=-1)
         if DT_NORMS and self.dt_layernorm is not None:
             dt, b, c = self.dt_layernorm(dt), self.b_layernorm(b), self.c_layernorm(c)
         dt = F.softplus(self.dt_proj(dt).float())  # (B, S, inner)
+        if padding is not None:  # no time passes at padding: the state stays as it is
+            dt = dt * padding[..., None]
         a = -torch.exp(self.A_log.float())  # (inner, state)
         decay = torch.exp(dt[..., None] * a)  # (B, S, inner, state)
         drive = (dt * u.float())[..., None] * b.float()[:, :, None, :]  # (B, S, inner, state)

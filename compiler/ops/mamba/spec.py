@@ -114,7 +114,8 @@ OPS = (
         state_elems=lambda a: a["inner"] * (a["conv"] - 1) + a["inner"] * a["state"],
         class_name="Mamba",
         ctor=_ctor,
-        call="{m}({x}{kv})",
+        call='{m}({x}{kv}, padding=attn_mask["padding"])',
+        reads_padding=True,
         caches=True, cache_class="MambaCache", cache_args=("inner", "conv", "state"),
         check=_check,
         tp_unsupported="the scan's x_proj reads every channel of the inner width; "

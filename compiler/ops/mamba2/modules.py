@@ -172,15 +172,23 @@ class Mamba2(nn.Module):
         self,
         x: torch.Tensor,
         cache: Mamba2Cache | None = None,  # if KV_CACHE
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): its
+        positions neither feed the convolution nor move the state, so that each row
+        computes what it would alone."""
         bsz, s, _ = x.shape
         z, xbc, dt = self.in_proj(x).split([self.inner, self.conv_dim, self.heads], dim=-1)
+        if padding is not None:
+            xbc = xbc * padding[..., None].to(xbc.dtype)
         xbc = xbc.transpose(1, 2)  # (B, conv_dim, S)
         if KV_CACHE and cache is not None:  # the convolution continues the cached inputs
             xbc = cache.convolve(xbc, self.conv1d)
         else:
             xbc = self.conv1d(xbc)[:, :, :s]  # causal: the left padding only
         xbc = F.silu(xbc).transpose(1, 2)
+        if padding is not None:  # no input at padding (the convolution's bias is one)
+            xbc = xbc * padding[..., None].to(xbc.dtype)
         u, b, c = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], -1)
         u = u.reshape(bsz, s, self.heads, self.head_dim).float()  # (B, S, H, P)
         # B and C are shared by the heads of a group
@@ -188,6 +196,8 @@ class Mamba2(nn.Module):
         b = b.reshape(bsz, s, self.groups, self.state).float().repeat_interleave(per_group, 2)
         c = c.reshape(bsz, s, self.groups, self.state).float().repeat_interleave(per_group, 2)
         dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, S, H)
+        if padding is not None:  # no time passes at padding: the state stays as it is
+            dt = dt * padding[..., None]
         a = -torch.exp(self.A_log.float())  # (H,)
         initial = None
         if KV_CACHE and cache is not None:  # the scan continues the cached state

@@ -77,12 +77,18 @@ class ShortConv(nn.Module):
         self,
         x: torch.Tensor,
         cache: ConvCache | None = None,  # if KV_CACHE
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): the
+        convolution sees zeros there, as a row alone sees before its first token."""
         s = x.shape[1]
         b, c, u = self.in_proj(x).transpose(1, 2).chunk(3, dim=1)  # (B, dim, S) each
+        bu = b * u
+        if padding is not None:
+            bu = bu * padding[:, None, :].to(bu.dtype)
         if KV_CACHE and cache is not None:
-            u = cache.convolve(b * u, self.conv)
+            u = cache.convolve(bu, self.conv)
             cache.advance(s)
         else:
-            u = self.conv(b * u)[:, :, :s]  # causal: the left padding only
+            u = self.conv(bu)[:, :, :s]  # causal: the left padding only
         return self.out_proj((c * u).transpose(1, 2))

@@ -50,7 +50,8 @@ OPS = (
         state_elems=lambda a: a["dim"] * (a["kernel"] - 1),
         class_name="ShortConv",
         ctor=lambda a, u: {"dim": a["dim"], "kernel": a["kernel"], "bias": a["bias"]},
-        call="{m}({x}{kv})",
+        call='{m}({x}{kv}, padding=attn_mask["padding"])',
+        reads_padding=True,
         caches=True, cache_class="ConvCache", cache_args=("dim", "kernel"),
         check=_check,
         tp_unsupported="in_proj packs the gates B, C and the input along its output; "
