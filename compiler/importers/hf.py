@@ -404,6 +404,7 @@ class Importer:
             if "max_seq_len" in p and not p.items["max_seq_len"].note.startswith("--max-seq"):
                 p.add("max_seq_len", int(self.max_pos * factor), "max_position_embeddings · "
                       f"{rp.name('factor')}: the dynamic base serves that context")
+                p("max_seq_len")  # the rope's arguments read it already
         if orig is not None:
             args.append(f"original_max_seq_len = {p('rope_original_max_seq_len')}")
         notes = {"llama3": "Llama 3 frequency scaling", "linear": "linear scaling (positions "
