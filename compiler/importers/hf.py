@@ -100,8 +100,10 @@ ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn", "longrope")
 
 
 def _float_list(values: list) -> Expr:
-    """A list of numbers as .forge source, eight a line."""
+    """A list of numbers as .forge source: on one line if short, else eight a line."""
     items = [fmt(float(v)) for v in values]
+    if len(", ".join(items)) <= 60:
+        return Expr("[" + ", ".join(items) + "]")
     rows = [", ".join(items[i:i + 8]) for i in range(0, len(items), 8)]
     return Expr("[\n    " + ",\n    ".join(rows) + "]")
 
