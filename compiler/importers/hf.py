@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
 from ..ops import foreign_choices, foreign_op, foreign_ops
-from ..ops.rope.spec import yarn_mscale
+from ..ops.rope.spec import SCALING_ARGS, yarn_mscale
 from .common import Decoder, Expr, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
@@ -95,8 +95,8 @@ NOT_ARCHITECTURE = (
 )
 
 
-# transformers' rope types the rope op has a scaling for ("default": none)
-ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn", "longrope")
+# transformers' rope types: "default", and the rope op's scalings (the same names)
+ROPE_TYPES = ("default", *[s for s in SCALING_ARGS if s != "none"])
 
 
 def _float_list(values: list) -> Expr:
@@ -355,8 +355,11 @@ class Importer:
         the sequence-length parameters they need are added to the model's."""
         p = self.p
         where = rp.name(key)
+        reads = SCALING_ARGS[rope_type]  # the rope's arguments of this scaling
+        # factor and original_max_position_embeddings derived where they are missing
+        derived_factor = rope_type in ("yarn", "longrope")
         orig = None
-        if rope_type in ("llama3", "yarn", "longrope"):
+        if "original_max_seq_len" in reads and rope_type != "dynamic":
             # transformers' standardize_rope_params: a top-level field wins (Phi-3 has
             # one by default), then rope_parameters', then max_position_embeddings
             if "original_max_position_embeddings" in f \
@@ -383,15 +386,21 @@ class Importer:
             p.add("rope_original_max_seq_len", orig, "max_position_embeddings (the context "
                   "past which the dynamic base grows)")
         factor, factor_note = None, ""
-        if rope_type in ("llama3", "linear", "dynamic"):
+        if not derived_factor:
             factor = rp.get("factor", "float", hint=f"{rope_type} scaling needs factor")
-        elif rope_type in ("yarn", "longrope"):
+        else:
             factor = rp.get("factor", "float?", None)
             if factor is None:  # transformers' rule: the context's growth
                 factor = self.max_pos / orig if self.max_pos else None
                 factor_note = "max_position_embeddings / original_max_position_embeddings"
         if rope_type != "longrope" and factor is None:
             return None
+        # a LongRoPE factor only sets the attention factor, 1 where it is ≤ 1 (a derived
+        # one can be: max_position_embeddings below Phi-3's original 4096)
+        shrunk = rope_type == "longrope" and factor is not None and factor < 1.0 \
+            and factor_note != ""
+        if shrunk:
+            factor = None
         if factor is not None:
             if factor < 1.0:
                 rp.error("E113", "factor", f"'{rp.name('factor')}' must be ≥ 1, got "
@@ -409,11 +418,11 @@ class Importer:
                 p("max_seq_len")  # the rope's arguments read it already
         if orig is not None:
             args.append(f"original_max_seq_len = {p('rope_original_max_seq_len')}")
-        notes = {"llama3": "Llama 3 frequency scaling", "linear": "linear scaling (positions "
-                 "slowed down)", "dynamic": "dynamic NTK scaling (the base grows with a "
-                 "sequence past original_max_seq_len)", "yarn": "YaRN scaling",
-                 "longrope": "LongRoPE scaling (the long factors past original_max_seq_len)"}
-        self.notes.append(f"RoPE: {notes[rope_type]} from {where}.")
+        notes = {"llama3": "Llama 3 frequency scaling", "dynamic": "dynamic NTK scaling (the "
+                 "base grows with a sequence past original_max_seq_len)", "yarn": "YaRN "
+                 "scaling", "longrope": "LongRoPE scaling (the long factors past "
+                 "original_max_seq_len)"}
+        self.notes.append(f"RoPE: {notes.get(rope_type, rope_type + ' scaling')} from {where}.")
         self.rope_scaling = {"rope_type": rope_type, "factor": factor}
         if rope_type == "llama3":
             low = rp.get("low_freq_factor", "float")
@@ -440,6 +449,8 @@ class Importer:
                              f"must be positive, got {fmt(af)}")
                     return None
                 args.append(f"attention_factor = {fmt(af)}")
+            elif shrunk:
+                args.append("attention_factor = 1.0")
         if rope_type == "longrope":
             for name in ("short_factor", "long_factor"):
                 factors = rp.get(name, "list")

@@ -35,7 +35,7 @@ def _rope_derive(a: dict[str, Any]) -> None:
         # transformers' rule for yarn and longrope without a factor: the context's growth
         a["scale_factor"] = (a["max_seq_len"] / a["original_max_seq_len"]
                              if scaling in ("yarn", "longrope") else 8.0)
-    if a.get("attention_factor") is None:
+    if a.get("attention_factor") is None:  # transformers' defaults
         factor = a["scale_factor"]
         if scaling == "yarn":
             if a["mscale"] and a["mscale_all_dim"]:
@@ -85,8 +85,7 @@ def _check_rope(comp: Any, model: Any, diags: Any) -> None:
             elif any(f <= 0 for f in factors):
                 diags.error("E171", f"{name} holds a factor ≤ 0: each divides a frequency",
                             spans[name])
-    if scaling in ("yarn", "longrope") and "scale_factor" not in spans \
-            and a["scale_factor"] < 1.0:
+    if scaling == "yarn" and "scale_factor" not in spans and a["scale_factor"] < 1.0:
         diags.error("E172", f"scale_factor {a['scale_factor']:g} is below 1: scaling "
                     "stretches the context, derived here as max_seq_len / original_max_seq_len "
                     f"= {a['max_seq_len']} / {a['original_max_seq_len']}",
