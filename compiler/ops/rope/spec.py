@@ -35,19 +35,21 @@ def _rope_derive(a: dict[str, Any]) -> None:
         # transformers' rule for yarn and longrope without a factor: the context's growth
         a["scale_factor"] = (a["max_seq_len"] / a["original_max_seq_len"]
                              if scaling in ("yarn", "longrope") else 8.0)
-    if a.get("attention_factor") is None:  # transformers' defaults
-        factor = a["scale_factor"]
-        if scaling == "yarn":
-            if a["mscale"] and a["mscale_all_dim"]:
-                a["attention_factor"] = (yarn_mscale(factor, a["mscale"])
-                                         / yarn_mscale(factor, a["mscale_all_dim"]))
-            else:
-                a["attention_factor"] = yarn_mscale(factor)
-        elif scaling == "longrope" and factor > 1.0:
-            a["attention_factor"] = math.sqrt(
-                1 + math.log(factor) / math.log(a["original_max_seq_len"]))
-        else:
-            a["attention_factor"] = 1.0
+    if a.get("attention_factor") is None:
+        a["attention_factor"] = default_attention_factor(a)
+
+
+def default_attention_factor(a: dict[str, Any]) -> float:
+    """transformers' attention factor of a YaRN or LongRoPE scaling that gives none (1
+    for the others)."""
+    factor, scaling = a["scale_factor"], a["scaling"]
+    if scaling == "yarn":
+        if a["mscale"] and a["mscale_all_dim"]:
+            return yarn_mscale(factor, a["mscale"]) / yarn_mscale(factor, a["mscale_all_dim"])
+        return yarn_mscale(factor)
+    if scaling == "longrope" and factor > 1.0:
+        return math.sqrt(1 + math.log(factor) / math.log(a["original_max_seq_len"]))
+    return 1.0
 
 
 def _check_rope(comp: Any, model: Any, diags: Any) -> None:
