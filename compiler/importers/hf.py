@@ -908,7 +908,7 @@ DENSE.update({
 })
 
 # gpt-oss: q/k/v/o biases and a sink logit per head, sliding and full layers after
-# layer_types, biased experts on every layer (its YaRN RoPE is refused with the rope type)
+# layer_types, biased experts on every layer (its released RoPE: YaRN, the rope's scaling)
 DENSE["gpt_oss"] = Dense(
     "gpt-oss", ("GptOssForCausalLM",), {
         "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
