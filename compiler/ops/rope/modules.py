@@ -67,11 +67,10 @@ def rotary_tables(
     if LONGROPE_SCALING:
         # LongRoPE: a factor per frequency, the long ones once the forward's sequence
         # outgrows the pre-training context
-        factors = long_factor if seq_len > original_max_seq_len else short_factor
+        chosen = long_factor if seq_len > original_max_seq_len else short_factor
+        factors = torch.tensor(chosen, dtype=torch.float32, device=device)
         exponents = torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim
-        inv_freq = 1.0 / (
-            torch.tensor(factors, dtype=torch.float32, device=device) * theta**exponents
-        )
+        inv_freq = 1.0 / (factors * theta**exponents)
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
     if LOCAL_THETA:
         # the local layers' base: their angles follow, (positions, 2 · rotary_dim) in all
