@@ -351,13 +351,16 @@ class Importer:
     def _rope_scaling(self, f: Fields, rp: Fields, rope_type: str, d: dict,
                       key: str = "rope_type") -> list[str] | None:
         """The rope's scaling arguments from rope_parameters (transformers 5) or
-        rope_scaling (4.x) of type `rope_type`, read as modeling_rope_utils.py reads them;
-        the sequence-length parameters they need are added to the model's."""
+        rope_scaling (4.x) of type `rope_type`, read as modeling_rope_utils.py reads them
+        (what is derived is said in the header)."""
         p = self.p
         where = rp.name(key)
         reads = SCALING_ARGS[rope_type]  # the rope's arguments of this scaling
-        # factor and original_max_position_embeddings derived where they are missing
-        derived_factor = rope_type in ("yarn", "longrope")
+        notes = {"llama3": "Llama 3 frequency scaling", "dynamic": "dynamic NTK scaling (the "
+                 "base grows with a sequence past original_max_seq_len, transformers' "
+                 "max_position_embeddings)", "yarn": "YaRN scaling", "longrope": "LongRoPE "
+                 "scaling (the long factors past original_max_seq_len)"}
+        said = [f"RoPE: {notes.get(rope_type, rope_type + ' scaling')} from {where}"]
         orig = None
         if "original_max_seq_len" in reads and rope_type != "dynamic":
             # transformers' standardize_rope_params: a top-level field wins (Phi-3 has
@@ -367,62 +370,50 @@ class Importer:
                 orig = f.get("original_max_position_embeddings", "int",
                              d.get("original_max_position_embeddings"), positive=True)
                 rp.consume("original_max_position_embeddings")
-                note = self.note_default(f, "original_max_position_embeddings")
+                said.append("original_max_seq_len: "
+                            + self.note_default(f, "original_max_position_embeddings"))
             else:
                 orig = rp.get("original_max_position_embeddings", "int", self.max_pos,
                               positive=True)
-                note = (rp.name("original_max_position_embeddings")
-                        if "original_max_position_embeddings" not in rp.defaulted
-                        else "max_position_embeddings (no original_max_position_embeddings)")
+                if "original_max_position_embeddings" in rp.defaulted:
+                    said.append("original_max_seq_len: max_position_embeddings")
             if orig is None:
                 return None
-            p.add("rope_original_max_seq_len", orig, note)
         if rope_type == "dynamic":
             # the threshold of transformers' dynamic_rope_update is max_position_embeddings;
             # the model accepts factor times as many positions (unless --max-seq-len says)
             if self.max_pos is None:
                 return None
             orig = self.max_pos
-            p.add("rope_original_max_seq_len", orig, "max_position_embeddings (the context "
-                  "past which the dynamic base grows)")
-        factor, factor_note = None, ""
-        if not derived_factor:
-            factor = rp.get("factor", "float", hint=f"{rope_type} scaling needs factor")
-        else:
+        if rope_type in ("yarn", "longrope"):
             factor = rp.get("factor", "float?", None)
-            if factor is None:  # transformers' rule: the context's growth
-                factor = self.max_pos / orig if self.max_pos else None
-                factor_note = "max_position_embeddings / original_max_position_embeddings"
-        if rope_type != "longrope" and factor is None:
-            return None
+            if factor is None and self.max_pos:  # transformers' rule: the context's growth
+                factor = self.max_pos / orig
+                said.append("scale_factor: max_position_embeddings / "
+                            "original_max_position_embeddings")
+        else:
+            factor = rp.get("factor", "float", hint=f"{rope_type} scaling needs factor")
         # a LongRoPE factor only sets the attention factor, 1 where it is ≤ 1 (a derived
         # one can be: max_position_embeddings below Phi-3's original 4096)
         shrunk = rope_type == "longrope" and factor is not None and factor < 1.0 \
-            and factor_note != ""
+            and "factor" not in rp.obj
         if shrunk:
             factor = None
-        if factor is not None:
-            if factor < 1.0:
-                rp.error("E113", "factor", f"'{rp.name('factor')}' must be ≥ 1, got "
-                         f"{fmt(factor)}")
-                return None
-            p.add("rope_scale_factor", factor, rp.name("factor") if "factor" in rp
-                  and rp.obj.get("factor") is not None else factor_note)
+            said[-1] = "attention_factor 1: max_position_embeddings is below the original"
+        elif factor is None:
+            return None
+        elif factor < 1.0:
+            rp.error("E113", "factor", f"'{rp.name('factor')}' must be ≥ 1, got {fmt(factor)}")
+            return None
         args = [f"scaling = {rope_type}"]
         if factor is not None:
-            args.append(f"scale_factor = {p('rope_scale_factor')}")
-        if rope_type == "dynamic":
-            if "max_seq_len" in p and not p.items["max_seq_len"].note.startswith("--max-seq"):
-                p.add("max_seq_len", int(self.max_pos * factor), "max_position_embeddings · "
-                      f"{rp.name('factor')}: the dynamic base serves that context")
-                p("max_seq_len")  # the rope's arguments read it already
-        if orig is not None:
-            args.append(f"original_max_seq_len = {p('rope_original_max_seq_len')}")
-        notes = {"llama3": "Llama 3 frequency scaling", "dynamic": "dynamic NTK scaling (the "
-                 "base grows with a sequence past original_max_seq_len)", "yarn": "YaRN "
-                 "scaling", "longrope": "LongRoPE scaling (the long factors past "
-                 "original_max_seq_len)"}
-        self.notes.append(f"RoPE: {notes.get(rope_type, rope_type + ' scaling')} from {where}.")
+            args.append(f"scale_factor = {fmt(factor)}")
+        if rope_type == "dynamic" and "max_seq_len" in p \
+                and not p.items["max_seq_len"].note.startswith("--max-seq"):
+            p.add("max_seq_len", int(self.max_pos * factor), "max_position_embeddings · "
+                  f"{rp.name('factor')}: the dynamic base serves that context")
+            p("max_seq_len")  # the rope's arguments read it already
+        self.notes.append("; ".join(said) + ".")
         self.rope_scaling = {"rope_type": rope_type, "factor": factor}
         if rope_type == "llama3":
             low = rp.get("low_freq_factor", "float")
@@ -430,7 +421,9 @@ class Importer:
             if None in (low, high):
                 return None
             args += [f"low_freq_factor = {fmt(low)}", f"high_freq_factor = {fmt(high)}"]
-        elif rope_type == "yarn":
+        if orig is not None:
+            args.append(f"original_max_seq_len = {orig}")
+        if rope_type == "yarn":
             # null or 0 is transformers' default (`beta_fast or 32`, `if mscale and ...`)
             for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0),
                                   ("mscale_all_dim", 0.0)):
@@ -438,19 +431,16 @@ class Importer:
                 if v:
                     args.append(f"{name} = {fmt(v)}")
                 self.rope_scaling[name] = v or default
-            truncate = rp.get("truncate", "bool?", None)
-            if truncate is False:
+            if rp.get("truncate", "bool?", None) is False:
                 args.append("truncate = false")
         if rope_type in ("yarn", "longrope"):
             af = rp.get("attention_factor", "float?", None)
-            if af is not None:
-                if af <= 0:
-                    rp.error("E113", "attention_factor", f"'{rp.name('attention_factor')}' "
-                             f"must be positive, got {fmt(af)}")
-                    return None
-                args.append(f"attention_factor = {fmt(af)}")
-            elif shrunk:
-                args.append("attention_factor = 1.0")
+            if af is not None and af <= 0:
+                rp.error("E113", "attention_factor", f"'{rp.name('attention_factor')}' "
+                         f"must be positive, got {fmt(af)}")
+                return None
+            if af is not None or shrunk:
+                args.append(f"attention_factor = {fmt(af if af is not None else 1.0)}")
         if rope_type == "longrope":
             for name in ("short_factor", "long_factor"):
                 factors = rp.get(name, "list")
