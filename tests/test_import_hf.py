@@ -765,3 +765,21 @@ def test_released_yarn_configs_import_as_the_committed_specs_say(tmp_path, name)
     assert got_rope == want_rope
     assert got_scale == want_scale
     assert got_rope["scaling"] == "yarn" and got_rope["scale_factor"] in (40.0, 32.0)
+
+
+def test_gemma3s_global_scaling_reads_the_same_in_both_config_formats():
+    # transformers 5 nests it under full_attention; 4.x configs (the released Gemma 3 4B+)
+    # write rope_scaling beside rope_theta and rope_local_base_freq: the same rope
+    v5 = _family_config(hf.Gemma3TextConfig, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4.update(rope_theta=1e6, rope_local_base_freq=1e4,
+              rope_scaling={"rope_type": "linear", "factor": 8.0})
+    specs = []
+    for cfg in (v5, v4):
+        spec, diags = import_text(json.dumps(cfg, indent=2))
+        assert not diags.items, [(d.code, d.message) for d in diags.items]
+        specs.append(re.sub(r"#.*", "", spec[spec.index("model m {"):]))
+    assert specs[0] == specs[1]
+    assert "local_theta = local_rope_theta, scaling = linear, scale_factor = 8.0)" in specs[0]
