@@ -100,11 +100,15 @@ ROPE_TYPES = ("default", *[s for s in SCALING_ARGS if s != "none"])
 
 
 def _float_list(values: list) -> Expr:
-    """A list of numbers as .forge source: on one line if short, else eight a line."""
+    """A list of numbers as .forge source: on one line if short, else wrapped at 96."""
     items = [fmt(float(v)) for v in values]
     if len(", ".join(items)) <= 60:
         return Expr("[" + ", ".join(items) + "]")
-    rows = [", ".join(items[i:i + 8]) for i in range(0, len(items), 8)]
+    rows = [""]
+    for item in items:
+        if rows[-1] and len(rows[-1]) + len(item) + 2 > 92:
+            rows.append("")
+        rows[-1] += (", " if rows[-1] else "") + item
     return Expr("[\n    " + ",\n    ".join(rows) + "]")
 
 
