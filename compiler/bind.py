@@ -485,6 +485,12 @@ class _Binder:
                 d.error("E025", f"argument '{spec.name}' of {what}() expects a list of strings, "
                         f"got {_describe(value)}", expr.span)
                 raise _Invalid
+        elif spec.type == "floats":
+            if not isinstance(value, list) or not all(_is_number(v) for v in value):
+                d.error("E025", f"argument '{spec.name}' of {what}() expects a list of numbers, "
+                        f"got {_describe(value)}", expr.span)
+                raise _Invalid
+            value = tuple(float(v) for v in value)
         elif spec.type == "choice":
             if (value is None or isinstance(value, ComponentValue)) and \
                     isinstance(expr, ast.Ref) and expr.parts[0] in spec.choices:

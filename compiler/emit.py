@@ -593,7 +593,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
 
     used_blocks = [model.blocks[k] for k in class_of]
     # in the order a reader meets them: embedding, blocks, norm, head, then the vision side
-    components = [emb, *[x for b in used_blocks for x in b.components.values()], norm, head]
+    components = [*([rope_comp] if rope_comp is not None else []), emb,
+                  *[x for b in used_blocks for x in b.components.values()], norm, head]
     vision_kinds: list[str] = []
     if vision is not None:
         vision_kinds = list(dict.fromkeys(s.block for s in vision.layers))
@@ -752,16 +753,20 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
     depth_scaled = model.params.get("init_depth_scaled", True)
 
     rotary = None
-    rope_tables_call = rope_limit = rope_dims = ""
+    rope_tables_call = rope_limit = rope_tables_return = rope_original = ""
     if rope_comp is not None:
         rotary = dict(rope_comp.args)
         rotary.pop("_head_dim_derived", None)
         rope_limit = cfg.arg(rope_comp, "max_seq_len", "self.config", "model") \
             or Code(pyrepr(rotary["max_seq_len"]))
-        # `rotary_dim, theta[, local_theta] = ...` of rope_tables
-        rope_dims = ", ".join(cfg.arg(rope_comp, k, "config", "model") or pyrepr(rotary[k])
-                              for k in ("rotary_dim", "theta")
-                              + (("local_theta",) if rotary["local_theta"] else ()))
+        rope_original = cfg.arg(rope_comp, "original_max_seq_len", "self.config", "model") \
+            or pyrepr(rotary["original_max_seq_len"])
+        rotary["by_length"] = {
+            "dynamic": "the NTK base grows with a sequence past original_max_seq_len",
+            "longrope": "the long factors past original_max_seq_len",
+        }.get(rotary["scaling"], "")
+        rope_tables_return = "\n".join(call_lines(
+            "return ", rope_comp.op.definitions[0], _rope_table_args(rope_comp, cfg), 4))
         rope_tables_call = "\n".join(call_lines(
             "self.rope_cos, self.rope_sin = ", "rope_tables",
             [rope_limit, "param.device", "self.config"], 8))
@@ -783,12 +788,12 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "computed": pyformat(cfg.computed_from(), 0,
                              len("COMPUTED = ")),
         "fixed": _tuple_literal(fixed) if fixed else "()",
-        "rope_tables_call": rope_tables_call, "rope_limit": rope_limit, "rope_dims": rope_dims,
+        "rope_tables_call": rope_tables_call, "rope_limit": rope_limit,
+        "rope_tables_return": rope_tables_return, "rope_original": rope_original,
         "make_caches": make_caches,
         "cache_type": " | ".join(cache_classes),
         "kv_cache": kv_cache, "rotary": rotary,
-        "needs_math": bool(depth_scaled) or bool(rotary and rotary["scaling"] == "llama3")
-        or any("math." in code for code in op_classes),
+        "needs_math": bool(depth_scaled) or any("math." in code for code in op_classes),
         "moe_fqns": [f"{fqn}.{m}" if copies else fqn
                      for fqn in dict.fromkeys(d["fqn"] for _, d in graph.nodes(data=True)
                                               if d.get("op") in OPS
@@ -1034,6 +1039,38 @@ def _copies_ctor(cname: str, func: str, kwargs) -> list[str]:
     return [f"        self.{cname} = nn.ModuleDict(", "            {",
             *call_lines("m: ", func, kwargs, 16), "                for m in MODALITIES",
             "            }", "        )"]
+
+
+# rotary_tables' keyword arguments: the rope argument each reads, and the feature of the
+# rope op's modules.py that keeps it (compiler/ops/rope/modules.py)
+_ROPE_TABLE_ARGS = (
+    ("local_theta", "local_theta", "local_theta"),
+    ("factor", "scale_factor", "scale_factor"),
+    ("low_freq_factor", "low_freq_factor", "llama3_scaling"),
+    ("high_freq_factor", "high_freq_factor", "llama3_scaling"),
+    ("original_max_seq_len", "original_max_seq_len", "original_context"),
+    ("beta_fast", "beta_fast", "yarn_scaling"),
+    ("beta_slow", "beta_slow", "yarn_scaling"),
+    ("truncate", "truncate", "yarn_scaling"),
+    ("short_factor", "short_factor", "longrope_scaling"),
+    ("long_factor", "long_factor", "longrope_scaling"),
+    ("attention_factor", "attention_factor", "rope_attention_factor"),
+)
+
+
+def _rope_table_args(rope_comp: Component, cfg: ConfigView) -> list[str]:
+    """The arguments of the rope op's table function in rope_tables: sizes from
+    ModelConfig where the spec names them, the scaling's settings as literals."""
+    a, used = rope_comp.args, rope_comp.op.features(rope_comp.args)
+
+    def value(name: str) -> str:
+        return str(cfg.arg(rope_comp, name, "config", "model") or pyrepr(a[name]))
+
+    out = ["positions", value("rotary_dim"), value("theta")]
+    out += [f"{kw}={value(name)}" for kw, name, feature in _ROPE_TABLE_ARGS if feature in used]
+    if "length_dependent_rope" in used:
+        out.append("seq_len=seq_len")
+    return out + ["device=device"]
 
 
 def _max_seq_len(model: Model, rope_comp: Component | None) -> int:

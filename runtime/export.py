@@ -40,6 +40,7 @@ from typing import Any
 
 from forgec.compiler.errors import RunError, UsageError
 from forgec.compiler.ops import OPS, foreign_op
+from forgec.compiler.ops.rope.spec import SCALING_ARGS, default_attention_factor
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -192,6 +193,42 @@ def _placed(block, name: str) -> bool:
     return all(hf_name(f"layers.0.{name}.{w}") is not None for w in comp.op.weights(comp.args))
 
 
+# the rope's scaling arguments → transformers' rope_parameters keys (the scaling's name is
+# its rope_type; the rope op's SCALING_ARGS says which arguments each reads)
+ROPE_PARAMETERS = {
+    "scaling": "rope_type", "scale_factor": "factor", "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "original_max_seq_len": "original_max_position_embeddings", "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow", "mscale": "mscale", "mscale_all_dim": "mscale_all_dim",
+    "attention_factor": "attention_factor", "truncate": "truncate",
+    "short_factor": "short_factor", "long_factor": "long_factor",
+}
+
+
+def rope_parameters(rope_args: dict) -> dict:
+    """transformers' rope_parameters of a rope's arguments: the ones its scaling reads
+    (dynamic's original_max_seq_len is max_position_embeddings there), an attention
+    factor only where it is not the one transformers derives."""
+    scaling = rope_args["scaling"]
+    out: dict[str, Any] = {"rope_type": "default" if scaling == "none" else scaling,
+                           "rope_theta": float(rope_args["theta"])}
+    for arg in SCALING_ARGS[scaling]:
+        value = rope_args[arg]
+        if arg == "original_max_seq_len" and scaling == "dynamic":
+            continue
+        if arg in ("mscale", "mscale_all_dim") and not value:
+            continue  # 0: none, transformers' null
+        if arg == "attention_factor" and value == default_attention_factor(rope_args):
+            continue  # transformers derives the same
+        if isinstance(value, tuple | list):
+            value = [float(v) for v in value]
+        elif isinstance(value, float | int) and not isinstance(value, bool) \
+                and arg != "original_max_seq_len":
+            value = float(value)
+        out[ROPE_PARAMETERS[arg]] = value
+    return out
+
+
 def describe(model) -> Decoder:
     """The Decoder of a bound model (compiler.bind.Model); NotExportable if the
     model is not a pre-norm RMSNorm/RoPE/SwiGLU-or-MoE decoder."""
@@ -222,18 +259,14 @@ def describe(model) -> Decoder:
         raise NotExportable("output_head has a bias; these families' lm_head has none")
     norm = _only(comps["norm"], {"dim", "eps"}, "norm", notes)
     rope_args = _only(comps[pos], {"head_dim", "max_seq_len", "theta", "rotary_dim",
-                                   "scaling", "scale_factor", "low_freq_factor",
-                                   "high_freq_factor", "original_max_seq_len"}, pos, notes)
+                                   *ROPE_PARAMETERS}, pos, notes)
     if rope_args["rotary_dim"] != rope_args["head_dim"]:
         raise NotExportable(f"rope rotates {rope_args['rotary_dim']} of {rope_args['head_dim']} "
                             "channels per head; these families rotate whole heads")
-    rope = {"rope_type": "default", "rope_theta": float(rope_args["theta"])}
-    if rope_args["scaling"] == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": float(rope_args["theta"]),
-                "factor": float(rope_args["scale_factor"]),
-                "low_freq_factor": float(rope_args["low_freq_factor"]),
-                "high_freq_factor": float(rope_args["high_freq_factor"]),
-                "original_max_position_embeddings": rope_args["original_max_seq_len"]}
+    rope = rope_parameters(rope_args)
+    max_seq_len = rope_args["max_seq_len"]
+    if rope["rope_type"] == "dynamic":  # transformers' threshold of the dynamic base
+        max_seq_len = rope_args["original_max_seq_len"]
 
     attention_op = foreign_op("hf", "self_attention")
     rope_arg = _ref_arg(OPS[attention_op], positions_op)  # attention's argument naming the rope
@@ -327,7 +360,7 @@ def describe(model) -> Decoder:
         qkv_bias=bool(attention["qkv_bias"]), out_bias=bool(attention["out_bias"]),
         qk_norm=bool(attention["qk_norm"]), eps=eps.pop(),
         ffn_hidden=ffn_hidden.pop() if ffn_hidden else None, hidden_act=acts.pop(), rope=rope,
-        max_seq_len=rope_args["max_seq_len"], tie=head["tie"] is not None,
+        max_seq_len=max_seq_len, tie=head["tie"] is not None,
         init_std=float(model.params.get("init_std", 0.02)), layers=layers,
         training_only=sorted(set(notes)))
 

@@ -159,3 +159,36 @@ def test_a_changed_spec_or_a_full_folder_is_refused(tmp_path, capsys):
     spec.write_text(spec.read_text() + "\n# edited\n")
     assert forgec(["export-hf", str(tmp_path / "run"), "-o", str(tmp_path / "y")]) == 1
     assert "changed since" in capsys.readouterr().err
+
+
+# ---- RoPE scaling: export-hf writes back the rope_parameters import-hf read ---------------
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 16.0,
+     "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.8, "truncate": False,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "attention_factor": 1.5,
+     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0,
+     "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+     "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0],
+     "original_max_position_embeddings": 32},
+], ids=lambda r: r["rope_type"] + ("_af" if "attention_factor" in r else ""))
+def test_the_rope_scaling_exports_as_it_was_imported(tmp_path, rope):
+    from forgec.compiler.driver import compile_spec
+    from forgec.runtime.export import describe, hf_config
+
+    source = hf.LlamaConfig(**{**BASE, "head_dim": 16, "rope_parameters": rope})
+    source.save_pretrained(tmp_path / "hf")
+    spec = tmp_path / "m.forge"
+    assert forgec(["import-hf", str(tmp_path / "hf"), "-o", str(spec)]) == 0
+    result = compile_spec(str(spec))
+    config = hf_config(describe(result.models["m"]), "llama")
+    back = hf.LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    assert back.rope_parameters == source.rope_parameters
+    assert back.max_position_embeddings == source.max_position_embeddings
+

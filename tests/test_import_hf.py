@@ -272,21 +272,21 @@ def test_stack_selectors(n, layers, expected):
 
 def test_unsupported_values_are_located_errors_naming_the_field():
     cfg = {**LLAMA, "hidden_act": "gelu", "mlp_bias": True, "attention_dropout": 0.1,
-           "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+           "rope_scaling": {"rope_type": "proportional", "factor": 4.0}}
     text = json.dumps(cfg, indent=2)
     spec, diags = import_text(text)
     assert spec is None
     found = {(d.code, d.span.line, d.span.col): d.message for d in diags.errors}
     for key, word in (('"hidden_act"', "hidden_act 'gelu'"), ('"mlp_bias"', "mlp_bias"),
                       ('"attention_dropout"', "attention_dropout"),
-                      ('"rope_type"', "rope type 'yarn'")):
+                      ('"rope_type"', "rope type 'proportional'")):
         where = ("E114", *position(text, key))
         assert where in found and word in found[where], (where, found)
-    assert len(found) == 4  # yarn's own settings are not reported as unknown
+    assert len(found) == 4  # the refused type's own settings are not reported as unknown
 
 
 def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
-    cfg = {**LLAMA, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4,
+    cfg = {**LLAMA, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4,
                                         "factor": 2.0}}
     del cfg["rope_theta"]
     src = write_config(tmp_path / "hf", cfg)
@@ -294,8 +294,8 @@ def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
     proc = run_forgec("import-hf", str(src), "-o", str(out))
     assert proc.returncode == 1
     line, col = position((src / "config.json").read_text(), '"rope_type"')
-    assert f"config.json:{line}:{col}: error[E114]: rope type 'dynamic'" in proc.stderr
-    assert '"rope_type": "dynamic"' in proc.stderr and "^^^^^^^^^^^" in proc.stderr
+    assert f"config.json:{line}:{col}: error[E114]: rope type 'proportional'" in proc.stderr
+    assert '"rope_type": "proportional"' in proc.stderr and "^^^^^^^^^^^" in proc.stderr
     assert "1 error" in proc.stderr and not out.exists()
 
 
@@ -554,8 +554,8 @@ def _family_config(cls, **fields) -> dict:
     (hf.StableLmConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
     (hf.GPTNeoXConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
     (hf.Phi3Config, {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
-                                         "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
-     "E114", '"rope_type"'),
+                                         "short_factor": [1.0] * 8, "long_factor": [0.0] * 8}},
+     "E113", '"long_factor"'),
     (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
     (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
     (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
@@ -566,19 +566,22 @@ def _family_config(cls, **fields) -> dict:
     (hf.Gemma3TextConfig, {"use_bidirectional_attention": True}, "E114",
      '"use_bidirectional_attention"'),
     (hf.Gemma3TextConfig, {"rope_parameters": {
-        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "full_attention": {"rope_type": "dynamic", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}, "E114",
      '"rope_type"'),
     (hf.DeepseekV2Config, {"topk_method": "group_limited_greedy", "num_experts_per_tok": 2},
      "E114", '"topk_method"'),
     (hf.DeepseekV2Config, {"routed_scaling_factor": 16.0, "num_experts_per_tok": 2}, "E114",
      '"routed_scaling_factor"'),
-    # gpt-oss's YaRN RoPE
-    (hf.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2}, "E114", '"rope_type"'),
+    # YaRN stretches a context: a factor below 1 does not
+    (hf.GptOssConfig, {"num_local_experts": 4, "num_experts_per_tok": 2, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 150000.0, "factor": 0.5, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096}},
+     "E113", '"factor"'),
     (hf.DeepseekV3Config, {"first_k_dense_replace": -1}, "E113", '"first_k_dense_replace"'),
     (hf.DeepseekV3Config, {"rope_parameters": {
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-        "original_max_position_embeddings": 4096}}, "E114", '"rope_type"'),
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "attention_factor": -1.0,
+        "original_max_position_embeddings": 4096}}, "E113", '"attention_factor"'),
     (hf.OlmoeConfig, {"clip_qkv": 2.0}, "E114", '"clip_qkv"'),
     (hf.OlmoeConfig, {"num_experts_per_tok": 65}, "E113", '"num_experts_per_tok"'),
     (hf.Qwen2MoeConfig, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
@@ -817,3 +820,62 @@ def test_bamba_head_width_auto_and_lfm2s_older_field_names(tmp_path):
     assert cost(result.graphs["lfm2_old"]).params_total == sum(
         p.numel() for p in ref.parameters())
     assert "tie = token_embedding" not in spec and "from block_ff_dim = 144" in spec
+# ---- RoPE scaling: the released configs of DeepSeek-V3 and gpt-oss-120b (YaRN) ------------
+
+# their config.json as on the Hugging Face Hub (deepseek-ai/DeepSeek-V3, openai/gpt-oss-120b)
+RELEASED_YARN = {
+    "deepseek_v3": '{"architectures": ["DeepseekV3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0, "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config", "AutoModel": "modeling_deepseek.DeepseekV3Model", "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}, "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3", "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": true, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}, "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}, "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": true, "tie_word_embeddings": false, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "transformers_version": "4.33.1", "use_cache": true, "v_head_dim": 128, "vocab_size": 129280}',
+    "gpt_oss_120b": '{"architectures": ["GptOssForCausalLM"], "attention_bias": true, "attention_dropout": 0.0, "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02, "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"], "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64, "num_experts_per_tok": 4, "num_hidden_layers": 36, "num_key_value_heads": 8, "num_local_experts": 128, "output_router_logits": false, "pad_token_id": 199999, "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}, "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false}, "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0, "tie_word_embeddings": false, "transformers_version": "4.55.0.dev0", "use_cache": true, "vocab_size": 201088}',
+}
+# fields of the released files that are not transformers' (DeepSeek's remote code, the
+# quantised checkpoints' settings, gpt-oss's original names): acknowledged with --ignore
+RELEASED_IGNORE = {
+    "deepseek_v3": {"auto_map", "aux_loss_alpha", "ep_size", "moe_layer_freq",
+                    "quantization_config", "scoring_func", "seq_aux", "topk_method"},
+    "gpt_oss_120b": {"experts_per_token", "initial_context_length", "quantization_config"},
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED_YARN))
+def test_released_yarn_configs_import_as_the_committed_specs_say(tmp_path, name):
+    # the YaRN rope_scaling imports; the spec's rope (and DeepSeek's softmax scale) is the
+    # committed spec's, argument for argument, with the same parameter count
+    text = RELEASED_YARN[name]
+    spec, diags = import_text(text, name=name, ignore=RELEASED_IGNORE[name])
+    assert not diags.items, [(d.code, d.message) for d in diags.items]
+    assert "scaling = yarn" in spec
+    path = tmp_path / f"{name}.forge"
+    path.write_text(spec)
+    got = compile_spec(str(path))
+    assert not got.diagnostics.items
+    want = compile_spec(f"specs/{name}.forge")
+    assert cost(got.graphs[name]).params_total == cost(want.graphs[name]).params_total
+
+    def positions(result):
+        model = result.models[name]
+        rope = next(c for c in model.all_components() if "positions" in c.op.slots)
+        attention = [c for c in model.all_components() if c.op.name in ("mla", "attention")]
+        return rope.args, {c.args.get("scale") for c in attention}
+
+    (got_rope, got_scale), (want_rope, want_scale) = positions(got), positions(want)
+    assert got_rope == want_rope
+    assert got_scale == want_scale
+    assert got_rope["scaling"] == "yarn" and got_rope["scale_factor"] in (40.0, 32.0)
+
+
+def test_gemma3s_global_scaling_reads_the_same_in_both_config_formats():
+    # transformers 5 nests it under full_attention; 4.x configs (the released Gemma 3 4B+)
+    # write rope_scaling beside rope_theta and rope_local_base_freq: the same rope
+    v5 = _family_config(hf.Gemma3TextConfig, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
+    v4.update(rope_theta=1e6, rope_local_base_freq=1e4,
+              rope_scaling={"rope_type": "linear", "factor": 8.0})
+    specs = []
+    for cfg in (v5, v4):
+        spec, diags = import_text(json.dumps(cfg, indent=2))
+        assert not diags.items, [(d.code, d.message) for d in diags.items]
+        specs.append(re.sub(r"#.*", "", spec[spec.index("model m {"):]))
+    assert specs[0] == specs[1]
+    assert "local_theta = local_rope_theta, scaling = linear, scale_factor = 8.0)" in specs[0]

@@ -126,9 +126,11 @@ def test_llama_debug_does_not_grow_unnoticed():
     # literal, no dead argument). Since then it carries code the model really runs in
     # training: the fused, chunked head + cross-entropy (LinearCrossEntropy, 74 lines),
     # the packed-document attention (DocumentMask, 87 lines) and forward(targets=...).
+    # The RoPE tables' code moved to the rope op's folder (rotary_tables, copied with
+    # only the scaling a spec uses; rope_tables reads ModelConfig and calls it): 6 lines.
     # Growth past this figure must be a deliberate change of it, reviewed like a golden.
     lines = (GENERATED / "llama_debug" / "model.py").read_text().splitlines()
-    assert len(lines) <= 735
+    assert len(lines) <= 741
 
 
 def test_a_consistent_change_builds_a_consistent_model():

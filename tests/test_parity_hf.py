@@ -192,6 +192,53 @@ FAMILIES = {
     "lfm2": (hf.Lfm2Config, hf.Lfm2ForCausalLM, dict(
         num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], conv_bias=True,
         block_ffn_dim_multiplier=1.5, block_multiple_of=32, pad_token_id=0)),
+    # ---- RoPE scaling (transformers' rope types; the frequencies op for op)
+    # every frequency divided by the factor
+    "llama_linear": (hf.LlamaConfig, hf.LlamaForCausalLM, dict(
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
+    # dynamic NTK past max_position_embeddings 32: the logits' 52 positions and the decode
+    # from 20 to 52 recompute the base per forward (for the new positions only)
+    "llama_dynamic": (hf.LlamaConfig, hf.LlamaForCausalLM, dict(
+        max_position_embeddings=32,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+    # YaRN with its attention factor (0.1 ln 4 + 1 on cos and sin), ramp not truncated
+    "qwen2_yarn": (hf.Qwen2Config, hf.Qwen2ForCausalLM, dict(
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 16.0,
+                         "beta_slow": 1.0, "truncate": False})),
+    # LongRoPE past original_max_position_embeddings 32 (the top-level field, Phi-3's):
+    # the short factors up to 32 positions, the long ones in a longer forward; factor
+    # derived as 128 / 32
+    "phi3_longrope": (hf.Phi3Config, hf.Phi3ForCausalLM, dict(
+        pad_token_id=0, original_max_position_embeddings=32,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+                         "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0]})),
+    # DeepSeek's YaRN: cos and sin times mscale(4, 1) / mscale(4, 0.8), the softmax scale
+    # times mscale(4, 0.8)²
+    "deepseek_v3_yarn": (hf.DeepseekV3Config, hf.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, n_shared_experts=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})),
+    # gpt-oss's released rope_parameters at a small scale: YaRN, truncate false
+    "gpt_oss_yarn": (hf.GptOssConfig, hf.GptOssForCausalLM, dict(
+        head_dim=16, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8, rms_norm_eps=1e-5, swiglu_limit=1.0,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 16})),
+    # Gemma 3's global layers scaled linearly (its released 4B-27B: factor 8), the local
+    # layers' base not
+    "gemma3_linear": (hf.Gemma3TextConfig, hf.Gemma3ForCausalLM, dict(
+        num_hidden_layers=6, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
 from ..ops import foreign_choices, foreign_op, foreign_ops
-from .common import Decoder, Fields, LayerKind, Located, Params, fmt
+from ..ops.rope.spec import SCALING_ARGS, yarn_mscale
+from .common import Decoder, Expr, Fields, LayerKind, Located, Params, fmt
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -95,6 +96,23 @@ NOT_ARCHITECTURE = (
 )
 
 
+# transformers' rope types: "default", and the rope op's scalings (the same names)
+ROPE_TYPES = ("default", *[s for s in SCALING_ARGS if s != "none"])
+
+
+def _float_list(values: list) -> Expr:
+    """A list of numbers as .forge source: on one line if short, else wrapped at 96."""
+    items = [fmt(float(v)) for v in values]
+    if len(", ".join(items)) <= 60:
+        return Expr("[" + ", ".join(items) + "]")
+    rows = [""]
+    for item in items:
+        if rows[-1] and len(rows[-1]) + len(item) + 2 > 92:
+            rows.append("")
+        rows[-1] += (", " if rows[-1] else "") + item
+    return Expr("[\n    " + ",\n    ".join(rows) + "]")
+
+
 class Importer:
     def __init__(self, src: Located, diags: Diagnostics, ignore: set[str]) -> None:
         self.src, self.diags, self.ignore = src, diags, ignore
@@ -110,6 +128,9 @@ class Importer:
         self.rotary_fraction: tuple[float | int, str] | None = None
         # the partial_rotary_factor of a config that leaves it out (Bamba's: 0.5)
         self.partial_default = 1.0
+        self.max_pos: int | None = None  # max_position_embeddings
+        # the RoPE's scaling, as transformers' rope_parameters (DeepSeek's softmax scale)
+        self.rope_scaling: dict = {}
 
     def note_default(self, f: Fields, key: str, hf_key: str | None = None) -> str:
         name = hf_key or f.name(key)
@@ -207,6 +228,7 @@ class Importer:
                   f"--max-seq-len (max_position_embeddings = {max_pos})")
         else:
             p.add("max_seq_len", max_pos, self.note_default(f, "max_position_embeddings"))
+        self.max_pos = max_pos  # what a RoPE scaling reads as the context
         p.add("norm_eps", eps, self.note_default(f, "rms_norm_eps"))
         p.add("init_std", init, self.note_default(f, "initializer_range"))
         p("init_std")
@@ -306,10 +328,10 @@ class Importer:
                     rp.error("E114", "partial_rotary_factor", "partial_rotary_factor = "
                              f"{fmt(partial)} cannot be expressed: this family rotates whole "
                              "heads")
-            if rope_type not in ("default", "llama3"):
+            if rope_type not in ROPE_TYPES:
                 rp.error("E114", key, f"rope type '{rope_type}' cannot be expressed: forgec's "
-                         "rope supports no scaling or llama3 scaling",
-                         "forgec's rope op has scaling = none or llama3")
+                         "rope has no such scaling",
+                         "forgec's rope op scales as " + ", ".join(ROPE_TYPES))
                 rp.consume(*rp.obj)  # that type's own settings are beside the point
                 return None
         if rp is None and self.partial_default != 1.0:
@@ -327,20 +349,120 @@ class Importer:
                 p.add("rotary_dim", rotary, f"{field_name} = {fmt(fraction)}"
                       + (f" of head_dim {head_dim}" if isinstance(fraction, float) else ""))
                 args.append(f"rotary_dim = {p('rotary_dim')}")
-        if rp is not None and rope_type == "llama3":
-            factor = rp.get("factor", "float", hint="llama3 scaling needs factor")
-            low = rp.get("low_freq_factor", "float")
-            high = rp.get("high_freq_factor", "float")
-            orig = rp.get("original_max_position_embeddings", "int", positive=True)
-            if None in (factor, low, high, orig):
+        if rp is not None and rope_type != "default":
+            scaling = self._rope_scaling(f, rp, rope_type, d, key)
+            if scaling is None:
                 return None
-            args += ["scaling = llama3", f"scale_factor = {fmt(factor)}",
-                     f"low_freq_factor = {fmt(low)}", f"high_freq_factor = {fmt(high)}",
-                     f"original_max_seq_len = {orig}"]
-            self.notes.append(f"RoPE: Llama 3 frequency scaling from {rp.name('rope_type')} "
-                              "(factor, low/high_freq_factor, original_max_position_embeddings).")
+            args += scaling
         if rp is not None:
             rp.unknown(self.ignore, "RoPE")
+        return args
+
+    def _rope_scaling(self, f: Fields, rp: Fields, rope_type: str, d: dict,
+                      key: str = "rope_type") -> list[str] | None:
+        """The rope's scaling arguments from rope_parameters (transformers 5) or
+        rope_scaling (4.x) of type `rope_type`, read as modeling_rope_utils.py reads them
+        (what is derived is said in the header)."""
+        p = self.p
+        where = rp.name(key)
+        reads = SCALING_ARGS[rope_type]  # the rope's arguments of this scaling
+        notes = {"llama3": "Llama 3 frequency scaling", "dynamic": "dynamic NTK scaling (the "
+                 "base grows with a sequence past original_max_seq_len, transformers' "
+                 "max_position_embeddings)", "yarn": "YaRN scaling", "longrope": "LongRoPE "
+                 "scaling (the long factors past original_max_seq_len)"}
+        said = [f"RoPE: {notes.get(rope_type, rope_type + ' scaling')} from {where}"]
+        orig = None
+        if "original_max_seq_len" in reads and rope_type != "dynamic":
+            # transformers' standardize_rope_params: a top-level field wins (Phi-3 has
+            # one by default), then rope_parameters', then max_position_embeddings
+            if "original_max_position_embeddings" in f \
+                    or "original_max_position_embeddings" in d:
+                orig = f.get("original_max_position_embeddings", "int",
+                             d.get("original_max_position_embeddings"), positive=True)
+                rp.consume("original_max_position_embeddings")
+                said.append("original_max_seq_len: "
+                            + self.note_default(f, "original_max_position_embeddings"))
+            else:
+                orig = rp.get("original_max_position_embeddings", "int", self.max_pos,
+                              positive=True)
+                if "original_max_position_embeddings" in rp.defaulted:
+                    said.append("original_max_seq_len: max_position_embeddings")
+            if orig is None:
+                return None
+        if rope_type == "dynamic":
+            # the threshold of transformers' dynamic_rope_update is max_position_embeddings;
+            # the model accepts factor times as many positions (unless --max-seq-len says)
+            if self.max_pos is None:
+                return None
+            orig = self.max_pos
+        if rope_type in ("yarn", "longrope"):
+            factor = rp.get("factor", "float?", None)
+            if factor is None and self.max_pos:  # transformers' rule: the context's growth
+                factor = self.max_pos / orig
+                said.append("scale_factor: max_position_embeddings / "
+                            "original_max_position_embeddings")
+        else:
+            factor = rp.get("factor", "float", hint=f"{rope_type} scaling needs factor")
+        # a LongRoPE factor only sets the attention factor, 1 where it is ≤ 1 (a derived
+        # one can be: max_position_embeddings below Phi-3's original 4096)
+        shrunk = rope_type == "longrope" and factor is not None and factor < 1.0 \
+            and "factor" not in rp.obj
+        if shrunk:
+            factor = None
+            said[-1] = "attention_factor 1: max_position_embeddings is below the original"
+        elif factor is None:
+            return None
+        elif factor < 1.0:
+            rp.error("E113", "factor", f"'{rp.name('factor')}' must be ≥ 1, got {fmt(factor)}")
+            return None
+        args = [f"scaling = {rope_type}"]
+        if factor is not None:
+            args.append(f"scale_factor = {fmt(factor)}")
+        if rope_type == "dynamic" and "max_seq_len" in p \
+                and not p.items["max_seq_len"].note.startswith("--max-seq"):
+            p.add("max_seq_len", int(self.max_pos * factor), "max_position_embeddings · "
+                  f"{rp.name('factor')}: the dynamic base serves that context")
+            p("max_seq_len")  # the rope's arguments read it already
+        self.notes.append("; ".join(said) + ".")
+        self.rope_scaling = {"rope_type": rope_type, "factor": factor}
+        if rope_type == "llama3":
+            low = rp.get("low_freq_factor", "float")
+            high = rp.get("high_freq_factor", "float")
+            if None in (low, high):
+                return None
+            args += [f"low_freq_factor = {fmt(low)}", f"high_freq_factor = {fmt(high)}"]
+        if orig is not None:
+            args.append(f"original_max_seq_len = {orig}")
+        if rope_type == "yarn":
+            # null or 0 is transformers' default (`beta_fast or 32`, `if mscale and ...`)
+            for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0), ("mscale", 0.0),
+                                  ("mscale_all_dim", 0.0)):
+                v = rp.get(name, "float?", None)
+                if v:
+                    args.append(f"{name} = {fmt(v)}")
+                self.rope_scaling[name] = v or default
+            if rp.get("truncate", "bool?", None) is False:
+                args.append("truncate = false")
+        if rope_type in ("yarn", "longrope"):
+            af = rp.get("attention_factor", "float?", None)
+            if af is not None and af <= 0:
+                rp.error("E113", "attention_factor", f"'{rp.name('attention_factor')}' "
+                         f"must be positive, got {fmt(af)}")
+                return None
+            if af is not None or shrunk:
+                args.append(f"attention_factor = {fmt(af if af is not None else 1.0)}")
+        if rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                factors = rp.get(name, "list")
+                if factors is None:
+                    return None
+                if not all(isinstance(x, int | float) and not isinstance(x, bool)
+                           and x > 0 for x in factors):
+                    rp.error("E113", name, f"'{rp.name(name)}' must be a list of positive "
+                             "numbers")
+                    return None
+                p.add(f"rope_{name}", _float_list(factors), rp.name(name))
+                args.append(f"{name} = {p(f'rope_{name}')}")
         return args
 
     # ---- attention windows -------------------------------------------------------------
@@ -698,7 +820,9 @@ DENSE.update({
             "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
             "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
             "rope_theta": 10000.0, "sliding_window": None, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attention_dropout": 0.0},
+            "embd_pdrop": 0.0, "attention_dropout": 0.0,
+            # longrope's pre-training context: this field wins over rope_parameters'
+            "original_max_position_embeddings": 4096},
         aliases=_RMS, norm="norm", gated=True,
         rotary_pct_field="partial_rotary_factor",
         dropouts=("resid_pdrop", "embd_pdrop", "attention_dropout"),
@@ -784,7 +908,7 @@ DENSE.update({
 })
 
 # gpt-oss: q/k/v/o biases and a sink logit per head, sliding and full layers after
-# layer_types, biased experts on every layer (its YaRN RoPE is refused with the rope type)
+# layer_types, biased experts on every layer (its released RoPE: YaRN, the rope's scaling)
 DENSE["gpt_oss"] = Dense(
     "gpt-oss", ("GptOssForCausalLM",), {
         "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
@@ -894,6 +1018,15 @@ class DenseImporter(Importer):
         p = self.p
         rope[0] = f"head_dim = {p('qk_rope_head_dim')}"
         p.items["head_dim"].used = False  # only the rope read it, now by its own name
+        mscale_all_dim = self.rope_scaling.get("mscale_all_dim")
+        if self.rope_scaling.get("rope_type") == "yarn" and mscale_all_dim:
+            # DeepSeek's yarn_apply_mscale: the softmax scale times mscale², in its order
+            mscale = yarn_mscale(self.rope_scaling["factor"], mscale_all_dim)
+            qk_head_dim = p.value("qk_nope_head_dim") + p.value("qk_rope_head_dim")
+            p.add("attention_scale", qk_head_dim ** (-0.5) * mscale * mscale,
+                  "(qk_nope_head_dim + qk_rope_head_dim)^-0.5 · (0.1 · mscale_all_dim · "
+                  "ln factor + 1)², DeepSeek's YaRN")
+            return [*self.latent_args, f"scale = {p('attention_scale')}"]
         return self.latent_args
 
     def _routed_experts(self, f: Fields, fam: Dense, d: dict, n: int):
@@ -1018,12 +1151,19 @@ class DenseImporter(Importer):
         (transformers 5), or rope_theta and rope_local_base_freq (4.x)."""
         p = self.p
         params = f.get("rope_parameters", "dict?", None)
+        scaling: list[str] = []  # the global layers' (the local base is never scaled)
         if params is None:
             theta = f.get("rope_theta", "float", d["rope_theta"])
             local = f.get("rope_local_base_freq", "float", d["rope_local_base_freq"])
-            if f.get("rope_scaling", "dict?", None) is not None:
-                f.error("E114", "rope_scaling", "rope_scaling of Gemma 3's global layers "
-                        "cannot be expressed: forgec's rope has one scaling for both bases")
+            old = f.get("rope_scaling", "dict?", None)
+            if old is not None:
+                r = Fields(self.src, old, ("rope_scaling",), self.diags, "rope_scaling")
+                key = "rope_type" if "rope_type" in r or "type" not in r else "type"
+                got = self._global_scaling(f, r, d, key)
+                if got is None:
+                    return None
+                scaling = got
+                r.unknown(self.ignore, "RoPE")
             notes = (self.note_default(f, "rope_theta"), self.note_default(f, "rope_local_base_freq"))
         else:
             f.consume("rope_theta", "rope_local_base_freq", "rope_scaling")
@@ -1035,12 +1175,18 @@ class DenseImporter(Importer):
                 if sub is None:
                     return None
                 r = Fields(self.src, sub, rp.path + (kind,), self.diags, rp.name(kind))
-                rope_type = r.get("rope_type", "str", "default")
-                if rope_type not in ("default", None):
-                    r.error("E114", "rope_type", f"rope type '{rope_type}' of the "
-                            f"{kind} layers cannot be expressed: forgec's rope with a local "
-                            "base scales neither")
-                    r.consume(*r.obj)
+                if kind == "full_attention":
+                    got = self._global_scaling(f, r, d, "rope_type")
+                    if got is None:
+                        return None
+                    scaling = got
+                else:
+                    rope_type = r.get("rope_type", "str", "default")
+                    if rope_type not in ("default", None):
+                        r.error("E114", "rope_type", f"rope type '{rope_type}' of the "
+                                f"{kind} layers cannot be expressed: forgec's rope scales "
+                                "the global layers' base only")
+                        r.consume(*r.obj)
                 thetas.append(r.get("rope_theta", "float", default))
                 notes.append(r.name("rope_theta") if "rope_theta" in r
                              else f"{r.name('rope_theta')} (default)")
@@ -1052,7 +1198,23 @@ class DenseImporter(Importer):
         p.add("rope_theta", theta, notes[0])
         p.add("local_rope_theta", local, notes[1])
         return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
-                f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}"]
+                f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}",
+                *scaling]
+
+    def _global_scaling(self, f: Fields, r: Fields, d: dict, key: str) -> list[str] | None:
+        """The scaling of Gemma 3's global layers (its released configs: linear, factor 8)."""
+        rope_type = r.get(key, "str", "default")
+        if rope_type is None:
+            return None
+        if rope_type == "default":
+            return []
+        if rope_type not in ROPE_TYPES or rope_type in ("dynamic", "longrope"):
+            r.error("E114", key, f"rope type '{rope_type}' of the global layers cannot be "
+                    "expressed: forgec's rope with a local base scales as llama3, linear "
+                    "or yarn")
+            r.consume(*r.obj)
+            return None
+        return self._rope_scaling(f, r, rope_type, d, key)
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -1217,6 +1379,7 @@ class DenseImporter(Importer):
                   f"--max-seq-len ({key('max_position_embeddings')} = {max_pos})")
         else:
             p.add("max_seq_len", max_pos, self.note_default(f, key("max_position_embeddings")))
+        self.max_pos = max_pos  # what a RoPE scaling reads as the context
         p.add("norm_eps", eps, self.note_default(f, eps_key) if fam.norm_eps is None
               else f"fixed by {fam.title}")
         p.add("init_std", init, self.note_default(f, "initializer_range"))

@@ -38,6 +38,7 @@ class ModelConfig:
     mlp_hidden: int = 2880
     mlp_experts: int = 128
     mlp_top_k: int = 4
+    rope_original_max_seq_len: int = 4096
 
     def __post_init__(self) -> None:
         spec = {f.name: f.default for f in fields(self)}
@@ -139,11 +140,18 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
     config = config or ModelConfig()
-    rotary_dim, theta = config.head_dim, 150000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return rotary_tables(
+        positions,
+        config.head_dim,
+        150000.0,
+        factor=32.0,
+        original_max_seq_len=config.rope_original_max_seq_len,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        truncate=False,
+        attention_factor=1.3465735902799727,
+        device=device,
+    )
 
 
 class KVCache:
@@ -187,6 +195,63 @@ class KVCache:
         start = self.length - valid.shape[1]
         self.valid[:, start : self.length] = valid
         self.next_pos += valid.sum(dim=1)
+
+
+def yarn_frequencies(
+    inv_freq: torch.Tensor,
+    theta: float,
+    factor: float,
+    original_max_seq_len: int,
+    beta_fast: float,
+    beta_slow: float,
+    truncate: bool,
+) -> torch.Tensor:
+    """YaRN: frequencies turning fewer than beta_slow times over the original context
+    are interpolated (divided by factor), those turning more than beta_fast times kept,
+    a linear ramp between them."""
+    rotary_dim = 2 * inv_freq.shape[0]
+
+    def pair_of(rotations: float) -> float:  # the pair turning `rotations` times
+        return (rotary_dim * math.log(original_max_seq_len / (rotations * 2 * math.pi))) / (
+            2 * math.log(theta)
+        )
+
+    low, high = pair_of(beta_fast), pair_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rotary_dim - 1)
+    if low == high:
+        high += 0.001  # no division by zero
+    pairs = torch.arange(rotary_dim // 2, dtype=torch.float32, device=inv_freq.device)
+    kept = 1 - ((pairs - low) / (high - low)).clamp(0, 1)
+    exponents = torch.arange(0, rotary_dim, 2, device=inv_freq.device).float() / rotary_dim
+    interpolated = 1.0 / (factor * theta**exponents)
+    return interpolated * (1 - kept) + inv_freq * kept
+
+
+def rotary_tables(
+    positions: int,
+    rotary_dim: int,
+    theta: float,
+    *,
+    factor: float,
+    original_max_seq_len: int,
+    beta_fast: float,
+    beta_slow: float,
+    truncate: bool,
+    attention_factor: float,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin (positions, rotary_dim) in fp32, half-split, as transformers computes."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    inv_freq = yarn_frequencies(
+        inv_freq, theta, factor, original_max_seq_len, beta_fast, beta_slow, truncate
+    )
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    # scaled cos and sin scale every attention score by attention_factor²
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+    return angles.cos(), angles.sin()
 
 
 class TokenEmbedding(nn.Module):
@@ -816,7 +881,7 @@ class TransformerBlock(nn.Module):
 
 
 class SlidingBlock(TransformerBlock):
-    """Block `sliding` (specs/gpt_oss_120b.forge:36): layers 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34."""
+    """Block `sliding` (specs/gpt_oss_120b.forge:38): layers 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -870,17 +935,17 @@ class SlidingBlock(TransformerBlock):
             b, s = x.shape[:2]
             start = 0 if kv_cache is None else kv_cache.length
             attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
-        # spec: specs/gpt_oss_120b.forge:32
+        # spec: specs/gpt_oss_120b.forge:34
         attention_norm = self.attention_norm(x)  # (B, S, 2880)
         h = x + self.attention(
             attention_norm, rope_cos, rope_sin, attn_mask["causal_w128"], kv_cache
         )
-        # spec: specs/gpt_oss_120b.forge:33
+        # spec: specs/gpt_oss_120b.forge:35
         return h + self.mlp(self.mlp_norm(h))
 
 
 class FullBlock(TransformerBlock):
-    """Block `full` (specs/gpt_oss_120b.forge:22): layers 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35."""
+    """Block `full` (specs/gpt_oss_120b.forge:24): layers 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31, 33, 35."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -934,10 +999,10 @@ class FullBlock(TransformerBlock):
             b, s = x.shape[:2]
             start = 0 if kv_cache is None else kv_cache.length
             attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
-        # spec: specs/gpt_oss_120b.forge:32
+        # spec: specs/gpt_oss_120b.forge:34
         attention_norm = self.attention_norm(x)  # (B, S, 2880)
         h = x + self.attention(attention_norm, rope_cos, rope_sin, attn_mask["causal"], kv_cache)
-        # spec: specs/gpt_oss_120b.forge:33
+        # spec: specs/gpt_oss_120b.forge:35
         return h + self.mlp(self.mlp_norm(h))
 
 

@@ -33,6 +33,7 @@ class ModelConfig:
     init_depth_scaled: bool = False
     init_std: float = 0.02
     f_hidden: int = 256
+    rope_original_max_seq_len: int = 32
     rope_rotary_dim: int = 4
 
     def __post_init__(self) -> None:
@@ -125,19 +126,16 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
     config = config or ModelConfig()
-    rotary_dim, theta = config.rope_rotary_dim, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    # Llama 3 frequency scaling: long wavelengths slowed by scale_factor, short ones
-    # kept, a smooth blend in between.
-    factor, low, high = 8.0, 1.0, 4.0
-    old_len = 32
-    wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    inv_freq = torch.where(wavelen < old_len / high, inv_freq, scaled)
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return rotary_tables(
+        positions,
+        config.rope_rotary_dim,
+        10000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_seq_len=config.rope_original_max_seq_len,
+        device=device,
+    )
 
 
 class KVCache:
@@ -181,6 +179,31 @@ class KVCache:
         start = self.length - valid.shape[1]
         self.valid[:, start : self.length] = valid
         self.next_pos += valid.sum(dim=1)
+
+
+def rotary_tables(
+    positions: int,
+    rotary_dim: int,
+    theta: float,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_seq_len: int,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin (positions, rotary_dim) in fp32, half-split, as transformers computes."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    # Llama 3 frequency scaling: long wavelengths slowed by factor, short ones
+    # kept, a smooth blend in between.
+    low, high, old_len = low_freq_factor, high_freq_factor, original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = torch.where(wavelen < old_len / high, inv_freq, scaled)
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 class TokenEmbedding(nn.Module):

@@ -16,6 +16,7 @@ LATENT_Q = True  # feature: some MLA compresses its queries (q_lora_rank > 0)
 DIRECT_Q = True  # feature: some MLA projects its queries directly (q_lora_rank = 0)
 INTERLEAVED_ROPE = True  # feature: some MLA rotates channel pairs (0, 1), (2, 3), ...
 HALF_SPLIT_ROPE = True  # feature: some MLA rotates the halves (0, d/2), (1, d/2 + 1), ...
+LATENT_SCALE = True  # feature: some MLA scales its scores by other than 1/sqrt(qk_head_dim)
 
 
 class LatentCache(KVCache):
@@ -71,9 +72,12 @@ class MLA(nn.Module):
         rope_interleave: bool = True,  # if INTERLEAVED_ROPE and HALF_SPLIT_ROPE
         bias: bool = False,
         norm_eps: float = 1e-6,
+        scale: float | None = None,  # if LATENT_SCALE
     ) -> None:
         super().__init__()
         self.kv_lora_rank, self.v_head_dim = kv_lora_rank, v_head_dim
+        if LATENT_SCALE:
+            self.scale = scale  # None: 1/sqrt(qk_head_dim)
         self.nope_dim, self.rope_dim = qk_nope_head_dim, qk_rope_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         if INTERLEAVED_ROPE and HALF_SPLIT_ROPE:
@@ -145,7 +149,14 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (B, H, T, qk)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, S, qk_head_dim)
         if isinstance(mask, DocumentMask):  # packed documents, in training
+            if LATENT_SCALE and self.scale is not None:  # the same scores
+                q = q * (self.scale * (self.nope_dim + self.rope_dim) ** 0.5)
             out = mask.attend(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            if LATENT_SCALE:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
+                )
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))  # (B, H, S, v) → (B, S, dim)

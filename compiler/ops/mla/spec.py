@@ -47,7 +47,8 @@ def _mla_flops(a: Args, seq_len: int) -> int:
 
 def _features(a: Args) -> frozenset[str]:
     return frozenset({"latent_q" if a["q_lora_rank"] else "direct_q",
-                      "interleaved_rope" if a["rope_interleave"] else "half_split_rope"})
+                      "interleaved_rope" if a["rope_interleave"] else "half_split_rope"}
+                     | ({"latent_scale"} if a["scale"] is not None else set()))
 
 
 def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
@@ -60,6 +61,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["rope_interleave"] = a["rope_interleave"]
     out["bias"] = a["bias"]
     out["norm_eps"] = a["norm_eps"]
+    if a["scale"] is not None:
+        out["scale"] = a["scale"]
     return out
 
 
@@ -67,6 +70,11 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
     """E150: the rope is built for the rotated part of a head (qk_rope_head_dim);
     E151: that part rotates whole (no partial rotary inside it)."""
     a, spans = comp.args, comp.arg_spans
+    if a["scale"] is not None and a["scale"] <= 0:
+        diags.error("E146", f"attention scale {a['scale']} is not positive",
+                    spans.get("scale", comp.span),
+                    hint="the scores are q·k times scale; DeepSeek's is "
+                    "mscale² / sqrt(qk_nope_head_dim + qk_rope_head_dim)")
     rope = a["rope"].component
     where = spans.get("rope", comp.span)
     if "positions" not in rope.op.slots:
@@ -117,6 +125,10 @@ OPS = (
                     "o_proj"),
             ArgSpec("norm_eps", "float", 1e-6, min=0.0, max=1.0,
                     doc="eps of the RMSNorms on the query and key/value latents"),
+            ArgSpec("scale", "float", None, min=0.0,
+                    doc="scale of the scores q·k (default 1/sqrt(qk_nope_head_dim + "
+                        "qk_rope_head_dim); DeepSeek's YaRN multiplies it by "
+                        "mscale(scale_factor, mscale_all_dim)²)"),
         ),
         sizes=("dim", "heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                "v_head_dim"),
