@@ -29,7 +29,7 @@ class ModelConfig:
     dim: int = 7168
     n_layers: int = 61
     n_heads: int = 128
-    max_seq_len: int = 163840
+    max_seq_len: int = 4096
     norm_eps: float = 1e-06
     n_experts: int = 256
     init_std: float = 0.02
@@ -43,7 +43,6 @@ class ModelConfig:
     mlp_top_k: int = 8
     router_n_group: int = 8
     router_topk_group: int = 4
-    rope_original_max_seq_len: int = 4096
     rope_head_dim: int = 64
 
     def __post_init__(self) -> None:
@@ -136,17 +135,7 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
     config = config or ModelConfig()
-    return rotary_tables(
-        positions,
-        config.rope_head_dim,
-        10000.0,
-        factor=40.0,
-        original_max_seq_len=config.rope_original_max_seq_len,
-        beta_fast=32.0,
-        beta_slow=1.0,
-        truncate=True,
-        device=device,
-    )
+    return rotary_tables(positions, config.rope_head_dim, 10000.0, device=device)
 
 
 class KVCache:
@@ -212,55 +201,11 @@ class LatentCache(KVCache):
         self.v = torch.zeros(batch_size, 1, max_seq_len, rope_dim, dtype=dtype, device=device)
 
 
-def yarn_frequencies(
-    inv_freq: torch.Tensor,
-    theta: float,
-    factor: float,
-    original_max_seq_len: int,
-    beta_fast: float,
-    beta_slow: float,
-    truncate: bool,
-) -> torch.Tensor:
-    """YaRN: frequencies turning fewer than beta_slow times over the original context
-    are interpolated (divided by factor), those turning more than beta_fast times kept,
-    a linear ramp between them."""
-    rotary_dim = 2 * inv_freq.shape[0]
-
-    def pair_of(rotations: float) -> float:  # the pair turning `rotations` times
-        return (rotary_dim * math.log(original_max_seq_len / (rotations * 2 * math.pi))) / (
-            2 * math.log(theta)
-        )
-
-    low, high = pair_of(beta_fast), pair_of(beta_slow)
-    if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, rotary_dim - 1)
-    if low == high:
-        high += 0.001  # no division by zero
-    pairs = torch.arange(rotary_dim // 2, dtype=torch.float32, device=inv_freq.device)
-    kept = 1 - ((pairs - low) / (high - low)).clamp(0, 1)
-    exponents = torch.arange(0, rotary_dim, 2, device=inv_freq.device).float() / rotary_dim
-    interpolated = 1.0 / (factor * theta**exponents)
-    return interpolated * (1 - kept) + inv_freq * kept
-
-
 def rotary_tables(
-    positions: int,
-    rotary_dim: int,
-    theta: float,
-    *,
-    factor: float,
-    original_max_seq_len: int,
-    beta_fast: float,
-    beta_slow: float,
-    truncate: bool,
-    device: torch.device | None = None,
+    positions: int, rotary_dim: int, theta: float, *, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin (positions, rotary_dim) in fp32, half-split, as transformers computes."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    inv_freq = yarn_frequencies(
-        inv_freq, theta, factor, original_max_seq_len, beta_fast, beta_slow, truncate
-    )
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -416,11 +361,9 @@ class MLA(nn.Module):
         q_lora_rank: int = 0,
         bias: bool = False,
         norm_eps: float = 1e-6,
-        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.kv_lora_rank, self.v_head_dim = kv_lora_rank, v_head_dim
-        self.scale = scale  # None: 1/sqrt(qk_head_dim)
         self.nope_dim, self.rope_dim = qk_nope_head_dim, qk_rope_head_dim
         qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.q_a_proj = nn.Linear(dim, q_lora_rank, bias=bias)
@@ -476,13 +419,9 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (B, H, T, qk)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, S, qk_head_dim)
         if isinstance(mask, DocumentMask):  # packed documents, in training
-            if self.scale is not None:
-                q = q * (self.scale * (self.nope_dim + self.rope_dim) ** 0.5)
             out = mask.attend(q, k, v)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale
-            )
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))  # (B, H, S, v) → (B, S, dim)
 
 
@@ -900,7 +839,7 @@ class TransformerBlock(nn.Module):
 
 
 class DenseBlock(TransformerBlock):
-    """Block `dense` (specs/deepseek_v3.forge:25): layers 0-2."""
+    """Block `dense` (specs/deepseek_v3.forge:20): layers 0-2."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -914,7 +853,6 @@ class DenseBlock(TransformerBlock):
             qk_rope_head_dim=config.attention_qk_rope_head_dim,
             v_head_dim=config.attention_v_head_dim,
             q_lora_rank=config.attention_q_lora_rank,
-            scale=0.1352337788608801,
         )
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(dim=config.dim, hidden=config.mlp_hidden)
@@ -941,15 +879,15 @@ class DenseBlock(TransformerBlock):
             b, s = x.shape[:2]
             start = 0 if kv_cache is None else kv_cache.length
             attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
-        # spec: specs/deepseek_v3.forge:33
+        # spec: specs/deepseek_v3.forge:28
         attention_norm = self.attention_norm(x)  # (B, S, 7168)
         h = x + self.attention(attention_norm, rope_cos, rope_sin, attn_mask["causal"], kv_cache)
-        # spec: specs/deepseek_v3.forge:34
+        # spec: specs/deepseek_v3.forge:29
         return h + self.mlp(self.mlp_norm(h))
 
 
 class SparseBlock(TransformerBlock):
-    """Block `sparse` (specs/deepseek_v3.forge:37): layers 3-60."""
+    """Block `sparse` (specs/deepseek_v3.forge:32): layers 3-60."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -963,7 +901,6 @@ class SparseBlock(TransformerBlock):
             qk_rope_head_dim=config.attention_qk_rope_head_dim,
             v_head_dim=config.attention_v_head_dim,
             q_lora_rank=config.attention_q_lora_rank,
-            scale=0.1352337788608801,
         )
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
         self.mlp = MoE(
@@ -1004,10 +941,10 @@ class SparseBlock(TransformerBlock):
             b, s = x.shape[:2]
             start = 0 if kv_cache is None else kv_cache.length
             attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
-        # spec: specs/deepseek_v3.forge:33
+        # spec: specs/deepseek_v3.forge:28
         attention_norm = self.attention_norm(x)  # (B, S, 7168)
         h = x + self.attention(attention_norm, rope_cos, rope_sin, attn_mask["causal"], kv_cache)
-        # spec: specs/deepseek_v3.forge:34
+        # spec: specs/deepseek_v3.forge:29
         return h + self.mlp(self.mlp_norm(h))
 
 
