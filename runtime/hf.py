@@ -97,6 +97,11 @@ _DIRECT = [
     (re.compile(r"norm_f\.weight"), "norm.weight"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"layers.\1.mixer.\2"),
+    # LayerNorms with biases and a head with a bias (PhiMoE)
+    (re.compile(r"norm\.bias"), "norm.bias"),
+    (re.compile(r"layers\.(\d+)\.input_layernorm\.bias"), r"layers.\1.attention_norm.bias"),
+    (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.bias"), r"layers.\1.mlp_norm.bias"),
+    (re.compile(r"lm_head\.bias"), "output_head.proj.bias"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -565,6 +570,7 @@ _MOE_NAMES = {
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["phimoe"] = _MOE_NAMES["mixtral"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -574,7 +580,7 @@ _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight"
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
-             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES)
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -635,6 +641,11 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
+    # LayerNorms with biases and a head with a bias (PhiMoE)
+    (re.compile(r"norm\.bias"), "model.norm.bias"),
+    (re.compile(r"layers\.(\d+)\.attention_norm\.bias"), r"model.layers.\1.input_layernorm.bias"),
+    (re.compile(r"layers\.(\d+)\.mlp_norm\.bias"), r"model.layers.\1.post_attention_layernorm.bias"),
+    (re.compile(r"output_head\.proj\.bias"), "lm_head.bias"),
 ]
 
 

@@ -585,7 +585,9 @@ def _family_config(cls, **fields) -> dict:
     (hf.Qwen2MoeConfig, {"shared_expert_intermediate_size": 0}, "E113",
      '"shared_expert_intermediate_size"'),
     (hf.GraniteMoeConfig, {"router_z_loss": 0.1}, "E115", '"router_z_loss"'),
-    (hf.PhimoeConfig, {}, "E114", '"router_jitter_noise"'),
+    # PhiMoE: training noise on the experts' input; sparsemixer picks exactly two
+    (hf.PhimoeConfig, {"input_jitter_noise": 0.1}, "E114", '"input_jitter_noise"'),
+    (hf.PhimoeConfig, {"num_experts_per_tok": 3}, "E114", '"num_experts_per_tok"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)

@@ -180,6 +180,12 @@ FAMILIES = {
         intermediate_size=None, num_attention_heads=None, num_key_value_heads=None,
         max_position_embeddings=None, num_heads=8, head_dim=16, expand=2, state_size=16,
         n_groups=2, chunk_size=8)),
+    # ---- further mixture-of-experts families (issue #13) ----
+    # PhiMoE: LayerNorms with biases, q/k/v/o and head biases, a sliding window, sparsemixer
+    # routing whose window (router_jitter_noise 0.3) often holds several experts
+    "phimoe": (hf.PhimoeConfig, hf.PhimoeForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        sliding_window=8, router_jitter_noise=0.3)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -13,8 +13,8 @@ the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
-layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
-routing). The semantics follow `transformers` 5.x (and the 4.x field names
+layers, experts, by period) and Mamba-2. PhiMoE (its sparsemixer router) and the
+further mixtures of experts added with it are `DENSE` entries too. The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -499,6 +499,10 @@ class Experts:
     sparse_step: bool = False
     # the config field of the shared expert's hidden width, gated by a sigmoid
     shared_gated: str | None = None
+    # ---- PhiMoE's: the router its model_type chooses, reading its window (jitter_eps)
+    # from this field; and the field of the training noise on the experts' input
+    jitter: str | None = None
+    input_jitter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -516,7 +520,7 @@ class Dense:
     qkv_bias: bool | str = False
     out_bias: bool | str = False
     mlp_bias: bool | str = False
-    head_bias: bool = False
+    head_bias: bool | str = False  # or the config field that says (PhiMoE's lm_head_bias)
     gated: bool = False  # a gated MLP (gate, up, down) rather than two layers (up, down)
     dropouts: tuple[str, ...] = ()  # must be 0 (forgec has no dropout)
     inert: tuple[str, ...] = ()  # fields of the family that do not change the causal LM
@@ -1130,6 +1134,7 @@ class DenseImporter(Importer):
 
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
+        head_bias = flag(fam.head_bias)
         if mlp_bias and fam.gated:
             f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
                     "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
@@ -1336,7 +1341,7 @@ class DenseImporter(Importer):
             norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
             mlp=mlp if not all(sparse) else None, moe=moe, kinds=kinds, tie=tie,
-            framework="hf", residual=residual, modules=modules, head_bias=fam.head_bias,
+            framework="hf", residual=residual, modules=modules, head_bias=head_bias,
             embedding_args=embedding_args, head_args=head_args, residual_scale=residual_scale,
             pre_norms=fam.pre_norms, post_norms=fam.post_norms,
             post_norm_names=fam.post_norm_names,
@@ -1362,12 +1367,27 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                    if isinstance(ex.renormalize, str) else ex.renormalize)
     shared = (f.get(ex.shared_gated, "int", d[ex.shared_gated], positive=True)
               if ex.shared_gated else 0)
+    jitter = f.get(ex.jitter, "float", d[ex.jitter]) if ex.jitter else 0.0
+    if jitter is not None and jitter < 0:
+        f.error("E113", ex.jitter, f"'{ex.jitter}' must not be negative, got {fmt(jitter)}")
+        jitter = None
+    noise = f.get(ex.input_jitter, "float", d[ex.input_jitter]) if ex.input_jitter else 0.0
+    if noise:
+        f.error("E114", ex.input_jitter, f"{ex.input_jitter} = {fmt(noise)} cannot be "
+                "expressed: HF multiplies the experts' input by uniform noise in "
+                f"[1 - {fmt(noise)}, 1 + {fmt(noise)}] in training, and forgec adds no noise",
+                "set it to 0.0 to import the model for training without input noise")
     if experts is not None and experts < 0:
         f.error("E113", ex.count, f"'{ex.count}' must not be negative, got {experts}")
         experts = None
     if experts and top_k and top_k > experts:
         f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more than "
                 f"the {experts} experts")
+        top_k = None
+    if ex.jitter and top_k is not None and top_k != 2:
+        f.error("E114", "num_experts_per_tok", f"num_experts_per_tok = {top_k} cannot be "
+                "expressed: this router always picks 2 experts (transformers routes 2 "
+                "whatever the field says)", "only num_experts_per_tok = 2 imports")
         top_k = None
     notes: list[str] = []
     sparse = [bool(experts)] * n
@@ -1388,7 +1408,8 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                     else "i is not in mlp_only_layers")
             notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
                          f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
-    if None in (experts, top_k, hidden, logits, coef, renormalize, shared) or not any(sparse):
+    if None in (experts, top_k, hidden, logits, coef, renormalize, shared, jitter, noise) \
+            or not any(sparse):
         return None, kinds, notes
     p.add("n_experts", experts, self.note_default(f, ex.count))
     p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
@@ -1406,8 +1427,14 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
         p.add("shared_hidden", shared, self.note_default(f, ex.shared_gated))
         args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}",
                  "shared_gate = true"]
-    args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
-                f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
+    if ex.jitter:
+        router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
+        p.add("jitter_eps", jitter, self.note_default(f, ex.jitter))
+        args.append(f"router = {router}(jitter_eps = {p('jitter_eps')}, "
+                    f"aux_loss_weight = {p('aux_loss_weight')})")
+    else:
+        args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
+                    f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
     kinds = [LayerKind(k.window, s, k.nope) for k, s in zip(kinds, sparse, strict=True)]
     act = f.obj.get("hidden_act", d["hidden_act"])  # checked with the dense MLP's
     return (foreign_op("hf", "experts", hidden_act=act), args), kinds, notes
@@ -1458,15 +1485,27 @@ DENSE.update({
              "output_linear are its experts' packed projections."),
 })
 
+# ---- PhiMoE and further mixture-of-experts families (issue #13) ----
+DENSE.update({
+    # LayerNorms with biases, attention and head biases, experts on every layer routed
+    # by sparsemixer (router_jitter_noise is its window, not noise)
+    "phimoe": Dense(
+        "PhiMoE", ("PhimoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "rope_theta": 1000000.0, "sliding_window": None, "attention_bias": False,
+            "lm_head_bias": False, "attention_dropout": 0.0, **_MOE_COMMON,
+            "num_local_experts": 16, "router_jitter_noise": 0.01, "input_jitter_noise": 0.0},
+        aliases=_RMS, qkv_bias="attention_bias", out_bias="attention_bias",
+        head_bias="lm_head_bias", gated=True, dropouts=("attention_dropout",),
+        experts=Experts(count="num_local_experts", renormalize=False,
+                        jitter="router_jitter_noise", input_jitter="input_jitter_noise")),
+})
+
 
 # Families whose causal LM the language cannot say: the field that says why (located where
 # the config writes it, else at model_type), the reason and what to do.
-REFUSED = {
-    "phimoe": ("router_jitter_noise", "PhiMoE routes with sparsemixer: each of its two "
-               "experts is weighed by a softmax over the scores within router_jitter_noise "
-               "(relative) of that expert's, which no forgec router computes",
-               "forgec's routers are softmax_topk and sigmoid_topk"),
-}
+REFUSED: dict[str, tuple[str, str, str]] = {}
 
 
 def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:
