@@ -186,6 +186,13 @@ FAMILIES = {
     "phimoe": (hf.PhimoeConfig, hf.PhimoeForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
         sliding_window=8, router_jitter_noise=0.3)),
+    # GLM-4-MoE: a dense first layer, then 8 experts in 4 groups (2 per token from the 2
+    # best) on biased sigmoid scores, normalised and scaled, a shared expert; q/k/v
+    # biases, half of each head rotating, a per-head qk-norm
+    "glm4_moe": (hf.Glm4MoeConfig, hf.Glm4MoeForCausalLM, dict(
+        num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, n_shared_experts=1, attention_bias=True, use_qk_norm=True)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

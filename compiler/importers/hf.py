@@ -544,6 +544,7 @@ class Dense:
     pre_norms: bool = True  # norms before attention and MLP
     post_norms: bool = False  # norms of their outputs, before the residual sum
     qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+    qk_norm_field: str | None = None  # a per-head qk-norm where this field is true (GLM-4-MoE)
     # ---- Gemma's (see GEMMA below)
     embedding_scale: str | None = None  # the embedding's multiplier, as the spec writes it
     # the post-norms' component names the weight loader reads them by
@@ -1244,10 +1245,13 @@ class DenseImporter(Importer):
             attention.append("qkv_bias = true")
         if out_bias:
             attention.append("out_bias = true")
-        if fam.qk_norm_over is not None:
+        qk_norm_over = fam.qk_norm_over
+        if fam.qk_norm_field is not None and get(fam.qk_norm_field, "bool"):
+            qk_norm_over = "head"
+        if qk_norm_over is not None:
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
-            if fam.qk_norm_over != "head":
-                attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+            if qk_norm_over != "head":
+                attention.append(f"qk_norm_over = {qk_norm_over}")
             attention += fam.qk_norm_args
         if clip is not None:
             p.add("clip_qkv", clip, "clip_qkv")
@@ -1500,6 +1504,23 @@ DENSE.update({
         head_bias="lm_head_bias", gated=True, dropouts=("attention_dropout",),
         experts=Experts(count="num_local_experts", renormalize=False,
                         jitter="router_jitter_noise", input_jitter="input_jitter_noise")),
+    # DeepSeek-V3's mixture (dense first layers, grouped biased sigmoid routing, shared
+    # experts, a routed scale) under grouped-query attention: q/k/v biases, half of each
+    # head rotating, an optional per-head qk-norm
+    "glm4_moe": Dense(
+        "GLM-4-MoE", ("Glm4MoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "first_k_dense_replace": 1, "n_shared_experts": 1,
+            "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "use_qk_norm": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), routed="sigmoid", qk_norm_field="use_qk_norm",
+        rotary_pct_field="partial_rotary_factor",
+        # HF's causal LM adds no balance loss; the multi-token-prediction layers are not
+        # part of it
+        inert=("output_router_logits", "num_nextn_predict_layers", "num_mtp_layers")),
 })
 
 
