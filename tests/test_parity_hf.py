@@ -193,6 +193,12 @@ FAMILIES = {
         num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8,
         num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
         first_k_dense_replace=1, n_shared_experts=1, attention_bias=True, use_qk_norm=True)),
+    # dots.llm1: the same mixture (no groups, not normalised, 2 shared experts) under
+    # q/k/v/o biases, a per-head qk-norm and a sliding window on the last layer (of 3)
+    "dots1": (hf.Dots1Config, hf.Dots1ForCausalLM, dict(
+        num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=2,
+        attention_bias=True, sliding_window=8, max_window_layers=2)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -564,7 +564,8 @@ class Dense:
     # ---- gpt-oss's
     sinks: bool = False  # a learned sink logit per head in each softmax
     # the names of the sliding-window and full-attention blocks (window_layers)
-    window_names: tuple[str, str] = ("local", "global")
+    # (None: blocks named by kind, where sliding layers mix with dense and MoE ones)
+    window_names: tuple[str, str] | None = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
 
 
@@ -1521,6 +1522,20 @@ DENSE.update({
         # HF's causal LM adds no balance loss; the multi-token-prediction layers are not
         # part of it
         inert=("output_router_logits", "num_nextn_predict_layers", "num_mtp_layers")),
+    # the same mixture under Qwen3's attention: a per-head qk-norm, sliding layers by
+    # layer_types (max_window_layers only fills layer_types in)
+    "dots1": Dense(
+        "dots.llm1", ("Dots1ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "first_k_dense_replace": 0, "n_shared_experts": None,
+            "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": False, "sliding_window": 4096, "sliding_window_pattern": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), routed="sigmoid", qk_norm_over="head",
+        window_layers=True, window_names=None,
+        inert=("output_router_logits", "max_window_layers")),
 })
 
 
