@@ -123,6 +123,9 @@ _PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_pr
 # GraniteMoE packs its experts the same way under other names
 _PACKED_LINEAR = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight")
 _PACKED_LINEAR_NAMES = {"input": "gate_up_proj", "output": "down_proj"}
+# GraniteMoeShared's shared expert: input_linear (2·hidden, dim) holds its gate rows, then
+# its up rows
+_SHARED_MLP = re.compile(r"layers\.(\d+)\.shared_mlp\.(input|output)_linear\.weight")
 # gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
 _PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -231,6 +234,16 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
         m = _PACKED_LINEAR.fullmatch(name)
         if m:
             name = f"layers.{m.group(1)}.mlp.experts.{_PACKED_LINEAR_NAMES[m.group(2)]}"
+        m = _SHARED_MLP.fullmatch(name)
+        if m:
+            prefix = f"layers.{m.group(1)}.mlp.shared_experts."
+            if m.group(2) == "input":
+                gate, up = t.chunk(2)
+                out[prefix + "gate_proj.weight"] = gate.contiguous()
+                out[prefix + "up_proj.weight"] = up.contiguous()
+            else:
+                out[prefix + "down_proj.weight"] = t
+            continue
         m = _PACKED_BIASED.fullmatch(name)
         if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
             prefix = f"layers.{m.group(1)}.mlp.experts."
@@ -577,6 +590,7 @@ _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
                                           "block_sparse_moe.output_linear.weight",
                                           "block_sparse_moe.router.layer.weight")}
+_PACKED_LINEAR_FAMILIES["granitemoeshared"] = _PACKED_LINEAR_FAMILIES["granitemoe"]
 # families whose experts are written packed, as transformers keeps them in memory
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
@@ -684,6 +698,15 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
         if _TRAINING_STATE.fullmatch(key):
             continue
         t = t.detach()
+        shared = re.fullmatch(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", key)
+        if shared and model_type == "granitemoeshared":  # packed as shared_mlp's
+            prefix = f"model.layers.{shared.group(1)}.shared_mlp."
+            if shared.group(2) == "down":
+                out[prefix + "output_linear.weight"] = t
+            elif shared.group(2) == "gate":
+                up = state[f"layers.{shared.group(1)}.mlp.shared_experts.up_proj.weight"]
+                out[prefix + "input_linear.weight"] = torch.cat([t, up.detach()])
+            continue
         name = hf_name(key, sandwich)
         if name is not None:
             out[_family_name(model_type, name)] = t

@@ -199,6 +199,10 @@ FAMILIES = {
         num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=2,
         attention_bias=True, sliding_window=8, max_window_layers=2)),
+    # GraniteMoE's packed experts with a shared SwiGLU expert (shared_mlp), a multiplier
+    "granitemoeshared": (hf.GraniteMoeSharedConfig, hf.GraniteMoeSharedForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        attention_multiplier=0.2, pad_token_id=0)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -503,6 +503,9 @@ class Experts:
     # from this field; and the field of the training noise on the experts' input
     jitter: str | None = None
     input_jitter: str | None = None
+    # the config field of one shared expert's hidden width, ungated (0: none;
+    # GraniteMoeShared)
+    shared: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1372,6 +1375,10 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                    if isinstance(ex.renormalize, str) else ex.renormalize)
     shared = (f.get(ex.shared_gated, "int", d[ex.shared_gated], positive=True)
               if ex.shared_gated else 0)
+    plain_shared = f.get(ex.shared, "int", d[ex.shared]) if ex.shared else 0
+    if plain_shared is not None and plain_shared < 0:
+        f.error("E113", ex.shared, f"'{ex.shared}' must not be negative, got {plain_shared}")
+        plain_shared = None
     jitter = f.get(ex.jitter, "float", d[ex.jitter]) if ex.jitter else 0.0
     if jitter is not None and jitter < 0:
         f.error("E113", ex.jitter, f"'{ex.jitter}' must not be negative, got {fmt(jitter)}")
@@ -1413,7 +1420,8 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                     else "i is not in mlp_only_layers")
             notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
                          f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
-    if None in (experts, top_k, hidden, logits, coef, renormalize, shared, jitter, noise) \
+    if None in (experts, top_k, hidden, logits, coef, renormalize, shared, jitter, noise,
+                plain_shared) \
             or not any(sparse):
         return None, kinds, notes
     p.add("n_experts", experts, self.note_default(f, ex.count))
@@ -1432,6 +1440,9 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
         p.add("shared_hidden", shared, self.note_default(f, ex.shared_gated))
         args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}",
                  "shared_gate = true"]
+    if plain_shared:
+        p.add("shared_hidden", plain_shared, self.note_default(f, ex.shared))
+        args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}"]
     if ex.jitter:
         router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
         p.add("jitter_eps", jitter, self.note_default(f, ex.jitter))
@@ -1536,6 +1547,17 @@ DENSE.update({
         gated=True, dropouts=("attention_dropout",), routed="sigmoid", qk_norm_over="head",
         window_layers=True, window_names=None,
         inert=("output_router_logits", "max_window_layers")),
+    # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
+    "granitemoeshared": Dense(
+        "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {
+            **DENSE["granitemoe"].defaults, "shared_intermediate_size": 0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True,
+        experts=Experts(count="num_local_experts", renormalize=True,
+                        shared="shared_intermediate_size"),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections, shared_mlp's its shared "
+             "expert's."),
 })
 
 
