@@ -203,6 +203,13 @@ FAMILIES = {
     "granitemoeshared": (hf.GraniteMoeSharedConfig, hf.GraniteMoeSharedForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
         attention_multiplier=0.2, pad_token_id=0)),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts, the layers' kinds listed
+    # (mlp_layer_types: dense, sparse, dense)
+    "glm4_moe_lite": (hf.Glm4MoeLiteConfig, hf.Glm4MoeLiteForCausalLM, dict(
+        num_hidden_layers=3, num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=32,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        mlp_layer_types=["dense", "sparse", "dense"])),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

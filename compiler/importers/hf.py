@@ -908,7 +908,11 @@ class DenseImporter(Importer):
         top_k = f.get("num_experts_per_tok", "int", positive=True)
         hidden = f.get("moe_intermediate_size", "int", positive=True)
         shared = f.get("n_shared_experts", "int?", d["n_shared_experts"])
-        first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
+        sparse = None  # GLM-4.7-Flash: mlp_layer_types lists each layer's kind
+        if "mlp_layer_types" in d:
+            sparse, first = self._mlp_layer_types(f, d, n), 0
+        else:
+            first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
         scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
         router_args = []
         if fam.routed == "sigmoid":
@@ -933,7 +937,8 @@ class DenseImporter(Importer):
                         "does not scale its weights", "only routed_scaling_factor = 1.0 "
                         "imports with greedy routing")
             router_args += ["renormalize = false", "aux_loss_weight = 0.0"]
-        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0):
+        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0) \
+                or "mlp_layer_types" in d and sparse is None:
             return None, [False] * n
         if top_k > experts:
             f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
@@ -942,8 +947,11 @@ class DenseImporter(Importer):
             f.error("E113", "first_k_dense_replace", f"first_k_dense_replace = {first} is "
                     "not a number of layers")
             return None, [False] * n
-        if first >= n:  # every layer dense
+        if first >= n or sparse is not None and not any(sparse):  # every layer dense
             return None, [False] * n
+        if sparse is not None and not all(sparse):
+            self.dense_layers_note = ("mlp_layer_types: layers " + ", ".join(
+                str(i) for i, s in enumerate(sparse) if not s) + " have a dense MLP")
         if 0 < first < n:
             self.dense_layers_note = (f"first_k_dense_replace = {first}: "
                                       + ("layer 0 has" if first == 1
@@ -959,7 +967,22 @@ class DenseImporter(Importer):
             args.append(f"shared_experts = {p('n_shared_experts')}")
         args.append(f"router = {router}({', '.join(router_args)})")
         return (foreign_op("hf", "experts", hidden_act=self.act), args), \
-            [i >= first for i in range(n)]
+            sparse if sparse is not None else [i >= first for i in range(n)]
+
+    def _mlp_layer_types(self, f: Fields, d: dict, n: int) -> list[bool] | None:
+        """Which layers have experts, from mlp_layer_types ("dense" or "sparse" each)."""
+        types = f.get("mlp_layer_types", "list?", d["mlp_layer_types"])
+        if types is None:  # transformers' default: a dense first layer
+            return [i > 0 for i in range(n)]
+        if len(types) != n:
+            f.error("E116", "mlp_layer_types", f"mlp_layer_types has {len(types)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+            return None
+        for i, t in enumerate(types):
+            if t not in ("dense", "sparse"):
+                self.diags.error("E113", f"mlp layer type {t!r} is neither 'dense' nor "
+                                 "'sparse'", self.src.span(("mlp_layer_types", i)))
+        return [t == "sparse" for t in types]
 
     def _biased_experts(self, f: Fields, d: dict, n: int):
         """gpt-oss's experts on every layer: biases, a clamped SwiGLU, a router with a
@@ -1547,6 +1570,15 @@ DENSE.update({
         gated=True, dropouts=("attention_dropout",), routed="sigmoid", qk_norm_over="head",
         window_layers=True, window_names=None,
         inert=("output_router_logits", "max_window_layers")),
+    # DeepSeek-V3 with its layers' kinds listed (mlp_layer_types) rather than counted
+    "glm4_moe_lite": Dense(
+        "GLM-4-MoE-Lite", ("Glm4MoeLiteForCausalLM",), {
+            **{k: v for k, v in _DEEPSEEK_DEFAULTS.items() if k != "first_k_dense_replace"},
+            "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "n_shared_experts": 1,
+            "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "q_lora_rank": 768, "qk_nope_head_dim": 192,
+            "v_head_dim": 256, "mlp_layer_types": None},
+        routed="sigmoid", **_DEEPSEEK),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(
         "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {
