@@ -588,6 +588,10 @@ def _family_config(cls, **fields) -> dict:
     # PhiMoE: training noise on the experts' input; sparsemixer picks exactly two
     (hf.PhimoeConfig, {"input_jitter_noise": 0.1}, "E114", '"input_jitter_noise"'),
     (hf.PhimoeConfig, {"num_experts_per_tok": 3}, "E114", '"num_experts_per_tok"'),
+    # mixture-of-experts families whose layers the language cannot say
+    (hf.HunYuanMoEV1Config, {}, "E114", '"model_type"'),
+    (hf.MiniMaxConfig, {}, "E114", '"layer_types"'),
+    (hf.Ernie4_5_MoeConfig, {}, "E114", '"moe_num_experts"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)

@@ -1595,7 +1595,21 @@ DENSE.update({
 
 # Families whose causal LM the language cannot say: the field that says why (located where
 # the config writes it, else at model_type), the reason and what to do.
-REFUSED: dict[str, tuple[str, str, str]] = {}
+REFUSED: dict[str, tuple[str, str, str]] = {
+    # ---- mixture-of-experts families looked at for issue #13 ----
+    "hunyuan_v1_moe": ("model_type", "HunYuan-MoE norms each head of q and k after the "
+                       "rotary embedding, and forgec's attention norms them before it (the "
+                       "per-channel weights do not commute with the rotation)",
+                       "forgec's qk_norm runs before RoPE"),
+    "minimax": ("layer_types", "MiniMax's lightning (linear) attention layers cannot be "
+                "expressed: forgec has no linear-attention mixer",
+                "forgec's self-attention ops are attention (softmax) and mla"),
+    "ernie4_5_moe": ("moe_num_experts", "ERNIE 4.5 MoE chooses its experts on softmax "
+                     "probabilities plus a score-correction bias and weighs them by the "
+                     "unbiased probabilities, which no forgec router computes",
+                     "softmax_topk chooses on the probabilities alone; sigmoid_topk's "
+                     "correction bias goes with sigmoid scores"),
+}
 
 
 def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:
