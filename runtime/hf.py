@@ -585,7 +585,8 @@ _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["phimoe"] = _MOE_NAMES["mixtral"]
 _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
-_MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
+    _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -597,7 +598,7 @@ _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
-             "glm4_moe", "dots1", "glm4_moe_lite")
+             "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),

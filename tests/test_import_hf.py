@@ -725,3 +725,24 @@ def test_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
     with torch.device("meta"):
         ref = model_cls(config)
     assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())
+
+
+# ---- further mixture-of-experts families (issue #13) ----------------------------------
+
+
+def test_sarvam_mla_is_deepseek_v3_under_another_name():
+    # the same sizes give the same spec (the header aside): the parity of DeepSeek-V3's
+    # (tests/test_parity_hf.py) holds for it
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                 kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                 n_shared_experts=1, initializer_range=0.02, max_position_embeddings=128)
+    specs = []
+    for cls in (hf.SarvamMLAConfig, hf.DeepseekV3Config):
+        spec, diags = import_text(cls(**sizes).to_json_string(use_diff=False))
+        assert spec is not None, [(d.code, d.message) for d in diags.items]
+        specs.append([line for line in spec.splitlines() if not line.startswith("#")])
+    assert specs[0] == specs[1]
+    assert any("mla(" in line for line in specs[0])

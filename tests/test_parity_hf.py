@@ -210,6 +210,11 @@ FAMILIES = {
         kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
         mlp_layer_types=["dense", "sparse", "dense"])),
+    # Solar Open: GLM-4-MoE's experts on every layer (no dense MLP, no intermediate_size),
+    # 2 groups, Llama's attention with q/k/v biases
+    "solar_open": (hf.SolarOpenConfig, hf.SolarOpenForCausalLM, dict(
+        intermediate_size=None, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, attention_bias=True)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

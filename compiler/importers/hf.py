@@ -570,6 +570,7 @@ class Dense:
     # (None: blocks named by kind, where sliding layers mix with dense and MoE ones)
     window_names: tuple[str, str] | None = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
+    dense_mlp: bool = True  # False: every layer has experts, no field sizes a dense MLP
 
 
 DENSE = {
@@ -911,6 +912,8 @@ class DenseImporter(Importer):
         sparse = None  # GLM-4.7-Flash: mlp_layer_types lists each layer's kind
         if "mlp_layer_types" in d:
             sparse, first = self._mlp_layer_types(f, d, n), 0
+        elif "first_k_dense_replace" not in d:  # experts on every layer
+            first = 0
         else:
             first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
         scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
@@ -1109,7 +1112,7 @@ class DenseImporter(Importer):
         dim = get("hidden_size", "int", positive=True)
         n_layers = get("num_hidden_layers", "int", positive=True)
         heads = get("num_attention_heads", "int", positive=True)
-        ffn = get("intermediate_size", "int?", positive=True)
+        ffn = get("intermediate_size", "int?", positive=True) if fam.dense_mlp else 0
         ffn_note = key("intermediate_size")
         if ffn is None and dim and key("intermediate_size") in d:  # GPT-J's n_inner: null
             ffn, ffn_note = 4 * dim, f"{key('intermediate_size')} null: 4 × {key('hidden_size')}"
@@ -1345,6 +1348,8 @@ class DenseImporter(Importer):
         if fam.experts is not None and moe is not None and all(k.moe for k in kinds):  # no dense MLP
             mlp = None
             p.items["ffn_hidden"].used = fam.experts.hidden == key("intermediate_size")
+        elif fam.routed in ("sigmoid", "softmax") and moe is not None and all(sparse):
+            p.items["ffn_hidden"].used = False  # the experts have a width of their own
 
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
@@ -1578,6 +1583,24 @@ DENSE.update({
             "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1,
             "norm_topk_prob": True, "q_lora_rank": 768, "qk_nope_head_dim": 192,
             "v_head_dim": 256, "mlp_layer_types": None},
+        routed="sigmoid", **_DEEPSEEK),
+    # GLM-4-MoE's experts on every layer under Llama's attention (q/k/v biases, full rotary)
+    "solar_open": Dense(
+        "Solar Open", ("SolarOpenForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 1000000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "n_shared_experts": 1, "routed_scaling_factor": 1.0,
+            "n_group": 1, "topk_group": 1, "norm_topk_prob": True},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), routed="sigmoid", dense_mlp=False,
+        inert=("output_router_logits",)),
+    # DeepSeek-V3 itself under another name (its config also reads the original Sarvam keys)
+    "sarvam_mla": Dense(
+        "Sarvam-MLA", ("SarvamMLAForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 1, "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "q_lora_rank": None, "initializer_range": 0.006},
         routed="sigmoid", **_DEEPSEEK),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(

@@ -205,7 +205,8 @@ OPS = (
         # DeepSeek-V3's router (its e_score_correction_bias is expert_bias; the weights
         # runtime/hf.py maps); KempnerForge's moe_router = "sigmoid_topk"
         foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3", "glm4_moe",
-                                                                "dots1", "glm4_moe_lite")},
+                                                                "dots1", "glm4_moe_lite",
+                                                                "solar_open", "sarvam_mla")},
                                {"normalize": "norm_topk_prob",
                                 "routed_scale": "routed_scaling_factor",
                                 "n_group": "n_group", "topk_group": "topk_group"}),
