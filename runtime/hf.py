@@ -113,6 +113,15 @@ _SANDWICH = [
     (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
      r"layers.\1.post_mlp_norm.weight"),
 ]
+# a family's own meaning of a Llama name: FlexOlmo norms the outputs of attention and
+# experts only (OLMo 2's post-norms)
+_FAMILY_DIRECT = {
+    "flex_olmo": [
+        (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.weight"),
+         r"layers.\1.attention_post_norm.weight"),
+        (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
+         r"layers.\1.mlp_post_norm.weight")],
+}
 # training state a Hugging Face checkpoint does not hold: the sigmoid router's moving
 # average of expert load keeps its initial value
 _TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
@@ -226,6 +235,7 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     unknown = []
     sandwich = any(".pre_feedforward_layernorm." in key for key in hf)
     direct = _SANDWICH + _DIRECT if sandwich else _DIRECT
+    direct = _FAMILY_DIRECT.get((config or {}).get("model_type"), []) + direct
     biased = {m.group(1) for key in hf if (m := _PACKED_BIASED.search(key)) and m.group(3)}
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
@@ -586,7 +596,7 @@ _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["phimoe"] = _MOE_NAMES["mixtral"]
 _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
-    _MOE_NAMES["qwen3_moe"]
+    _MOE_NAMES["flex_olmo"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -598,7 +608,8 @@ _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
-             "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla")
+             "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
+             "flex_olmo")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -659,6 +670,11 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
+    # post-norms alone (FlexOlmo)
+    (re.compile(r"layers\.(\d+)\.attention_post_norm\.weight"),
+     r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp_post_norm\.weight"),
+     r"model.layers.\1.post_feedforward_layernorm.weight"),
     # LayerNorms with biases and a head with a bias (PhiMoE)
     (re.compile(r"norm\.bias"), "model.norm.bias"),
     (re.compile(r"layers\.(\d+)\.attention_norm\.bias"), r"model.layers.\1.input_layernorm.bias"),

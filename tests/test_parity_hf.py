@@ -215,6 +215,11 @@ FAMILIES = {
     "solar_open": (hf.SolarOpenConfig, hf.SolarOpenForCausalLM, dict(
         intermediate_size=None, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, n_group=2, topk_group=1, attention_bias=True)),
+    # FlexOlmo: OLMo 2's post-norms and qk-norm over the projections, OLMoE's experts
+    "flex_olmo": (hf.FlexOlmoConfig, hf.FlexOlmoForCausalLM, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        pad_token_id=0,
+        eos_token_id=2)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -1602,6 +1602,18 @@ DENSE.update({
             "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
             "norm_topk_prob": True, "q_lora_rank": None, "initializer_range": 0.006},
         routed="sigmoid", **_DEEPSEEK),
+    # OLMo 2's layers (post-norms only, qk-norm over the whole projections) with OLMoE's
+    # experts on every layer
+    "flex_olmo": Dense(
+        "FlexOlmo", ("FlexOlmoForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            **_MOE_COMMON, "num_experts_per_tok": 5, "num_experts": 7,
+            "router_aux_loss_coef": 0.01, "norm_topk_prob": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection", experts=Experts()),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(
         "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {
