@@ -102,6 +102,9 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.input_layernorm\.bias"), r"layers.\1.attention_norm.bias"),
     (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.bias"), r"layers.\1.mlp_norm.bias"),
     (re.compile(r"lm_head\.bias"), "output_head.proj.bias"),
+    # MiniMax-M2 keeps the router's correction bias on its MoE block
+    (re.compile(r"layers\.(\d+)\.block_sparse_moe\.e_score_correction_bias"),
+     r"layers.\1.mlp.router.expert_bias"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -593,7 +596,7 @@ _MOE_NAMES = {
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
-_MOE_NAMES["phimoe"] = _MOE_NAMES["mixtral"]
+_MOE_NAMES["phimoe"] = _MOE_NAMES["minimax_m2"] = _MOE_NAMES["mixtral"]
 _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
     _MOE_NAMES["flex_olmo"] = _MOE_NAMES["qwen3_moe"]
@@ -609,7 +612,7 @@ _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemm
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
              "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
-             "flex_olmo")
+             "flex_olmo", "minimax_m2")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -618,6 +621,8 @@ _RENAMED = {
     "qwen2_moe": ((re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts\."), r"\1.shared_expert."),
                   (re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts_gate\."),
                    r"\1.shared_expert_gate.")),
+    "minimax_m2": ((re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.e_score_correction_bias"),
+                    r"\1.block_sparse_moe.e_score_correction_bias"),),
     "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),
                (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
                (re.compile(r"^model\."), "backbone.")),

@@ -215,6 +215,11 @@ FAMILIES = {
     "solar_open": (hf.SolarOpenConfig, hf.SolarOpenForCausalLM, dict(
         intermediate_size=None, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, n_group=2, topk_group=1, attention_bias=True)),
+    # MiniMax-M2: Mixtral's names and layout, biased sigmoid routing normalised, qk-norm
+    # over the projections, half of each head rotating
+    "minimax_m2": (hf.MiniMaxM2Config, hf.MiniMaxM2ForCausalLM, dict(
+        intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        rotary_dim=8, bos_token_id=1, eos_token_id=2)),
     # FlexOlmo: OLMo 2's post-norms and qk-norm over the projections, OLMoE's experts
     "flex_olmo": (hf.FlexOlmoConfig, hf.FlexOlmoForCausalLM, dict(
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,

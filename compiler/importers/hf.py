@@ -571,6 +571,8 @@ class Dense:
     window_names: tuple[str, str] | None = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
     dense_mlp: bool = True  # False: every layer has experts, no field sizes a dense MLP
+    # DeepSeek's expert fields this family has none of: the value its model fixes
+    routed_fixed: dict = field(default_factory=dict)
 
 
 DENSE = {
@@ -905,10 +907,17 @@ class DenseImporter(Importer):
         first_k_dense_replace on: (op, arguments) and which layers have it."""
         p = self.p
         self.dense_layers_note = None
-        experts = f.get("n_routed_experts", "int", positive=True)
-        top_k = f.get("num_experts_per_tok", "int", positive=True)
-        hidden = f.get("moe_intermediate_size", "int", positive=True)
-        shared = f.get("n_shared_experts", "int?", d["n_shared_experts"])
+        key = fam.aliases.get  # the family's own field names (MiniMax-M2's)
+
+        def read(k: str, kind: str, **kw):
+            if k in fam.routed_fixed:  # no field says it: the family's model fixes it
+                return fam.routed_fixed[k]
+            return f.get(key(k, k), kind, d[k], **kw) if k in d else f.get(key(k, k), kind, **kw)
+
+        experts = read("n_routed_experts", "int", positive=True)
+        top_k = read("num_experts_per_tok", "int", positive=True)
+        hidden = read("moe_intermediate_size", "int", positive=True)
+        shared = read("n_shared_experts", "int?")
         sparse = None  # GLM-4.7-Flash: mlp_layer_types lists each layer's kind
         if "mlp_layer_types" in d:
             sparse, first = self._mlp_layer_types(f, d, n), 0
@@ -916,12 +925,12 @@ class DenseImporter(Importer):
             first = 0
         else:
             first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
-        scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
+        scale = read("routed_scaling_factor", "float")
         router_args = []
         if fam.routed == "sigmoid":
             router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
-            normalize = f.get("norm_topk_prob", "bool", d["norm_topk_prob"])
-            groups = [f.get(k, "int?", d[k], positive=True) for k in ("n_group", "topk_group")]
+            normalize = read("norm_topk_prob", "bool")
+            groups = [read(k, "int?", positive=True) for k in ("n_group", "topk_group")]
             if normalize is False:
                 router_args.append("normalize = false")
             if scale is not None and scale != 1.0:
@@ -960,9 +969,9 @@ class DenseImporter(Importer):
                                       + ("layer 0 has" if first == 1
                                          else f"the first {first} layers have")
                                       + " a dense MLP")
-        p.add("n_experts", experts, "n_routed_experts")
+        p.add("n_experts", experts, key("n_routed_experts", "n_routed_experts"))
         p.add("top_k", top_k, "num_experts_per_tok")
-        p.add("expert_hidden", hidden, "moe_intermediate_size")
+        p.add("expert_hidden", hidden, key("moe_intermediate_size", "moe_intermediate_size"))
         args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
                 f"hidden = {p('expert_hidden')}"]
         if shared:
@@ -1614,6 +1623,28 @@ DENSE.update({
         aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
         gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
         qk_norm_over="projection", experts=Experts()),
+    # Mixtral's layout (its names, experts of intermediate_size on every layer) routed on
+    # biased sigmoid scores, normalised; OLMo 2's qk-norm over the projections, partial rotary
+    "minimax_m2": Dense(
+        "MiniMax-M2", ("MiniMaxM2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 196608, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 5000000.0, "attention_dropout": 0.0,
+            "num_experts_per_tok": 8, "num_local_experts": 256, "output_router_logits": False,
+            "router_jitter_noise": 0.0},
+        aliases={**_RMS, "n_routed_experts": "num_local_experts",
+                 "moe_intermediate_size": "intermediate_size"},
+        norm="norm", gated=True, dropouts=("attention_dropout",), routed="sigmoid",
+        dense_mlp=False, qk_norm_over="projection",
+        routed_fixed={"n_shared_experts": None, "routed_scaling_factor": 1.0,
+                      "norm_topk_prob": True, "n_group": 1, "topk_group": 1},
+        # HF adds Mixtral's balance loss only with output_router_logits, and multiplies
+        # the experts' input by noise in training with router_jitter_noise
+        fixed={"output_router_logits": False, "router_jitter_noise": 0.0},
+        # router_aux_loss_coef weighs the loss output_router_logits (false) would add;
+        # transformers turns rotary_dim into rope_parameters.partial_rotary_factor
+        inert=("router_aux_loss_coef", "rotary_dim"),
+        note="Its block_sparse_moe e_score_correction_bias is the router's expert_bias."),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(
         "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {

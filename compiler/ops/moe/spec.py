@@ -206,7 +206,8 @@ OPS = (
         # runtime/hf.py maps); KempnerForge's moe_router = "sigmoid_topk"
         foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3", "glm4_moe",
                                                                 "dots1", "glm4_moe_lite",
-                                                                "solar_open", "sarvam_mla")},
+                                                                "solar_open", "sarvam_mla",
+                                                                "minimax_m2")},
                                {"normalize": "norm_topk_prob",
                                 "routed_scale": "routed_scaling_factor",
                                 "n_group": "n_group", "topk_group": "topk_group"}),
