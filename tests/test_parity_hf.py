@@ -199,10 +199,11 @@ FAMILIES = {
         num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=2,
         attention_bias=True, sliding_window=8, max_window_layers=2)),
-    # GraniteMoE's packed experts with a shared SwiGLU expert (shared_mlp), a multiplier
+    # GraniteMoE's packed experts with a shared SwiGLU expert (shared_mlp); the default
+    # attention_multiplier 1.0 (scores scaled by 1, not 1/sqrt(head_dim))
     "granitemoeshared": (hf.GraniteMoeSharedConfig, hf.GraniteMoeSharedForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
-        attention_multiplier=0.2, pad_token_id=0)),
+        pad_token_id=0)),
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts, the layers' kinds listed
     # (mlp_layer_types: dense, sparse, dense)
     "glm4_moe_lite": (hf.Glm4MoeLiteConfig, hf.Glm4MoeLiteForCausalLM, dict(

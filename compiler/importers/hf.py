@@ -1297,7 +1297,9 @@ class DenseImporter(Importer):
             attention.append(f"clip_qkv = {p('clip_qkv')}")
         embedding_args, head_args, residual_scale = [], [], None
         for k, v in mult.items():
-            if v is None or v == 1.0:
+            # Granite scales the scores by attention_multiplier itself (not 1/sqrt(head_dim)):
+            # 1.0 is a scale too
+            if v is None or v == 1.0 and k != "attention_multiplier":
                 continue
             p.add(k, v, self.note_default(f, k))
             if k == "embedding_multiplier":
