@@ -105,6 +105,9 @@ _DIRECT = [
     # MiniMax-M2 keeps the router's correction bias on its MoE block
     (re.compile(r"layers\.(\d+)\.block_sparse_moe\.e_score_correction_bias"),
      r"layers.\1.mlp.router.expert_bias"),
+    # GraniteMoeSWA's router (its experts are transformers 5's packed ones, _PACKED)
+    (re.compile(r"layers\.(\d+)\.block_sparse_moe\.router\.weight"),
+     r"layers.\1.mlp.router.weight"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -131,7 +134,8 @@ _TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
-_PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)")
+_PACKED = re.compile(
+    r"layers\.(\d+)\.(?:mlp|feed_forward|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
 # GraniteMoE packs its experts the same way under other names
 _PACKED_LINEAR = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight")
 _PACKED_LINEAR_NAMES = {"input": "gate_up_proj", "output": "down_proj"}
@@ -606,6 +610,11 @@ _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight"
                                           "block_sparse_moe.output_linear.weight",
                                           "block_sparse_moe.router.layer.weight")}
 _PACKED_LINEAR_FAMILIES["granitemoeshared"] = _PACKED_LINEAR_FAMILIES["granitemoe"]
+_PACKED_LINEAR_FAMILIES["granitemoe_swa"] = ("block_sparse_moe.experts.gate_up_proj",
+                                             "block_sparse_moe.experts.down_proj",
+                                             "block_sparse_moe.router.weight")
+# families whose shared expert is packed as GraniteMoeShared's shared_mlp
+_SHARED_MLP_FAMILIES = ("granitemoeshared", "granitemoe_swa")
 # families whose experts are written packed, as transformers keeps them in memory
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
@@ -722,7 +731,7 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
             continue
         t = t.detach()
         shared = re.fullmatch(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", key)
-        if shared and model_type == "granitemoeshared":  # packed as shared_mlp's
+        if shared and model_type in _SHARED_MLP_FAMILIES:  # packed as shared_mlp's
             prefix = f"model.layers.{shared.group(1)}.shared_mlp."
             if shared.group(2) == "down":
                 out[prefix + "output_linear.weight"] = t

@@ -204,6 +204,13 @@ FAMILIES = {
     "granitemoeshared": (hf.GraniteMoeSharedConfig, hf.GraniteMoeSharedForCausalLM, dict(
         num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
         pad_token_id=0)),
+    # GraniteMoeSWA: a window on layers 1, 2, sinks, layers 0 and 3 without positions
+    "granitemoe_swa": (hf.GraniteMoeSWAConfig, hf.GraniteMoeSWAForCausalLM, dict(
+        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=48, attention_multiplier=0.2, sliding_window=8,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"], layer_rope_theta=[0, 10000.0, 10000.0, 0],
+        pad_token_id=0)),
     # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts, the layers' kinds listed
     # (mlp_layer_types: dense, sparse, dense)
     "glm4_moe_lite": (hf.Glm4MoeLiteConfig, hf.Glm4MoeLiteForCausalLM, dict(

@@ -828,6 +828,8 @@ class DenseImporter(Importer):
             if types is not None and len(types) != n:
                 f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
                         f"{n} layers (num_hidden_layers)")
+        if "layer_rope_theta" in d:  # GraniteMoeSWA: 0 leaves a layer without positions
+            return self._layer_thetas(f, d, n)
         if "no_rope_layers" not in d:
             return [True] * n
         interval = f.get("no_rope_layer_interval", "int", d["no_rope_layer_interval"],
@@ -844,6 +846,29 @@ class DenseImporter(Importer):
                 self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
                                  self.src.span(("no_rope_layers", i)))
         return [bool(v) for v in flags]
+
+    def _layer_thetas(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers rotate, from layer_rope_theta: 0 is NoPE; any other base must be
+        the model's (forgec's layers share one rope)."""
+        thetas = f.get("layer_rope_theta", "list?", d["layer_rope_theta"])
+        if thetas is None:
+            return [True] * n
+        if len(thetas) != n:
+            f.error("E116", "layer_rope_theta", f"layer_rope_theta has {len(thetas)} entries "
+                    f"for {n} layers (num_hidden_layers)")
+            return [True] * n
+        theta = self.p.value("rope_theta") if "rope_theta" in self.p else None
+        for i, t in enumerate(thetas):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                self.diags.error("E113", f"layer_rope_theta[{i}] = {t!r} is not a number",
+                                 self.src.span(("layer_rope_theta", i)))
+            elif t and theta is not None and t != theta:
+                self.diags.error("E114", f"layer_rope_theta[{i}] = {fmt(t)} cannot be "
+                                 f"expressed: forgec's layers share one RoPE base "
+                                 f"({fmt(theta)}, rope_theta)",
+                                 self.src.span(("layer_rope_theta", i)),
+                                 "each entry may be 0 (no positions) or the model's rope_theta")
+        return [t != 0 for t in thetas]
 
     def _gemma_scales(self, f: Fields, fam: Dense, d: dict, attention: list[str],
                       embedding_args: list[str], head_args: list[str]) -> None:
@@ -1647,6 +1672,20 @@ DENSE.update({
         # transformers turns rotary_dim into rope_parameters.partial_rotary_factor
         inert=("router_aux_loss_coef", "rotary_dim"),
         note="Its block_sparse_moe e_score_correction_bias is the router's expert_bias."),
+    # GraniteMoeShared with sliding-window layers (layer_types), a sink logit per head and
+    # NoPE layers (layer_rope_theta 0)
+    "granitemoe_swa": Dense(
+        "GraniteMoeSWA", ("GraniteMoeSWAForCausalLM",), {
+            **DENSE["granitemoe"].defaults, "shared_intermediate_size": 0,
+            "sliding_window": 128, "sliding_window_pattern": None, "layer_rope_theta": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True, sinks=True,
+        window_layers=True, window_names=None,
+        experts=Experts(count="num_local_experts", renormalize=True,
+                        shared="shared_intermediate_size"),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections, shared_mlp's its shared "
+             "expert's."),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(
         "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {
