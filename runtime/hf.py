@@ -105,6 +105,8 @@ _DIRECT = [
     # MiniMax-M2 keeps the router's correction bias on its MoE block
     (re.compile(r"layers\.(\d+)\.block_sparse_moe\.e_score_correction_bias"),
      r"layers.\1.mlp.router.expert_bias"),
+    # EXAONE-MoE keeps the router's correction bias on its MoE block
+    (re.compile(r"layers\.(\d+)\.mlp\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
     # GraniteMoeSWA's router (its experts are transformers 5's packed ones, _PACKED)
     (re.compile(r"layers\.(\d+)\.block_sparse_moe\.router\.weight"),
      r"layers.\1.mlp.router.weight"),
@@ -603,7 +605,7 @@ _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["phimoe"] = _MOE_NAMES["minimax_m2"] = _MOE_NAMES["mixtral"]
 _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
-    _MOE_NAMES["flex_olmo"] = _MOE_NAMES["qwen3_moe"]
+    _MOE_NAMES["flex_olmo"] = _MOE_NAMES["exaone_moe"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -621,7 +623,7 @@ _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemm
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
              "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
-             "flex_olmo", "minimax_m2")
+             "flex_olmo", "minimax_m2", "exaone_moe")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -630,6 +632,8 @@ _RENAMED = {
     "qwen2_moe": ((re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts\."), r"\1.shared_expert."),
                   (re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts_gate\."),
                    r"\1.shared_expert_gate.")),
+    "exaone_moe": ((re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.e_score_correction_bias"),
+                    r"\1.mlp.e_score_correction_bias"),),
     "minimax_m2": ((re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.e_score_correction_bias"),
                     r"\1.block_sparse_moe.e_score_correction_bias"),),
     "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),

@@ -228,6 +228,13 @@ FAMILIES = {
     "minimax_m2": (hf.MiniMaxM2Config, hf.MiniMaxM2ForCausalLM, dict(
         intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
         rotary_dim=8, bos_token_id=1, eos_token_id=2)),
+    # EXAONE-MoE: a dense first layer (mlp_layer_types), then biased sigmoid routing with
+    # a shared expert; per-head qk-norm; windows on layers 0-2, layer 3 global without
+    # positions
+    "exaone_moe": (hf.ExaoneMoeConfig, hf.ExaoneMoeForCausalLM, dict(
+        num_hidden_layers=4, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        sliding_window=8, sliding_window_pattern=4, first_k_dense_replace=1,
+        eos_token_id=2)),
     # FlexOlmo: OLMo 2's post-norms and qk-norm over the projections, OLMoE's experts
     "flex_olmo": (hf.FlexOlmoConfig, hf.FlexOlmoForCausalLM, dict(
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,

@@ -573,6 +573,8 @@ class Dense:
     dense_mlp: bool = True  # False: every layer has experts, no field sizes a dense MLP
     # DeepSeek's expert fields this family has none of: the value its model fixes
     routed_fixed: dict = field(default_factory=dict)
+    # where a window is set, the full-attention layers attend without positions (EXAONE)
+    global_nope: bool = False
 
 
 DENSE = {
@@ -937,7 +939,8 @@ class DenseImporter(Importer):
         def read(k: str, kind: str, **kw):
             if k in fam.routed_fixed:  # no field says it: the family's model fixes it
                 return fam.routed_fixed[k]
-            return f.get(key(k, k), kind, d[k], **kw) if k in d else f.get(key(k, k), kind, **kw)
+            name = key(k, k)
+            return f.get(name, kind, d[name], **kw) if name in d else f.get(name, kind, **kw)
 
         experts = read("n_routed_experts", "int", positive=True)
         top_k = read("num_experts_per_tok", "int", positive=True)
@@ -987,8 +990,10 @@ class DenseImporter(Importer):
         if first >= n or sparse is not None and not any(sparse):  # every layer dense
             return None, [False] * n
         if sparse is not None and not all(sparse):
-            self.dense_layers_note = ("mlp_layer_types: layers " + ", ".join(
-                str(i) for i, s in enumerate(sparse) if not s) + " have a dense MLP")
+            dense = [str(i) for i, s in enumerate(sparse) if not s]
+            self.dense_layers_note = (f"mlp_layer_types: layer{'s' if len(dense) > 1 else ''} "
+                                      + ", ".join(dense) + " ha" + ("ve" if len(dense) > 1
+                                                                    else "s") + " a dense MLP")
         if 0 < first < n:
             self.dense_layers_note = (f"first_k_dense_replace = {first}: "
                                       + ("layer 0 has" if first == 1
@@ -1000,7 +1005,8 @@ class DenseImporter(Importer):
         args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
                 f"hidden = {p('expert_hidden')}"]
         if shared:
-            p.add("n_shared_experts", shared, self.note_default(f, "n_shared_experts"))
+            p.add("n_shared_experts", shared,
+                  self.note_default(f, key("n_shared_experts", "n_shared_experts")))
             args.append(f"shared_experts = {p('n_shared_experts')}")
         args.append(f"router = {router}({', '.join(router_args)})")
         return (foreign_op("hf", "experts", hidden_act=self.act), args), \
@@ -1062,7 +1068,9 @@ class DenseImporter(Importer):
         types = f.get("layer_types", "list?", None)
         pattern = d["sliding_window_pattern"]
         for k in ("sliding_window_pattern", "_sliding_window_pattern"):
-            if k in f:
+            if k in f and types is not None:  # layer_types says it (EXAONE's may be "LLLG")
+                f.consume(k)
+            elif k in f:
                 pattern = f.get(k, "int", positive=True)
         if types is None:
             return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
@@ -1349,9 +1357,11 @@ class DenseImporter(Importer):
                   else [True] * n_layers)
         if not any(slides):
             window = None  # no layer reads it
+        rotating = self._rotating_layers(f, d, n_layers)
+        if fam.global_nope and window is not None:
+            rotating = [r and s for r, s in zip(rotating, slides, strict=True)]
         kinds = [LayerKind(window is not None and s, m, not rotates)
-                 for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
-                                          strict=True)]
+                 for s, m, rotates in zip(slides, sparse, rotating, strict=True)]
         stack_notes = []
         if fam.experts is not None:
             moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
@@ -1406,7 +1416,10 @@ class DenseImporter(Importer):
         if note := getattr(self, "dense_layers_note", None):
             stack_notes.insert(0, note)
         if any(k.nope for k in kinds):
-            stack_notes.append("no_rope_layers: layers " + ", ".join(
+            nope_field = ("layer_rope_theta" if "layer_rope_theta" in d
+                          else "layer_types and sliding_window" if fam.global_nope
+                          else "no_rope_layers")
+            stack_notes.append(f"{nope_field}: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
         return Decoder(
             name=name, header=header, params=p, stack_notes=stack_notes,
@@ -1686,6 +1699,25 @@ DENSE.update({
         note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
              "output_linear are its experts' packed projections, shared_mlp's its shared "
              "expert's."),
+    # DeepSeek-V3's experts (its fields named num_experts, num_shared_experts) on the layers
+    # mlp_layer_types marks sparse; a per-head qk-norm; sliding layers by layer_types, and
+    # where a window is set the full-attention layers without positions
+    "exaone_moe": Dense(
+        "EXAONE-MoE", ("ExaoneMoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_dropout": 0.0, "sliding_window": 4096,
+            "sliding_window_pattern": None, "mlp_layer_types": None, "num_experts": 64,
+            "num_experts_per_tok": 8, "num_shared_experts": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1},
+        aliases={**_RMS, "n_routed_experts": "num_experts",
+                 "n_shared_experts": "num_shared_experts"},
+        norm="norm", gated=True, dropouts=("attention_dropout",), routed="sigmoid",
+        qk_norm_over="head", window_layers=True, window_names=None, global_nope=True,
+        # mlp_layer_types is written from first_k_dense_replace, layer_types from
+        # sliding_window_pattern (an int or a string of L and G); HF's causal LM adds no
+        # balance loss
+        inert=("first_k_dense_replace", "output_router_logits", "num_nextn_predict_layers")),
     # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
     "granitemoeshared": Dense(
         "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {

@@ -207,7 +207,7 @@ OPS = (
         foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3", "glm4_moe",
                                                                 "dots1", "glm4_moe_lite",
                                                                 "solar_open", "sarvam_mla",
-                                                                "minimax_m2")},
+                                                                "minimax_m2", "exaone_moe")},
                                {"normalize": "norm_topk_prob",
                                 "routed_scale": "routed_scaling_factor",
                                 "n_group": "n_group", "topk_group": "topk_group"}),
