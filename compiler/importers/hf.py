@@ -13,8 +13,12 @@ the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
-layers, experts, by period) and Mamba-2. PhiMoE (its sparsemixer router) and the
-further mixtures of experts added with it are `DENSE` entries too. The semantics follow `transformers` 5.x (and the 4.x field names
+layers, experts, by period) and Mamba-2. The further mixtures of experts are `DENSE`
+entries too: PhiMoE (its sparsemixer router), GraniteMoeShared and GraniteMoeSWA (a shared
+expert; windows, sinks, NoPE layers), FlexOlmo (OLMo 2's layers, OLMoE's experts), and
+DeepSeek-V3's routed experts under other attentions — GLM-4-MoE, dots.llm1, Solar Open,
+MiniMax-M2, EXAONE-MoE — or its own (GLM-4-MoE-Lite, Sarvam-MLA). `REFUSED` names the
+families looked at whose layers the language cannot say. The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
