@@ -592,6 +592,9 @@ def _family_config(cls, **fields) -> dict:
     (hf.HunYuanMoEV1Config, {}, "E114", '"model_type"'),
     (hf.MiniMaxConfig, {}, "E114", '"layer_types"'),
     (hf.Ernie4_5_MoeConfig, {}, "E114", '"moe_num_experts"'),
+    (hf.JetMoeConfig, {}, "E114", '"num_local_experts"'),
+    (hf.Qwen3NextConfig, {}, "E114", '"layer_types"'),
+    (hf.LongcatFlashConfig, {}, "E114", '"zero_expert_num"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)

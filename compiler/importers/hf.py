@@ -1752,6 +1752,15 @@ REFUSED: dict[str, tuple[str, str, str]] = {
                      "unbiased probabilities, which no forgec router computes",
                      "softmax_topk chooses on the probabilities alone; sigmoid_topk's "
                      "correction bias goes with sigmoid scores"),
+    "jetmoe": ("num_local_experts", "JetMoE routes its attention heads too (a mixture of "
+               "attention experts, kv_channels wide), which forgec's attention cannot say",
+               "forgec's experts replace the MLP only"),
+    "qwen3_next": ("layer_types", "Qwen3-Next's linear_attention layers (gated DeltaNet) "
+                   "cannot be expressed: forgec has no delta-rule mixer",
+                   "forgec's sequence mixers are attention, mla, mamba, ssd and short_conv"),
+    "longcat_flash": ("zero_expert_num", "LongCat-Flash routes tokens to zero-computation "
+                      "experts and runs two attentions per layer, which forgec's moe and "
+                      "blocks cannot say", "forgec's experts are SwiGLUs"),
 }
 
 
