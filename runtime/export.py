@@ -327,7 +327,7 @@ def describe(model) -> Decoder:
             if m["shared_experts"]:
                 raise NotExportable(f"{where}.mlp has shared experts")
             router = mlp.args["router"].component
-            if _role(router) != "router":
+            if _role(router) != "router" or "renormalize" not in router.args:
                 raise NotExportable(f"{where}.mlp routes with {router.op.name}; these families "
                                     "route with softmax top-k")
             r = _only(router, {"renormalize", "aux_loss_weight"}, f"{where}.mlp.router", notes)

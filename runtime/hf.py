@@ -97,6 +97,19 @@ _DIRECT = [
     (re.compile(r"norm_f\.weight"), "norm.weight"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"layers.\1.mixer.\2"),
+    # LayerNorms with biases and a head with a bias (PhiMoE)
+    (re.compile(r"norm\.bias"), "norm.bias"),
+    (re.compile(r"layers\.(\d+)\.input_layernorm\.bias"), r"layers.\1.attention_norm.bias"),
+    (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.bias"), r"layers.\1.mlp_norm.bias"),
+    (re.compile(r"lm_head\.bias"), "output_head.proj.bias"),
+    # MiniMax-M2 keeps the router's correction bias on its MoE block
+    (re.compile(r"layers\.(\d+)\.block_sparse_moe\.e_score_correction_bias"),
+     r"layers.\1.mlp.router.expert_bias"),
+    # EXAONE-MoE keeps the router's correction bias on its MoE block
+    (re.compile(r"layers\.(\d+)\.mlp\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
+    # GraniteMoeSWA's router (its experts are transformers 5's packed ones, _PACKED)
+    (re.compile(r"layers\.(\d+)\.block_sparse_moe\.router\.weight"),
+     r"layers.\1.mlp.router.weight"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -108,16 +121,29 @@ _SANDWICH = [
     (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
      r"layers.\1.post_mlp_norm.weight"),
 ]
+# a family's own meaning of a Llama name: FlexOlmo norms the outputs of attention and
+# experts only (OLMo 2's post-norms)
+_FAMILY_DIRECT = {
+    "flex_olmo": [
+        (re.compile(r"layers\.(\d+)\.post_attention_layernorm\.weight"),
+         r"layers.\1.attention_post_norm.weight"),
+        (re.compile(r"layers\.(\d+)\.post_feedforward_layernorm\.weight"),
+         r"layers.\1.mlp_post_norm.weight")],
+}
 # training state a Hugging Face checkpoint does not hold: the sigmoid router's moving
 # average of expert load keeps its initial value
 _TRAINING_STATE = re.compile(r"layers\.\d+\.mlp\.router\.load")
 _EXPERT = re.compile(
     r"layers\.(\d+)\.(?:block_sparse_moe|mlp|feed_forward)\.experts\.(\d+)\."
     r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
-_PACKED = re.compile(r"layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)")
+_PACKED = re.compile(
+    r"layers\.(\d+)\.(?:mlp|feed_forward|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)")
 # GraniteMoE packs its experts the same way under other names
 _PACKED_LINEAR = re.compile(r"layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight")
 _PACKED_LINEAR_NAMES = {"input": "gate_up_proj", "output": "down_proj"}
+# GraniteMoeShared's shared expert: input_linear (2·hidden, dim) holds its gate rows, then
+# its up rows
+_SHARED_MLP = re.compile(r"layers\.(\d+)\.shared_mlp\.(input|output)_linear\.weight")
 # gpt-oss packs its experts (E, in, out) with gate and up columns interleaved, and biases
 _PACKED_BIASED = re.compile(r"layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?")
 _DERIVED = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -218,6 +244,7 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     unknown = []
     sandwich = any(".pre_feedforward_layernorm." in key for key in hf)
     direct = _SANDWICH + _DIRECT if sandwich else _DIRECT
+    direct = _FAMILY_DIRECT.get((config or {}).get("model_type"), []) + direct
     biased = {m.group(1) for key in hf if (m := _PACKED_BIASED.search(key)) and m.group(3)}
     for key, t in hf.items():
         if _DERIVED.fullmatch(key):
@@ -226,6 +253,16 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
         m = _PACKED_LINEAR.fullmatch(name)
         if m:
             name = f"layers.{m.group(1)}.mlp.experts.{_PACKED_LINEAR_NAMES[m.group(2)]}"
+        m = _SHARED_MLP.fullmatch(name)
+        if m:
+            prefix = f"layers.{m.group(1)}.mlp.shared_experts."
+            if m.group(2) == "input":
+                gate, up = t.chunk(2)
+                out[prefix + "gate_proj.weight"] = gate.contiguous()
+                out[prefix + "up_proj.weight"] = up.contiguous()
+            else:
+                out[prefix + "down_proj.weight"] = t
+            continue
         m = _PACKED_BIASED.fullmatch(name)
         if m and m.group(1) in biased:  # gpt-oss: (E, dim, 2·hidden), gate and up interleaved
             prefix = f"layers.{m.group(1)}.mlp.experts."
@@ -574,16 +611,28 @@ _MOE_NAMES = {
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["phimoe"] = _MOE_NAMES["minimax_m2"] = _MOE_NAMES["mixtral"]
+_MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
+    _MOE_NAMES["flex_olmo"] = _MOE_NAMES["exaone_moe"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
                                           "block_sparse_moe.output_linear.weight",
                                           "block_sparse_moe.router.layer.weight")}
+_PACKED_LINEAR_FAMILIES["granitemoeshared"] = _PACKED_LINEAR_FAMILIES["granitemoe"]
+_PACKED_LINEAR_FAMILIES["granitemoe_swa"] = ("block_sparse_moe.experts.gate_up_proj",
+                                             "block_sparse_moe.experts.down_proj",
+                                             "block_sparse_moe.router.weight")
+# families whose shared expert is packed as GraniteMoeShared's shared_mlp
+_SHARED_MLP_FAMILIES = ("granitemoeshared", "granitemoe_swa")
 # families whose experts are written packed, as transformers keeps them in memory
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
-             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES,
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
+             "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
+             "flex_olmo", "minimax_m2", "exaone_moe",
              "bamba")  # (Bamba: Jamba's names, its Mamba-2 mixers under `mamba`)
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
@@ -593,6 +642,10 @@ _RENAMED = {
     "qwen2_moe": ((re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts\."), r"\1.shared_expert."),
                   (re.compile(r"(model\.layers\.\d+\.mlp)\.shared_experts_gate\."),
                    r"\1.shared_expert_gate.")),
+    "exaone_moe": ((re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.e_score_correction_bias"),
+                    r"\1.mlp.e_score_correction_bias"),),
+    "minimax_m2": ((re.compile(r"(model\.layers\.\d+)\.mlp\.gate\.e_score_correction_bias"),
+                    r"\1.block_sparse_moe.e_score_correction_bias"),),
     "mamba2": ((re.compile(r"model\.embed_tokens\."), "backbone.embeddings."),
                (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
                (re.compile(r"^model\."), "backbone.")),
@@ -646,6 +699,16 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
+    # post-norms alone (FlexOlmo)
+    (re.compile(r"layers\.(\d+)\.attention_post_norm\.weight"),
+     r"model.layers.\1.post_attention_layernorm.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp_post_norm\.weight"),
+     r"model.layers.\1.post_feedforward_layernorm.weight"),
+    # LayerNorms with biases and a head with a bias (PhiMoE)
+    (re.compile(r"norm\.bias"), "model.norm.bias"),
+    (re.compile(r"layers\.(\d+)\.attention_norm\.bias"), r"model.layers.\1.input_layernorm.bias"),
+    (re.compile(r"layers\.(\d+)\.mlp_norm\.bias"), r"model.layers.\1.post_attention_layernorm.bias"),
+    (re.compile(r"output_head\.proj\.bias"), "lm_head.bias"),
 ]
 
 
@@ -682,6 +745,15 @@ def forge_to_hf(model: torch.nn.Module, model_type: str) -> dict[str, torch.Tens
         if _TRAINING_STATE.fullmatch(key):
             continue
         t = t.detach()
+        shared = re.fullmatch(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", key)
+        if shared and model_type in _SHARED_MLP_FAMILIES:  # packed as shared_mlp's
+            prefix = f"model.layers.{shared.group(1)}.shared_mlp."
+            if shared.group(2) == "down":
+                out[prefix + "output_linear.weight"] = t
+            elif shared.group(2) == "gate":
+                up = state[f"layers.{shared.group(1)}.mlp.shared_experts.up_proj.weight"]
+                out[prefix + "input_linear.weight"] = torch.cat([t, up.detach()])
+            continue
         name = hf_name(key, sandwich)
         if name is not None:
             out[_family_name(model_type, name)] = t

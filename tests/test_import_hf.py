@@ -588,7 +588,16 @@ def _family_config(cls, **fields) -> dict:
     (hf.Qwen2MoeConfig, {"shared_expert_intermediate_size": 0}, "E113",
      '"shared_expert_intermediate_size"'),
     (hf.GraniteMoeConfig, {"router_z_loss": 0.1}, "E115", '"router_z_loss"'),
-    (hf.PhimoeConfig, {}, "E114", '"router_jitter_noise"'),
+    # PhiMoE: training noise on the experts' input; sparsemixer picks exactly two
+    (hf.PhimoeConfig, {"input_jitter_noise": 0.1}, "E114", '"input_jitter_noise"'),
+    (hf.PhimoeConfig, {"num_experts_per_tok": 3}, "E114", '"num_experts_per_tok"'),
+    # mixture-of-experts families whose layers the language cannot say
+    (hf.HunYuanMoEV1Config, {}, "E114", '"model_type"'),
+    (hf.MiniMaxConfig, {}, "E114", '"layer_types"'),
+    (hf.Ernie4_5_MoeConfig, {}, "E114", '"moe_num_experts"'),
+    (hf.JetMoeConfig, {}, "E114", '"num_local_experts"'),
+    (hf.Qwen3NextConfig, {}, "E114", '"layer_types"'),
+    (hf.LongcatFlashConfig, {}, "E114", '"zero_expert_num"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
     text = json.dumps(_family_config(cls, **fields), indent=2)
@@ -886,3 +895,22 @@ def test_gemma3s_global_scaling_reads_the_same_in_both_config_formats():
         specs.append(re.sub(r"#.*", "", spec[spec.index("model m {"):]))
     assert specs[0] == specs[1]
     assert "local_theta = local_rope_theta, scaling = linear, scale_factor = 8.0)" in specs[0]
+# ---- further mixture-of-experts families (issue #13) ----------------------------------
+
+
+def test_sarvam_mla_is_deepseek_v3_under_another_name():
+    # the same sizes give the same spec (the header aside): the parity of DeepSeek-V3's
+    # (tests/test_parity_hf.py) holds for it
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                 kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                 n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                 n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                 n_shared_experts=1, initializer_range=0.02, max_position_embeddings=128)
+    specs = []
+    for cls in (hf.SarvamMLAConfig, hf.DeepseekV3Config):
+        spec, diags = import_text(cls(**sizes).to_json_string(use_diff=False))
+        assert spec is not None, [(d.code, d.message) for d in diags.items]
+        specs.append([line for line in spec.splitlines() if not line.startswith("#")])
+    assert specs[0] == specs[1]
+    assert any("mla(" in line for line in specs[0])

@@ -208,6 +208,26 @@ def test_switch_aux_loss_and_collectors_cover_every_moe(tmp_path):
     assert r.aux_loss > 0
 
 
+def test_sparsemixer_trains_in_a_generated_model(tmp_path):
+    # the generated model carries sparsemixer's sampling and gradient estimate: a training
+    # step routes 2 slots a token, records the balance loss and reaches the router
+    mod = generate(tmp_path, moe_spec(
+        "moe(dim, experts = 4, top_k = 2, hidden = 32, "
+        "router = sparsemixer(jitter_eps = 0.3, aux_loss_weight = 0.5))"))
+    assert "class SparseMixerGrad" in (tmp_path / "pkg" / "moe_case" / "model.py").read_text()
+    torch.manual_seed(0)
+    model = mod.Transformer()
+    model.init_weights_and_freqs()
+    model.train()
+    ids = torch.randint(0, 256, (2, 16))
+    loss = model(ids[:, :-1], targets=ids[:, 1:]) + model.get_moe_aux_loss()
+    loss.backward()
+    router = model.layers["0"].mlp.router
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert model.get_moe_aux_loss() > 0
+    assert all(int(c.sum()) == 2 * 15 * 2 for c in model.get_expert_counts().values())
+
+
 def test_switch_aux_loss_formula():
     from generated.mixtral_8x7b import model as mod
 
@@ -252,6 +272,8 @@ def test_cached_decode_equals_full_forward_with_experts():
     ("moe(dim, experts = 8, top_k = 2, hidden = 32, router = rope)", "E025", 20),
     ("moe(dim, experts = 8, top_k = 2, hidden = 32, router = softmax_topk(), "
      "capacity_factor = -1.0)", "E026", 20),
+    # sparsemixer (PhiMoE's router) picks exactly two experts
+    ("moe(dim, experts = 8, top_k = 3, hidden = 32, router = sparsemixer())", "E185", 20),
 ])
 def test_moe_arguments_are_checked(forge, mlp, code, where):
     comp, diags = forge(moe_spec(mlp))

@@ -239,6 +239,66 @@ FAMILIES = {
         rope_parameters={
             "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    # ---- further mixture-of-experts families (issue #13) ----
+    # PhiMoE: LayerNorms with biases, q/k/v/o and head biases, a sliding window, sparsemixer
+    # routing whose window (router_jitter_noise 0.3) often holds several experts
+    "phimoe": (hf.PhimoeConfig, hf.PhimoeForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+        sliding_window=8, router_jitter_noise=0.3)),
+    # GLM-4-MoE: a dense first layer, then 8 experts in 4 groups (2 per token from the 2
+    # best) on biased sigmoid scores, normalised and scaled, a shared expert; q/k/v
+    # biases, half of each head rotating, a per-head qk-norm
+    "glm4_moe": (hf.Glm4MoeConfig, hf.Glm4MoeForCausalLM, dict(
+        num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        first_k_dense_replace=1, n_shared_experts=1, attention_bias=True, use_qk_norm=True)),
+    # dots.llm1: the same mixture (no groups, not normalised, 2 shared experts) under
+    # q/k/v/o biases, a per-head qk-norm and a sliding window on the last layer (of 3)
+    "dots1": (hf.Dots1Config, hf.Dots1ForCausalLM, dict(
+        num_hidden_layers=3, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_shared_experts=2,
+        attention_bias=True, sliding_window=8, max_window_layers=2)),
+    # GraniteMoE's packed experts with a shared SwiGLU expert (shared_mlp); the default
+    # attention_multiplier 1.0 (scores scaled by 1, not 1/sqrt(head_dim))
+    "granitemoeshared": (hf.GraniteMoeSharedConfig, hf.GraniteMoeSharedForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        pad_token_id=0)),
+    # GraniteMoeSWA: a window on layers 1, 2, sinks, layers 0 and 3 without positions
+    "granitemoe_swa": (hf.GraniteMoeSWAConfig, hf.GraniteMoeSWAForCausalLM, dict(
+        num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=48, attention_multiplier=0.2, sliding_window=8,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"], layer_rope_theta=[0, 10000.0, 10000.0, 0],
+        pad_token_id=0)),
+    # GLM-4.7-Flash: DeepSeek-V3's latent attention and experts, the layers' kinds listed
+    # (mlp_layer_types: dense, sparse, dense)
+    "glm4_moe_lite": (hf.Glm4MoeLiteConfig, hf.Glm4MoeLiteForCausalLM, dict(
+        num_hidden_layers=3, num_key_value_heads=4, moe_intermediate_size=32, q_lora_rank=32,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+        mlp_layer_types=["dense", "sparse", "dense"])),
+    # Solar Open: GLM-4-MoE's experts on every layer (no dense MLP, no intermediate_size),
+    # 2 groups, Llama's attention with q/k/v biases
+    "solar_open": (hf.SolarOpenConfig, hf.SolarOpenForCausalLM, dict(
+        intermediate_size=None, head_dim=16, moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, attention_bias=True)),
+    # MiniMax-M2: Mixtral's names and layout, biased sigmoid routing normalised, qk-norm
+    # over the projections, half of each head rotating
+    "minimax_m2": (hf.MiniMaxM2Config, hf.MiniMaxM2ForCausalLM, dict(
+        intermediate_size=32, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        rotary_dim=8, bos_token_id=1, eos_token_id=2)),
+    # EXAONE-MoE: a dense first layer (mlp_layer_types), then biased sigmoid routing with
+    # a shared expert; per-head qk-norm; windows on layers 0-2, layer 3 global without
+    # positions
+    "exaone_moe": (hf.ExaoneMoeConfig, hf.ExaoneMoeForCausalLM, dict(
+        num_hidden_layers=4, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        sliding_window=8, sliding_window_pattern=4, first_k_dense_replace=1,
+        eos_token_id=2)),
+    # FlexOlmo: OLMo 2's post-norms and qk-norm over the projections, OLMoE's experts
+    "flex_olmo": (hf.FlexOlmoConfig, hf.FlexOlmoForCausalLM, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+        pad_token_id=0,
+        eos_token_id=2)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

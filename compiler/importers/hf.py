@@ -14,11 +14,15 @@ projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by
-list, an MLP on each) and LFM2 (short convolutions and attention by layer_types).
-PhiMoE is refused (E114: its sparsemixer routing). The semantics follow
-`transformers` 5.x (and the 4.x field names `rope_theta`/`rope_scaling` and
-`num_experts` are read too); a field missing from the file takes the default of
-transformers' config class, and the spec says so.
+list, an MLP on each) and LFM2 (short convolutions and attention by layer_types). The
+further mixtures of experts are `DENSE` entries too: PhiMoE (its sparsemixer router),
+GraniteMoeShared and GraniteMoeSWA (a shared expert; windows, sinks, NoPE layers),
+FlexOlmo (OLMo 2's layers, OLMoE's experts), and DeepSeek-V3's routed experts under
+other attentions — GLM-4-MoE, dots.llm1, Solar Open, MiniMax-M2, EXAONE-MoE — or its own
+(GLM-4-MoE-Lite, Sarvam-MLA). `REFUSED` names the families looked at whose layers the
+language cannot say. The semantics follow `transformers` 5.x (and the 4.x field names
+`rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing from the
+file takes the default of transformers' config class, and the spec says so.
 
 Every key of the config is accounted for: mapped into the spec, checked to
 have a value the spec can express (else a located error), or known not to
@@ -627,6 +631,13 @@ class Experts:
     sparse_step: bool = False
     # the config field of the shared expert's hidden width, gated by a sigmoid
     shared_gated: str | None = None
+    # ---- PhiMoE's: the router its model_type chooses, reading its window (jitter_eps)
+    # from this field; and the field of the training noise on the experts' input
+    jitter: str | None = None
+    input_jitter: str | None = None
+    # the config field of one shared expert's hidden width, ungated (0: none;
+    # GraniteMoeShared)
+    shared: str | None = None
 
 
 @dataclass(frozen=True)
@@ -644,7 +655,7 @@ class Dense:
     qkv_bias: bool | str = False
     out_bias: bool | str = False
     mlp_bias: bool | str = False
-    head_bias: bool = False
+    head_bias: bool | str = False  # or the config field that says (PhiMoE's lm_head_bias)
     gated: bool = False  # a gated MLP (gate, up, down) rather than two layers (up, down)
     dropouts: tuple[str, ...] = ()  # must be 0 (forgec has no dropout)
     inert: tuple[str, ...] = ()  # fields of the family that do not change the causal LM
@@ -668,6 +679,7 @@ class Dense:
     pre_norms: bool = True  # norms before attention and MLP
     post_norms: bool = False  # norms of their outputs, before the residual sum
     qk_norm_over: str | None = None  # a qk-norm: "head" or "projection" (OLMo 2)
+    qk_norm_field: str | None = None  # a per-head qk-norm where this field is true (GLM-4-MoE)
     # ---- Gemma's (see GEMMA below)
     embedding_scale: str | None = None  # the embedding's multiplier, as the spec writes it
     # the post-norms' component names the weight loader reads them by
@@ -687,8 +699,14 @@ class Dense:
     # ---- gpt-oss's
     sinks: bool = False  # a learned sink logit per head in each softmax
     # the names of the sliding-window and full-attention blocks (window_layers)
-    window_names: tuple[str, str] = ("local", "global")
+    # (None: blocks named by kind, where sliding layers mix with dense and MoE ones)
+    window_names: tuple[str, str] | None = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
+    dense_mlp: bool = True  # False: every layer has experts, no field sizes a dense MLP
+    # DeepSeek's expert fields this family has none of: the value its model fixes
+    routed_fixed: dict = field(default_factory=dict)
+    # where a window is set, the full-attention layers attend without positions (EXAONE)
+    global_nope: bool = False
 
 
 DENSE = {
@@ -946,6 +964,8 @@ class DenseImporter(Importer):
             if types is not None and len(types) != n:
                 f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
                         f"{n} layers (num_hidden_layers)")
+        if "layer_rope_theta" in d:  # GraniteMoeSWA: 0 leaves a layer without positions
+            return self._layer_thetas(f, d, n)
         if "no_rope_layers" not in d:
             return [True] * n
         interval = f.get("no_rope_layer_interval", "int", d["no_rope_layer_interval"],
@@ -962,6 +982,29 @@ class DenseImporter(Importer):
                 self.diags.error("E113", f"no_rope_layers[{i}] = {v!r} is not 0 or 1",
                                  self.src.span(("no_rope_layers", i)))
         return [bool(v) for v in flags]
+
+    def _layer_thetas(self, f: Fields, d: dict, n: int) -> list[bool]:
+        """Which layers rotate, from layer_rope_theta: 0 is NoPE; any other base must be
+        the model's (forgec's layers share one rope)."""
+        thetas = f.get("layer_rope_theta", "list?", d["layer_rope_theta"])
+        if thetas is None:
+            return [True] * n
+        if len(thetas) != n:
+            f.error("E116", "layer_rope_theta", f"layer_rope_theta has {len(thetas)} entries "
+                    f"for {n} layers (num_hidden_layers)")
+            return [True] * n
+        theta = self.p.value("rope_theta") if "rope_theta" in self.p else None
+        for i, t in enumerate(thetas):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                self.diags.error("E113", f"layer_rope_theta[{i}] = {t!r} is not a number",
+                                 self.src.span(("layer_rope_theta", i)))
+            elif t and theta is not None and t != theta:
+                self.diags.error("E114", f"layer_rope_theta[{i}] = {fmt(t)} cannot be "
+                                 f"expressed: forgec's layers share one RoPE base "
+                                 f"({fmt(theta)}, rope_theta)",
+                                 self.src.span(("layer_rope_theta", i)),
+                                 "each entry may be 0 (no positions) or the model's rope_theta")
+        return [t != 0 for t in thetas]
 
     def _gemma_scales(self, f: Fields, fam: Dense, d: dict, attention: list[str],
                       embedding_args: list[str], head_args: list[str]) -> None:
@@ -1034,17 +1077,31 @@ class DenseImporter(Importer):
         first_k_dense_replace on: (op, arguments) and which layers have it."""
         p = self.p
         self.dense_layers_note = None
-        experts = f.get("n_routed_experts", "int", positive=True)
-        top_k = f.get("num_experts_per_tok", "int", positive=True)
-        hidden = f.get("moe_intermediate_size", "int", positive=True)
-        shared = f.get("n_shared_experts", "int?", d["n_shared_experts"])
-        first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
-        scale = f.get("routed_scaling_factor", "float", d["routed_scaling_factor"])
+        key = fam.aliases.get  # the family's own field names (MiniMax-M2's)
+
+        def read(k: str, kind: str, **kw):
+            if k in fam.routed_fixed:  # no field says it: the family's model fixes it
+                return fam.routed_fixed[k]
+            name = key(k, k)
+            return f.get(name, kind, d[name], **kw) if name in d else f.get(name, kind, **kw)
+
+        experts = read("n_routed_experts", "int", positive=True)
+        top_k = read("num_experts_per_tok", "int", positive=True)
+        hidden = read("moe_intermediate_size", "int", positive=True)
+        shared = read("n_shared_experts", "int?")
+        sparse = None  # GLM-4.7-Flash: mlp_layer_types lists each layer's kind
+        if "mlp_layer_types" in d:
+            sparse, first = self._mlp_layer_types(f, d, n), 0
+        elif "first_k_dense_replace" not in d:  # experts on every layer
+            first = 0
+        else:
+            first = f.get("first_k_dense_replace", "int", d["first_k_dense_replace"])
+        scale = read("routed_scaling_factor", "float")
         router_args = []
         if fam.routed == "sigmoid":
             router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
-            normalize = f.get("norm_topk_prob", "bool", d["norm_topk_prob"])
-            groups = [f.get(k, "int?", d[k], positive=True) for k in ("n_group", "topk_group")]
+            normalize = read("norm_topk_prob", "bool")
+            groups = [read(k, "int?", positive=True) for k in ("n_group", "topk_group")]
             if normalize is False:
                 router_args.append("normalize = false")
             if scale is not None and scale != 1.0:
@@ -1063,7 +1120,8 @@ class DenseImporter(Importer):
                         "does not scale its weights", "only routed_scaling_factor = 1.0 "
                         "imports with greedy routing")
             router_args += ["renormalize = false", "aux_loss_weight = 0.0"]
-        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0):
+        if None in (experts, top_k, hidden, first) or (shared is not None and shared < 0) \
+                or "mlp_layer_types" in d and sparse is None:
             return None, [False] * n
         if top_k > experts:
             f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more "
@@ -1072,24 +1130,45 @@ class DenseImporter(Importer):
             f.error("E113", "first_k_dense_replace", f"first_k_dense_replace = {first} is "
                     "not a number of layers")
             return None, [False] * n
-        if first >= n:  # every layer dense
+        if first >= n or sparse is not None and not any(sparse):  # every layer dense
             return None, [False] * n
+        if sparse is not None and not all(sparse):
+            dense = [str(i) for i, s in enumerate(sparse) if not s]
+            self.dense_layers_note = (f"mlp_layer_types: layer{'s' if len(dense) > 1 else ''} "
+                                      + ", ".join(dense) + " ha" + ("ve" if len(dense) > 1
+                                                                    else "s") + " a dense MLP")
         if 0 < first < n:
             self.dense_layers_note = (f"first_k_dense_replace = {first}: "
                                       + ("layer 0 has" if first == 1
                                          else f"the first {first} layers have")
                                       + " a dense MLP")
-        p.add("n_experts", experts, "n_routed_experts")
+        p.add("n_experts", experts, key("n_routed_experts", "n_routed_experts"))
         p.add("top_k", top_k, "num_experts_per_tok")
-        p.add("expert_hidden", hidden, "moe_intermediate_size")
+        p.add("expert_hidden", hidden, key("moe_intermediate_size", "moe_intermediate_size"))
         args = ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
                 f"hidden = {p('expert_hidden')}"]
         if shared:
-            p.add("n_shared_experts", shared, self.note_default(f, "n_shared_experts"))
+            p.add("n_shared_experts", shared,
+                  self.note_default(f, key("n_shared_experts", "n_shared_experts")))
             args.append(f"shared_experts = {p('n_shared_experts')}")
         args.append(f"router = {router}({', '.join(router_args)})")
         return (foreign_op("hf", "experts", hidden_act=self.act), args), \
-            [i >= first for i in range(n)]
+            sparse if sparse is not None else [i >= first for i in range(n)]
+
+    def _mlp_layer_types(self, f: Fields, d: dict, n: int) -> list[bool] | None:
+        """Which layers have experts, from mlp_layer_types ("dense" or "sparse" each)."""
+        types = f.get("mlp_layer_types", "list?", d["mlp_layer_types"])
+        if types is None:  # transformers' default: a dense first layer
+            return [i > 0 for i in range(n)]
+        if len(types) != n:
+            f.error("E116", "mlp_layer_types", f"mlp_layer_types has {len(types)} entries for "
+                    f"{n} layers (num_hidden_layers)")
+            return None
+        for i, t in enumerate(types):
+            if t not in ("dense", "sparse"):
+                self.diags.error("E113", f"mlp layer type {t!r} is neither 'dense' nor "
+                                 "'sparse'", self.src.span(("mlp_layer_types", i)))
+        return [t == "sparse" for t in types]
 
     def _biased_experts(self, f: Fields, d: dict, n: int):
         """gpt-oss's experts on every layer: biases, a clamped SwiGLU, a router with a
@@ -1132,7 +1211,9 @@ class DenseImporter(Importer):
         types = f.get("layer_types", "list?", None)
         pattern = d["sliding_window_pattern"]
         for k in ("sliding_window_pattern", "_sliding_window_pattern"):
-            if k in f:
+            if k in f and types is not None:  # layer_types says it (EXAONE's may be "LLLG")
+                f.consume(k)
+            elif k in f:
                 pattern = f.get(k, "int", positive=True)
         if types is None:
             return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
@@ -1245,7 +1326,7 @@ class DenseImporter(Importer):
         dim = get("hidden_size", "int", positive=True)
         n_layers = get("num_hidden_layers", "int", positive=True)
         heads = get("num_attention_heads", "int", positive=True)
-        ffn = get("intermediate_size", "int?", positive=True)
+        ffn = get("intermediate_size", "int?", positive=True) if fam.dense_mlp else 0
         ffn_note = key("intermediate_size")
         if ffn is None and dim and key("intermediate_size") in d:  # GPT-J's n_inner: null
             ffn, ffn_note = 4 * dim, f"{key('intermediate_size')} null: 4 × {key('hidden_size')}"
@@ -1298,6 +1379,7 @@ class DenseImporter(Importer):
 
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
+        head_bias = flag(fam.head_bias)
         if mlp_bias and fam.gated:
             f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
                     "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
@@ -1408,17 +1490,22 @@ class DenseImporter(Importer):
             attention.append("qkv_bias = true")
         if out_bias:
             attention.append("out_bias = true")
-        if fam.qk_norm_over is not None:
+        qk_norm_over = fam.qk_norm_over
+        if fam.qk_norm_field is not None and get(fam.qk_norm_field, "bool"):
+            qk_norm_over = "head"
+        if qk_norm_over is not None:
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
-            if fam.qk_norm_over != "head":
-                attention.append(f"qk_norm_over = {fam.qk_norm_over}")
+            if qk_norm_over != "head":
+                attention.append(f"qk_norm_over = {qk_norm_over}")
             attention += fam.qk_norm_args
         if clip is not None:
             p.add("clip_qkv", clip, "clip_qkv")
             attention.append(f"clip_qkv = {p('clip_qkv')}")
         embedding_args, head_args, residual_scale = [], [], None
         for k, v in mult.items():
-            if v is None or v == 1.0:
+            # Granite scales the scores by attention_multiplier itself (not 1/sqrt(head_dim)):
+            # 1.0 is a scale too
+            if v is None or v == 1.0 and k != "attention_multiplier":
                 continue
             p.add(k, v, self.note_default(f, k))
             if k == "embedding_multiplier":
@@ -1443,9 +1530,11 @@ class DenseImporter(Importer):
                   else [True] * n_layers)
         if not any(slides):
             window = None  # no layer reads it
+        rotating = self._rotating_layers(f, d, n_layers)
+        if fam.global_nope and window is not None:
+            rotating = [r and s for r, s in zip(rotating, slides, strict=True)]
         kinds = [LayerKind(window is not None and s, m, not rotates)
-                 for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
-                                          strict=True)]
+                 for s, m, rotates in zip(slides, sparse, rotating, strict=True)]
         stack_notes = []
         if fam.experts is not None:
             moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
@@ -1478,6 +1567,8 @@ class DenseImporter(Importer):
         if fam.experts is not None and moe is not None and all(k.moe for k in kinds):  # no dense MLP
             mlp = None
             p.items["ffn_hidden"].used = fam.experts.hidden == key("intermediate_size")
+        elif fam.routed in ("sigmoid", "softmax") and moe is not None and all(sparse):
+            p.items["ffn_hidden"].used = False  # the experts have a width of their own
 
         shown = os.path.dirname(source) if source.endswith("config.json") else source
         archs_text = ", ".join(archs) if archs else f"no architectures (model_type {model_type})"
@@ -1498,14 +1589,17 @@ class DenseImporter(Importer):
         if note := getattr(self, "dense_layers_note", None):
             stack_notes.insert(0, note)
         if any(k.nope for k in kinds):
-            stack_notes.append("no_rope_layers: layers " + ", ".join(
+            nope_field = ("layer_rope_theta" if "layer_rope_theta" in d
+                          else "layer_types and sliding_window" if fam.global_nope
+                          else "no_rope_layers")
+            stack_notes.append(f"{nope_field}: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
         return Decoder(
             name=name, header=header, params=p, stack_notes=stack_notes,
             norm=f"{foreign_op('hf', fam.norm)}(dim, eps = {p('norm_eps')}{fam.norm_args})",
             rope=rope, attention=attention, window=p("window") if window is not None else None,
             mlp=mlp if not all(sparse) else None, moe=moe, kinds=kinds, tie=tie,
-            framework="hf", residual=residual, modules=modules, head_bias=fam.head_bias,
+            framework="hf", residual=residual, modules=modules, head_bias=head_bias,
             embedding_args=embedding_args, head_args=head_args, residual_scale=residual_scale,
             pre_norms=fam.pre_norms, post_norms=fam.post_norms,
             post_norm_names=fam.post_norm_names,
@@ -1531,12 +1625,31 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                    if isinstance(ex.renormalize, str) else ex.renormalize)
     shared = (f.get(ex.shared_gated, "int", d[ex.shared_gated], positive=True)
               if ex.shared_gated else 0)
+    plain_shared = f.get(ex.shared, "int", d[ex.shared]) if ex.shared else 0
+    if plain_shared is not None and plain_shared < 0:
+        f.error("E113", ex.shared, f"'{ex.shared}' must not be negative, got {plain_shared}")
+        plain_shared = None
+    jitter = f.get(ex.jitter, "float", d[ex.jitter]) if ex.jitter else 0.0
+    if jitter is not None and jitter < 0:
+        f.error("E113", ex.jitter, f"'{ex.jitter}' must not be negative, got {fmt(jitter)}")
+        jitter = None
+    noise = f.get(ex.input_jitter, "float", d[ex.input_jitter]) if ex.input_jitter else 0.0
+    if noise:
+        f.error("E114", ex.input_jitter, f"{ex.input_jitter} = {fmt(noise)} cannot be "
+                "expressed: HF multiplies the experts' input by uniform noise in "
+                f"[1 - {fmt(noise)}, 1 + {fmt(noise)}] in training, and forgec adds no noise",
+                "set it to 0.0 to import the model for training without input noise")
     if experts is not None and experts < 0:
         f.error("E113", ex.count, f"'{ex.count}' must not be negative, got {experts}")
         experts = None
     if experts and top_k and top_k > experts:
         f.error("E113", "num_experts_per_tok", f"num_experts_per_tok = {top_k} is more than "
                 f"the {experts} experts")
+        top_k = None
+    if ex.jitter and top_k is not None and top_k != 2:
+        f.error("E114", "num_experts_per_tok", f"num_experts_per_tok = {top_k} cannot be "
+                "expressed: this router always picks 2 experts (transformers routes 2 "
+                "whatever the field says)", "only num_experts_per_tok = 2 imports")
         top_k = None
     notes: list[str] = []
     sparse = [bool(experts)] * n
@@ -1557,7 +1670,9 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
                     else "i is not in mlp_only_layers")
             notes.append(f"decoder_sparse_step = {step}, mlp_only_layers = "
                          f"{sorted(only_set)}: layer i is a mixture of experts iff {rule}")
-    if None in (experts, top_k, hidden, logits, coef, renormalize, shared) or not any(sparse):
+    if None in (experts, top_k, hidden, logits, coef, renormalize, shared, jitter, noise,
+                plain_shared) \
+            or not any(sparse):
         return None, kinds, notes
     p.add("n_experts", experts, self.note_default(f, ex.count))
     p.add("top_k", top_k, self.note_default(f, "num_experts_per_tok"))
@@ -1575,8 +1690,17 @@ def dense_experts(self: DenseImporter, f: Fields, fam: Dense, kinds: list[LayerK
         p.add("shared_hidden", shared, self.note_default(f, ex.shared_gated))
         args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}",
                  "shared_gate = true"]
-    args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
-                f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
+    if plain_shared:
+        p.add("shared_hidden", plain_shared, self.note_default(f, ex.shared))
+        args += ["shared_experts = 1", f"shared_hidden = {p('shared_hidden')}"]
+    if ex.jitter:
+        router = foreign_choices("hf", "router", "model_type")[f.obj["model_type"]]
+        p.add("jitter_eps", jitter, self.note_default(f, ex.jitter))
+        args.append(f"router = {router}(jitter_eps = {p('jitter_eps')}, "
+                    f"aux_loss_weight = {p('aux_loss_weight')})")
+    else:
+        args.append(f"router = {foreign_op('hf', 'router')}(renormalize = "
+                    f"{fmt(bool(renormalize))}, aux_loss_weight = {p('aux_loss_weight')})")
     kinds = [LayerKind(k.window, s, k.nope) for k, s in zip(kinds, sparse, strict=True)]
     act = f.obj.get("hidden_act", d["hidden_act"])  # checked with the dense MLP's
     return (foreign_op("hf", "experts", hidden_act=act), args), kinds, notes
@@ -1627,14 +1751,185 @@ DENSE.update({
              "output_linear are its experts' packed projections."),
 })
 
+# ---- PhiMoE and further mixture-of-experts families (issue #13) ----
+DENSE.update({
+    # LayerNorms with biases, attention and head biases, experts on every layer routed
+    # by sparsemixer (router_jitter_noise is its window, not noise)
+    "phimoe": Dense(
+        "PhiMoE", ("PhimoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "rope_theta": 1000000.0, "sliding_window": None, "attention_bias": False,
+            "lm_head_bias": False, "attention_dropout": 0.0, **_MOE_COMMON,
+            "num_local_experts": 16, "router_jitter_noise": 0.01, "input_jitter_noise": 0.0},
+        aliases=_RMS, qkv_bias="attention_bias", out_bias="attention_bias",
+        head_bias="lm_head_bias", gated=True, dropouts=("attention_dropout",),
+        experts=Experts(count="num_local_experts", renormalize=False,
+                        jitter="router_jitter_noise", input_jitter="input_jitter_noise")),
+    # DeepSeek-V3's mixture (dense first layers, grouped biased sigmoid routing, shared
+    # experts, a routed scale) under grouped-query attention: q/k/v biases, half of each
+    # head rotating, an optional per-head qk-norm
+    "glm4_moe": Dense(
+        "GLM-4-MoE", ("Glm4MoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "first_k_dense_replace": 1, "n_shared_experts": 1,
+            "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "use_qk_norm": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), routed="sigmoid", qk_norm_field="use_qk_norm",
+        rotary_pct_field="partial_rotary_factor",
+        # HF's causal LM adds no balance loss; the multi-token-prediction layers are not
+        # part of it
+        inert=("output_router_logits", "num_nextn_predict_layers", "num_mtp_layers")),
+    # the same mixture under Qwen3's attention: a per-head qk-norm, sliding layers by
+    # layer_types (max_window_layers only fills layer_types in)
+    "dots1": Dense(
+        "dots.llm1", ("Dots1ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "first_k_dense_replace": 0, "n_shared_experts": None,
+            "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": False, "sliding_window": 4096, "sliding_window_pattern": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), routed="sigmoid", qk_norm_over="head",
+        window_layers=True, window_names=None,
+        inert=("output_router_logits", "max_window_layers")),
+    # DeepSeek-V3 with its layers' kinds listed (mlp_layer_types) rather than counted
+    "glm4_moe_lite": Dense(
+        "GLM-4-MoE-Lite", ("Glm4MoeLiteForCausalLM",), {
+            **{k: v for k, v in _DEEPSEEK_DEFAULTS.items() if k != "first_k_dense_replace"},
+            "max_position_embeddings": 202752, "rms_norm_eps": 1e-5, "n_shared_experts": 1,
+            "routed_scaling_factor": 1.8, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "q_lora_rank": 768, "qk_nope_head_dim": 192,
+            "v_head_dim": 256, "mlp_layer_types": None},
+        routed="sigmoid", **_DEEPSEEK),
+    # GLM-4-MoE's experts on every layer under Llama's attention (q/k/v biases, full rotary)
+    "solar_open": Dense(
+        "Solar Open", ("SolarOpenForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 1000000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "n_shared_experts": 1, "routed_scaling_factor": 1.0,
+            "n_group": 1, "topk_group": 1, "norm_topk_prob": True},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",), routed="sigmoid", dense_mlp=False,
+        inert=("output_router_logits",)),
+    # DeepSeek-V3 itself under another name (its config also reads the original Sarvam keys)
+    "sarvam_mla": Dense(
+        "Sarvam-MLA", ("SarvamMLAForCausalLM",), {
+            **_DEEPSEEK_DEFAULTS, "first_k_dense_replace": 1, "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": True, "q_lora_rank": None, "initializer_range": 0.006},
+        routed="sigmoid", **_DEEPSEEK),
+    # OLMo 2's layers (post-norms only, qk-norm over the whole projections) with OLMoE's
+    # experts on every layer
+    "flex_olmo": Dense(
+        "FlexOlmo", ("FlexOlmoForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            **_MOE_COMMON, "num_experts_per_tok": 5, "num_experts": 7,
+            "router_aux_loss_coef": 0.01, "norm_topk_prob": False},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection", experts=Experts()),
+    # Mixtral's layout (its names, experts of intermediate_size on every layer) routed on
+    # biased sigmoid scores, normalised; OLMo 2's qk-norm over the projections, partial rotary
+    "minimax_m2": Dense(
+        "MiniMax-M2", ("MiniMaxM2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 196608, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 5000000.0, "attention_dropout": 0.0,
+            "num_experts_per_tok": 8, "num_local_experts": 256, "output_router_logits": False,
+            "router_jitter_noise": 0.0},
+        aliases={**_RMS, "n_routed_experts": "num_local_experts",
+                 "moe_intermediate_size": "intermediate_size"},
+        norm="norm", gated=True, dropouts=("attention_dropout",), routed="sigmoid",
+        dense_mlp=False, qk_norm_over="projection",
+        routed_fixed={"n_shared_experts": None, "routed_scaling_factor": 1.0,
+                      "norm_topk_prob": True, "n_group": 1, "topk_group": 1},
+        # HF adds Mixtral's balance loss only with output_router_logits, and multiplies
+        # the experts' input by noise in training with router_jitter_noise
+        fixed={"output_router_logits": False, "router_jitter_noise": 0.0},
+        # router_aux_loss_coef weighs the loss output_router_logits (false) would add;
+        # transformers turns rotary_dim into rope_parameters.partial_rotary_factor
+        inert=("router_aux_loss_coef", "rotary_dim"),
+        note="Its block_sparse_moe e_score_correction_bias is the router's expert_bias."),
+    # GraniteMoeShared with sliding-window layers (layer_types), a sink logit per head and
+    # NoPE layers (layer_rope_theta 0)
+    "granitemoe_swa": Dense(
+        "GraniteMoeSWA", ("GraniteMoeSWAForCausalLM",), {
+            **DENSE["granitemoe"].defaults, "shared_intermediate_size": 0,
+            "sliding_window": 128, "sliding_window_pattern": None, "layer_rope_theta": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True, sinks=True,
+        window_layers=True, window_names=None,
+        experts=Experts(count="num_local_experts", renormalize=True,
+                        shared="shared_intermediate_size"),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections, shared_mlp's its shared "
+             "expert's."),
+    # DeepSeek-V3's experts (its fields named num_experts, num_shared_experts) on the layers
+    # mlp_layer_types marks sparse; a per-head qk-norm; sliding layers by layer_types, and
+    # where a window is set the full-attention layers without positions
+    "exaone_moe": Dense(
+        "EXAONE-MoE", ("ExaoneMoeForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_dropout": 0.0, "sliding_window": 4096,
+            "sliding_window_pattern": None, "mlp_layer_types": None, "num_experts": 64,
+            "num_experts_per_tok": 8, "num_shared_experts": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1},
+        aliases={**_RMS, "n_routed_experts": "num_experts",
+                 "n_shared_experts": "num_shared_experts"},
+        norm="norm", gated=True, dropouts=("attention_dropout",), routed="sigmoid",
+        qk_norm_over="head", window_layers=True, window_names=None, global_nope=True,
+        # mlp_layer_types is written from first_k_dense_replace, layer_types from
+        # sliding_window_pattern (an int or a string of L and G); HF's causal LM adds no
+        # balance loss
+        inert=("first_k_dense_replace", "output_router_logits", "num_nextn_predict_layers")),
+    # GraniteMoE with a shared SwiGLU expert (its gate and up rows packed in input_linear)
+    "granitemoeshared": Dense(
+        "GraniteMoeShared", ("GraniteMoeSharedForCausalLM",), {
+            **DENSE["granitemoe"].defaults, "shared_intermediate_size": 0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), multipliers=True,
+        experts=Experts(count="num_local_experts", renormalize=True,
+                        shared="shared_intermediate_size"),
+        note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
+             "output_linear are its experts' packed projections, shared_mlp's its shared "
+             "expert's."),
+})
+
 
 # Families whose causal LM the language cannot say: the field that says why (located where
 # the config writes it, else at model_type), the reason and what to do.
-REFUSED = {
-    "phimoe": ("router_jitter_noise", "PhiMoE routes with sparsemixer: each of its two "
-               "experts is weighed by a softmax over the scores within router_jitter_noise "
-               "(relative) of that expert's, which no forgec router computes",
-               "forgec's routers are softmax_topk and sigmoid_topk"),
+REFUSED: dict[str, tuple[str, str, str]] = {
+    # ---- mixture-of-experts families looked at for issue #13 ----
+    "hunyuan_v1_moe": ("model_type", "HunYuan-MoE norms each head of q and k after the "
+                       "rotary embedding, and forgec's attention norms them before it (the "
+                       "per-channel weights do not commute with the rotation)",
+                       "forgec's qk_norm runs before RoPE"),
+    "minimax": ("layer_types", "MiniMax's lightning (linear) attention layers cannot be "
+                "expressed: forgec has no linear-attention mixer",
+                "forgec's self-attention ops are attention (softmax) and mla"),
+    "ernie4_5_moe": ("moe_num_experts", "ERNIE 4.5 MoE chooses its experts on softmax "
+                     "probabilities plus a score-correction bias and weighs them by the "
+                     "unbiased probabilities, which no forgec router computes",
+                     "softmax_topk chooses on the probabilities alone; sigmoid_topk's "
+                     "correction bias goes with sigmoid scores"),
+    "jetmoe": ("num_local_experts", "JetMoE routes its attention heads too (a mixture of "
+               "attention experts, kv_channels wide), which forgec's attention cannot say",
+               "forgec's experts replace the MLP only"),
+    "qwen3_next": ("layer_types", "Qwen3-Next's linear_attention layers (gated DeltaNet) "
+                   "cannot be expressed: forgec has no delta-rule mixer",
+                   "forgec's sequence mixers are attention, mla, mamba, ssd and short_conv"),
+    "longcat_flash": ("zero_expert_num", "LongCat-Flash routes tokens to zero-computation "
+                      "experts and runs two attentions per layer, which forgec's moe and "
+                      "blocks cannot say", "forgec's experts are SwiGLUs"),
 }
 
 

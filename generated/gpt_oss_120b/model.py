@@ -405,7 +405,13 @@ def attend_with_sinks(
     )  # (B, H, S, T + 1)
     zeros = k.new_zeros(b, k.shape[1], 1, k.shape[3])
     k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, enable_gqa=h != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=scores,
+        enable_gqa=h != k.shape[1],
+    )
 
 
 class Attention(nn.Module):
@@ -462,7 +468,14 @@ class Attention(nn.Module):
         if self.sinks is not None:
             if isinstance(mask, DocumentMask):
                 raise ValueError("attention sinks do not run on packed documents (doc_ids)")
-            out = attend_with_sinks(q, k, v, mask, self.sinks, self.causal)
+            out = attend_with_sinks(
+                q,
+                k,
+                v,
+                mask,
+                self.sinks,
+                self.causal,
+            )
         else:
             if isinstance(mask, DocumentMask):  # packed documents, in training
                 out = mask.attend(q, k, v)

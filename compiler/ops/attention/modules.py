@@ -207,6 +207,7 @@ def attend_with_sinks(
     mask: torch.Tensor | None,
     sinks: torch.Tensor,
     causal: bool,
+    scale: float | None = None,  # if QUERY_SCALE
 ) -> torch.Tensor:
     """SDPA of (B, heads, S, hd) queries over (B, KV, T, hd) keys where each head's
     softmax also weighs a learned sink logit (gpt-oss): one more key of zeros, scored
@@ -224,7 +225,14 @@ def attend_with_sinks(
     )  # (B, H, S, T + 1)
     zeros = k.new_zeros(b, k.shape[1], 1, k.shape[3])
     k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores, enable_gqa=h != k.shape[1])
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=scores,
+        scale=scale,  # if QUERY_SCALE
+        enable_gqa=h != k.shape[1],
+    )
 
 
 class Attention(nn.Module):
@@ -343,7 +351,15 @@ class Attention(nn.Module):
             if SINKS and self.sinks is not None:
                 if isinstance(mask, DocumentMask):
                     raise ValueError("attention sinks do not run on packed documents (doc_ids)")
-                out = attend_with_sinks(q, k, v, mask, self.sinks, self.causal)
+                out = attend_with_sinks(
+                    q,
+                    k,
+                    v,
+                    mask,
+                    self.sinks,
+                    self.causal,
+                    self.scale,  # if QUERY_SCALE
+                )
             else:
                 if isinstance(mask, DocumentMask):  # packed documents, in training
                     if QUERY_SCALE and self.scale is not None:  # the same scores

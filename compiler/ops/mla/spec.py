@@ -154,7 +154,9 @@ OPS = (
         # its weights keep their Hugging Face names: self_attn.q_a_proj, q_a_layernorm,
         # q_b_proj (or q_proj), kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj
         # (the families whose configs say kv_lora_rank choose it; the others' plain attention)
-        foreign={"hf": Foreign("self_attention", {"model_type": ("deepseek_v3", "deepseek_v2")},
+        foreign={"hf": Foreign("self_attention", {"model_type": ("deepseek_v3", "deepseek_v2",
+                                                                        "glm4_moe_lite",
+                                                                        "sarvam_mla")},
                                {"heads": "num_attention_heads",
                                 "q_lora_rank": "q_lora_rank",
                                 "kv_lora_rank": "kv_lora_rank",

@@ -175,6 +175,112 @@ class SigmoidTopK(nn.Module):
         return weights.type_as(x), ids
 
 
+class SparseMixerGrad(torch.autograd.Function):
+    """sparsemixer's gradient for a pick in training (Liu et al. 2024, as transformers'
+    PhiMoE computes it): the forward value is the pick's softmax weight times a midpoint
+    factor; the backward sends the router logits the softmax's gradient at the sampled
+    expert, δ_j·g − p_j·g (g: the output's gradient times the weight), and nothing else."""
+
+    @staticmethod
+    def forward(ctx, logits, weight, ids, probs, midpoint):
+        ctx.save_for_backward(weight, ids, probs)
+        return weight * midpoint
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, ids, probs = ctx.saved_tensors
+        grad = grad * weight
+        grad_logits = (probs * -grad).scatter_add(-1, ids, grad)
+        return grad_logits, None, None, None, None
+
+
+def sparsemixer_pick(
+    logits: torch.Tensor, remaining: torch.Tensor, jitter_eps: float, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pick of sparsemixer: (weight, expert) per token, each (T, 1).
+
+    `remaining` are the logits with earlier picks at -inf. The softmax covers the
+    experts whose logits lie within 2·jitter_eps of the best remaining one, relative
+    to max(|logit|, best); evaluation picks the best, training samples the softmax
+    (Gumbel-max) and scales the weight by 1 where the sample is the best (or, at
+    random, a quarter of the time) and by 1/3 otherwise (Heun's midpoint).
+    """
+    with torch.no_grad():
+        best, best_id = remaining.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=best)
+        outside = (best - logits) / factor > 2 * jitter_eps
+    gates = remaining.masked_fill(outside, float("-inf"))
+    if training:  # Gumbel-max: a sample of softmax(gates)
+        noise = torch.empty_like(gates).exponential_().log()
+        ids = (gates - noise).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        ids = best_id
+    probs = gates.softmax(dim=-1)
+    weight = probs.gather(-1, ids)
+    if not training:
+        return weight, ids
+    top = probs.max(dim=-1, keepdim=True)[1]
+    full = (ids == top) | (torch.rand_like(weight) > 0.75)
+    midpoint = torch.add(0.3333, full, alpha=0.6667).type_as(probs)
+    return SparseMixerGrad.apply(logits, weight, ids, probs, midpoint), ids
+
+
+class SparseMixer(nn.Module):
+    """Router (PhiMoE): sparsemixer's two picks. The first is the best expert, weighed
+    by a softmax over the experts within 2·jitter_eps (relative) of it; the second the
+    same among the others. The weights are not renormalised.
+
+    In training each pick is sampled from its softmax and the router learns through
+    sparsemixer's gradient estimate (`sparsemixer_pick`); the load-balancing loss
+    E · Σ_i f_i · P_i takes f_i from the top-2 of the plain softmax (as transformers'
+    balance loss does), the z-loss as the other routers.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        experts: int,
+        top_k: int,
+        jitter_eps: float = 0.01,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.experts, self.top_k, self.jitter_eps = experts, top_k, jitter_eps
+        self.aux_loss_weight, self.z_loss_weight = aux_loss_weight, z_loss_weight
+        self.weight = nn.Parameter(torch.empty(experts, dim))
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.register_buffer("expert_counts", torch.zeros(experts), persistent=False)
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=std)
+        self.expert_counts.zero_()
+
+    def set_step(self, step: int, max_steps: int) -> None:
+        """Nothing is scheduled for this router."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, dim) → weights and expert ids (B·S, 2)."""
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (T, E)
+        first_weight, first = sparsemixer_pick(logits, logits, self.jitter_eps, self.training)
+        others = logits.scatter(-1, first, float("-inf"))
+        second_weight, second = sparsemixer_pick(logits, others, self.jitter_eps, self.training)
+        weights = torch.cat([first_weight, second_weight], dim=-1)
+        ids = torch.cat([first, second], dim=-1)
+        counts = torch.bincount(ids.flatten(), minlength=self.experts).float()
+        self.expert_counts = counts.detach()
+        if not self.training:
+            self.aux_loss = self.z_loss = None
+        else:
+            probs = logits.softmax(dim=-1)
+            top = probs.topk(self.top_k, dim=-1).indices
+            share = torch.bincount(top.flatten(), minlength=self.experts).float() / top.numel()
+            self.aux_loss = self.aux_loss_weight * self.experts * (share * probs.mean(dim=0)).sum()
+            self.z_loss = self.z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean()
+        return weights.type_as(x), ids
+
+
 GROUPED_MM = True  # use torch._grouped_mm where the device and dtype allow it
 
 

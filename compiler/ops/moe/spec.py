@@ -136,6 +136,15 @@ def _check_groups(router: Any, moe: Any, diags: Any) -> None:
                     hint="raise topk_group or lower top_k")
 
 
+def _check_sparsemixer(router: Any, moe: Any, diags: Any) -> None:
+    """E185: sparsemixer picks exactly two experts (its second pick masks out the first)."""
+    k = moe.args["top_k"]
+    if k != 2:
+        diags.error("E185", f"sparsemixer routes every token to exactly 2 experts, but this "
+                    f"moe has top_k = {k}", moe.arg_spans.get("top_k", moe.span),
+                    hint="set top_k = 2, or route with softmax_topk")
+
+
 def _softmax_kf_args(config: Args, note: Any) -> list[tuple[str, Any, str | None]]:
     """KempnerForge's softmax router always renormalises; its sequence loss and bias
     schedule belong to the sigmoid router only."""
@@ -195,7 +204,10 @@ OPS = (
         ctor=_router_ctor,
         # DeepSeek-V3's router (its e_score_correction_bias is expert_bias; the weights
         # runtime/hf.py maps); KempnerForge's moe_router = "sigmoid_topk"
-        foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3",)},
+        foreign={"hf": Foreign("router", {"model_type": ("deepseek_v3", "glm4_moe",
+                                                                "dots1", "glm4_moe_lite",
+                                                                "solar_open", "sarvam_mla",
+                                                                "minimax_m2", "exaone_moe")},
                                {"normalize": "norm_topk_prob",
                                 "routed_scale": "routed_scaling_factor",
                                 "n_group": "n_group", "topk_group": "topk_group"}),
@@ -203,6 +215,25 @@ OPS = (
                                {"schedule": "moe_bias_schedule",
                                 "seq_aux_loss_weight": "moe_sequence_aux_loss_weight"},
                                args=_sigmoid_kf_args)},
+    ),
+    OpDef(
+        name="sparsemixer",
+        role="router",
+        doc="PhiMoE's router: two picks, each the best remaining expert weighed by a "
+            "softmax over the experts whose logits lie within 2·jitter_eps (relative) of "
+            "its own; in training each pick is a Gumbel sample of that softmax, with "
+            "sparsemixer's midpoint gradient estimate for the router.",
+        args=(
+            ArgSpec("jitter_eps", "float", 0.01, min=0.0,
+                    doc="relative width of the window of experts a pick's softmax covers"),
+            ArgSpec("aux_loss_weight", "float", 0.01, min=0.0),
+            ArgSpec("z_loss_weight", "float", 0.0, min=0.0),
+        ),
+        class_name="SparseMixer", check=_check_sparsemixer,
+        ctor=_router_ctor,
+        # PhiMoE's router: its config calls the window router_jitter_noise
+        foreign={"hf": Foreign("router", {"model_type": ("phimoe",)},
+                               {"jitter_eps": "router_jitter_noise"})},
     ),
     OpDef(
         name="moe",
@@ -214,7 +245,7 @@ OPS = (
             ArgSpec("experts", "size", doc="routed experts"),
             ArgSpec("top_k", "int", doc="experts per token"),
             ArgSpec("hidden", "size", doc="hidden width of one expert"),
-            ArgSpec("router", "op:router", doc="softmax_topk(...) or sigmoid_topk(...)"),
+            ArgSpec("router", "op:router", doc="softmax_topk(...), sigmoid_topk(...) or sparsemixer(...)"),
             ArgSpec("shared_experts", "int", 0, min=0, doc="experts every token uses"),
             ArgSpec("shared_hidden", "size", derived=True,
                     doc="hidden width of one shared expert (default: hidden)"),
