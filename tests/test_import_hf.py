@@ -762,7 +762,7 @@ def _listed_config(cls, **fields) -> dict:
     (hf.Lfm2Config, {"layer_types": ["conv", "sliding_attention", "conv"]}, "E114",
      '"sliding_attention"'),
     (hf.Lfm2Config, {"block_multiple_of": 0}, "E113", '"block_multiple_of"'),
-    (hf.Lfm2Config, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 2.0}},
+    (hf.Lfm2Config, {"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e6}},
      "E114", '"rope_type"'),
     (hf.Lfm2Config, {"block_dim": 32}, "E116", '"block_dim"'),
     (hf.Lfm2Config, {"block_use_swiglu": False}, "E116", '"block_use_swiglu"'),
