@@ -97,6 +97,9 @@ _DIRECT = [
     (re.compile(r"norm_f\.weight"), "norm.weight"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"layers.\1.mixer.\2"),
+    # Qwen3-Next's gated DeltaNet mixer `linear_attn` (the gated_deltanet op keeps HF's
+    # inner names)
+    (re.compile(r"layers\.(\d+)\.linear_attn\.(.+)"), r"layers.\1.linear_attn.\2"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -565,6 +568,7 @@ _MOE_NAMES = {
 }
 _MOE_NAMES["deepseek_v3"] = _MOE_NAMES["deepseek_v2"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["qwen2_moe"] = _MOE_NAMES["olmoe"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["qwen3_next"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -574,7 +578,10 @@ _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight"
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
-             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES)
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "qwen3_next")
+# families whose q_proj also yields a gate per query channel (each head's query rows,
+# then its gate rows)
+_GATED_QUERY = ("qwen3_next",)
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -587,6 +594,7 @@ _RENAMED = {
                (re.compile(r"model\.norm\.weight"), "backbone.norm_f.weight"),
                (re.compile(r"^model\."), "backbone.")),
 }
+_RENAMED["qwen3_next"] = _RENAMED["qwen2_moe"]  # its shared expert and gate
 
 
 def _family_name(model_type: str, name: str) -> str:
@@ -635,6 +643,7 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.mamba\.(.+)"), r"model.layers.\1.mamba.\2"),
     (re.compile(r"layers\.(\d+)\.norm\.weight"), r"model.layers.\1.norm.weight"),
     (re.compile(r"layers\.(\d+)\.mixer\.(.+)"), r"model.layers.\1.mixer.\2"),
+    (re.compile(r"layers\.(\d+)\.linear_attn\.(.+)"), r"model.layers.\1.linear_attn.\2"),
 ]
 
 
@@ -774,8 +783,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
         # a latent attention's query head also holds its rotated channels (qk_head_dim)
         head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") \
             or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
+        rows = 2 if model_type in _GATED_QUERY else 1  # with the gate's
         checks.append(("num_attention_heads × head_dim", q.shape[0],
-                       cfg["num_attention_heads"] * head_dim))
+                       rows * cfg["num_attention_heads"] * head_dim))
     for check in checks:
         key, have = check[0], check[1]
         want = check[2] if len(check) > 2 else cfg.get(key)
