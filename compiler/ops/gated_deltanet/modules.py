@@ -198,8 +198,8 @@ class GatedDeltaNet(nn.Module):
         # grouped by query/key head: its q, k, then its value heads' v and z
         qkvz = self.in_proj_qkvz(x).reshape(b, s, self.qk_heads, -1)
         q, k, v, z = qkvz.split([dk, dk, per * dv, per * dv], dim=-1)
-        # per query/key head: its value heads' β, then their a (picked, not split: the
-        # backward then sums full-size gradients, whatever their layout)
+        # per query/key head: its value heads' β, then their a (indexed, not split: a
+        # compiled backward cannot rejoin split gradients of the scan's layout)
         ba = self.in_proj_ba(x).unflatten(-1, (self.qk_heads, 2, per))
         beta, a = ba[..., 0, :], ba[..., 1, :]  # (B, S, Hk, per)
         qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1).transpose(1, 2)
@@ -216,18 +216,18 @@ class GatedDeltaNet(nn.Module):
         q, k = l2_normalize(q) * dk**-0.5, l2_normalize(k)  # (B, S, Hv, Dk)
         v = v.reshape(b, s, self.v_heads, dv).float()
         beta = beta.reshape(b, s, self.v_heads).float().sigmoid()
-        decay = -self.A_log.float().exp() * F.softplus(
+        log_decay = -self.A_log.float().exp() * F.softplus(
             a.reshape(b, s, self.v_heads).float() + self.dt_bias.float()
         )
         if KV_CACHE and cache is not None:  # the rule continues the cached state
             state = cache.recurrent_state.float()
             if s == 1:  # a decoding step: the recurrence itself
-                o, state = gated_delta_step(q, k, v, decay, beta, state)
+                o, state = gated_delta_step(q, k, v, log_decay, beta, state)
             else:
-                o, state = gated_delta_chunked(q, k, v, decay, beta, self.chunk, state)
+                o, state = gated_delta_chunked(q, k, v, log_decay, beta, self.chunk, state)
             cache.recurrent_state.copy_(state)
             cache.advance(s)
         else:
-            o, _ = gated_delta_chunked(q, k, v, decay, beta, self.chunk)
+            o, _ = gated_delta_chunked(q, k, v, log_decay, beta, self.chunk)
         o = self.norm(o.to(x.dtype), z.reshape(b, s, self.v_heads, dv))  # (B, S, Hv, Dv)
         return self.out_proj(o.flatten(2))
