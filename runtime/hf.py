@@ -110,6 +110,9 @@ _DIRECT = [
     # GraniteMoeSWA's router (its experts are transformers 5's packed ones, _PACKED)
     (re.compile(r"layers\.(\d+)\.block_sparse_moe\.router\.weight"),
      r"layers.\1.mlp.router.weight"),
+    # Qwen3-Next's gated DeltaNet mixer `linear_attn` (the gated_deltanet op keeps HF's
+    # inner names)
+    (re.compile(r"layers\.(\d+)\.linear_attn\.(.+)"), r"layers.\1.linear_attn.\2"),
 ]
 # A sandwich-norm decoder layer (Gemma 2, Gemma 3) norms after each sublayer too:
 # there `post_attention_layernorm` follows the attention and `pre_feedforward_layernorm`
@@ -615,6 +618,7 @@ _MOE_NAMES["phimoe"] = _MOE_NAMES["minimax_m2"] = _MOE_NAMES["mixtral"]
 _MOE_NAMES["glm4_moe"] = _MOE_NAMES["dots1"] = _MOE_NAMES["qwen3_moe"]
 _MOE_NAMES["glm4_moe_lite"] = _MOE_NAMES["solar_open"] = _MOE_NAMES["sarvam_mla"] = \
     _MOE_NAMES["flex_olmo"] = _MOE_NAMES["exaone_moe"] = _MOE_NAMES["qwen3_moe"]
+_MOE_NAMES["qwen3_next"] = _MOE_NAMES["qwen3_moe"]
 # families whose experts are (E, 2·hidden, dim) gate-then-up and (E, dim, hidden) tensors
 # under these names, and their router's name
 _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight",
@@ -632,8 +636,11 @@ _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemm
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
              "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
-             "flex_olmo", "minimax_m2", "exaone_moe",
+             "flex_olmo", "minimax_m2", "exaone_moe", "qwen3_next",
              "bamba")  # (Bamba: Jamba's names, its Mamba-2 mixers under `mamba`)
+# families whose q_proj also yields a gate per query channel (each head's query rows,
+# then its gate rows)
+_GATED_QUERY = ("qwen3_next",)
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -651,6 +658,7 @@ _RENAMED = {
                (re.compile(r"^model\."), "backbone.")),
 }
 _RENAMED["bamba"] = _RENAMED["jamba"]  # Bamba: Jamba's names
+_RENAMED["qwen3_next"] = _RENAMED["qwen2_moe"]  # its shared expert and gate
 
 
 def _family_name(model_type: str, name: str) -> str:
@@ -709,6 +717,7 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.attention_norm\.bias"), r"model.layers.\1.input_layernorm.bias"),
     (re.compile(r"layers\.(\d+)\.mlp_norm\.bias"), r"model.layers.\1.post_attention_layernorm.bias"),
     (re.compile(r"output_head\.proj\.bias"), "lm_head.bias"),
+    (re.compile(r"layers\.(\d+)\.linear_attn\.(.+)"), r"model.layers.\1.linear_attn.\2"),
 ]
 
 
@@ -857,8 +866,9 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
         # a latent attention's query head also holds its rotated channels (qk_head_dim)
         head_dim = cfg.get("qk_head_dim") or cfg.get("head_dim") \
             or cfg.get("hidden_size", 0) // cfg["num_attention_heads"]
+        rows = 2 if model_type in _GATED_QUERY else 1  # with the gate's
         checks.append(("num_attention_heads × head_dim", q.shape[0],
-                       cfg["num_attention_heads"] * head_dim))
+                       rows * cfg["num_attention_heads"] * head_dim))
     for check in checks:
         key, have = check[0], check[1]
         want = check[2] if len(check) > 2 else cfg.get(key)

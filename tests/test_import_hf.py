@@ -776,6 +776,35 @@ def test_bamba_and_lfm2_errors_point_at_the_key(cls, fields, code, key):
         (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
 
 
+# ---- Qwen3-Next (gated DeltaNet and gated attention layers) ---------------------------
+
+def _qwen3_next_config(**fields) -> dict:
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                 linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
+                 moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                 max_position_embeddings=128)
+    return {**json.loads(hf.Qwen3NextConfig(**small).to_json_string(use_diff=False)),
+            **fields}
+
+
+@pytest.mark.parametrize("fields, code, key", [
+    ({"linear_num_value_heads": 3}, "E116", '"linear_num_value_heads"'),
+    ({"layer_types": ["linear_attention", "sliding_attention", "linear_attention",
+                      "full_attention"]}, "E114", '"sliding_attention"'),
+    ({"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    ({"attention_dropout": 0.1}, "E114", '"attention_dropout"'),
+    ({"linear_conv_kernel_dim": 0}, "E113", '"linear_conv_kernel_dim"'),
+])
+def test_qwen3_next_import_errors_point_at_the_key(fields, code, key):
+    text = json.dumps(_qwen3_next_config(**fields), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
 @pytest.mark.parametrize("cls, model_cls, fields, expect", [
     # transformers' defaults: Mamba-2 mixers of 128 heads, attention nowhere
     (hf.BambaConfig, hf.BambaForCausalLM, {}, ["default: ssm"]),
@@ -914,3 +943,40 @@ def test_sarvam_mla_is_deepseek_v3_under_another_name():
         specs.append([line for line in spec.splitlines() if not line.startswith("#")])
     assert specs[0] == specs[1]
     assert any("mla(" in line for line in specs[0])
+@pytest.mark.parametrize("layout, rules", [
+    # transformers' layer_types from full_attention_interval 4: the last of 4 attends
+    ({}, ["default: linear_moe", "last 1:  full_moe"]),
+    # the Hub's configs state the interval instead of the list (here every 2nd attends);
+    # decoder_sparse_step 2 leaves layers 0 and 2 dense
+    ({"layer_types": None, "full_attention_interval": 2, "decoder_sparse_step": 2},
+     ["default: linear", "every 2: full_moe"]),
+])
+def test_qwen3_next_layouts_import_with_transformers_parameter_count(tmp_path, layout, rules):
+    cfg = {k: v for k, v in _qwen3_next_config(**layout).items() if v is not None}
+    spec, diags = import_text(json.dumps(cfg, indent=2), "qwen3_next_tiny")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    for rule in rules:
+        assert f"    {rule}" in spec
+    (tmp_path / "qwen3_next_tiny.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / "qwen3_next_tiny.forge"))
+    assert not result.diagnostics.items, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = hf.Qwen3NextForCausalLM(hf.Qwen3NextConfig(**cfg))
+    assert cost(result.graphs["qwen3_next_tiny"]).params_total == sum(
+        p.numel() for p in ref.parameters())
+
+
+def test_the_default_qwen3_next_config_imports_with_transformers_parameter_count(tmp_path):
+    config = hf.Qwen3NextConfig(num_hidden_layers=4)  # 3 DeltaNet layers, 1 attention
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    spec, diags = import_text(json.dumps(cfg, indent=2), "qwen3_next_default")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / "qwen3_next_default.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / "qwen3_next_default.forge"))
+    with torch.device("meta"):
+        ref = hf.Qwen3NextForCausalLM(config)
+    c = cost(result.graphs["qwen3_next_default"])
+    assert c.params_total == sum(p.numel() for p in ref.parameters())
+    # per sequence: each DeltaNet layer's last 3 convolution inputs (2·16·128 + 32·128
+    # channels) and its states (32 value heads × 128 × 128), bf16
+    assert c.state_bytes_per_seq == 3 * (8192 * 3 + 32 * 128 * 128) * 2

@@ -17,8 +17,9 @@ tied head (Qwen2), qk-norm with head_dim ≠ dim / heads (Qwen3), softmax top-2
 routing renormalised (Mixtral) and not (Qwen3-MoE, whose dense and sparse layers
 are interleaved by mlp_only_layers), a shared expert behind a sigmoid gate
 (Qwen2-MoE), experts with qk-norm over the projections (OLMoE) or multipliers
-(GraniteMoE), and the state-space hybrids Jamba and Mamba-2, whose scans agree
-within 1e-4 (`ATOL`: HF's sequential fp32 recurrence and forgec's round differently).
+(GraniteMoE), and the state-space hybrids Jamba and Mamba-2 and Qwen3-Next's gated
+DeltaNet layers (beside gated attention), whose scans agree within 1e-4 (`ATOL`: HF's
+sequential fp32 recurrence and forgec's round differently).
 
 Weights are drawn with std 0.15 (`initializer_range`): at HF's 0.02 a tiny random
 model's greedy decode falls into a loop of one or two tokens, which would prove
@@ -299,10 +300,19 @@ FAMILIES = {
         num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
         pad_token_id=0,
         eos_token_id=2)),
+    # Qwen3-Next (a scan: 1e-4): gated DeltaNet layers (2 query/key heads serving 4 value
+    # heads) and a gated attention layer (full_attention_interval 4) with (1 + w) qk-norms
+    # and a quarter of each head rotating; experts with a shared expert behind a sigmoid
+    # gate, a dense MLP on layer 1 (mlp_only_layers)
+    "qwen3_next": (hf.Qwen3NextConfig, hf.Qwen3NextForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        mlp_only_layers=[1])),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently
-ATOL = {"jamba": 1e-4, "mamba2": 1e-4, "bamba": 1e-4}
+ATOL = {"jamba": 1e-4, "mamba2": 1e-4, "bamba": 1e-4, "qwen3_next": 1e-4}
 # families whose HF model numbers a step's positions from 0 unless given position_ids
 # (BambaModel ignores its cache there; generate() passes them)
 POSITIONS_GIVEN = ("bamba",)

@@ -422,8 +422,9 @@ class Decoder:
     # the layout as periods rather than a list of layers
     ssm: tuple[str, list[str]] | None = None
     ssm_names: tuple[str, str] = ("norm", "mixer")
-    ssm_block: str = "ssm"  # the name of the mixer's blocks (LFM2's: conv)
     rules: list[tuple[str, LayerKind, str]] | None = None
+    # a hybrid's block names by mixer (the state-space mixer's, attention's)
+    mixer_names: tuple[str, str] = ("ssm", "attn")
 
     def _op(self, role: str) -> str:
         name = foreign_op(self.framework, role)
@@ -432,7 +433,7 @@ class Decoder:
 
     def _block_name(self, kind: LayerKind, mixed_window: bool) -> str:
         if self.ssm is not None:  # a hybrid: named by mixer, then MLP
-            return (self.ssm_block if kind.ssm else "attn") + ("_moe" if kind.moe else "")
+            return self.mixer_names[0 if kind.ssm else 1] + ("_moe" if kind.moe else "")
         if self.window_names and not kind.nope:  # (families whose layers all match in moe)
             return self.window_names[0 if kind.window else 1]
         base = "sparse" if kind.moe else "dense"

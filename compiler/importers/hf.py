@@ -14,7 +14,9 @@ projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by
-list, an MLP on each) and LFM2 (short convolutions and attention by layer_types). The
+list, an MLP on each) and LFM2 (short convolutions and attention by layer_types).
+Qwen3-Next is a `DENSE` family whose linear_attention layers (layer_types, else
+full_attention_interval) are gated DeltaNet mixers beside gated attention. The
 further mixtures of experts are `DENSE` entries too: PhiMoE (its sparsemixer router),
 GraniteMoeShared and GraniteMoeSWA (a shared expert; windows, sinks, NoPE layers),
 FlexOlmo (OLMo 2's layers, OLMoE's experts), and DeepSeek-V3's routed experts under
@@ -126,6 +128,7 @@ class Importer:
         self.experts_key = "num_local_experts"
         self.act: str | None = None  # hidden_act: it chooses the MLP and expert ops
         self.partial_rotary = False  # the family's attention may rotate part of a head
+        self.linear_mixer: str | None = None  # the foreign role of a linear-attention mixer
         # the top-level field of the RoPE base (GPT-NeoX's 4.x configs: rotary_emb_base)
         self.theta_key = "rope_theta"
         # (partial_rotary_factor or rotary_dim, the field it comes from)
@@ -707,6 +710,12 @@ class Dense:
     routed_fixed: dict = field(default_factory=dict)
     # where a window is set, the full-attention layers attend without positions (EXAONE)
     global_nope: bool = False
+    # ---- Qwen3-Next's
+    # the foreign role of the mixer of its linear_attention layers (layer_types, else
+    # every full_attention_interval-th layer attends), and the config fields it reads
+    linear_mixer: str | None = None
+    linear_mixer_fields: tuple[str, ...] = ()
+    output_gate: bool = False  # q_proj also yields a sigmoid gate of the attention's output
 
 
 DENSE = {
@@ -956,11 +965,14 @@ class DenseImporter(Importer):
         layers (layer_types: the only kind these families import)."""
         if "layer_types" in d:
             types = f.get("layer_types", "list?", d["layer_types"])
+            known = ("full_attention", "linear_attention") if self.linear_mixer \
+                else ("full_attention",)
             for i, t in enumerate(types or []):
-                if t != "full_attention":
+                if t not in known:
                     self.diags.error("E114", f"layer type {t!r} cannot be expressed",
                                      self.src.span(("layer_types", i)),
-                                     "this family imports full_attention layers only")
+                                     "this family imports " + " and ".join(known)
+                                     + " layers only")
             if types is not None and len(types) != n:
                 f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
                         f"{n} layers (num_hidden_layers)")
@@ -1305,6 +1317,7 @@ class DenseImporter(Importer):
         fam = DENSE[model_type]
         d = fam.defaults
         self.partial_rotary = True
+        self.linear_mixer = fam.linear_mixer
 
         def key(canon: str) -> str:
             return fam.aliases.get(canon, canon)
@@ -1444,6 +1457,8 @@ class DenseImporter(Importer):
                 self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
             else:
                 self._rope(f, {"rope_theta": d.get("rope_theta", 10000.0)})
+            if fam.linear_mixer is not None:  # its mixer's fields are known, read or not
+                f.consume(*fam.linear_mixer_fields, "full_attention_interval", "layer_types")
             if fam.experts is not None:  # report the experts' fields' errors too
                 p.add("ffn_hidden", 0)
                 dense_experts(self, f, fam, [LayerKind(False, False)] * (n_layers or 1))
@@ -1521,6 +1536,8 @@ class DenseImporter(Importer):
         self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
         if fam.sinks:
             attention.append("sinks = true")
+        if fam.output_gate:
+            attention.append("output_gate = true")
         moe, sparse = (self._biased_experts(f, d, n_layers) if fam.routed == "biased"
                        else self._routed_experts(f, fam, d, n_layers) if fam.routed
                        else (None, [False] * n_layers))
@@ -1538,6 +1555,11 @@ class DenseImporter(Importer):
         stack_notes = []
         if fam.experts is not None:
             moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
+        ssm = None
+        if fam.linear_mixer is not None:
+            ssm, linear = self._linear_layers(f, fam, d, n_layers)
+            kinds = [LayerKind(k.window, k.moe, k.nope, lin)
+                     for k, lin in zip(kinds, linear, strict=True)]
         if window is not None:
             p.add("window", window, self.note_default(f, "sliding_window"))
         acknowledged = f.unknown(self.ignore, fam.title)
@@ -1605,7 +1627,51 @@ class DenseImporter(Importer):
             post_norm_names=fam.post_norm_names,
             window_names=fam.window_names if fam.window_layers else None,
             window_args=["local_rope = true"] if fam.local_rope else [],
-            attention_op=self.latent_op if fam.latent else None)
+            attention_op=self.latent_op if fam.latent else None,
+            ssm=ssm, ssm_names=("attention_norm", "linear_attn"),
+            mixer_names=("linear", "full"))
+
+    def _linear_layers(self, f: Fields, fam: Dense, d: dict,
+                       n: int) -> tuple[tuple[str, list[str]] | None, list[bool]]:
+        """Qwen3-Next: the linear-attention mixer (op, arguments) and which layers it
+        mixes: layer_types' linear_attention layers, else all but every
+        full_attention_interval-th."""
+        p = self.p
+        types = f.obj.get("layer_types")  # checked by _rotating_layers
+        if isinstance(types, list) and len(types) == n:
+            f.consume("full_attention_interval")  # transformers reads it only without them
+            linear = [t == "linear_attention" for t in types]
+        else:
+            interval = f.get("full_attention_interval", "int", d["full_attention_interval"],
+                             positive=True)
+            linear = [interval is not None and (i + 1) % interval != 0 for i in range(n)]
+        config = {"rms_norm_eps": p.value("norm_eps")}
+        for k in fam.linear_mixer_fields:
+            config[k] = f.get(k, "int", d[k], positive=True)
+        qk, v = config.get("linear_num_key_heads"), config.get("linear_num_value_heads")
+        if qk and v and v % qk:
+            f.error("E116", "linear_num_value_heads", f"linear_num_value_heads = {v} is not a "
+                    f"multiple of linear_num_key_heads = {qk}",
+                    "each key head of the gated DeltaNet serves as many value heads")
+            return None, linear
+        if None in config.values() or not any(linear):
+            return None, [False] * n
+        op = foreign_op("hf", fam.linear_mixer)
+        args = ["dim"]
+        for arg, value, why in foreign_ops("hf", fam.linear_mixer)[op].foreign["hf"].args(
+                config, lambda k: self.note_default(f, k)):
+            if arg == "norm_eps":
+                value = p("norm_eps")
+            elif why is not None:
+                p.add(f"linear_{arg}", value, why)
+                value = p(f"linear_{arg}")
+            else:
+                value = fmt(value)
+            args.append(f"{arg} = {value}")
+        self.notes.append("Layers: " + ", ".join(
+            str(i) for i, lin in enumerate(linear) if not lin) + " attend (full_attention); "
+            "the others mix the sequence by gated DeltaNet (linear_attention).")
+        return (op, args), linear
 
 
 # ---- mixtures of experts of the general importer (OLMoE, Qwen2-MoE, GraniteMoE) ----------
@@ -1903,6 +1969,33 @@ DENSE.update({
              "output_linear are its experts' packed projections, shared_mlp's its shared "
              "expert's."),
 })
+
+
+# Qwen3-Next: gated DeltaNet (linear attention) layers and gated attention layers (per-head
+# qk-norms scaling by 1 + w, a quarter of each head rotating), every norm scaling by 1 + w,
+# a mixture of experts with a shared expert behind a sigmoid gate (dense MLP layers by
+# mlp_only_layers / decoder_sparse_step)
+DENSE["qwen3_next"] = Dense(
+    "Qwen3-Next", ("Qwen3NextForCausalLM",), {
+        "hidden_act": "silu", "max_position_embeddings": 32768, "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 2,
+        "head_dim": 256, "rope_theta": 10000.0, "attention_bias": False,
+        "attention_dropout": 0.0, "layer_types": None, "full_attention_interval": 4,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 32, **_MOE_COMMON,
+        "num_experts_per_tok": 10, "num_experts": 512, "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
+        "decoder_sparse_step": 1, "mlp_only_layers": []},
+    aliases=_RMS, norm="norm", norm_args=", unit_offset = true", qkv_bias="attention_bias",
+    out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+    rotary_pct_field="partial_rotary_factor", qk_norm_over="head",
+    qk_norm_args=("qk_norm_unit_offset = true",), output_gate=True,
+    linear_mixer="gated_deltanet_mixer",
+    linear_mixer_fields=("linear_num_key_heads", "linear_num_value_heads",
+                         "linear_key_head_dim", "linear_value_head_dim",
+                         "linear_conv_kernel_dim"),
+    experts=Experts(hidden="moe_intermediate_size", sparse_step=True,
+                    shared_gated="shared_expert_intermediate_size"))
 
 
 # Families whose causal LM the language cannot say: the field that says why (located where
@@ -2217,7 +2310,7 @@ class HybridImporter(Importer):
             tie=tie, framework="hf", ssm=(mixer_op, args),
             ssm_names=(fam.ssm_names[0], foreign_op("hf", fam.component_role)
                        if fam.component_role else fam.ssm_names[1] or mixer_op),
-            rules=rules, ssm_block=fam.block_name,
+            rules=rules, mixer_names=(fam.block_name, "attn"),
             stack_notes=[self.layer_rule] if self.layer_rule else [])
 
     @staticmethod

@@ -22,6 +22,7 @@ LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma
 CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 SINKS = True  # feature: some attention has learned per-head sink logits
+OUTPUT_GATE = True  # feature: some attention gates its output per channel (Qwen3-Next)
 
 
 class KVCache:
@@ -257,6 +258,7 @@ class Attention(nn.Module):
         clip_qkv: float = 0.0,  # if CLIP_QKV
         qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
         sinks: bool = False,  # if SINKS
+        output_gate: bool = False,  # if OUTPUT_GATE
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -274,7 +276,12 @@ class Attention(nn.Module):
             self.zero_init = zero_init
         if CLIP_QKV:
             self.clip_qkv = clip_qkv
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        if OUTPUT_GATE:
+            self.output_gate = output_gate
+        if OUTPUT_GATE and output_gate:  # q_proj yields each head's query, then its gate
+            self.q_proj = nn.Linear(dim, 2 * heads * head_dim, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
@@ -319,7 +326,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         # -1 heads: under tensor parallelism a rank holds a slice of the heads
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, H, hd)
+        if OUTPUT_GATE and self.output_gate:  # each head's query, then its gate
+            q, gate = self.q_proj(x).view(b, s, -1, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(b, s, -1)  # (B, S, H·hd)
+        else:
+            q = self.q_proj(x).view(b, s, -1, self.head_dim)  # (B, S, H, hd)
         k = self.k_proj(x).view(b, s, -1, self.head_dim)  # (B, S, KV, hd)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         if CLIP_QKV and self.clip_qkv:  # the projections clamped to ±clip_qkv
@@ -375,4 +386,6 @@ class Attention(nn.Module):
                         scale=self.scale,  # if QUERY_SCALE
                         enable_gqa=q.shape[1] != k.shape[1],
                     )  # (B, H, S, hd)
+        if OUTPUT_GATE and self.output_gate:  # each channel scaled by its gate
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1) * torch.sigmoid(gate))
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

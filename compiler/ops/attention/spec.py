@@ -23,14 +23,15 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
     dim, hd, h, kv = a["dim"], a["head_dim"], a["heads"], a["kv_heads"]
     if hd is None:
         return {}
+    q_rows = 2 * h * hd if a["output_gate"] else h * hd  # each head's query, then its gate
     w: dict[str, Shape] = {
-        "q_proj.weight": (h * hd, dim),
+        "q_proj.weight": (q_rows, dim),
         "k_proj.weight": (kv * hd, dim),
         "v_proj.weight": (kv * hd, dim),
         "o_proj.weight": (dim, h * hd),
     }
     if a["qkv_bias"]:
-        w["q_proj.bias"] = (h * hd,)
+        w["q_proj.bias"] = (q_rows,)
         w["k_proj.bias"] = (kv * hd,)
         w["v_proj.bias"] = (kv * hd,)
     if a["out_bias"]:
@@ -93,7 +94,8 @@ def _features(a: Args) -> frozenset[str]:
                                      ("clip_qkv", a["clip_qkv"] > 0),
                                      ("qk_norm_projection", a["qk_norm"]
                                       and a["qk_norm_over"] == "projection"),
-                                     ("sinks", a["sinks"]))
+                                     ("sinks", a["sinks"]),
+                                     ("output_gate", a["output_gate"]))
                      if on)
 
 
@@ -121,6 +123,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
     if "sinks" in u:
         out["sinks"] = a["sinks"]
+    if a["output_gate"]:
+        out["output_gate"] = True
     return out
 
 
@@ -216,6 +220,9 @@ OPS = (
                     doc="clamp q, k and v to ±clip_qkv after the projections; 0: no clamp"),
             ArgSpec("sinks", "bool", False,
                     doc="a learned sink logit per head in each softmax (gpt-oss)"),
+            ArgSpec("output_gate", "bool", False,
+                    doc="q_proj also yields a gate per channel: the output times "
+                        "sigmoid(gate) before o_proj (Qwen3-Next)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
