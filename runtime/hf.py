@@ -67,7 +67,7 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)"),
      r"layers.\1.attention.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), r"layers.\1.attention.\2_norm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)"), r"layers.\1.mlp.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.gate\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
@@ -375,6 +375,25 @@ TABLE_FAMILIES = {
          "attention.o_proj": "self_attn.o_proj", "mlp.down_proj": "mlp.down_proj"},
         qkv="self_attn.qkv_proj", gate_up="mlp.gate_up_proj"),
 }
+# more decoders (issue #13): Llama's names with interleaved rotary pairs, or another
+# family's names
+_LLAMA_PARTS = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+                **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}
+TABLE_FAMILIES.update({
+    "helium": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS, interleaved=True),
+    "ernie4_5": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS, interleaved=True),
+    "glm": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, "mlp.down_proj": "mlp.down_proj"},
+        gate_up="mlp.gate_up_proj", interleaved=True),
+    "vaultgemma": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "mlp_norm": "pre_feedforward_layernorm"}),
+    "olmo3": TABLE_FAMILIES["olmo2"],
+    "exaone4": TABLE_FAMILIES["olmo2"],
+    "cohere2": TABLE_FAMILIES["cohere"],
+})
 
 
 def _heads(cfg: Mapping) -> tuple[int, int, int]:
@@ -574,7 +593,9 @@ _PACKED_LINEAR_FAMILIES = {"granitemoe": ("block_sparse_moe.input_linear.weight"
 _PACKED_FAMILIES = ("gpt_oss",)
 _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma", "gemma2",
              "gemma3_text", "deepseek_v2", "deepseek_v3", *_PACKED_FAMILIES, "jamba", "mamba2",
-             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES)
+             "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES,
+             # more decoders (issue #13) with the Llama names
+             "ministral", "seed_oss", "arcee", "granite_swa")
 # a family's own names for what the Llama names map to (HF name → its name)
 _RENAMED = {
     "jamba": ((re.compile(r"model\.norm\.weight"), "model.final_layernorm.weight"),
@@ -624,7 +645,7 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.attention\.([qkvo])_proj\.(weight|bias)"),
      r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)"), r"model.layers.\1.mlp.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.mlp\.router\.expert_bias"),
      r"model.layers.\1.mlp.gate.e_score_correction_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),

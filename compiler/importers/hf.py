@@ -561,6 +561,16 @@ class Dense:
     # the names of the sliding-window and full-attention blocks (window_layers)
     window_names: tuple[str, str] = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
+    # ---- more decoders (see MORE below)
+    # the full-attention layers attend without positions: "always" (Cohere 2), or
+    # "with_window" (EXAONE 4: where a sliding_window is set)
+    full_nope: str | None = None
+    # local_rope: the local layers' base only where it differs from the global one (OLMo 3)
+    local_rope_if_differs: bool = False
+    # a config field listing each layer's RoPE base, 0 or null: no positions (Granite SWA)
+    layer_thetas: str | None = None
+    # without layer_types, layers 0, P, 2P ... are the full ones (else P - 1, 2P - 1, ...)
+    full_first: bool = False
 
 
 DENSE = {
@@ -796,7 +806,9 @@ DENSE["gpt_oss"] = Dense(
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu", "silu": "silu", "swish": "silu"}
+               "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
+# those that the spec writes as a composition of its functions, {} their argument
+_ACTIVATION_CALLS = {"relu2": "square(relu({}))"}
 
 
 class DenseImporter(Importer):
@@ -991,12 +1003,18 @@ class DenseImporter(Importer):
         sliding_window_pattern-th (its 4.x configs; written `_sliding_window_pattern` by
         transformers 5, where layer_types says it)."""
         types = f.get("layer_types", "list?", None)
-        pattern = d["sliding_window_pattern"]
+        pattern = d.get("sliding_window_pattern")
         for k in ("sliding_window_pattern", "_sliding_window_pattern"):
-            if k in f:
+            if k in f and types is not None:  # layer_types says it (EXAONE 4: "LLLG")
+                f.consume(k)
+            elif k in f:
                 pattern = f.get(k, "int", positive=True)
+        if types is None and pattern is None:  # Ministral: every layer, if a window is set
+            return [True] * n
+        if types is None and DENSE[f.obj["model_type"]].full_first:  # Granite SWA
+            return [i % pattern != 0 for i in range(n)]
         if types is None:
-            return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
+            return [(i + 1) % pattern != 0 for i in range(n)]
         if len(types) != n:
             f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
                     f"{n} layers (num_hidden_layers)")
@@ -1014,7 +1032,7 @@ class DenseImporter(Importer):
         params = f.get("rope_parameters", "dict?", None)
         if params is None:
             theta = f.get("rope_theta", "float", d["rope_theta"])
-            local = f.get("rope_local_base_freq", "float", d["rope_local_base_freq"])
+            local = f.get("rope_local_base_freq", "float", d.get("rope_local_base_freq", theta))
             if f.get("rope_scaling", "dict?", None) is not None:
                 f.error("E114", "rope_scaling", "rope_scaling of Gemma 3's global layers "
                         "cannot be expressed: forgec's rope has one scaling for both bases")
@@ -1024,7 +1042,8 @@ class DenseImporter(Importer):
             rp = Fields(self.src, params, ("rope_parameters",), self.diags, "rope_parameters")
             thetas, notes = [], []
             for kind, default in (("full_attention", d["rope_theta"]),
-                                  ("sliding_attention", d["rope_local_base_freq"])):
+                                  ("sliding_attention", d.get("rope_local_base_freq",
+                                                             d["rope_theta"]))):
                 sub = rp.get(kind, "dict", {})
                 if sub is None:
                     return None
@@ -1044,9 +1063,33 @@ class DenseImporter(Importer):
         if theta is None or local is None:
             return None
         p.add("rope_theta", theta, notes[0])
+        if theta == local and DENSE[f.obj["model_type"]].local_rope_if_differs:
+            self.one_base = True  # local and global layers turn alike: one base
+            return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                    f"theta = {p('rope_theta')}"]
         p.add("local_rope_theta", local, notes[1])
         return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
                 f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}"]
+
+    def _layer_thetas(self, f: Fields, fam: Dense, n: int) -> list[bool]:
+        """Which layers turn, after a list of per-layer RoPE bases (Granite SWA's
+        layer_rope_theta: 0 or null, no positions); every other base must be the rope's."""
+        k = fam.layer_thetas
+        thetas = f.get(k, "list?", None)
+        if thetas is None:
+            return [True] * n
+        if len(thetas) != n:
+            f.error("E116", k, f"{k} has {len(thetas)} entries for {n} layers "
+                    "(num_hidden_layers)")
+            return [True] * n
+        base = self.p.value("rope_theta") if "rope_theta" in self.p else None
+        for i, t in enumerate(thetas):
+            if t and t != base:
+                self.diags.error("E114", f"{k}[{i}] = {fmt(t)} cannot be expressed: forgec's "
+                                 f"rope has one base, rope_theta = {fmt(base)}",
+                                 self.src.span((k, i)), "every layer's base must be rope_theta "
+                                 "(or 0: no positions)")
+        return [bool(t) for t in thetas]
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -1130,9 +1173,6 @@ class DenseImporter(Importer):
 
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
-        if mlp_bias and fam.gated:
-            f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
-                    "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
         residual = fam.residual
         if isinstance(residual, tuple):
             residual = residual[1] if get(residual[0], "bool") else "sequential"
@@ -1140,9 +1180,12 @@ class DenseImporter(Importer):
         if act is not None:
             if fam.gated:
                 mlp_op = foreign_op("hf", "mlp", hidden_act=act)
-                if mlp_op is None:
+                if (mlp_op is None or mlp_bias) and act in ACTIVATIONS:
+                    # written in the spec: act(gate(x)) * up(x), the projections biased
+                    mlp_op, mlp_module = None, ACTIVATIONS[act]
+                elif mlp_op is None:
                     f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
-                            "expressed: this family's gated MLP imports with silu")
+                            "expressed", "activations: " + ", ".join(ACTIVATIONS))
             elif act in ACTIVATIONS:
                 mlp_op = foreign_op("hf", "two_layer_mlp", hidden_act=act)
                 if mlp_op is None:
@@ -1249,7 +1292,8 @@ class DenseImporter(Importer):
             attention.append(f"clip_qkv = {p('clip_qkv')}")
         embedding_args, head_args, residual_scale = [], [], None
         for k, v in mult.items():
-            if v is None or v == 1.0:
+            # the scores' scale is attention_multiplier itself (not 1/sqrt(head_dim)), 1.0 too
+            if v is None or v == 1.0 and k != "attention_multiplier":
                 continue
             p.add(k, v, self.note_default(f, k))
             if k == "embedding_multiplier":
@@ -1272,11 +1316,19 @@ class DenseImporter(Importer):
             attention = self._latent_attention(rope)
         slides = (self._window_flags(f, d, n_layers) if fam.window_layers
                   else [True] * n_layers)
+        set_window = window
         if not any(slides):
             window = None  # no layer reads it
+        rotating = self._rotating_layers(f, d, n_layers)
+        if fam.full_nope == "always" or fam.full_nope == "with_window" and set_window is not None:
+            # only the sliding layers turn (none, without a window)
+            rotating = [r and s and set_window is not None
+                        for r, s in zip(rotating, slides, strict=True)]
+        if fam.layer_thetas is not None:
+            rotating = [r and t for r, t in zip(rotating, self._layer_thetas(f, fam, n_layers),
+                                                strict=True)]
         kinds = [LayerKind(window is not None and s, m, not rotates)
-                 for s, m, rotates in zip(slides, sparse, self._rotating_layers(f, d, n_layers),
-                                          strict=True)]
+                 for s, m, rotates in zip(slides, sparse, rotating, strict=True)]
         stack_notes = []
         if fam.experts is not None:
             moe, kinds, stack_notes = dense_experts(self, f, fam, kinds)
@@ -1291,14 +1343,29 @@ class DenseImporter(Importer):
         if mlp_module is not None:
             linear = foreign_op("hf", "projection")
             bias = ", bias = true" if mlp_bias else ""
-            mname = f"{mlp_module}_mlp"
-            modules.append([
-                f"# {fam.title}'s MLP: down({mlp_module}(up(x))) ({key('hidden_act')} {act})",
-                f"module {mname}(x) {{",
-                f"  up_proj   = {linear}(dim, {hidden}{bias})",
-                f"  down_proj = {linear}({hidden}, dim{bias})",
-                f"  return down_proj({mlp_module}(up_proj(x)))",
-                "}"])
+            # the activation as the spec writes it (ReLU² composes two functions)
+            applied = _ACTIVATION_CALLS.get(mlp_module, mlp_module + "({})")
+            if fam.gated:
+                mname = f"gated_{mlp_module}_mlp"
+                modules.append([
+                    f"# {fam.title}'s MLP: down({applied.format('gate(x)')} * up(x)) "
+                    f"({key('hidden_act')} {act}" + (", biases)" if mlp_bias else ")"),
+                    f"module {mname}(x) {{",
+                    f"  gate_proj = {linear}(dim, {hidden}{bias})",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj({applied.format('gate_proj(x)')} * up_proj(x))",
+                    "}"])
+            else:
+                mname = f"{mlp_module}_mlp"
+                modules.append([
+                    f"# {fam.title}'s MLP: down({applied.format('up(x)')}) "
+                    f"({key('hidden_act')} {act})",
+                    f"module {mname}(x) {{",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj({applied.format('up_proj(x)')})",
+                    "}"])
             mlp = (mname, [])
         else:
             args = ["dim", f"hidden = {hidden}"]
@@ -1341,7 +1408,8 @@ class DenseImporter(Importer):
             pre_norms=fam.pre_norms, post_norms=fam.post_norms,
             post_norm_names=fam.post_norm_names,
             window_names=fam.window_names if fam.window_layers else None,
-            window_args=["local_rope = true"] if fam.local_rope else [],
+            window_args=["local_rope = true"] if fam.local_rope
+            and not getattr(self, "one_base", False) else [],
             attention_op=self.latent_op if fam.latent else None)
 
 
@@ -1456,6 +1524,128 @@ DENSE.update({
         experts=Experts(count="num_local_experts", renormalize=True),
         note="Each layer's block_sparse_moe input_linear (gate rows, then up rows) and "
              "output_linear are its experts' packed projections."),
+})
+
+
+# ---- more decoders (issue #13) -------------------------------------------------------------
+# Each is data over the shared translation: Llama-style layers with what the family's
+# layer fixes. Checkpoint names: runtime/hf.py (TABLE_FAMILIES, else the Llama names).
+_INTERLEAVED = ("{title} rotates interleaved channel pairs; q_proj and k_proj are permuted on "
+                "load so that the spec's rope (half-split pairs) computes the same scores.")
+_SLIDING = dict(window_layers=True, window_names=("sliding", "full"))
+DENSE.update({
+    # Mistral's layers, sliding after layer_types (default: all, where a window is set)
+    "ministral": Dense(
+        "Ministral", ("MinistralForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": None, "rope_theta": 10000.0, "sliding_window": 4096,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",), **_SLIDING),
+    # Llama with q/k/v biases (attention_bias), an o_proj bias of its own and MLP biases
+    "seed_oss": Dense(
+        "Seed-OSS", ("SeedOssForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 524288, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_out_bias": False, "mlp_bias": False, "attention_dropout": 0.1,
+            "residual_dropout": 0.1},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_out_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout", "residual_dropout")),
+    # Llama with interleaved rotary pairs, q/k/v biases (o_proj has none)
+    "helium": Dense(
+        "Helium", ("HeliumForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-8, "tie_word_embeddings": False, "num_key_value_heads": 20,
+            "head_dim": 128, "rope_theta": 100000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", mlp_bias="mlp_bias", gated=True,
+        dropouts=("attention_dropout",), note=_INTERLEAVED.format(title="Helium")),
+    # Llama with interleaved rotary pairs, every projection biased by use_bias
+    "ernie4_5": Dense(
+        "ERNIE 4.5", ("Ernie4_5ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 500000.0, "use_bias": False},
+        aliases=_RMS, norm="norm", qkv_bias="use_bias", out_bias="use_bias",
+        mlp_bias="use_bias", gated=True, note=_INTERLEAVED.format(title="ERNIE 4.5")),
+    # GLM-4 without its sandwich norms: interleaved partial rotary, q/k/v biases, fused
+    # gate_up_proj
+    "glm": Dense(
+        "GLM", ("GlmForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",),
+        note=_INTERLEAVED.format(title="GLM") + " gate_up_proj is split into gate/up_proj."),
+    # Llama with a two-layer ReLU² MLP (up, down), written as a module of the spec
+    "arcee": Dense(
+        "Arcee", ("ArceeForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", dropouts=("attention_dropout",)),
+    # Gemma 2 without its post-norms (a norm before attention and before the MLP)
+    "vaultgemma": Dense(
+        "VaultGemma", ("VaultGemmaForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "sliding_window_pattern": 2},
+        **{**_GEMMA2, "post_norms": False, "post_norm_names": None}),
+    # OLMo 2 (post-norms, qk-norm over the projections) with sliding layers after
+    # layer_types (default: every 4th full) and a RoPE base per layer type
+    "olmo3": Dense(
+        "OLMo 3", ("Olmo3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "sliding_window": 4096, "sliding_window_pattern": 4},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection", local_rope=True, local_rope_if_differs=True, **_SLIDING),
+    # Cohere's parallel block with sliding layers (layer_types; default every 4th full);
+    # only the sliding layers turn (the full ones attend without positions)
+    "cohere2": Dense(
+        "Cohere 2", ("Cohere2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "logit_scale": 0.0625, "sliding_window": 4096,
+            "sliding_window_pattern": 4},
+        norm_args=", bias = false", residual="parallel_shared", qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+        logit_scale=True, full_nope="always", note=_INTERLEAVED.format(title="Cohere 2"),
+        **_SLIDING),
+    # OLMo 2's post-norms with a per-head qk-norm, sliding layers after layer_types; with
+    # a window, the full layers attend without positions
+    "exaone4": Dense(
+        "EXAONE 4", ("Exaone4ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_dropout": 0.0, "sliding_window": 4096,
+            "sliding_window_pattern": 4},
+        aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",),
+        pre_norms=False, post_norms=True, qk_norm_over="head", full_nope="with_window",
+        **_SLIDING),
+    # Granite's multipliers, sliding layers (default: 0, 4, 8 ... full), a sink per head
+    # (HF scales each head's output by sigmoid(lse − sink): a softmax with a sink logit),
+    # layer_rope_theta 0: no positions
+    "granite_swa": Dense(
+        "Granite SWA", ("GraniteSWAForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": 4,
+            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
+            "residual_multiplier": 1.0, "attention_multiplier": 1.0, "sliding_window": 128,
+            "sliding_window_pattern": 4, "layer_rope_theta": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True,
+        sinks=True, layer_thetas="layer_rope_theta", full_first=True, **_SLIDING),
 })
 
 
