@@ -213,9 +213,10 @@ FAMILIES = {
     # post-norms, per-head qk-norm, sliding layers that turn, a full layer without positions
     "exaone4": (hf.Exaone4Config, hf.Exaone4ForCausalLM, dict(
         num_hidden_layers=4, sliding_window=8, pad_token_id=0)),
-    # Granite's multipliers, sinks, sliding layers, layer 1 without positions
+    # Granite's multipliers, sinks, sliding layers, layer 1 without positions (untied: see
+    # Gemma's)
     "granite_swa": (hf.GraniteSWAConfig, hf.GraniteSWAForCausalLM, dict(
-        num_hidden_layers=4, sliding_window=8, embedding_multiplier=3.0,
+        num_hidden_layers=4, sliding_window=8, tie_word_embeddings=False, embedding_multiplier=3.0,
         residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=0.5, pad_token_id=0,
         layer_rope_theta=[10000.0, 0.0, 10000.0, 10000.0])),
 }

@@ -343,6 +343,8 @@ class Attention(nn.Module):
             if SINKS and self.sinks is not None:
                 if isinstance(mask, DocumentMask):
                     raise ValueError("attention sinks do not run on packed documents (doc_ids)")
+                if QUERY_SCALE and self.scale is not None:  # the same scores (Granite SWA)
+                    q = q * (self.scale * self.head_dim**0.5)
                 out = attend_with_sinks(q, k, v, mask, self.sinks, self.causal)
             else:
                 if isinstance(mask, DocumentMask):  # packed documents, in training
