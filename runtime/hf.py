@@ -393,6 +393,11 @@ TABLE_FAMILIES.update({
     "olmo3": TABLE_FAMILIES["olmo2"],
     "exaone4": TABLE_FAMILIES["olmo2"],
     "cohere2": TABLE_FAMILIES["cohere"],
+    "hunyuan_v1_dense": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "attention.q_norm": "self_attn.query_layernorm",
+         "attention.k_norm": "self_attn.key_layernorm"}),
+    "nemotron": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS),  # norms with biases
 })
 
 

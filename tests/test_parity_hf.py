@@ -219,6 +219,15 @@ FAMILIES = {
         num_hidden_layers=4, sliding_window=8, tie_word_embeddings=False, embedding_multiplier=3.0,
         residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=0.5, pad_token_id=0,
         layer_rope_theta=[10000.0, 0.0, 10000.0, 10000.0])),
+    # per-head qk-norm after RoPE, q/k/v/o biases
+    "hunyuan_v1_dense": (hf.HunYuanDenseV1Config, hf.HunYuanDenseV1ForCausalLM, dict(
+        head_dim=16, attention_bias=True)),
+    # LayerNorm1P (1 + weight, with a bias), a two-layer ReLU² MLP with biases, a quarter of
+    # each head rotating
+    "nemotron": (hf.NemotronConfig, hf.NemotronForCausalLM, dict(
+        head_dim=16, mlp_bias=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25})),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -1646,6 +1646,26 @@ DENSE.update({
         aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
         mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True,
         sinks=True, layer_thetas="layer_rope_theta", full_first=True, **_SLIDING),
+    # Llama whose per-head qk-norm (query_layernorm, key_layernorm) follows RoPE
+    "hunyuan_v1_dense": Dense(
+        "HunYuan (dense)", ("HunYuanDenseV1ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), qk_norm_over="head",
+        qk_norm_args=("qk_norm_after_rope = true",), inert=("eod_token_id",)),
+    # LayerNorm scaling by 1 + weight (LayerNorm1P), a two-layer ReLU² MLP, partial rotary
+    "nemotron": Dense(
+        "Nemotron", ("NemotronForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 4096, "initializer_range": 0.0134,
+            "norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases={"layer_norm_eps": "norm_eps"}, norm_args=", unit_offset = true",
+        qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
+        dropouts=("attention_dropout",)),
 })
 
 
@@ -1657,6 +1677,31 @@ REFUSED = {
                "(relative) of that expert's, which no forgec router computes",
                "forgec's routers are softmax_topk and sigmoid_topk"),
 }
+
+
+# more decoders (issue #13) that the language cannot say
+_POSITIONS = ("{title} adds learned absolute position embeddings ({key} of them) to the "
+              "token embeddings: forgec's embedding has none, its positions are RoPE's",
+              "forgec imports decoders with rotary positions (or none)")
+REFUSED.update({
+    "gpt2": ("n_positions", *(x.format(title="GPT-2", key="n_positions") for x in _POSITIONS)),
+    "gpt_bigcode": ("n_positions", *(x.format(title="GPTBigCode", key="n_positions")
+                                     for x in _POSITIONS)),
+    "gpt_neo": ("max_position_embeddings",
+                *(x.format(title="GPT-Neo", key="max_position_embeddings")
+                  for x in _POSITIONS)),
+    "opt": ("max_position_embeddings", *(x.format(title="OPT", key="max_position_embeddings")
+                                         for x in _POSITIONS)),
+    "persimmon": ("qk_layernorm", "Persimmon norms q and k per head with a LayerNorm with a "
+                  "bias, which forgec's qk-norm (an RMSNorm) is not",
+                  "forgec's attention has an RMSNorm qk-norm"),
+    "apertus": ("hidden_act", "Apertus's xIELU activation has learned scalars per MLP "
+                "(alpha_p, alpha_n), which no composition of the spec's functions has",
+                "the spec's activations: silu, gelu, gelu_tanh, relu, sigmoid, tanh, square"),
+    "bitnet": ("model_type", "BitNet norms each attention's heads' output before o_proj "
+               "(attn_sub_norm), which forgec's attention op does not",
+               "forgec's attention projects its heads' output directly"),
+})
 
 
 def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:

@@ -22,6 +22,7 @@ LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma
 CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 SINKS = True  # feature: some attention has learned per-head sink logits
+LATE_QK_NORM = True  # feature: some qk-norm follows RoPE (`qk_norm_after_rope`, HunYuan)
 
 
 class KVCache:
@@ -249,6 +250,7 @@ class Attention(nn.Module):
         clip_qkv: float = 0.0,  # if CLIP_QKV
         qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
         sinks: bool = False,  # if SINKS
+        qk_norm_after_rope: bool = False,  # if LATE_QK_NORM
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -266,6 +268,8 @@ class Attention(nn.Module):
             self.zero_init = zero_init
         if CLIP_QKV:
             self.clip_qkv = clip_qkv
+        if LATE_QK_NORM:
+            self.qk_norm_after_rope = qk_norm_after_rope
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
@@ -316,7 +320,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         if CLIP_QKV and self.clip_qkv:  # the projections clamped to ±clip_qkv
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        if QK_NORM and self.q_norm is not None:
+        if QK_NORM and self.q_norm is not None and not (LATE_QK_NORM and self.qk_norm_after_rope):
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
             if LOCAL_ROPE:
@@ -325,6 +329,8 @@ class Attention(nn.Module):
                 part = slice(half, None) if self.local_rope else slice(None, half)
                 rope_cos, rope_sin = rope_cos[..., part], rope_sin[..., part]
             q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        if LATE_QK_NORM and self.qk_norm_after_rope:  # HunYuan: the qk-norm follows RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far

@@ -93,7 +93,9 @@ def _features(a: Args) -> frozenset[str]:
                                      ("clip_qkv", a["clip_qkv"] > 0),
                                      ("qk_norm_projection", a["qk_norm"]
                                       and a["qk_norm_over"] == "projection"),
-                                     ("sinks", a["sinks"]))
+                                     ("sinks", a["sinks"]),
+                                     ("late_qk_norm", a["qk_norm"]
+                                      and a["qk_norm_after_rope"]))
                      if on)
 
 
@@ -121,6 +123,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
     if "sinks" in u:
         out["sinks"] = a["sinks"]
+    if "late_qk_norm" in u:
+        out["qk_norm_after_rope"] = bool(a["qk_norm"] and a["qk_norm_after_rope"])
     return out
 
 
@@ -145,6 +149,10 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
             diags.error("E071", f"heads {heads} is not a multiple of kv_heads {kv}",
                         spans.get("kv_heads", spans.get("heads", comp.span)),
                         hint="each KV head serves an equal group of query heads")
+    if a["qk_norm_after_rope"] and not a["qk_norm"]:
+        diags.error("E190", "qk_norm_after_rope without a qk-norm",
+                    spans.get("qk_norm_after_rope", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_after_rope out")
     if a["qk_norm_unit_offset"] and not a["qk_norm"]:
         diags.error("E145", "qk_norm_unit_offset without a qk-norm",
                     spans.get("qk_norm_unit_offset", comp.span),
@@ -216,6 +224,8 @@ OPS = (
                     doc="clamp q, k and v to ±clip_qkv after the projections; 0: no clamp"),
             ArgSpec("sinks", "bool", False,
                     doc="a learned sink logit per head in each softmax (gpt-oss)"),
+            ArgSpec("qk_norm_after_rope", "bool", False,
+                    doc="the qk-norm follows RoPE instead of preceding it (HunYuan)"),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
