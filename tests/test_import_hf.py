@@ -744,6 +744,7 @@ def test_a_gated_mlp_with_biases_is_written_as_a_module():
     (hf.PersimmonConfig, '"qk_layernorm"'),
     (hf.ApertusConfig, '"hidden_act"'),
     (hf.BitNetConfig, '"model_type"'),
+    (hf.FalconConfig, '"new_decoder_architecture"'),
 ])
 def test_refused_families_name_the_field(cls, key):
     # families the language cannot say: one located E114 at the field that says why

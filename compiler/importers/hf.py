@@ -11,10 +11,14 @@ into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
 the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
-decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
+decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE;
+further dense decoders as entries of the same table: Ministral, Seed-OSS, Helium,
+ERNIE 4.5, GLM, Arcee, VaultGemma, OLMo 3, Cohere 2, EXAONE 4, Granite SWA, HunYuan
+(dense) and Nemotron (gated MLPs with biases or other activations, and ReLU², are
+modules of the spec; full layers without positions; a qk-norm after RoPE; LayerNorm1P).
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
-routing). The semantics follow `transformers` 5.x (and the 4.x field names
+routing), as are the families of `REFUSED` (each at the field that says why). The semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -1698,6 +1702,13 @@ REFUSED.update({
     "apertus": ("hidden_act", "Apertus's xIELU activation has learned scalars per MLP "
                 "(alpha_p, alpha_n), which no composition of the spec's functions has",
                 "the spec's activations: silu, gelu, gelu_tanh, relu, sigmoid, tanh, square"),
+    "falcon": ("new_decoder_architecture", "Falcon fuses q, k and v into one "
+               "query_key_value projection laid out by new_decoder_architecture, multi_query "
+               "and num_kv_heads (grouped per KV head, or multi-query), with norms named by "
+               "parallel_attn and num_ln_in_parallel_attn, and its alibi variant biases the "
+               "scores by position: forgec's weight names do not follow these layouts yet, and "
+               "no op says ALiBi", "forgec imports decoders with separate or per-head fused "
+               "q/k/v projections"),
     "bitnet": ("model_type", "BitNet norms each attention's heads' output before o_proj "
                "(attn_sub_norm), which forgec's attention op does not",
                "forgec's attention projects its heads' output directly"),
