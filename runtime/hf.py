@@ -398,6 +398,10 @@ TABLE_FAMILIES.update({
         {**_LLAMA_PARTS, "attention.q_norm": "self_attn.query_layernorm",
          "attention.k_norm": "self_attn.key_layernorm"}),
     "nemotron": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS),  # norms with biases
+    "bitnet": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "attention.out_norm": "self_attn.attn_sub_norm",
+         "mlp.sub_norm": "mlp.ffn_sub_norm"}),
 })
 
 

@@ -228,6 +228,8 @@ FAMILIES = {
         head_dim=16, mlp_bias=True, pad_token_id=0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.25})),
+    # RMSNorms of the heads' output and of the gated ReLU² MLP's hidden
+    "bitnet": (hf.BitNetConfig, hf.BitNetForCausalLM, dict(pad_token_id=0)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

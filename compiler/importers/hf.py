@@ -575,6 +575,9 @@ class Dense:
     layer_thetas: str | None = None
     # without layer_types, layers 0, P, 2P ... are the full ones (else P - 1, 2P - 1, ...)
     full_first: bool = False
+    # BitNet's inner norms: of the heads' output before o_proj, of the MLP's hidden before
+    # down_proj (a norm in the MLP module)
+    sub_norms: bool = False
 
 
 DENSE = {
@@ -1184,7 +1187,7 @@ class DenseImporter(Importer):
         if act is not None:
             if fam.gated:
                 mlp_op = foreign_op("hf", "mlp", hidden_act=act)
-                if (mlp_op is None or mlp_bias) and act in ACTIVATIONS:
+                if (mlp_op is None or mlp_bias or fam.sub_norms) and act in ACTIVATIONS:
                     # written in the spec: act(gate(x)) * up(x), the projections biased
                     mlp_op, mlp_module = None, ACTIVATIONS[act]
                 elif mlp_op is None:
@@ -1313,6 +1316,8 @@ class DenseImporter(Importer):
         self._gemma_scales(f, fam, d, attention, embedding_args, head_args)
         if fam.sinks:
             attention.append("sinks = true")
+        if fam.sub_norms:
+            attention += ["out_norm = true", f"out_norm_eps = {p('norm_eps')}"]
         moe, sparse = (self._biased_experts(f, d, n_layers) if fam.routed == "biased"
                        else self._routed_experts(f, fam, d, n_layers) if fam.routed
                        else (None, [False] * n_layers))
@@ -1349,7 +1354,21 @@ class DenseImporter(Importer):
             bias = ", bias = true" if mlp_bias else ""
             # the activation as the spec writes it (ReLU² composes two functions)
             applied = _ACTIVATION_CALLS.get(mlp_module, mlp_module + "({})")
-            if fam.gated:
+            if fam.gated and fam.sub_norms:  # the hidden normed before down_proj
+                mname = f"gated_{mlp_module}_normed_mlp"
+                norm = foreign_op("hf", fam.norm)
+                modules.append([
+                    f"# {fam.title}'s MLP: down(norm({applied.format('gate(x)')} * up(x))) "
+                    f"({key('hidden_act')} {act})",
+                    f"module {mname}(x) {{",
+                    f"  gate_proj = {linear}(dim, {hidden}{bias})",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  sub_norm  = {norm}({hidden}, eps = {p('norm_eps')})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj(sub_norm({applied.format('gate_proj(x)')} * "
+                    "up_proj(x)))",
+                    "}"])
+            elif fam.gated:
                 mname = f"gated_{mlp_module}_mlp"
                 modules.append([
                     f"# {fam.title}'s MLP: down({applied.format('gate(x)')} * up(x)) "
@@ -1670,6 +1689,15 @@ DENSE.update({
         aliases={"layer_norm_eps": "norm_eps"}, norm_args=", unit_offset = true",
         qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
         dropouts=("attention_dropout",)),
+    # Llama with RMSNorms inside: of the heads' output (attn_sub_norm) and of the gated
+    # ReLU² MLP's hidden (ffn_sub_norm); its checkpoints' weights as they are (bf16)
+    "bitnet": Dense(
+        "BitNet", ("BitNetForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 5,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), sub_norms=True),
 })
 
 
@@ -1709,9 +1737,6 @@ REFUSED.update({
                "scores by position: forgec's weight names do not follow these layouts yet, and "
                "no op says ALiBi", "forgec imports decoders with separate or per-head fused "
                "q/k/v projections"),
-    "bitnet": ("model_type", "BitNet norms each attention's heads' output before o_proj "
-               "(attn_sub_norm), which forgec's attention op does not",
-               "forgec's attention projects its heads' output directly"),
 })
 
 

@@ -22,6 +22,7 @@ LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma
 CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 SINKS = True  # feature: some attention has learned per-head sink logits
+OUT_NORM = True  # feature: some attention norms its heads' output before o_proj (BitNet)
 LATE_QK_NORM = True  # feature: some qk-norm follows RoPE (`qk_norm_after_rope`, HunYuan)
 
 
@@ -189,12 +190,14 @@ def softcapped_attention(
 
 
 class ProjectionRMSNorm(RMSNorm):
-    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
+    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm,
+    BitNet's norm of the heads' output (`out_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] * x.shape[-1] != self.dim:
             raise ValueError(
-                f"qk_norm_over = projection normalises all {self.dim} channels at once, this "
+                f"this norm (qk_norm_over = projection, or out_norm) spans all {self.dim} "
+                "channels of the heads at once, this "
                 f"rank holds {x.shape[-2] * x.shape[-1]}: a plan that splits the heads "
                 "(tensor parallelism) cannot apply it"
             )
@@ -251,6 +254,7 @@ class Attention(nn.Module):
         qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
         sinks: bool = False,  # if SINKS
         qk_norm_after_rope: bool = False,  # if LATE_QK_NORM
+        out_norm_eps: float | None = None,  # if OUT_NORM
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -288,6 +292,9 @@ class Attention(nn.Module):
             self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
         if SINKS:
             self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
+        if OUT_NORM:  # one RMSNorm over all the heads' output
+            has_out_norm = out_norm_eps is not None
+            self.out_norm = ProjectionRMSNorm(heads * head_dim, out_norm_eps) if has_out_norm else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -304,6 +311,8 @@ class Attention(nn.Module):
             self.k_norm.init_weights()
         if SINKS and self.sinks is not None:
             nn.init.normal_(self.sinks, mean=0.0, std=std)
+        if OUT_NORM and self.out_norm is not None:
+            self.out_norm.init_weights()
 
     def forward(
         self,
@@ -367,4 +376,6 @@ class Attention(nn.Module):
                         scale=self.scale,  # if QUERY_SCALE
                         enable_gqa=q.shape[1] != k.shape[1],
                     )  # (B, H, S, hd)
+        if OUT_NORM and self.out_norm is not None:  # BitNet's attn_sub_norm
+            out = self.out_norm(out.transpose(1, 2)).transpose(1, 2)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -43,6 +43,8 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
         w["k_norm.weight"] = (hd,)
     if a["sinks"]:
         w["sinks"] = (h,)
+    if a["out_norm"]:
+        w["out_norm.weight"] = (h * hd,)
     return w
 
 
@@ -95,7 +97,8 @@ def _features(a: Args) -> frozenset[str]:
                                       and a["qk_norm_over"] == "projection"),
                                      ("sinks", a["sinks"]),
                                      ("late_qk_norm", a["qk_norm"]
-                                      and a["qk_norm_after_rope"]))
+                                      and a["qk_norm_after_rope"]),
+                                     ("out_norm", a["out_norm"]))
                      if on)
 
 
@@ -123,6 +126,8 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["qk_norm_projection"] = bool(a["qk_norm"] and a["qk_norm_over"] == "projection")
     if "sinks" in u:
         out["sinks"] = a["sinks"]
+    if a["out_norm"]:
+        out["out_norm_eps"] = a["out_norm_eps"]
     if "late_qk_norm" in u:
         out["qk_norm_after_rope"] = bool(a["qk_norm"] and a["qk_norm_after_rope"])
     return out
@@ -226,6 +231,9 @@ OPS = (
                     doc="a learned sink logit per head in each softmax (gpt-oss)"),
             ArgSpec("qk_norm_after_rope", "bool", False,
                     doc="the qk-norm follows RoPE instead of preceding it (HunYuan)"),
+            ArgSpec("out_norm", "bool", False,
+                    doc="an RMSNorm over all the heads' output before o_proj (BitNet)"),
+            ArgSpec("out_norm_eps", "float", 1e-5, min=0.0, max=1.0),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,
