@@ -402,6 +402,13 @@ TABLE_FAMILIES.update({
         _LLAMA_SPINE, "model.layers.{i}.",
         {**_LLAMA_PARTS, "attention.out_norm": "self_attn.attn_sub_norm",
          "mlp.sub_norm": "mlp.ffn_sub_norm"}),
+    "persimmon": Names(
+        {**_LLAMA_SPINE, "norm": "model.final_layernorm."}, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         "attention.o_proj": "self_attn.dense", "attention.q_norm": "self_attn.q_layernorm",
+         "attention.k_norm": "self_attn.k_layernorm", "mlp.up_proj": "mlp.dense_h_to_4h",
+         "mlp.down_proj": "mlp.dense_4h_to_h"},
+        qkv="self_attn.query_key_value", qkv_per_head=True),
 })
 
 

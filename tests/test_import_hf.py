@@ -741,7 +741,6 @@ def test_a_gated_mlp_with_biases_is_written_as_a_module():
     (hf.GPTBigCodeConfig, '"n_positions"'),
     (hf.GPTNeoConfig, '"max_position_embeddings"'),
     (hf.OPTConfig, '"max_position_embeddings"'),
-    (hf.PersimmonConfig, '"qk_layernorm"'),
     (hf.ApertusConfig, '"hidden_act"'),
     (hf.FalconConfig, '"new_decoder_architecture"'),
 ])
@@ -792,6 +791,7 @@ def test_more_decoders_errors_point_at_the_key(cls, fields, code, key):
     (hf.NemotronConfig, hf.NemotronForCausalLM, dict(num_key_value_heads=8)),
     (hf.HeliumConfig, hf.HeliumForCausalLM, {}),
     (hf.BitNetConfig, hf.BitNetForCausalLM, {}),
+    (hf.PersimmonConfig, hf.PersimmonForCausalLM, {}),
 ])
 def test_more_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
                                                                         model_cls, fields):

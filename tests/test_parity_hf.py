@@ -230,6 +230,10 @@ FAMILIES = {
                          "partial_rotary_factor": 0.25})),
     # RMSNorms of the heads' output and of the gated ReLU² MLP's hidden
     "bitnet": (hf.BitNetConfig, hf.BitNetForCausalLM, dict(pad_token_id=0)),
+    # LayerNorm qk-norms with biases, half rotary, ReLU², fused per-head query_key_value
+    # (at std 0.35: smaller weights decode in loops)
+    "persimmon": (hf.PersimmonConfig, hf.PersimmonForCausalLM, dict(
+        num_key_value_heads=None, initializer_range=0.35)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

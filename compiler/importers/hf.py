@@ -578,6 +578,8 @@ class Dense:
     # BitNet's inner norms: of the heads' output before o_proj, of the MLP's hidden before
     # down_proj (a norm in the MLP module)
     sub_norms: bool = False
+    # the config field whose true value turns the qk-norm (qk_norm_over) on (Persimmon)
+    qk_norm_field: str | None = None
 
 
 DENSE = {
@@ -1289,7 +1291,8 @@ class DenseImporter(Importer):
             attention.append("qkv_bias = true")
         if out_bias:
             attention.append("out_bias = true")
-        if fam.qk_norm_over is not None:
+        if fam.qk_norm_over is not None and (fam.qk_norm_field is None
+                                             or get(fam.qk_norm_field, "bool")):
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
             if fam.qk_norm_over != "head":
                 attention.append(f"qk_norm_over = {fam.qk_norm_over}")
@@ -1698,6 +1701,19 @@ DENSE.update({
             "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0},
         aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
         gated=True, dropouts=("attention_dropout",), sub_norms=True),
+    # LayerNorms, q and k normed per head by LayerNorms with biases (qk_layernorm), half of
+    # each head rotating, a two-layer ReLU² MLP, biases everywhere, fused per-head
+    # query_key_value
+    "persimmon": Dense(
+        "Persimmon", ("PersimmonForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 16384, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0,
+            "qk_layernorm": True, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        qkv_bias=True, out_bias=True, mlp_bias=True, dropouts=("hidden_dropout",
+                                                               "attention_dropout"),
+        qk_norm_over="head", qk_norm_field="qk_layernorm",
+        qk_norm_args=("qk_norm_kind = layer",),
+        note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
 })
 
 
@@ -1724,9 +1740,6 @@ REFUSED.update({
                   for x in _POSITIONS)),
     "opt": ("max_position_embeddings", *(x.format(title="OPT", key="max_position_embeddings")
                                          for x in _POSITIONS)),
-    "persimmon": ("qk_layernorm", "Persimmon norms q and k per head with a LayerNorm with a "
-                  "bias, which forgec's qk-norm (an RMSNorm) is not",
-                  "forgec's attention has an RMSNorm qk-norm"),
     "apertus": ("hidden_act", "Apertus's xIELU activation has learned scalars per MLP "
                 "(alpha_p, alpha_n), which no composition of the spec's functions has",
                 "the spec's activations: silu, gelu, gelu_tanh, relu, sigmoid, tanh, square"),

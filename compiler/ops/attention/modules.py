@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..norm.modules import RMSNorm
+from ..norm.modules import LayerNorm, RMSNorm
 from ..rope.modules import apply_rope
 
 # Features: the generated model keeps a guarded branch only where its spec uses it.
@@ -22,6 +22,7 @@ LOCAL_ROPE = True  # feature: the rope has a second base for local layers (Gemma
 CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's)
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 SINKS = True  # feature: some attention has learned per-head sink logits
+LAYER_QK_NORM = True  # feature: some qk-norm is a LayerNorm with a bias (Persimmon)
 OUT_NORM = True  # feature: some attention norms its heads' output before o_proj (BitNet)
 LATE_QK_NORM = True  # feature: some qk-norm follows RoPE (`qk_norm_after_rope`, HunYuan)
 
@@ -255,6 +256,7 @@ class Attention(nn.Module):
         sinks: bool = False,  # if SINKS
         qk_norm_after_rope: bool = False,  # if LATE_QK_NORM
         out_norm_eps: float | None = None,  # if OUT_NORM
+        qk_layernorm: bool = False,  # if LAYER_QK_NORM
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -287,6 +289,9 @@ class Attention(nn.Module):
             else:
                 self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
                 self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+        if LAYER_QK_NORM and qk_layernorm:  # Persimmon: LayerNorms with biases, per head
+            self.q_norm = LayerNorm(head_dim, qk_norm_eps)
+            self.k_norm = LayerNorm(head_dim, qk_norm_eps)
         if QK_NORM_PROJECTION and qk_norm_projection:  # one norm over all the heads
             self.q_norm = ProjectionRMSNorm(heads * head_dim, qk_norm_eps)
             self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
