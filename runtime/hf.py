@@ -211,6 +211,8 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     checkpoint's config.json (`checkpoint_config`); its model_type chooses the names of
     the families of TABLE_FAMILIES (without it: the Llama-style names)."""
     names = TABLE_FAMILIES.get((config or {}).get("model_type"))
+    if callable(names):  # names that follow the config's layout (Falcon)
+        names = names(config)
     if names is not None:
         return _table_to_forge(hf, names, config)
     out: dict[str, torch.Tensor] = {}
@@ -295,8 +297,12 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
 class Names:
     def __init__(self, spine: dict[str, str], layer: str, parts: dict[str, str], *,
                  qkv: str | None = None, qkv_per_head: bool = False, gate_up: str | None = None,
-                 interleaved: bool = False, derived: tuple[str, ...] = ()) -> None:
+                 interleaved: bool = False, derived: tuple[str, ...] = (),
+                 qkv_kv_heads: int | None = None) -> None:
         self.spine, self.layer, self.parts = spine, layer, parts
+        # q, k and v fused by KV head: each group's query heads, then its key, then its
+        # value (Falcon; qkv_kv_heads groups)
+        self.qkv_kv_heads = qkv_kv_heads
         # one fused projection holding q, k and v: all q rows, then k, then v (Phi-3), or
         # per head (GPT-NeoX: (heads, 3, head_dim) rows)
         self.qkv, self.qkv_per_head = qkv, qkv_per_head
@@ -402,6 +408,7 @@ TABLE_FAMILIES.update({
         _LLAMA_SPINE, "model.layers.{i}.",
         {**_LLAMA_PARTS, "attention.out_norm": "self_attn.attn_sub_norm",
          "mlp.sub_norm": "mlp.ffn_sub_norm"}),
+    "falcon": lambda cfg: _falcon_names(cfg),
     "persimmon": Names(
         {**_LLAMA_SPINE, "norm": "model.final_layernorm."}, "model.layers.{i}.",
         {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
@@ -410,6 +417,29 @@ TABLE_FAMILIES.update({
          "mlp.down_proj": "mlp.dense_4h_to_h"},
         qkv="self_attn.query_key_value", qkv_per_head=True),
 })
+
+
+def _falcon_names(cfg: Mapping) -> Names:
+    """Falcon's names follow its layout: two norms (ln_attn, ln_mlp) in the new decoder
+    architecture's parallel block, one (input_layernorm) in the others' parallel block, or
+    two in a sequential one; its fused q/k/v grouped by KV head: num_kv_heads groups (new
+    decoder architecture), one (multi-query), or one per head."""
+    new = bool(cfg.get("new_decoder_architecture"))
+    heads = cfg.get("num_attention_heads")
+    if new and (cfg.get("num_ln_in_parallel_attn") or 2) == 2:
+        norms = {"attention_norm": "ln_attn", "mlp_norm": "ln_mlp"}
+    elif new or cfg.get("parallel_attn", True):
+        norms = {"attention_norm": "input_layernorm"}
+    else:
+        norms = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    kv = (cfg.get("num_kv_heads") or heads) if new else 1 if cfg.get("multi_query", True) \
+        else heads
+    return Names(
+        {"token_embedding.embedding": "transformer.word_embeddings.",
+         "norm": "transformer.ln_f.", "output_head.proj": "lm_head."}, "transformer.h.{i}.",
+        {**norms, "attention.o_proj": "self_attention.dense",
+         "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"},
+        qkv="self_attention.query_key_value", qkv_kv_heads=kv)
 
 
 def _heads(cfg: Mapping) -> tuple[int, int, int]:
@@ -462,6 +492,15 @@ def _table_to_forge(hf: Mapping[str, torch.Tensor], names: Names,
         m = layer.fullmatch(key)
         if m and m.group(2) in parts:
             out[f"layers.{m.group(1)}.{parts[m.group(2)]}.{kind}"] = t
+        elif m and m.group(2) == names.qkv and names.qkv_kv_heads is not None:
+            heads, head_dim, _ = _heads(cfg)
+            kv = names.qkv_kv_heads
+            rest = t.shape[1:]
+            groups = t.reshape(kv, heads // kv + 2, head_dim, *rest)
+            for x, part in zip("qkv", (groups[:, :-2], groups[:, -2], groups[:, -1]),
+                               strict=True):
+                out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = \
+                    part.reshape(-1, *rest).contiguous()
         elif m and m.group(2) == names.qkv and names.qkv_per_head:
             heads, head_dim, _ = _heads(cfg)
             q, k, v = t.reshape(heads, 3, head_dim, *t.shape[1:]).unbind(1)
@@ -521,6 +560,13 @@ def _table_to_hf(state: Mapping[str, torch.Tensor], names: Names,
     for (name, what), pieces in fused.items():
         if what == "gate_up":
             out[name] = torch.cat([pieces["gate"], pieces["up"]])
+        elif names.qkv_kv_heads is not None:
+            heads, head_dim, _ = _heads(cfg)
+            kv = names.qkv_kv_heads
+            rest = pieces["q"].shape[1:]
+            q = pieces["q"].reshape(kv, heads // kv, head_dim, *rest)
+            k, v = (pieces[x].reshape(kv, 1, head_dim, *rest) for x in "kv")
+            out[name] = torch.cat([q, k, v], dim=1).reshape(-1, *rest)
         elif names.qkv_per_head:
             heads, head_dim, _ = _heads(cfg)
             rows = [pieces[x].reshape(heads, head_dim, *pieces[x].shape[1:]) for x in "qkv"]
@@ -787,6 +833,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
     cfg = _config_dict(config)
     model_type = cfg.get("model_type")
     names = TABLE_FAMILIES.get(model_type)
+    if callable(names):
+        names = names(cfg)
     if names is not None:
         tensors = _table_to_hf(model.state_dict(), names, cfg)
         head = names.spine["output_head.proj"] + "weight"

@@ -742,7 +742,6 @@ def test_a_gated_mlp_with_biases_is_written_as_a_module():
     (hf.GPTNeoConfig, '"max_position_embeddings"'),
     (hf.OPTConfig, '"max_position_embeddings"'),
     (hf.ApertusConfig, '"hidden_act"'),
-    (hf.FalconConfig, '"new_decoder_architecture"'),
 ])
 def test_refused_families_name_the_field(cls, key):
     # families the language cannot say: one located E114 at the field that says why
@@ -751,6 +750,9 @@ def test_refused_families_name_the_field(cls, key):
     assert spec is None
     assert errors(diags) == [("E114", *position(text, key))], [
         (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+_DROP = object()  # a field of the small config the family does not have
 
 
 @pytest.mark.parametrize("cls, fields, code, key", [
@@ -763,9 +765,11 @@ def test_refused_families_name_the_field(cls, key):
                                                    "rope_theta": 10000.0, "factor": 1.0}},
      "E114", '"rope_type"'),
     (hf.NemotronConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
+    (hf.FalconConfig, {"alibi": True, "intermediate_size": _DROP, "num_key_value_heads": _DROP},
+     "E114", '"alibi"'),
 ])
 def test_more_decoders_errors_point_at_the_key(cls, fields, code, key):
-    cfg = _family_config(cls, **fields)
+    cfg = {k: v for k, v in _family_config(cls, **fields).items() if v is not _DROP}
     text = json.dumps(cfg, indent=2).replace("[\n    10000.0,\n    500000.0\n  ]",
                                              "[10000.0, 500000.0]")
     spec, diags = import_text(text)
@@ -792,6 +796,10 @@ def test_more_decoders_errors_point_at_the_key(cls, fields, code, key):
     (hf.HeliumConfig, hf.HeliumForCausalLM, {}),
     (hf.BitNetConfig, hf.BitNetForCausalLM, {}),
     (hf.PersimmonConfig, hf.PersimmonForCausalLM, {}),
+    (hf.FalconConfig, hf.FalconForCausalLM, {}),
+    (hf.FalconConfig, hf.FalconForCausalLM, dict(new_decoder_architecture=True,
+                                                  hidden_size=4096, num_attention_heads=64,
+                                                  num_kv_heads=8)),
 ])
 def test_more_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
                                                                         model_cls, fields):

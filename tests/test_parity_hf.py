@@ -234,6 +234,18 @@ FAMILIES = {
     # (at std 0.35: smaller weights decode in loops)
     "persimmon": (hf.PersimmonConfig, hf.PersimmonForCausalLM, dict(
         num_key_value_heads=None, initializer_range=0.35)),
+    # Falcon-7B's layout: one KV head, attention + MLP in parallel on one LayerNorm, biases;
+    # the new decoder architecture's (Falcon-40B): 2 KV heads, parallel on two LayerNorms;
+    # and the sequential one with q, k, v per head
+    "falcon": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96, bias=True,
+        initializer_range=0.25, tie_word_embeddings=False)),
+    "falcon_new": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96,
+        new_decoder_architecture=True, num_kv_heads=2, initializer_range=0.3)),
+    "falcon_sequential": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96,
+        multi_query=False, parallel_attn=False, initializer_range=0.3)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

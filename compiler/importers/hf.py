@@ -14,8 +14,10 @@ projection — and, with a table of their experts' fields (`Experts`), the MoE
 decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE;
 further dense decoders as entries of the same table: Ministral, Seed-OSS, Helium,
 ERNIE 4.5, GLM, Arcee, VaultGemma, OLMo 3, Cohere 2, EXAONE 4, Granite SWA, HunYuan
-(dense) and Nemotron (gated MLPs with biases or other activations, and ReLU², are
-modules of the spec; full layers without positions; a qk-norm after RoPE; LayerNorm1P).
+(dense), Nemotron, BitNet, Persimmon and Falcon (gated MLPs with biases, inner norms or
+other activations, and ReLU², are modules of the spec; full layers without positions; a
+qk-norm after RoPE or of LayerNorms; LayerNorm1P; a norm of the heads' output; Falcon's
+layouts read by a rule of its fields).
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
 routing), as are the families of `REFUSED` (each at the field that says why). The semantics follow `transformers` 5.x (and the 4.x field names
@@ -38,6 +40,7 @@ Decisions (see docs/errors.md, "Importing configs"):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
@@ -580,6 +583,9 @@ class Dense:
     sub_norms: bool = False
     # the config field whose true value turns the qk-norm (qk_norm_over) on (Persimmon)
     qk_norm_field: str | None = None
+    # a rule of the config's layout fields: (get, heads) → (KV heads or None, the residual
+    # kind, the KV heads' note) (Falcon's new_decoder_architecture, multi_query, ...)
+    layout: Callable | None = None
 
 
 DENSE = {
@@ -1185,6 +1191,10 @@ class DenseImporter(Importer):
         residual = fam.residual
         if isinstance(residual, tuple):
             residual = residual[1] if get(residual[0], "bool") else "sequential"
+        if fam.layout is not None:
+            layout_kv, residual, layout_note = fam.layout(get, heads)
+            if layout_kv is not None:
+                kv, kv_note = layout_kv, layout_note
         mlp_op = mlp_module = None
         if act is not None:
             if fam.gated:
@@ -1554,6 +1564,26 @@ DENSE.update({
 
 
 # ---- more decoders (issue #13) -------------------------------------------------------------
+def _falcon_layout(get: Callable, heads: int | None) -> tuple[int | None, str, str]:
+    """Falcon's KV heads and block from its layout fields: the new decoder architecture has
+    num_kv_heads and a parallel block with two norms (num_ln_in_parallel_attn 2, its
+    default) or one; the others one KV head (multi_query) or one per head, and a parallel
+    block on one norm (parallel_attn) or a sequential one."""
+    if get("new_decoder_architecture", "bool"):
+        kv = get("num_kv_heads", "int?", positive=True)
+        norms = get("num_ln_in_parallel_attn", "int?", positive=True)
+        get("multi_query", "bool")
+        get("parallel_attn", "bool")
+        return (kv, "parallel" if norms in (None, 2) else "parallel_shared",
+                "num_kv_heads (new_decoder_architecture)")
+    get("num_kv_heads", "int?")  # read only by the new decoder architecture
+    get("num_ln_in_parallel_attn", "int?")
+    one = get("multi_query", "bool")
+    return (1 if one else heads, "parallel_shared" if get("parallel_attn", "bool")
+            else "sequential", "multi_query: one KV head" if one
+            else "num_attention_heads (multi_query false)")
+
+
 # Each is data over the shared translation: Llama-style layers with what the family's
 # layer fixes. Checkpoint names: runtime/hf.py (TABLE_FAMILIES, else the Llama names).
 _INTERLEAVED = ("{title} rotates interleaved channel pairs; q_proj and k_proj are permuted on "
@@ -1714,6 +1744,23 @@ DENSE.update({
         qk_norm_over="head", qk_norm_field="qk_layernorm",
         qk_norm_args=("qk_norm_kind = layer",),
         note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
+    # parallel attention + MLP on one LayerNorm (or two: the new decoder architecture's
+    # ln_attn, ln_mlp), or a sequential block; multi-query, grouped or full KV heads;
+    # ALiBi is refused (alibi, fixed false)
+    "falcon": Dense(
+        "Falcon", ("FalconForCausalLM",), {
+            "activation": "gelu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "rope_theta": 10000.0,
+            "ffn_hidden_size": None, "bias": False, "alibi": False,
+            "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+            "num_ln_in_parallel_attn": None, "num_kv_heads": None, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0},
+        aliases={"layer_norm_eps": "layer_norm_epsilon", "intermediate_size": "ffn_hidden_size",
+                 "hidden_act": "activation"},
+        qkv_bias="bias", out_bias="bias", mlp_bias="bias", fixed={"alibi": False},
+        dropouts=("hidden_dropout", "attention_dropout"), layout=_falcon_layout,
+        note="query_key_value (each KV head's queries, key and value) is split into "
+             "q/k/v_proj on load."),
 })
 
 
@@ -1743,13 +1790,6 @@ REFUSED.update({
     "apertus": ("hidden_act", "Apertus's xIELU activation has learned scalars per MLP "
                 "(alpha_p, alpha_n), which no composition of the spec's functions has",
                 "the spec's activations: silu, gelu, gelu_tanh, relu, sigmoid, tanh, square"),
-    "falcon": ("new_decoder_architecture", "Falcon fuses q, k and v into one "
-               "query_key_value projection laid out by new_decoder_architecture, multi_query "
-               "and num_kv_heads (grouped per KV head, or multi-query), with norms named by "
-               "parallel_attn and num_ln_in_parallel_attn, and its alibi variant biases the "
-               "scores by position: forgec's weight names do not follow these layouts yet, and "
-               "no op says ALiBi", "forgec imports decoders with separate or per-head fused "
-               "q/k/v projections"),
 })
 
 
