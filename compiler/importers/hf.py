@@ -20,7 +20,8 @@ qk-norm after RoPE or of LayerNorms; LayerNorm1P; a norm of the heads' output; F
 layouts read by a rule of its fields).
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period) and Mamba-2. PhiMoE is refused (E114: its sparsemixer
-routing), as are the families of `REFUSED` (each at the field that says why). The semantics follow `transformers` 5.x (and the 4.x field names
+routing), as are the families of `REFUSED` (each at the field that says why). The
+semantics follow `transformers` 5.x (and the 4.x field names
 `rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing
 from the file takes the default of transformers' config class, and the spec
 says so.
@@ -568,7 +569,7 @@ class Dense:
     # the names of the sliding-window and full-attention blocks (window_layers)
     window_names: tuple[str, str] = ("local", "global")
     experts: Experts | None = None  # MoE layers (OLMoE, Qwen2-MoE, GraniteMoE)
-    # ---- more decoders (see MORE below)
+    # ---- more decoders (issue #13, below)
     # the full-attention layers attend without positions: "always" (Cohere 2), or
     # "with_window" (EXAONE 4: where a sliding_window is set)
     full_nope: str | None = None
@@ -1195,6 +1196,9 @@ class DenseImporter(Importer):
             layout_kv, residual, layout_note = fam.layout(get, heads)
             if layout_kv is not None:
                 kv, kv_note = layout_kv, layout_note
+            if kv and heads and heads % kv:
+                f.error("E113", "num_kv_heads", f"num_kv_heads = {kv} does not divide "
+                        f"num_attention_heads = {heads}")
         mlp_op = mlp_module = None
         if act is not None:
             if fam.gated:
