@@ -67,7 +67,7 @@ _DIRECT = [
     (re.compile(r"layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)"),
      r"layers.\1.attention.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.self_attn\.([qk])_norm\.weight"), r"layers.\1.attention.\2_norm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)"), r"layers.\1.mlp.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.(?:block_sparse_moe|mlp)\.gate\.weight"), r"layers.\1.mlp.router.weight"),
     (re.compile(r"layers\.(\d+)\.mlp\.gate\.e_score_correction_bias"), r"layers.\1.mlp.router.expert_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
@@ -240,6 +240,8 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
     checkpoint's config.json (`checkpoint_config`); its model_type chooses the names of
     the families of TABLE_FAMILIES (without it: the Llama-style names)."""
     names = TABLE_FAMILIES.get((config or {}).get("model_type"))
+    if callable(names):  # names that follow the config's layout (Falcon)
+        names = names(config)
     if names is not None:
         return _table_to_forge(hf, names, config)
     out: dict[str, torch.Tensor] = {}
@@ -335,8 +337,12 @@ def hf_to_forge(hf: Mapping[str, torch.Tensor],
 class Names:
     def __init__(self, spine: dict[str, str], layer: str, parts: dict[str, str], *,
                  qkv: str | None = None, qkv_per_head: bool = False, gate_up: str | None = None,
-                 interleaved: bool = False, derived: tuple[str, ...] = ()) -> None:
+                 interleaved: bool = False, derived: tuple[str, ...] = (),
+                 qkv_kv_heads: int | None = None) -> None:
         self.spine, self.layer, self.parts = spine, layer, parts
+        # q, k and v fused by KV head: each group's query heads, then its key, then its
+        # value (Falcon; qkv_kv_heads groups)
+        self.qkv_kv_heads = qkv_kv_heads
         # one fused projection holding q, k and v: all q rows, then k, then v (Phi-3), or
         # per head (GPT-NeoX: (heads, 3, head_dim) rows)
         self.qkv, self.qkv_per_head = qkv, qkv_per_head
@@ -424,6 +430,65 @@ TABLE_FAMILIES = {
          "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
          "mlp.down_proj": "feed_forward.w2"}),
 }
+# more decoders (issue #13): Llama's names with interleaved rotary pairs, or another
+# family's names
+_LLAMA_PARTS = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+                **_ATTENTION, **{f"mlp.{x}_proj": f"mlp.{x}_proj" for x in ("gate", "up", "down")}}
+TABLE_FAMILIES.update({
+    "helium": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS, interleaved=True),
+    "ernie4_5": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS, interleaved=True),
+    "glm": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         **_ATTENTION, "mlp.down_proj": "mlp.down_proj"},
+        gate_up="mlp.gate_up_proj", interleaved=True),
+    "vaultgemma": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "mlp_norm": "pre_feedforward_layernorm"}),
+    "olmo3": TABLE_FAMILIES["olmo2"],
+    "exaone4": TABLE_FAMILIES["olmo2"],
+    "cohere2": TABLE_FAMILIES["cohere"],
+    "hunyuan_v1_dense": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "attention.q_norm": "self_attn.query_layernorm",
+         "attention.k_norm": "self_attn.key_layernorm"}),
+    "nemotron": Names(_LLAMA_SPINE, "model.layers.{i}.", _LLAMA_PARTS),  # norms with biases
+    "bitnet": Names(
+        _LLAMA_SPINE, "model.layers.{i}.",
+        {**_LLAMA_PARTS, "attention.out_norm": "self_attn.attn_sub_norm",
+         "mlp.sub_norm": "mlp.ffn_sub_norm"}),
+    "falcon": lambda cfg: _falcon_names(cfg),
+    "persimmon": Names(
+        {**_LLAMA_SPINE, "norm": "model.final_layernorm."}, "model.layers.{i}.",
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
+         "attention.o_proj": "self_attn.dense", "attention.q_norm": "self_attn.q_layernorm",
+         "attention.k_norm": "self_attn.k_layernorm", "mlp.up_proj": "mlp.dense_h_to_4h",
+         "mlp.down_proj": "mlp.dense_4h_to_h"},
+        qkv="self_attn.query_key_value", qkv_per_head=True),
+})
+
+
+def _falcon_names(cfg: Mapping) -> Names:
+    """Falcon's names follow its layout: two norms (ln_attn, ln_mlp) in the new decoder
+    architecture's parallel block, one (input_layernorm) in the others' parallel block, or
+    two in a sequential one; its fused q/k/v grouped by KV head: num_kv_heads groups (new
+    decoder architecture), one (multi-query), or one per head."""
+    new = bool(cfg.get("new_decoder_architecture"))
+    heads = cfg.get("num_attention_heads")
+    if new and (cfg.get("num_ln_in_parallel_attn") or 2) == 2:
+        norms = {"attention_norm": "ln_attn", "mlp_norm": "ln_mlp"}
+    elif new or cfg.get("parallel_attn", True):
+        norms = {"attention_norm": "input_layernorm"}
+    else:
+        norms = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    kv = (cfg.get("num_kv_heads") or heads) if new else 1 if cfg.get("multi_query", True) \
+        else heads
+    return Names(
+        {"token_embedding.embedding": "transformer.word_embeddings.",
+         "norm": "transformer.ln_f.", "output_head.proj": "lm_head."}, "transformer.h.{i}.",
+        {**norms, "attention.o_proj": "self_attention.dense",
+         "mlp.up_proj": "mlp.dense_h_to_4h", "mlp.down_proj": "mlp.dense_4h_to_h"},
+        qkv="self_attention.query_key_value", qkv_kv_heads=kv)
 
 
 def _heads(cfg: Mapping) -> tuple[int, int, int]:
@@ -476,6 +541,15 @@ def _table_to_forge(hf: Mapping[str, torch.Tensor], names: Names,
         m = layer.fullmatch(key)
         if m and m.group(2) in parts:
             out[f"layers.{m.group(1)}.{parts[m.group(2)]}.{kind}"] = t
+        elif m and m.group(2) == names.qkv and names.qkv_kv_heads is not None:
+            heads, head_dim, _ = _heads(cfg)
+            kv = names.qkv_kv_heads
+            rest = t.shape[1:]
+            groups = t.reshape(kv, heads // kv + 2, head_dim, *rest)
+            for x, part in zip("qkv", (groups[:, :-2], groups[:, -2], groups[:, -1]),
+                               strict=True):
+                out[f"layers.{m.group(1)}.attention.{x}_proj.{kind}"] = \
+                    part.reshape(-1, *rest).contiguous()
         elif m and m.group(2) == names.qkv and names.qkv_per_head:
             heads, head_dim, _ = _heads(cfg)
             q, k, v = t.reshape(heads, 3, head_dim, *t.shape[1:]).unbind(1)
@@ -535,6 +609,13 @@ def _table_to_hf(state: Mapping[str, torch.Tensor], names: Names,
     for (name, what), pieces in fused.items():
         if what == "gate_up":
             out[name] = torch.cat([pieces["gate"], pieces["up"]])
+        elif names.qkv_kv_heads is not None:
+            heads, head_dim, _ = _heads(cfg)
+            kv = names.qkv_kv_heads
+            rest = pieces["q"].shape[1:]
+            q = pieces["q"].reshape(kv, heads // kv, head_dim, *rest)
+            k, v = (pieces[x].reshape(kv, 1, head_dim, *rest) for x in "kv")
+            out[name] = torch.cat([q, k, v], dim=1).reshape(-1, *rest)
         elif names.qkv_per_head:
             heads, head_dim, _ = _heads(cfg)
             rows = [pieces[x].reshape(heads, head_dim, *pieces[x].shape[1:]) for x in "qkv"]
@@ -637,6 +718,8 @@ _FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemm
              "qwen2_moe", "olmoe", *_PACKED_LINEAR_FAMILIES, "phimoe",
              "glm4_moe", "dots1", "glm4_moe_lite", "solar_open", "sarvam_mla",
              "flex_olmo", "minimax_m2", "exaone_moe", "qwen3_next",
+             # more decoders (issue #13) with the Llama names
+             "ministral", "seed_oss", "arcee", "granite_swa",
              "bamba")  # (Bamba: Jamba's names, its Mamba-2 mixers under `mamba`)
 # families whose q_proj also yields a gate per query channel (each head's query rows,
 # then its gate rows)
@@ -696,7 +779,7 @@ _TO_HF = [
     (re.compile(r"layers\.(\d+)\.attention\.([qkvo])_proj\.(weight|bias)"),
      r"model.layers.\1.self_attn.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.attention\.([qk])_norm\.weight"), r"model.layers.\1.self_attn.\2_norm.weight"),
-    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight"), r"model.layers.\1.mlp.\2_proj.weight"),
+    (re.compile(r"layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)"), r"model.layers.\1.mlp.\2_proj.\3"),
     (re.compile(r"layers\.(\d+)\.mlp\.router\.expert_bias"),
      r"model.layers.\1.mlp.gate.e_score_correction_bias"),
     (re.compile(r"layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight"),
@@ -842,6 +925,8 @@ def save_hf_checkpoint(model: torch.nn.Module, out_dir: str | os.PathLike, *,
     cfg = _config_dict(config)
     model_type = cfg.get("model_type")
     names = TABLE_FAMILIES.get(model_type)
+    if callable(names):
+        names = names(cfg)
     if names is not None:
         tensors = _table_to_hf(model.state_dict(), names, cfg)
         head = names.spine["output_head.proj"] + "weight"

@@ -300,7 +300,7 @@ def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, code, key", [
-    ({**LLAMA, "model_type": "gpt2"}, "E111", '"model_type"'),
+    ({**LLAMA, "model_type": "bert"}, "E111", '"model_type"'),
     ({k: v for k, v in LLAMA.items() if k != "num_hidden_layers"}, "E112", "{"),
     ({**LLAMA, "num_attention_heads": 0}, "E113", '"num_attention_heads"'),
     ({**LLAMA, "vocab_size": 12.5}, "E113", '"vocab_size"'),
@@ -551,15 +551,14 @@ def _family_config(cls, **fields) -> dict:
     (hf.CohereConfig, {"use_qk_norm": True}, "E114", '"use_qk_norm"'),
     (hf.SmolLM3Config, {"no_rope_layers": [1, 1, 0]}, "E116", '"no_rope_layers"'),
     (hf.SmolLM3Config, {"use_sliding_window": True}, "E114", '"use_sliding_window"'),
-    (hf.StableLmConfig, {"hidden_act": "gelu"}, "E114", '"hidden_act"'),
+    (hf.StableLmConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
     (hf.GPTNeoXConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
     (hf.Phi3Config, {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
                                          "short_factor": [1.0] * 8, "long_factor": [0.0] * 8}},
      "E113", '"long_factor"'),
     (hf.OlmoConfig, {"clip_qkv": -1.0}, "E113", '"clip_qkv"'),
-    (hf.GraniteConfig, {"mlp_bias": True}, "E114", '"mlp_bias"'),
     (hf.Starcoder2Config, {"bias_everywhere": 1}, "E115", '"bias_everywhere"'),
-    (hf.GemmaConfig, {"hidden_act": "relu"}, "E114", '"hidden_act"'),
+    (hf.GemmaConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
     (hf.Gemma2Config, {"attn_logit_softcapping": -1.0}, "E113", '"attn_logit_softcapping"'),
     (hf.Gemma2Config, {"layer_types": ["sliding_attention", "chunked_attention"]}, "E114",
      '"chunked_attention"'),
@@ -980,3 +979,99 @@ def test_the_default_qwen3_next_config_imports_with_transformers_parameter_count
     # per sequence: each DeltaNet layer's last 3 convolution inputs (2·16·128 + 32·128
     # channels) and its states (32 value heads × 128 × 128), bf16
     assert c.state_bytes_per_seq == 3 * (8192 * 3 + 32 * 128 * 128) * 2
+
+
+# ---- more decoders (issue #13) -------------------------------------------------------------
+
+
+def test_a_gated_mlp_with_biases_is_written_as_a_module():
+    # Granite's mlp_bias (once refused): the SwiGLU said by composition, biases on its three
+    # projections (parity: tests/test_parity_hf.py, seed_oss)
+    spec, diags = import_text(json.dumps(_family_config(hf.GraniteConfig, mlp_bias=True)))
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert ("  module gated_silu_mlp(x) {\n"
+            "    gate_proj = linear(dim, ffn_hidden, bias = true)\n"
+            "    up_proj   = linear(dim, ffn_hidden, bias = true)\n"
+            "    down_proj = linear(ffn_hidden, dim, bias = true)\n"
+            "    return down_proj(silu(gate_proj(x)) * up_proj(x))\n  }") in spec
+    assert "    mlp            = gated_silu_mlp()\n" in spec
+
+
+@pytest.mark.parametrize("cls, key", [
+    (hf.GPT2Config, '"n_positions"'),
+    (hf.GPTBigCodeConfig, '"n_positions"'),
+    (hf.GPTNeoConfig, '"max_position_embeddings"'),
+    (hf.OPTConfig, '"max_position_embeddings"'),
+    (hf.ApertusConfig, '"hidden_act"'),
+])
+def test_refused_families_name_the_field(cls, key):
+    # families the language cannot say: one located E114 at the field that says why
+    text = json.dumps(json.loads(cls().to_json_string(use_diff=False)), indent=2)
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [("E114", *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+_DROP = object()  # a field of the small config the family does not have
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.SeedOssConfig, {"residual_dropout": 0.0}, "E114", '"attention_dropout"'),  # 0.1
+    (hf.GraniteSWAConfig, {"layer_rope_theta": [10000.0, 5e5]}, "E114", "500000.0"),
+    (hf.GraniteSWAConfig, {"layer_rope_theta": [10000.0]}, "E116", '"layer_rope_theta"'),
+    (hf.Exaone4Config, {"layer_types": ["sliding_attention", "chunked_attention"]}, "E114",
+     '"chunked_attention"'),
+    (hf.HunYuanDenseV1Config, {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
+                                                   "rope_theta": 10000.0, "factor": 1.0}},
+     "E114", '"rope_type"'),
+    (hf.NemotronConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
+    (hf.FalconConfig, {"alibi": True, "intermediate_size": _DROP, "num_key_value_heads": _DROP},
+     "E114", '"alibi"'),
+])
+def test_more_decoders_errors_point_at_the_key(cls, fields, code, key):
+    cfg = {k: v for k, v in _family_config(cls, **fields).items() if v is not _DROP}
+    text = json.dumps(cfg, indent=2).replace("[\n    10000.0,\n    500000.0\n  ]",
+                                             "[10000.0, 500000.0]")
+    spec, diags = import_text(text)
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+@pytest.mark.parametrize("cls, model_cls, fields", [
+    (hf.MinistralConfig, hf.MinistralForCausalLM, dict(head_dim=128)),
+    (hf.SeedOssConfig, hf.SeedOssForCausalLM, dict(attention_dropout=0.0,
+                                                    residual_dropout=0.0)),
+    (hf.Ernie4_5Config, hf.Ernie4_5ForCausalLM, {}),
+    (hf.GlmConfig, hf.GlmForCausalLM, {}),
+    (hf.ArceeConfig, hf.ArceeForCausalLM, {}),
+    (hf.VaultGemmaConfig, hf.VaultGemmaForCausalLM, {}),
+    (hf.Olmo3Config, hf.Olmo3ForCausalLM, {}),
+    (hf.Cohere2Config, hf.Cohere2ForCausalLM, {}),
+    (hf.Exaone4Config, hf.Exaone4ForCausalLM, {}),
+    (hf.GraniteSWAConfig, hf.GraniteSWAForCausalLM, {}),
+    (hf.HunYuanDenseV1Config, hf.HunYuanDenseV1ForCausalLM, dict(num_key_value_heads=8,
+                                                                  head_dim=128)),
+    (hf.NemotronConfig, hf.NemotronForCausalLM, dict(num_key_value_heads=8)),
+    (hf.HeliumConfig, hf.HeliumForCausalLM, {}),
+    (hf.BitNetConfig, hf.BitNetForCausalLM, {}),
+    (hf.PersimmonConfig, hf.PersimmonForCausalLM, {}),
+    (hf.FalconConfig, hf.FalconForCausalLM, {}),
+    (hf.FalconConfig, hf.FalconForCausalLM, dict(new_decoder_architecture=True,
+                                                  hidden_size=4096, num_attention_heads=64,
+                                                  num_kv_heads=8)),
+])
+def test_more_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
+                                                                        model_cls, fields):
+    config = cls(num_hidden_layers=2, **fields)
+    cfg = json.loads(config.to_json_string(use_diff=False))
+    name = cfg["model_type"] + "_default"
+    spec, diags = import_text(json.dumps(cfg, indent=2), name)
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    (tmp_path / f"{name}.forge").write_text(spec)
+    result = compile_spec(str(tmp_path / f"{name}.forge"))
+    assert not result.diagnostics.errors, [d.message for d in result.diagnostics.items]
+    with torch.device("meta"):
+        ref = model_cls(config)
+    assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())

@@ -309,6 +309,72 @@ FAMILIES = {
         linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
         mlp_only_layers=[1])),
+    # ---- more decoders (issue #13)
+    # Mistral's layers, sliding after layer_types (one of each)
+    "ministral": (hf.MinistralConfig, hf.MinistralForCausalLM, dict(
+        head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])),
+    # q/k/v and o_proj biases of their own fields, a gated MLP with biases (a module)
+    "seed_oss": (hf.SeedOssConfig, hf.SeedOssForCausalLM, dict(
+        head_dim=16, attention_out_bias=True, mlp_bias=True, attention_dropout=0.0,
+        residual_dropout=0.0, pad_token_id=0)),
+    # interleaved rotary pairs, q/k/v biases
+    "helium": (hf.HeliumConfig, hf.HeliumForCausalLM, dict(
+        head_dim=16, attention_bias=True, pad_token_id=0)),
+    # interleaved rotary pairs, biases everywhere (use_bias), a tied head
+    "ernie4_5": (hf.Ernie4_5Config, hf.Ernie4_5ForCausalLM, dict(
+        head_dim=16, use_bias=True, pad_token_id=0)),
+    # interleaved half rotary, q/k/v biases, fused gate_up_proj, no sandwich norms
+    "glm": (hf.GlmConfig, hf.GlmForCausalLM, dict(head_dim=16, pad_token_id=0)),
+    # a two-layer ReLU² MLP written as a module
+    "arcee": (hf.ArceeConfig, hf.ArceeForCausalLM, dict(pad_token_id=0)),
+    # Gemma 2 without post-norms
+    "vaultgemma": (hf.VaultGemmaConfig, hf.VaultGemmaForCausalLM, dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+        tie_word_embeddings=False)),
+    # post-norms, qk-norm over the projections, 3 sliding : 1 full, a RoPE base per type
+    "olmo3": (hf.Olmo3Config, hf.Olmo3ForCausalLM, dict(
+        num_hidden_layers=4, sliding_window=8, pad_token_id=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 500000.0}})),
+    # Cohere's parallel block, sliding layers that turn and full layers without positions
+    "cohere2": (hf.Cohere2Config, hf.Cohere2ForCausalLM, dict(
+        num_hidden_layers=4, sliding_window=8, logit_scale=0.5, pad_token_id=0)),
+    # post-norms, per-head qk-norm, sliding layers that turn, a full layer without positions
+    "exaone4": (hf.Exaone4Config, hf.Exaone4ForCausalLM, dict(
+        num_hidden_layers=4, sliding_window=8, pad_token_id=0)),
+    # Granite's multipliers, sinks, sliding layers, layer 1 without positions (untied: see
+    # Gemma's)
+    "granite_swa": (hf.GraniteSWAConfig, hf.GraniteSWAForCausalLM, dict(
+        num_hidden_layers=4, sliding_window=8, tie_word_embeddings=False, embedding_multiplier=3.0,
+        residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=0.5, pad_token_id=0,
+        layer_rope_theta=[10000.0, 0.0, 10000.0, 10000.0])),
+    # per-head qk-norm after RoPE, q/k/v/o biases
+    "hunyuan_v1_dense": (hf.HunYuanDenseV1Config, hf.HunYuanDenseV1ForCausalLM, dict(
+        head_dim=16, attention_bias=True)),
+    # LayerNorm1P (1 + weight, with a bias), a two-layer ReLU² MLP with biases, a quarter of
+    # each head rotating
+    "nemotron": (hf.NemotronConfig, hf.NemotronForCausalLM, dict(
+        head_dim=16, mlp_bias=True, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.25})),
+    # RMSNorms of the heads' output and of the gated ReLU² MLP's hidden
+    "bitnet": (hf.BitNetConfig, hf.BitNetForCausalLM, dict(pad_token_id=0)),
+    # LayerNorm qk-norms with biases, half rotary, ReLU², fused per-head query_key_value
+    # (at std 0.35: smaller weights decode in loops)
+    "persimmon": (hf.PersimmonConfig, hf.PersimmonForCausalLM, dict(
+        num_key_value_heads=None, initializer_range=0.35)),
+    # Falcon-7B's layout: one KV head, attention + MLP in parallel on one LayerNorm, biases;
+    # the new decoder architecture's (Falcon-40B): 2 KV heads, parallel on two LayerNorms;
+    # and the sequential one with q, k, v per head
+    "falcon": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96, bias=True,
+        initializer_range=0.25, tie_word_embeddings=False)),
+    "falcon_new": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96,
+        new_decoder_architecture=True, num_kv_heads=2, initializer_range=0.3)),
+    "falcon_sequential": (hf.FalconConfig, hf.FalconForCausalLM, dict(
+        num_key_value_heads=None, intermediate_size=None, ffn_hidden_size=96,
+        multi_query=False, parallel_attn=False, initializer_range=0.3)),
 }
 # the logits' tolerance: a scan's sequential fp32 recurrence (HF) and forgec's rounds
 # differently

@@ -11,7 +11,13 @@ into ops: LayerNorm or RMSNorm, pre-, post- or sandwich norms, sequential or
 parallel residuals, partial rotary, gelu / gelu-tanh MLPs written as modules of
 the spec, biases, multipliers, NoPE layers, clip_qkv, qk-norm over the whole
 projection — and, with a table of their experts' fields (`Experts`), the MoE
-decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE.
+decoders OLMoE, Qwen2-MoE (a shared expert behind a sigmoid gate) and GraniteMoE;
+further dense decoders as entries of the same table: Ministral, Seed-OSS, Helium,
+ERNIE 4.5, GLM, Arcee, VaultGemma, OLMo 3, Cohere 2, EXAONE 4, Granite SWA, HunYuan
+(dense), Nemotron, BitNet, Persimmon and Falcon (gated MLPs with biases, inner norms or
+other activations, and ReLU², are modules of the spec; full layers without positions; a
+qk-norm after RoPE or of LayerNorms; LayerNorm1P; a norm of the heads' output; Falcon's
+layouts read by a rule of its fields).
 The state-space hybrids of `HYBRID` (`HybridImporter`): Jamba (Mamba and attention
 layers, experts, by period), Mamba-2, Bamba (Mamba-2 mixers and attention layers by
 list, an MLP on each) and LFM2 (short convolutions and attention by layer_types).
@@ -22,9 +28,10 @@ GraniteMoeShared and GraniteMoeSWA (a shared expert; windows, sinks, NoPE layers
 FlexOlmo (OLMo 2's layers, OLMoE's experts), and DeepSeek-V3's routed experts under
 other attentions — GLM-4-MoE, dots.llm1, Solar Open, MiniMax-M2, EXAONE-MoE — or its own
 (GLM-4-MoE-Lite, Sarvam-MLA). `REFUSED` names the families looked at whose layers the
-language cannot say. The semantics follow `transformers` 5.x (and the 4.x field names
-`rope_theta`/`rope_scaling` and `num_experts` are read too); a field missing from the
-file takes the default of transformers' config class, and the spec says so.
+language cannot say, each at the field that says why. The semantics follow
+`transformers` 5.x (and the 4.x field names `rope_theta`/`rope_scaling` and
+`num_experts` are read too); a field missing from the file takes the default of
+transformers' config class, and the spec says so.
 
 Every key of the config is accounted for: mapped into the spec, checked to
 have a value the spec can express (else a located error), or known not to
@@ -41,6 +48,7 @@ Decisions (see docs/errors.md, "Importing configs"):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..diagnostics import Diagnostics
@@ -708,14 +716,30 @@ class Dense:
     dense_mlp: bool = True  # False: every layer has experts, no field sizes a dense MLP
     # DeepSeek's expert fields this family has none of: the value its model fixes
     routed_fixed: dict = field(default_factory=dict)
-    # where a window is set, the full-attention layers attend without positions (EXAONE)
-    global_nope: bool = False
     # ---- Qwen3-Next's
     # the foreign role of the mixer of its linear_attention layers (layer_types, else
     # every full_attention_interval-th layer attends), and the config fields it reads
     linear_mixer: str | None = None
     linear_mixer_fields: tuple[str, ...] = ()
     output_gate: bool = False  # q_proj also yields a sigmoid gate of the attention's output
+    # ---- more decoders (issue #13, below)
+    # the full-attention layers attend without positions: "always" (Cohere 2), or
+    # "with_window" (EXAONE 4: where a sliding_window is set)
+    full_nope: str | None = None
+    # local_rope: the local layers' base only where it differs from the global one (OLMo 3)
+    local_rope_if_differs: bool = False
+    # a config field listing each layer's RoPE base, 0 or null: no positions (Granite SWA)
+    layer_thetas: str | None = None
+    # without layer_types, layers 0, P, 2P ... are the full ones (else P - 1, 2P - 1, ...)
+    full_first: bool = False
+    # BitNet's inner norms: of the heads' output before o_proj, of the MLP's hidden before
+    # down_proj (a norm in the MLP module)
+    sub_norms: bool = False
+    # the config field whose true value turns the qk-norm (qk_norm_over) on (Persimmon)
+    qk_norm_field: str | None = None
+    # a rule of the config's layout fields: (get, heads) → (KV heads or None, the residual
+    # kind, the KV heads' note) (Falcon's new_decoder_architecture, multi_query, ...)
+    layout: Callable | None = None
 
 
 DENSE = {
@@ -953,7 +977,9 @@ DENSE["gpt_oss"] = Dense(
 # Hugging Face activations → the spec's activation functions (docs/language.md,
 # "Composition"): a two-layer MLP with one of these is a module of the spec's own
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-               "relu": "relu", "silu": "silu", "swish": "silu"}
+               "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2"}
+# those that the spec writes as a composition of its functions, {} their argument
+_ACTIVATION_CALLS = {"relu2": "square(relu({}))"}
 
 
 class DenseImporter(Importer):
@@ -1221,14 +1247,18 @@ class DenseImporter(Importer):
         sliding_window_pattern-th (its 4.x configs; written `_sliding_window_pattern` by
         transformers 5, where layer_types says it)."""
         types = f.get("layer_types", "list?", None)
-        pattern = d["sliding_window_pattern"]
+        pattern = d.get("sliding_window_pattern")
         for k in ("sliding_window_pattern", "_sliding_window_pattern"):
             if k in f and types is not None:  # layer_types says it (EXAONE's may be "LLLG")
                 f.consume(k)
             elif k in f:
                 pattern = f.get(k, "int", positive=True)
+        if types is None and pattern is None:  # Ministral: every layer, if a window is set
+            return [True] * n
+        if types is None and DENSE[f.obj["model_type"]].full_first:  # Granite SWA
+            return [i % pattern != 0 for i in range(n)]
         if types is None:
-            return [pattern is not None and (i + 1) % pattern != 0 for i in range(n)]
+            return [(i + 1) % pattern != 0 for i in range(n)]
         if len(types) != n:
             f.error("E116", "layer_types", f"layer_types has {len(types)} entries for "
                     f"{n} layers (num_hidden_layers)")
@@ -1247,7 +1277,7 @@ class DenseImporter(Importer):
         scaling: list[str] = []  # the global layers' (the local base is never scaled)
         if params is None:
             theta = f.get("rope_theta", "float", d["rope_theta"])
-            local = f.get("rope_local_base_freq", "float", d["rope_local_base_freq"])
+            local = f.get("rope_local_base_freq", "float", d.get("rope_local_base_freq", theta))
             old = f.get("rope_scaling", "dict?", None)
             if old is not None:
                 r = Fields(self.src, old, ("rope_scaling",), self.diags, "rope_scaling")
@@ -1263,7 +1293,8 @@ class DenseImporter(Importer):
             rp = Fields(self.src, params, ("rope_parameters",), self.diags, "rope_parameters")
             thetas, notes = [], []
             for kind, default in (("full_attention", d["rope_theta"]),
-                                  ("sliding_attention", d["rope_local_base_freq"])):
+                                  ("sliding_attention", d.get("rope_local_base_freq",
+                                                             d["rope_theta"]))):
                 sub = rp.get(kind, "dict", {})
                 if sub is None:
                     return None
@@ -1289,6 +1320,10 @@ class DenseImporter(Importer):
         if theta is None or local is None:
             return None
         p.add("rope_theta", theta, notes[0])
+        if theta == local and DENSE[f.obj["model_type"]].local_rope_if_differs:
+            self.one_base = True  # local and global layers turn alike: one base
+            return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
+                    f"theta = {p('rope_theta')}"]
         p.add("local_rope_theta", local, notes[1])
         return [f"head_dim = {p('head_dim')}", f"max_seq_len = {p('max_seq_len')}",
                 f"theta = {p('rope_theta')}", f"local_theta = {p('local_rope_theta')}",
@@ -1308,6 +1343,26 @@ class DenseImporter(Importer):
             r.consume(*r.obj)
             return None
         return self._rope_scaling(f, r, rope_type, d, key)
+
+    def _layer_thetas(self, f: Fields, fam: Dense, n: int) -> list[bool]:
+        """Which layers turn, after a list of per-layer RoPE bases (Granite SWA's
+        layer_rope_theta: 0 or null, no positions); every other base must be the rope's."""
+        k = fam.layer_thetas
+        thetas = f.get(k, "list?", None)
+        if thetas is None:
+            return [True] * n
+        if len(thetas) != n:
+            f.error("E116", k, f"{k} has {len(thetas)} entries for {n} layers "
+                    "(num_hidden_layers)")
+            return [True] * n
+        base = self.p.value("rope_theta") if "rope_theta" in self.p else None
+        for i, t in enumerate(thetas):
+            if t and t != base:
+                self.diags.error("E114", f"{k}[{i}] = {fmt(t)} cannot be expressed: forgec's "
+                                 f"rope has one base, rope_theta = {fmt(base)}",
+                                 self.src.span((k, i)), "every layer's base must be rope_theta "
+                                 "(or 0: no positions)")
+        return [bool(t) for t in thetas]
 
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
@@ -1393,19 +1448,26 @@ class DenseImporter(Importer):
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
         head_bias = flag(fam.head_bias)
-        if mlp_bias and fam.gated:
-            f.error("E114", fam.mlp_bias if isinstance(fam.mlp_bias, str) else None,
-                    "a gated MLP with biases cannot be expressed: forgec's swiglu has none")
         residual = fam.residual
         if isinstance(residual, tuple):
             residual = residual[1] if get(residual[0], "bool") else "sequential"
+        if fam.layout is not None:
+            layout_kv, residual, layout_note = fam.layout(get, heads)
+            if layout_kv is not None:
+                kv, kv_note = layout_kv, layout_note
+            if kv and heads and heads % kv:
+                f.error("E113", "num_kv_heads", f"num_kv_heads = {kv} does not divide "
+                        f"num_attention_heads = {heads}")
         mlp_op = mlp_module = None
         if act is not None:
             if fam.gated:
                 mlp_op = foreign_op("hf", "mlp", hidden_act=act)
-                if mlp_op is None:
+                if (mlp_op is None or mlp_bias or fam.sub_norms) and act in ACTIVATIONS:
+                    # written in the spec: act(gate(x)) * up(x), the projections biased
+                    mlp_op, mlp_module = None, ACTIVATIONS[act]
+                elif mlp_op is None:
                     f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
-                            "expressed: this family's gated MLP imports with silu")
+                            "expressed", "activations: " + ", ".join(ACTIVATIONS))
             elif act in ACTIVATIONS:
                 mlp_op = foreign_op("hf", "two_layer_mlp", hidden_act=act)
                 if mlp_op is None:
@@ -1506,8 +1568,8 @@ class DenseImporter(Importer):
         if out_bias:
             attention.append("out_bias = true")
         qk_norm_over = fam.qk_norm_over
-        if fam.qk_norm_field is not None and get(fam.qk_norm_field, "bool"):
-            qk_norm_over = "head"
+        if fam.qk_norm_field is not None:  # the config's switch (GLM-4-MoE, Persimmon)
+            qk_norm_over = (qk_norm_over or "head") if get(fam.qk_norm_field, "bool") else None
         if qk_norm_over is not None:
             attention += ["qk_norm = true", f"qk_norm_eps = {p('norm_eps')}"]
             if qk_norm_over != "head":
@@ -1538,6 +1600,8 @@ class DenseImporter(Importer):
             attention.append("sinks = true")
         if fam.output_gate:
             attention.append("output_gate = true")
+        if fam.sub_norms:
+            attention += ["out_norm = true", f"out_norm_eps = {p('norm_eps')}"]
         moe, sparse = (self._biased_experts(f, d, n_layers) if fam.routed == "biased"
                        else self._routed_experts(f, fam, d, n_layers) if fam.routed
                        else (None, [False] * n_layers))
@@ -1545,11 +1609,17 @@ class DenseImporter(Importer):
             attention = self._latent_attention(rope)
         slides = (self._window_flags(f, d, n_layers) if fam.window_layers
                   else [True] * n_layers)
+        set_window = window
         if not any(slides):
             window = None  # no layer reads it
         rotating = self._rotating_layers(f, d, n_layers)
-        if fam.global_nope and window is not None:
-            rotating = [r and s for r, s in zip(rotating, slides, strict=True)]
+        if fam.full_nope == "always" or fam.full_nope == "with_window" and set_window is not None:
+            # only the sliding layers turn (none, without a window)
+            rotating = [r and s and set_window is not None
+                        for r, s in zip(rotating, slides, strict=True)]
+        if fam.layer_thetas is not None:
+            rotating = [r and t for r, t in zip(rotating, self._layer_thetas(f, fam, n_layers),
+                                                strict=True)]
         kinds = [LayerKind(window is not None and s, m, not rotates)
                  for s, m, rotates in zip(slides, sparse, rotating, strict=True)]
         stack_notes = []
@@ -1571,14 +1641,43 @@ class DenseImporter(Importer):
         if mlp_module is not None:
             linear = foreign_op("hf", "projection")
             bias = ", bias = true" if mlp_bias else ""
-            mname = f"{mlp_module}_mlp"
-            modules.append([
-                f"# {fam.title}'s MLP: down({mlp_module}(up(x))) ({key('hidden_act')} {act})",
-                f"module {mname}(x) {{",
-                f"  up_proj   = {linear}(dim, {hidden}{bias})",
-                f"  down_proj = {linear}({hidden}, dim{bias})",
-                f"  return down_proj({mlp_module}(up_proj(x)))",
-                "}"])
+            # the activation as the spec writes it (ReLU² composes two functions)
+            applied = _ACTIVATION_CALLS.get(mlp_module, mlp_module + "({})")
+            if fam.gated and fam.sub_norms:  # the hidden normed before down_proj
+                mname = f"gated_{mlp_module}_normed_mlp"
+                norm = foreign_op("hf", fam.norm)
+                modules.append([
+                    f"# {fam.title}'s MLP: down(norm({applied.format('gate(x)')} * up(x))) "
+                    f"({key('hidden_act')} {act})",
+                    f"module {mname}(x) {{",
+                    f"  gate_proj = {linear}(dim, {hidden}{bias})",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  sub_norm  = {norm}({hidden}, eps = {p('norm_eps')})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj(sub_norm({applied.format('gate_proj(x)')} * "
+                    "up_proj(x)))",
+                    "}"])
+            elif fam.gated:
+                mname = f"gated_{mlp_module}_mlp"
+                modules.append([
+                    f"# {fam.title}'s MLP: down({applied.format('gate(x)')} * up(x)) "
+                    f"({key('hidden_act')} {act}" + (", biases)" if mlp_bias else ")"),
+                    f"module {mname}(x) {{",
+                    f"  gate_proj = {linear}(dim, {hidden}{bias})",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj({applied.format('gate_proj(x)')} * up_proj(x))",
+                    "}"])
+            else:
+                mname = f"{mlp_module}_mlp"
+                modules.append([
+                    f"# {fam.title}'s MLP: down({applied.format('up(x)')}) "
+                    f"({key('hidden_act')} {act})",
+                    f"module {mname}(x) {{",
+                    f"  up_proj   = {linear}(dim, {hidden}{bias})",
+                    f"  down_proj = {linear}({hidden}, dim{bias})",
+                    f"  return down_proj({applied.format('up_proj(x)')})",
+                    "}"])
             mlp = (mname, [])
         else:
             args = ["dim", f"hidden = {hidden}"]
@@ -1612,7 +1711,8 @@ class DenseImporter(Importer):
             stack_notes.insert(0, note)
         if any(k.nope for k in kinds):
             nope_field = ("layer_rope_theta" if "layer_rope_theta" in d
-                          else "layer_types and sliding_window" if fam.global_nope
+                          else "layer_types and sliding_window" if fam.full_nope == "with_window"
+                          else "layer_types" if fam.full_nope == "always"
                           else "no_rope_layers")
             stack_notes.append(f"{nope_field}: layers " + ", ".join(
                 str(i) for i, k in enumerate(kinds) if k.nope) + " attend without positions")
@@ -1626,7 +1726,8 @@ class DenseImporter(Importer):
             pre_norms=fam.pre_norms, post_norms=fam.post_norms,
             post_norm_names=fam.post_norm_names,
             window_names=fam.window_names if fam.window_layers else None,
-            window_args=["local_rope = true"] if fam.local_rope else [],
+            window_args=["local_rope = true"] if fam.local_rope
+            and not getattr(self, "one_base", False) else [],
             attention_op=self.latent_op if fam.latent else None,
             ssm=ssm, ssm_names=("attention_norm", "linear_attn"),
             mixer_names=("linear", "full"))
@@ -1952,7 +2053,7 @@ DENSE.update({
         aliases={**_RMS, "n_routed_experts": "num_experts",
                  "n_shared_experts": "num_shared_experts"},
         norm="norm", gated=True, dropouts=("attention_dropout",), routed="sigmoid",
-        qk_norm_over="head", window_layers=True, window_names=None, global_nope=True,
+        qk_norm_over="head", window_layers=True, window_names=None, full_nope="with_window",
         # mlp_layer_types is written from first_k_dense_replace, layer_types from
         # sliding_window_pattern (an int or a string of L and G); HF's causal LM adds no
         # balance loss
@@ -1998,6 +2099,207 @@ DENSE["qwen3_next"] = Dense(
                     shared_gated="shared_expert_intermediate_size"))
 
 
+# ---- more decoders (issue #13) -------------------------------------------------------------
+def _falcon_layout(get: Callable, heads: int | None) -> tuple[int | None, str, str]:
+    """Falcon's KV heads and block from its layout fields: the new decoder architecture has
+    num_kv_heads and a parallel block with two norms (num_ln_in_parallel_attn 2, its
+    default) or one; the others one KV head (multi_query) or one per head, and a parallel
+    block on one norm (parallel_attn) or a sequential one."""
+    if get("new_decoder_architecture", "bool"):
+        kv = get("num_kv_heads", "int?", positive=True)
+        norms = get("num_ln_in_parallel_attn", "int?", positive=True)
+        get("multi_query", "bool")
+        get("parallel_attn", "bool")
+        return (kv, "parallel" if norms in (None, 2) else "parallel_shared",
+                "num_kv_heads (new_decoder_architecture)")
+    get("num_kv_heads", "int?")  # read only by the new decoder architecture
+    get("num_ln_in_parallel_attn", "int?")
+    one = get("multi_query", "bool")
+    return (1 if one else heads, "parallel_shared" if get("parallel_attn", "bool")
+            else "sequential", "multi_query: one KV head" if one
+            else "num_attention_heads (multi_query false)")
+
+
+# Each is data over the shared translation: Llama-style layers with what the family's
+# layer fixes. Checkpoint names: runtime/hf.py (TABLE_FAMILIES, else the Llama names).
+_INTERLEAVED = ("{title} rotates interleaved channel pairs; q_proj and k_proj are permuted on "
+                "load so that the spec's rope (half-split pairs) computes the same scores.")
+_SLIDING = dict(window_layers=True, window_names=("sliding", "full"))
+DENSE.update({
+    # Mistral's layers, sliding after layer_types (default: all, where a window is set)
+    "ministral": Dense(
+        "Ministral", ("MinistralForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": None, "rope_theta": 10000.0, "sliding_window": 4096,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",), **_SLIDING),
+    # Llama with q/k/v biases (attention_bias), an o_proj bias of its own and MLP biases
+    "seed_oss": Dense(
+        "Seed-OSS", ("SeedOssForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 524288, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "num_key_value_heads": 8,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_out_bias": False, "mlp_bias": False, "attention_dropout": 0.1,
+            "residual_dropout": 0.1},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_out_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout", "residual_dropout")),
+    # Llama with interleaved rotary pairs, q/k/v biases (o_proj has none)
+    "helium": Dense(
+        "Helium", ("HeliumForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-8, "tie_word_embeddings": False, "num_key_value_heads": 20,
+            "head_dim": 128, "rope_theta": 100000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", mlp_bias="mlp_bias", gated=True,
+        dropouts=("attention_dropout",), note=_INTERLEAVED.format(title="Helium")),
+    # Llama with interleaved rotary pairs, every projection biased by use_bias
+    "ernie4_5": Dense(
+        "ERNIE 4.5", ("Ernie4_5ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 500000.0, "use_bias": False},
+        aliases=_RMS, norm="norm", qkv_bias="use_bias", out_bias="use_bias",
+        mlp_bias="use_bias", gated=True, note=_INTERLEAVED.format(title="ERNIE 4.5")),
+    # GLM-4 without its sandwich norms: interleaved partial rotary, q/k/v biases, fused
+    # gate_up_proj
+    "glm": Dense(
+        "GLM", ("GlmForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 131072, "initializer_range": 0.02,
+            "rms_norm_eps": 1.5625e-07, "tie_word_embeddings": False, "num_key_value_heads": 2,
+            "head_dim": 128, "rope_theta": 10000.0, "attention_bias": True,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", gated=True,
+        dropouts=("attention_dropout",),
+        note=_INTERLEAVED.format(title="GLM") + " gate_up_proj is split into gate/up_proj."),
+    # Llama with a two-layer ReLU² MLP (up, down), written as a module of the spec
+    "arcee": Dense(
+        "Arcee", ("ArceeForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 4096, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", dropouts=("attention_dropout",)),
+    # Gemma 2 without its post-norms (a norm before attention and before the MLP)
+    "vaultgemma": Dense(
+        "VaultGemma", ("VaultGemmaForCausalLM",), {
+            **_GEMMA_DEFAULTS, "hidden_activation": "gelu_pytorch_tanh",
+            "num_key_value_heads": 4, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "sliding_window_pattern": 2},
+        **{**_GEMMA2, "post_norms": False, "post_norm_names": None}),
+    # OLMo 2 (post-norms, qk-norm over the projections) with sliding layers after
+    # layer_types (default: every 4th full) and a RoPE base per layer type
+    "olmo3": Dense(
+        "OLMo 3", ("Olmo3ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0,
+            "sliding_window": 4096, "sliding_window_pattern": 4},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), pre_norms=False, post_norms=True,
+        qk_norm_over="projection", local_rope=True, local_rope_if_differs=True, **_SLIDING),
+    # Cohere's parallel block with sliding layers (layer_types; default every 4th full);
+    # only the sliding layers turn (the full ones attend without positions)
+    "cohere2": Dense(
+        "Cohere 2", ("Cohere2ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0, "logit_scale": 0.0625, "sliding_window": 4096,
+            "sliding_window_pattern": 4},
+        norm_args=", bias = false", residual="parallel_shared", qkv_bias="attention_bias",
+        out_bias="attention_bias", gated=True, dropouts=("attention_dropout",),
+        logit_scale=True, full_nope="always", note=_INTERLEAVED.format(title="Cohere 2"),
+        **_SLIDING),
+    # OLMo 2's post-norms with a per-head qk-norm, sliding layers after layer_types; with
+    # a window, the full layers attend without positions
+    "exaone4": Dense(
+        "EXAONE 4", ("Exaone4ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 32,
+            "rope_theta": 10000.0, "attention_dropout": 0.0, "sliding_window": 4096,
+            "sliding_window_pattern": 4},
+        aliases=_RMS, norm="norm", gated=True, dropouts=("attention_dropout",),
+        pre_norms=False, post_norms=True, qk_norm_over="head", full_nope="with_window",
+        **_SLIDING),
+    # Granite's multipliers, sliding layers (default: 0, 4, 8 ... full), a sink per head
+    # (HF scales each head's output by sigmoid(lse − sink): a softmax with a sink logit),
+    # layer_rope_theta 0: no positions
+    "granite_swa": Dense(
+        "Granite SWA", ("GraniteSWAForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 8192, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "num_key_value_heads": 4,
+            "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+            "attention_dropout": 0.0, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
+            "residual_multiplier": 1.0, "attention_multiplier": 1.0, "sliding_window": 128,
+            "sliding_window_pattern": 4, "layer_rope_theta": None},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True,
+        sinks=True, layer_thetas="layer_rope_theta", full_first=True, **_SLIDING),
+    # Llama whose per-head qk-norm (query_layernorm, key_layernorm) follows RoPE
+    "hunyuan_v1_dense": Dense(
+        "HunYuan (dense)", ("HunYuanDenseV1ForCausalLM",), {
+            "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), qk_norm_over="head",
+        qk_norm_args=("qk_norm_after_rope = true",), inert=("eod_token_id",)),
+    # LayerNorm scaling by 1 + weight (LayerNorm1P), a two-layer ReLU² MLP, partial rotary
+    "nemotron": Dense(
+        "Nemotron", ("NemotronForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 4096, "initializer_range": 0.0134,
+            "norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": None,
+            "head_dim": None, "rope_theta": 10000.0, "attention_bias": False,
+            "mlp_bias": False, "attention_dropout": 0.0},
+        aliases={"layer_norm_eps": "norm_eps"}, norm_args=", unit_offset = true",
+        qkv_bias="attention_bias", out_bias="attention_bias", mlp_bias="mlp_bias",
+        dropouts=("attention_dropout",)),
+    # Llama with RMSNorms inside: of the heads' output (attn_sub_norm) and of the gated
+    # ReLU² MLP's hidden (ffn_sub_norm); its checkpoints' weights as they are (bf16)
+    "bitnet": Dense(
+        "BitNet", ("BitNetForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "num_key_value_heads": 5,
+            "rope_theta": 500000.0, "attention_bias": False, "attention_dropout": 0.0},
+        aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
+        gated=True, dropouts=("attention_dropout",), sub_norms=True),
+    # LayerNorms, q and k normed per head by LayerNorms with biases (qk_layernorm), half of
+    # each head rotating, a two-layer ReLU² MLP, biases everywhere, fused per-head
+    # query_key_value
+    "persimmon": Dense(
+        "Persimmon", ("PersimmonForCausalLM",), {
+            "hidden_act": "relu2", "max_position_embeddings": 16384, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "rope_theta": 10000.0,
+            "qk_layernorm": True, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+        qkv_bias=True, out_bias=True, mlp_bias=True, dropouts=("hidden_dropout",
+                                                               "attention_dropout"),
+        qk_norm_over="head", qk_norm_field="qk_layernorm",
+        qk_norm_args=("qk_norm_kind = layer",),
+        note="query_key_value (per head q, k, v) is split into q/k/v_proj on load."),
+    # parallel attention + MLP on one LayerNorm (or two: the new decoder architecture's
+    # ln_attn, ln_mlp), or a sequential block; multi-query, grouped or full KV heads;
+    # ALiBi is refused (alibi, fixed false)
+    "falcon": Dense(
+        "Falcon", ("FalconForCausalLM",), {
+            "activation": "gelu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+            "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True, "rope_theta": 10000.0,
+            "ffn_hidden_size": None, "bias": False, "alibi": False,
+            "new_decoder_architecture": False, "multi_query": True, "parallel_attn": True,
+            "num_ln_in_parallel_attn": None, "num_kv_heads": None, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0},
+        aliases={"layer_norm_eps": "layer_norm_epsilon", "intermediate_size": "ffn_hidden_size",
+                 "hidden_act": "activation"},
+        qkv_bias="bias", out_bias="bias", mlp_bias="bias", fixed={"alibi": False},
+        dropouts=("hidden_dropout", "attention_dropout"), layout=_falcon_layout,
+        note="query_key_value (each KV head's queries, key and value) is split into "
+             "q/k/v_proj on load."),
+})
+
+
 # Families whose causal LM the language cannot say: the field that says why (located where
 # the config writes it, else at model_type), the reason and what to do.
 REFUSED: dict[str, tuple[str, str, str]] = {
@@ -2024,6 +2326,25 @@ REFUSED: dict[str, tuple[str, str, str]] = {
                       "experts and runs two attentions per layer, which forgec's moe and "
                       "blocks cannot say", "forgec's experts are SwiGLUs"),
 }
+
+
+# more decoders (issue #13) that the language cannot say
+_POSITIONS = ("{title} adds learned absolute position embeddings ({key} of them) to the "
+              "token embeddings: forgec's embedding has none, its positions are RoPE's",
+              "forgec imports decoders with rotary positions (or none)")
+REFUSED.update({
+    "gpt2": ("n_positions", *(x.format(title="GPT-2", key="n_positions") for x in _POSITIONS)),
+    "gpt_bigcode": ("n_positions", *(x.format(title="GPTBigCode", key="n_positions")
+                                     for x in _POSITIONS)),
+    "gpt_neo": ("max_position_embeddings",
+                *(x.format(title="GPT-Neo", key="max_position_embeddings")
+                  for x in _POSITIONS)),
+    "opt": ("max_position_embeddings", *(x.format(title="OPT", key="max_position_embeddings")
+                                         for x in _POSITIONS)),
+    "apertus": ("hidden_act", "Apertus's xIELU activation has learned scalars per MLP "
+                "(alpha_p, alpha_n), which no composition of the spec's functions has",
+                "the spec's activations: silu, gelu, gelu_tanh, relu, sigmoid, tanh, square"),
+})
 
 
 def refuse(src: Located, diags: Diagnostics, model_type: str) -> None:

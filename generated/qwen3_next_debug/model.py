@@ -136,11 +136,7 @@ def rope_tables(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin tables (positions, rotary_dim) in fp32, half-split layout."""
     config = config or ModelConfig()
-    rotary_dim, theta = config.rope_rotary_dim, 10000.0
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
-    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return rotary_tables(positions, config.rope_rotary_dim, 10000.0, device=device)
 
 
 class ConvCache:
@@ -253,6 +249,16 @@ class KVCache:
         start = self.length - valid.shape[1]
         self.valid[:, start : self.length] = valid
         self.next_pos += valid.sum(dim=1)
+
+
+def rotary_tables(
+    positions: int, rotary_dim: int, theta: float, *, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE cos/sin (positions, rotary_dim) in fp32, half-split, as transformers computes."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim))
+    angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 class TokenEmbedding(nn.Module):

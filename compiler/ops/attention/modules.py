@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..norm.modules import RMSNorm
+from ..norm.modules import LayerNorm, RMSNorm
 from ..rope.modules import apply_rope
 
 # Features: the generated model keeps a guarded branch only where its spec uses it.
@@ -23,6 +23,9 @@ CLIP_QKV = True  # feature: some attention clamps q, k and v (`clip_qkv`, OLMo's
 QK_NORM_PROJECTION = True  # feature: some qk-norm spans the whole projection (OLMo 2)
 SINKS = True  # feature: some attention has learned per-head sink logits
 OUTPUT_GATE = True  # feature: some attention gates its output per channel (Qwen3-Next)
+LAYER_QK_NORM = True  # feature: some qk-norm is a LayerNorm with a bias (Persimmon)
+OUT_NORM = True  # feature: some attention norms its heads' output before o_proj (BitNet)
+LATE_QK_NORM = True  # feature: some qk-norm follows RoPE (`qk_norm_after_rope`, HunYuan)
 
 
 class KVCache:
@@ -189,12 +192,14 @@ def softcapped_attention(
 
 
 class ProjectionRMSNorm(RMSNorm):
-    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm."""
+    """RMSNorm of (B, S, heads, head_dim) over all heads at once: OLMo 2's qk-norm,
+    BitNet's norm of the heads' output (`out_norm`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] * x.shape[-1] != self.dim:
             raise ValueError(
-                f"qk_norm_over = projection normalises all {self.dim} channels at once, this "
+                f"this norm (qk_norm_over = projection, or out_norm) spans all {self.dim} "
+                "channels of the heads at once, this "
                 f"rank holds {x.shape[-2] * x.shape[-1]}: a plan that splits the heads "
                 "(tensor parallelism) cannot apply it"
             )
@@ -259,6 +264,9 @@ class Attention(nn.Module):
         qk_norm_projection: bool = False,  # if QK_NORM_PROJECTION
         sinks: bool = False,  # if SINKS
         output_gate: bool = False,  # if OUTPUT_GATE
+        qk_norm_after_rope: bool = False,  # if LATE_QK_NORM
+        out_norm_eps: float | None = None,  # if OUT_NORM
+        qk_layernorm: bool = False,  # if LAYER_QK_NORM
     ) -> None:
         super().__init__()
         kv_heads, head_dim = kv_heads or heads, head_dim or dim // heads
@@ -276,6 +284,8 @@ class Attention(nn.Module):
             self.zero_init = zero_init
         if CLIP_QKV:
             self.clip_qkv = clip_qkv
+        if LATE_QK_NORM:
+            self.qk_norm_after_rope = qk_norm_after_rope
         if OUTPUT_GATE:
             self.output_gate = output_gate
         if OUTPUT_GATE and output_gate:  # q_proj yields each head's query, then its gate
@@ -294,11 +304,17 @@ class Attention(nn.Module):
             else:
                 self.q_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
                 self.k_norm = RMSNorm(head_dim, qk_norm_eps) if has_qk_norm else None
+        if LAYER_QK_NORM and qk_layernorm:  # Persimmon: LayerNorms with biases, per head
+            self.q_norm = LayerNorm(head_dim, qk_norm_eps)
+            self.k_norm = LayerNorm(head_dim, qk_norm_eps)
         if QK_NORM_PROJECTION and qk_norm_projection:  # one norm over all the heads
             self.q_norm = ProjectionRMSNorm(heads * head_dim, qk_norm_eps)
             self.k_norm = ProjectionRMSNorm(kv_heads * head_dim, qk_norm_eps)
         if SINKS:
             self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None
+        if OUT_NORM:  # one RMSNorm over all the heads' output
+            has_out_norm = out_norm_eps is not None
+            self.out_norm = ProjectionRMSNorm(heads * head_dim, out_norm_eps) if has_out_norm else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -315,6 +331,8 @@ class Attention(nn.Module):
             self.k_norm.init_weights()
         if SINKS and self.sinks is not None:
             nn.init.normal_(self.sinks, mean=0.0, std=std)
+        if OUT_NORM and self.out_norm is not None:
+            self.out_norm.init_weights()
 
     def forward(
         self,
@@ -335,7 +353,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         if CLIP_QKV and self.clip_qkv:  # the projections clamped to ±clip_qkv
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        if QK_NORM and self.q_norm is not None:
+        if QK_NORM and self.q_norm is not None and not (LATE_QK_NORM and self.qk_norm_after_rope):
             q, k = self.q_norm(q), self.k_norm(k)
         if ROPE and (not NO_ROPE or self.use_rope):
             if LOCAL_ROPE:
@@ -344,6 +362,8 @@ class Attention(nn.Module):
                 part = slice(half, None) if self.local_rope else slice(None, half)
                 rope_cos, rope_sin = rope_cos[..., part], rope_sin[..., part]
             q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        if LATE_QK_NORM and self.qk_norm_after_rope:  # HunYuan: the qk-norm follows RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
         if KV_CACHE and kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
@@ -386,6 +406,8 @@ class Attention(nn.Module):
                         scale=self.scale,  # if QUERY_SCALE
                         enable_gqa=q.shape[1] != k.shape[1],
                     )  # (B, H, S, hd)
+        if OUT_NORM and self.out_norm is not None:  # BitNet's attn_sub_norm
+            out = self.out_norm(out.transpose(1, 2)).transpose(1, 2)
         if OUTPUT_GATE and self.output_gate:  # each channel scaled by its gate
             return self.o_proj(out.transpose(1, 2).reshape(b, s, -1) * torch.sigmoid(gate))
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

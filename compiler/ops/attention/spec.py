@@ -42,8 +42,13 @@ def _attention_weights(a: Args) -> dict[str, Shape]:
     elif a["qk_norm"]:
         w["q_norm.weight"] = (hd,)
         w["k_norm.weight"] = (hd,)
+        if a["qk_norm_kind"] == "layer":
+            w["q_norm.bias"] = (hd,)
+            w["k_norm.bias"] = (hd,)
     if a["sinks"]:
         w["sinks"] = (h,)
+    if a["out_norm"]:
+        w["out_norm.weight"] = (h * hd,)
     return w
 
 
@@ -95,7 +100,12 @@ def _features(a: Args) -> frozenset[str]:
                                      ("qk_norm_projection", a["qk_norm"]
                                       and a["qk_norm_over"] == "projection"),
                                      ("sinks", a["sinks"]),
-                                     ("output_gate", a["output_gate"]))
+                                     ("output_gate", a["output_gate"]),
+                                     ("late_qk_norm", a["qk_norm"]
+                                      and a["qk_norm_after_rope"]),
+                                     ("out_norm", a["out_norm"]),
+                                     ("layer_qk_norm", a["qk_norm"]
+                                      and a["qk_norm_kind"] == "layer"))
                      if on)
 
 
@@ -125,6 +135,12 @@ def _ctor(a: Args, u: frozenset[str]) -> dict[str, Any]:
         out["sinks"] = a["sinks"]
     if a["output_gate"]:
         out["output_gate"] = True
+    if a["out_norm"]:
+        out["out_norm_eps"] = a["out_norm_eps"]
+    if "layer_qk_norm" in u:
+        out["qk_layernorm"] = bool(a["qk_norm"] and a["qk_norm_kind"] == "layer")
+    if "late_qk_norm" in u:
+        out["qk_norm_after_rope"] = bool(a["qk_norm"] and a["qk_norm_after_rope"])
     return out
 
 
@@ -149,6 +165,21 @@ def _check(comp: Any, model: Any, diags: Any) -> None:
             diags.error("E071", f"heads {heads} is not a multiple of kv_heads {kv}",
                         spans.get("kv_heads", spans.get("heads", comp.span)),
                         hint="each KV head serves an equal group of query heads")
+    if a["qk_norm_kind"] != "rms" and not a["qk_norm"]:
+        diags.error("E192", f"qk_norm_kind = {a['qk_norm_kind']} without a qk-norm",
+                    spans.get("qk_norm_kind", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_kind out")
+    elif a["qk_norm_kind"] == "layer" and (a["qk_norm_over"] == "projection"
+                                           or a["qk_norm_unit_offset"]):
+        other = ("qk_norm_over" if a["qk_norm_over"] == "projection"
+                 else "qk_norm_unit_offset")
+        diags.error("E193", f"a LayerNorm qk-norm (qk_norm_kind = layer) with {other}",
+                    spans.get(other, comp.span),
+                    hint="the LayerNorm qk-norm is per head and scales by its weight")
+    if a["qk_norm_after_rope"] and not a["qk_norm"]:
+        diags.error("E190", "qk_norm_after_rope without a qk-norm",
+                    spans.get("qk_norm_after_rope", comp.span),
+                    hint="add qk_norm = true, or leave qk_norm_after_rope out")
     if a["qk_norm_unit_offset"] and not a["qk_norm"]:
         diags.error("E145", "qk_norm_unit_offset without a qk-norm",
                     spans.get("qk_norm_unit_offset", comp.span),
@@ -223,6 +254,13 @@ OPS = (
             ArgSpec("output_gate", "bool", False,
                     doc="q_proj also yields a gate per channel: the output times "
                         "sigmoid(gate) before o_proj (Qwen3-Next)"),
+            ArgSpec("qk_norm_after_rope", "bool", False,
+                    doc="the qk-norm follows RoPE instead of preceding it (HunYuan)"),
+            ArgSpec("qk_norm_kind", "choice", "rms", choices=("rms", "layer"),
+                    doc="the qk-norm: an RMSNorm, or a LayerNorm with a bias (Persimmon)"),
+            ArgSpec("out_norm", "bool", False,
+                    doc="an RMSNorm over all the heads' output before o_proj (BitNet)"),
+            ArgSpec("out_norm_eps", "float", 1e-5, min=0.0, max=1.0),
         ),
         sizes=("dim", "heads", "kv_heads", "head_dim"),
         derive=_attention_derive,

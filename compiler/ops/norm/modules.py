@@ -8,6 +8,7 @@ from torch import nn
 
 UNIT_OFFSET = True  # feature: some RMSNorm stores its weight minus one (Gemma: x̂ · (1 + w))
 NORM_WITHOUT_WEIGHT = True  # feature: some LayerNorm has no weight (`weight = false`)
+LAYERNORM_UNIT_OFFSET = True  # feature: some LayerNorm scales by 1 + w (Nemotron's LayerNorm1P)
 
 
 class RMSNorm(nn.Module):
@@ -48,9 +49,12 @@ class LayerNorm(nn.Module):
         eps: float,
         bias: bool = True,
         weight: bool = True,  # if NORM_WITHOUT_WEIGHT
+        unit_offset: bool = False,  # if LAYERNORM_UNIT_OFFSET
     ) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
+        if LAYERNORM_UNIT_OFFSET:
+            self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.empty(dim))
         if NORM_WITHOUT_WEIGHT and not weight:
             self.weight = None  # OLMo's LayerNorm learns no scale
@@ -61,7 +65,10 @@ class LayerNorm(nn.Module):
             if self.bias is not None:
                 nn.init.zeros_(self.bias)
             return
-        nn.init.ones_(self.weight)
+        if LAYERNORM_UNIT_OFFSET and self.unit_offset:
+            nn.init.zeros_(self.weight)  # the scale 1 + w starts at one
+        else:
+            nn.init.ones_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -69,4 +76,7 @@ class LayerNorm(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         if NORM_WITHOUT_WEIGHT and self.weight is None:
             return F.layer_norm(x.float(), (self.dim,), None, bias, self.eps).type_as(x)
+        if LAYERNORM_UNIT_OFFSET and self.unit_offset:
+            scale = 1.0 + self.weight.float()
+            return F.layer_norm(x.float(), (self.dim,), scale, bias, self.eps).type_as(x)
         return F.layer_norm(x.float(), (self.dim,), self.weight.float(), bias, self.eps).type_as(x)

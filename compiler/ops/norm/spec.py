@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from ..core import ArgSpec, Foreign, OpDef, hidden
 
+
+def _layernorm_check(comp, model, diags) -> None:
+    """E191: a unit offset scales a weight the norm must have."""
+    if comp.args["unit_offset"] and not comp.args["weight"]:
+        diags.error("E191", "unit_offset = true on a LayerNorm without a weight",
+                    comp.arg_spans.get("unit_offset", comp.span),
+                    hint="the scale is 1 + weight: leave weight = false or unit_offset out")
+
+
 OPS = (
     OpDef(
         name="rmsnorm",
@@ -33,6 +42,9 @@ OPS = (
             ArgSpec("bias", "bool", True),
             ArgSpec("weight", "bool", True,
                     doc="a learned scale; false: a non-parametric LayerNorm (OLMo)"),
+            ArgSpec("unit_offset", "bool", False,
+                    doc="scale by 1 + weight (Nemotron's LayerNorm1P), the weight starting at "
+                    "zero"),
         ),
         sizes=("dim",),
         inputs=lambda a: (hidden(a["dim"]),),
@@ -41,9 +53,13 @@ OPS = (
                            **({"bias": (a["dim"],)} if a["bias"] else {})},
         slots=("norm",),
         class_name="LayerNorm", init_args="",
-        features=lambda a: frozenset(() if a["weight"] else {"norm_without_weight"}),
+        features=lambda a: frozenset(f for f, on in (("norm_without_weight", not a["weight"]),
+                                                     ("layernorm_unit_offset", a["unit_offset"]))
+                                     if on),
         ctor=lambda a, u: {"dim": a["dim"], "eps": a["eps"], "bias": a["bias"],
-                           **({"weight": a["weight"]} if "norm_without_weight" in u else {})},
+                           **({"weight": a["weight"]} if "norm_without_weight" in u else {}),
+                           **({"unit_offset": True} if a["unit_offset"] else {})},
+        check=_layernorm_check,
         # KempnerForge's layernorm has a bias, like nn.LayerNorm (the default); Hugging
         # Face's GPT-NeoX / GPT-J / Phi / StableLM / Starcoder2 / OLMo decoders norm with it
         foreign={"kf": Foreign("norm", {"norm_type": ("layernorm",)}),
