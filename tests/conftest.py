@@ -23,6 +23,8 @@ from forgec.compiler.driver import Compilation, compile_spec
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     _cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, _cores))
+# what a test that sets torch's thread count asks for: every core of this process's share
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.forge"))
@@ -101,3 +103,16 @@ def forge(tmp_path):
     def _compile(text: str, **kw):
         return compile_text(tmp_path, text, **kw)
     return _compile
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """`make test` hands the workers whole test files (pytest-xdist's loadgroup), so that
+    each file's module fixtures are built once; test_parity_hf's families go out one by
+    one (each family's fixture is its own), since that file alone would outlast the rest."""
+    for item in items:
+        group = item.path.stem
+        params = getattr(item, "callspec", None)
+        if group == "test_parity_hf" and params is not None and "family" in params.params:
+            group += "-" + params.params["family"]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -295,7 +295,7 @@ def test_out_of_range_is_E026(forge):
     assert eps.message == "argument 'eps' of rmsnorm() must be in [0.0, 1.0], got 2.0"
     assert window.message == "argument 'window' of attention() must be ≥ 0, got -1"
     assert scaling.message == ("argument 'scaling' of rope() must be one of 'none', 'llama3', "
-                               "got the string 'llama2'")
+                               "'linear', 'dynamic', 'yarn', 'longrope', got the string 'llama2'")
     assert scaling.hint == "did you mean 'llama3'?"
     assert theta.message == "argument 'theta' of rope() must be ≥ 1.0, got 0.5"
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import THREADS
 
 from forgec.compiler.cli import main as forgec
 from forgec.runtime.generate import load_run_model
@@ -21,7 +22,7 @@ DOC = ("In the beginning the Universe was created. This has made a lot of people
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as hf
+from conftest import THREADS
 
 from forgec.compiler.cli import main as forgec
 from forgec.runtime.data import ByteTokenizer
@@ -44,7 +45,7 @@ FAMILIES = {
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def train_run(spec: Path, run: Path, steps: int = 1) -> None:

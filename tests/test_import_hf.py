@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as hf
-from conftest import ROOT, run_forgec
+from conftest import ROOT, THREADS, run_forgec
 
 from forgec.compiler.build import build
 from forgec.compiler.cli import main as forgec
@@ -70,7 +70,7 @@ HUB = {
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def write_config(folder: Path, cfg: dict | str) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, THREADS
 from dist_helpers import spawn, train_runs
 
 from forgec.compiler.cli import main as forgec
@@ -77,7 +77,7 @@ def fresh_model(run: Path) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     root = tmp_path_factory.mktemp("init_from")
     quiet_train(DEBUG, str(root / "src"), steps=2, seed=0, **SETTINGS)
     return root

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as hf
-from conftest import codes, compile_text
+from conftest import THREADS, codes, compile_text
 from transformers.models.qwen3_next import modeling_qwen3_next as ref_mod
 
 from forgec.compiler.cost import cost
@@ -27,7 +27,7 @@ from forgec.compiler.ops.gated_deltanet.modules import (
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def _inputs(b=2, s=19, h=4, dk=8, dv=6, seed=0, dtype=torch.float64):

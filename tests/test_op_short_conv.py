@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import transformers as hf
-from conftest import codes, compile_text
+from conftest import THREADS, codes, compile_text
 
 from forgec.compiler.cost import cost
 from forgec.compiler.emit import emit_package
@@ -48,7 +48,7 @@ model tiny_lfm {
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @torch.no_grad()

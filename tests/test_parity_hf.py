@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as hf
+from conftest import THREADS
 
 from forgec.compiler.build import build
 from forgec.compiler.cli import main as forgec
@@ -389,7 +390,7 @@ LLAMA_STYLE = ("llama", "llama_bias", "mistral", "qwen2", "qwen3", "mixtral", "q
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def _import_module(pkg: Path, name: str):

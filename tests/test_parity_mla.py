@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as hf
+from conftest import THREADS
 
 from forgec.compiler.build import build
 from forgec.compiler.driver import compile_spec
@@ -40,7 +41,7 @@ CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermed
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def _package(spec: Path, out: Path, name: str):

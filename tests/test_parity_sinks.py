@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import transformers as hf
+from conftest import THREADS
 
 from forgec.compiler.build import build
 from forgec.compiler.driver import compile_spec
@@ -59,7 +60,7 @@ model oss_tiny {
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

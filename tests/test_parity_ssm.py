@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as hf
-from conftest import ROOT, codes, compile_text
+from conftest import ROOT, THREADS, codes, compile_text
 
 from forgec.compiler.cost import cost
 from forgec.compiler.driver import compile_spec
@@ -44,7 +44,7 @@ CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

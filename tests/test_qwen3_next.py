@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as hf
-from conftest import ROOT, codes, compile_text
+from conftest import ROOT, THREADS, codes, compile_text
 
 from forgec.compiler.cost import cost
 from forgec.compiler.driver import compile_spec
@@ -38,7 +38,7 @@ CONFIG = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="module")

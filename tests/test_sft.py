@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import THREADS
 from tokenizer_helpers import make_hf_tokenizer
 
 from forgec.compiler.cli import main as forgec
@@ -79,7 +80,7 @@ PAIRS = [
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

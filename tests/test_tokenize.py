@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import THREADS
 from tokenizer_helpers import TEXT, make_hf_tokenizer
 
 from forgec.compiler.cli import main as forgec
@@ -24,7 +25,7 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".spl
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def corpus(folder: Path, seed: int = 0) -> list[str]:

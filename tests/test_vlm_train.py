@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, THREADS
 from conftest import cli as forgec
 
 from forgec.compiler.build import build
@@ -45,7 +45,7 @@ CAUSAL = ("vlm", "vlm_xattn", "vlm_mot", "vlm_rope2d")
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def vlm(name: str, seed: int = 0):

@@ -12,7 +12,7 @@ import re
 import shlex
 
 import torch
-from conftest import ROOT
+from conftest import ROOT, THREADS
 
 from forgec.compiler.cli import main as forgec
 from forgec.runtime.generate import load_run_model
@@ -36,7 +36,7 @@ def commands(block: str) -> list[list[str]]:
 
 def test_the_readme_worked_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     make_tiny = readme_block("make_tiny.py", "python")
     (tmp_path / "make_tiny.py").write_text(make_tiny)
     outputs = {}
