@@ -60,7 +60,7 @@ model conv_sinks {
 
 # (model, micro-batch, sequence length): activations are most of each peak
 SHAPES = [("gemma2_debug", 4, 128), ("deepseek_debug", 8, 128), ("jamba_debug", 4, 128),
-          ("mamba2_debug", 4, 128), ("conv_sinks", 4, 128)]
+          ("mamba2_debug", 4, 128), ("conv_sinks", 4, 256)]
 SINGLE = "\nplan single for {name} {{\n  mesh(dp = 1)\n}}\n"
 
 
