@@ -64,6 +64,11 @@ Per rank (`per_rank` in the JSON: `rank` and its `pp_rank`, `dp_rank`,
                   backward (one microbatch, GPipe) the peak is at its start or when
                   the gradients exist; where forwards follow backwards (1F1B's
                   steady state) the gradients sit beside the activations in flight.
+                  An op whose backward holds more than its forward saved (a
+                  scan's full-size gradients, explicit S×S scores' gradients)
+                  says how much per token in its OpDef (`backward_bytes`): the
+                  largest such workspace, less what the units after it saved
+                  (freed by then), is added to the activations at that point.
 
 Checked against measured peaks on CPU: one process (tests/test_planner.py) and
 every rank of real 2-rank FSDP, pipeline, VLM, tensor- and expert-parallel training
