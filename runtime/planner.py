@@ -64,6 +64,11 @@ Per rank (`per_rank` in the JSON: `rank` and its `pp_rank`, `dp_rank`,
                   backward (one microbatch, GPipe) the peak is at its start or when
                   the gradients exist; where forwards follow backwards (1F1B's
                   steady state) the gradients sit beside the activations in flight.
+                  An op whose backward holds more than its forward saved (a
+                  scan's full-size gradients, explicit S×S scores' gradients)
+                  says how much per token in its OpDef (`backward_bytes`): the
+                  largest such workspace, less what the units after it saved
+                  (freed by then), is added to the activations at that point.
 
 Checked against measured peaks on CPU: one process (tests/test_planner.py) and
 every rank of real 2-rank FSDP, pipeline, VLM, tensor- and expert-parallel training
@@ -76,11 +81,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -137,7 +144,14 @@ class _MeasuringStandIns(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             q, k, v, *rest = args
-            return _FusedAttention.apply(q, k, v, kwargs.get("attn_mask", rest[0] if rest else None))
+            mask = kwargs.get("attn_mask", rest[0] if rest else None)
+            if q.shape[-1] != v.shape[-1] or (mask is not None and mask.requires_grad):
+                # keys and values of different head dims (multi-head latent attention), or
+                # a mask that needs a gradient (learned sink logits): torch's CPU flash
+                # kernel takes neither, so SDPA runs its math path, which saves the S×S
+                # probabilities; so does the meta device
+                return func(*args, **kwargs)
+            return _FusedAttention.apply(q, k, v, mask)
         if func is torch.bincount and args[0].is_meta:
             minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
             return torch.empty(minlength, dtype=torch.long, device="meta")
@@ -551,6 +565,36 @@ def shard_stage(plan, full: nn.Module, plan_name: str, stage_index: int | None, 
     return {"params": params, "units": unit_fqns(model), "groups": dict(groups)}
 
 
+def unit_workspace(acts: Activations,
+                   backward_bytes: dict[str, Callable[[int], int]]) -> dict[str, int]:
+    """{unit: bytes the backward of its largest op holds beyond the saved tensors}:
+    a component's bytes per token at the unit's sequence length, times the
+    microbatch's tokens there."""
+    out: dict[str, int] = {}
+    for unit in acts.order:
+        shape = acts.shapes.get(unit, ())
+        if len(shape) < 2:
+            continue
+        batch, seq = shape[:2]
+        need = max((per_token(seq) for fqn, per_token in backward_bytes.items()
+                    if covers([unit], fqn)), default=0)
+        if need:
+            out[unit] = need * batch * seq
+    return out
+
+
+def backward_extra(acts: Activations, units: list[str], workspace: dict[str, int]) -> int:
+    """What a unit's backward workspace adds, at most, to the activations held at the
+    start of backward (`units`: those of the stage whose backward runs first): its
+    workspace, less what the units after it saved (freed before it runs); the logits'
+    gradient is gone by then too."""
+    extra = freed = 0
+    for unit in reversed(units):
+        extra = max(extra, workspace.get(unit, 0) - freed)
+        freed += acts.saved.get(unit, 0)
+    return extra
+
+
 def stage_activations(acts: Activations, units: list[str], ckpt: list[str],
                       saves: dict[str, list[str]] | None = None) -> int:
     """Bytes one microbatch's forward of `units` keeps for backward: what they
@@ -631,7 +675,22 @@ def plan_report(spec: str, plan_name: str, world: int, *, micro_batch: int = 1,
     comp, plan, max_text = _compile_plan(spec, plan_name, world)
     with tempfile.TemporaryDirectory(prefix="forgec-plan-") as tmp:
         pkg = import_package(build(comp, tmp, update=True).package)
-        return _report(pkg, plan.target, plan_name, world, micro_batch, seq_len, max_text)
+        graph = comp.graphs.get(plan.target) or comp.vlm_graphs.get(plan.target)
+        return _report(pkg, plan.target, plan_name, world, micro_batch, seq_len, max_text,
+                       op_backward_bytes(graph))
+
+
+def op_backward_bytes(graph) -> dict[str, Callable[[int], int]]:
+    """{component FQN: its op's OpDef.backward_bytes (bytes per token, at a sequence
+    length, that its backward holds beyond what its forward saved)} for every op
+    component of the spec's graph."""
+    from forgec.compiler.ops import OPS
+
+    out = {}
+    for _, data in graph.nodes(data=True) if graph is not None else ():
+        if data["kind"] == "op" and data["ok"]:
+            out[data["fqn"]] = functools.partial(OPS[data["op"]].backward_bytes, data["args"])
+    return out
 
 
 def _text_limit(pkg, max_text: int | None) -> tuple[int, str]:
@@ -645,7 +704,8 @@ def _text_limit(pkg, max_text: int | None) -> tuple[int, str]:
 
 
 def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
-            seq_len: int | None, max_text: int | None = None) -> dict:
+            seq_len: int | None, max_text: int | None = None,
+            backward_bytes: dict[str, Callable[[int], int]] | None = None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     plan = importlib.import_module(f"{pkg.__name__}.plan")
@@ -673,6 +733,7 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
     with torch.device("meta"):
         full = new_model(pkg)
     params_total = sum(p.numel() for p in full.parameters())
+    workspace = unit_workspace(acts, backward_bytes or {})
 
     def boundary(stage: int) -> int:
         """Bytes of the hidden state a microbatch brings into `stage`."""
@@ -722,7 +783,10 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
         # state); one that runs every forward first frees a microbatch's
         # activations before the first gradients appear
         steady = flight < microbatches * len(stage_ids)
-        last_forward = per_stage[((flight - 1) // pp) % len(per_stage)]
+        last_stage = ((flight - 1) // pp) % len(per_stage)
+        last_forward = per_stage[last_stage]
+        # a backward's own workspace, beside the activations not freed yet
+        extra = backward_extra(acts, stages[last_stage]["units"], workspace)
         last = pipe is None or n_stages - 1 in stage_ids
         logits = acts.logits_bytes if last else 0
         if fsdp and dp > 1:
@@ -760,8 +824,9 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
             # start (all activations and the logits' gradient) or when the gradients
             # exist (at the end; with the activations still in flight, in a steady state)
             grads = row["grad_bytes"]
-            transient = (activations + logits + grads if steady else
-                         max(activations + logits, activations - last_forward + grads))
+            transient = (activations + max(logits, extra) + grads if steady else
+                         max(activations + max(logits, extra),
+                             activations - last_forward + grads))
             row["total_bytes"] = (row["param_bytes"] + row["optimizer_bytes"] + gathered
                                   + buffers + transient)
             ranks.append(row)

@@ -4,7 +4,7 @@ The parity of Gemma, Gemma 2 and Gemma 3 (text) with transformers — logits wit
 1e-5, greedy decoding with the KV cache, a round trip through save_hf_checkpoint —
 is tested on the specs `forgec import-hf` writes, in tests/test_parity_hf.py
 (families gemma, gemma2, gemma3). Here: the soft-capped head's fused loss, soft-capped
-attention's refusal of packed documents, and specs/gemma2_debug.forge decoding with
+attention and sinks on packed documents, and specs/gemma2_debug.forge decoding with
 its cache and training.
 """
 
@@ -41,13 +41,31 @@ def test_softcapped_fused_loss_equals_autograd_through_the_cap():
     torch.testing.assert_close(gw, rw)
 
 
-def test_soft_capped_attention_refuses_packed_documents():
-    attn = Attention(16, 2, softcap=5.0, use_rope=False)
-    attn.init_weights(0.02, 0.02)
-    x = torch.randn(1, 6, 16)
-    mask = DocumentMask(torch.tensor([[0, 0, 0, 1, 1, 1]]), flex=False)
-    with pytest.raises(ValueError, match="packed documents"):
-        attn(x, None, None, mask)
+@pytest.mark.parametrize("kind, window", [({"softcap": 5.0}, 0), ({"sinks": True}, 0),
+                                          ({"softcap": 5.0}, 2), ({"sinks": True}, 2)])
+def test_explicitly_scored_attention_on_packed_documents_attends_within_each(kind, window):
+    """Soft-capped scores and sinks cannot go through SDPA: on packed documents
+    (a DocumentMask, sliding-window or not) such attention takes the documents'
+    boolean mask, and each document's output is that of the document alone."""
+    torch.manual_seed(0)
+    attn = Attention(16, 2, use_rope=False, **kind)
+    attn.init_weights(0.5, 0.5)
+    x = torch.randn(2, 7, 16)
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]])
+
+    def alone(part: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(part.shape[1])
+        keep = pos[None, :] <= pos[:, None]
+        if window:
+            keep = keep & (pos[:, None] - pos[None, :] < window)
+        return attn(part, None, None, keep[None, None])
+
+    for flex in (False, True):
+        packed = attn(x, None, None, DocumentMask(doc_ids, window=window, flex=flex))
+        for row in range(2):
+            cut = int((doc_ids[row] == 0).sum())
+            want = torch.cat([alone(x[row:row + 1, :cut]), alone(x[row:row + 1, cut:])], dim=1)
+            torch.testing.assert_close(packed[row:row + 1], want, rtol=1e-5, atol=1e-6)
 
 
 # ---- the committed example, specs/gemma2_debug.forge ------------------------------------

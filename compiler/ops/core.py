@@ -8,7 +8,8 @@ Each `OpDef` declares
   * its parameter layout: FQN suffix → shape, relative to the component
     (`q_proj.weight` under `layers.3.attention`) — used for FQNs, parameter
     counts and code generation;
-  * its cost: forward FLOPs per token and KV-cache elements per token;
+  * its cost: forward FLOPs per token and KV-cache elements per token, and
+    the workspace of its backward per token (`forgec plan`);
   * `causal`: whether a token's output depends only on earlier tokens;
   * its code: the definitions of its folder's `modules.py` it needs (`code`,
     by default its `class_name`), copied into the generated model.py by
@@ -103,6 +104,10 @@ class OpDef:
     kv_elems: Callable[[Args], int] = lambda a: 0  # cached elements per token
     # cached elements per sequence, whatever its length (a recurrent mixer's state)
     state_elems: Callable[[Args], int] = lambda a: 0
+    # bytes per token, at a sequence length, that the op's backward holds at its peak
+    # beyond what its forward saved, in fp32 training (a scan's full-size gradients,
+    # the gradients of explicit S×S scores): `forgec plan` adds them to the activations
+    backward_bytes: Callable[[Args, int], int] = _zero
     causal: Callable[[Args], bool] = lambda a: True
     derive: Callable[[dict[str, Any]], None] = lambda a: None
     # the same defaults as Python over the other arguments, e.g. {"kv_heads": "{heads}"}:

@@ -42,5 +42,30 @@ PLANS = {
         },
         "activation_checkpoint": [],
     },
+    "fsdp2": {
+        "mesh": {"dp": 2, "pp": 1, "tp": 1, "ep": 1},
+        "world": 2,
+        "fsdp": {
+            "units": ["layers.0", "layers.1"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "activation_checkpoint": [],
+    },
+    "pp2": {
+        "mesh": {"dp": 1, "pp": 2, "tp": 1, "ep": 1},
+        "world": 2,
+        "pipeline": {
+            "schedule": "1f1b",
+            "microbatches": 2,
+            "virtual_stages": 1,
+            "stages": [["token_embedding", "layers.0"], ["layers.1", "norm", "output_head"]],
+            "stage_params": [47792, 85232],
+            "stage_flops": [83104, 116896],
+        },
+        "activation_checkpoint": [],
+    },
     "tp2": {"mesh": {"dp": 1, "pp": 1, "tp": 2, "ep": 1}, "world": 2, "activation_checkpoint": []},
 }

@@ -260,6 +260,7 @@ class DocumentMask:
         flex: bool | None = None,
     ) -> None:
         self.causal, self.window = causal, window
+        self.doc_ids = doc_ids
         b, s = doc_ids.shape
         self.block_mask = None
         if doc_ids.is_cuda if flex is None else flex:
@@ -335,6 +336,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
+def dense_document_mask(mask: DocumentMask) -> torch.Tensor:
+    """The (B, 1, S, S) boolean mask a DocumentMask stands for, True where a query may
+    attend a key: for the attention that computes its scores itself (soft-capped
+    scores, sinks), which holds (B, H, S, S) scores anyway."""
+    doc_ids = mask.doc_ids
+    pos = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    keep = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    if mask.causal:
+        keep = keep & (pos[None, :] <= pos[:, None])
+    if mask.window:
+        keep = keep & (pos[:, None] - pos[None, :] < mask.window)
+    return keep
+
+
 def softcapped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -348,10 +363,8 @@ def softcapped_attention(
     scores are soft-capped, softcap · tanh(scores / softcap), before the mask and the
     fp32 softmax (SDPA has no hook for it). `mask`: (B, 1, S, T) booleans, True where
     a query may attend a key; None for causal (or full) attention."""
-    if isinstance(mask, DocumentMask):
-        raise ValueError(
-            "soft-capped attention does not run on packed documents: train without doc_ids"
-        )
+    if isinstance(mask, DocumentMask):  # packed documents, in training
+        mask = dense_document_mask(mask)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

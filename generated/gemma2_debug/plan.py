@@ -29,4 +29,39 @@ TP_PLAN = {
 # The grouped experts of each mixture-of-experts layer (expert parallelism).
 EXPERT_FQNS = []
 
-PLANS = {}
+PLANS = {
+    "fsdp2": {
+        "mesh": {"dp": 2, "pp": 1, "tp": 1, "ep": 1},
+        "world": 2,
+        "fsdp": {
+            "units": ["layers.0", "layers.1", "layers.2", "layers.3"],
+            "reshard": "after_forward",
+            "compute": "fp32",
+            "reduce": "fp32",
+            "cpu_offload": False,
+        },
+        "activation_checkpoint": [],
+    },
+    "pp2": {
+        "mesh": {"dp": 1, "pp": 2, "tp": 1, "ep": 1},
+        "world": 2,
+        "pipeline": {
+            "schedule": "1f1b",
+            "microbatches": 2,
+            "virtual_stages": 1,
+            "stages": [
+                ["token_embedding", "layers.0", "layers.1"],
+                ["layers.2", "layers.3", "norm", "output_head"],
+            ],
+            "stage_params": [328704, 296064],
+            "stage_flops": [684352, 749888],
+            "tied": [
+                {
+                    "weights": ["token_embedding.embedding.weight", "output_head.proj.weight"],
+                    "stages": [0, 1],
+                },
+            ],
+        },
+        "activation_checkpoint": [],
+    },
+}

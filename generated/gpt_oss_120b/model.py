@@ -306,6 +306,7 @@ class DocumentMask:
         flex: bool | None = None,
     ) -> None:
         self.causal, self.window = causal, window
+        self.doc_ids = doc_ids
         b, s = doc_ids.shape
         self.block_mask = None
         if doc_ids.is_cuda if flex is None else flex:
@@ -379,6 +380,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotated = torch.cat([-x2, x1], dim=-1)
     out = (x.float() * cos + rotated * sin).type_as(x)
     return out
+
+
+def dense_document_mask(mask: DocumentMask) -> torch.Tensor:
+    """The (B, 1, S, S) boolean mask a DocumentMask stands for, True where a query may
+    attend a key: for the attention that computes its scores itself (soft-capped
+    scores, sinks), which holds (B, H, S, S) scores anyway."""
+    doc_ids = mask.doc_ids
+    pos = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    keep = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    if mask.causal:
+        keep = keep & (pos[None, :] <= pos[:, None])
+    if mask.window:
+        keep = keep & (pos[:, None] - pos[None, :] < mask.window)
+    return keep
 
 
 def attend_with_sinks(
@@ -466,8 +481,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # all cached keys and values so far
         if self.sinks is not None:
-            if isinstance(mask, DocumentMask):
-                raise ValueError("attention sinks do not run on packed documents (doc_ids)")
+            if isinstance(mask, DocumentMask):  # packed documents, in training
+                mask = dense_document_mask(mask)
             out = attend_with_sinks(
                 q,
                 k,

@@ -94,6 +94,8 @@ class DocumentMask:
         flex: bool | None = None,
     ) -> None:
         self.causal, self.window = causal, window
+        if ATTN_SOFTCAP or SINKS:  # kernels that score explicitly take dense() instead
+            self.doc_ids = doc_ids
         b, s = doc_ids.shape
         self.block_mask = None
         if doc_ids.is_cuda if flex is None else flex:
@@ -160,6 +162,20 @@ class DocumentMask:
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
 
+def dense_document_mask(mask: DocumentMask) -> torch.Tensor:
+    """The (B, 1, S, S) boolean mask a DocumentMask stands for, True where a query may
+    attend a key: for the attention that computes its scores itself (soft-capped
+    scores, sinks), which holds (B, H, S, S) scores anyway."""
+    doc_ids = mask.doc_ids
+    pos = torch.arange(doc_ids.shape[1], device=doc_ids.device)
+    keep = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    if mask.causal:
+        keep = keep & (pos[None, :] <= pos[:, None])
+    if mask.window:
+        keep = keep & (pos[:, None] - pos[None, :] < mask.window)
+    return keep
+
+
 def softcapped_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -173,10 +189,8 @@ def softcapped_attention(
     scores are soft-capped, softcap · tanh(scores / softcap), before the mask and the
     fp32 softmax (SDPA has no hook for it). `mask`: (B, 1, S, T) booleans, True where
     a query may attend a key; None for causal (or full) attention."""
-    if isinstance(mask, DocumentMask):
-        raise ValueError(
-            "soft-capped attention does not run on packed documents: train without doc_ids"
-        )
+    if isinstance(mask, DocumentMask):  # packed documents, in training
+        mask = dense_document_mask(mask)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -380,8 +394,8 @@ class Attention(nn.Module):
             )
         else:
             if SINKS and self.sinks is not None:
-                if isinstance(mask, DocumentMask):
-                    raise ValueError("attention sinks do not run on packed documents (doc_ids)")
+                if isinstance(mask, DocumentMask):  # packed documents, in training
+                    mask = dense_document_mask(mask)
                 out = attend_with_sinks(
                     q,
                     k,

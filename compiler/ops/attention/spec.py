@@ -79,6 +79,16 @@ def _attention_flops(a: Args, seq_len: int) -> int:
     return int(proj + 2 * 2 * a["heads"] * hd * keys)
 
 
+def _attention_backward_bytes(a: Args, seq_len: int) -> int:
+    """Soft-capped scores and sinks are computed as a (B, heads, S, S) tensor (a sink's
+    learned logit makes SDPA's mask need a gradient, which only its math path gives):
+    their backward holds two fp32 gradients of that size. SDPA's fused kernels hold
+    none."""
+    if a["softcap"] > 0 or a["sinks"]:
+        return 2 * 4 * a["heads"] * seq_len
+    return 0
+
+
 def _two_bases(rope: Any) -> bool:
     """The rope an attention names has a second base for local layers (`local_theta`):
     its tables then hold both bases' angles, and every attention picks its half."""
@@ -269,6 +279,7 @@ OPS = (
         output=lambda a: hidden(a["dim"]),
         weights=_attention_weights,
         flops=_attention_flops,
+        backward_bytes=_attention_backward_bytes,
         kv_elems=lambda a: 2 * a["kv_heads"] * (a["head_dim"] or 0) if a["causal"] else 0,
         causal=lambda a: bool(a["causal"]),
         class_name="Attention",

@@ -112,6 +112,9 @@ OPS = (
         flops=_flops,
         # a state per sequence, not per token: the last conv - 1 inputs and the SSM state
         state_elems=lambda a: a["inner"] * (a["conv"] - 1) + a["inner"] * a["state"],
+        # the scan's backward: fp32 gradients of the stacked states, the decays and the
+        # drives, (B, S, inner, state) each, alive together
+        backward_bytes=lambda a, seq_len: 3 * 4 * a["inner"] * a["state"],
         class_name="Mamba",
         ctor=_ctor,
         call='{m}({x}{kv}, padding=attn_mask["padding"])',

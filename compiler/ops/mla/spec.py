@@ -45,6 +45,13 @@ def _mla_flops(a: Args, seq_len: int) -> int:
     return int(proj + 2 * a["heads"] * (_qk_dim(a) + a["v_head_dim"]) * keys)
 
 
+def _mla_backward_bytes(a: Args, seq_len: int) -> int:
+    """Keys and values of different head dims: SDPA runs its math path (torch's CPU
+    flash kernel takes one head dim), whose backward holds two fp32 gradients of the
+    (B, heads, S, S) scores."""
+    return 2 * 4 * a["heads"] * seq_len if _qk_dim(a) != a["v_head_dim"] else 0
+
+
 def _features(a: Args) -> frozenset[str]:
     return frozenset({"latent_q" if a["q_lora_rank"] else "direct_q",
                       "interleaved_rope" if a["rope_interleave"] else "half_split_rope"}
@@ -136,6 +143,7 @@ OPS = (
         output=lambda a: hidden(a["dim"]),
         weights=_mla_weights,
         flops=_mla_flops,
+        backward_bytes=_mla_backward_bytes,
         # the cache holds the normalised latent and the rotated shared key
         kv_elems=lambda a: a["kv_lora_rank"] + a["qk_rope_head_dim"],
         class_name="MLA",
