@@ -595,7 +595,6 @@ def _family_config(cls, **fields) -> dict:
     (hf.MiniMaxConfig, {}, "E114", '"layer_types"'),
     (hf.Ernie4_5_MoeConfig, {}, "E114", '"moe_num_experts"'),
     (hf.JetMoeConfig, {}, "E114", '"num_local_experts"'),
-    (hf.Qwen3NextConfig, {}, "E114", '"layer_types"'),
     (hf.LongcatFlashConfig, {}, "E114", '"zero_expert_num"'),
 ])
 def test_the_general_importers_errors_point_at_the_key(cls, fields, code, key):
@@ -944,11 +943,11 @@ def test_sarvam_mla_is_deepseek_v3_under_another_name():
     assert any("mla(" in line for line in specs[0])
 @pytest.mark.parametrize("layout, rules", [
     # transformers' layer_types from full_attention_interval 4: the last of 4 attends
-    ({}, ["default: linear_moe", "last 1:  full_moe"]),
+    ({}, ["default: deltanet_moe", "last 1:  full_moe"]),
     # the Hub's configs state the interval instead of the list (here every 2nd attends);
     # decoder_sparse_step 2 leaves layers 0 and 2 dense
     ({"layer_types": None, "full_attention_interval": 2, "decoder_sparse_step": 2},
-     ["default: linear", "every 2: full_moe"]),
+     ["default: deltanet", "every 2: full_moe"]),
 ])
 def test_qwen3_next_layouts_import_with_transformers_parameter_count(tmp_path, layout, rules):
     cfg = {k: v for k, v in _qwen3_next_config(**layout).items() if v is not None}
@@ -1024,7 +1023,7 @@ _DROP = object()  # a field of the small config the family does not have
      '"chunked_attention"'),
     (hf.HunYuanDenseV1Config, {"rope_parameters": {"rope_type": "dynamic", "alpha": 1000.0,
                                                    "rope_theta": 10000.0, "factor": 1.0}},
-     "E114", '"rope_type"'),
+     "E115", '"alpha"'),  # HunYuan's NTK alpha: not transformers' dynamic scaling
     (hf.NemotronConfig, {"hidden_act": "quick_gelu"}, "E114", '"hidden_act"'),
     (hf.FalconConfig, {"alibi": True, "intermediate_size": _DROP, "num_key_value_heads": _DROP},
      "E114", '"alibi"'),

@@ -728,8 +728,6 @@ class Dense:
     full_nope: str | None = None
     # local_rope: the local layers' base only where it differs from the global one (OLMo 3)
     local_rope_if_differs: bool = False
-    # a config field listing each layer's RoPE base, 0 or null: no positions (Granite SWA)
-    layer_thetas: str | None = None
     # without layer_types, layers 0, P, 2P ... are the full ones (else P - 1, 2P - 1, ...)
     full_first: bool = False
     # BitNet's inner norms: of the heads' output before o_proj, of the MLP's hidden before
@@ -1344,26 +1342,6 @@ class DenseImporter(Importer):
             return None
         return self._rope_scaling(f, r, rope_type, d, key)
 
-    def _layer_thetas(self, f: Fields, fam: Dense, n: int) -> list[bool]:
-        """Which layers turn, after a list of per-layer RoPE bases (Granite SWA's
-        layer_rope_theta: 0 or null, no positions); every other base must be the rope's."""
-        k = fam.layer_thetas
-        thetas = f.get(k, "list?", None)
-        if thetas is None:
-            return [True] * n
-        if len(thetas) != n:
-            f.error("E116", k, f"{k} has {len(thetas)} entries for {n} layers "
-                    "(num_hidden_layers)")
-            return [True] * n
-        base = self.p.value("rope_theta") if "rope_theta" in self.p else None
-        for i, t in enumerate(thetas):
-            if t and t != base:
-                self.diags.error("E114", f"{k}[{i}] = {fmt(t)} cannot be expressed: forgec's "
-                                 f"rope has one base, rope_theta = {fmt(base)}",
-                                 self.src.span((k, i)), "every layer's base must be rope_theta "
-                                 "(or 0: no positions)")
-        return [bool(t) for t in thetas]
-
     def run(self, name: str, source: str, max_seq_len: int | None) -> Decoder | None:
         src, diags, p = self.src, self.diags, self.p
         f = Fields(src, src.value, (), diags, "config.json")
@@ -1475,6 +1453,11 @@ class DenseImporter(Importer):
             else:
                 f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
                         "expressed", "activations: " + ", ".join(ACTIVATIONS))
+        if (act is not None and (fam.experts is not None or fam.routed)
+                and foreign_op("hf", "experts", hidden_act=act) is None):
+            # a spec module can say a dense MLP of any activation, not the experts'
+            f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
+                    "expressed for the experts", "forgec's experts are SwiGLU (silu)")
         clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
         if clip is not None and fam.qk_norm_over is not None:  # OLMoE
             f.error("E114", "clip_qkv", f"clip_qkv = {fmt(clip)} with qk-norm cannot be "
@@ -1617,9 +1600,6 @@ class DenseImporter(Importer):
             # only the sliding layers turn (none, without a window)
             rotating = [r and s and set_window is not None
                         for r, s in zip(rotating, slides, strict=True)]
-        if fam.layer_thetas is not None:
-            rotating = [r and t for r, t in zip(rotating, self._layer_thetas(f, fam, n_layers),
-                                                strict=True)]
         kinds = [LayerKind(window is not None and s, m, not rotates)
                  for s, m, rotates in zip(slides, sparse, rotating, strict=True)]
         stack_notes = []
@@ -1730,7 +1710,7 @@ class DenseImporter(Importer):
             and not getattr(self, "one_base", False) else [],
             attention_op=self.latent_op if fam.latent else None,
             ssm=ssm, ssm_names=("attention_norm", "linear_attn"),
-            mixer_names=("linear", "full"))
+            mixer_names=("deltanet", "full"))
 
     def _linear_layers(self, f: Fields, fam: Dense, d: dict,
                        n: int) -> tuple[tuple[str, list[str]] | None, list[bool]]:
@@ -2237,7 +2217,7 @@ DENSE.update({
             "sliding_window_pattern": 4, "layer_rope_theta": None},
         aliases=_RMS, norm="norm", qkv_bias="attention_bias", out_bias="attention_bias",
         mlp_bias="mlp_bias", gated=True, dropouts=("attention_dropout",), multipliers=True,
-        sinks=True, layer_thetas="layer_rope_theta", full_first=True, **_SLIDING),
+        sinks=True, full_first=True, **_SLIDING),
     # Llama whose per-head qk-norm (query_layernorm, key_layernorm) follows RoPE
     "hunyuan_v1_dense": Dense(
         "HunYuan (dense)", ("HunYuanDenseV1ForCausalLM",), {
@@ -2319,9 +2299,6 @@ REFUSED: dict[str, tuple[str, str, str]] = {
     "jetmoe": ("num_local_experts", "JetMoE routes its attention heads too (a mixture of "
                "attention experts, kv_channels wide), which forgec's attention cannot say",
                "forgec's experts replace the MLP only"),
-    "qwen3_next": ("layer_types", "Qwen3-Next's linear_attention layers (gated DeltaNet) "
-                   "cannot be expressed: forgec has no delta-rule mixer",
-                   "forgec's sequence mixers are attention, mla, mamba, ssd and short_conv"),
     "longcat_flash": ("zero_expert_num", "LongCat-Flash routes tokens to zero-computation "
                       "experts and runs two attentions per layer, which forgec's moe and "
                       "blocks cannot say", "forgec's experts are SwiGLUs"),
