@@ -3,7 +3,7 @@ model's fused, chunked head + cross-entropy against transformers.
 
 Run by hand (not a test):
 
-    .venv/bin/python benchmarks/bench_memory.py [--dir /tmp/forgec-bench-128k] [--batch 2] [--seq 512] [--steady] [--adamw fused|plain]
+    .venv/bin/python benchmarks/bench_memory.py [--dir /tmp/forgec-bench-128k] [--batch 2] [--seq 512] [--adamw fused|plain]
 
 The model is benchmarks/_common.py's (width 512, 8 layers) with Llama 3's
 vocabulary of 128,256 tokens, untied: 158.6 M parameters, of which the embedding
@@ -15,14 +15,17 @@ training step from no gradients and an empty AdamW (forward, loss, backward,
 grad-norm clipping, AdamW step: the gradients and AdamW's two moments are
 counted, the same for every cell), then peak RSS above the RSS before the
 step; the counter is reset at each phase too, so the peak of each phase
-(above the same starting RSS) says where the step's peak is. `--steady` also
-measures a second step above the RSS before it: AdamW's moments exist then
-and are not counted, which is what a long run's steps look like. The cells:
+(above the same starting RSS) says where the step's peak is. Then a second
+step, the steady one, above the RSS before it: AdamW's moments exist then
+and are not counted, which is what a long run's steps look like. Both are
+reported, each against transformers' same step. The cells:
 
 * forgec, fused: what `forgec train` runs: runtime.loop's loss
   (`TextTask.loss`, i.e. `model(ids, doc_ids=..., targets=...)`: the summed
-  cross-entropy chunk by chunk, the full logits never exist) and its
-  optimizer (`make_optimizer`: fused AdamW);
+  cross-entropy chunk by chunk, the full logits never exist), its
+  optimizer (`make_optimizer`: fused AdamW) and its step (`optimizer_step`:
+  the first step, which creates AdamW's moments, a parameter at a time,
+  each gradient dropped once applied);
 * forgec, logits: the generated model's logits, then F.cross_entropy (the
   plain path, what every trainer did before);
 * transformers: its logits, then F.cross_entropy.
@@ -56,11 +59,11 @@ CELLS = ("forgec-fused", "forgec-logits", "hf")
 PHASES = ("forward", "backward", "clip", "step")
 
 
-def child(folder: Path, cell: str, batch: int, seq: int, adamw: str, later: bool) -> None:
+def child(folder: Path, cell: str, batch: int, seq: int, adamw: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    from forgec.runtime.loop import TextTask, make_optimizer, micro_batch_loss
+    from forgec.runtime.loop import TextTask, make_optimizer, micro_batch_loss, optimizer_step
     from forgec.runtime.train import Settings
 
     torch.manual_seed(0)
@@ -92,7 +95,8 @@ def child(folder: Path, cell: str, batch: int, seq: int, adamw: str, later: bool
         "forward": lambda: state.update(loss=forward()),
         "backward": lambda: state.pop("loss").backward(),  # the loss and its graph go
         "clip": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
-        "step": opt.step,
+        # forgec train's step; the others as the Trainer steps
+        "step": (lambda: optimizer_step(opt)) if cell == "forgec-fused" else opt.step,
     }
     def measured_step() -> dict[str, int]:
         before = C.reset_peak_rss()
@@ -108,7 +112,7 @@ def child(folder: Path, cell: str, batch: int, seq: int, adamw: str, later: bool
 
     first = measured_step()  # from no gradients and an empty AdamW
     loss = state["value"]
-    steady = measured_step() if later else None  # AdamW's moments exist, no gradients
+    steady = measured_step()  # AdamW's moments exist, no gradients
     print(json.dumps({"peaks": first, "steady": steady, "loss": loss}))
 
 
@@ -122,12 +126,10 @@ def main() -> None:
                    help="fused: forgec train's and the Trainer's AdamW (default); plain: the "
                    "single-tensor loop torch.optim.AdamW() runs on the CPU by default")
     p.add_argument("--cells", default=",".join(CELLS), help="which cells, comma-separated")
-    p.add_argument("--steady", action="store_true", help="also a second step's peak above "
-                   "the RSS before it (AdamW's moments already allocated)")
     p.add_argument("--child", choices=CELLS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.dir, args.child, args.batch, args.seq, args.adamw, args.steady)
+        child(args.dir, args.child, args.batch, args.seq, args.adamw)
         return
     folder = args.dir or Path(tempfile.mkdtemp(prefix="forgec-bench-128k-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,12 +143,11 @@ def main() -> None:
     for cell in cells:
         out = subprocess.run([sys.executable, __file__, "--dir", str(folder), "--child", cell,
                               "--batch", str(args.batch), "--seq", str(args.seq),
-                              "--adamw", args.adamw, *(["--steady"] if args.steady else [])],
+                              "--adamw", args.adamw],
                              capture_output=True, text=True, check=True)
         data = json.loads(out.stdout.strip().splitlines()[-1])
         peaks[cell], losses[cell] = data["peaks"], data["loss"]
-        if data["steady"]:
-            steady[cell] = data["steady"]
+        steady[cell] = data["steady"]
     ref = max(peaks["hf"].values()) if "hf" in peaks else None
     for cell in cells:
         peak = max(peaks[cell].values())
@@ -154,17 +155,18 @@ def main() -> None:
         ratio = f"{peak / ref:.3f}× transformers'" if ref else ""
         print(f"  {cell:14s} {peak / 2**20:8.1f} MiB  {ratio}  (loss {losses[cell]:.6f}; MiB "
               f"by phase: {phases})")
+    print("the second step (AdamW's moments allocated before it, no gradients), peak RSS "
+          "above the RSS before it:")
+    ref_steady = max(steady["hf"].values()) if "hf" in steady else None
+    for cell, cell_peaks in steady.items():
+        peak = max(cell_peaks.values())
+        phases = "  ".join(f"{k} {v / 2**20:6.0f}" for k, v in cell_peaks.items())
+        ratio = f"{peak / ref_steady:.3f}× transformers'" if ref_steady else ""
+        print(f"  {cell:14s} {peak / 2**20:8.1f} MiB  {ratio}  (MiB by phase: {phases})")
     if ref and "forgec-fused" in peaks:
-        print(f"forgec (fused) / transformers: {max(peaks['forgec-fused'].values()) / ref:.3f}×")
-    if steady:
-        print("the second step (AdamW's moments allocated before it, no gradients), peak RSS "
-              "above the RSS before it:")
-        ref = max(steady["hf"].values()) if "hf" in steady else None
-        for cell, cell_peaks in steady.items():
-            peak = max(cell_peaks.values())
-            phases = "  ".join(f"{k} {v / 2**20:6.0f}" for k, v in cell_peaks.items())
-            ratio = f"{peak / ref:.3f}× transformers'" if ref else ""
-            print(f"  {cell:14s} {peak / 2**20:8.1f} MiB  {ratio}  (MiB by phase: {phases})")
+        print(f"forgec (fused) / transformers: first step "
+              f"{max(peaks['forgec-fused'].values()) / ref:.3f}×, steady step "
+              f"{max(steady['forgec-fused'].values()) / ref_steady:.3f}×")
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ from .loop import (
     TextTask,
     accumulate,
     count_targets,
-    cross_entropy_sum,
     make_optimizer,
+    optimizer_step,
     print_done,
     read_metrics,
     resume_from_latest,
@@ -410,12 +410,25 @@ def _stage_class():
 
         hook: _RouterLosses | None = None
 
-        def _forward_metadata_inference(self, *args, **kwargs):
+        def _own(self, kwargs: dict | None) -> dict | None:
+            """The schedule gives every stage the same keyword inputs; `targets` is
+            for the last stage's fused head and loss, which returns the summed
+            cross-entropy instead of the (micro-batch, S, vocab) logits."""
+            if kwargs and not self.is_last:
+                return {k: v for k, v in kwargs.items() if k != "targets"}
+            return kwargs
+
+        def forward_one_chunk(self, fwd_chunk_id, args, kwargs=None, save_forward_output=True):
+            return super().forward_one_chunk(fwd_chunk_id, args, self._own(kwargs),
+                                             save_forward_output)
+
+        def _forward_metadata_inference(self, args, kwargs=None, has_backward=False):
+            kwargs = self._own(kwargs)
             saved = [(b, b.detach().clone()) for b in self.submod.buffers()]
             if self.hook is not None:
                 self.hook.inferring = True
             try:
-                return super()._forward_metadata_inference(*args, **kwargs)
+                return super()._forward_metadata_inference(args, kwargs, has_backward)
             finally:
                 if self.hook is not None:
                     self.hook.inferring = False
@@ -624,8 +637,10 @@ class Engine:
         return cls(stages if multi else stages[0], n_microbatches=self.microbatches,
                    loss_fn=self._pipeline_loss, scale_grads=False)
 
-    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, targets) / self._n_targets * self.layout.dp
+    def _pipeline_loss(self, cross_entropy: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's output is already its micro-batch's summed cross-entropy
+        (the task's pipeline_inputs hand it the targets)."""
+        return cross_entropy / self._n_targets * self.layout.dp
 
     # -- the held-out eval of a vision-language model --
 
@@ -736,8 +751,7 @@ class Engine:
                                    layout.device, layout.dp * layout.tp,
                                    copies=self.copies)
         for opt in self.optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt)
         return float(total), grad_norm, self._gather_stats(stats)
 
     def _gather_stats(self, stats) -> dict:

@@ -51,8 +51,11 @@ Per rank (`per_rank` in the JSON: `rank` and its `pp_rank`, `dp_rank`,
                   boolean mask converted to q's dtype, per call), as torch's CPU and
                   CUDA kernels do. A pipeline stage also holds each in-flight
                   microbatch's output until its backward
-  logits_bytes    last stage: the fp32 logits' gradient (microbatch, text, vocab),
-                  alive with the saved activations at the start of backward
+  logits_bytes    last stage: one chunk of the fp32 logits of the fused head +
+                  cross-entropy the trainers call (model(..., targets=...)),
+                  alive with the saved activations at the end of the forward;
+                  what the loss keeps for backward (its input's and the head's
+                  gradients) counts among the head's saved activations
   pipeline_buffer_bytes  what torch's PipelineStage allocates once and keeps: a
                   receive buffer per microbatch for the stage's input (all but
                   the first stage) and one for its output's gradient (all but the
@@ -156,6 +159,46 @@ class _MeasuringStandIns(TorchFunctionMode):
             minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
             return torch.empty(minlength, dtype=torch.long, device="meta")
         return func(*args, **kwargs)
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Stands in for a generated package's `LinearCrossEntropy` (the fused head +
+    cross-entropy) while measuring, as autocast, which it asks for its compute
+    dtype, has no meta device: it saves what the loss saves (the gradients of
+    its input and weight in their dtypes, of the bias in fp32) and records the bytes of one
+    chunk of its fp32 logits, all the logits it holds at once."""
+
+    chunk_bytes = 0
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk, softcap=0.0):
+        grads = [torch.empty_like(x)] if ctx.needs_input_grad[0] else []
+        grads.append(torch.empty_like(weight))
+        if bias is not None:  # accumulated in fp32
+            grads.append(torch.empty_like(bias, dtype=torch.float32))
+        ctx.save_for_backward(*grads)
+        _FusedLoss.chunk_bytes = max(_FusedLoss.chunk_bytes,
+                                     min(chunk, x.shape[0]) * weight.shape[0] * 4)
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the measurement does no backward
+        raise AssertionError("measurement only")
+
+
+@contextlib.contextmanager
+def _fused_loss(module):
+    """The package's fused loss replaced by _FusedLoss (a package without one:
+    nothing to replace)."""
+    original = getattr(module, "LinearCrossEntropy", None)
+    _FusedLoss.chunk_bytes = 0
+    if original is not None:
+        module.LinearCrossEntropy = _FusedLoss
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.LinearCrossEntropy = original
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -296,7 +339,7 @@ class Activations:
     inputs: dict[str, int]  # unit or checkpointed region → bytes of its (first) input
     keeps_input: set[str]  # units among whose saved tensors is their own input
     shapes: dict[str, tuple]  # unit → shape of its (first) input
-    logits_bytes: int  # the fp32 logits (and so their gradient)
+    logits_bytes: int  # one chunk of the fused loss's fp32 logits
     # unit → op class → bytes of the outputs of that class's ops (SAC_OPS): what a
     # selectively checkpointed unit keeping the class stores
     op_outputs: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -311,10 +354,11 @@ class Activations:
 
 def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                         regions=(), tp: tuple | None = None) -> Activations:
-    """Run one microbatch's forward and cross-entropy on the meta device under
+    """Run one microbatch's forward and fused cross-entropy (model(...,
+    targets=...), as the trainers do) on the meta device under
     `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
     running (parameters are memory of their own). Attention is counted as the
-    fused kernels save it. `regions` (checkpointed FQNs) get their input
+    fused kernels save it, the loss as _FusedLoss says. `regions` (checkpointed FQNs) get their input
     measured too. `tp` = (plan module, degree): measure a tensor-parallel
     rank's forward (tp_slice)."""
     with torch.device("meta"):
@@ -383,10 +427,9 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _MeasuringStandIns(), _meta_routing(module, model), _OpOutputs(on_output), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(*args, **kwargs)
-            F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        with _MeasuringStandIns(), _fused_loss(module), _meta_routing(module, model), \
+                _OpOutputs(on_output), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*args, targets=targets, **kwargs)
     except (RuntimeError, NotImplementedError) as e:
         if "meta" not in str(e).lower():
             raise
@@ -397,7 +440,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                        "modelled yet") from None
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
-                       logits.numel() * 4, op_outputs, op_outputs_saved)
+                       _FusedLoss.chunk_bytes, op_outputs, op_outputs_saved)
 
 
 def tp_slice(model: nn.Module, plan, degree: int) -> None:
@@ -820,9 +863,10 @@ def _report(pkg, model_name: str, plan_name: str, world: int, micro_batch: int,
                 "logits_bytes": logits,
                 "pipeline_buffer_bytes": buffers,
             }
-            # backward frees activations as it produces gradients: the peak is at its
-            # start (all activations and the logits' gradient) or when the gradients
-            # exist (at the end; with the activations still in flight, in a steady state)
+            # backward frees activations as it produces gradients: the peak is at the
+            # end of the forward (all activations and a chunk of the loss's logits) or
+            # when the gradients exist (at the end of backward; with the activations
+            # still in flight, in a steady state)
             grads = row["grad_bytes"]
             transient = (activations + max(logits, extra) + grads if steady else
                          max(activations + max(logits, extra),

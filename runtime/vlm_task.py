@@ -80,10 +80,9 @@ class CaptionTask(TextTask):
 
     def pipeline_inputs(self, chunk: tuple) -> tuple[tuple, dict, torch.Tensor]:
         """The images go to the first stage (plan.VLMStage), the text to every
-        stage. The last stage returns logits: its fused head and loss fails under
-        the pipeline schedules' backward (a saved gradient scaled in place)."""
+        stage, the targets to the last (its fused head and loss)."""
         pixels, inputs, targets = chunk
-        return (pixels,), {"tokens": inputs}, targets
+        return (pixels,), {"tokens": inputs, "targets": targets}, targets
 
     def describe(self, s) -> str:
         return f"{s.batch_size} images x {s.seq_len} caption tokens"

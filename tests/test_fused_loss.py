@@ -54,6 +54,24 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(bias, chunk):
         assert (want - got).abs().max() < 1e-5
 
 
+def test_kept_graph_backward_leaves_the_saved_gradients_unscaled():
+    """A pipeline schedule's split backward (zero-bubble schedules) differentiates
+    the loss for the inputs with the graph kept, then again for the weights: the
+    first call must not scale what the second one reads (in place it did, and
+    autograd raised 'modified by an inplace operation')."""
+    torch.manual_seed(0)
+    head = OutputHead(24, 97, bias=True)
+    x = torch.randn(40, 24, requires_grad=True)
+    targets = torch.randint(0, 97, (40,))
+    weights = list(head.parameters())
+    ref = plain_loss(head, x[None], targets[None]) * 0.37
+    fused = LinearCrossEntropy.apply(x, *weights, targets, 16) * 0.37
+    got = [*torch.autograd.grad(fused, [x], retain_graph=True),
+           *torch.autograd.grad(fused, weights)]
+    for want, have in zip(grads_of(ref, [x, *weights]), got, strict=True):
+        assert (want - have).abs().max() < 1e-5
+
+
 def test_all_targets_ignored_gives_zero_loss_and_gradients():
     head = OutputHead(8, 11)
     x = torch.randn(2, 3, 8, requires_grad=True)

@@ -326,3 +326,43 @@ def test_progress_bar_without_a_terminal():
     assert 8 <= len(lines) <= 12 and "\r" not in stream.getvalue()
     assert lines[0].startswith("[") and "step 21/100" in lines[0]
     assert "step 100/100" in lines[-1] and lines[-1].startswith("[" + "#" * 20 + "]")
+
+
+# ---- the optimizer step (runtime.loop.optimizer_step) ----
+
+
+def test_first_optimizer_step_replaces_gradients_by_moments():
+    """The first step, when AdamW creates its moments, runs a parameter at a time
+    and drops each gradient once applied; the parameters and moments it gives
+    are bit for bit those of one optimizer.step() (fused AdamW, with and without
+    weight decay), at the first step and the next."""
+    from forgec.runtime.loop import make_optimizer, optimizer_step
+    from forgec.runtime.train import Settings
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+              for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, Settings(lr=1e-2, weight_decay=0.1)) for m in models]
+    seen = []  # how many gradients each optimizer.step() call sees
+    params, original = list(models[1].parameters()), opts[1].step
+
+    def spy():
+        seen.append(sum(p.grad is not None for p in params))
+        original()
+
+    opts[1].step = spy
+    for _ in range(2):
+        x = torch.randn(4, 6)
+        for m in models:
+            m(x).square().sum().backward()
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        optimizer_step(opts[1])
+        assert all(p.grad is None for p in params)
+        for a, b in zip(models[0].parameters(), params, strict=True):
+            assert torch.equal(a, b)
+            assert all(torch.equal(opts[0].state[a][k], opts[1].state[b][k])
+                       for k in ("exp_avg", "exp_avg_sq", "step"))
+    # step 1: one parameter's gradient at a time (4 calls); step 2: all at once
+    assert seen == [1, 1, 1, 1, 4]

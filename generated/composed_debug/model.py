@@ -453,18 +453,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        saved = list(ctx.saved_tensors)
-        # scaled in place: each is a gradient of this forward alone
-        grad_x = saved.pop(0).mul_(grad_loss) if ctx.needs_input_grad[0] else None
-        grad_w = saved.pop(0).mul_(grad_loss)
-        grad_b = saved.pop(0).mul_(grad_loss) if ctx.has_bias else None
-        return (
-            grad_x,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-        )
+        # Scaled in place (no second copy of the head's gradient) unless autograd keeps the
+        # graph: a pipeline schedule's split backward calls this for inputs, then weights.
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        saved = [g * grad_loss if keep else g.mul_(grad_loss) for g in ctx.saved_tensors]
+        grad_b = saved.pop() if ctx.has_bias else None
+        grad_w, grad_x = saved.pop(), saved.pop() if saved else None
+        need = ctx.needs_input_grad  # (a None too many without softcap: autograd allows it)
+        return grad_x, grad_w if need[1] else None, grad_b if need[2] else None, None, None, None
 
 
 class OutputHead(nn.Module):

@@ -469,18 +469,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        saved = list(ctx.saved_tensors)
-        # scaled in place: each is a gradient of this forward alone
-        grad_x = saved.pop(0).mul_(grad_loss) if ctx.needs_input_grad[0] else None
-        grad_w = saved.pop(0).mul_(grad_loss)
-        grad_b = saved.pop(0).mul_(grad_loss) if ctx.has_bias else None
-        return (
-            grad_x,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-        )
+        # Scaled in place (no second copy of the head's gradient) unless autograd keeps the
+        # graph: a pipeline schedule's split backward calls this for inputs, then weights.
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        saved = [g * grad_loss if keep else g.mul_(grad_loss) for g in ctx.saved_tensors]
+        grad_b = saved.pop() if ctx.has_bias else None
+        grad_w, grad_x = saved.pop(), saved.pop() if saved else None
+        need = ctx.needs_input_grad  # (a None too many without softcap: autograd allows it)
+        return grad_x, grad_w if need[1] else None, grad_b if need[2] else None, None, None, None
 
 
 class OutputHead(nn.Module):
@@ -1112,7 +1108,8 @@ class VLMStage(nn.Module):
     on its hidden states (B, P, D_vision); the stage holding the adapter starts the
     decoder over the image tokens and the text, and decoder stages pass on its
     hidden states (B, n + S, D). The last stage returns the logits of the text
-    (B, S, V). Single images only: no video frames or padding masks.
+    (B, S, V), or given `targets` their summed cross-entropy (VLM.forward). Single
+    images only: no video frames or padding masks.
     """
 
     def __init__(self, vlm: VLM) -> None:
@@ -1125,7 +1122,9 @@ class VLMStage(nn.Module):
     # the VLM's own initialisation: it skips the modules a stage lacks
     init_weights_and_freqs = VLM.init_weights_and_freqs
 
-    def forward(self, x: torch.Tensor, *, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, tokens: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.vision_encoder is not None:
             x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
         if self.transformer is None:  # the vision encoder goes on on the next stage
@@ -1135,9 +1134,9 @@ class VLMStage(nn.Module):
         if self.adapter is not None:  # the decoder starts here: image tokens, then the text
             image = self.adapter(x)
             modality = ModalityContext(prefix_embeds=image, output_slice=text)
-            return self.transformer(tokens, modality=modality)
+            return self.transformer(tokens, modality=modality, targets=targets)
         modality = ModalityContext(inputs_embeds=x, output_slice=text)
-        return self.transformer(modality=modality)
+        return self.transformer(modality=modality, targets=targets)
 
     def set_moe_step(self, step: int, max_steps: int) -> None:
         if self.transformer is not None:

@@ -470,18 +470,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        saved = list(ctx.saved_tensors)
-        # scaled in place: each is a gradient of this forward alone
-        grad_x = saved.pop(0).mul_(grad_loss) if ctx.needs_input_grad[0] else None
-        grad_w = saved.pop(0).mul_(grad_loss)
-        grad_b = saved.pop(0).mul_(grad_loss) if ctx.has_bias else None
-        return (
-            grad_x,
-            grad_w if ctx.needs_input_grad[1] else None,
-            grad_b if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-        )
+        # Scaled in place (no second copy of the head's gradient) unless autograd keeps the
+        # graph: a pipeline schedule's split backward calls this for inputs, then weights.
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        saved = [g * grad_loss if keep else g.mul_(grad_loss) for g in ctx.saved_tensors]
+        grad_b = saved.pop() if ctx.has_bias else None
+        grad_w, grad_x = saved.pop(), saved.pop() if saved else None
+        need = ctx.needs_input_grad  # (a None too many without softcap: autograd allows it)
+        return grad_x, grad_w if need[1] else None, grad_b if need[2] else None, None, None, None
 
 
 class OutputHead(nn.Module):
@@ -1191,8 +1187,9 @@ class VLMStage(nn.Module):
     on its hidden states (B, P, D_vision); the stage holding the adapter starts the
     decoder over the text, and decoder stages pass on its hidden states (B, S, D)
     with the image tokens (B, n, D), which the cross-attention blocks of later
-    stages attend to. The last stage returns the logits (B, S, V). Single images
-    only: no video frames or padding masks.
+    stages attend to. The last stage returns the logits (B, S, V), or given
+    `targets` their summed cross-entropy (VLM.forward). Single images only: no
+    video frames or padding masks.
     """
 
     def __init__(self, vlm: VLM) -> None:
@@ -1206,7 +1203,12 @@ class VLMStage(nn.Module):
     init_weights_and_freqs = VLM.init_weights_and_freqs
 
     def forward(
-        self, x: torch.Tensor, image: torch.Tensor | None = None, *, tokens: torch.Tensor
+        self,
+        x: torch.Tensor,
+        image: torch.Tensor | None = None,
+        *,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.vision_encoder is not None:
             x = self.vision_encoder(x)  # from the images or the previous stage's hidden states
@@ -1214,9 +1216,11 @@ class VLMStage(nn.Module):
             return x.contiguous()  # the patch embedding's output is a transposed view
         if self.adapter is not None:  # the decoder starts here
             image = self.adapter(x)
-            h = self.transformer(tokens, modality=ModalityContext(image_features=image))
+            context = ModalityContext(image_features=image)
+            h = self.transformer(tokens, modality=context, targets=targets)
         else:
-            h = self.transformer(modality=ModalityContext(inputs_embeds=x, image_features=image))
+            context = ModalityContext(inputs_embeds=x, image_features=image)
+            h = self.transformer(modality=context, targets=targets)
         if self.transformer.output_head is not None:
             return h
         return h, image
