@@ -96,7 +96,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from forgec.compiler.errors import RunError, UsageError
@@ -135,30 +134,31 @@ class _FusedAttention(torch.autograd.Function):
         raise AssertionError("measurement only")
 
 
-class _MeasuringStandIns(TorchFunctionMode):
-    """While measuring on the meta device, the torch functions whose meta kernels
-    would not behave as the real ones run as stand-ins: SDPA as the fused kernels
-    (_FusedAttention: the meta device dispatches to the math fallback, which saves
-    the S×S probabilities), and a meta `bincount` (a count of rows per expert: a
-    value the meta device does not have) as a placeholder of its known size.
-    A torch-function mode, so that no module's or torch's globals are patched."""
+_SDPA = F.scaled_dot_product_attention
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            q, k, v, *rest = args
-            mask = kwargs.get("attn_mask", rest[0] if rest else None)
-            if q.shape[-1] != v.shape[-1] or (mask is not None and mask.requires_grad):
-                # keys and values of different head dims (multi-head latent attention), or
-                # a mask that needs a gradient (learned sink logits): torch's CPU flash
-                # kernel takes neither, so SDPA runs its math path, which saves the S×S
-                # probabilities; so does the meta device
-                return func(*args, **kwargs)
-            return _FusedAttention.apply(q, k, v, mask)
-        if func is torch.bincount and args[0].is_meta:
-            minlength = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
-            return torch.empty(minlength, dtype=torch.long, device="meta")
-        return func(*args, **kwargs)
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    if q.shape[-1] != v.shape[-1] or (attn_mask is not None and attn_mask.requires_grad):
+        # keys and values of different head dims (multi-head latent attention), or a
+        # mask that needs a gradient (learned sink logits): torch's CPU flash kernel
+        # takes neither, so SDPA runs its math path, which saves the S×S
+        # probabilities; so does the meta device
+        return _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                     scale=scale, enable_gqa=enable_gqa)
+    return _FusedAttention.apply(q, k, v, attn_mask)
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    # torch's own global, not a torch-function mode: nn.MultiheadAttention (a VLM
+    # adapter's) calls SDPA from inside F.multi_head_attention_forward, where a mode
+    # is no longer active
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _SDPA
 
 
 class _FusedLoss(torch.autograd.Function):
@@ -254,6 +254,14 @@ class _OpOutputs(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+def _meta_bincount(original):
+    def bincount(input, weights=None, minlength=0):
+        if input.is_meta:  # how many per expert: a value, of a known size
+            return torch.empty(minlength, dtype=torch.long, device="meta")
+        return original(input, weights, minlength)
+    return bincount
+
+
 @contextlib.contextmanager
 def _meta_routing(module, model: nn.Module):
     """Mixture-of-experts layers on the meta device: their row counts per expert
@@ -262,9 +270,14 @@ def _meta_routing(module, model: nn.Module):
     no slot for capacity (every token reaches its top_k experts: an upper bound of
     what a capacity keeps)."""
     measured = getattr(module, "ExpertsMeasured", None)  # a package without experts: none
-    with (measured(model, _GroupedMatmul.apply) if measured is not None
-          else contextlib.nullcontext()):
-        yield
+    original = torch.bincount
+    torch.bincount = _meta_bincount(original)
+    try:
+        with (measured(model, _GroupedMatmul.apply) if measured is not None
+              else contextlib.nullcontext()):
+            yield
+    finally:
+        torch.bincount = original
 
 
 def unit_fqns(model: nn.Module, prefix: str = "") -> list[str]:
@@ -427,7 +440,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _MeasuringStandIns(), _fused_loss(module), _meta_routing(module, model), \
+        with _fused_attention(), _fused_loss(module), _meta_routing(module, model), \
                 _OpOutputs(on_output), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(*args, targets=targets, **kwargs)
     except (RuntimeError, NotImplementedError) as e:

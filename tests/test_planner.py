@@ -219,12 +219,12 @@ def saved_on_cpu(model, targets, *args, **kwargs) -> int:
     def pack(t):
         base = t if t._base is None else t._base
         if id(base) not in params:
-            seen[id(base)] = base.numel() * base.element_size()
+            seen[id(base)] = base  # kept alive: a freed tensor's id may be reused
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(*args, targets=targets, **kwargs)
-    return sum(seen.values())
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def test_saved_activations_match_a_real_forward(mid):
