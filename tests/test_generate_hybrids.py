@@ -27,7 +27,8 @@ def _tiny_lfm(tmp):
     return _load(tmp, emit_package(comp, "tiny_lfm"))
 
 
-@pytest.fixture(scope="module", params=["jamba_debug", "mamba2_debug", "tiny_lfm"])
+@pytest.fixture(scope="module",
+                params=["jamba_debug", "mamba2_debug", "qwen3_next_debug", "tiny_lfm"])
 def model(request, tmp_path_factory):
     package = (_tiny_lfm(tmp_path_factory.mktemp("lfm")) if request.param == "tiny_lfm"
                else importlib.import_module(f"generated.{request.param}"))

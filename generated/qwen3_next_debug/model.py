@@ -111,11 +111,12 @@ def attention_masks(
     training (no cache, no padding) a DocumentMask does so without a boolean mask.
     """
     if start == 0 and key_valid is None and doc_ids is None:
-        return {"causal": None}  # SDPA's own causal path is exact here
+        return {"causal": None, "padding": None}  # SDPA's own causal path is exact here
     if start == 0 and key_valid is None and doc_ids is not None:
         # packed documents in training: attention within each, and no (B, 1, S, S) mask
         return {
             "causal": DocumentMask(doc_ids),
+            "padding": None,
         }
     q_pos = torch.arange(start, start + seq_len, device=device)[:, None]
     k_pos = torch.arange(start + seq_len, device=device)[None, :]
@@ -128,6 +129,8 @@ def attention_masks(
     mask = allowed & (k_pos <= q_pos)
     # a query that may see no key at all (a padding row) sees every key instead of NaN
     masks["causal"] = mask | ~mask.any(dim=-1, keepdim=True)
+    # the recurrent mixers zero the inputs of this step's padding: (B, S), True where real
+    masks["padding"] = None if key_valid is None else key_valid[:, start:]
     return masks
 
 
@@ -447,8 +450,17 @@ class GatedDeltaNet(nn.Module):
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0.01, 16).log())
         self.norm.init_weights()
 
-    def forward(self, x: torch.Tensor, cache: DeltaNetCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: DeltaNetCache | None = None,
+        padding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): no
+        input there, so neither the convolution nor the state sees it."""
         b, s, _ = x.shape
+        if padding is not None:  # the projections have no bias: zero q, k, v, β's input
+            x = x * padding[..., None].to(x.dtype)
         per = self.v_heads // self.qk_heads  # value heads per query/key head
         dk, dv = self.qk_head_dim, self.v_head_dim
         # grouped by query/key head: its q, k, then its value heads' v and z
@@ -475,6 +487,8 @@ class GatedDeltaNet(nn.Module):
         log_decay = -self.A_log.float().exp() * F.softplus(
             a.reshape(b, s, self.v_heads).float() + self.dt_bias.float()
         )
+        if padding is not None:  # no decay at padding: the state stays as it is
+            log_decay = log_decay * padding[..., None]
         if cache is not None:
             state = cache.recurrent_state.float()
             if s == 1:  # a decoding step: the recurrence itself
@@ -1093,8 +1107,12 @@ class LinearBlock(TransformerBlock):
         doc_ids: torch.Tensor | None = None,
         attn_mask: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        if attn_mask is None:  # called on its own rather than by Transformer
+            b, s = x.shape[:2]
+            start = 0 if kv_cache is None else kv_cache.length
+            attn_mask = attention_masks(b, s, start=start, doc_ids=doc_ids, device=x.device)
         # spec: specs/qwen3_next_debug.forge:38
-        h = x + self.linear_attn(self.attention_norm(x), kv_cache)  # (B, S, 64)
+        h = x + self.linear_attn(self.attention_norm(x), kv_cache, padding=attn_mask["padding"])
         # spec: specs/qwen3_next_debug.forge:39
         return h + self.mlp(self.mlp_norm(h))
 

@@ -191,8 +191,13 @@ class GatedDeltaNet(nn.Module):
         self,
         x: torch.Tensor,
         cache: DeltaNetCache | None = None,  # if KV_CACHE
+        padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, S, dim); `padding` (B, S), False at padding (left-padded prompts): no
+        input there, so neither the convolution nor the state sees it."""
         b, s, _ = x.shape
+        if padding is not None:  # the projections have no bias: zero q, k, v, β's input
+            x = x * padding[..., None].to(x.dtype)
         per = self.v_heads // self.qk_heads  # value heads per query/key head
         dk, dv = self.qk_head_dim, self.v_head_dim
         # grouped by query/key head: its q, k, then its value heads' v and z
@@ -219,6 +224,8 @@ class GatedDeltaNet(nn.Module):
         log_decay = -self.A_log.float().exp() * F.softplus(
             a.reshape(b, s, self.v_heads).float() + self.dt_bias.float()
         )
+        if padding is not None:  # no decay at padding: the state stays as it is
+            log_decay = log_decay * padding[..., None]
         if KV_CACHE and cache is not None:  # the rule continues the cached state
             state = cache.recurrent_state.float()
             if s == 1:  # a decoding step: the recurrence itself
