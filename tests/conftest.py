@@ -103,16 +103,3 @@ def forge(tmp_path):
     def _compile(text: str, **kw):
         return compile_text(tmp_path, text, **kw)
     return _compile
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """`make test` hands the workers whole test files (pytest-xdist's loadgroup), so that
-    each file's module fixtures are built once; test_parity_hf's families go out one by
-    one (each family's fixture is its own), since that file alone would outlast the rest."""
-    for item in items:
-        group = item.path.stem
-        params = getattr(item, "callspec", None)
-        if group == "test_parity_hf" and params is not None and "family" in params.params:
-            group += "-" + params.params["family"]
-        item.add_marker(pytest.mark.xdist_group(group))
