@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 
 test: venv
 	$(BIN)/forgec build --check specs/*.forge
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # compiler/grammar_lalr.py: the LALR tables (and lark's small parser runtime) for
 # compiler/grammar.lark; regenerate after editing the grammar (a test fails if stale).
