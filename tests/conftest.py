@@ -16,8 +16,8 @@ from forgec.compiler.cli import main
 from forgec.compiler.diagnostics import CompileFailed, Diagnostics
 from forgec.compiler.driver import Compilation, compile_spec
 
-# `make test` spreads the test files over the cores (pytest-xdist): each worker gets
-# its share of them. torch's default, one thread per core in every worker, would
+# Under pytest-xdist (`pytest -n 2 --dist loadfile`; `make test` runs serially, which
+# measured faster on 2 cores) each worker gets its share of the cores. torch's default, one thread per core in every worker, would
 # oversubscribe the machine (OpenMP threads spin at their barriers). Set before torch
 # is first imported, so that this process and every process it starts read it.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
