@@ -17,9 +17,10 @@ from forgec.compiler.diagnostics import CompileFailed, Diagnostics
 from forgec.compiler.driver import Compilation, compile_spec
 
 # Under pytest-xdist (`pytest -n 2 --dist loadfile`; `make test` runs serially, which
-# measured faster on 2 cores) each worker gets its share of the cores. torch's default, one thread per core in every worker, would
-# oversubscribe the machine (OpenMP threads spin at their barriers). Set before torch
-# is first imported, so that this process and every process it starts read it.
+# measured faster on 2 cores) each worker gets its share of the cores. torch's default,
+# one thread per core in every worker, would oversubscribe the machine (OpenMP threads
+# spin at their barriers). Set before torch is first imported, so that this process
+# and every process it starts read it.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     _cores = len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, _cores))
