@@ -16,7 +16,8 @@ from forgec.compiler.ops import OPS
 from forgec.compiler.ops.attention.modules import Attention, KVCache
 from forgec.compiler.ops.embedding.modules import OutputHead, TokenEmbedding
 from forgec.compiler.ops.mlp.modules import GeluMLP, ReluMLP, SwiGLU
-from forgec.compiler.ops.moe.modules import MoE, SoftmaxTopK, grouped_mm
+from forgec.compiler.ops.moe import modules as moe_modules
+from forgec.compiler.ops.moe.modules import ExpertsMeasured, MoE, SoftmaxTopK, grouped_mm
 from forgec.compiler.ops.norm.modules import LayerNorm, RMSNorm
 from forgec.compiler.ops.rope.modules import apply_rope, rope2d_tables
 
@@ -133,6 +134,25 @@ def test_one_expert_top1_moe_equals_its_swiglu():
         dense.down_proj.weight.copy_(moe.experts.down_proj[0].T)
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(moe(x), dense(x))
+
+
+def test_experts_measured_swaps_the_grouped_matmul_and_lifts_capacity_only_inside():
+    router = SoftmaxTopK(8, 4, 2, True, 0.0, 0.0)
+    moe = _init(MoE(8, 16, 4, 2, router, capacity_factor=0.5), 0.2, 0.2).train()
+    calls = []
+
+    def stand_in(x, w, counts):
+        calls.append(int(counts.sum()))
+        return x.new_zeros(x.shape[0], w.shape[-1])
+
+    x = torch.randn(2, 6, 8)
+    with ExpertsMeasured(moe, stand_in):
+        assert moe_modules.grouped_mm is stand_in and moe.capacity_factor == 0.0
+        out = moe(x)
+    # every token reaches its top_k experts (no capacity), through the stand-in only
+    assert calls == [2 * 6 * 2] * 3 and torch.count_nonzero(out) == 0
+    assert moe_modules.grouped_mm is grouped_mm and moe.capacity_factor == 0.5
+    assert torch.count_nonzero(moe(x)) > 0
 
 
 @pytest.mark.parametrize("width", [8, 5])  # 5: rows not 16-byte aligned, the loop fallback

@@ -578,6 +578,31 @@ class MoE(nn.Module):
         return out.view(b, s, dim)
 
 
+class ExpertsMeasured:
+    """`with ExpertsMeasured(model, grouped_matmul):` while `model` is measured on the
+    meta device (forgec plan): the experts' grouped matmuls run `grouped_matmul`
+    (grouped_mm's arguments: a stand-in that needs no per-expert row counts), and no
+    slot is dropped for capacity, so every token reaches its top_k experts (an upper
+    bound of what a capacity keeps)."""
+
+    def __init__(self, model: nn.Module, grouped_matmul) -> None:
+        self.stand_in = grouped_matmul
+        self.capped = [m for m in model.modules() if getattr(m, "capacity_factor", 0.0) > 0]
+        self.factors = [m.capacity_factor for m in self.capped]
+
+    def __enter__(self) -> None:
+        global grouped_mm
+        self.original, grouped_mm = grouped_mm, self.stand_in
+        for m in self.capped:
+            m.capacity_factor = 0.0
+
+    def __exit__(self, *exc) -> None:
+        global grouped_mm
+        grouped_mm = self.original
+        for m, factor in zip(self.capped, self.factors, strict=True):
+            m.capacity_factor = factor
+
+
 # The fused head + cross-entropy works on this many logits at a time: 2**24 fp32
 # values (64 MiB) whatever the vocabulary, e.g. 130 tokens at 128,256.
 LOSS_CHUNK_LOGITS = 1 << 24
@@ -772,31 +797,6 @@ MOE_FQNS = (
     "layers.30.mlp",
     "layers.31.mlp",
 )
-
-
-class ExpertsMeasured:
-    """`with ExpertsMeasured(model, grouped_matmul):` while `model` is measured on the
-    meta device (forgec plan): the experts' grouped matmuls run `grouped_matmul`
-    (grouped_mm's arguments: a stand-in that needs no per-expert row counts), and no
-    slot is dropped for capacity, so every token reaches its top_k experts (an upper
-    bound of what a capacity keeps)."""
-
-    def __init__(self, model: nn.Module, grouped_matmul) -> None:
-        self.stand_in = grouped_matmul
-        self.capped = [m for m in model.modules() if getattr(m, "capacity_factor", 0.0) > 0]
-        self.factors = [m.capacity_factor for m in self.capped]
-
-    def __enter__(self) -> None:
-        global grouped_mm
-        self.original, grouped_mm = grouped_mm, self.stand_in
-        for m in self.capped:
-            m.capacity_factor = 0.0
-
-    def __exit__(self, *exc) -> None:
-        global grouped_mm
-        grouped_mm = self.original
-        for m, factor in zip(self.capped, self.factors, strict=True):
-            m.capacity_factor = factor
 
 
 class Transformer(nn.Module):

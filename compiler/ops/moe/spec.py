@@ -271,7 +271,7 @@ OPS = (
         weights=_moe_weights,
         active_params=_moe_active,
         flops=lambda a, s: 2 * _moe_active(a),
-        class_name="MoE", slots=("mlp", "experts"), check=_check_moe, metrics_key="moe",
+        class_name="MoE", code=("MoE", "ExpertsMeasured"), slots=("mlp", "experts"), check=_check_moe, metrics_key="moe",
         split_by={"ep": ("experts",)},
         ctor=_moe_ctor,
         features=_moe_features,
