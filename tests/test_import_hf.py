@@ -312,6 +312,10 @@ def test_cli_renders_the_config_line_and_writes_nothing(tmp_path):
     ({**LLAMA, "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
       "num_hidden_layers": 2, "layer_types": ["full_attention", "chunked_attention"]},
      "E114", '"chunked_attention"'),
+    # a dense MLP could say gelu_pytorch_tanh (GeGLU), experts cannot: refused, not `None(...)`
+    ({**LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+      "num_local_experts": 4, "num_experts_per_tok": 2, "hidden_act": "gelu_pytorch_tanh"},
+     "E114", '"hidden_act"'),
     ({**LLAMA, "quantization_config": {"bits": 4}}, "E115", '"quantization_config"'),
     ({**LLAMA, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
       "num_local_experts": 4, "num_experts": 8, "num_experts_per_tok": 2}, "E116",

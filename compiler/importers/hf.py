@@ -553,6 +553,13 @@ class Importer:
         self.experts_key = "num_local_experts" if a is not None else "num_experts"
         return a if a is not None else b
 
+    def check_experts_act(self, f: Fields, key: str) -> None:
+        """E114 at `key` where the experts cannot say hidden_act: a dense MLP of any
+        activation is a spec module (GeGLU, a two-layer MLP), the experts are SwiGLUs."""
+        if self.act is not None and foreign_op("hf", "experts", hidden_act=self.act) is None:
+            f.error("E114", key, f"{key} '{self.act}' cannot be expressed for the experts",
+                    "forgec's experts are SwiGLU (silu)")
+
     def _moe(self, f: Fields, model_type: str, d: dict, kinds: list[LayerKind]):
         if model_type not in MOE_FAMILIES:
             return None, kinds, [self.layer_rule] if self.layer_rule else []
@@ -614,8 +621,10 @@ class Importer:
                   f"loss (router_aux_loss_coef {fmt(coef)})")
         router = (f"router = {foreign_op('hf', 'router')}(renormalize = {fmt(bool(renormalize))}, "
                   f"aux_loss_weight = {p('aux_loss_weight')})")
-        moe = (foreign_op("hf", "experts", hidden_act=self.act), ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
-                       f"hidden = {hidden}", router])
+        self.check_experts_act(f, "hidden_act")
+        moe = (foreign_op("hf", "experts", hidden_act=self.act),
+               ["dim", f"experts = {p('n_experts')}", f"top_k = {p('top_k')}",
+                f"hidden = {hidden}", router])
         kinds = [LayerKind(k.window, s) for k, s in zip(kinds, sparse, strict=True)]
         if self.layer_rule:
             notes.append(self.layer_rule)
@@ -1453,11 +1462,8 @@ class DenseImporter(Importer):
             else:
                 f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
                         "expressed", "activations: " + ", ".join(ACTIVATIONS))
-        if (act is not None and (fam.experts is not None or fam.routed)
-                and foreign_op("hf", "experts", hidden_act=act) is None):
-            # a spec module can say a dense MLP of any activation, not the experts'
-            f.error("E114", key("hidden_act"), f"{key('hidden_act')} '{act}' cannot be "
-                    "expressed for the experts", "forgec's experts are SwiGLU (silu)")
+        if fam.experts is not None or fam.routed:
+            self.check_experts_act(f, key("hidden_act"))
         clip = f.get("clip_qkv", "float?", d["clip_qkv"], positive=True) if fam.clip_qkv else None
         if clip is not None and fam.qk_norm_over is not None:  # OLMoE
             f.error("E114", "clip_qkv", f"clip_qkv = {fmt(clip)} with qk-norm cannot be "
