@@ -738,8 +738,8 @@ def test_default_configs_import_with_transformers_parameter_count(tmp_path, cls,
 # ---- hybrids listing their attention layers: Bamba, LFM2 (branch zhyb) ----------------
 
 
-def _listed_config(cls, **fields) -> dict:
-    """A small Bamba or LFM2 config as save_pretrained writes it, with `fields`."""
+def _listed_small(cls, **fields):
+    """A small Bamba or LFM2 config, with `fields`."""
     small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     if cls is hf.BambaConfig:
@@ -747,7 +747,12 @@ def _listed_config(cls, **fields) -> dict:
                      mamba_n_groups=2, mamba_chunk_size=8)
     else:
         small.update(layer_types=["conv", "full_attention", "conv"])
-    return {**json.loads(cls(**small).to_json_string(use_diff=False)), **fields}
+    return cls(**small, **fields)
+
+
+def _listed_config(cls, **fields) -> dict:
+    """A small Bamba or LFM2 config as save_pretrained writes it, with `fields`."""
+    return {**json.loads(_listed_small(cls).to_json_string(use_diff=False)), **fields}
 
 
 @pytest.mark.parametrize("cls, fields, code, key", [
@@ -860,6 +865,25 @@ def test_bamba_head_width_auto_and_lfm2s_older_field_names(tmp_path):
     assert cost(result.graphs["lfm2_old"]).params_total == sum(
         p.numel() for p in ref.parameters())
     assert "tie = token_embedding" not in spec and "from block_ff_dim = 144" in spec
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+@pytest.mark.parametrize("cls, model_cls", [(hf.BambaConfig, hf.BambaForCausalLM),
+                                            (hf.Lfm2Config, hf.Lfm2ForCausalLM)])
+def test_bamba_and_lfm2_with_scaled_rope_import_with_parity(tmp_path, cls, model_cls, rope_type):
+    # a dynamic scaling reads the context (max_position_embeddings): the hybrids' importer
+    # once left it unset, and the import exited 1 without a word
+    rope = {"rope_type": rope_type, "factor": 2.0, "rope_theta": 1000.0}
+    torch.manual_seed(0)
+    ref = model_cls(_listed_small(cls, rope_parameters=rope)).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    spec = tmp_path / "scaled.forge"
+    assert forgec(["import-hf", str(tmp_path / "hf"), "-o", str(spec)]) == 0
+    assert f"scaling = {rope_type}" in spec.read_text()
+    model = load_hf_checkpoint(generate(tmp_path, spec).Transformer().eval(), tmp_path / "hf")
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), ref(tokens).logits, rtol=1e-4, atol=1e-4)
 # ---- RoPE scaling: the released configs of DeepSeek-V3 and gpt-oss-120b (YaRN) ------------
 
 # their config.json as on the Hugging Face Hub (deepseek-ai/DeepSeek-V3, openai/gpt-oss-120b)
@@ -1078,3 +1102,64 @@ def test_more_default_configs_import_with_transformers_parameter_count(tmp_path,
     with torch.device("meta"):
         ref = model_cls(config)
     assert cost(result.graphs[name]).params_total == sum(p.numel() for p in ref.parameters())
+
+
+# ---- every family's config, mutated: an import writes a spec or says why ------------------
+
+MUTANTS = [None, 0, -1, 1, 3, 1.5, -0.5, 1e9, "", "x", "relu", True, False, [], {}, [0, 1],
+           {"rope_type": "yarn", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}]
+
+
+def test_mutated_configs_of_every_family_import_or_say_why():
+    """1 to 3 fields of each parity family's config deleted or set to a wrong value, 20
+    times per family: the importer never raises, and a config it refuses has an error
+    (found this way: a null intermediate_size refused in silence, a non-positive
+    hidden_size or a missing query_pre_attn_scalar raising)."""
+    import copy
+    import random
+
+    from test_parity_hf import BASE, FAMILIES
+
+    rng = random.Random(0)
+    for name, (cls, _, extra) in FAMILIES.items():
+        fields = {k: v for k, v in {**BASE, **copy.deepcopy(extra)}.items()
+                  if v is not None or k not in BASE}
+        cfg = json.loads(cls(**fields).to_json_string(use_diff=False))
+        for _ in range(20):
+            mutant = copy.deepcopy(cfg)
+            for key in rng.sample(sorted(cfg), rng.randint(1, 3)):
+                if rng.random() < 0.25:
+                    del mutant[key]
+                else:
+                    mutant[key] = copy.deepcopy(rng.choice(MUTANTS))
+            changed = {k: mutant.get(k, "<deleted>") for k in cfg if mutant.get(k) != cfg[k]}
+            spec, diags = import_text(json.dumps(mutant, indent=2), name)
+            assert spec is not None or diags.error_count, (name, changed)
+
+
+@pytest.mark.parametrize("cls, fields, code, key", [
+    (hf.Starcoder2Config, {"intermediate_size": None}, "E113", '"intermediate_size"'),
+    (hf.Lfm2Config, {"hidden_size": 0}, "E113", '"hidden_size"'),
+])
+def test_found_by_mutation_errors_point_at_the_key(cls, fields, code, key):
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if cls is hf.Lfm2Config:
+        small["layer_types"] = ["conv", "full_attention"]
+    text = json.dumps({**json.loads(cls(**small).to_json_string(use_diff=False)), **fields},
+                      indent=2)
+    spec, diags = import_text(text, "mutant")
+    assert spec is None
+    assert errors(diags) == [(code, *position(text, key))], [
+        (d.code, d.span.line, d.span.col, d.message) for d in diags.items]
+
+
+def test_a_gemma_config_without_query_pre_attn_scalar_takes_transformers_default():
+    cfg = json.loads(hf.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=128).to_json_string(use_diff=False))
+    del cfg["query_pre_attn_scalar"]
+    spec, diags = import_text(json.dumps(cfg, indent=2), "gemma2_default_scale")
+    assert spec is not None, [(d.code, d.message) for d in diags.items]
+    assert "query_pre_attn_scalar = 256" in spec and "(default)" in spec

@@ -127,6 +127,8 @@ def _import(args, parse, convert, path: str) -> int:
     else:
         spec = convert(located, name, shown, diags, ignore=set(args.ignore),
                        max_seq_len=args.max_seq_len)
+    if spec is None and not diags.error_count:  # every refusal must say why
+        raise RuntimeError(f"the importer refused {shown} without saying why")
     if spec is None or diags.error_count:
         print_diagnostics(diags, sources)
         return EXIT_SPEC

@@ -1061,7 +1061,7 @@ class DenseImporter(Importer):
             k = fam.query_scale_field
             q = f.get(k, "float", d[k], positive=True)
             if q is not None:
-                p.add(k, int(q) if q.is_integer() else q, self.note_default(f, k))
+                p.add(k, int(q) if float(q).is_integer() else q, self.note_default(f, k))
                 attention.append(f"scale = 1 / sqrt({p(k)})")
         if fam.softcaps:
             for k, name, args in (("attn_logit_softcapping", "attn_softcap", attention),
@@ -1385,6 +1385,10 @@ class DenseImporter(Importer):
         ffn_note = key("intermediate_size")
         if ffn is None and dim and key("intermediate_size") in d:  # GPT-J's n_inner: null
             ffn, ffn_note = 4 * dim, f"{key('intermediate_size')} null: 4 × {key('hidden_size')}"
+        elif ffn is None and key("intermediate_size") in f \
+                and f.raw(key("intermediate_size")) is None:
+            f.error("E113", key("intermediate_size"), f"'{key('intermediate_size')}' is null: "
+                    f"the {fam.title} MLP has no default width", "write the MLP's width")
         kv_key = "num_key_value_heads"
         kv = f.get(kv_key, "int?", d[kv_key], positive=True) if kv_key in d else None
         kv_note = self.note_default(f, kv_key) if kv_key in d else None
@@ -2662,7 +2666,7 @@ class HybridImporter(Importer):
         attends = self._attention_layers(f, d, fam, n)
         hidden, ffn_note = (self._lfm2_hidden(f, d, ffn, ffn_key) if "block_multiple_of" in d
                             else (ffn, ffn_key))
-        if None in (heads, kv, ffn, max_pos, attends, hidden, bias):
+        if None in (dim, heads, kv, ffn, max_pos, attends, hidden, bias):
             if "rope_parameters" in f or "rope_theta" in f:
                 f.consume("rope_parameters", "rope_theta")
             return [], None, None, None
@@ -2677,6 +2681,7 @@ class HybridImporter(Importer):
         p.add("head_dim", dim // heads, "hidden_size / num_attention_heads")
         p.add("max_seq_len", max_pos, self.note_default(f, "max_position_embeddings"))
         p("max_seq_len")
+        self.max_pos = max_pos  # what a RoPE scaling reads as the context
         self.partial_rotary = True
         self.partial_default = fam.partial_rotary
         rope = self._rope(f, d)
