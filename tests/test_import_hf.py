@@ -1163,3 +1163,15 @@ def test_a_gemma_config_without_query_pre_attn_scalar_takes_transformers_default
     spec, diags = import_text(json.dumps(cfg, indent=2), "gemma2_default_scale")
     assert spec is not None, [(d.code, d.message) for d in diags.items]
     assert "query_pre_attn_scalar = 256" in spec and "(default)" in spec
+
+
+def test_a_tied_head_with_a_bias_is_refused_at_the_config_field():
+    # transformers ties GPT-J's lm_head.weight to the embedding and keeps lm_head.bias;
+    # a tied head of forgec has no bias (E074): refused where the user's file says it,
+    # not in the spec forgec would write
+    cfg = hf.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                        n_positions=128, tie_word_embeddings=True)
+    text = cfg.to_json_string(use_diff=False)
+    spec, diags = import_text(text, "gptj_tied")
+    assert spec is None
+    assert errors(diags) == [("E114", *position(text, '"tie_word_embeddings"'))]

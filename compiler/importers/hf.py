@@ -1439,6 +1439,10 @@ class DenseImporter(Importer):
         qkv_bias, out_bias, mlp_bias = (flag(fam.qkv_bias), flag(fam.out_bias),
                                         flag(fam.mlp_bias))
         head_bias = flag(fam.head_bias)
+        if tie and head_bias:  # transformers ties the weight and keeps the head's bias
+            f.error("E114", key("tie_word_embeddings"), f"{key('tie_word_embeddings')} = true "
+                    f"with the {fam.title} head's bias cannot be expressed: a tied head of "
+                    "forgec has no bias of its own (E074)", "import the model untied")
         residual = fam.residual
         if isinstance(residual, tuple):
             residual = residual[1] if get(residual[0], "bool") else "sequential"
