@@ -43,9 +43,10 @@ class StaticKVCache:
         filled = cache.length
         if filled > size:
             raise ValueError(f"the cache holds {filled} positions, more than {size}")
-        b, kv, _, hd = cache.k.shape
-        self.k = cache.k.new_zeros(b, kv, size + 1, hd)  # + the slot of this step's token
-        self.v = cache.v.new_zeros(b, kv, size + 1, hd)
+        # + the slot of this step's token; keys and values may differ in width (MLA's)
+        self.k = cache.k.new_zeros(*cache.k.shape[:2], size + 1, cache.k.shape[3])
+        self.v = cache.v.new_zeros(*cache.v.shape[:2], size + 1, cache.v.shape[3])
+        b = cache.k.shape[0]
         self.k[:, :, :filled], self.v[:, :, :filled] = cache.k[:, :, :filled], cache.v[:, :, :filled]
         self.valid = torch.zeros(b, size, dtype=torch.bool, device=cache.k.device)
         self.valid[:, :filled] = cache.valid[:, :filled]

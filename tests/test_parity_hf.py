@@ -45,7 +45,9 @@ from conftest import THREADS
 from forgec.compiler.build import build
 from forgec.compiler.cli import main as forgec
 from forgec.compiler.driver import compile_spec
+from forgec.runtime.generate import generate
 from forgec.runtime.hf import load_hf_checkpoint, save_hf_checkpoint
+from forgec.runtime.parallel import COMPILE_BACKEND_ENV
 
 PROMPT, NEW = 20, 32
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -488,6 +490,26 @@ def test_greedy_decoding_with_kv_cache_matches_transformers(pair, family):
     expected = _greedy_hf(ref, prompt, NEW, positions=family in POSITIONS_GIVEN)
     assert len(set(expected)) >= 8, f"a degenerate reference decode proves little: {expected}"
     assert _greedy_forgec(model, prompt, NEW) == expected
+
+
+# families whose decoding differs in kind: multi-head latent attention (keys and values
+# of different widths in the cache), RoPE tables that follow the length (dynamic NTK,
+# LongRoPE: 10 + 40 positions cross their threshold of 32), learned sinks, a second RoPE
+# base for local layers, sliding windows
+STATIC_DECODE = ("deepseek_v3", "llama_dynamic", "phi3_longrope", "gpt_oss", "gemma3",
+                 "mistral")
+
+
+@pytest.mark.parametrize("family", STATIC_DECODE, indirect=True)
+def test_the_compiled_static_decode_gives_the_eager_tokens(pair, family, monkeypatch):
+    # generate(compile=True): fixed-size caches, one compiled step (aot_eager: the graph
+    # inductor would compile, cheaply), a left-padded batch of two prompts
+    _, model, *_ = pair
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    prompts = [_tokens(10, 1, seed=7)[0].tolist(), _tokens(3, 1, seed=8)[0].tolist()]
+    eager = generate(model, prompts, 40, eos_id=None)
+    assert generate(model, prompts, 40, eos_id=None, compile=True) == eager
 
 
 def test_the_spec_says_where_it_came_from(pair):

@@ -37,7 +37,7 @@ def rotary_tables(
     short_factor: tuple[float, ...],  # if LONGROPE_SCALING
     long_factor: tuple[float, ...],  # if LONGROPE_SCALING
     attention_factor: float,  # if ROPE_ATTENTION_FACTOR
-    seq_len: int = 0,  # if LENGTH_DEPENDENT_ROPE
+    seq_len: int | torch.Tensor = 0,  # if LENGTH_DEPENDENT_ROPE
     device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE cos/sin (positions, rotary_dim) in fp32, half-split, as transformers computes."""
@@ -52,14 +52,17 @@ def rotary_tables(
         inv_freq = torch.where(wavelen < old_len / high, inv_freq, scaled)
     if LINEAR_SCALING:
         inv_freq = inv_freq / factor  # positions slowed down by factor
-    if DYNAMIC_SCALING and seq_len > original_max_seq_len:
+    if DYNAMIC_SCALING:
         # NTK-aware: past the original context the base grows with the sequence, in
-        # fp32 (transformers computes it from a tensor length)
-        growth = factor * torch.tensor(seq_len) / original_max_seq_len - (factor - 1)
+        # fp32 (transformers computes it from a tensor length). seq_len may be a tensor
+        # (one compiled decode step serves every length): both kept, one chosen
+        seq_len = torch.as_tensor(seq_len, device=device)
+        growth = factor * seq_len / original_max_seq_len - (factor - 1)
         base = theta * growth ** (rotary_dim / (rotary_dim - 2))
-        inv_freq = 1.0 / (
+        grown = 1.0 / (
             base ** (torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim)
         )
+        inv_freq = torch.where(seq_len > original_max_seq_len, grown, inv_freq)
     if YARN_SCALING:
         inv_freq = yarn_frequencies(
             inv_freq, theta, factor, original_max_seq_len, beta_fast, beta_slow, truncate
@@ -67,8 +70,12 @@ def rotary_tables(
     if LONGROPE_SCALING:
         # LongRoPE: a factor per frequency, the long ones once the forward's sequence
         # outgrows the pre-training context
-        chosen = long_factor if seq_len > original_max_seq_len else short_factor
-        factors = torch.tensor(chosen, dtype=torch.float32, device=device)
+        long = torch.as_tensor(seq_len, device=device) > original_max_seq_len
+        factors = torch.where(
+            long,
+            torch.tensor(long_factor, dtype=torch.float32, device=device),
+            torch.tensor(short_factor, dtype=torch.float32, device=device),
+        )
         exponents = torch.arange(0, rotary_dim, 2, device=device).float() / rotary_dim
         inv_freq = 1.0 / (factors * theta**exponents)
     angles = torch.outer(torch.arange(positions, device=device).float(), inv_freq)
