@@ -467,9 +467,10 @@ def validate(plan: Plan, model: Model, graph: nx.MultiDiGraph, diags: Diagnostic
                         plan.spans.get("pipeline.microbatches", sched_span))
     # each op names the arguments a parallel degree splits (OpDef.split_by)
     for comp in model.all_components():
-        if m["tp"] > 1 and comp.op.tp_unsupported:
+        why = comp.op.tp_refusal(comp.args) if m["tp"] > 1 else ""
+        if why:
             diags.error("E161", f"tensor parallelism cannot split {comp.op.name} "
-                        f"'{comp.name}': {comp.op.tp_unsupported}",
+                        f"'{comp.name}': {why}",
                         plan.spans.get("mesh.tp", where),
                         notes=[(f"{comp.op.name} declared here", comp.span)])
             continue

@@ -149,6 +149,24 @@ def test_expert_parallelism_needs_experts(forge):
                            "'llama_debug' has no moe")
 
 
+@pytest.mark.parametrize("extra, words", [
+    ("qk_norm = true, qk_norm_over = projection", "qk_norm_over = projection"),
+    ("out_norm = true", "out_norm spans every head's output"),
+])
+def test_a_norm_over_all_heads_refuses_tensor_parallelism(forge, extra, words):
+    # OLMo 2's qk-norm and BitNet's out_norm read every head at once: a rank holding half
+    # of them cannot run them, so a tp plan is E161 at compile time (forgec plan and
+    # training once raised at run time)
+    old = "attention(dim, heads = n_heads, kv_heads = n_kv_heads, rope = rope)"
+    new = f"attention(dim, heads = n_heads, kv_heads = n_kv_heads, rope = rope, {extra})"
+    assert old in BASE
+    comp, diags = forge(BASE.replace(old, new) + "plan p for llama_debug {\n  mesh(tp = 2)\n}\n")
+    [err] = diags.errors
+    assert (err.code, err.span.line, err.span.col) == ("E161", line_of_plan(1), 8)
+    assert "tensor parallelism cannot split attention 'attention'" in err.message
+    assert words in err.message
+
+
 def test_tied_head_across_stages_is_recorded_for_the_runtime(forge):
     """The embedding goes to the first stage, the head to the last: plan data
     names the shared weight and its copy, so the runtime keeps them equal."""

@@ -163,9 +163,10 @@ class OpDef:
     active_params: Callable[[Args], int] | None = None
     # tensor parallelism: submodule → "colwise" | "rowwise" (compiler/plans.py)
     tp: Mapping[str, str] = field(default_factory=dict)
-    # why tensor parallelism cannot split the op ("" where `tp` says how it does):
-    # a plan with tp > 1 over a model using it is an error (E161) saying so
-    tp_unsupported: str = ""
+    # why tensor parallelism cannot split the op ("" where `tp` says how it does), or a
+    # function of the component's arguments saying so: a plan with tp > 1 over a model
+    # using it is an error (E161) saying so
+    tp_unsupported: str | Callable[[Args], str] = ""
     # a plain linear map: inside a module of the spec's own (compiler/compose.py), tensor
     # parallelism may split it by columns (reading the module's input) or by rows
     # (producing its output)
@@ -184,6 +185,11 @@ class OpDef:
             if a.name == name:
                 return a
         return None
+
+    def tp_refusal(self, args: Args) -> str:
+        """Why tensor parallelism cannot split a component of these arguments ("": it can)."""
+        why = self.tp_unsupported
+        return why(args) if callable(why) else why
 
     @property
     def definitions(self) -> tuple[str, ...]:

@@ -95,6 +95,18 @@ def _two_bases(rope: Any) -> bool:
     return rope is not None and bool(rope.component.args.get("local_theta"))
 
 
+def _tp_refusal(a: Args) -> str:
+    """Tensor parallelism splits the heads: a norm over all heads at once cannot run on a
+    rank's share of them."""
+    if a["qk_norm"] and a["qk_norm_over"] == "projection":
+        return ("its qk-norm spans the whole projection, every head at once (qk_norm_over = "
+                "projection); split the model by fsdp or pipeline stages instead")
+    if a["out_norm"]:
+        return ("its out_norm spans every head's output at once; split the model by fsdp or "
+                "pipeline stages instead")
+    return ""
+
+
 def _features(a: Args) -> frozenset[str]:
     rope = a["rope"]
     partial = rope is not None and rope.component.args.get("rotary_dim", a["head_dim"]) \
@@ -284,6 +296,7 @@ OPS = (
         causal=lambda a: bool(a["causal"]),
         class_name="Attention",
         tp={"q_proj": "colwise", "k_proj": "colwise", "v_proj": "colwise", "o_proj": "rowwise"},
+        tp_unsupported=_tp_refusal,
         ctor=_ctor,
         call='{m}({x}, rope_cos, rope_sin, attn_mask["{mask_key}"]{kv})',
         call_fields=lambda a: {"mask_key": mask_key(a)},
