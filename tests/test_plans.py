@@ -152,6 +152,7 @@ def test_expert_parallelism_needs_experts(forge):
 @pytest.mark.parametrize("extra, words", [
     ("qk_norm = true, qk_norm_over = projection", "qk_norm_over = projection"),
     ("out_norm = true", "out_norm spans every head's output"),
+    ("sinks = true", "learned sinks are one parameter for all heads"),
 ])
 def test_a_norm_over_all_heads_refuses_tensor_parallelism(forge, extra, words):
     # OLMo 2's qk-norm and BitNet's out_norm read every head at once: a rank holding half

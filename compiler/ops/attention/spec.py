@@ -104,6 +104,10 @@ def _tp_refusal(a: Args) -> str:
     if a["out_norm"]:
         return ("its out_norm spans every head's output at once; split the model by fsdp or "
                 "pipeline stages instead")
+    if a["sinks"]:
+        return ("its learned sinks are one parameter for all heads, which the plans' "
+                "tensor-parallel layout does not split; split the model by fsdp or pipeline "
+                "stages instead")
     return ""
 
 
