@@ -114,13 +114,19 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         "export-hf", help="write a training run as a Hugging Face checkpoint",
         description="Write the latest checkpoint of RUN_DIR as a transformers checkpoint: "
         "config.json (llama, mistral, qwen2, qwen3, mixtral or qwen3_moe, derived from the "
-        "run's spec), safetensors weights and the tokenizer files. "
+        "run's spec; or, with --config, the Hugging Face config of any family import-hf "
+        "reads, checked against the run's model), safetensors weights and the tokenizer "
+        "files. "
         "AutoModelForCausalLM.from_pretrained(DIR) then gives the run's logits.")
     x.add_argument("run", metavar="RUN_DIR")
     x.add_argument("-o", "--output", required=True, metavar="DIR")
     x.add_argument("--model-type", choices=("llama", "mistral", "qwen2", "qwen3", "mixtral",
                                             "qwen3_moe"),
                    help="the family to write (default: inferred from the spec)")
+    x.add_argument("--config", metavar="PATH", dest="config_from",
+                   help="write this Hugging Face config.json (or its folder's), e.g. the "
+                   "model the spec was imported from, for any family import-hf reads; "
+                   "checked to give the run's logits")
     x.add_argument("--max-shard-size", type=int, default=5000, metavar="MB",
                    help="largest safetensors file in MB (10^6 bytes; default 5000)")
     x.add_argument("--force", action="store_true",
@@ -284,9 +290,11 @@ def cmd_export_hf(args) -> int:
     from .export import export_hf
 
     config = export_hf(args.run, args.output, model_type=args.model_type,
+                       config_from=args.config_from,
                        max_shard_size=args.max_shard_size * 10**6, force=args.force)
-    print(f"wrote {args.output}: {config['model_type']} ({config['num_hidden_layers']} layers, "
-          f"vocabulary {config['vocab_size']}) with its tokenizer", file=sys.stderr)
+    layers = config.get("num_hidden_layers", config.get("n_layer", "?"))
+    print(f"wrote {args.output}: {config.get('model_type')} ({layers} layers, "
+          f"vocabulary {config.get('vocab_size')}) with its tokenizer", file=sys.stderr)
     return 0
 
 

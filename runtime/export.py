@@ -22,6 +22,13 @@ express, which is checked exactly:
 * one value for each size across layers, one norm epsilon;
 * every argument the mapping does not read has its default.
 
+With `--config PATH` the config.json is instead a Hugging Face config the user
+gives — for any family import-hf reads, typically the one the spec was imported
+from — once shown to describe the run's model: import-hf reads it, the spec it
+writes is built, and that model, loaded with the weights as they are written
+under this config, must compute the run's logits (`config_like`); nothing is
+written otherwise.
+
 The family is inferred (qk-norm: Qwen3 / Qwen3-MoE; experts without it:
 Mixtral; q/k/v biases without an output bias: Qwen2; a window on every layer:
 Mistral; else Llama) unless `--model-type` names one, which is checked to
@@ -505,10 +512,11 @@ def run_model_spec(run_dir: str):
 
 
 def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
-              max_shard_size: int = 5 * 10**9, force: bool = False,
-              note_stream=None) -> dict:
+              config_from: str | None = None, max_shard_size: int = 5 * 10**9,
+              force: bool = False, note_stream=None) -> dict:
     """Write the run's latest weights, config.json and tokenizer into `out_dir`.
-    Returns the config."""
+    Returns the config. `config_from`: a Hugging Face config.json (or its folder) to
+    write instead of deriving one, checked to describe the run's model (config_like)."""
     import torch
 
     from .generate import load_run_model
@@ -522,17 +530,24 @@ def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
         raise UsageError(f"{out_dir} is not empty; --force replaces the checkpoint files in it")
     if model_type is not None and model_type not in FAMILIES:
         raise UsageError(f"--model-type {model_type}: export-hf writes {', '.join(FAMILIES)}")
+    if model_type is not None and config_from is not None:
+        raise UsageError("--model-type and --config exclude each other: the config names "
+                         "its model_type")
     model_ir = run_model_spec(run_dir)
+    tok = run_tokenizer(run_dir)
+    decoder = None
     try:
-        decoder = describe(model_ir)
-        family = model_type or infer_family(decoder)
-        tok = run_tokenizer(run_dir)
-        ids = {"eos_token_id": tok.eos_id}
-        if getattr(tok, "bos_id", None) is not None:
-            ids["bos_token_id"] = tok.bos_id
         model, _ = load_run_model(run_dir)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        config = hf_config(decoder, family, dtype=dtype, token_ids=ids)
+        if config_from is not None:
+            config = config_like(config_from, model, run_dir)
+        else:
+            decoder = describe(model_ir)
+            family = model_type or infer_family(decoder)
+            ids = {"eos_token_id": tok.eos_id}
+            if getattr(tok, "bos_id", None) is not None:
+                ids["bos_token_id"] = tok.bos_id
+            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+            config = hf_config(decoder, family, dtype=dtype, token_ids=ids)
     except NotExportable as e:
         raise RunError(f"cannot export {run_dir}: {e}") from None
     if os.path.isdir(out_dir) and force:  # only what an export writes: -o may be any folder
@@ -548,7 +563,68 @@ def export_hf(run_dir: str, out_dir: str, *, model_type: str | None = None,
         copy_tokenizer(tok.folder, out_dir)
     else:
         write_byte_tokenizer(out_dir)
-    if decoder.training_only:
+    if decoder is not None and decoder.training_only:
         note_stream.write("note: not in config.json (training-only; the logits do not depend "
                           "on them): " + ", ".join(decoder.training_only) + "\n")
     return config
+
+
+def config_like(source: str, model, run_dir: str) -> dict:
+    """The Hugging Face config at `source` (a config.json or its folder, e.g. the one the
+    run's spec was imported from), once it is shown to describe `model`: forgec
+    import-hf reads it, the imported spec is built, and that model, given the weights
+    as save_hf_checkpoint writes them under this config, computes the run's logits.
+    NotExportable (a located error) where it does not."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from forgec.compiler.diagnostics import Diagnostics
+    from forgec.compiler.importers.common import JSONSyntaxError, parse_json
+    from forgec.compiler.importers.hf import import_hf
+
+    from .hf import load_hf_checkpoint, save_hf_checkpoint
+    from .package import build_package, import_package
+
+    path = os.path.join(source, "config.json") if os.path.isdir(source) else source
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"--config {source}: cannot read {path}: {e.strerror or e}") from None
+    diags = Diagnostics()
+    try:
+        spec_text = import_hf(parse_json(text, path), "exported", path, diags)
+    except JSONSyntaxError as e:
+        raise UsageError(f"--config {path}: not JSON: {e}") from None
+    if spec_text is None or diags.error_count:
+        first = diags.sorted()[0] if diags.items else None
+        where = f"{path}:{first.span.line}:{first.span.col}: {first.code}: {first.message}" \
+            if first is not None else path
+        raise NotExportable(f"forgec cannot read the config it was given ({where})")
+    work = tempfile.mkdtemp(prefix="forgec-export-")
+    try:
+        spec = os.path.join(work, "exported.forge")
+        with open(spec, "w", encoding="utf-8") as f:
+            f.write(spec_text)
+        described = import_package(build_package(spec, work)).Transformer()
+        try:
+            with torch.no_grad():
+                save_hf_checkpoint(model, os.path.join(work, "hf"), config=json.loads(text))
+            load_hf_checkpoint(described, os.path.join(work, "hf"))
+        except (RunError, ValueError, KeyError) as e:
+            raise NotExportable(f"{path} describes another model than the run's: {e}") from None
+        described.to(next(model.parameters()).dtype).eval()
+        vocab = min(model.config.vocab_size, described.config.vocab_size)
+        probe = torch.randint(0, vocab, (2, min(16, model.config.max_seq_len)),
+                              generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want, got = model(probe), described(probe)
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-4):
+            diff = (want - got).abs().max().item() if want.shape == got.shape else "shapes"
+            raise NotExportable(f"{path} describes another model than the run's: with the "
+                                f"run's weights its logits differ (max {diff})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return json.loads(text)

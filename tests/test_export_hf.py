@@ -193,3 +193,50 @@ def test_the_rope_scaling_exports_as_it_was_imported(tmp_path, rope):
     assert back.rope_parameters == source.rope_parameters
     assert back.max_position_embeddings == source.max_position_embeddings
 
+
+
+# ---- --config: any family import-hf reads, in the config it was imported from ------------
+
+OTHER_FAMILIES = {
+    # GeGLU, (1 + w) norms, a scaled embedding; parallel attention + MLP, LayerNorms and a
+    # partial rotary; Falcon's new decoder layout
+    "gemma": (hf.GemmaConfig, dict(head_dim=16)),
+    "gpt_neox": (hf.GPTNeoXConfig, dict(num_key_value_heads=None)),
+    "falcon": (hf.FalconConfig, dict(new_decoder_architecture=True, num_kv_heads=2,
+                                     intermediate_size=None, num_key_value_heads=None)),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FAMILIES))
+def test_a_trained_run_exports_in_the_config_it_was_imported_from(tmp_path, family):
+    config_cls, extra = OTHER_FAMILIES[family]
+    fields = {k: v for k, v in {**BASE, **extra}.items() if v is not None}
+    config_cls(**fields).save_pretrained(tmp_path / "hf")
+    spec = tmp_path / f"{family}.forge"
+    assert forgec(["import-hf", str(tmp_path / "hf"), "-o", str(spec)]) == 0
+    run = tmp_path / "run"
+    train_run(spec, run)
+    # without --config the family has no config of forgec's own
+    assert forgec(["export-hf", str(run), "-o", str(tmp_path / "x")]) == 1
+    out = tmp_path / "out"
+    assert forgec(["export-hf", str(run), "-o", str(out), "--config", str(tmp_path / "hf")]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == family
+    assert_same_logits(run, out)
+
+
+def test_a_config_of_another_model_is_refused_before_writing(tmp_path, capsys):
+    run = imported_run(tmp_path, "llama")
+    other = tmp_path / "other"
+    hf.LlamaConfig(**{**BASE, "intermediate_size": 128}).save_pretrained(other)
+    same_sizes = tmp_path / "same_sizes"  # the run's sizes, another norm epsilon
+    hf.LlamaConfig(**{**BASE, **FAMILIES["llama"][1], "rms_norm_eps": 0.5}).save_pretrained(
+        same_sizes)
+    for config, words in ((other, "describes another model than the run's"),
+                          (same_sizes, "with the run's weights its logits differ")):
+        assert forgec(["export-hf", str(run), "-o", str(tmp_path / "x"), "--config",
+                       str(config)]) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        assert not (tmp_path / "x").exists()
+    assert forgec(["export-hf", str(run), "-o", str(tmp_path / "x"), "--config",
+                   str(tmp_path / "nowhere")]) == 2
