@@ -580,7 +580,7 @@ def config_like(source: str, model, run_dir: str) -> dict:
 
     import torch
 
-    from forgec.compiler.diagnostics import Diagnostics
+    from forgec.compiler.diagnostics import Diagnostics, SourceCache, print_diagnostics
     from forgec.compiler.importers.common import JSONSyntaxError, parse_json
     from forgec.compiler.importers.hf import import_hf
 
@@ -599,10 +599,10 @@ def config_like(source: str, model, run_dir: str) -> dict:
     except JSONSyntaxError as e:
         raise UsageError(f"--config {path}: not JSON: {e}") from None
     if spec_text is None or diags.error_count:
-        first = diags.sorted()[0] if diags.items else None
-        where = f"{path}:{first.span.line}:{first.span.col}: {first.code}: {first.message}" \
-            if first is not None else path
-        raise NotExportable(f"forgec cannot read the config it was given ({where})")
+        sources = SourceCache()
+        sources.add(path, text)
+        print_diagnostics(diags, sources)  # located, as forgec import-hf prints them
+        raise NotExportable(f"forgec cannot read {path} (above)")
     work = tempfile.mkdtemp(prefix="forgec-export-")
     try:
         spec = os.path.join(work, "exported.forge")

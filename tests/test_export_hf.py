@@ -240,3 +240,15 @@ def test_a_config_of_another_model_is_refused_before_writing(tmp_path, capsys):
         assert not (tmp_path / "x").exists()
     assert forgec(["export-hf", str(run), "-o", str(tmp_path / "x"), "--config",
                    str(tmp_path / "nowhere")]) == 2
+    # a config import-hf refuses: its located errors, as import-hf prints them
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "config.json").write_text(json.dumps(
+        {**json.loads((other / "config.json").read_text()), "num_attention_heads": 0}, indent=2))
+    capsys.readouterr()
+    assert forgec(["export-hf", str(run), "-o", str(tmp_path / "x"), "--config",
+                   str(unreadable)]) == 1
+    err = capsys.readouterr().err
+    assert "error[E113]: 'num_attention_heads' must be positive, got 0" in err
+    assert f"forgec cannot read {unreadable / 'config.json'} (above)" in err
+    assert not (tmp_path / "x").exists()
