@@ -17,15 +17,18 @@ counted, the same for every cell), then peak RSS above the RSS before the
 step; the counter is reset at each phase too, so the peak of each phase
 (above the same starting RSS) says where the step's peak is. Then a second
 step, the steady one, above the RSS before it: AdamW's moments exist then
-and are not counted, which is what a long run's steps look like. Both are
-reported, each against transformers' same step. The cells:
+and are not counted, which is what a long run's steps look like; and the
+second step's peak above the loaded model too (the moments counted), which
+the heap a first step keeps or gives back cannot move. All are reported, each
+against transformers' same figure. The cells:
 
 * forgec, fused: what `forgec train` runs: runtime.loop's loss
   (`TextTask.loss`, i.e. `model(ids, doc_ids=..., targets=...)`: the summed
   cross-entropy chunk by chunk, the full logits never exist), its
   optimizer (`make_optimizer`: fused AdamW) and its step (`optimizer_step`:
-  the first step, which creates AdamW's moments, a parameter at a time,
-  each gradient dropped once applied);
+  the first step, which creates AdamW's moments, a slice of a parameter at a
+  time, the first moment taking the gradient's storage, after the C heap's
+  free pages went back to the OS);
 * forgec, logits: the generated model's logits, then F.cross_entropy (the
   plain path, what every trainer did before);
 * transformers: its logits, then F.cross_entropy.
@@ -98,22 +101,26 @@ def child(folder: Path, cell: str, batch: int, seq: int, adamw: str) -> None:
         # forgec train's step; the others as the Trainer steps
         "step": (lambda: optimizer_step(opt)) if cell == "forgec-fused" else opt.step,
     }
-    def measured_step() -> dict[str, int]:
+    loaded = C.reset_peak_rss()  # the loaded model, before the first step
+
+    def measured_step() -> tuple[dict[str, int], int]:
         before = C.reset_peak_rss()
-        peaks = {}
+        peaks, top = {}, 0
         for name in PHASES:  # the peak of each phase above the RSS before the step
             C.reset_peak_rss()
             if name == "backward":
                 state["value"] = float(state["loss"])
             phases[name]()
             peaks[name] = C.peak_rss() - before
+            top = max(top, C.peak_rss() - loaded)
         opt.zero_grad(set_to_none=True)
-        return peaks
+        return peaks, top
 
-    first = measured_step()  # from no gradients and an empty AdamW
+    first, _ = measured_step()  # from no gradients and an empty AdamW
     loss = state["value"]
-    steady = measured_step()  # AdamW's moments exist, no gradients
-    print(json.dumps({"peaks": first, "steady": steady, "loss": loss}))
+    steady, steady_above_loaded = measured_step()  # AdamW's moments exist, no gradients
+    print(json.dumps({"peaks": first, "steady": steady, "loss": loss,
+                      "steady_above_loaded": steady_above_loaded}))
 
 
 def main() -> None:
@@ -139,7 +146,7 @@ def main() -> None:
     print(f"vocabulary {CONFIG['vocab_size']:,}, batch {args.batch} × {args.seq} tokens, fp32, "
           f"{args.adamw} AdamW; peak RSS of one training step above the loaded model (fresh "
           "process per cell), and of each phase of it:")
-    peaks, losses, steady = {}, {}, {}
+    peaks, losses, steady, above_loaded = {}, {}, {}, {}
     for cell in cells:
         out = subprocess.run([sys.executable, __file__, "--dir", str(folder), "--child", cell,
                               "--batch", str(args.batch), "--seq", str(args.seq),
@@ -147,7 +154,7 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         data = json.loads(out.stdout.strip().splitlines()[-1])
         peaks[cell], losses[cell] = data["peaks"], data["loss"]
-        steady[cell] = data["steady"]
+        steady[cell], above_loaded[cell] = data["steady"], data["steady_above_loaded"]
     ref = max(peaks["hf"].values()) if "hf" in peaks else None
     for cell in cells:
         peak = max(peaks[cell].values())
@@ -163,6 +170,12 @@ def main() -> None:
         phases = "  ".join(f"{k} {v / 2**20:6.0f}" for k, v in cell_peaks.items())
         ratio = f"{peak / ref_steady:.3f}× transformers'" if ref_steady else ""
         print(f"  {cell:14s} {peak / 2**20:8.1f} MiB  {ratio}  (MiB by phase: {phases})")
+    print("the second step's peak above the loaded model (the first step's baseline: AdamW's "
+          "moments counted, and the heap the first step kept or gave back):")
+    ref_loaded = above_loaded.get("hf")
+    for cell, peak in above_loaded.items():
+        ratio = f"{peak / ref_loaded:.3f}× transformers'" if ref_loaded else ""
+        print(f"  {cell:14s} {peak / 2**20:8.1f} MiB  {ratio}")
     if ref and "forgec-fused" in peaks:
         print(f"forgec (fused) / transformers: first step "
               f"{max(peaks['forgec-fused'].values()) / ref:.3f}×, steady step "

@@ -25,6 +25,7 @@ what a checkpoint holds. Everything about a step is a function of (seed, step).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import math
@@ -81,28 +82,86 @@ def make_optimizer(model: torch.nn.Module, s) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kw)
 
 
+MOMENT_SLICE = 1 << 18  # elements (1 MiB in fp32) a first-step optimizer call updates
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
-    """`optimizer.step()`, then the gradients set to None. AdamW creates its two
-    moments at its first step: that one runs a parameter at a time, each
-    gradient dropped once applied, so the moments take the gradients' place
-    instead of joining them (at 128k-token vocabularies, where the embedding
-    and the head are most of the parameters, the first step's peak was
-    gradients + both moments). The update is the same: AdamW's arithmetic is
-    per element, and each parameter counts its own steps. (Largest first
-    lowers the floor by a large parameter's gradient, but measured no lower
-    and left a steady step 90 MiB higher: the allocator's heap.)"""
+    """`optimizer.step()`, then the gradients set to None.
+
+    Adam and AdamW create their two moments at their first step, which would put
+    both moments beside every gradient (at a 128k-token vocabulary, where the
+    embedding and the head are most of the parameters, that was the first step's
+    peak). So that step runs one parameter at a time, and a plain parameter a
+    slice of `MOMENT_SLICE` elements at a time: each call of `optimizer.step()`
+    sees one slice (the parameter's `.data` a view of it, its gradient a copy),
+    and the moments it makes are copied out, the first moment into the gradient's
+    own storage, which it no longer needs, the second into a new buffer. So each
+    parameter costs one new buffer, not two, and the step's peak is the moments
+    alone. The update is the same bit for bit: Adam's arithmetic is per element,
+    and each slice's call counts the same step. Other optimizers, and parameters
+    that are not plain tensors (DTensors under FSDP), step a parameter at a time."""
     if optimizer.state:
         optimizer.step()
-    else:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        for p in params:
-            p.grad = grads.pop(0)
+        optimizer.zero_grad(set_to_none=True)
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    release_free_heap()  # the backward's freed activations, before the moments arrive
+    for p, grad in zip(params, grads, strict=True):
+        if isinstance(optimizer, torch.optim.Adam) and _owns_plain_storage(p, grad):
+            _first_step_by_slices(optimizer, p, grad)
+        else:
+            p.grad = grad
             optimizer.step()
             p.grad = None
     optimizer.zero_grad(set_to_none=True)
+
+
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's `malloc_trim`; elsewhere
+    nothing). Tensors below glibc's mmap threshold live on its heap, and the pages
+    of those a backward frees stay with the process: without this the first step's
+    moments, too large for the heap, came on top of ~200 MiB of them."""
+    try:
+        ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _owns_plain_storage(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether `grad` may become `param`'s first moment: plain contiguous tensors of
+    one dtype, the gradient alone in its storage (not a view into a bucket)."""
+    plain = type(param.data) is torch.Tensor and type(grad) is torch.Tensor
+    return (plain and param.is_contiguous() and grad.is_contiguous() and grad._base is None
+            and grad.dtype == param.dtype and grad.shape == param.shape
+            and grad.untyped_storage().nbytes() == grad.numel() * grad.element_size())
+
+
+def _first_step_by_slices(optimizer: torch.optim.Adam, param: torch.Tensor,
+                          grad: torch.Tensor) -> None:
+    full, flat_grad = param.data, grad.view(-1)
+    flat, n = full.view(-1), full.numel()
+    moments: dict[str, torch.Tensor] = {}  # per-element state, flat, whole parameter
+    state: dict = {}
+    for start in range(0, n, MOMENT_SLICE):
+        end = min(n, start + MOMENT_SLICE)
+        optimizer.state.pop(param, None)
+        param.data = flat[start:end]
+        param.grad = flat_grad[start:end].clone()
+        optimizer.step()
+        state = optimizer.state[param]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == (end - start,):
+                if key not in moments:  # the first moment goes where the gradient was
+                    moments[key] = flat_grad if not moments else torch.empty_like(flat)
+                moments[key][start:end] = value
+    param.data, param.grad = full, None
+    optimizer.state[param] = {
+        key: moments[key].view(full.shape) if key in moments else value
+        for key, value in state.items()
+    }
 
 
 def set_threads() -> int:

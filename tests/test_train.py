@@ -366,3 +366,51 @@ def test_first_optimizer_step_replaces_gradients_by_moments():
                        for k in ("exp_avg", "exp_avg_sq", "step"))
     # step 1: one parameter's gradient at a time (4 calls); step 2: all at once
     assert seen == [1, 1, 1, 1, 4]
+
+
+@pytest.mark.parametrize("kind", ["adamw-fused", "adamw-foreach", "adam-amsgrad", "adamw-single"])
+def test_first_step_by_slices_is_one_step_bit_for_bit(kind, monkeypatch):
+    """Parameters larger than a slice (odd sizes: a ragged last slice) take their
+    first step a slice at a time; the parameters, every state tensor and the steps
+    after it equal those of plain optimizer.step() calls, and the first moment
+    lives in the storage the gradient had (so a parameter's first step adds one
+    buffer, not two). A gradient that is a view into a larger buffer (a bucket)
+    keeps its storage: its moment gets a buffer of its own."""
+    from forgec.runtime import loop
+
+    monkeypatch.setattr(loop, "MOMENT_SLICE", 64)
+    make = {
+        "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, fused=True),
+        "adamw-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True),
+        "adam-amsgrad": lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=0.1),
+        "adamw-single": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=False),
+    }[kind]
+    torch.manual_seed(0)
+    shapes = [(37, 11), (201,), (3, 5, 7), (8,)]
+    params = [[torch.nn.Parameter(torch.randn(s)) for s in shapes] for _ in range(2)]
+    for a, b in zip(*params, strict=True):
+        b.data.copy_(a.data)
+    opts = [make(ps) for ps in params]
+    for step in range(3):
+        bucket = torch.randn(sum(math.prod(s) for s in shapes) + 5)
+        for ps in params:
+            offset = 0
+            for p in ps:
+                n = p.numel()
+                grad = bucket[offset : offset + n].view(p.shape)
+                # the last parameter's gradient stays a view into the bucket
+                p.grad = grad if p is ps[-1] else grad.clone()
+                offset += n
+        storages = [p.grad.data_ptr() for p in params[1]]
+        opts[0].step()
+        opts[0].zero_grad(set_to_none=True)
+        loop.optimizer_step(opts[1])
+        for a, b in zip(*params, strict=True):
+            assert b.grad is None and torch.equal(a, b)
+            sa, sb = opts[0].state[a], opts[1].state[b]
+            assert list(sa) == list(sb)
+            assert all(torch.equal(sa[k], sb[k]) and sa[k].dtype == sb[k].dtype for k in sa)
+        if step == 0:
+            moments = [opts[1].state[p]["exp_avg"].data_ptr() for p in params[1]]
+            assert moments[:-1] == storages[:-1]
+            assert moments[-1] != storages[-1]
