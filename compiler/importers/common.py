@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..diagnostics import Diagnostics, Span
-from ..ops import foreign_op
+from ..functions import ACTIVATIONS, FUNCTIONS
+from ..ops import OPS, foreign_op
 
 # ---- located values ------------------------------------------------------------------
 
@@ -269,6 +270,15 @@ class Fields:
 
 class Expr(str):
     """A parameter value written as an expression (e.g. a compile-time function call)."""
+
+
+def own_module_name(name: str) -> str:
+    """`name` for a module an importer writes into a spec, or `name` + `_module` where
+    an op, a function or an activation has that name (a spec's module may not, E069):
+    an op added later under the name, `relu2_mlp` say, does not break an import."""
+    while name in OPS or name in FUNCTIONS or name in ACTIVATIONS:
+        name += "_module"
+    return name
 
 
 def fmt(v: Any) -> str:

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from ..diagnostics import Diagnostics
 from ..ops import foreign_choices, foreign_op, foreign_ops
 from ..ops.rope.spec import SCALING_ARGS, yarn_mscale
-from .common import Decoder, Expr, Fields, LayerKind, Located, Params, fmt
+from .common import Decoder, Expr, Fields, LayerKind, Located, Params, fmt, own_module_name
 
 MOE_FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -1638,7 +1638,7 @@ class DenseImporter(Importer):
             # the activation as the spec writes it (ReLU² composes two functions)
             applied = _ACTIVATION_CALLS.get(mlp_module, mlp_module + "({})")
             if fam.gated and fam.sub_norms:  # the hidden normed before down_proj
-                mname = f"gated_{mlp_module}_normed_mlp"
+                mname = own_module_name(f"gated_{mlp_module}_normed_mlp")
                 norm = foreign_op("hf", fam.norm)
                 modules.append([
                     f"# {fam.title}'s MLP: down(norm({applied.format('gate(x)')} * up(x))) "
@@ -1652,7 +1652,7 @@ class DenseImporter(Importer):
                     "up_proj(x)))",
                     "}"])
             elif fam.gated:
-                mname = f"gated_{mlp_module}_mlp"
+                mname = own_module_name(f"gated_{mlp_module}_mlp")
                 modules.append([
                     f"# {fam.title}'s MLP: down({applied.format('gate(x)')} * up(x)) "
                     f"({key('hidden_act')} {act}" + (", biases)" if mlp_bias else ")"),
@@ -1663,7 +1663,7 @@ class DenseImporter(Importer):
                     f"  return down_proj({applied.format('gate_proj(x)')} * up_proj(x))",
                     "}"])
             else:
-                mname = f"{mlp_module}_mlp"
+                mname = own_module_name(f"{mlp_module}_mlp")
                 modules.append([
                     f"# {fam.title}'s MLP: down({applied.format('up(x)')}) "
                     f"({key('hidden_act')} {act})",
