@@ -126,7 +126,7 @@ def release_free_heap() -> None:
     moments, too large for the heap, came on top of ~200 MiB of them."""
     try:
         ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
-    except (OSError, AttributeError):  # not glibc
+    except (OSError, AttributeError, TypeError):  # not glibc (Windows has no CDLL(None))
         pass
 
 
