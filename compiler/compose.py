@@ -34,7 +34,7 @@ class Block(Protocol):
 
 
 def class_name(module: str) -> str:
-    """The generated nn.Module class of a module: `geglu` → `Geglu`, `relu2_mlp` → `Relu2Mlp`."""
+    """The generated nn.Module class of a module: `geglu` → `Geglu`, `primer_mlp` → `PrimerMlp`."""
     return "".join(part[:1].upper() + part[1:] for part in module.split("_") if part)
 
 

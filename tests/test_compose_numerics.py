@@ -37,7 +37,7 @@ def test_composed_geglu_equals_the_builtin_op_on_the_same_weights():
 def test_composed_relu2_equals_its_definition():
     mod = load()
     torch.manual_seed(0)
-    relu2 = mod.Relu2Mlp(mod.ModelConfig())
+    relu2 = mod.PrimerMlp(mod.ModelConfig())
     relu2.init_weights(0.02, 0.01)
     x = torch.randn(2, 5, 128)
     up, down = relu2.up_proj.weight, relu2.down_proj.weight

@@ -509,8 +509,8 @@ class GegluMlp(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
-class Relu2Mlp(nn.Module):
-    """Module `relu2_mlp` (specs/composed_debug.forge:28): x (B, S, 128) → (B, S, 128)."""
+class PrimerMlp(nn.Module):
+    """Module `primer_mlp` (specs/composed_debug.forge:28): x (B, S, 128) → (B, S, 128)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -596,7 +596,7 @@ class Relu2Block(TransformerBlock):
         self.attention = Attention(dim=config.dim, heads=config.n_heads, kv_heads=config.n_kv_heads)
         self.gate = Linear(in_dim=config.dim, out_dim=config.dim)
         self.mlp_norm = RMSNorm(dim=config.dim, eps=config.norm_eps)
-        self.mlp = Relu2Mlp(config)
+        self.mlp = PrimerMlp(config)
         if torch.get_default_device().type != "meta":  # built on its own, not by Transformer
             self.init_weights(config.init_std, config.init_std / math.sqrt(2 * config.n_layers))
 
