@@ -1179,23 +1179,29 @@ def test_a_tied_head_with_a_bias_is_refused_at_the_config_field():
 
 
 def test_modules_the_importer_writes_are_never_named_like_an_op(tmp_path, monkeypatch):
-    """A family whose MLP has no op (Arcee's two-layer ReLU² MLP, Nemotron's) is
-    written as a module of the spec, named after its activation. An op added later
-    under that name would make the spec E069 (a module named like an op): the
-    importer takes another name instead, and the spec still compiles."""
+    """A family whose MLP no op claims (Arcee's two-layer ReLU² MLP, BitNet's gated
+    one with a norm inside) is written as a module of the spec, named after its
+    activation. An op added later under that name would make the spec E069 (a module
+    named like an op): the importer takes another name instead, and the spec still
+    compiles."""
     from forgec.compiler.ops import OPS
 
-    cfg = hf.ArceeConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64).to_dict()
-    text, diags = import_text(json.dumps(cfg), name="arcee_tiny")
-    assert not diags.error_count and "module relu2_mlp(x) {" in text
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    configs = [hf.ArceeConfig(**small).to_dict(), hf.BitNetConfig(**small).to_dict()]
+    written = []  # (config, the module the importer writes for its MLP)
+    for cfg in configs:
+        text, diags = import_text(json.dumps(cfg), name="tiny")
+        assert not diags.error_count
+        written += [(cfg, m) for m in re.findall(r"^  module (\w+)\(x\) \{$", text, re.M)]
+    assert written  # one of them at least, whatever ops exist
+    cfg, name = written[0]
     # an op of that name, which no config chooses (only its name matters here)
     some_op = next(iter(OPS.values()))
-    monkeypatch.setitem(OPS, "relu2_mlp", dataclasses.replace(some_op, foreign={}))
-    text, diags = import_text(json.dumps(cfg), name="arcee_tiny")
+    monkeypatch.setitem(OPS, name, dataclasses.replace(some_op, foreign={}))
+    text, diags = import_text(json.dumps(cfg), name="tiny")
     assert not diags.error_count
-    assert "module relu2_mlp(x)" not in text and "module relu2_mlp_module(x) {" in text
-    spec = tmp_path / "arcee_tiny.forge"
+    assert f"module {name}(x)" not in text and f"module {name}_module(x) {{" in text
+    spec = tmp_path / "tiny.forge"
     spec.write_text(text)
     assert errors(compile_spec(str(spec)).diagnostics) == []
