@@ -161,46 +161,6 @@ def _fused_attention():
         F.scaled_dot_product_attention = _SDPA
 
 
-class _FusedLoss(torch.autograd.Function):
-    """Stands in for a generated package's `LinearCrossEntropy` (the fused head +
-    cross-entropy) while measuring, as autocast, which it asks for its compute
-    dtype, has no meta device: it saves what the loss saves (the gradients of
-    its input and weight in their dtypes, of the bias in fp32) and records the bytes of one
-    chunk of its fp32 logits, all the logits it holds at once."""
-
-    chunk_bytes = 0
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunk, softcap=0.0):
-        grads = [torch.empty_like(x)] if ctx.needs_input_grad[0] else []
-        grads.append(torch.empty_like(weight))
-        if bias is not None:  # accumulated in fp32
-            grads.append(torch.empty_like(bias, dtype=torch.float32))
-        ctx.save_for_backward(*grads)
-        _FusedLoss.chunk_bytes = max(_FusedLoss.chunk_bytes,
-                                     min(chunk, x.shape[0]) * weight.shape[0] * 4)
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-
-    @staticmethod
-    def backward(ctx, grad):  # never run: the measurement does no backward
-        raise AssertionError("measurement only")
-
-
-@contextlib.contextmanager
-def _fused_loss(module):
-    """The package's fused loss replaced by _FusedLoss (a package without one:
-    nothing to replace)."""
-    original = getattr(module, "LinearCrossEntropy", None)
-    _FusedLoss.chunk_bytes = 0
-    if original is not None:
-        module.LinearCrossEntropy = _FusedLoss
-    try:
-        yield
-    finally:
-        if original is not None:
-            module.LinearCrossEntropy = original
-
-
 class _GroupedMatmul(torch.autograd.Function):
     """Stands in for a generated package's `grouped_mm` (rows of x sorted by
     expert times each expert's weight) while measuring: the same output shape
@@ -371,9 +331,10 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
     targets=...), as the trainers do) on the meta device under
     `saved_tensors_hooks` and attribute every tensor autograd saves to the unit
     running (parameters are memory of their own). Attention is counted as the
-    fused kernels save it, the loss as _FusedLoss says. `regions` (checkpointed FQNs) get their input
-    measured too. `tp` = (plan module, degree): measure a tensor-parallel
-    rank's forward (tp_slice)."""
+    fused kernels save it; the loss is the package's own, which runs on the meta
+    device too. `regions` (checkpointed FQNs) get their input measured too.
+    `tp` = (plan module, degree): measure a tensor-parallel rank's forward
+    (tp_slice)."""
     with torch.device("meta"):
         model = new_model(pkg)
     if tp is not None:
@@ -431,7 +392,11 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                 by_kind[kind] = by_kind.get(kind, 0) + size
         return t
 
+    first_matmul: dict[str, int] = {}  # unit → fp32 bytes of its first matmul's output
+
     def on_output(kind: str, out: torch.Tensor) -> None:
+        if kind == "matmul":
+            first_matmul.setdefault(current[0], out.numel() * 4)
         base = out if out._base is None else out._base
         if id(base) not in kept:
             kept[id(base)] = (kind, base)
@@ -440,7 +405,7 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
 
     args, kwargs, targets = example_batch(model, micro_batch, seq_len, dtype)
     try:
-        with _fused_attention(), _fused_loss(module), _meta_routing(module, model), \
+        with _fused_attention(), _meta_routing(module, model), \
                 _OpOutputs(on_output), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(*args, targets=targets, **kwargs)
     except (RuntimeError, NotImplementedError) as e:
@@ -452,8 +417,11 @@ def measure_activations(pkg, micro_batch: int, seq_len: int, dtype: torch.dtype,
                        "modality-routed (MoT, MoMa) models are not "
                        "modelled yet") from None
     keeps = {u for u in order if u in input_of and saved_by.get(id(input_of[u])) == u}
+    # the last unit is the head, whose loss runs chunk by chunk: its first matmul is
+    # the first chunk's logits (the largest), held in fp32
+    logits_bytes = first_matmul.get(order[-1], 0) if order else 0
     return Activations(dict(per_unit), order, inputs, keeps, shapes,
-                       _FusedLoss.chunk_bytes, op_outputs, op_outputs_saved)
+                       logits_bytes, op_outputs, op_outputs_saved)
 
 
 def tp_slice(model: nn.Module, plan, degree: int) -> None:

@@ -766,9 +766,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         chunk: int,
     ) -> torch.Tensor:
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # autocast's dtype for the matmuls, as nn.Linear's; none on meta (forgec plan)
+        autocast = device != "meta" and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         needs_grad = any(ctx.needs_input_grad[:3])
-        with torch.autocast(device, enabled=False):
+        with torch.autocast(device if autocast else "cpu", enabled=False):  # off: none to undo
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
