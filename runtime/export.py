@@ -603,6 +603,7 @@ def config_like(source: str, model, run_dir: str) -> dict:
         sources.add(path, text)
         print_diagnostics(diags, sources)  # located, as forgec import-hf prints them
         raise NotExportable(f"forgec cannot read {path} (above)")
+    config = json.loads(text)  # valid JSON: parse_json read it
     work = tempfile.mkdtemp(prefix="forgec-export-")
     try:
         spec = os.path.join(work, "exported.forge")
@@ -611,7 +612,7 @@ def config_like(source: str, model, run_dir: str) -> dict:
         described = import_package(build_package(spec, work)).Transformer()
         try:
             with torch.no_grad():
-                save_hf_checkpoint(model, os.path.join(work, "hf"), config=json.loads(text))
+                save_hf_checkpoint(model, os.path.join(work, "hf"), config=config)
             load_hf_checkpoint(described, os.path.join(work, "hf"))
         except (RunError, ValueError, KeyError) as e:
             raise NotExportable(f"{path} describes another model than the run's: {e}") from None
@@ -627,4 +628,4 @@ def config_like(source: str, model, run_dir: str) -> dict:
                                 f"run's weights its logits differ (max {diff})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return json.loads(text)
+    return config
