@@ -36,6 +36,13 @@ from .vlm import DECODER_ARGS
 LINE = 100  # the line length ruff formats the generated code to
 TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 FORGEC_VERSION = "0.1.0"
+# Packed documents attend span by span, one SDPA call per document (DocumentMask), in a
+# model whose sequences reach this length; below it one call with a (B, 1, S, S) boolean
+# mask is faster. benchmarks/bench_thresholds.py on the CPU (forward + backward, 4 rows,
+# documents of 64 to 128 tokens), span by span / one masked call: 1.6-2.2x at 128 tokens,
+# 1.25-1.3x at 256, 0.7-0.8x at 512, 0.3-0.35x at 2048. On a GPU the spans are a
+# FlexAttention block mask, which has nothing to skip below a few 128-token blocks either.
+DOCUMENT_SPANS_FROM = 512
 
 
 def pyrepr(value) -> str:
@@ -616,6 +623,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
           if isinstance(v, ComponentValue) and v.component.op.role == "router"], x)]
     # features: which optional code paths of the op modules the model uses
     features = frozenset({"kv_cache"} if kv_cache else ()).union(
+        {"document_spans"} if max_seq_len >= DOCUMENT_SPANS_FROM else (),
         *(x.op.features(x.args) for x in components))
     modalities = pyrepr(tuple(vlm.fusion.args[hooks.modalities_arg])) if routed else None
     # the caches make_kv_caches builds: each caching op's class (attention's KVCache)
@@ -623,7 +631,7 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         or ["KVCache"]
     roots = [*(cache_classes if kv_cache else []),
              *[name for x in components for name in x.op.definitions]]
-    if not any(x.op.mask for x in components):
+    if "document_spans" in features and not any(x.op.mask for x in components):
         # attention_masks (the template's) builds packed documents' masks even where no
         # component reads them (a model of recurrent mixers only)
         roots.append("DocumentMask")
@@ -813,6 +821,8 @@ def emit_package(comp: Compilation, name: str) -> dict[str, str]:
         "inserted_after": "{" + ", ".join(f"{a}: {pyrepr(tuple(v))}"
                                           for a, v in sorted(inserted_after.items())) + "}",
         "mask_kinds": kinds, "no_windows": not windows, "masks_call": masks_call,
+        "document_spans": "document_spans" in features,
+        "fused_loss": "fused_loss" in features,
         "no_mask_dict": "{" + ", ".join([f"{pyrepr(k['name'])}: None" for k in kinds]
                                         + (['"padding": None'] if pads else [])) + "}",
         "pads": pads,

@@ -145,6 +145,24 @@ def specialise(d: Definition, features: frozenset[str]) -> str:
         for i in range(at(a), at(b) + 1):
             dedent[i] += 4
 
+    # statement → the statements after it in its block: code a resolved branch that
+    # returns makes unreachable is dropped with it
+    after: dict[int, list[ast.stmt]] = {}
+    for parent in ast.walk(d.node):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(parent, field, None)
+            if isinstance(block, list):
+                for i, stmt in enumerate(block):
+                    after[id(stmt)] = block[i + 1:]
+
+    def ends_flow(branch: list[ast.stmt]) -> bool:
+        return isinstance(branch[-1], ast.Return | ast.Raise)
+
+    def drop_after(node: ast.If) -> None:
+        rest = after.get(id(node), [])
+        if rest:
+            drop(node.end_lineno + 1, rest[-1].end_lineno)
+
     for node in ast.walk(d.node):
         if not isinstance(node, ast.If) or not _mentions_flag(node.test, flags):
             continue
@@ -163,14 +181,19 @@ def specialise(d: Definition, features: frozenset[str]) -> str:
             shift(node.lineno + 1, else_line - 1 if else_line else body_end)
             if else_line:
                 drop(else_line, node.orelse[-1].end_lineno)
+            if ends_flow(node.body):
+                drop_after(node)
         elif value is False:
             drop(node.lineno, else_line if else_line else body_end)
             if else_line:
                 shift(else_line + 1, node.orelse[-1].end_lineno)
+                if ends_flow(node.orelse):
+                    drop_after(node)
         else:
             i = at(node.lineno)
             pad = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-            lines[i] = f"{pad}if {ast.unparse(value)}:"
+            rest = lines[i][node.test.end_col_offset:]  # ":" and any comment after it
+            lines[i] = f"{pad}if {ast.unparse(value)}{rest}"
     pragma_lines = set()
     out = []
     for i, line in enumerate(lines):
@@ -243,15 +266,51 @@ def init_defaults(name: str) -> dict[str, object]:
     return out
 
 
+def _union_members(tree: ast.AST) -> list[ast.Name]:
+    """The names that are members of a `|` union in an annotation (`mask: torch.Tensor |
+    DocumentMask | None`): types a parameter may also take."""
+    annotations = [a for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                   for a in (*[x.annotation for x in (*n.args.args, *n.args.kwonlyargs)],
+                             n.returns) if a is not None]
+    annotations += [n.annotation for n in ast.walk(tree) if isinstance(n, ast.AnnAssign)]
+    members = []
+    for annotation in annotations:
+        for node in ast.walk(annotation):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+                members += [x for x in (node.left, node.right) if isinstance(x, ast.Name)]
+    return members
+
+
 def _references(source: str) -> list[str]:
-    """Names a definition's source uses, in order of first use."""
+    """Names a definition's source uses, in order of first use. A union member of an
+    annotation is no use: a model whose code never makes that type leaves it out."""
     found: dict[str, tuple[int, int]] = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Name) and node.id not in found:
-            found[node.id] = (node.lineno, node.col_offset)
-        elif isinstance(node, ast.Name):
-            found[node.id] = min(found[node.id], (node.lineno, node.col_offset))
+    tree = ast.parse(source)
+    optional = {id(n) for n in _union_members(tree)}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Name) or id(node) in optional:
+            continue
+        where = (node.lineno, node.col_offset)
+        found[node.id] = min(found.get(node.id, where), where)
     return sorted(found, key=found.__getitem__)
+
+
+def _drop_absent_members(source: str, present: set[str], defined: set[str]) -> str:
+    """`source` without the annotation union members that name an op definition the
+    model does not copy (`torch.Tensor | DocumentMask | None` → `torch.Tensor | None`)."""
+    lines = source.split("\n")
+    tree = ast.parse(source)
+    absent = [n for n in _union_members(tree) if n.id in defined and n.id not in present]
+    for node in sorted(absent, key=lambda n: (n.lineno, -n.col_offset)):
+        line = lines[node.lineno - 1]
+        start, end = node.col_offset, node.end_col_offset
+        if line[end:].startswith(" | "):
+            end += 3
+        else:
+            assert line[:start].endswith(" | "), line
+            start -= 3
+        lines[node.lineno - 1] = line[:start] + line[end:]
+    return "\n".join(lines)
 
 
 def copy_definitions(roots: list[str], features: frozenset[str]) -> list[str]:
@@ -274,4 +333,5 @@ def copy_definitions(roots: list[str], features: frozenset[str]) -> list[str]:
 
     for root in roots:
         visit(root)
-    return list(done.values())
+    present = set(done)
+    return [_drop_absent_members(source, present, set(defs)) for source in done.values()]

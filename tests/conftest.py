@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
+import importlib.util
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from forgec.compiler.cli import main
 from forgec.compiler.diagnostics import CompileFailed, Diagnostics
 from forgec.compiler.driver import Compilation, compile_spec
+from forgec.compiler.emit import emit_package
 
 # Under pytest-xdist (`pytest -n 2 --dist loadfile`; `make test` runs serially, which
 # measured faster on 2 cores) each worker gets its share of the cores. torch's default,
@@ -73,6 +81,44 @@ def compile_text(tmp_path: Path, text: str, name: str = "spec.forge",
         return compile_spec(str(path), diags), diags
     except CompileFailed:
         return None, diags
+
+
+@functools.cache
+def _variants_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="forgec-variants-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@functools.cache
+def _spec_variant(name: str, values: tuple[tuple[str, object], ...]) -> ModuleType:
+    folder = _variants_dir() / f"{name}_{len(os.listdir(_variants_dir()))}"
+    shutil.copytree(ROOT / "specs", folder)
+    for key, value in values:  # in every file: the one that defines it is the one read
+        found = 0
+        for path in folder.glob("*.forge"):
+            text, n = re.subn(rf"^(  {key}\s*=\s*)[^\s#]+", rf"\g<1>{value}",
+                              path.read_text(), flags=re.M)
+            path.write_text(text)
+            found += n
+        assert found, f"no `{key} = ...` in specs/"
+    diags = Diagnostics()
+    comp = compile_spec(str(folder / f"{name}.forge"), diags)
+    files = emit_package(comp, comp.main_model())
+    module_path = folder / "model.py"
+    module_path.write_text(files["model.py"])
+    spec = importlib.util.spec_from_file_location(f"variant_{folder.name}", module_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def spec_variant(name: str, **values: object) -> ModuleType:
+    """The model module that specs/NAME.forge compiles to with some of its model-level
+    values changed (`spec_variant("llama_debug", vocab_size=1024)`): a committed model at
+    the sizes where the compiler emits other code (a fused loss, document spans)."""
+    return _spec_variant(name, tuple(sorted(values.items())))
 
 
 def codes(diags: Diagnostics, severity: str | None = "error") -> list[tuple[str, int, int]]:

@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import spec_variant
 
 from forgec.compiler.ops.embedding.modules import IGNORE_INDEX, LinearCrossEntropy, OutputHead
 from forgec.runtime.data import IGNORE_INDEX as RUNTIME_IGNORE_INDEX
@@ -17,6 +18,12 @@ from forgec.runtime.loop import TextTask, accumulate_batch, cross_entropy_sum, r
 
 def model_module(name: str):
     return importlib.import_module(f"generated.{name}.model")
+
+
+def wide_module(name: str):
+    """A committed debug model with a vocabulary wide enough (1024 tokens, over 4 times
+    its width) that its head fuses the loss: the debug specs' 256 tokens do not."""
+    return spec_variant(name, vocab_size=1024)
 
 
 def plain_loss(head: OutputHead, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -112,7 +119,7 @@ def test_model_loss_and_gradients_equal_the_plain_path(name):
     """The model's training entry point: the step's loss (cross-entropy over the
     trained targets plus the MoE router losses) and every parameter's gradient
     equal those of the full logits. qwen_debug ties its head to the embedding."""
-    mod = model_module(name)
+    mod = wide_module(name)
     torch.manual_seed(0)
     model = mod.Transformer()
     vocab = model.config.vocab_size
@@ -134,7 +141,7 @@ def test_model_loss_and_gradients_equal_the_plain_path(name):
 def test_training_step_uses_the_fused_loss(monkeypatch):
     """accumulate_batch (every trainer's step) calls the model with targets and
     never asks it for logits, and its loss is the plain path's."""
-    mod = model_module("llama_debug")
+    mod = wide_module("llama_debug")
     torch.manual_seed(0)
     model = mod.Transformer()
     tokens = torch.randint(0, 256, (4, 16))
@@ -159,7 +166,7 @@ def test_training_step_uses_the_fused_loss(monkeypatch):
 def test_bf16_autocast_follows_the_plain_path():
     """Under bf16 autocast the head's matmuls run in bf16 as nn.Linear's would,
     the softmax in fp32: the loss agrees with the plain path to bf16 rounding."""
-    mod = model_module("llama_debug")
+    mod = wide_module("llama_debug")
     torch.manual_seed(0)
     model = mod.Transformer()
     tokens = torch.randint(0, 256, (2, 32))
@@ -193,3 +200,26 @@ def test_head_weight_gradient_is_not_copied():
     saved = loss.grad_fn.saved_tensors[1].data_ptr()  # no reference kept: it would force a copy
     (loss * 0.5).backward()
     assert head.proj.weight.grad.data_ptr() == saved
+
+
+def test_the_head_fuses_its_loss_only_where_the_vocabulary_is_over_four_times_wider():
+    """The compiler emits the fused head where the vocabulary is wider than 4 × dim
+    (FUSED_LOSS_WIDTH); llama_debug's 256 tokens at width 128 train through full logits
+    and F.cross_entropy: the loss and gradients of the plain path, bit for bit."""
+    assert not hasattr(spec_variant("llama_debug", vocab_size=512), "LinearCrossEntropy")
+    assert hasattr(spec_variant("llama_debug", vocab_size=513), "LinearCrossEntropy")
+    mod = model_module("llama_debug")
+    assert not hasattr(mod, "LinearCrossEntropy")
+    torch.manual_seed(0)
+    model = mod.Transformer()
+    tokens = torch.randint(0, 256, (2, 24))
+    targets = torch.randint(0, 256, (2, 24))
+    targets[:, :4] = IGNORE_INDEX
+    params = list(model.parameters())
+    ref = cross_entropy_sum(model(tokens), targets)
+    loss = model(tokens, targets=targets)
+    assert torch.equal(loss, ref)
+    for want, got in zip(grads_of(ref, params), grads_of(loss, params), strict=True):
+        assert torch.equal(want, got)
+    with pytest.raises(ValueError, match=r"targets have shape \(2, 23\), expected \(2, 24\)"):
+        model(tokens, targets=targets[:, 1:])

@@ -123,14 +123,12 @@ def test_no_size_literal_repeats_outside_model_config(spec):
 
 def test_llama_debug_does_not_grow_unnoticed():
     # The op-module refactor brought this file from 529 lines to 526 (no repeated size
-    # literal, no dead argument). Since then it carries code the model really runs in
-    # training: the fused, chunked head + cross-entropy (LinearCrossEntropy, 74 lines),
-    # the packed-document attention (DocumentMask, 87 lines) and forward(targets=...).
-    # The RoPE tables' code moved to the rope op's folder (rotary_tables, copied with
-    # only the scaling a spec uses; rope_tables reads ModelConfig and calls it): 6 lines.
-    # Growth past this figure must be a deliberate change of it, reviewed like a golden.
+    # literal, no dead argument). Training code it does not need at its sizes stays out:
+    # the fused head + loss is emitted past a vocabulary of 4 × dim (it has 2 ×), the
+    # per-document attention from 512-token sequences (it has 256). The budget is the
+    # 529 lines the ops issue started from; growth past it is a reviewed change of it.
     lines = (GENERATED / "llama_debug" / "model.py").read_text().splitlines()
-    assert len(lines) <= 741
+    assert len(lines) < 529
 
 
 def test_a_consistent_change_builds_a_consistent_model():

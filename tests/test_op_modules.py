@@ -210,3 +210,33 @@ def test_definitions_come_after_what_they_use():
     assert order.index("SwiGLU") < order.index("MoE")
     assert order.index("grouped_mm") < order.index("GroupedExperts") < order.index("MoE")
     assert order.index("GROUPED_MM") < order.index("grouped_mm")
+
+
+def test_a_decided_branch_that_returns_takes_the_unreachable_code_after_it():
+    """apply_rope returns early with partial rotary; OutputHead's fused and plain losses
+    are alternatives. Each copy keeps one return path, and no statement after it."""
+    partial = specialise(index()["apply_rope"], frozenset({"partial_rotary"}))
+    assert partial.count("return") == 1 and "return torch.cat([out, x_pass]" in partial
+    whole = specialise(index()["apply_rope"], frozenset())
+    assert whole.count("return") == 1 and "x_pass" not in whole
+    for features, kept, gone in ((frozenset({"fused_loss"}), "LinearCrossEntropy", "F.cross_"),
+                                 (frozenset(), "F.cross_entropy", "LinearCrossEntropy")):
+        head = specialise(index()["OutputHead"], features)
+        assert kept in head and gone not in head
+        for node in ast.walk(ast.parse(head)):  # no statement follows a return
+            for field in ("body", "orelse"):
+                block = getattr(node, field, None) or []
+                for stmt in block[:-1]:
+                    assert not isinstance(stmt, ast.Return), ast.unparse(node)[:80]
+
+
+def test_an_annotation_union_does_not_copy_its_member():
+    """Attention names DocumentMask only in its mask annotation and in the branches of
+    the document_spans feature: without the feature the model has no DocumentMask, and
+    the annotation does not name it; with it, both are there."""
+    short = "\n".join(copy_definitions(["Attention"], frozenset({"rope"})))
+    assert "DocumentMask" not in short
+    assert "mask: torch.Tensor | None," in short
+    long = "\n".join(copy_definitions(["Attention"], frozenset({"rope", "document_spans"})))
+    assert "class DocumentMask" in long
+    assert "mask: torch.Tensor | DocumentMask | None," in long

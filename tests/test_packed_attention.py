@@ -10,6 +10,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import spec_variant
 
 from forgec.compiler.ops.attention.modules import DocumentMask
 
@@ -25,6 +26,13 @@ DOC_IDS = torch.tensor([
 
 def model_module(name: str):
     return importlib.import_module(f"generated.{name}.model")
+
+
+def long_module(name: str):
+    """A committed debug model whose sequences reach 512 tokens: there (from
+    DOCUMENT_SPANS_FROM) packed documents attend span by span; the debug specs'
+    128 or 256 tokens take the boolean mask, which is faster at those lengths."""
+    return spec_variant(name, max_seq_len=512)
 
 
 def boolean_mask(doc_ids: torch.Tensor, causal: bool, window: int) -> torch.Tensor:
@@ -67,7 +75,7 @@ def test_rows_with_the_same_documents_share_calls():
 def test_training_masks_hold_no_boolean_mask():
     """With doc_ids and neither cache nor padding, attention_masks gives each kind
     of attention a DocumentMask; with padding it is the boolean mask as before."""
-    mod = model_module("qwen_debug")
+    mod = long_module("qwen_debug")
     masks = mod.attention_masks(4, 40, doc_ids=DOC_IDS, config=mod.ModelConfig())
     assert set(masks) == {"causal", "causal_w16"}
     assert all(isinstance(m, mod.DocumentMask) for m in masks.values())
@@ -79,7 +87,7 @@ def test_training_masks_hold_no_boolean_mask():
 def forward_both_ways(name: str, monkeypatch, grad: bool = False):
     """The model's logits (and gradients) with packed documents: DocumentMask,
     then the boolean (B, 1, S, S) masks of the mask path."""
-    mod = model_module(name)
+    mod = long_module(name)
     torch.manual_seed(0)
     model = mod.Transformer()
     tokens = torch.randint(0, model.config.vocab_size, DOC_IDS.shape)
@@ -124,3 +132,14 @@ def test_mixture_of_transformers_attention_reads_document_masks(monkeypatch):
     (mot_attention): the same DocumentMask path."""
     (fast, _), (slow, _) = forward_both_ways("vlm_mot", monkeypatch)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_spans_only_where_sequences_reach_512_tokens():
+    """Below DOCUMENT_SPANS_FROM the model has no DocumentMask: packed documents in
+    training take the boolean mask of their doc_ids."""
+    assert not hasattr(spec_variant("llama_debug", max_seq_len=511), "DocumentMask")
+    assert hasattr(long_module("llama_debug"), "DocumentMask")
+    mod = model_module("llama_debug")  # max_seq_len 256
+    assert not hasattr(mod, "DocumentMask")
+    masks = mod.attention_masks(4, 40, doc_ids=DOC_IDS)
+    assert torch.equal(masks["causal"], boolean_mask(DOC_IDS, causal=True, window=0))

@@ -26,15 +26,14 @@ OUTPUT_GATE = True  # feature: some attention gates its output per channel (Qwen
 LAYER_QK_NORM = True  # feature: some qk-norm is a LayerNorm with a bias (Persimmon)
 OUT_NORM = True  # feature: some attention norms its heads' output before o_proj (BitNet)
 LATE_QK_NORM = True  # feature: some qk-norm follows RoPE (`qk_norm_after_rope`, HunYuan)
+DOCUMENT_SPANS = True  # feature: packed documents attend span by span (DocumentMask)
+ATTN_BIAS = True  # feature: some attention has biases on its projections
 
 
 class KVCache:
-    """Keys (after RoPE) and values of one layer, pre-allocated for decoding.
-
-    `length` slots are filled, the same for every row; `valid` marks the slots
-    holding real tokens (left padding does not) and `next_pos` is each row's
-    next RoPE position.
-    """
+    """Keys (after RoPE) and values of one layer, pre-allocated for decoding: `length`
+    slots are filled in every row, `valid` marks those holding real tokens (not left
+    padding), `next_pos` is each row's next RoPE position."""
 
     def __init__(
         self,
@@ -189,7 +188,7 @@ def softcapped_attention(
     scores are soft-capped, softcap · tanh(scores / softcap), before the mask and the
     fp32 softmax (SDPA has no hook for it). `mask`: (B, 1, S, T) booleans, True where
     a query may attend a key; None for causal (or full) attention."""
-    if isinstance(mask, DocumentMask):  # packed documents, in training
+    if DOCUMENT_SPANS and isinstance(mask, DocumentMask):  # packed documents (training)
         mask = dense_document_mask(mask)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -337,9 +336,10 @@ class Attention(nn.Module):
             nn.init.zeros_(self.o_proj.weight)
         else:
             nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
+        if ATTN_BIAS:
+            for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+                if proj.bias is not None:
+                    nn.init.zeros_(proj.bias)
         if QK_NORM and self.q_norm is not None:
             self.q_norm.init_weights()
             self.k_norm.init_weights()
@@ -394,7 +394,7 @@ class Attention(nn.Module):
             )
         else:
             if SINKS and self.sinks is not None:
-                if isinstance(mask, DocumentMask):  # packed documents, in training
+                if DOCUMENT_SPANS and isinstance(mask, DocumentMask):  # packed documents (training)
                     mask = dense_document_mask(mask)
                 out = attend_with_sinks(
                     q,
@@ -406,7 +406,7 @@ class Attention(nn.Module):
                     self.scale,  # if QUERY_SCALE
                 )
             else:
-                if isinstance(mask, DocumentMask):  # packed documents, in training
+                if DOCUMENT_SPANS and isinstance(mask, DocumentMask):  # packed documents (training)
                     if QUERY_SCALE and self.scale is not None:  # the same scores
                         q = q * (self.scale * self.head_dim**0.5)
                     out = mask.attend(q, k, v)

@@ -131,7 +131,8 @@ def _features(a: Args) -> frozenset[str]:
                                       and a["qk_norm_after_rope"]),
                                      ("out_norm", a["out_norm"]),
                                      ("layer_qk_norm", a["qk_norm"]
-                                      and a["qk_norm_kind"] == "layer"))
+                                      and a["qk_norm_kind"] == "layer"),
+                                     ("attn_bias", a["qkv_bias"] or a["out_bias"]))
                      if on)
 
 

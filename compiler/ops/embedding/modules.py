@@ -15,6 +15,8 @@ LOSS_CHUNK_LOGITS = 1 << 24
 EMBED_SCALE = True  # feature: the embedding multiplies its vectors (Gemma: sqrt(dim); Granite)
 LOGIT_SOFTCAP = True  # feature: the head soft-caps its logits (Gemma 2)
 LOGIT_SCALE = True  # feature: some head scales its logits (`logit_scale`, Cohere's, Granite's)
+HEAD_BIAS = True  # feature: the head has a bias
+FUSED_LOSS = True  # feature: the head's cross-entropy is fused and chunked (a wide vocabulary)
 
 
 class TokenEmbedding(nn.Module):
@@ -142,37 +144,45 @@ class OutputHead(nn.Module):
 
     def init_weights(self, std: float) -> None:
         nn.init.normal_(self.proj.weight, mean=0.0, std=std)
-        if self.proj.bias is not None:
+        if HEAD_BIAS and self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
-        over the targets that are not IGNORE_INDEX, without materialising them."""
-        if not (LOGIT_SCALE or LOGIT_SOFTCAP) and targets is None:
-            return self.proj(x)
-        if (LOGIT_SCALE or LOGIT_SOFTCAP) and targets is None:
-            logits = self.proj(x)
+        over the targets that are not IGNORE_INDEX."""
+        if not FUSED_LOSS or targets is None:
+            logits = self.proj(x)  # (B, S, vocab)
             if LOGIT_SCALE:
                 logits = logits * self.logit_scale
             if LOGIT_SOFTCAP and self.softcap:
                 logits = self.softcap * torch.tanh(logits / self.softcap)
-            return logits
-        if LOGIT_SCALE:
-            x = x * self.logit_scale  # the same logits: the head has no bias (E083)
+            if FUSED_LOSS or targets is None:
+                return logits
         if targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
             )
-        chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
-        if LOGIT_SOFTCAP:
-            return LinearCrossEntropy.apply(
-                x.flatten(0, -2),
-                self.proj.weight,
-                self.proj.bias,
+        if FUSED_LOSS:  # chunk by chunk, never all (B, S, vocab) logits at once
+            if LOGIT_SCALE:
+                x = x * self.logit_scale  # the same logits: the head has no bias (E083)
+            chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
+            if LOGIT_SOFTCAP:
+                return LinearCrossEntropy.apply(
+                    x.flatten(0, -2),
+                    self.proj.weight,
+                    self.proj.bias,
+                    targets.flatten(),
+                    chunk,
+                    self.softcap,
+                )
+            else:
+                return LinearCrossEntropy.apply(
+                    x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
+                )
+        else:
+            return F.cross_entropy(
+                logits.flatten(0, -2).float(),
                 targets.flatten(),
-                chunk,
-                self.softcap,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
-        return LinearCrossEntropy.apply(
-            x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
-        )

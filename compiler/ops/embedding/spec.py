@@ -6,6 +6,15 @@ from typing import Any
 
 from ..core import ArgSpec, Foreign, OpDef, hidden
 
+# The head fuses its cross-entropy with its matmul, chunk by chunk (LinearCrossEntropy),
+# where the vocabulary is wider than this many times the model: there the fp32 logits
+# and their gradient outweigh any tensor a block keeps (an MLP's are 2.7-4 times the
+# model wide), and at 128k tokens they dominate the step's memory; the fused head is
+# also faster there (0.81x of the plain head's time at 8 x, benchmarks/bench_thresholds.py
+# on the CPU). At 4 x and below, full logits and F.cross_entropy hold no more than a block
+# does and are as fast or faster (the fused head: 0.96-1.04x, 1.24x at 512 tokens).
+FUSED_LOSS_WIDTH = 4
+
 # the ends of a Hugging Face / KempnerForge decoder
 _EMBEDDING = Foreign("token_embedding")
 _HEAD = Foreign("output_head")
@@ -91,7 +100,9 @@ OPS = (
                            **({"softcap": a["softcap"]} if a["softcap"] > 0 else {}),
                            **({"logit_scale": a["logit_scale"]} if "logit_scale" in u else {})},
         features=lambda a: frozenset({"logit_softcap"} if a["softcap"] > 0 else ())
-        | frozenset({"logit_scale"} if a["logit_scale"] != 1.0 else ()),
+        | frozenset({"logit_scale"} if a["logit_scale"] != 1.0 else ())
+        | frozenset({"fused_loss"} if a["vocab"] > FUSED_LOSS_WIDTH * a["dim"] else ())
+        | frozenset({"head_bias"} if a["bias"] else ()),
         foreign={"hf": _HEAD, "kf": _HEAD},
     ),
 )

@@ -19,6 +19,7 @@ from ..rope.modules import apply_rope
 KV_CACHE = True  # feature: the model decodes with KV caches
 QK_NORM = True  # feature: some attention has a per-head qk-norm
 ROPE = True  # feature: some attention has rotary positions
+DOCUMENT_SPANS = True  # feature: packed documents attend span by span (DocumentMask)
 
 
 class CrossAttentionBlock(nn.Module):
@@ -117,7 +118,7 @@ def mot_attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, S, hd)
     if KV_CACHE and kv_cache is not None:
         k, v = kv_cache.update(k, v)
-    if isinstance(mask, DocumentMask):  # packed documents, in training
+    if DOCUMENT_SPANS and isinstance(mask, DocumentMask):  # packed documents (training)
         out = mask.attend(q, k, v)
     else:
         out = F.scaled_dot_product_attention(

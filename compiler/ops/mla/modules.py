@@ -17,6 +17,7 @@ DIRECT_Q = True  # feature: some MLA projects its queries directly (q_lora_rank 
 INTERLEAVED_ROPE = True  # feature: some MLA rotates channel pairs (0, 1), (2, 3), ...
 HALF_SPLIT_ROPE = True  # feature: some MLA rotates the halves (0, d/2), (1, d/2 + 1), ...
 LATENT_SCALE = True  # feature: some MLA scales its scores by other than 1/sqrt(qk_head_dim)
+DOCUMENT_SPANS = True  # feature: packed documents attend span by span (DocumentMask)
 
 
 class LatentCache(KVCache):
@@ -148,7 +149,7 @@ class MLA(nn.Module):
         k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)], dim=-1)  # (B, H, T, qk)
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, S, qk_head_dim)
-        if isinstance(mask, DocumentMask):  # packed documents, in training
+        if DOCUMENT_SPANS and isinstance(mask, DocumentMask):  # packed documents (training)
             if LATENT_SCALE and self.scale is not None:  # the same scores
                 q = q * (self.scale * (self.nope_dim + self.rope_dim) ** 0.5)
             out = mask.attend(q, k, v)

@@ -134,10 +134,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         x, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    out = (x.float() * cos + rotated * sin).type_as(x)
     if PARTIAL_ROTARY:
+        out = (x.float() * cos + rotated * sin).type_as(x)
         return torch.cat([out, x_pass], dim=-1)
-    return out
+    return (x.float() * cos + rotated * sin).type_as(x)
 
 
 def rope2d_tables(
