@@ -815,8 +815,8 @@ class VLM(nn.Module):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The logits of the text; or, given `targets` (B, S) (IGNORE_INDEX where
-        none is trained), their fp32 cross-entropy summed over the trained targets,
-        without materialising the logits (Transformer.forward)."""
+        none is trained), their fp32 cross-entropy summed over the trained targets
+        (Transformer.forward)."""
         image, image_mask = self.encode_images(pixel_values, frame_mask)
         n = image.shape[1]
         padding = None

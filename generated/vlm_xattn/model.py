@@ -914,8 +914,8 @@ class VLM(nn.Module):
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The logits of the text; or, given `targets` (B, S) (IGNORE_INDEX where
-        none is trained), their fp32 cross-entropy summed over the trained targets,
-        without materialising the logits (Transformer.forward)."""
+        none is trained), their fp32 cross-entropy summed over the trained targets
+        (Transformer.forward)."""
         image, frames = self.encode_images(pixel_values, frame_mask)
         if image_mask is None:
             image_mask = frames
