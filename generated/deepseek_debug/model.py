@@ -635,19 +635,19 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX."""
-        logits = self.proj(x)  # (B, S, vocab)
-        if targets is None:
-            return logits
-        if targets.shape != x.shape[:-1]:
+        if targets is not None and targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
             )
-        return F.cross_entropy(
-            logits.flatten(0, -2).float(),
-            targets.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        logits = self.proj(x)  # (B, S, vocab)
+        if targets is not None:
+            return F.cross_entropy(
+                logits.flatten(0, -2).float(),
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        return logits
 
 
 class TransformerBlock(nn.Module):

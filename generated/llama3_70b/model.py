@@ -459,17 +459,17 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX."""
-        if targets is None:
-            logits = self.proj(x)  # (B, S, vocab)
-            return logits
-        if targets.shape != x.shape[:-1]:
+        if targets is not None and targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
             )
-        chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
-        return LinearCrossEntropy.apply(
-            x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
-        )
+        if targets is not None:  # chunk by chunk: never all the logits at once
+            chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
+            return LinearCrossEntropy.apply(
+                x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
+            )
+        logits = self.proj(x)  # (B, S, vocab)
+        return logits
 
 
 class TransformerBlock(nn.Module):

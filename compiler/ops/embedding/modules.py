@@ -150,19 +150,11 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """The logits; or, given `targets` (B, S), their fp32 cross-entropy summed
         over the targets that are not IGNORE_INDEX."""
-        if not FUSED_LOSS or targets is None:
-            logits = self.proj(x)  # (B, S, vocab)
-            if LOGIT_SCALE:
-                logits = logits * self.logit_scale
-            if LOGIT_SOFTCAP and self.softcap:
-                logits = self.softcap * torch.tanh(logits / self.softcap)
-            if FUSED_LOSS or targets is None:
-                return logits
-        if targets.shape != x.shape[:-1]:
+        if targets is not None and targets.shape != x.shape[:-1]:
             raise ValueError(
                 f"targets have shape {tuple(targets.shape)}, expected {tuple(x.shape[:-1])}"
             )
-        if FUSED_LOSS:  # chunk by chunk, never all (B, S, vocab) logits at once
+        if FUSED_LOSS and targets is not None:  # chunk by chunk: never all the logits at once
             if LOGIT_SCALE:
                 x = x * self.logit_scale  # the same logits: the head has no bias (E083)
             chunk = max(1, LOSS_CHUNK_LOGITS // self.proj.out_features)
@@ -175,14 +167,19 @@ class OutputHead(nn.Module):
                     chunk,
                     self.softcap,
                 )
-            else:
-                return LinearCrossEntropy.apply(
-                    x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
-                )
-        else:
+            return LinearCrossEntropy.apply(
+                x.flatten(0, -2), self.proj.weight, self.proj.bias, targets.flatten(), chunk
+            )
+        logits = self.proj(x)  # (B, S, vocab)
+        if LOGIT_SCALE:
+            logits = logits * self.logit_scale
+        if LOGIT_SOFTCAP and self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        if not FUSED_LOSS and targets is not None:
             return F.cross_entropy(
                 logits.flatten(0, -2).float(),
                 targets.flatten(),
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
             )
+        return logits
